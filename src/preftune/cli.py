@@ -1,0 +1,96 @@
+"""`preftune train|eval|demo|validate-data`: parse, build the config, call one function.
+
+Every `PreftuneError` becomes one line on stderr and its exit code (2 bad input, 3 numerics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import config_help
+    from .losses import LOSSES
+
+    losses = "\n".join(f"  {name:10s} {spec.summary}" for name, spec in sorted(LOSSES.items()))
+    epilog = f"losses (loss.name):\n{losses}\n\nsettings (section.key=value):\n{config_help()}"
+    p = argparse.ArgumentParser(prog="preftune", description="Align language models with preference data.",
+                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train on a preference file")
+    t.add_argument("-c", "--config", help="YAML config (only the keys that differ from the defaults)")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=5e-5 data.train_path=x.jsonl")
+    e = sub.add_parser("eval", help="held-out accuracy, margins and KL of a run (or of the base model)")
+    e.add_argument("--run", help="run directory written by `preftune train` (omit to evaluate the base model)")
+    e.add_argument("--data", required=True, help="held-out preference file")
+    e.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
+    e.add_argument("--out", help="also write the JSON result here")
+    e.add_argument("overrides", nargs="*", help="section.key=value")
+    d = sub.add_parser("demo", help="the controlled-sentiment DPO demo on the default model")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    v = sub.add_parser("validate-data", help="check a preference file without loading a model")
+    v.add_argument("path")
+    v.add_argument("overrides", nargs="*", help="data.* settings, e.g. data.format=hh")
+    return p
+
+
+def _run(args) -> int:
+    from .config import load_config
+
+    if args.command == "train":
+        from .train import train
+
+        result = train(load_config(args.config, args.overrides))
+        print(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} pairs/s)")
+        return 0
+    if args.command == "eval":
+        from .errors import ConfigError
+        from .evaluate import run_eval, write_json
+
+        config = args.config
+        if config is None and args.run:
+            config = Path(args.run) / "config.yaml"
+            if not config.is_file():
+                raise ConfigError(str(args.run), "config.yaml", "not a run directory (no config.yaml)")
+        result = run_eval(load_config(config, args.overrides), run_dir=args.run, data_path=args.data)
+        print(write_json(result, args.out))
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(Path(args.output_dir), quick=args.quick)
+        return 0
+    if args.command == "validate-data":
+        from .data import load_records
+
+        cfg = load_config(None, args.overrides)
+        records = load_records(args.path, fmt=cfg.data.format, column_map=cfg.data.column_map,
+                               allow_degenerate=cfg.data.allow_degenerate)
+        print(f"{args.path}: {len(records)} valid records")
+        return 0
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .errors import PreftuneError
+
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except PreftuneError as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("preftune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

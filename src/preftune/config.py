@@ -1,0 +1,259 @@
+"""Typed configuration: dataclasses nested by concern, YAML plus dotted overrides, strict keys.
+
+Defaults live here and only here. `load_config` raises `ConfigError` naming the file (or the
+command line) and the dotted key for unknown keys, wrong types and out-of-range values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
+    "Config", "load_config", "save_config", "config_to_dict",
+]
+
+
+def _f(default: Any, help: str):  # noqa: A002 - `help` is the metadata key users read
+    """A dataclass field with a one-line help; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("smollm2-135m-instruct", "local HF dir, .gguf file, hub id, or the embedded default")
+    dtype: str = _f("float32", "float32 | bfloat16 (bf16 only where the hardware supports it)")
+    lora: bool = _f(True, "train LoRA adapters (reference = adapters off); false = full fine-tuning")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
+    lora_target_modules: list = _f(["q_proj", "v_proj"], "module names that receive adapters")
+    trust_remote_code: bool = _f(False, "run code shipped with a model repo (off unless you ask)")
+    allow_pickle_weights: bool = _f(False, "accept .bin (pickle) weights, loaded with weights_only=True")
+
+
+@dataclass
+class DataConfig:
+    train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet or a saved HF dataset dir")
+    eval_path: str = _f("", "held-out data in the same formats (optional)")
+    format: str = _f("auto", "auto | standard | conversational | implicit | hh")
+    column_map: dict = _f({}, "rename source columns to prompt/chosen/rejected, e.g. {question: prompt}")
+    max_length: int = _f(512, "max tokens of prompt + completion")
+    max_prompt_length: int = _f(256, "prompts longer than this keep their last tokens")
+    max_records: int = _f(0, "use only the first N records (0 = all)")
+    drop_overlong: bool = _f(False, "drop pairs that cannot fit instead of stopping (dropped rows are counted)")
+    allow_degenerate: bool = _f(False, "keep pairs whose chosen and rejected tokenize identically")
+
+
+@dataclass
+class LossConfig:
+    name: str = _f("sigmoid", "loss from the registry (preftune.losses.LOSSES)")
+    beta: float = _f(0.1, "inverse temperature of the implicit reward, > 0")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _f(5e-5, "peak learning rate, > 0")
+    batch_size: int = _f(4, "pairs per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    epochs: int = _f(1, "passes over the training data")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = run the epochs)")
+    warmup_ratio: float = _f(0.1, "fraction of steps with linear warmup, in [0, 1)")
+    scheduler: str = _f("cosine", "cosine | linear | constant (after warmup)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "clip the global grad norm to this (0 = no clipping)")
+    seed: int = _f(42, "seed for init, shuffling and dropout")
+    log_every: int = _f(1, "write metrics every N optimizer steps")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(8, "pairs per evaluation batch")
+    kl_prompts: int = _f(16, "held-out prompts sampled for the KL(policy || reference) estimate")
+    kl_samples: int = _f(2, "samples per prompt for the KL estimate")
+    max_new_tokens: int = _f(48, "tokens sampled per completion for the KL estimate")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = _f("runs/latest", "run directory (config.yaml, metrics.jsonl, summary.json, model/)")
+    overwrite: bool = _f(False, "replace an existing run directory")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "data.format": ("auto", "standard", "conversational", "implicit", "hh"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+}
+
+
+def _range_problems(cfg: Config):
+    """Yield (dotted key, problem) for every out-of-range value."""
+    from .losses import LOSSES  # the registry is the single source of loss names
+
+    c = cfg
+    checks = [
+        ("loss.beta", c.loss.beta > 0 and math.isfinite(c.loss.beta), "must be > 0"),
+        ("train.lr", c.train.lr > 0 and math.isfinite(c.train.lr), "must be a finite number > 0"),
+        ("train.batch_size", c.train.batch_size >= 1, "must be >= 1"),
+        ("train.grad_accum", c.train.grad_accum >= 1, "must be >= 1"),
+        ("train.epochs", c.train.epochs >= 1, "must be >= 1"),
+        ("train.max_steps", c.train.max_steps >= 0, "must be >= 0"),
+        ("train.warmup_ratio", 0 <= c.train.warmup_ratio < 1, "must be in [0, 1)"),
+        ("train.weight_decay", c.train.weight_decay >= 0, "must be >= 0"),
+        ("train.max_grad_norm", c.train.max_grad_norm >= 0, "must be >= 0"),
+        ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
+        ("model.lora_r", c.model.lora_r >= 1, "must be >= 1"),
+        ("model.lora_dropout", 0 <= c.model.lora_dropout < 1, "must be in [0, 1)"),
+        ("data.max_length", c.data.max_length >= 2, "must be >= 2"),
+        ("data.max_prompt_length", 1 <= c.data.max_prompt_length < c.data.max_length,
+         f"must be in [1, data.max_length={c.data.max_length}) so every completion keeps a token"),
+        ("data.max_records", c.data.max_records >= 0, "must be >= 0"),
+        ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
+        ("eval.kl_prompts", c.eval.kl_prompts >= 0, "must be >= 0"),
+        ("eval.kl_samples", c.eval.kl_samples >= 1, "must be >= 1"),
+        ("eval.max_new_tokens", c.eval.max_new_tokens >= 1, "must be >= 1"),
+    ]
+    for key, ok, problem in checks:
+        if not ok:
+            yield key, problem
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(c, section), name)
+        if value not in allowed:
+            yield key, f"{value!r} is not one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}"
+    if c.loss.name not in LOSSES:
+        yield "loss.name", (f"unknown loss {c.loss.name!r}{_did_you_mean(c.loss.name, LOSSES)}; "
+                            f"known: {', '.join(sorted(LOSSES))}")
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, source: str, key: str) -> Any:
+    """Check `value` against a field's type; ints are accepted where floats are expected."""
+    kind = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), None)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads `5e-5` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(source, key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _apply(cfg: Config, data: dict, source: str, origin: dict) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(source, "<top>", f"expected a mapping of sections, got {type(data).__name__}")
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(source, str(section), f"unknown section{_did_you_mean(str(section), sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(source, section, f"expected a mapping, got {type(values).__name__}")
+        target = getattr(cfg, section)
+        names = {f.name: f for f in dataclasses.fields(target)}
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if name not in names:
+                raise ConfigError(source, key, f"unknown key{_did_you_mean(str(name), names)}")
+            setattr(target, name, _coerce(value, names[name].type, source, key))
+            origin[key] = source
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=5e-5` -> ('train.lr', 5e-05); values are parsed as YAML scalars or lists."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError("command line", text, "expected section.key=value, e.g. train.lr=5e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides; validated at the end."""
+    cfg, origin = Config(), {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(str(path), "<file>", "no such config file")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(where, "<yaml>", f"invalid YAML: {getattr(err, 'problem', err)}") from None
+        if isinstance(data, dict):
+            _check_version(data.pop("preftune_version", None), path)
+        _apply(cfg, data, str(path), origin)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        section, _, name = key.partition(".")
+        _apply(cfg, {section: {name: value}}, "command line", origin)
+    for key, problem in _range_problems(cfg):
+        raise ConfigError(origin.get(key, "defaults"), key, problem)
+    return cfg
+
+
+def _check_version(saved: str | None, path: Path) -> None:
+    """Saved run configs carry the version that wrote them; a newer one loads with a warning."""
+    from . import __version__
+
+    def key(v: str):
+        return tuple(int(x) if x.isdigit() else 0 for x in v.split("."))
+
+    if saved and key(str(saved)) > key(__version__):
+        import warnings
+
+        warnings.warn(f"{path}: written by preftune {saved}, loading with {__version__}", stacklevel=3)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path, extra: dict | None = None) -> None:
+    """Write the fully resolved config (every key, defaults included) plus `extra` (version...)."""
+    data = {**(extra or {}), **config_to_dict(cfg)}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def config_help() -> str:
+    """One line per key, generated from the dataclasses: `section.key (default): help`."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section.name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+

@@ -1,0 +1,254 @@
+"""Source files -> validated `PreferenceRecord`s. Streaming, line-numbered, no model needed.
+
+Readers yield (line, row) with 1-based JSONL/CSV line numbers (or record indices for JSON,
+Parquet and HF dataset directories). Format adapters map a row to the canonical record; every
+problem is a `DataError` naming path, line and field, raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ..errors import DataError
+from .records import PreferenceRecord
+
+__all__ = ["load_records", "read_rows", "FORMATS", "HH_ASSISTANT"]
+
+MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
+HH_ASSISTANT = "\n\nAssistant:"
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with _open_binary(path) as fh:
+        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(path, lineno, "line", f"longer than {MAX_LINE_BYTES} bytes")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, lineno, "encoding", f"not UTF-8 (byte {err.start})") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(path, lineno, "json", f"invalid JSON: {err.msg} at column {err.colno}") from None
+            yield lineno, row
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(path, 1, "encoding", f"not UTF-8 (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(path, err.lineno, "json", f"invalid JSON: {err.msg} at column {err.colno}") from None
+    if not isinstance(data, list):
+        raise DataError(path, 1, "json", "expected a list of records")
+    yield from enumerate(data, start=1)
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(path, 1, "encoding", f"not UTF-8 (byte {err.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for row in reader:
+        yield reader.line_num, row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a corrupt file
+        raise DataError(path, 1, "parquet", f"unreadable: {str(err).splitlines()[0]}") from None
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(path, 1, "dataset", f"not a saved HF dataset: {str(err).splitlines()[0]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(path, 1, "dataset", f"has splits {list(ds)}; point at one split's directory")
+    yield from enumerate(ds, start=1)
+
+
+def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, 0, "file", "no such file or directory")
+    if path.is_dir():
+        return _read_hf_dir(path)
+    name = path.name.removesuffix(".gz")
+    for suffix, reader in ((".jsonl", _read_jsonl), (".json", _read_json), (".csv", _read_csv),
+                           (".parquet", _read_parquet)):
+        if name.endswith(suffix):
+            return reader(path)
+    raise DataError(path, 0, "file", "unknown extension; use .jsonl[.gz], .json, .csv, .parquet or a dataset dir")
+
+
+# ---- format adapters: row -> (prompt, chosen, rejected) ------------------------------------
+
+def _text(row: dict, key: str, where: tuple, *, allow_empty: bool = False) -> str:
+    if key not in row:
+        raise DataError(*where, key, "missing")
+    value = row[key]
+    if value is None:
+        raise DataError(*where, key, "is null")
+    if not isinstance(value, str):
+        raise DataError(*where, key, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(*where, key, "is empty")
+    return value
+
+
+def _messages(row: dict, key: str, where: tuple) -> list:
+    if key not in row:
+        raise DataError(*where, key, "missing")
+    value = row[key]
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if value == [] else type(value).__name__
+        raise DataError(*where, key, f"expected a non-empty list of messages, got {got}")
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict):
+            raise DataError(*where, f"{key}[{i}]", f"expected a message object, got {type(msg).__name__}")
+        for part in ("role", "content"):
+            if not isinstance(msg.get(part), str):
+                problem = "missing" if part not in msg else f"expected a string, got {type(msg[part]).__name__}"
+                raise DataError(*where, f"{key}[{i}].{part}", problem)
+        if msg["role"] not in ROLES:
+            raise DataError(*where, f"{key}[{i}].role", f"{msg['role']!r} is not one of {sorted(ROLES)}")
+    return value
+
+
+def _standard(row: dict, where: tuple):
+    return _text(row, "prompt", where, allow_empty=False), _text(row, "chosen", where), _text(row, "rejected", where)
+
+
+def _split_at(text: str, marker_end: int) -> tuple[str, str]:
+    return text[:marker_end], text[marker_end:]
+
+
+def _hh(row: dict, where: tuple):
+    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+    cut = chosen.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise DataError(*where, "chosen", f"no {HH_ASSISTANT.strip()!r} turn in an HH transcript")
+    prompt, chosen_completion = _split_at(chosen, cut + len(HH_ASSISTANT))
+    if not rejected.startswith(prompt):
+        raise DataError(*where, "rejected", "does not share the conversation before the last assistant turn")
+    rejected_completion = rejected[len(prompt):]
+    for name, value in (("chosen", chosen_completion), ("rejected", rejected_completion)):
+        if not value.strip():
+            raise DataError(*where, name, "empty final assistant turn")
+    return prompt, chosen_completion, rejected_completion
+
+
+def _implicit(row: dict, where: tuple):
+    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    # back off to a whitespace boundary so both completions start at a word
+    while n > 0 and not chosen[n - 1].isspace() and not (n < len(chosen) and chosen[n].isspace()):
+        n -= 1
+    if n == 0:
+        raise DataError(*where, "prompt", "missing, and chosen/rejected share no prefix to use as the prompt")
+    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
+    for name, value in (("chosen", c), ("rejected", r)):
+        if not value.strip():
+            raise DataError(*where, name, "nothing left after the shared prompt")
+    return prompt, c, r
+
+
+def _conversational(row: dict, where: tuple):
+    chosen, rejected = _messages(row, "chosen", where), _messages(row, "rejected", where)
+    if "prompt" in row:
+        prompt = _messages(row, "prompt", where)
+    else:  # implicit prompt: the shared leading messages
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt:
+            raise DataError(*where, "prompt", "missing, and chosen/rejected share no leading messages")
+    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if msgs[0]["role"] != "assistant":
+            raise DataError(*where, f"{name}[0].role", "the completion must start with an assistant message")
+        if not any(m["content"].strip() for m in msgs):
+            raise DataError(*where, name, "empty completion")
+    return prompt, chosen, rejected
+
+
+FORMATS: dict[str, Callable] = {
+    "standard": _standard, "hh": _hh, "implicit": _implicit, "conversational": _conversational,
+}
+
+
+def _detect(row: dict) -> str:
+    if isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list):
+        return "conversational"
+    if "prompt" in row:
+        return "standard"
+    if isinstance(row.get("chosen"), str) and HH_ASSISTANT in row["chosen"]:
+        return "hh"
+    return "implicit"
+
+
+def _shape(row: dict) -> tuple:
+    """What must stay the same across a file: which keys are present, and str vs list."""
+    return tuple((k, type(row[k]).__name__) for k in ("prompt", "chosen", "rejected")
+                 if k in row and isinstance(row[k], (str, list)))
+
+
+def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None,
+                 max_records: int = 0, allow_degenerate: bool = False) -> list[PreferenceRecord]:
+    """Read, validate and normalize a preference file into `PreferenceRecord`s.
+
+    One format per file (detected from the first record unless `fmt` is given): a record of
+    another shape is an error naming its line. Text-identical chosen/rejected is an error
+    unless `allow_degenerate`. An empty file is an error.
+    """
+    column_map = column_map or {}
+    records, first_shape, adapter = [], None, None
+    for line, row in read_rows(path):
+        where = (str(path), line)
+        if not isinstance(row, dict):
+            raise DataError(*where, "record", f"expected an object, got {type(row).__name__}")
+        row = {column_map.get(k, k): v for k, v in row.items()}
+        if adapter is None:
+            name = _detect(row) if fmt == "auto" else fmt
+            adapter, first_shape, first_line = FORMATS[name], _shape(row), line
+        else:
+            here = dict(_shape(row))
+            for key, kind in first_shape:
+                if key in here and here[key] != kind:
+                    raise DataError(*where, key, f"format differs from line {first_line} "
+                                    f"({kind} there, {here[key]} here)")
+        prompt, chosen, rejected = adapter(row, where)
+        if chosen == rejected and not allow_degenerate:
+            raise DataError(*where, "rejected", "identical to chosen (a pair that teaches nothing; "
+                            "data.allow_degenerate=true keeps it)")
+        records.append(PreferenceRecord(prompt, chosen, rejected, str(path), line))
+        if max_records and len(records) >= max_records:
+            break
+    if not records:
+        raise DataError(path, 1, "file", "no records")
+    return records

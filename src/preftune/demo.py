@@ -1,0 +1,182 @@
+"""The DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, Sec. 6.1) on our prompts.
+
+Sample continuations of movie-review openings from the default model, score them with VADER
+(a lexicon sentiment scorer), pair best-vs-worst per prompt, train DPO with LoRA, then on
+held-out prompts compare fresh samples of the reference and the trained policy: mean reward
+with a paired bootstrap 95% interval, KL(policy || reference), and held-out pair accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
+from .errors import ConfigError
+
+__all__ = ["demo_prompts", "sentiment_scores", "best_vs_worst", "bootstrap_ci", "run_demo"]
+
+# Our own prompt fragments: every opener crossed with every film gives 120 prompts.
+_OPENERS = [
+    "I watched {} last night and", "My review of {}: the acting was", "After seeing {}, I have to say that",
+    "The soundtrack of {} was", "Going into {}, I expected", "The ending of {} left me",
+    "My friends dragged me to {}, and honestly", "Compared to the book, {} is",
+    "The dialogue in {} felt", "Two hours into {}, I",
+]
+_FILMS = [
+    "the new space opera", "this low-budget horror film", "the director's latest thriller",
+    "the animated family movie", "this three-hour historical epic", "the romantic comedy",
+    "the documentary about deep-sea divers", "the sequel to last summer's heist movie",
+    "this black-and-white silent film", "the musical adaptation", "the courtroom drama", "the zombie comedy",
+]
+
+
+def demo_prompts() -> tuple[list[str], list[str]]:
+    """(train, held-out): every fifth prompt is held out, so held-out prompts are unseen combinations."""
+    prompts = [o.format(f) for f in _FILMS for o in _OPENERS]
+    return [p for i, p in enumerate(prompts) if i % 5], [p for i, p in enumerate(prompts) if i % 5 == 0]
+
+
+def sentiment_scores(texts: list[str]) -> list[float]:
+    """VADER compound score in [-1, 1] (Hutto & Gilbert 2014); positive = positive sentiment."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+def best_vs_worst(prompt: str, completions: list[str], scores: list[float], min_margin: float) -> dict | None:
+    """The highest- vs lowest-scored completion of one prompt, or None for a near-tie."""
+    hi = max(range(len(scores)), key=scores.__getitem__)
+    lo = min(range(len(scores)), key=scores.__getitem__)
+    if scores[hi] - scores[lo] < min_margin or completions[hi] == completions[lo]:
+        return None
+    return {"prompt": prompt, "chosen": completions[hi], "rejected": completions[lo],
+            "score_chosen": scores[hi], "score_rejected": scores[lo]}
+
+
+def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
+    return means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]
+
+
+def _sample_texts(model, tokenizer, prompts, *, n, max_new_tokens, seed):
+    from .evaluate import sample_completions
+
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    samples = sample_completions(model, tokenizer, ids, n=n, max_new_tokens=max_new_tokens, seed=seed)
+    eos = tokenizer.eos_token_id
+    texts = [tokenizer.decode([t for t in c if t != eos]) for _, c in samples]
+    return samples, [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _settings(quick: bool) -> dict:
+    if quick:  # a smoke test of every step, not a measurement
+        return dict(n_train=8, n_eval=4, samples=2, eval_samples=2, tokens=12, epochs=1)
+    return dict(n_train=96, n_eval=24, samples=4, eval_samples=6, tokens=32, epochs=3)
+
+
+def _demo_config(out: Path, pairs_path: Path, s: dict, model: str) -> Config:
+    return Config(
+        model=ModelConfig(name_or_path=model, lora=True, lora_r=16, lora_alpha=32,
+                          lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        data=DataConfig(train_path=str(pairs_path), format="standard", max_length=96, max_prompt_length=32),
+        loss=LossConfig(name="sigmoid", beta=0.1),
+        train=TrainConfig(lr=1e-3, batch_size=8, epochs=s["epochs"], warmup_ratio=0.1, scheduler="cosine", seed=0),
+        eval=EvalConfig(),
+        run=RunConfig(output_dir=str(out / "train"), overwrite=True),
+    )
+
+
+def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instruct") -> dict:
+    from .evaluate import evaluate_pairs, kl_estimate, load_run_policy
+    from .losses import LOSSES
+    from .models import AdaptersOffReference, load_model, load_tokenizer, resolve_model_dir
+    from .train import prepare_pairs, train
+
+    if out.exists() and any(out.iterdir()):
+        if not (out / "demo.json").is_file() and not (out / "pairs.jsonl").is_file():
+            raise ConfigError("--output-dir", str(out), "exists and is not a demo directory; choose another")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    s, start = _settings(quick), time.perf_counter()
+    train_prompts, eval_prompts = demo_prompts()
+    train_prompts, eval_prompts = train_prompts[: s["n_train"]], eval_prompts[: s["n_eval"]]
+    model_dir = resolve_model_dir(model)
+    tokenizer, base = load_tokenizer(model_dir), load_model(model_dir)
+
+    # 1. sample from the initial policy and score
+    print(f"[1/4] sampling {s['samples']} continuations for {len(train_prompts)} prompts")
+    _, groups = _sample_texts(base, tokenizer, train_prompts, n=s["samples"], max_new_tokens=s["tokens"], seed=1)
+    pairs = [best_vs_worst(p, g, sentiment_scores(g), min_margin=0.1) for p, g in zip(train_prompts, groups)]
+    kept = [p for p in pairs if p]
+    pairs_path = out / "pairs.jsonl"
+    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in kept))
+    print(f"      {len(kept)} pairs, {len(pairs) - len(kept)} near-ties dropped -> {pairs_path}")
+
+    # 2. train DPO with LoRA (the same train() as `preftune train`)
+    print("[2/4] training DPO (LoRA)")
+    cfg = _demo_config(out, pairs_path, s, model)
+    result = train(cfg)
+
+    # 3. fresh samples on held-out prompts: reference (adapters off) vs trained policy, same seed
+    print(f"[3/4] sampling {s['eval_samples']} continuations per held-out prompt from reference and policy")
+    policy = load_run_policy(result.run_dir, base).eval()
+    reference = AdaptersOffReference(policy)
+    with reference.context():
+        _, ref_groups = _sample_texts(policy, tokenizer, eval_prompts, n=s["eval_samples"],
+                                      max_new_tokens=s["tokens"], seed=2)
+    pol_samples, pol_groups = _sample_texts(policy, tokenizer, eval_prompts, n=s["eval_samples"],
+                                            max_new_tokens=s["tokens"], seed=2)
+    ref_scores = [sentiment_scores(g) for g in ref_groups]
+    pol_scores = [sentiment_scores(g) for g in pol_groups]
+    gains = [sum(p) / len(p) - sum(r) / len(r) for p, r in zip(pol_scores, ref_scores)]  # paired by prompt
+    lo, hi = bootstrap_ci(gains)
+
+    # 4. KL on policy samples and accuracy on held-out pairs built from reference samples
+    print("[4/4] KL(policy || reference) and held-out pair accuracy")
+    kl = kl_estimate(policy, reference, pol_samples, pad_id=tokenizer.pad_token_id)
+    held = [best_vs_worst(p, g, sc, min_margin=0.1) for p, g, sc in zip(eval_prompts, ref_groups, ref_scores)]
+    held_path = out / "heldout_pairs.jsonl"
+    held_path.write_text("".join(json.dumps(p) + "\n" for p in held if p))
+    acc = None
+    if any(held):
+        held_pairs, _ = prepare_pairs(str(held_path), replace(cfg), tokenizer)
+        acc = evaluate_pairs(policy, reference, LOSSES["sigmoid"], held_pairs, beta=cfg.loss.beta,
+                             batch_size=16, pad_id=tokenizer.pad_token_id)
+    ref_mean = sum(map(sum, ref_scores)) / sum(map(len, ref_scores))
+    pol_mean = sum(map(sum, pol_scores)) / sum(map(len, pol_scores))
+    summary = {
+        "heldout_prompts": len(eval_prompts), "samples_per_prompt": s["eval_samples"],
+        "reward_reference": ref_mean, "reward_policy": pol_mean, "reward_gain": pol_mean - ref_mean,
+        "reward_gain_ci95": [lo, hi], **kl, "heldout_pair_accuracy": acc and acc["accuracy/implicit_reward"],
+        "train_pairs": len(kept), "train_steps": result.steps, "elapsed_s": round(time.perf_counter() - start, 1),
+        "examples": [{"prompt": p, "reference": r[0], "policy": q[0]}
+                     for p, r, q in list(zip(eval_prompts, ref_groups, pol_groups))[:3]],
+    }
+    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_table(summary)
+    return summary
+
+
+def _print_table(s: dict) -> None:
+    acc = "n/a" if s["heldout_pair_accuracy"] is None else f"{s['heldout_pair_accuracy']:.3f}"
+    print("\n  held-out prompts: {} x {} samples".format(s["heldout_prompts"], s["samples_per_prompt"]))
+    print(f"  {'':28s}{'reference':>12s}{'DPO policy':>12s}")
+    print(f"  {'mean sentiment reward':28s}{s['reward_reference']:>12.3f}{s['reward_policy']:>12.3f}")
+    print(f"  reward gain {s['reward_gain']:+.3f}  (95% bootstrap CI {s['reward_gain_ci95'][0]:+.3f} .. "
+          f"{s['reward_gain_ci95'][1]:+.3f})")
+    print(f"  KL(policy || reference) {s['kl']:.2f} nats/sample (+- {s['kl_stderr']:.2f}, {s['kl_samples']} samples)")
+    print(f"  held-out pair accuracy (implicit reward) {acc}")
+    print(f"  {s['train_pairs']} training pairs, {s['train_steps']} steps, {s['elapsed_s']} s in all")
+    for ex in s["examples"]:
+        print(f"\n  prompt:    {ex['prompt']}\n  reference: {ex['reference'].strip()[:100]!r}\n"
+              f"  policy:    {ex['policy'].strip()[:100]!r}")

@@ -1,0 +1,46 @@
+"""Per-sequence summed completion log-probs and token counts: the one place they are computed.
+
+Training, evaluation, reference scoring and the demo all call `completion_logps`. Chosen and
+rejected rows travel in one batch (see data/collate.py), so they share one forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["completion_logps", "sequence_logps", "split_pairs"]
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum log p(target) over masked positions of each row.
+
+    logits (N, K, V) predict targets (N, K); mask (N, K) marks completion tokens.
+    Returns logps (N,) float32 and token counts (N,) long. Only masked positions go through the
+    log-softmax (float32), so prompt and padding positions cost nothing here.
+    """
+    mask = mask.bool()
+    selected = logits[mask].float()                                     # (M, V)
+    token_logps = -F.cross_entropy(selected, targets[mask], reduction="none")  # (M,)
+    rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    logps = torch.zeros(mask.size(0), dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
+    return logps, mask.sum(dim=1)
+
+
+def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward `batch` (input_ids, attention_mask, completion_mask of shape (N, T)).
+
+    Position t predicts token t+1, so the LM head is asked only for positions from the first
+    completion token of the batch minus one (`logits_to_keep`): prompt positions before it
+    never reach the (N, K, V) logits. Returns summed completion logps (N,) and counts (N,).
+    """
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))  # earliest completion token
+    keep = torch.arange(first - 1, input_ids.size(1) - 1, device=input_ids.device)  # (K,)
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
+    return sequence_logps(out.logits, input_ids[:, keep + 1], completion_mask[:, keep + 1])
+
+
+def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, ...) -> chosen (B, ...), rejected (B, ...)."""
+    return x.chunk(2, dim=0)

