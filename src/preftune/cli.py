@@ -67,11 +67,9 @@ def _run(args) -> int:
         run_demo(Path(args.output_dir), quick=args.quick)
         return 0
     if args.command == "validate-data":
-        from .data import load_records
+        from .train import load_data
 
-        cfg = load_config(None, args.overrides)
-        records = load_records(args.path, fmt=cfg.data.format, column_map=cfg.data.column_map,
-                               allow_degenerate=cfg.data.allow_degenerate)
+        records = load_data(args.path, load_config(None, args.overrides).data)
         print(f"{args.path}: {len(records)} valid records")
         return 0
     return 2

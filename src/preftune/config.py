@@ -54,6 +54,7 @@ class DataConfig:
     max_records: int = _f(0, "use only the first N records (0 = all)")
     drop_overlong: bool = _f(False, "drop pairs that cannot fit instead of stopping (dropped rows are counted)")
     allow_degenerate: bool = _f(False, "keep pairs whose chosen and rejected tokenize identically")
+    allow_empty_completions: bool = _f(False, "keep empty completions as EOS-only (they are counted)")
 
 
 @dataclass

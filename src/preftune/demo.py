@@ -12,10 +12,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 from .config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
 from .errors import ConfigError
@@ -149,7 +146,7 @@ def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instr
     held_path.write_text("".join(json.dumps(p) + "\n" for p in held if p))
     acc = None
     if any(held):
-        held_pairs, _ = prepare_pairs(str(held_path), replace(cfg), tokenizer)
+        held_pairs, _ = prepare_pairs(str(held_path), cfg, tokenizer)
         acc = evaluate_pairs(policy, reference, LOSSES["sigmoid"], held_pairs, beta=cfg.loss.beta,
                              batch_size=16, pad_id=tokenizer.pad_token_id)
     ref_mean = sum(map(sum, ref_scores)) / sum(map(len, ref_scores))

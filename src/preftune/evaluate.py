@@ -26,7 +26,7 @@ def evaluate_pairs(model, reference, spec, pairs, *, beta: float, batch_size: in
     was_training = model.training
     model.eval()
     totals = {"margin_correct": 0.0, "logp_correct": 0.0, "margin": 0.0, "chosen_reward": 0.0,
-              "rejected_reward": 0.0, "loss": 0.0}
+              "rejected_reward": 0.0, "loss": 0.0, "logps_chosen": 0.0, "logps_rejected": 0.0}
     for i in range(0, len(pairs), batch_size):
         batch = collate_pairs(pairs[i: i + batch_size], pad_id)
         logps, _ = completion_logps(model, batch)
@@ -44,12 +44,15 @@ def evaluate_pairs(model, reference, spec, pairs, *, beta: float, batch_size: in
         totals["chosen_reward"] += out.chosen_rewards.sum().item()
         totals["rejected_reward"] += out.rejected_rewards.sum().item()
         totals["loss"] += out.losses.sum().item()
+        totals["logps_chosen"] += pc.sum().item()
+        totals["logps_rejected"] += pr.sum().item()
     model.train(was_training)
     n = len(pairs)
     return {"pairs": n, "accuracy/implicit_reward": totals["margin_correct"] / n,
             "accuracy/logp": totals["logp_correct"] / n, "rewards/margins": totals["margin"] / n,
             "rewards/chosen": totals["chosen_reward"] / n, "rewards/rejected": totals["rejected_reward"] / n,
-            "loss": totals["loss"] / n}
+            "loss": totals["loss"] / n, "logps/chosen": totals["logps_chosen"] / n,
+            "logps/rejected": totals["logps_rejected"] / n}
 
 
 @torch.no_grad()
@@ -115,12 +118,13 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str) -> dict:
     """Evaluate the run's policy (or the base model when `run_dir` is None) on `data_path`."""
     from .losses import LOSSES
     from .models import FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
-    from .train import prepare_pairs
+    from .train import load_data, prepare_pairs
 
     m, spec = cfg.model, LOSSES[cfg.loss.name]
+    records = load_data(data_path, cfg.data)  # bad data fails here, before any weights load
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
-    pairs, stats = prepare_pairs(data_path, cfg, tokenizer)
+    pairs, stats = prepare_pairs(data_path, cfg, tokenizer, records)
     base = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                       allow_pickle_weights=m.allow_pickle_weights)
     if run_dir is None:

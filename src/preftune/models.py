@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -106,9 +107,21 @@ def _hub_error(name: str, err: Exception) -> ConfigError:
     return ConfigError("model.name_or_path", name, f"not a local model directory and cannot be fetched: {why}")
 
 
+def _refuse_remote_code(model_dir: str, trust_remote_code: bool) -> None:
+    """A local model whose config maps to its own code is refused unless the user opted in."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(model_dir) / name
+        if path.is_file() and "auto_map" in json.loads(path.read_text() or "{}"):
+            raise ConfigError("model.name_or_path", model_dir, f"{name} asks to run code shipped with the model; "
+                              "set model.trust_remote_code=true only if you trust it")
+
+
 def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    _refuse_remote_code(model_dir, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -122,17 +135,15 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
                allow_pickle_weights: bool = False):
     from transformers import AutoModelForCausalLM
 
+    _refuse_remote_code(model_dir, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle_weights else True)
     except OSError as err:
         raise _hub_error(model_dir, err) from None
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise ConfigError("model.name_or_path", model_dir, "needs custom code; set "
-                              "model.trust_remote_code=true only if you trust it") from None
-        raise
+    except ValueError as err:  # unknown architecture, bad config: say it in one line
+        raise ConfigError("model.name_or_path", model_dir, str(err).splitlines()[0]) from None
     return model
 
 

@@ -28,7 +28,7 @@ from .logprobs import completion_logps, split_pairs
 from .losses import LOSSES, LossSpec
 from .models import apply_lora, build_reference, load_model, load_tokenizer, resolve_model_dir, weights_sha256
 
-__all__ = ["train", "RunResult", "pair_forward", "prepare_pairs", "check_output_dir"]
+__all__ = ["train", "RunResult", "pair_forward", "load_data", "prepare_pairs", "check_output_dir"]
 
 
 @dataclass
@@ -44,11 +44,16 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
                           "(set run.overwrite=true or choose another directory)")
 
 
-def prepare_pairs(path: str, cfg: Config, tokenizer):
-    """Load, validate and tokenize one data file with the config's data settings."""
+def load_data(path: str, d) -> list:
+    """Read and validate one data file with a `DataConfig`'s settings (no tokenizer needed)."""
+    return load_records(path, fmt=d.format, column_map=d.column_map, max_records=d.max_records,
+                        allow_degenerate=d.allow_degenerate, allow_empty_completions=d.allow_empty_completions)
+
+
+def prepare_pairs(path: str, cfg: Config, tokenizer, records: list | None = None):
+    """Load (unless given), validate and tokenize one data file with the config's data settings."""
     d = cfg.data
-    records = load_records(path, fmt=d.format, column_map=d.column_map, max_records=d.max_records,
-                           allow_degenerate=d.allow_degenerate)
+    records = load_data(path, d) if records is None else records
     return tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                             drop_overlong=d.drop_overlong, allow_degenerate=d.allow_degenerate)
 
@@ -94,13 +99,13 @@ def train(cfg: Config) -> RunResult:
         raise ConfigError("defaults", "data.train_path", "is required")
     check_output_dir(run_dir, cfg.run.overwrite)
     # ---- validate everything cheap before any weights load ----
-    load_records(cfg.data.train_path, fmt=cfg.data.format, column_map=cfg.data.column_map,
-                 max_records=cfg.data.max_records, allow_degenerate=cfg.data.allow_degenerate)
+    records = load_data(cfg.data.train_path, cfg.data)
+    eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None
     m = cfg.model
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
-    pairs, stats = prepare_pairs(cfg.data.train_path, cfg, tokenizer)
-    eval_pairs = prepare_pairs(cfg.data.eval_path, cfg, tokenizer)[0] if cfg.data.eval_path else None
+    pairs, stats = prepare_pairs(cfg.data.train_path, cfg, tokenizer, records)
+    eval_pairs = prepare_pairs(cfg.data.eval_path, cfg, tokenizer, eval_records)[0] if eval_records else None
 
     # ---- model, reference, optimizer ----
     set_seed(t.seed)

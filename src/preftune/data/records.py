@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 __all__ = ["PreferenceRecord", "Text"]
 
 # A text is either a plain string or a list of chat messages {"role": ..., "content": ...}.
-Text = Union[str, list]
+Text = str | list
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ __all__ = ["load_records", "read_rows", "FORMATS", "HH_ASSISTANT"]
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
 ROLES = {"system", "user", "assistant", "tool"}
+_EMPTY_HINT = "data.allow_empty_completions=true keeps it as an EOS-only completion"
 
 
 def _open_binary(path: Path):
@@ -115,7 +116,8 @@ def _text(row: dict, key: str, where: tuple, *, allow_empty: bool = False) -> st
     if not isinstance(value, str):
         raise DataError(*where, key, f"expected a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise DataError(*where, key, "is empty")
+        hint = f" ({_EMPTY_HINT})" if key != "prompt" else ""
+        raise DataError(*where, key, f"is empty{hint}")
     return value
 
 
@@ -138,34 +140,40 @@ def _messages(row: dict, key: str, where: tuple) -> list:
     return value
 
 
-def _standard(row: dict, where: tuple):
-    return _text(row, "prompt", where, allow_empty=False), _text(row, "chosen", where), _text(row, "rejected", where)
+def _standard(row: dict, where: tuple, allow_empty: bool):
+    return (_text(row, "prompt", where), _text(row, "chosen", where, allow_empty=allow_empty),
+            _text(row, "rejected", where, allow_empty=allow_empty))
 
 
-def _split_at(text: str, marker_end: int) -> tuple[str, str]:
-    return text[:marker_end], text[marker_end:]
-
-
-def _hh(row: dict, where: tuple):
-    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
-    cut = chosen.rfind(HH_ASSISTANT)
-    if cut < 0:
-        raise DataError(*where, "chosen", f"no {HH_ASSISTANT.strip()!r} turn in an HH transcript")
-    prompt, chosen_completion = _split_at(chosen, cut + len(HH_ASSISTANT))
-    if not rejected.startswith(prompt):
-        raise DataError(*where, "rejected", "does not share the conversation before the last assistant turn")
-    rejected_completion = rejected[len(prompt):]
-    for name, value in (("chosen", chosen_completion), ("rejected", rejected_completion)):
-        if not value.strip():
-            raise DataError(*where, name, "empty final assistant turn")
-    return prompt, chosen_completion, rejected_completion
-
-
-def _implicit(row: dict, where: tuple):
-    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+def _common_prefix_len(a: str, b: str) -> int:
     n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
+    return n
+
+
+def _hh(row: dict, where: tuple, allow_empty: bool):
+    """Prompt = the shared transcript up to and including the last shared "\n\nAssistant:".
+
+    Usually that is the last assistant turn; a few real transcripts diverge earlier (a turn
+    missing its "\n\n"), and then the completions carry the remaining turns.
+    """
+    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+    cut = chosen.rfind(HH_ASSISTANT, 0, _common_prefix_len(chosen, rejected))
+    if cut < 0:
+        field = "chosen" if HH_ASSISTANT not in chosen else "rejected"
+        raise DataError(*where, field, f"no shared {HH_ASSISTANT.strip()!r} turn to split the transcript at")
+    prompt = chosen[: cut + len(HH_ASSISTANT)]
+    completions = chosen[len(prompt):], rejected[len(prompt):]
+    for name, value in zip(("chosen", "rejected"), completions):
+        if not value.strip() and not allow_empty:
+            raise DataError(*where, name, f"empty final assistant turn ({_EMPTY_HINT})")
+    return (prompt, *completions)
+
+
+def _implicit(row: dict, where: tuple, allow_empty: bool):
+    chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+    n = _common_prefix_len(chosen, rejected)
     # back off to a whitespace boundary so both completions start at a word
     while n > 0 and not chosen[n - 1].isspace() and not (n < len(chosen) and chosen[n].isspace()):
         n -= 1
@@ -178,7 +186,7 @@ def _implicit(row: dict, where: tuple):
     return prompt, c, r
 
 
-def _conversational(row: dict, where: tuple):
+def _conversational(row: dict, where: tuple, allow_empty: bool):
     chosen, rejected = _messages(row, "chosen", where), _messages(row, "rejected", where)
     if "prompt" in row:
         prompt = _messages(row, "prompt", where)
@@ -192,8 +200,8 @@ def _conversational(row: dict, where: tuple):
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if msgs[0]["role"] != "assistant":
             raise DataError(*where, f"{name}[0].role", "the completion must start with an assistant message")
-        if not any(m["content"].strip() for m in msgs):
-            raise DataError(*where, name, "empty completion")
+        if not any(m["content"].strip() for m in msgs) and not allow_empty:
+            raise DataError(*where, name, f"empty completion ({_EMPTY_HINT})")
     return prompt, chosen, rejected
 
 
@@ -219,12 +227,14 @@ def _shape(row: dict) -> tuple:
 
 
 def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None,
-                 max_records: int = 0, allow_degenerate: bool = False) -> list[PreferenceRecord]:
+                 max_records: int = 0, allow_degenerate: bool = False,
+                 allow_empty_completions: bool = False) -> list[PreferenceRecord]:
     """Read, validate and normalize a preference file into `PreferenceRecord`s.
 
     One format per file (detected from the first record unless `fmt` is given): a record of
     another shape is an error naming its line. Text-identical chosen/rejected is an error
-    unless `allow_degenerate`. An empty file is an error.
+    unless `allow_degenerate`; an empty completion is an error unless `allow_empty_completions`
+    (real HH-RLHF train has four empty replies among 1,800 pairs). An empty file is an error.
     """
     column_map = column_map or {}
     records, first_shape, adapter = [], None, None
@@ -242,7 +252,7 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
                 if key in here and here[key] != kind:
                     raise DataError(*where, key, f"format differs from line {first_line} "
                                     f"({kind} there, {here[key]} here)")
-        prompt, chosen, rejected = adapter(row, where)
+        prompt, chosen, rejected = adapter(row, where, allow_empty_completions)
         if chosen == rejected and not allow_degenerate:
             raise DataError(*where, "rejected", "identical to chosen (a pair that teaches nothing; "
                             "data.allow_degenerate=true keeps it)")

@@ -41,6 +41,7 @@ class TokenizeStats:
     truncated: int = 0
     dropped: int = 0
     degenerate_kept: int = 0
+    empty_completions: int = 0  # completions that are EOS only (kept with allow_empty_completions)
     truncated_lines: list = field(default_factory=list)  # first few, for the report
     dropped_lines: list = field(default_factory=list)
 
@@ -86,6 +87,7 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, *, max_length: 
             ids = _ids(tokenizer, _completion_text(tokenizer, rec.prompt, completion, where, name), special=False)
             sides.append(ids if ids and ids[-1] == eos else ids + [eos])
         chosen, rejected = sides
+        stats.empty_completions += (chosen == [eos]) + (rejected == [eos])
         truncated = len(prompt) + max(len(chosen), len(rejected)) > max_length
         if truncated:
             prompt = prompt[-max_prompt_length:]

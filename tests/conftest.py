@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny byte-level tokenizer and a tiny random Llama, built from config.
+
+Nothing here touches the network (HF_HUB_OFFLINE=1) or the real model, so unit tests run in
+seconds. `tiny_model_dir` is an ordinary HF model directory (safetensors + tokenizer files).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+HH_TRAIN = SHARED / "data" / "hh-rlhf-harmless-base" / "train.jsonl.gz"
+HH_DEV = SHARED / "data" / "hh-rlhf-harmless-base" / "dev.jsonl.gz"
+needs_shared = pytest.mark.skipif(not HH_TRAIN.is_file(), reason="../shared/data is absent")
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The movie was great and the acting was wonderful.",
+    "I hated the ending; the plot was slow and boring.",
+    "Human: how do I bake bread?\n\nAssistant: Mix flour, water, yeast and salt.",
+    "What is the capital of France? Paris is the capital.",
+] * 20
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_model(vocab_size: int, *, seed: int = 0, eos_id: int = 2, pad_id: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = build_model(len(tokenizer), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never write conversion caches into the user's home during tests."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "preftune-cache"))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+PAIRS = [
+    {"prompt": "The movie was", "chosen": " great and wonderful.", "rejected": " slow and boring."},
+    {"prompt": "I hated", "chosen": " nothing about it.", "rejected": " the ending."},
+    {"prompt": "What is the capital of France?", "chosen": " Paris.", "rejected": " Bread."},
+    {"prompt": "Human: how do I bake bread?", "chosen": " Mix flour and water.", "rejected": " I hate bread."},
+] * 2

@@ -1,0 +1,136 @@
+import gzip
+import json
+
+import pytest
+
+from conftest import HH_DEV, HH_TRAIN, PAIRS, needs_shared, write_jsonl
+from preftune.data.sources import load_records
+from preftune.errors import DataError
+
+
+def _err(tmp_path, rows, name="d.jsonl", **kw) -> DataError:
+    path = write_jsonl(tmp_path / name, rows)
+    with pytest.raises(DataError) as info:
+        load_records(path, **kw)
+    return info.value
+
+
+def test_standard_format(tmp_path):
+    recs = load_records(write_jsonl(tmp_path / "d.jsonl", PAIRS[:3]))
+    assert [(r.prompt, r.chosen, r.rejected, r.line) for r in recs][0] == (
+        "The movie was", " great and wonderful.", " slow and boring.", 1)
+    assert [r.line for r in recs] == [1, 2, 3]
+
+
+def test_blank_lines_keep_true_line_numbers(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(PAIRS[0]) + "\n\n" + json.dumps(PAIRS[1]) + "\n")
+    assert [r.line for r in load_records(path)] == [1, 3]
+
+
+def test_hh_transcripts_split_at_last_assistant_turn(tmp_path):
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bake?\n\nAssistant: Yes, gladly.",
+           "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bake?\n\nAssistant: No."}
+    (rec,) = load_records(write_jsonl(tmp_path / "hh.jsonl", [row]))
+    assert rec.prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bake?\n\nAssistant:"
+    assert (rec.chosen, rec.rejected) == (" Yes, gladly.", " No.")
+
+
+def test_implicit_prompt_is_the_shared_prefix_at_a_word_boundary(tmp_path):
+    (rec,) = load_records(write_jsonl(tmp_path / "d.jsonl", [{"chosen": "The sky is blue", "rejected": "The sky is black"}]))
+    assert (rec.prompt, rec.chosen, rec.rejected) == ("The sky is ", "blue", "black")
+
+
+def test_conversational_with_and_without_prompt(tmp_path):
+    u = {"role": "user", "content": "hi"}
+    a, b = {"role": "assistant", "content": "hello"}, {"role": "assistant", "content": "go away"}
+    (rec,) = load_records(write_jsonl(tmp_path / "c.jsonl", [{"prompt": [u], "chosen": [a], "rejected": [b]}]))
+    assert rec.prompt == [u] and rec.chosen == [a]
+    (rec,) = load_records(write_jsonl(tmp_path / "i.jsonl", [{"chosen": [u, a], "rejected": [u, b]}]))
+    assert rec.prompt == [u] and rec.chosen == [a] and rec.rejected == [b]
+
+
+def test_column_map(tmp_path):
+    rows = [{"question": "Q?", "good": " yes", "bad": " no"}]
+    (rec,) = load_records(write_jsonl(tmp_path / "d.jsonl", rows),
+                          column_map={"question": "prompt", "good": "chosen", "bad": "rejected"})
+    assert (rec.prompt, rec.chosen, rec.rejected) == ("Q?", " yes", " no")
+
+
+def test_csv_json_parquet_and_dataset_dir(tmp_path):
+    import datasets
+
+    rows = PAIRS[:3]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("prompt,chosen,rejected\n" + "".join(f'"{r["prompt"]}","{r["chosen"]}","{r["rejected"]}"\n'
+                                                             for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "dsdir"))
+    for path in (csv_path, tmp_path / "d.json", tmp_path / "d.parquet", tmp_path / "dsdir"):
+        recs = load_records(path)
+        assert [r.chosen for r in recs] == [r["chosen"] for r in rows], path
+    assert [r.line for r in load_records(csv_path)] == [2, 3, 4]  # line 1 is the header
+
+
+def test_gzip_jsonl(tmp_path):
+    path = tmp_path / "d.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in PAIRS[:2]))
+    assert len(load_records(path)) == 2
+
+
+@pytest.mark.parametrize("rows, line, field, problem", [
+    ([PAIRS[0], {"prompt": "p", "chosen": " a"}], 2, "rejected", "missing"),
+    ([PAIRS[0], {"prompt": "p", "chosen": "", "rejected": " b"}], 2, "chosen", "is empty"),
+    ([PAIRS[0], {"prompt": "p", "chosen": 3, "rejected": " b"}], 2, "chosen", "expected a string, got int"),
+    ([PAIRS[0], {"prompt": "p", "chosen": None, "rejected": " b"}], 2, "chosen", "is null"),
+    ([PAIRS[0], PAIRS[1], '{"prompt": "p", "chosen": "a", '], 3, "json", "invalid JSON"),
+    ([PAIRS[0], {"prompt": "p", "chosen": " same", "rejected": " same"}], 2, "rejected", "identical to chosen"),
+    ([PAIRS[0], {"prompt": [{"role": "user", "content": "x"}], "chosen": " a", "rejected": " b"}], 2, "prompt",
+     "format differs from line 1"),
+    ([{"prompt": [{"speaker": "user", "text": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
+       "rejected": [{"role": "assistant", "content": "b"}]}], 1, "prompt[0].role", "missing"),
+    ([{"chosen": "abc", "rejected": "xyz"}], 1, "prompt", "share no prefix"),
+    ([["not", "an", "object"]], 1, "record", "expected an object"),
+])
+def test_bad_records_name_line_and_field(tmp_path, rows, line, field, problem):
+    err = _err(tmp_path, rows)
+    assert (err.line, err.field) == (line, field)
+    assert problem in err.problem
+    assert str(err).startswith(f"{tmp_path / 'd.jsonl'}:{line}: {field}: ")
+    assert "\n" not in str(err)
+
+
+def test_empty_file_and_missing_file(tmp_path):
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(DataError, match="no records"):
+        load_records(tmp_path / "e.jsonl")
+    with pytest.raises(DataError, match="no such file"):
+        load_records(tmp_path / "absent.jsonl")
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(PAIRS[0]).encode() + b"\n" + b'{"prompt": "\xff"}\n')
+    with pytest.raises(DataError) as info:
+        load_records(path)
+    assert (info.value.line, info.value.field) == (2, "encoding")
+
+
+def test_allow_degenerate_keeps_identical_pairs(tmp_path):
+    rows = [{"prompt": "p", "chosen": " same", "rejected": " same"}]
+    assert len(load_records(write_jsonl(tmp_path / "d.jsonl", rows), allow_degenerate=True)) == 1
+
+
+@needs_shared
+def test_real_hh_harmless_files_load_completely():
+    with pytest.raises(DataError) as info:  # four real replies are empty: refused unless asked
+        load_records(HH_TRAIN)
+    assert (info.value.line, info.value.field) == (87, "chosen")
+    train = load_records(HH_TRAIN, allow_empty_completions=True)
+    dev = load_records(HH_DEV, allow_empty_completions=True)
+    assert (len(train), len(dev)) == (1800, 200)
+    assert all(r.prompt.endswith("\n\nAssistant:") and r.chosen != r.rejected for r in train)
+    assert sum(not r.chosen.strip() or not r.rejected.strip() for r in train) == 4

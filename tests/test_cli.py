@@ -1,0 +1,79 @@
+"""End-to-end CLI behaviour: bad input is one line on stderr, exit 2, and nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PAIRS, write_jsonl
+from preftune.cli import main
+
+GOOD = json.dumps(PAIRS[0])
+
+
+@pytest.mark.parametrize("lines, line, field", [
+    ([GOOD, '{"prompt": "p", "chosen": " a"}'], 2, "rejected"),                  # missing field
+    ([GOOD, GOOD, '{"prompt": "p", "chosen": "", "rejected": " b"}'], 3, "chosen"),  # empty completion
+    (['{"prompt": "p", "chosen": 7, "rejected": " b"}'], 1, "chosen"),            # non-string
+    ([GOOD, '{"prompt": "p", "chosen": " a", "rej'], 2, "json"),                  # bad JSON line
+    ([], 1, "file"),                                                              # empty file
+])
+def test_malformed_data_one_line_exit_2_nothing_written(tmp_path, capsys, tiny_model_dir, lines, line, field):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(x + "\n" for x in lines))
+    run_dir = tmp_path / "run"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc = main(["train", f"data.train_path={data}", f"run.output_dir={run_dir}",
+               f"model.name_or_path={tiny_model_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith(f"{data}:{line}: {field}: "), err
+    assert not run_dir.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_config_errors_exit_2_with_did_you_mean(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lrr: 0.1\n")
+    assert main(["train", "-c", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == f"{cfg}: train.lrr: unknown key (did you mean 'lr'?)"
+    assert main(["train", "loss.beta=-0.1"]) == 2
+    assert capsys.readouterr().err.strip() == "command line: loss.beta: must be > 0"
+
+
+def test_existing_run_dir_is_refused_before_loading(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    assert main(["train", f"data.train_path={data}", f"run.output_dir={tmp_path / 'run'}"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["keep.txt"]
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(GOOD + "\n" + '{"prompt": "p", "chosen": " a"}\n')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "preftune", "validate-data", str(data)], capture_output=True,
+                          text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"{data}:2: rejected: missing"
+
+
+def test_train_then_eval_through_the_cli(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    run_dir = tmp_path / "run"
+    assert main(["train", f"data.train_path={data}", f"run.output_dir={run_dir}", f"model.name_or_path={tiny_model_dir}",
+                 "train.lr=3e-2", "train.epochs=4", "loss.beta=0.5", "model.lora_r=4"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--run", str(run_dir), "--data", str(data), "--out", str(out),
+                 "eval.kl_prompts=4", "eval.max_new_tokens=8"]) == 0
+    after = json.loads(out.read_text())
+    assert after["pairs"] == 8 and after["accuracy/implicit_reward"] >= 0.75
+    assert after["kl_samples"] == 8 and after["kl"] > 0
+    assert main(["eval", "--data", str(data), "--out", str(out), f"model.name_or_path={tiny_model_dir}",
+                 "eval.kl_prompts=2"]) == 0
+    before = json.loads(out.read_text())
+    assert before["rewards/margins"] == 0 and before["kl"] == 0  # base model: policy == reference

@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preftune.config import config_help, load_config, save_config
+from preftune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_file_and_overrides_in_order(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n  batch_size: 2\nloss:\n  beta: 0.2\n")
+    cfg = load_config(path, ["train.lr=5e-5", "model.lora_target_modules=[q_proj]"])
+    assert cfg.train.lr == 5e-5 and cfg.train.batch_size == 2 and cfg.loss.beta == 0.2
+    assert cfg.model.lora_target_modules == ["q_proj"] and cfg.train.epochs == 1
+
+
+@pytest.mark.parametrize("text, key, problem", [
+    ("train:\n  lrr: 1\n", "train.lrr", "unknown key (did you mean 'lr'?)"),
+    ("trian:\n  lr: 1\n", "trian", "unknown section (did you mean 'train'?)"),
+    ("loss:\n  beta: -0.1\n", "loss.beta", "must be > 0"),
+    ("loss:\n  beta: 0\n", "loss.beta", "must be > 0"),
+    ("train:\n  lr: .nan\n", "train.lr", "must be a finite number > 0"),
+    ("train:\n  batch_size: two\n", "train.batch_size", "expected int, got str"),
+    ("loss:\n  name: sigmod\n", "loss.name", "did you mean 'sigmoid'?"),
+    ("data:\n  max_length: 64\n  max_prompt_length: 64\n", "data.max_prompt_length", "must be in [1,"),
+])
+def test_bad_files_name_file_and_key(tmp_path, text, key, problem):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {key}: ")
+    assert problem in str(info.value)
+
+
+def test_override_errors_name_the_command_line():
+    with pytest.raises(ConfigError, match=r"^command line: train.lrr: unknown key \(did you mean 'lr'\?\)"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="^command line: loss.beta: must be > 0"):
+        load_config(None, ["loss.beta=-1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["lr=1"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.lr=3e-4", "data.column_map={q: prompt}"])
+    save_config(cfg, tmp_path / "config.yaml", extra={"preftune_version": "0.1.0"})
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["preftune_version"] == "0.1.0" and saved["train"]["seed"] == 42  # defaults included
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_newer_saved_version_warns(tmp_path):
+    (tmp_path / "c.yaml").write_text("preftune_version: 99.0.0\n")
+    with pytest.warns(UserWarning, match="99.0.0"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_every_shipped_config_validates():
+    found = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(found) == 1, found  # update when adding configs: guards against a silent glob miss
+    for path in found:
+        load_config(path)
+
+
+def test_help_lists_every_key():
+    text = config_help()
+    assert "train.lr = 5e-05" in text and "loss.beta" in text and text.count("\n") >= 30

@@ -1,0 +1,130 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from conftest import PAIRS, write_jsonl
+from preftune.config import load_config
+from preftune.errors import NumericalError
+from preftune.train import train
+
+
+def _cfg(tmp_path, model_dir, *extra, name="run"):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    return load_config(None, [f"model.name_or_path={model_dir}", f"data.train_path={data}",
+                              f"run.output_dir={tmp_path / name}", "data.max_length=64",
+                              "data.max_prompt_length=32", "train.lr=1e-2", "model.lora_r=4",
+                              "model.lora_alpha=8", *extra])
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_contents_and_loss_falls(tmp_path, tiny_model_dir):
+    result = train(_cfg(tmp_path, tiny_model_dir, "train.epochs=6", "train.batch_size=4", "loss.beta=0.5",
+                        f"data.eval_path={tmp_path / 'pairs.jsonl'}"))
+    run = result.run_dir
+    rows = _metrics(run)
+    assert len(rows) == result.steps == 12
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr", "lengths/chosen", "lengths/rejected"):
+        assert key in rows[0], key
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # step 1: policy == reference
+    assert rows[-1]["loss"] < 0.6
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["preftune_version"] and saved["train"]["lr"] == 1e-2
+    ref = json.loads((run / "reference.json").read_text())
+    assert ref["strategy"] == "adapters_off" and len(ref["weights_sha256"]) == 64
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval"]["accuracy/implicit_reward"] >= 0.75
+    assert (run / "model" / "adapter_model.safetensors").is_file()
+    assert not [p for p in run.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
+
+
+def test_saved_adapter_loads_with_plain_peft_and_reproduces_logps(tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.data import collate_pairs, load_records, tokenize_records
+    from preftune.logprobs import completion_logps, split_pairs
+
+    result = train(_cfg(tmp_path, tiny_model_dir, "train.epochs=2", f"data.eval_path={tmp_path / 'pairs.jsonl'}"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(base, result.run_dir / "model").eval()
+    tok = AutoTokenizer.from_pretrained(result.run_dir / "model")
+    pairs, _ = tokenize_records(load_records(tmp_path / "pairs.jsonl"), tok, max_length=64, max_prompt_length=32)
+    with torch.no_grad():
+        chosen, rejected = split_pairs(completion_logps(model, collate_pairs(pairs, tok.pad_token_id))[0])
+    assert chosen.mean().item() == pytest.approx(result.summary["eval"]["logps/chosen"], abs=1e-5)
+    assert rejected.mean().item() == pytest.approx(result.summary["eval"]["logps/rejected"], abs=1e-5)
+
+
+def test_per_step_loss_matches_a_hand_written_loop(tmp_path, tiny_model_dir, tokenizer):
+    """The same LoRA init, data and AdamW, written out with full logits and no Accelerate."""
+    from accelerate.utils import set_seed
+
+    from preftune.data import collate_pairs, load_records, tokenize_records
+    from preftune.models import apply_lora, load_model
+
+    steps, beta, lr = 4, 0.1, 1e-2
+    result = train(_cfg(tmp_path, tiny_model_dir, f"train.max_steps={steps}", "train.batch_size=8",
+                        "train.scheduler=constant", "train.warmup_ratio=0", "train.epochs=10"))
+    ours = [r["loss"] for r in _metrics(result.run_dir)]
+
+    set_seed(42)
+    model = apply_lora(load_model(str(tiny_model_dir)), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    pairs, _ = tokenize_records(load_records(tmp_path / "pairs.jsonl"), tokenizer, max_length=64, max_prompt_length=32)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id)  # all 8 pairs: order inside a batch does not matter
+
+    def logps(m):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        tok = torch.gather(torch.log_softmax(logits, -1), 2, batch["input_ids"][:, 1:, None])[..., 0]
+        return (tok * batch["completion_mask"][:, 1:]).sum(1).chunk(2)
+
+    theirs = []
+    for _ in range(steps):
+        with torch.no_grad(), model.disable_adapter():
+            rc, rr = logps(model)
+        pc, pr = logps(model)
+        loss = -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad()
+        theirs.append(loss.item())
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-6, (ours, theirs)
+    assert theirs[-1] < theirs[0]
+
+
+def test_accumulation_equivalence(tmp_path, tiny_model_dir):
+    """batch 8 x accumulation 1 == batch 1 x accumulation 8, step by step."""
+    common = ["train.scheduler=constant", "train.warmup_ratio=0", "train.epochs=3"]
+    a = train(_cfg(tmp_path, tiny_model_dir, "train.batch_size=8", "train.grad_accum=1", *common, name="a"))
+    b = train(_cfg(tmp_path, tiny_model_dir, "train.batch_size=1", "train.grad_accum=8", *common, name="b"))
+    la, lb = [r["loss"] for r in _metrics(a.run_dir)], [r["loss"] for r in _metrics(b.run_dir)]
+    assert len(la) == len(lb) == 3
+    assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-5, (la, lb)
+
+
+def test_full_finetuning_uses_a_frozen_copy_and_saves_an_hf_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    result = train(_cfg(tmp_path, tiny_model_dir, "model.lora=false", "train.lr=1e-3", "train.max_steps=2"))
+    ref = json.loads((result.run_dir / "reference.json").read_text())
+    assert ref["strategy"] == "frozen_copy"
+    model = AutoModelForCausalLM.from_pretrained(result.run_dir / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert (result.run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_huge_learning_rate_stops_with_numerical_error(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, "train.lr=1e30", "train.epochs=20", "train.batch_size=2",
+               "train.max_grad_norm=0")
+    with pytest.raises(NumericalError, match="not finite"):
+        train(cfg)
+    assert not (tmp_path / "run" / "model").exists()
