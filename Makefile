@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/preftune demo --output-dir runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/python -m pytest -q
