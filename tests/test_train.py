@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,3 +129,58 @@ def test_huge_learning_rate_stops_with_numerical_error(tmp_path, tiny_model_dir)
     with pytest.raises(NumericalError, match="not finite"):
         train(cfg)
     assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.parametrize("name", sorted(__import__("preftune.losses", fromlist=["LOSSES"]).LOSSES))
+def test_every_registered_loss_trains_on_the_tiny_model(tmp_path, tiny_model_dir, name):
+    from preftune.losses import LOSSES
+
+    spec = LOSSES[name]
+    extra = [] if spec.paired else ["data.paired_to_unpaired=true"]
+    result = train(_cfg(tmp_path, tiny_model_dir, f"loss.name={name}", "train.epochs=3", "train.batch_size=4",
+                        f"data.eval_path={tmp_path / 'pairs.jsonl'}", *extra))
+    rows = _metrics(result.run_dir)
+    assert len(rows) == result.steps > 0
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    ref = json.loads((result.run_dir / "reference.json").read_text())
+    assert ref["strategy"] == ("adapters_off" if spec.needs_reference else "none")
+    assert 0.0 <= result.summary["eval"]["accuracy/logp"] <= 1.0
+    if not spec.paired:
+        assert rows[0]["examples/desirable"] + rows[0]["examples/undesirable"] == 4  # one batch
+        assert "kl" in rows[0]
+
+
+def test_reference_free_full_finetuning_never_copies_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    import sys
+
+    train_module = sys.modules["preftune.train"]  # the package attribute `train` is the function
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a reference was built for a reference-free loss")
+
+    monkeypatch.setattr(train_module, "build_reference", forbidden)
+    monkeypatch.setattr(train_module, "weights_sha256", forbidden)
+    result = train(_cfg(tmp_path, tiny_model_dir, "loss.name=simpo", "loss.beta=2.0", "model.lora=false",
+                        "train.lr=1e-3", "train.max_steps=2"))
+    assert result.summary["reference"]["strategy"] == "none"
+
+
+def test_kto_auto_weights_and_eval_prompt_removal(tmp_path, tiny_model_dir):
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": i % 2 == 1} for i, p in enumerate(PAIRS)]
+    unpaired = write_jsonl(tmp_path / "u.jsonl", rows)
+    held = write_jsonl(tmp_path / "held.jsonl", PAIRS[:1])  # its prompt occurs twice in u.jsonl
+    result = train(_cfg(tmp_path, tiny_model_dir, "loss.name=kto", f"data.train_path={unpaired}",
+                        f"data.eval_path={held}", "data.drop_eval_prompts=true", "loss.kto_auto_weights=true",
+                        "train.max_steps=2"))
+    data = result.summary["data"]
+    assert data["dropped_eval_prompts"] == 2 and data["pairs"] == 6
+    assert (data["desirable"], data["undesirable"]) == (4, 2)  # rows 0 and 4 (undesirable) were held out
+    assert result.summary["loss_params"]["desirable_weight"] == 1.0
+    assert result.summary["loss_params"]["undesirable_weight"] == 2.0
+
+
+def test_rpo_mixture_logs_each_term(tmp_path, tiny_model_dir):
+    result = train(_cfg(tmp_path, tiny_model_dir, "loss.mix=[[sigmoid, 1.0], [sft, 0.2]]", "train.max_steps=2"))
+    row = _metrics(result.run_dir)[0]
+    assert row["loss"] == pytest.approx(row["loss/sigmoid"] + 0.2 * row["loss/sft"], abs=1e-5)
+    assert result.summary["loss"] == "1*sigmoid+0.2*sft"

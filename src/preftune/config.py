@@ -55,12 +55,21 @@ class DataConfig:
     drop_overlong: bool = _f(False, "drop pairs that cannot fit instead of stopping (dropped rows are counted)")
     allow_degenerate: bool = _f(False, "keep pairs whose chosen and rejected tokenize identically")
     allow_empty_completions: bool = _f(False, "keep empty completions as EOS-only (they are counted)")
+    paired_to_unpaired: bool = _f(False, "for unpaired losses (kto): split each pair into two labelled examples")
+    drop_eval_prompts: bool = _f(False, "drop training rows whose prompt appears in data.eval_path (counted)")
 
 
 @dataclass
 class LossConfig:
     name: str = _f("sigmoid", "loss from the registry (preftune.losses.LOSSES)")
-    beta: float = _f(0.1, "inverse temperature of the implicit reward, > 0")
+    beta: float = _f(0.1, "inverse temperature of the implicit reward (ORPO: lambda), > 0")
+    mix: list = _f([], "weighted sum of paired losses, e.g. [[sigmoid, 1.0], [sft, 0.2]] (RPO); overrides name")
+    label_smoothing: float = _f(0.0, "cdpo/robust: assumed label-flip rate eps, in [0, 0.5)")
+    ipo_length_normalize: bool = _f(False, "ipo: divide each log-ratio by its completion length (TRL's form)")
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma (use beta around 2 with simpo)")
+    desirable_weight: float = _f(1.0, "kto: weight of desirable examples")
+    undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples")
+    kto_auto_weights: bool = _f(False, "kto: set the two weights from class counts so both classes weigh the same")
 
 
 @dataclass
@@ -144,6 +153,17 @@ def _range_problems(cfg: Config):
         value = getattr(getattr(c, section), name)
         if value not in allowed:
             yield key, f"{value!r} is not one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}"
+    if not 0 <= c.loss.label_smoothing < 0.5:
+        yield "loss.label_smoothing", "must be in [0, 0.5)"
+    for key in ("desirable_weight", "undesirable_weight"):
+        if not getattr(c.loss, key) > 0:
+            yield f"loss.{key}", "must be > 0"
+    for i, term in enumerate(c.loss.mix):
+        ok = isinstance(term, list) and len(term) == 2 and term[0] in LOSSES and isinstance(term[1], (int, float))
+        if not ok:
+            yield f"loss.mix[{i}]", f"expected [name, weight] with a name from {', '.join(sorted(LOSSES))}, got {term!r}"
+        elif not LOSSES[term[0]].paired:
+            yield f"loss.mix[{i}]", f"{term[0]!r} is unpaired and cannot be mixed"
     if c.loss.name not in LOSSES:
         yield "loss.name", (f"unknown loss {c.loss.name!r}{_did_you_mean(c.loss.name, LOSSES)}; "
                             f"known: {', '.join(sorted(LOSSES))}")

@@ -147,7 +147,7 @@ def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instr
     acc = None
     if any(held):
         held_pairs, _ = prepare_pairs(str(held_path), cfg, tokenizer)
-        acc = evaluate_pairs(policy, reference, LOSSES["sigmoid"], held_pairs, beta=cfg.loss.beta,
+        acc = evaluate_pairs(policy, reference, LOSSES[cfg.loss.name], held_pairs, loss_kwargs={"beta": cfg.loss.beta},
                              batch_size=16, pad_id=tokenizer.pad_token_id)
     ref_mean = sum(map(sum, ref_scores)) / sum(map(len, ref_scores))
     pol_mean = sum(map(sum, pol_scores)) / sum(map(len, pol_scores))

@@ -15,44 +15,41 @@ import torch
 
 from .data import collate_pairs
 from .data.collate import collate_sequences
-from .logprobs import completion_logps, split_pairs
+from .logprobs import completion_logps
 
 __all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "load_run_policy"]
 
 
 @torch.no_grad()
-def evaluate_pairs(model, reference, spec, pairs, *, beta: float, batch_size: int, pad_id: int) -> dict:
-    """Accuracy by implicit reward (margin > 0) and by raw completion logp, over held-out pairs."""
+def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_size: int, pad_id: int) -> dict:
+    """Accuracy by implicit reward (margin > 0) and by raw completion logp, over held-out pairs.
+
+    Rewards are the loss's own (beta * log-ratio for DPO-style losses, beta * average logp for
+    SimPO/ORPO). An unpaired loss (KTO) has DPO's implicit reward beta * log-ratio, so its pairs
+    are scored with the sigmoid spec; its "loss" is then DPO's and is not reported.
+    """
+    from .losses import LOSSES
+    from .train import loss_forward
+
+    scorer = spec if spec.paired else LOSSES["sigmoid"]
+    kwargs = {k: loss_kwargs[k] for k in scorer.params}
     was_training = model.training
     model.eval()
-    totals = {"margin_correct": 0.0, "logp_correct": 0.0, "margin": 0.0, "chosen_reward": 0.0,
-              "rejected_reward": 0.0, "loss": 0.0, "logps_chosen": 0.0, "logps_rejected": 0.0}
+    sums: dict[str, float] = {}
     for i in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[i: i + batch_size], pad_id)
-        logps, _ = completion_logps(model, batch)
-        pc, pr = split_pairs(logps)
-        if reference is not None:
-            with reference.context():
-                rc, rr = split_pairs(completion_logps(reference.forward_model(model), batch)[0])
-        else:
-            rc = rr = torch.zeros_like(pc)
-        out = spec.fn(pc, pr, rc, rr, beta=beta)
-        margins = out.chosen_rewards - out.rejected_rewards
-        totals["margin_correct"] += (margins > 0).float().sum().item()
-        totals["logp_correct"] += (pc > pr).float().sum().item()
-        totals["margin"] += margins.sum().item()
-        totals["chosen_reward"] += out.chosen_rewards.sum().item()
-        totals["rejected_reward"] += out.rejected_rewards.sum().item()
-        totals["loss"] += out.losses.sum().item()
-        totals["logps_chosen"] += pc.sum().item()
-        totals["logps_rejected"] += pr.sum().item()
+        losses, parts = loss_forward(model, reference, scorer, collate_pairs(pairs[i: i + batch_size], pad_id), kwargs)
+        margins = parts["chosen_rewards"] - parts["rejected_rewards"]
+        for key, value in (("accuracy/implicit_reward", margins > 0),
+                           ("accuracy/logp", parts["policy_chosen"] > parts["policy_rejected"]),
+                           ("rewards/margins", margins), ("rewards/chosen", parts["chosen_rewards"]),
+                           ("rewards/rejected", parts["rejected_rewards"]), ("loss", losses),
+                           ("logps/chosen", parts["policy_chosen"]), ("logps/rejected", parts["policy_rejected"])):
+            sums[key] = sums.get(key, 0.0) + value.float().sum().item()
     model.train(was_training)
-    n = len(pairs)
-    return {"pairs": n, "accuracy/implicit_reward": totals["margin_correct"] / n,
-            "accuracy/logp": totals["logp_correct"] / n, "rewards/margins": totals["margin"] / n,
-            "rewards/chosen": totals["chosen_reward"] / n, "rewards/rejected": totals["rejected_reward"] / n,
-            "loss": totals["loss"] / n, "logps/chosen": totals["logps_chosen"] / n,
-            "logps/rejected": totals["logps_rejected"] / n}
+    result = {"pairs": len(pairs), **{k: v / len(pairs) for k, v in sums.items()}}
+    if not spec.paired:
+        del result["loss"]
+    return result
 
 
 @torch.no_grad()
@@ -116,11 +113,11 @@ def load_run_policy(run_dir: Path, base_model, *, is_trainable: bool = False):
 
 def run_eval(cfg, *, run_dir: str | None, data_path: str) -> dict:
     """Evaluate the run's policy (or the base model when `run_dir` is None) on `data_path`."""
-    from .losses import LOSSES
+    from .losses import build_loss
     from .models import FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
-    from .train import load_data, prepare_pairs
+    from .train import load_data, loss_kwargs, prepare_pairs
 
-    m, spec = cfg.model, LOSSES[cfg.loss.name]
+    m, spec = cfg.model, build_loss(cfg.loss.name, cfg.loss.mix)
     records = load_data(data_path, cfg.data)  # bad data fails here, before any weights load
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
@@ -138,8 +135,8 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str) -> dict:
         policy, reference = load_run_policy(Path(run_dir), base), FrozenCopyReference(base)
     policy.eval()
     result = {"run": run_dir or "(base model)", "data": data_path, "data_stats": stats.as_dict(),
-              **evaluate_pairs(policy, reference, spec, pairs, beta=cfg.loss.beta, batch_size=cfg.eval.batch_size,
-                               pad_id=tokenizer.pad_token_id)}
+              **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
+                               batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)}
     e = cfg.eval
     if e.kl_prompts:
         samples = sample_completions(policy, tokenizer, [p.prompt_ids for p in pairs[: e.kl_prompts]],

@@ -21,14 +21,21 @@ import torch
 
 from . import __version__
 from .config import Config, save_config
-from .data import collate_pairs, load_records, tokenize_records
+from .data import (
+    collate_pairs,
+    collate_unpaired,
+    load_records,
+    to_unpaired,
+    tokenize_records,
+    tokenize_unpaired,
+)
 from .diagnostics import step_metrics
 from .errors import ConfigError, NumericalError
 from .logprobs import completion_logps, split_pairs
-from .losses import LOSSES, LossSpec
+from .losses import LossSpec, build_loss
 from .models import apply_lora, build_reference, load_model, load_tokenizer, resolve_model_dir, weights_sha256
 
-__all__ = ["train", "RunResult", "pair_forward", "load_data", "prepare_pairs", "check_output_dir"]
+__all__ = ["train", "RunResult", "loss_forward", "load_data", "prepare_pairs", "check_output_dir", "loss_kwargs"]
 
 
 @dataclass
@@ -44,32 +51,81 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
                           "(set run.overwrite=true or choose another directory)")
 
 
-def load_data(path: str, d) -> list:
-    """Read and validate one data file with a `DataConfig`'s settings (no tokenizer needed)."""
-    return load_records(path, fmt=d.format, column_map=d.column_map, max_records=d.max_records,
-                        allow_degenerate=d.allow_degenerate, allow_empty_completions=d.allow_empty_completions)
+def load_data(path: str, d, *, paired: bool = True) -> list:
+    """Read and validate one data file with a `DataConfig`'s settings (no tokenizer needed).
+
+    Unpaired losses read prompt/completion/label files, or pairs split in two when
+    `d.paired_to_unpaired` is set.
+    """
+    convert = not paired and d.paired_to_unpaired
+    records = load_records(path, fmt=d.format, column_map=d.column_map, max_records=d.max_records,
+                           allow_degenerate=d.allow_degenerate, allow_empty_completions=d.allow_empty_completions,
+                           paired=paired or convert)
+    return to_unpaired(records) if convert else records
 
 
 def prepare_pairs(path: str, cfg: Config, tokenizer, records: list | None = None):
-    """Load (unless given), validate and tokenize one data file with the config's data settings."""
+    """Load (unless given), validate and tokenize one paired data file with the config's settings."""
     d = cfg.data
     records = load_data(path, d) if records is None else records
     return tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                             drop_overlong=d.drop_overlong, allow_degenerate=d.allow_degenerate)
 
 
-def pair_forward(model, reference, spec: LossSpec, batch: dict, *, beta: float):
-    """One concatenated policy forward (and a no-grad reference forward when the loss needs it)."""
+def _prompt_key(prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def drop_eval_prompts(records: list, eval_records: list) -> tuple[list, int]:
+    """Training rows whose prompt is also an eval prompt are removed; returns (kept, dropped)."""
+    held = {_prompt_key(r.prompt) for r in eval_records}
+    kept = [r for r in records if _prompt_key(r.prompt) not in held]
+    return kept, len(records) - len(kept)
+
+
+def loss_kwargs(cfg: Config, spec: LossSpec) -> dict:
+    return {name: getattr(cfg.loss, name) for name in spec.params}
+
+
+def kto_class_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
+    """Weights with w_d * n_d == w_u * n_u (KTO paper, Sec. 4.2 asks for a ratio in [1, 4/3]);
+    the larger class keeps weight 1."""
+    if n_desirable == 0 or n_undesirable == 0:
+        return 1.0, 1.0
+    if n_desirable >= n_undesirable:
+        return 1.0, n_desirable / n_undesirable
+    return n_undesirable / n_desirable, 1.0
+
+
+def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict):
+    """One concatenated policy forward (plus a no-grad reference forward when the loss needs one).
+
+    Returns the per-example losses and a dict of detached per-example tensors for the metrics.
+    Paired batches are [chosen..., rejected...]; unpaired ones [examples..., KL rows...].
+    """
+    logps, counts = completion_logps(model, batch)
+    first, second = split_pairs(logps)
+    first_n, second_n = split_pairs(counts)
     if spec.needs_reference:
         with torch.no_grad(), reference.context():
-            ref_logps, _ = completion_logps(reference.forward_model(model), batch)
-        reference_chosen, reference_rejected = split_pairs(ref_logps)
+            ref_first, ref_second = split_pairs(completion_logps(reference.forward_model(model), batch)[0])
     else:  # reference-free losses never run (or load) a reference
-        reference_chosen = reference_rejected = torch.zeros(batch["input_ids"].size(0) // 2)
-    logps, counts = completion_logps(model, batch)
-    policy_chosen, policy_rejected = split_pairs(logps)
-    out = spec.fn(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=beta)
-    return out, (policy_chosen, policy_rejected), split_pairs(counts)
+        ref_first = ref_second = torch.zeros_like(first)
+    if spec.paired:
+        if spec.needs_lengths:
+            kwargs = {**kwargs, "chosen_lengths": first_n, "rejected_lengths": second_n}
+        out = spec.fn(first, second, ref_first, ref_second, **kwargs)
+        parts = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
+                 "policy_chosen": first, "policy_rejected": second, "chosen_lengths": first_n,
+                 "rejected_lengths": second_n}
+    else:
+        out = spec.fn(first, ref_first, labels=batch["labels"], policy_kl_logps=second,
+                      reference_kl_logps=ref_second, **kwargs)
+        parts = {"rewards": out.rewards, "labels": batch["labels"], "policy": first, "lengths": first_n}
+    n = out.losses.size(0)
+    extras = {k: v.expand(n) if v.dim() == 0 else v for k, v in out.metrics.items()}
+    parts = {k: v.detach() for k, v in {"losses": out.losses, **parts, **extras}.items()}
+    return out.losses, parts
 
 
 def _save_model(model, tokenizer, dest: Path) -> None:
@@ -83,6 +139,13 @@ def _save_model(model, tokenizer, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -94,18 +157,32 @@ def train(cfg: Config) -> RunResult:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    spec, t, run_dir = LOSSES[cfg.loss.name], cfg.train, Path(cfg.run.output_dir)
+    spec, t, run_dir = build_loss(cfg.loss.name, cfg.loss.mix), cfg.train, Path(cfg.run.output_dir)
     if not cfg.data.train_path:
         raise ConfigError("defaults", "data.train_path", "is required")
     check_output_dir(run_dir, cfg.run.overwrite)
     # ---- validate everything cheap before any weights load ----
-    records = load_data(cfg.data.train_path, cfg.data)
-    eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None
-    m = cfg.model
+    records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired)
+    eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None  # always pairs
+    held_out_dropped = 0
+    if cfg.data.drop_eval_prompts and eval_records:
+        records, held_out_dropped = drop_eval_prompts(records, eval_records)
+    m, d = cfg.model, cfg.data
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
-    pairs, stats = prepare_pairs(cfg.data.train_path, cfg, tokenizer, records)
-    eval_pairs = prepare_pairs(cfg.data.eval_path, cfg, tokenizer, eval_records)[0] if eval_records else None
+    if spec.paired:
+        examples, stats = prepare_pairs(d.train_path, cfg, tokenizer, records)
+        collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    else:
+        examples, stats = tokenize_unpaired(records, tokenizer, max_length=d.max_length,
+                                            max_prompt_length=d.max_prompt_length)
+        collate = partial(collate_unpaired, pad_id=tokenizer.pad_token_id)
+    stats.dropped_eval_prompts = held_out_dropped
+    eval_pairs = prepare_pairs(d.eval_path, cfg, tokenizer, eval_records)[0] if eval_records else None
+    kwargs = loss_kwargs(cfg, spec)
+    if cfg.loss.kto_auto_weights and not spec.paired:
+        kwargs["desirable_weight"], kwargs["undesirable_weight"] = kto_class_weights(stats.desirable,
+                                                                                     stats.undesirable)
 
     # ---- model, reference, optimizer ----
     set_seed(t.seed)
@@ -121,8 +198,7 @@ def train(cfg: Config) -> RunResult:
     reference = build_reference(model, lora=m.lora) if spec.needs_reference else None
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available())
     generator = torch.Generator().manual_seed(t.seed)
-    loader = DataLoader(pairs, batch_size=t.batch_size, shuffle=True, generator=generator,
-                        collate_fn=partial(collate_pairs, pad_id=tokenizer.pad_token_id))
+    loader = DataLoader(examples, batch_size=t.batch_size, shuffle=True, generator=generator, collate_fn=collate)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -139,8 +215,9 @@ def train(cfg: Config) -> RunResult:
         save_config(cfg, run_dir / "config.yaml", extra={"preftune_version": __version__})
         _write_json(run_dir / "data_stats.json", stats.as_dict())
         _write_json(run_dir / "reference.json", reference_info)
-        print(f"data: {stats.pairs} pairs, {stats.truncated} truncated, {stats.dropped} dropped "
-              f"(lines {stats.truncated_lines or '-'}); reference: {reference_info['strategy']}")
+        print(f"data: {stats.pairs} {'pairs' if spec.paired else 'examples'}, {stats.truncated} truncated, "
+              f"{stats.dropped} dropped (lines {stats.truncated_lines or '-'}), {held_out_dropped} dropped as "
+              f"eval prompts; loss: {spec.name}; reference: {reference_info['strategy']}")
     metrics_file = open(run_dir / "metrics.jsonl", "w") if main else None
     step, collected, history, start = 0, [], [], time.perf_counter()
     # a live bar on a terminal; a plain line every 10 steps in logs (CI, pipes)
@@ -149,8 +226,8 @@ def train(cfg: Config) -> RunResult:
     for epoch in range(t.epochs):
         for batch in loader:
             with accelerator.accumulate(model):
-                out, (pc, pr), (nc, nr) = pair_forward(model, reference, spec, batch, beta=cfg.loss.beta)
-                loss = out.losses.mean()
+                losses, parts = loss_forward(model, reference, spec, batch, kwargs)
+                loss = losses.mean()
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -162,15 +239,14 @@ def train(cfg: Config) -> RunResult:
                                              f"optimizer step, nothing saved after step {step}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            collected.append([x.detach() for x in (out.losses, out.chosen_rewards, out.rejected_rewards,
-                                                   pc, pr, nc, nr)])
+            collected.append(parts)
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             step += 1
-            gathered = [accelerator.gather_for_metrics(torch.cat(parts)) for parts in zip(*collected)]
+            gathered = {k: accelerator.gather_for_metrics(torch.cat([c[k] for c in collected])) for k in collected[0]}
             collected = []
-            row = {"step": step, "epoch": epoch, **step_metrics(*gathered),
+            row = {"step": step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired),
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                    "elapsed_s": round(time.perf_counter() - start, 3)}
             history.append(row)
@@ -178,10 +254,10 @@ def train(cfg: Config) -> RunResult:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
             if main and bar.disable and (step % 10 == 0 or step == total_steps):
-                print(f"step {step}/{total_steps} loss {row['loss']:.4f} margin {row['rewards/margins']:.3f} "
-                      f"acc {row['rewards/accuracies']:.2f}", flush=True)
+                print(f"step {step}/{total_steps} loss {row['loss']:.4f} margin {row['rewards/margins']:.3f}",
+                      flush=True)
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -192,12 +268,13 @@ def train(cfg: Config) -> RunResult:
     # ---- held-out evaluation and save ----
     summary = {"preftune_version": __version__, "loss": spec.name, "steps": step, "elapsed_s": round(elapsed, 2),
                "pairs_per_s": round(step * t.batch_size * t.grad_accum * accelerator.num_processes / elapsed, 3),
-               "data": stats.as_dict(), "reference": reference_info,
+               "data": stats.as_dict(), "reference": reference_info, "loss_params": kwargs,
+               "peak_rss_mb": peak_rss_mb(),
                "final": history[-1] if history else {}}
     if eval_pairs is not None:
         from .evaluate import evaluate_pairs
 
-        summary["eval"] = evaluate_pairs(model, reference, spec, eval_pairs, beta=cfg.loss.beta,
+        summary["eval"] = evaluate_pairs(model, reference, spec, eval_pairs, loss_kwargs=kwargs,
                                          batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
     accelerator.wait_for_everyone()
     if main:

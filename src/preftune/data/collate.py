@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .tokenize import TokenizedPair
+from .tokenize import TokenizedExample, TokenizedPair
 
-__all__ = ["collate_pairs", "collate_sequences"]
+__all__ = ["collate_pairs", "collate_unpaired", "collate_sequences"]
 
 
 def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
@@ -36,3 +36,14 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict:
     prompts = [p.prompt_ids for p in pairs] * 2
     completions = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     return collate_sequences(prompts, completions, pad_id)
+
+
+def collate_unpaired(examples: list[TokenizedExample], pad_id: int) -> dict:
+    """Rows 0..N-1: each example; rows N..2N-1: prompt i with completion i+1 (mod N), the
+    mismatched pairs KTO uses to estimate KL(policy || reference). `labels` (N,) is bool."""
+    n = len(examples)
+    prompts = [e.prompt_ids for e in examples] * 2
+    completions = [e.completion_ids for e in examples] + [examples[(i + 1) % n].completion_ids for i in range(n)]
+    batch = collate_sequences(prompts, completions, pad_id)
+    batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return batch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PreferenceRecord", "Text"]
+__all__ = ["PreferenceRecord", "UnpairedRecord", "Text"]
 
 # A text is either a plain string or a list of chat messages {"role": ..., "content": ...}.
 Text = str | list
@@ -17,3 +17,12 @@ class PreferenceRecord:
     rejected: Text
     source: str     # file the record came from
     line: int       # 1-based line (JSONL/CSV) or record index (JSON/Parquet/HF dir)
+
+
+@dataclass(frozen=True)
+class UnpairedRecord:
+    prompt: Text
+    completion: Text
+    label: bool     # True = desirable (KTO)
+    source: str
+    line: int

@@ -11,13 +11,14 @@ import csv
 import gzip
 import io
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import DataError
-from .records import PreferenceRecord
+from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "read_rows", "FORMATS", "HH_ASSISTANT"]
+__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -205,12 +206,64 @@ def _conversational(row: dict, where: tuple, allow_empty: bool):
     return prompt, chosen, rejected
 
 
+def _qa_prompt(question: str) -> str:
+    return f"Q: {question.strip()}\nA:"
+
+
+def _truthfulqa(row: dict, where: tuple, allow_empty: bool):
+    """TruthfulQA CSV: prompt "Q: <Question>\nA:", chosen the Best Answer, rejected the first
+    Incorrect Answer (answers in a cell are separated by ";")."""
+    question, best = _text(row, "Question", where), _text(row, "Best Answer", where)
+    wrong = [a.strip() for a in _text(row, "Incorrect Answers", where).split(";") if a.strip()]
+    if not wrong:
+        raise DataError(*where, "Incorrect Answers", "no answer in the cell")
+    return _qa_prompt(question), " " + best.strip(), " " + wrong[0]
+
+
+def _label(row: dict, where: tuple) -> bool:
+    if "label" not in row:
+        raise DataError(*where, "label", "missing")
+    value = row["label"]
+    if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0"}:
+        return value.strip().lower() in {"true", "1"}  # CSV cells are strings
+    if not isinstance(value, (bool, int)) or value not in (0, 1):
+        raise DataError(*where, "label", f"expected true/false, got {value!r}")
+    return bool(value)
+
+
+def _unpaired(row: dict, where: tuple, allow_empty: bool):
+    return _text(row, "prompt", where), _text(row, "completion", where, allow_empty=allow_empty), _label(row, where)
+
+
+_TRUTH = re.compile(r"^Q: (?P<q>.*)\nA: (?P<a>.*)\nTrue:$", re.DOTALL)
+
+
+def _truth_labels(row: dict, where: tuple, allow_empty: bool):
+    """TruthfulQA human truth labels: {"prompt": "Q: q\nA: a\nTrue:", "completion": " yes"|" no"}
+    -> prompt "Q: q\nA:", completion " a", label (completion == " yes")."""
+    match = _TRUTH.match(_text(row, "prompt", where))
+    if not match:
+        raise DataError(*where, "prompt", "not of the form 'Q: ...\\nA: ...\\nTrue:'")
+    verdict = _text(row, "completion", where).strip()
+    if verdict not in {"yes", "no"}:
+        raise DataError(*where, "completion", f"expected ' yes' or ' no', got {row['completion']!r}")
+    return _qa_prompt(match["q"]), " " + match["a"].strip(), verdict == "yes"
+
+
 FORMATS: dict[str, Callable] = {
     "standard": _standard, "hh": _hh, "implicit": _implicit, "conversational": _conversational,
+    "truthfulqa": _truthfulqa,
 }
+UNPAIRED_FORMATS: dict[str, Callable] = {"unpaired": _unpaired, "truth_labels": _truth_labels}
 
 
 def _detect(row: dict) -> str:
+    if "completion" in row and "label" in row:
+        return "unpaired"
+    if isinstance(row.get("prompt"), str) and _TRUTH.match(row["prompt"]) and "completion" in row:
+        return "truth_labels"
+    if "Question" in row and "Best Answer" in row:
+        return "truthfulqa"
     if isinstance(row.get("chosen"), list) or isinstance(row.get("prompt"), list):
         return "conversational"
     if "prompt" in row:
@@ -226,39 +279,71 @@ def _shape(row: dict) -> tuple:
                  if k in row and isinstance(row[k], (str, list)))
 
 
+_SLICE = re.compile(r"^(?P<path>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)\]$")
+
+
+def split_path(path: str | Path) -> tuple[Path, slice]:
+    """`file.csv[:500]` -> (file.csv, slice(None, 500)), like HF split slicing; a file whose
+    literal name ends in brackets is taken as it is."""
+    text = str(path)
+    match = _SLICE.match(text)
+    if match is None or Path(text).exists():
+        return Path(text), slice(None)
+    to_int = lambda v: int(v) if v else None  # noqa: E731
+    return Path(match["path"]), slice(to_int(match["start"]), to_int(match["stop"]))
+
+
 def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None,
                  max_records: int = 0, allow_degenerate: bool = False,
-                 allow_empty_completions: bool = False) -> list[PreferenceRecord]:
-    """Read, validate and normalize a preference file into `PreferenceRecord`s.
+                 allow_empty_completions: bool = False, paired: bool = True) -> list:
+    """Read, validate and normalize a data file into `PreferenceRecord`s (or `UnpairedRecord`s).
 
-    One format per file (detected from the first record unless `fmt` is given): a record of
-    another shape is an error naming its line. Text-identical chosen/rejected is an error
-    unless `allow_degenerate`; an empty completion is an error unless `allow_empty_completions`
-    (real HH-RLHF train has four empty replies among 1,800 pairs). An empty file is an error.
+    `path` may end in a record slice, `data.csv[:500]`. One format per file (detected from the
+    first record unless `fmt` is given): a record of another shape is an error naming its line.
+    Paired data given where unpaired is expected, or the reverse, is an error. Text-identical
+    chosen/rejected is an error unless `allow_degenerate`; an empty completion is an error
+    unless `allow_empty_completions` (real HH-RLHF train has four empty replies among 1,800
+    pairs). A file (or slice) with no records is an error.
     """
+    path, part = split_path(path)
     column_map = column_map or {}
     records, first_shape, adapter = [], None, None
-    for line, row in read_rows(path):
+    rows = list(read_rows(path))[part] if part != slice(None) else read_rows(path)
+    for line, row in rows:
         where = (str(path), line)
         if not isinstance(row, dict):
             raise DataError(*where, "record", f"expected an object, got {type(row).__name__}")
         row = {column_map.get(k, k): v for k, v in row.items()}
         if adapter is None:
             name = _detect(row) if fmt == "auto" else fmt
-            adapter, first_shape, first_line = FORMATS[name], _shape(row), line
+            if (name in UNPAIRED_FORMATS) == paired:
+                want = "paired (prompt/chosen/rejected)" if paired else "unpaired (prompt/completion/label)"
+                raise DataError(*where, "format", f"this loss needs {want} data, but the file is {name!r} "
+                                + ("" if paired else "(data.paired_to_unpaired=true converts pairs)"))
+            adapter = FORMATS.get(name) or UNPAIRED_FORMATS[name]
+            first_shape, first_line = _shape(row), line
         else:
             here = dict(_shape(row))
             for key, kind in first_shape:
                 if key in here and here[key] != kind:
                     raise DataError(*where, key, f"format differs from line {first_line} "
                                     f"({kind} there, {here[key]} here)")
-        prompt, chosen, rejected = adapter(row, where, allow_empty_completions)
-        if chosen == rejected and not allow_degenerate:
+        prompt, first, second = adapter(row, where, allow_empty_completions)
+        if not paired:
+            records.append(UnpairedRecord(prompt, first, second, str(path), line))
+        elif first == second and not allow_degenerate:
             raise DataError(*where, "rejected", "identical to chosen (a pair that teaches nothing; "
                             "data.allow_degenerate=true keeps it)")
-        records.append(PreferenceRecord(prompt, chosen, rejected, str(path), line))
+        else:
+            records.append(PreferenceRecord(prompt, first, second, str(path), line))
         if max_records and len(records) >= max_records:
             break
     if not records:
-        raise DataError(path, 1, "file", "no records")
+        raise DataError(path, 1, "file", "no records" + ("" if part == slice(None) else " in the slice"))
     return records
+
+
+def to_unpaired(records: list[PreferenceRecord]) -> list[UnpairedRecord]:
+    """Each pair becomes (prompt, chosen, desirable) and (prompt, rejected, undesirable)."""
+    return [UnpairedRecord(r.prompt, c, label, r.source, r.line)
+            for r in records for c, label in ((r.chosen, True), (r.rejected, False))]

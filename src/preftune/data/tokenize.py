@@ -21,9 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DataError
-from .records import PreferenceRecord, Text
+from .records import PreferenceRecord, Text, UnpairedRecord
 
-__all__ = ["TokenizedPair", "TokenizeStats", "tokenize_records", "render_prompt"]
+__all__ = ["TokenizedPair", "TokenizedExample", "TokenizeStats", "tokenize_records", "tokenize_unpaired",
+           "render_prompt"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,17 @@ class TokenizedPair:
     line: int
 
 
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One unpaired (KTO) example."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    source: str
+    line: int
+
+
 @dataclass
 class TokenizeStats:
     pairs: int = 0
@@ -42,6 +54,9 @@ class TokenizeStats:
     dropped: int = 0
     degenerate_kept: int = 0
     empty_completions: int = 0  # completions that are EOS only (kept with allow_empty_completions)
+    dropped_eval_prompts: int = 0  # training rows removed because their prompt is an eval prompt
+    desirable: int = 0          # unpaired data only
+    undesirable: int = 0
     truncated_lines: list = field(default_factory=list)  # first few, for the report
     dropped_lines: list = field(default_factory=list)
 
@@ -72,27 +87,41 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _encode(tokenizer, prompt: Text, completions: list, where: tuple, names: tuple, eos: int):
+    """Prompt ids (with the tokenizer's special tokens) and completion ids ending in EOS."""
+    prompt_ids = _ids(tokenizer, render_prompt(tokenizer, prompt), special=True)
+    sides = []
+    for name, completion in zip(names, completions):
+        ids = _ids(tokenizer, _completion_text(tokenizer, prompt, completion, where, name), special=False)
+        sides.append(ids if ids and ids[-1] == eos else ids + [eos])
+    return prompt_ids, sides
+
+
+def _truncate(prompt: list, sides: list, max_length: int, max_prompt_length: int):
+    """The policy in the module docstring; returns (prompt, sides, truncated?)."""
+    if len(prompt) + max(len(s) for s in sides) <= max_length:
+        return prompt, sides, False
+    prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    return prompt, [s[:room] for s in sides], True
+
+
+def _eos_id(tokenizer) -> int:
+    if tokenizer.eos_token_id is None:
+        raise DataError("tokenizer", 0, "eos_token", "the tokenizer has no EOS token")
+    return tokenizer.eos_token_id
+
+
 def tokenize_records(records: list[PreferenceRecord], tokenizer, *, max_length: int, max_prompt_length: int,
                      drop_overlong: bool = False, allow_degenerate: bool = False,
                      ) -> tuple[list[TokenizedPair], TokenizeStats]:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DataError("tokenizer", 0, "eos_token", "the tokenizer has no EOS token")
+    eos = _eos_id(tokenizer)
     pairs, stats = [], TokenizeStats()
     for rec in records:
         where = (rec.source, rec.line)
-        prompt = _ids(tokenizer, render_prompt(tokenizer, rec.prompt), special=True)
-        sides = []
-        for name, completion in (("chosen", rec.chosen), ("rejected", rec.rejected)):
-            ids = _ids(tokenizer, _completion_text(tokenizer, rec.prompt, completion, where, name), special=False)
-            sides.append(ids if ids and ids[-1] == eos else ids + [eos])
-        chosen, rejected = sides
-        stats.empty_completions += (chosen == [eos]) + (rejected == [eos])
-        truncated = len(prompt) + max(len(chosen), len(rejected)) > max_length
-        if truncated:
-            prompt = prompt[-max_prompt_length:]
-            room = max_length - len(prompt)
-            chosen, rejected = chosen[:room], rejected[:room]
+        prompt, sides = _encode(tokenizer, rec.prompt, [rec.chosen, rec.rejected], where, ("chosen", "rejected"), eos)
+        stats.empty_completions += sum(side == [eos] for side in sides)
+        prompt, (chosen, rejected), truncated = _truncate(prompt, sides, max_length, max_prompt_length)
         if chosen == rejected:
             problem = "chosen and rejected are identical" + (" after truncation" if truncated else " as tokens")
             if drop_overlong and truncated:
@@ -108,10 +137,31 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, *, max_length: 
             stats.truncated += 1
             stats.truncated_lines.append(rec.line)
         pairs.append(TokenizedPair(prompt, chosen, rejected, rec.source, rec.line))
-    stats.pairs = len(pairs)
+    return pairs, _finish(stats, pairs, records)
+
+
+def tokenize_unpaired(records: list[UnpairedRecord], tokenizer, *, max_length: int, max_prompt_length: int,
+                      ) -> tuple[list[TokenizedExample], TokenizeStats]:
+    eos = _eos_id(tokenizer)
+    examples, stats = [], TokenizeStats()
+    for rec in records:
+        prompt, sides = _encode(tokenizer, rec.prompt, [rec.completion], (rec.source, rec.line), ("completion",), eos)
+        stats.empty_completions += sides[0] == [eos]
+        prompt, (completion,), truncated = _truncate(prompt, sides, max_length, max_prompt_length)
+        if truncated:
+            stats.truncated += 1
+            stats.truncated_lines.append(rec.line)
+        examples.append(TokenizedExample(prompt, completion, rec.label, rec.source, rec.line))
+    stats.desirable = sum(e.label for e in examples)
+    stats.undesirable = len(examples) - stats.desirable
+    return examples, _finish(stats, examples, records)
+
+
+def _finish(stats: TokenizeStats, items: list, records: list) -> TokenizeStats:
+    stats.pairs = len(items)
     stats.truncated_lines = stats.truncated_lines[:5]
     stats.dropped_lines = stats.dropped_lines[:5]
-    if not pairs:
+    if not items:
         src = records[0].source if records else "data"
         raise DataError(src, 1, "file", f"no usable pairs left ({stats.dropped} dropped as overlong)")
-    return pairs, stats
+    return stats

@@ -1,6 +1,8 @@
 """The loss registry: the single source of truth for loss names and their properties.
 
-The training loop asks a spec (`needs_reference`, `paired`) and never tests a loss by name.
+The training loop asks a spec (`needs_reference`, `paired`, `needs_lengths`, `params`) and
+never tests a loss by name. Config validation, `--help`, error messages and the contract
+tests are all generated from `LOSSES`.
 """
 
 from __future__ import annotations
@@ -8,32 +10,81 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .dpo import sigmoid_dpo_loss
-from .types import LossOutput
+from .dpo import cdpo_loss, hinge_loss, ipo_loss, robust_dpo_loss, sigmoid_dpo_loss
+from .kto import kto_loss
+from .reference_free import orpo_loss, sft_loss, simpo_loss
+from .types import LossOutput, UnpairedLossOutput
 
-__all__ = ["LOSSES", "LossSpec", "LossOutput", "register_loss"]
+__all__ = ["LOSSES", "LossSpec", "LossOutput", "UnpairedLossOutput", "register_loss", "build_loss"]
 
 
 @dataclass(frozen=True)
 class LossSpec:
     name: str
-    fn: Callable[..., LossOutput]
-    needs_reference: bool  # the loop loads/uses a reference only when this is true
-    paired: bool           # paired (prompt, chosen, rejected) data vs unpaired labels
+    fn: Callable
+    needs_reference: bool  # the loop loads/runs a reference only when this is true
+    paired: bool           # paired (prompt, chosen, rejected) vs unpaired (prompt, completion, label)
+    params: tuple          # LossConfig fields passed as keyword arguments
+    needs_lengths: bool    # receives chosen_lengths / rejected_lengths (completion token counts)
     summary: str           # one line for --help and error messages
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, fn: Callable[..., LossOutput], *, needs_reference: bool,
-                  paired: bool, summary: str) -> LossSpec:
+def register_loss(name: str, fn: Callable, *, needs_reference: bool, paired: bool, summary: str,
+                  params: tuple = ("beta",), needs_lengths: bool = False) -> LossSpec:
     """Add a loss to the registry; a second registration of the same name is an error."""
     if name in LOSSES:
         raise ValueError(f"loss {name!r} is already registered")
-    LOSSES[name] = spec = LossSpec(name, fn, needs_reference, paired, summary)
+    LOSSES[name] = spec = LossSpec(name, fn, needs_reference, paired, tuple(params), needs_lengths, summary)
     return spec
+
+
+def build_loss(name: str, mix: list | None = None) -> LossSpec:
+    """The spec for `name`, or for a weighted sum of paired losses: mix = [[name, weight], ...].
+
+    A mixture's rewards (for logging) are those of its first term; it needs a reference or
+    lengths if any term does. Mixing paired with unpaired losses is refused.
+    """
+    if not mix:
+        return LOSSES[name]
+    terms = [(LOSSES[n], float(w)) for n, w in mix]
+    if not all(spec.paired for spec, _ in terms):
+        raise ValueError("only paired losses can be mixed")
+    params = tuple(dict.fromkeys(p for spec, _ in terms for p in spec.params))
+    needs_lengths = any(spec.needs_lengths for spec, _ in terms)
+
+    def mixture(pc, pr, rc, rr, **kwargs) -> LossOutput:
+        outs = []
+        for spec, _ in terms:
+            keys = spec.params + (("chosen_lengths", "rejected_lengths") if spec.needs_lengths else ())
+            outs.append(spec.fn(pc, pr, rc, rr, **{k: kwargs[k] for k in keys}))
+        losses = sum(w * o.losses for (_, w), o in zip(terms, outs))
+        metrics = {f"loss/{spec.name}": o.losses.detach() for (spec, _), o in zip(terms, outs)}
+        return LossOutput(losses, outs[0].chosen_rewards, outs[0].rejected_rewards, {**outs[0].metrics, **metrics})
+
+    label = "+".join(f"{w:g}*{spec.name}" for spec, w in terms)
+    return LossSpec(label, mixture, any(s.needs_reference for s, _ in terms), True, params, needs_lengths,
+                    f"mixture {label}")
 
 
 register_loss("sigmoid", sigmoid_dpo_loss, needs_reference=True, paired=True,
               summary="DPO: -log sigmoid(beta * Delta) (Rafailov et al. 2023)")
+register_loss("cdpo", cdpo_loss, needs_reference=True, paired=True, params=("beta", "label_smoothing"),
+              summary="conservative DPO with label smoothing eps (Mitchell 2023)")
+register_loss("robust", robust_dpo_loss, needs_reference=True, paired=True, params=("beta", "label_smoothing"),
+              summary="robust DPO, unbiased under label noise eps (Chowdhury et al. 2024)")
+register_loss("hinge", hinge_loss, needs_reference=True, paired=True,
+              summary="SLiC/RSO hinge relu(1 - beta * Delta)")
+register_loss("ipo", ipo_loss, needs_reference=True, paired=True, params=("beta", "ipo_length_normalize"),
+              needs_lengths=True, summary="IPO (h - 1/(2 beta))^2 (Azar et al. 2023)")
+register_loss("simpo", simpo_loss, needs_reference=False, paired=True, params=("beta", "simpo_gamma"),
+              needs_lengths=True, summary="SimPO, length-normalized, no reference (Meng et al. 2024)")
+register_loss("orpo", orpo_loss, needs_reference=False, paired=True, needs_lengths=True,
+              summary="ORPO: NLL + beta * odds-ratio term, no reference (Hong et al. 2024)")
+register_loss("sft", sft_loss, needs_reference=False, paired=True, params=(), needs_lengths=True,
+              summary="NLL of the chosen completion (the RPO term when mixed)")
+register_loss("kto", kto_loss, needs_reference=True, paired=False,
+              params=("beta", "desirable_weight", "undesirable_weight"),
+              summary="KTO on unpaired (prompt, completion, label) data (Ethayarajh et al. 2024)")

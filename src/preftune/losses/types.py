@@ -1,4 +1,9 @@
-"""Shared loss types: every loss returns a LossOutput of per-example tensors of shape (B,)."""
+"""Shared loss types.
+
+Paired losses return `LossOutput` of per-pair tensors (B,); unpaired losses (KTO) return
+`UnpairedLossOutput` of per-example tensors (N,). `metrics` holds extra per-example or scalar
+tensors a loss wants logged (ORPO log-odds, KTO's KL anchor), already detached.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,17 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossOutput"]
+__all__ = ["LossOutput", "UnpairedLossOutput"]
 
 
 class LossOutput(NamedTuple):
     losses: torch.Tensor            # (B,) per-pair loss; the loop takes the mean
-    chosen_rewards: torch.Tensor    # (B,) beta * (policy - reference) logps, detached, for logging
+    chosen_rewards: torch.Tensor    # (B,) implicit reward of chosen, detached, for logging
     rejected_rewards: torch.Tensor  # (B,)
+    metrics: dict = {}              # name -> detached tensor, (B,) or scalar
+
+
+class UnpairedLossOutput(NamedTuple):
+    losses: torch.Tensor   # (N,)
+    rewards: torch.Tensor  # (N,) implicit reward of each example, detached
+    metrics: dict = {}

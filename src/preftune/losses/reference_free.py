@@ -1,0 +1,69 @@
+"""Losses that need no reference model: SimPO, ORPO and the SFT/NLL term.
+
+They take the same four-tensor signature as the DPO family so one loop serves all, and never
+read the reference tensors (the loop passes zeros and never loads a reference for them).
+Average log-probs are a_w = logps_w / |y_w| (per-token mean over completion tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .types import LossOutput
+
+__all__ = ["simpo_loss", "orpo_loss", "sft_loss"]
+
+
+def _avg(logps, lengths):
+    return logps / lengths.clamp(min=1)
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+               *, beta: float, simpo_gamma: float, chosen_lengths, rejected_lengths) -> LossOutput:
+    """SimPO, Meng et al. 2024 (arXiv 2405.14734), Eq. 6: -log sigmoid(beta (a_w - a_l) - gamma).
+
+    Worked example (beta 2, gamma 0.5): a_w = -45/90 = -0.5, a_l = -36/60 = -0.6,
+    2 * 0.1 - 0.5 = -0.3, loss = log(1 + e^0.3) = 0.854355. Rewards are beta * a.
+    TRL writes the same value as beta (a_w - a_l - gamma/beta) and adds cpo_alpha * NLL by
+    default; here the NLL is a separate `sft` term in a mixture.
+    """
+    aw, al = _avg(policy_chosen_logps, chosen_lengths), _avg(policy_rejected_logps, rejected_lengths)
+    losses = -F.logsigmoid(beta * (aw - al) - simpo_gamma)
+    return LossOutput(losses, beta * aw.detach(), beta * al.detach())
+
+
+def _log_odds(avg_logps):
+    """log(p / (1 - p)) for p = exp(avg_logps) < 1, computed stably as a - log(1 - e^a)."""
+    # clamp keeps p strictly below 1 where a rounds to 0 (a single, certain token)
+    avg_logps = avg_logps.clamp(max=-1e-6)
+    return avg_logps - torch.log(-torch.expm1(avg_logps))
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+              *, beta: float, chosen_lengths, rejected_lengths) -> LossOutput:
+    """ORPO, Hong et al. 2024 (arXiv 2403.07691), Eqs. 6-7, with lambda = beta:
+
+        L = -a_w - beta * log sigmoid(log odds(y_w) - log odds(y_l)),  odds(y) = p / (1 - p), p = e^{a}.
+
+    The NLL is per sequence (-a_w), averaged over the batch by the loop; TRL uses the batch
+    token-mean instead (equal when lengths are equal). Example: a_w = -0.5, a_l = -1.0,
+    beta 0.1: log odds = -0.5 - log(1 - e^-0.5) = 0.432752 and -1 - log(1 - e^-1) = -0.541325;
+    ratio term -log sigmoid(0.974077) = 0.320300; loss = 0.5 + 0.0320300 = 0.532030.
+    Rewards are beta * a; `orpo/log_odds_ratio` is logged.
+    """
+    aw, al = _avg(policy_chosen_logps, chosen_lengths), _avg(policy_rejected_logps, rejected_lengths)
+    ratio = _log_odds(aw) - _log_odds(al)
+    losses = -aw - beta * F.logsigmoid(ratio)
+    return LossOutput(losses, beta * aw.detach(), beta * al.detach(), {"orpo/log_odds_ratio": ratio.detach()})
+
+
+def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             *, chosen_lengths, rejected_lengths) -> LossOutput:
+    """NLL of the chosen completion, per sequence and length-normalized: -a_w.
+
+    The RPO term (Pang et al. 2024, arXiv 2404.19733, Eq. 3) when mixed with DPO, e.g.
+    `loss.mix=[[sigmoid, 1.0], [sft, 0.2]]`. Rewards logged are the average log-probs.
+    """
+    aw, al = _avg(policy_chosen_logps, chosen_lengths), _avg(policy_rejected_logps, rejected_lengths)
+    return LossOutput(-aw, aw.detach(), al.detach())

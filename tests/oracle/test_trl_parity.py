@@ -1,0 +1,128 @@
+"""TRL as a test oracle: its DPOTrainer loss code on exactly our tensors.
+
+TRL computes losses inside `DPOTrainer._compute_loss`; we call it with a stand-in model whose
+per-token log-probs sum to the given sequence logps (spread evenly over each row's completion
+length) and with reference logps passed as precomputed values. Where our definition differs
+on purpose, the test says so.
+"""
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from preftune.losses import LOSSES
+
+trl = pytest.importorskip("trl")
+pytestmark = pytest.mark.oracle
+
+
+def trl_loss(loss_type, pc, pr, rc, rr, *, beta, lengths=None, label_smoothing=0.0, weights=None):
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    n = pc.numel()
+    lengths = torch.ones(2 * n, dtype=torch.long) if lengths is None else lengths.long()
+    width = int(lengths.max())
+    per_token = torch.zeros(2 * n, width)
+    completion_mask = torch.zeros(2 * n, width + 1, dtype=torch.long)  # position 0 is the prompt
+    for i, (total, k) in enumerate(zip(torch.cat([pc, pr]).tolist(), lengths.tolist())):
+        per_token[i, :k] = total / k
+        completion_mask[i, 1:k + 1] = 1
+
+    def fake_model(**kwargs):
+        zeros = torch.zeros_like(per_token)
+        return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    fake_model.training = True
+    types = loss_type if isinstance(loss_type, list) else [loss_type]
+    self = SimpleNamespace(
+        model=fake_model, accelerator=SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=types, loss_weights=weights or [1.0] * len(types), beta=beta, label_smoothing=label_smoothing,
+        use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+        f_alpha_divergence_coef=1.0)
+    inputs = {"input_ids": torch.ones(2 * n, width + 1, dtype=torch.long), "attention_mask": completion_mask.clone(),
+              "completion_mask": completion_mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    return DPOTrainer._compute_loss(self, fake_model, inputs, return_outputs=False), self._metrics["train"]
+
+
+def _random(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-60 * torch.rand(n, generator=g) for _ in range(4))
+    worked = (torch.tensor([-10.0]), torch.tensor([-15.0]), torch.tensor([-11.0]), torch.tensor([-14.0]))
+    lengths = torch.randint(1, 12, (2 * (n + 1),), generator=g)
+    return [torch.cat([x, y]) for x, y in zip((pc, pr, rc, rr), worked)], lengths
+
+
+def _ours(name, pc, pr, rc, rr, lengths=None, **params):
+    spec = LOSSES[name]
+    kwargs = dict(params)
+    if spec.needs_lengths:
+        kwargs["chosen_lengths"], kwargs["rejected_lengths"] = lengths.float().chunk(2)
+    return spec.fn(pc, pr, rc, rr, **kwargs)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_sigmoid(beta):
+    (pc, pr, rc, rr), _ = _random()
+    ours = _ours("sigmoid", pc, pr, rc, rr, beta=beta)
+    theirs, metrics = trl_loss("sigmoid", pc, pr, rc, rr, beta=beta)
+    assert abs(ours.losses.mean().item() - theirs.item()) < 1e-6
+    assert metrics["rewards/chosen"][-1] == pytest.approx(ours.chosen_rewards.mean().item(), abs=1e-6)
+    assert metrics["rewards/margins"][-1] == pytest.approx(
+        (ours.chosen_rewards - ours.rejected_rewards).mean().item(), abs=1e-6)
+
+
+def test_worked_example_through_trl():
+    one = [torch.tensor([v]) for v in (-10.0, -15.0, -11.0, -14.0)]
+    theirs, _ = trl_loss("sigmoid", *one, beta=0.1)
+    assert theirs.item() == pytest.approx(0.598139, abs=1e-6)
+
+
+def test_hinge():
+    (pc, pr, rc, rr), _ = _random(seed=1)
+    theirs, _ = trl_loss("hinge", pc, pr, rc, rr, beta=0.1)
+    assert abs(_ours("hinge", pc, pr, rc, rr, beta=0.1).losses.mean().item() - theirs.item()) < 1e-6
+
+
+def test_robust():
+    (pc, pr, rc, rr), _ = _random(seed=2)
+    theirs, _ = trl_loss("robust", pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
+    ours = _ours("robust", pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
+    assert abs(ours.losses.mean().item() - theirs.item()) < 1e-6
+
+
+def test_ipo_length_normalized_matches_trl_and_summed_is_documented_difference():
+    (pc, pr, rc, rr), lengths = _random(seed=3)
+    theirs, _ = trl_loss("ipo", pc, pr, rc, rr, beta=0.1, lengths=lengths)
+    normalized = _ours("ipo", pc, pr, rc, rr, lengths, beta=0.1, ipo_length_normalize=True)
+    assert abs(normalized.losses.mean().item() - theirs.item()) < 1e-5 * max(1.0, theirs.item())
+    # our default is the paper's summed form; it differs from TRL's offline IPO by design
+    summed = _ours("ipo", pc, pr, rc, rr, lengths, beta=0.1, ipo_length_normalize=False)
+    assert abs(summed.losses.mean().item() - theirs.item()) > 1e-2
+
+
+def test_cdpo_is_trl_0_28_sigmoid_with_smoothing_not_trl_1_16():
+    """TRL >= 0.29 ignores label_smoothing in `sigmoid`; ours keeps the cDPO formula."""
+    (pc, pr, rc, rr), _ = _random(seed=4)
+    ignored, _ = trl_loss("sigmoid", pc, pr, rc, rr, beta=0.1, label_smoothing=0.2)
+    assert abs(ignored.item() - _ours("sigmoid", pc, pr, rc, rr, beta=0.1).losses.mean().item()) < 1e-6
+    cdpo = _ours("cdpo", pc, pr, rc, rr, beta=0.1, label_smoothing=0.2).losses.mean().item()
+    assert abs(cdpo - ignored.item()) > 1e-3
+
+
+def test_rpo_mixture_matches_trl_sigmoid_plus_sft_for_equal_lengths():
+    """TRL's sft term is the batch token-mean NLL; ours is per-sequence mean, then the batch mean:
+    equal when every chosen completion has the same length."""
+    from preftune.losses import build_loss
+
+    (pc, pr, rc, rr), _ = _random(seed=5)
+    lengths = torch.full((2 * pc.numel(),), 4)
+    theirs, _ = trl_loss(["sigmoid", "sft"], pc, pr, rc, rr, beta=0.1, lengths=lengths, weights=[1.0, 0.2])
+    spec = build_loss("sigmoid", [["sigmoid", 1.0], ["sft", 0.2]])
+    ours = spec.fn(pc, pr, rc, rr, beta=0.1, chosen_lengths=lengths[:pc.numel()].float(),
+                   rejected_lengths=lengths[pc.numel():].float())
+    assert abs(ours.losses.mean().item() - theirs.item()) < 1e-5
+    assert not math.isnan(theirs.item())
