@@ -25,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train on a preference file")
     t.add_argument("-c", "--config", help="YAML config (only the keys that differ from the defaults)")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=5e-5 data.train_path=x.jsonl")
+    r = sub.add_parser("resume", help="continue a run from its newest valid checkpoint (or start it fresh)")
+    r.add_argument("run_dir")
+    r.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
+    r.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the data, tokenizer or training settings changed")
+    r.add_argument("overrides", nargs="*", help="section.key=value")
     e = sub.add_parser("eval", help="held-out accuracy, margins and KL of a run (or of the base model)")
     e.add_argument("--run", help="run directory written by `preftune train` (omit to evaluate the base model)")
     e.add_argument("--data", required=True, help="held-out preference file")
@@ -48,6 +54,17 @@ def _run(args) -> int:
 
         result = train(load_config(args.config, args.overrides))
         print(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} pairs/s)")
+        return 0
+    if args.command == "resume":
+        from .errors import ConfigError
+        from .train import train
+
+        config = args.config or Path(args.run_dir) / "config.yaml"
+        if not Path(config).is_file():
+            raise ConfigError(str(args.run_dir), "config.yaml", "not found; pass -c CONFIG to start this run")
+        cfg = load_config(config, [*args.overrides, f"run.output_dir={args.run_dir}"])
+        result = train(cfg, resume=True, allow_config_change=args.allow_config_change)
+        print(f"run: {result.run_dir} ({result.steps} steps)")
         return 0
     if args.command == "eval":
         from .errors import ConfigError

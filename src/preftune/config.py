@@ -85,6 +85,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "clip the global grad norm to this (0 = no clipping)")
     seed: int = _f(42, "seed for init, shuffling and dropout")
     log_every: int = _f(1, "write metrics every N optimizer steps")
+    checkpoint_every: int = _f(0, "save a resumable checkpoint every N optimizer steps (0 = never)")
+    keep_last: int = _f(2, "checkpoints kept on disk (the newest is never deleted)")
 
 
 @dataclass
@@ -134,6 +136,8 @@ def _range_problems(cfg: Config):
         ("train.weight_decay", c.train.weight_decay >= 0, "must be >= 0"),
         ("train.max_grad_norm", c.train.max_grad_norm >= 0, "must be >= 0"),
         ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
+        ("train.checkpoint_every", c.train.checkpoint_every >= 0, "must be >= 0"),
+        ("train.keep_last", c.train.keep_last >= 1, "must be >= 1"),
         ("model.lora_r", c.model.lora_r >= 1, "must be >= 1"),
         ("model.lora_dropout", 0 <= c.model.lora_dropout < 1, "must be in [0, 1)"),
         ("data.max_length", c.data.max_length >= 2, "must be >= 2"),

@@ -7,6 +7,8 @@ an HF model dir, safetensors). Errors in data or config surface before any weigh
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .checkpoint import assert_finite, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import (
     collate_pairs,
@@ -150,26 +153,70 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def train(cfg: Config) -> RunResult:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run sees the same
+    order; `skip` drops the examples already consumed in the epoch being resumed. (Named
+    `position`, not `set_epoch`: Accelerate calls `set_epoch` with its own counter, which
+    would undo the resume position.)"""
 
-    spec, t, run_dir = build_loss(cfg.loss.name, cfg.loss.mix), cfg.train, Path(cfg.run.output_dir)
-    if not cfg.data.train_path:
-        raise ConfigError("defaults", "data.train_path", "is required")
-    check_output_dir(run_dir, cfg.run.overwrite)
-    # ---- validate everything cheap before any weights load ----
-    records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired)
-    eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None  # always pairs
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def position(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 1000003 * self.epoch))
+        return iter(order[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
+def _file_digest(path: str) -> str | None:
+    from .data.sources import split_path
+
+    file = split_path(path)[0] if path else None
+    if file is None or not file.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(cfg: Config, tokenizer) -> dict:
+    """What a checkpoint must agree with to be resumed: data, tokenizer, and training math."""
+    c = dataclasses.asdict(cfg)
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"preftune_version": __version__, "data.train_sha256": _file_digest(cfg.data.train_path),
+            "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+            **{f"{section}.{k}": v for section in ("model", "data", "loss", "train") for k, v in c[section].items()
+               if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path"}}}
+
+
+def _check_fingerprint(saved: dict, current: dict, allow_change: bool, path: Path) -> None:
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key) and not allow_change:
+            raise ConfigError(str(path), key, f"changed since the checkpoint ({saved.get(key)!r} -> "
+                              f"{current.get(key)!r}); resume with --allow-config-change to accept")
+
+
+@dataclass
+class _Data:
+    examples: list
+    stats: object
+    collate: object
+    eval_pairs: list | None
+    kwargs: dict
+
+
+def _prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) -> _Data:
+    d = cfg.data
     held_out_dropped = 0
-    if cfg.data.drop_eval_prompts and eval_records:
+    if d.drop_eval_prompts and eval_records:
         records, held_out_dropped = drop_eval_prompts(records, eval_records)
-    m, d = cfg.model, cfg.data
-    model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
     if spec.paired:
         examples, stats = prepare_pairs(d.train_path, cfg, tokenizer, records)
         collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
@@ -183,23 +230,68 @@ def train(cfg: Config) -> RunResult:
     if cfg.loss.kto_auto_weights and not spec.paired:
         kwargs["desirable_weight"], kwargs["undesirable_weight"] = kto_class_weights(stats.desirable,
                                                                                      stats.undesirable)
+    return _Data(examples, stats, collate, eval_pairs, kwargs)
 
-    # ---- model, reference, optimizer ----
-    set_seed(t.seed)
+
+def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
+    """Policy (with LoRA if asked), its reference, and what to record about the reference."""
+    m = cfg.model
     model = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                        allow_pickle_weights=m.allow_pickle_weights)
-    reference_info = {"strategy": "none", "weights_sha256": None}
+    info = {"strategy": "none", "weights_sha256": None}
     if spec.needs_reference:
-        reference_info = {"strategy": "adapters_off" if m.lora else "frozen_copy",
-                          "weights_sha256": weights_sha256(model), "model": model_dir}
+        info = {"strategy": "adapters_off" if m.lora else "frozen_copy",
+                "weights_sha256": weights_sha256(model), "model": model_dir}
     if m.lora:
         model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                            target_modules=m.lora_target_modules)
     reference = build_reference(model, lora=m.lora) if spec.needs_reference else None
+    return model, reference, info
+
+
+def _trainable(model) -> dict:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = False) -> RunResult:
+    """Train from `cfg`. With `resume`, continue `cfg.run.output_dir` from its newest valid
+    checkpoint (or start fresh there when it has none)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    spec, t, run_dir = build_loss(cfg.loss.name, cfg.loss.mix), cfg.train, Path(cfg.run.output_dir)
+    if not cfg.data.train_path:
+        raise ConfigError("defaults", "data.train_path", "is required")
+    if not resume:
+        check_output_dir(run_dir, cfg.run.overwrite)
+    # ---- validate everything cheap before any weights load ----
+    records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired)
+    eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None  # always pairs
+    model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    data = _prepare_data(cfg, spec, tokenizer, records, eval_records)
+    stats, kwargs = data.stats, data.kwargs
+    ckpt = find_checkpoint(run_dir) if resume else None
+    fp = fingerprint(cfg, tokenizer)
+    if ckpt is not None:
+        _check_fingerprint(ckpt.state["fingerprint"], fp, allow_config_change, ckpt.path)
+    elif resume:
+        print(f"resume: no valid checkpoint in {run_dir}; starting from step 0")
+
+    # ---- model, reference, optimizer ----
+    set_seed(t.seed)
+    model, reference, reference_info = _build_policy(cfg, spec, model_dir)
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available())
-    generator = torch.Generator().manual_seed(t.seed)
-    loader = DataLoader(examples, batch_size=t.batch_size, shuffle=True, generator=generator, collate_fn=collate)
-    params = [p for p in model.parameters() if p.requires_grad]
+    sampler = EpochSampler(len(data.examples), t.seed)
+    # its own generator: each new iterator draws a seed, which must not consume the global RNG
+    # that dropout uses (a resumed run creates one more iterator than an uninterrupted one)
+    loader = DataLoader(data.examples, batch_size=t.batch_size, sampler=sampler, collate_fn=data.collate,
+                        generator=torch.Generator().manual_seed(t.seed))
+    named = _trainable(model)
+    params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
@@ -207,6 +299,12 @@ def train(cfg: Config) -> RunResult:
     # stepped by hand once per optimizer step (not prepared: Accelerate would step it per process)
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
+    step, epoch0, batch0, history = 0, 0, 0, []
+    if ckpt is not None:
+        load_checkpoint(ckpt, params=named, optimizer=optimizer, scheduler=scheduler)
+        step, epoch0, batch0 = ckpt.state["step"], ckpt.state["epoch"], ckpt.state["batches_in_epoch"]
+        history = [r for r in _read_metrics(run_dir) if r["step"] <= step]
+        print(f"resume: from {ckpt.path} (step {step})")
 
     # ---- run directory: resolved config before step 0 ----
     main = accelerator.is_main_process
@@ -216,14 +314,20 @@ def train(cfg: Config) -> RunResult:
         _write_json(run_dir / "data_stats.json", stats.as_dict())
         _write_json(run_dir / "reference.json", reference_info)
         print(f"data: {stats.pairs} {'pairs' if spec.paired else 'examples'}, {stats.truncated} truncated, "
-              f"{stats.dropped} dropped (lines {stats.truncated_lines or '-'}), {held_out_dropped} dropped as "
-              f"eval prompts; loss: {spec.name}; reference: {reference_info['strategy']}")
+               f"{stats.dropped} dropped (lines {stats.truncated_lines or '-'}), {stats.dropped_eval_prompts} "
+               f"dropped as eval prompts; loss: {spec.name}; reference: {reference_info['strategy']}")
     metrics_file = open(run_dir / "metrics.jsonl", "w") if main else None
-    step, collected, history, start = 0, [], [], time.perf_counter()
+    for row in history:  # a resumed run keeps the rows up to its checkpoint, bit for bit
+        metrics_file.write(json.dumps(row) + "\n")
+    collected, start = [], time.perf_counter()
     # a live bar on a terminal; a plain line every 10 steps in logs (CI, pipes)
-    bar = tqdm(total=total_steps, disable=not main or not sys.stderr.isatty(), desc=spec.name, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, disable=not main or not sys.stderr.isatty(), desc=spec.name)
     model.train()
-    for epoch in range(t.epochs):
+    for epoch in range(epoch0, t.epochs):
+        if step >= total_steps:
+            break
+        done = batch0 if epoch == epoch0 else 0  # micro-batches of this epoch already trained
+        sampler.position(epoch, skip=done * t.batch_size * accelerator.num_processes)
         for batch in loader:
             with accelerator.accumulate(model):
                 losses, parts = loss_forward(model, reference, spec, batch, kwargs)
@@ -235,11 +339,13 @@ def train(cfg: Config) -> RunResult:
                     if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
                         # stop before optimizer.step: no non-finite weight ever exists
                         what = "loss" if not torch.isfinite(loss) else "grad_norm"
-                        raise NumericalError(f"step {step + 1}: {what} is not finite; stopped before the "
-                                             f"optimizer step, nothing saved after step {step}")
+                        last = find_checkpoint(run_dir, log=lambda _: None)
+                        raise NumericalError(f"step {step + 1}: {what} is not finite; stopped before the optimizer "
+                                             f"step; last good checkpoint: {last.path if last else 'none'}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             collected.append(parts)
+            done += 1
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -247,38 +353,51 @@ def train(cfg: Config) -> RunResult:
             gathered = {k: accelerator.gather_for_metrics(torch.cat([c[k] for c in collected])) for k in collected[0]}
             collected = []
             row = {"step": step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired),
-                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-                   "elapsed_s": round(time.perf_counter() - start, 3)}
+                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             history.append(row)
             if main and step % t.log_every == 0:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total_steps:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(run_dir, step=step, trainable=_trainable(accelerator.unwrap_model(model)),
+                                    optimizer=optimizer, scheduler=scheduler, keep_last=t.keep_last,
+                                    state={"epoch": epoch, "batches_in_epoch": done, "fingerprint": fp})
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
             if main and bar.disable and (step % 10 == 0 or step == total_steps):
                 print(f"step {step}/{total_steps} loss {row['loss']:.4f} margin {row['rewards/margins']:.3f}",
-                      flush=True)
+                       flush=True)
             if step >= total_steps:
                 break
-        if step >= total_steps:
-            break
     bar.close()
     elapsed = time.perf_counter() - start
 
     # ---- held-out evaluation and save ----
     summary = {"preftune_version": __version__, "loss": spec.name, "steps": step, "elapsed_s": round(elapsed, 2),
-               "pairs_per_s": round(step * t.batch_size * t.grad_accum * accelerator.num_processes / elapsed, 3),
+               "pairs_per_s": round(len(history) * t.batch_size * t.grad_accum * accelerator.num_processes
+                                    / max(elapsed, 1e-9), 3) if ckpt is None else None,
                "data": stats.as_dict(), "reference": reference_info, "loss_params": kwargs,
-               "peak_rss_mb": peak_rss_mb(),
+               "peak_rss_mb": peak_rss_mb(), "resumed_from": str(ckpt.path) if ckpt else None,
                "final": history[-1] if history else {}}
-    if eval_pairs is not None:
+    if data.eval_pairs is not None:
         from .evaluate import evaluate_pairs
 
-        summary["eval"] = evaluate_pairs(model, reference, spec, eval_pairs, loss_kwargs=kwargs,
+        summary["eval"] = evaluate_pairs(model, reference, spec, data.eval_pairs, loss_kwargs=kwargs,
                                          batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
     accelerator.wait_for_everyone()
     if main:
         metrics_file.close()
-        _save_model(accelerator.unwrap_model(model), tokenizer, run_dir / "model")
+        final = accelerator.unwrap_model(model)
+        assert_finite(_trainable(final), "final model")
+        _save_model(final, tokenizer, run_dir / "model")
         _write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, step, summary)
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,167 @@
+"""Atomic, pickle-free checkpoints and exact resume.
+
+A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding
+    trainable.safetensors   every trainable parameter (the LoRA adapter, or all weights)
+    optimizer.safetensors   AdamW state flattened to `<param index>.<name>` tensors
+    optimizer.json          param groups (hyperparameters), without tensors
+    scheduler.json          the LR scheduler's state (plain numbers)
+    rng.safetensors, rng.json  torch CPU RNG (tensor); python and numpy RNG (JSON)
+    state.json              step, epoch, micro-batches consumed in the epoch, fingerprint
+    manifest.json           sha256 and size of every file above; written last
+It is written to `.tmp-step-N/` (each file fsynced), then renamed into place and the parent
+fsynced, so a kill at any moment leaves either the old set of checkpoints or the new one.
+A checkpoint whose manifest is missing or does not verify does not exist for `resume`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import NumericalError
+
+__all__ = ["save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite"]
+
+FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+         "rng.safetensors", "rng.json", "state.json")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict  # step, epoch, batches_in_epoch, fingerprint
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write non-finite weights (exit 3)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NumericalError(f"{what}: tensor {name} is not finite; refusing to save it")
+
+
+def _optimizer_parts(optimizer) -> tuple[dict, dict]:
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer
+    sd = inner.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    inner.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run_dir: Path, *, step: int, trainable: dict, optimizer, scheduler, state: dict,
+                    keep_last: int) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(exist_ok=True)
+    trainable = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
+    assert_finite(trainable, f"checkpoint at step {step}")
+    tmp = root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable, tmp / "trainable.safetensors")
+    opt_tensors, opt_meta = _optimizer_parts(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+    np_state = np.random.get_state()
+    (tmp / "rng.json").write_text(json.dumps({
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+    manifest = {}
+    for name in FILES:
+        _fsync(tmp / name)
+        manifest[name] = {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / "manifest.json")
+    _fsync(tmp)
+    final = root / f"step-{step:08d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep_last]:
+        shutil.rmtree(old)  # the newest (just written, verified finite) is never among these
+    return final
+
+
+def _problem(path: Path) -> str | None:
+    """Why this checkpoint cannot be used, or None when every file verifies."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        entries = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+        return "manifest.json is not valid JSON"
+    for name in FILES:
+        entry, file = entries.get(name), path / name
+        if entry is None or not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["size"] or _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its sha256 in manifest.json"
+    return None
+
+
+def find_checkpoint(run_dir: Path, log=print) -> Checkpoint | None:
+    """The newest checkpoint that verifies; names each newer one it skips, removes stale temps."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    for stale in root.glob(".tmp-*"):
+        log(f"removing unfinished checkpoint {stale}")
+        shutil.rmtree(stale, ignore_errors=True)
+    for path in sorted((p for p in root.iterdir() if p.name.startswith("step-")), reverse=True):
+        problem = _problem(path)
+        if problem is None:
+            return Checkpoint(path, json.loads((path / "state.json").read_text()))
+        log(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+def load_checkpoint(ckpt: Checkpoint, *, params: dict, optimizer, scheduler) -> None:
+    """Restore trainable weights, optimizer, scheduler and every RNG in place."""
+    weights = load_file(ckpt.path / "trainable.safetensors")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name])
+    _load_optimizer(optimizer, load_file(ckpt.path / "optimizer.safetensors"),
+                    json.loads((ckpt.path / "optimizer.json").read_text()))
+    scheduler.load_state_dict(json.loads((ckpt.path / "scheduler.json").read_text()))
+    torch.set_rng_state(load_file(ckpt.path / "rng.safetensors")["torch_cpu"])
+    rng = json.loads((ckpt.path / "rng.json").read_text())
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
