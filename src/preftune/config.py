@@ -246,7 +246,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section, _, name = key.partition(".")
         _apply(cfg, {section: {name: value}}, "command line", origin)
     for key, problem in _range_problems(cfg):
-        raise ConfigError(origin.get(key, "defaults"), key, problem)
+        raise ConfigError(origin.get(key.split("[")[0], "defaults"), key, problem)
     return cfg
 
 

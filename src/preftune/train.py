@@ -50,7 +50,7 @@ class RunResult:
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ConfigError("run.output_dir", str(path), "already exists and is not empty "
+        raise ConfigError(str(path), "run.output_dir", "already exists and is not empty "
                           "(set run.overwrite=true or choose another directory)")
 
 
@@ -278,6 +278,10 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     fp = fingerprint(cfg, tokenizer)
     if ckpt is not None:
         _check_fingerprint(ckpt.state["fingerprint"], fp, allow_config_change, ckpt.path)
+    elif resume and list((run_dir / "checkpoints").glob("step-*")):
+        newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+        raise ConfigError(str(newest), "checkpoint", "no checkpoint in this run verifies (see the lines above); "
+                          "remove the checkpoints/ directory to start over")
     elif resume:
         print(f"resume: no valid checkpoint in {run_dir}; starting from step 0")
 
