@@ -179,3 +179,10 @@ def test_sigkill_then_resume_20_trials(tmp_path, tiny_model_dir):
     outcomes = kill_and_resume_trials(tmp_path, tiny_model_dir, trials=20, seed=7)
     print("kill/resume outcomes:", outcomes)
     assert sum(same for same, _ in outcomes) == 20, outcomes
+
+
+def test_two_identical_runs_are_bit_identical(tmp_path, tiny_model_dir):
+    a = train(_cfg(tmp_path, tiny_model_dir, "a", "model.lora_dropout=0.1"))
+    b = train(_cfg(tmp_path, tiny_model_dir, "b", "model.lora_dropout=0.1"))
+    assert weights_sha(a.run_dir) == weights_sha(b.run_dir)
+    assert (a.run_dir / "metrics.jsonl").read_bytes() == (b.run_dir / "metrics.jsonl").read_bytes()

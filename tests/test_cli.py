@@ -77,3 +77,14 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys, tiny_model_dir):
                  "eval.kl_prompts=2"]) == 0
     before = json.loads(out.read_text())
     assert before["rewards/margins"] == 0 and before["kl"] == 0  # base model: policy == reference
+
+
+def test_non_finite_training_exits_3_with_one_line(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    rc = main(["train", f"data.train_path={data}", f"run.output_dir={tmp_path / 'run'}",
+               f"model.name_or_path={tiny_model_dir}", "train.lr=1e30", "train.max_grad_norm=0", "train.epochs=20",
+               "train.batch_size=2", "train.checkpoint_every=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3 and len(err) == 1
+    assert "is not finite" in err[0] and "last good checkpoint: " in err[0] and "step-" in err[0]
+    assert not (tmp_path / "run" / "model").exists()

@@ -92,9 +92,22 @@ def _run(args) -> int:
     return 2
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for our own one-line errors: no weight-loading bars or known-noise warnings."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .errors import PreftuneError
+
+    _quiet_libraries()
 
     args = _parser().parse_args(argv)
     try:

@@ -36,7 +36,15 @@ from .diagnostics import step_metrics
 from .errors import ConfigError, NumericalError
 from .logprobs import completion_logps, split_pairs
 from .losses import LossSpec, build_loss
-from .models import apply_lora, build_reference, load_model, load_tokenizer, resolve_model_dir, weights_sha256
+from .models import (
+    FrozenCopyReference,
+    apply_lora,
+    build_reference,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+    weights_sha256,
+)
 
 __all__ = ["train", "RunResult", "loss_forward", "load_data", "prepare_pairs", "check_output_dir", "loss_kwargs"]
 
@@ -249,6 +257,26 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
     return model, reference, info
 
 
+def place_reference(reference, accelerator) -> None:
+    """Put a frozen reference copy where the policy runs. Adapters-off references are the
+    policy itself, so DDP/FSDP/DeepSpeed shard them for free. A frozen copy is moved to the
+    device under DDP, and sharded like the policy (evaluation mode) under FSDP; under
+    DeepSpeed it is refused: use LoRA, or a reference-free loss."""
+    from accelerate.utils import DistributedType
+
+    if not isinstance(reference, FrozenCopyReference):
+        return
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise ConfigError("accelerate config", "model.lora", "full fine-tuning with a frozen reference copy is not "
+                          "supported under DeepSpeed yet; set model.lora=true (the reference is then the policy "
+                          "with adapters off) or use a reference-free loss")
+    if kind == DistributedType.FSDP:
+        reference.model = accelerator.prepare_model(reference.model, evaluation_mode=True)
+    else:
+        reference.model.to(accelerator.device)
+
+
 def _trainable(model) -> dict:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -298,6 +326,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    place_reference(reference, accelerator)
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
     total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
     # stepped by hand once per optimizer step (not prepared: Accelerate would step it per process)
