@@ -15,7 +15,6 @@ A checkpoint whose manifest is missing or does not verify does not exist for `re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import NumericalError
+from .hashing import file_sha256
 
 __all__ = ["save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite"]
 
@@ -47,14 +47,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -105,7 +97,7 @@ def save_checkpoint(run_dir: Path, *, step: int, trainable: dict, optimizer, sch
     manifest = {}
     for name in FILES:
         _fsync(tmp / name)
-        manifest[name] = {"sha256": _sha256(tmp / name), "size": (tmp / name).stat().st_size}
+        manifest[name] = {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / "manifest.json")
     _fsync(tmp)
@@ -131,7 +123,7 @@ def _problem(path: Path) -> str | None:
         entry, file = entries.get(name), path / name
         if entry is None or not file.is_file():
             return f"{name} is missing"
-        if file.stat().st_size != entry["size"] or _sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["size"] or file_sha256(file) != entry["sha256"]:
             return f"{name} does not match its sha256 in manifest.json"
     return None
 

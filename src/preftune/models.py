@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from .errors import ConfigError
+from .hashing import file_sha256
 
 __all__ = [
     "DEFAULT_MODEL", "resolve_model_dir", "load_tokenizer", "load_model", "apply_lora",
@@ -50,17 +51,9 @@ def _default_gguf() -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF once into a cached fp32 safetensors model dir; return that dir."""
-    out = cache_root() / "models" / f"{gguf.stem}-{_file_sha256(gguf)[:16]}"
+    out = cache_root() / "models" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -34,6 +34,7 @@ from .data import (
 )
 from .diagnostics import step_metrics
 from .errors import ConfigError, NumericalError
+from .hashing import file_sha256
 from .logprobs import completion_logps, split_pairs
 from .losses import LossSpec, build_loss
 from .models import (
@@ -185,13 +186,7 @@ def _file_digest(path: str) -> str | None:
     from .data.sources import split_path
 
     file = split_path(path)[0] if path else None
-    if file is None or not file.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(file) if file is not None and file.is_file() else None
 
 
 def fingerprint(cfg: Config, tokenizer) -> dict:
