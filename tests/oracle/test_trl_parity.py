@@ -126,3 +126,36 @@ def test_rpo_mixture_matches_trl_sigmoid_plus_sft_for_equal_lengths():
                    rejected_lengths=lengths[pc.numel():].float())
     assert abs(ours.losses.mean().item() - theirs.item()) < 1e-5
     assert not math.isnan(theirs.item())
+
+
+def _avg_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 40, (2, 12), generator=g).float()
+    avg = -3 * torch.rand(2, 12, generator=g) - 1e-3  # average token logps, < 0
+    return avg[0] * lengths[0], avg[1] * lengths[1], lengths[0], lengths[1]
+
+
+def test_simpo_matches_trl_cpo_simpo_mode():
+    """TRL's CPOTrainer (loss_type='simpo', cpo_alpha=0) on average logps: beta (a_w - a_l - gamma/beta)."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    pc, pr, nc, nr = _avg_inputs(6)
+    self = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.5, beta=2.0, label_smoothing=0.0,
+                           accelerator=SimpleNamespace(device="cpu"))
+    theirs, chosen_rewards, _ = CPOTrainer.cpo_loss(self, pc / nc, pr / nr)
+    ours = _ours("simpo", pc, pr, torch.zeros(12), torch.zeros(12), torch.cat([nc, nr]), beta=2.0, simpo_gamma=0.5)
+    assert torch.allclose(ours.losses, theirs, atol=1e-6)
+    assert torch.allclose(ours.chosen_rewards, chosen_rewards, atol=1e-6)
+
+
+def test_orpo_odds_ratio_term_matches_trl():
+    """TRL's ORPO loss is NLL - mean(beta * log sigmoid(log_odds)); its NLL is the batch token-mean
+    cross-entropy, ours the per-sequence -a_w, so the odds-ratio terms are compared."""
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    pc, pr, nc, nr = _avg_inputs(7)
+    self = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
+    theirs, _, _, _, log_odds = ORPOTrainer.odds_ratio_loss(self, pc / nc, pr / nr)
+    ours = _ours("orpo", pc, pr, torch.zeros(12), torch.zeros(12), torch.cat([nc, nr]), beta=0.1)
+    assert torch.allclose(ours.losses - (-(pc / nc)), -theirs, atol=1e-6)
+    assert ours.metrics["orpo/log_odds_ratio"].mean().item() == pytest.approx(log_odds.item(), abs=1e-5)
