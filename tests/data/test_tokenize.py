@@ -54,3 +54,9 @@ def test_nothing_left_is_an_error(tokenizer):
     r = rec("p", " the same start and then a", " the same start and then b")
     with pytest.raises(DataError, match="no usable pairs"):
         tokenize_records([r], tokenizer, max_length=4, max_prompt_length=1, drop_overlong=True)
+
+
+def test_empty_completions_are_counted(tokenizer):
+    _, stats = tokenize_records([rec("p", " ", " no"), rec("q", " yes", " no")], tokenizer, max_length=32,
+                                max_prompt_length=16)
+    assert stats.empty_completions == 1

@@ -53,7 +53,7 @@ class TokenizeStats:
     truncated: int = 0
     dropped: int = 0
     degenerate_kept: int = 0
-    empty_completions: int = 0  # completions that are EOS only (kept with allow_empty_completions)
+    empty_completions: int = 0  # whitespace-only completions kept with allow_empty_completions (EOS only)
     dropped_eval_prompts: int = 0  # training rows removed because their prompt is an eval prompt
     desirable: int = 0          # unpaired data only
     undesirable: int = 0
@@ -106,6 +106,13 @@ def _truncate(prompt: list, sides: list, max_length: int, max_prompt_length: int
     return prompt, [s[:room] for s in sides], True
 
 
+def _is_empty(completion: Text) -> bool:
+    """Whitespace-only text, or messages whose contents all are (kept only when allowed)."""
+    if isinstance(completion, str):
+        return not completion.strip()
+    return not any(m["content"].strip() for m in completion)
+
+
 def _eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer", 0, "eos_token", "the tokenizer has no EOS token")
@@ -120,7 +127,7 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, *, max_length: 
     for rec in records:
         where = (rec.source, rec.line)
         prompt, sides = _encode(tokenizer, rec.prompt, [rec.chosen, rec.rejected], where, ("chosen", "rejected"), eos)
-        stats.empty_completions += sum(side == [eos] for side in sides)
+        stats.empty_completions += _is_empty(rec.chosen) + _is_empty(rec.rejected)
         prompt, (chosen, rejected), truncated = _truncate(prompt, sides, max_length, max_prompt_length)
         if chosen == rejected:
             problem = "chosen and rejected are identical" + (" after truncation" if truncated else " as tokens")
@@ -146,7 +153,7 @@ def tokenize_unpaired(records: list[UnpairedRecord], tokenizer, *, max_length: i
     examples, stats = [], TokenizeStats()
     for rec in records:
         prompt, sides = _encode(tokenizer, rec.prompt, [rec.completion], (rec.source, rec.line), ("completion",), eos)
-        stats.empty_completions += sides[0] == [eos]
+        stats.empty_completions += _is_empty(rec.completion)
         prompt, (completion,), truncated = _truncate(prompt, sides, max_length, max_prompt_length)
         if truncated:
             stats.truncated += 1
