@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 common=(data.train_path="$TQA/TruthfulQA.visible.csv[:500]" data.eval_path="$TQA/TruthfulQA.visible.csv[500:]"
         data.max_length=128 data.max_prompt_length=96 train.batch_size=8 train.max_steps=40 train.lr=5e-4
         run.overwrite=true eval.batch_size=16)
-# before: the base model; simpo's implicit reward is the length-normalised logp, so its accuracy is meaningful too
+# before: the base model; simpo and orpo rewards are beta * average logp, so their "before" accuracy is meaningful too
 $P eval --data "$TQA/TruthfulQA.visible.csv[500:]" --out "$OUT/before_dpo.json" eval.kl_prompts=0 >/dev/null
 $P eval --data "$TQA/TruthfulQA.visible.csv[500:]" --out "$OUT/before_simpo.json" eval.kl_prompts=0 \
     loss.name=simpo loss.beta=2.0 >/dev/null
@@ -34,7 +34,7 @@ out = Path(sys.argv[1])
 rows = []
 for name in ("sigmoid", "ipo", "simpo", "orpo", "kto"):
     s = json.loads((out / name / "summary.json").read_text())
-    before = json.loads((out / ("before_simpo.json" if name == "simpo" else "before_dpo.json")).read_text())
+    before = json.loads((out / ("before_simpo.json" if name in ("simpo", "orpo") else "before_dpo.json")).read_text())
     e = s["eval"]
     rows.append(f"{name:8s} steps {s['steps']:3d}  logp-acc {before['accuracy/logp']:.3f} -> {e['accuracy/logp']:.3f}"
                 f"  implicit-acc {before['accuracy/implicit_reward']:.3f} -> {e['accuracy/implicit_reward']:.3f}"
