@@ -145,40 +145,54 @@ def _cli(*args, **kw):
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **kw)
 
 
+def _wait_for(path, proc, timeout=300.0) -> float:
+    start = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None or path.exists(), proc.stderr.read()
+        assert time.monotonic() - start < timeout
+        time.sleep(0.02)
+    return time.monotonic()
+
+
 def kill_and_resume_trials(tmp_path, model_dir, trials: int, seed: int = 0) -> list:
-    """SIGKILL a CLI training run at a random moment, resume it, compare with an uninterrupted run."""
+    """SIGKILL a CLI training run at a random moment of its training (saves included), resume it,
+    and compare the final weights with an uninterrupted run's."""
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
     args = [f"model.name_or_path={model_dir}", f"data.train_path={data}", "data.max_length=64",
             "data.max_prompt_length=32", "train.lr=1e-2", "model.lora_r=4", "train.batch_size=2",
-            "train.epochs=6", "train.checkpoint_every=1", "model.lora_dropout=0.1"]
+            "train.epochs=8", "train.checkpoint_every=1", "model.lora_dropout=0.1"]
     ref = _cli("train", *args, f"run.output_dir={tmp_path / 'ref'}")
+    began = _wait_for(tmp_path / "ref" / "config.yaml", ref)  # written just before step 1
+    ended = _wait_for(tmp_path / "ref" / "summary.json", ref)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    expected = weights_sha(tmp_path / "ref")
+    window, expected = ended - began, weights_sha(tmp_path / "ref")
     rng, outcomes = random.Random(seed), []
     for i in range(trials):
         run = tmp_path / f"trial{i}"
         proc = _cli("train", *args, f"run.output_dir={run}")
-        time.sleep(rng.uniform(2.5, 9.0))  # import (~3 s) then ~90 steps with a checkpoint each
+        _wait_for(run / "config.yaml", proc)
+        time.sleep(rng.uniform(0.0, window))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        resumed = _cli("resume", str(run)) if (run / "config.yaml").exists() else _cli(
-            "train", *args, f"run.output_dir={run}")
+        root = run / "checkpoints"
+        at_kill = (sorted(p.name for p in root.glob("step-*"))[-1:] or ["none"])[0] if root.exists() else "none"
+        mid_save = root.exists() and any(root.glob(".tmp-*"))
+        resumed = _cli("resume", str(run))
         assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
-        ckpts = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-        outcomes.append((weights_sha(run) == expected, ckpts[-1] if ckpts else None))
+        outcomes.append((weights_sha(run) == expected, at_kill, "mid-save" if mid_save else ""))
     return outcomes
 
 
 def test_sigkill_then_resume_is_bit_identical_smoke(tmp_path, tiny_model_dir):
     outcomes = kill_and_resume_trials(tmp_path, tiny_model_dir, trials=2)
-    assert all(same for same, _ in outcomes), outcomes
+    assert all(same for same, *_ in outcomes), outcomes
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_20_trials(tmp_path, tiny_model_dir):
     outcomes = kill_and_resume_trials(tmp_path, tiny_model_dir, trials=20, seed=7)
     print("kill/resume outcomes:", outcomes)
-    assert sum(same for same, _ in outcomes) == 20, outcomes
+    assert sum(same for same, *_ in outcomes) == 20, outcomes
 
 
 def test_two_identical_runs_are_bit_identical(tmp_path, tiny_model_dir):
