@@ -184,3 +184,15 @@ def test_rpo_mixture_logs_each_term(tmp_path, tiny_model_dir):
     row = _metrics(result.run_dir)[0]
     assert row["loss"] == pytest.approx(row["loss/sigmoid"] + 0.2 * row["loss/sft"], abs=1e-5)
     assert result.summary["loss"] == "1*sigmoid+0.2*sft"
+
+
+def test_degenerate_pairs_raise_the_margin_stuck_flag(tmp_path, tiny_model_dir, capsys):
+    """RELIABILITY C5: chosen == rejected (kept on purpose) gives zero gradient; the run says so."""
+    rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["chosen"]} for p in PAIRS]
+    data = write_jsonl(tmp_path / "same.jsonl", rows)
+    result = train(_cfg(tmp_path, tiny_model_dir, f"data.train_path={data}", "data.allow_degenerate=true",
+                        "train.epochs=5", "train.batch_size=4"))
+    assert result.summary["data"]["degenerate_kept"] == 8
+    assert result.summary["health"] == {"margin_stuck": 10}
+    assert capsys.readouterr().out.count("health: margin_stuck at step 10") == 1
+    assert _metrics(result.run_dir)[-1]["health"] == ["margin_stuck"]

@@ -5,9 +5,11 @@ Keys follow the DPO reference / TRL names so dashboards carry over.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["step_metrics"]
+__all__ = ["step_metrics", "health_checks", "HEALTH_DEFAULTS"]
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -55,3 +57,52 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool) -> dict[str, f
         standard = {"losses", "rewards", "labels", "policy", "lengths"}
     row.update({k: _mean(v) for k, v in parts.items() if k not in standard})
     return row
+
+
+# ---- health checks: named, pure functions over the metric history -----------------------
+
+HEALTH_DEFAULTS = {
+    "margin_explosion_nats": 50.0,  # mean log-ratio margin (rewards/margins / beta) above this
+    "logp_fall_nats": 5.0,          # both chosen and rejected logps fell by more than this
+    "window": 10,                   # steps averaged at the start and at the end of the history
+}
+
+
+def _window_mean(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def health_checks(history: list[dict], *, beta: float, paired: bool = True, **overrides) -> list[str]:
+    """Names of the unhealthy patterns the history shows at its last step.
+
+    nonfinite: a logged value of the last step is NaN or infinite.
+    margin_explosion: the implicit log-ratio margin exceeds `margin_explosion_nats` (DPO
+        drives it up without bound once pairs are separable; common with batch size 1).
+    both_logps_falling: chosen and rejected logps both fell by more than `logp_fall_nats`
+        between the first and the last window (the policy moves probability elsewhere).
+    margin_stuck: the margin is exactly zero for a whole window (a reference that is the
+        policy itself, or pairs that do not differ).
+    accuracy_saturated: reward accuracy 1.0 and loss < 0.01 for a whole window (overfitting).
+    """
+    t = {**HEALTH_DEFAULTS, **overrides}
+    if not history:
+        return []
+    w, last = int(t["window"]), history[-1]
+    flags = []
+    if any(isinstance(v, float) and not math.isfinite(v) for v in last.values()):
+        flags.append("nonfinite")
+    if math.isfinite(last.get("rewards/margins", 0.0)) and last.get("rewards/margins", 0.0) / beta > t["margin_explosion_nats"]:
+        flags.append("margin_explosion")
+    if len(history) >= 2 * w:
+        head, tail = history[:w], history[-w:]
+        fell = [_window_mean(head, k) - _window_mean(tail, k) for k in ("logps/chosen", "logps/rejected")]
+        if all(f > t["logp_fall_nats"] for f in fell):
+            flags.append("both_logps_falling")
+    if len(history) >= w:
+        tail = history[-w:]
+        if all(r.get("rewards/margins", 1.0) == 0.0 for r in tail):
+            flags.append("margin_stuck")
+        if paired and all(r.get("rewards/accuracies", 0.0) >= 1.0 and r.get("loss", 1.0) < 0.01 for r in tail):
+            flags.append("accuracy_saturated")
+    return flags

@@ -32,7 +32,7 @@ from .data import (
     tokenize_records,
     tokenize_unpaired,
 )
-from .diagnostics import step_metrics
+from .diagnostics import health_checks, step_metrics
 from .errors import ConfigError, NumericalError
 from .hashing import file_sha256
 from .logprobs import completion_logps, split_pairs
@@ -348,6 +348,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     for row in history:  # a resumed run keeps the rows up to its checkpoint, bit for bit
         metrics_file.write(json.dumps(row) + "\n")
     collected, start = [], time.perf_counter()
+    flagged = {f for r in history for f in r.get("health", [])}
     # a live bar on a terminal; a plain line every 10 steps in logs (CI, pipes)
     bar = tqdm(total=total_steps, initial=step, disable=not main or not sys.stderr.isatty(), desc=spec.name)
     model.train()
@@ -383,6 +384,11 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
             row = {"step": step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired),
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             history.append(row)
+            row["health"] = health_checks(history, beta=cfg.loss.beta, paired=spec.paired)
+            for flag in set(row["health"]) - flagged:  # say it once, when it starts
+                flagged.add(flag)
+                if main:
+                    print(f"health: {flag} at step {step} (see preftune.diagnostics.health_checks)", flush=True)
             if main and step % t.log_every == 0:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -408,6 +414,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
                                     / max(elapsed, 1e-9), 3) if ckpt is None else None,
                "data": stats.as_dict(), "reference": reference_info, "loss_params": kwargs,
                "peak_rss_mb": peak_rss_mb(), "resumed_from": str(ckpt.path) if ckpt else None,
+               "health": {f: next(r["step"] for r in history if f in r.get("health", [])) for f in sorted(flagged)},
                "final": history[-1] if history else {}}
     if data.eval_pairs is not None:
         from .evaluate import evaluate_pairs
