@@ -97,7 +97,7 @@ def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instr
     from .evaluate import evaluate_pairs, kl_estimate, load_run_policy
     from .losses import LOSSES
     from .models import AdaptersOffReference, load_model, load_tokenizer, resolve_model_dir
-    from .train import prepare_pairs, train
+    from .train import loss_kwargs, prepare_pairs, train
 
     if out.exists() and any(out.iterdir()):
         if not (out / "demo.json").is_file() and not (out / "pairs.jsonl").is_file():
@@ -147,7 +147,8 @@ def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instr
     acc = None
     if any(held):
         held_pairs, _ = prepare_pairs(str(held_path), cfg, tokenizer)
-        acc = evaluate_pairs(policy, reference, LOSSES[cfg.loss.name], held_pairs, loss_kwargs={"beta": cfg.loss.beta},
+        spec = LOSSES[cfg.loss.name]
+        acc = evaluate_pairs(policy, reference, spec, held_pairs, loss_kwargs=loss_kwargs(cfg, spec),
                              batch_size=16, pad_id=tokenizer.pad_token_id)
     ref_mean = sum(map(sum, ref_scores)) / sum(map(len, ref_scores))
     pol_mean = sum(map(sum, pol_scores)) / sum(map(len, pol_scores))

@@ -299,12 +299,12 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     stats, kwargs = data.stats, data.kwargs
     ckpt = find_checkpoint(run_dir) if resume else None
     fp = fingerprint(cfg, tokenizer)
+    unusable = sorted((run_dir / "checkpoints").glob("step-*")) if resume and ckpt is None else []
     if ckpt is not None:
         _check_fingerprint(ckpt.state["fingerprint"], fp, allow_config_change, ckpt.path)
-    elif resume and list((run_dir / "checkpoints").glob("step-*")):
-        newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-        raise ConfigError(str(newest), "checkpoint", "no checkpoint in this run verifies (see the lines above); "
-                          "remove the checkpoints/ directory to start over")
+    elif unusable:
+        raise ConfigError(str(unusable[-1]), "checkpoint", "no checkpoint in this run verifies (see the lines "
+                          "above); remove the checkpoints/ directory to start over")
     elif resume:
         print(f"resume: no valid checkpoint in {run_dir}; starting from step 0")
 
