@@ -15,6 +15,8 @@ A checkpoint whose manifest is missing or does not verify does not exist for `re
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -26,10 +28,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import NumericalError
+from .errors import ConfigError, NumericalError
 from .hashing import file_sha256
 
-__all__ = ["save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite"]
+__all__ = ["save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite", "EpochSampler",
+           "fingerprint", "check_fingerprint"]
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
          "rng.safetensors", "rng.json", "state.json")
@@ -157,3 +160,57 @@ def load_checkpoint(ckpt: Checkpoint, *, params: dict, optimizer, scheduler) -> 
     rng = json.loads((ckpt.path / "rng.json").read_text())
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+
+
+# ---- exact resume: data order and what a checkpoint must agree with ----
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run sees the same
+    order; `skip` drops the examples already consumed in the epoch being resumed. (Named
+    `position`, not `set_epoch`: Accelerate calls `set_epoch` with its own counter, which
+    would undo the resume position.)"""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def position(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 1000003 * self.epoch))
+        return iter(order[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
+def _file_digest(path: str) -> str | None:
+    from .data.sources import split_path
+
+    file = split_path(path)[0] if path else None
+    return file_sha256(file) if file is not None and file.is_file() else None
+
+
+def fingerprint(cfg, tokenizer) -> dict:
+    """What a checkpoint must agree with to be resumed: data, tokenizer, and training math."""
+    c = dataclasses.asdict(cfg)
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"preftune_version": _version(), "data.train_sha256": _file_digest(cfg.data.train_path),
+            "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+            **{f"{section}.{k}": v for section in ("model", "data", "loss", "train") for k, v in c[section].items()
+               if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path"}}}
+
+
+def check_fingerprint(saved: dict, current: dict, allow_change: bool, path: Path) -> None:
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key) and not allow_change:
+            raise ConfigError(str(path), key, f"changed since the checkpoint ({saved.get(key)!r} -> "
+                              f"{current.get(key)!r}); resume with --allow-config-change to accept")
+
+
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

@@ -7,8 +7,6 @@ an HF model dir, safetensors). Errors in data or config surface before any weigh
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -22,7 +20,15 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import assert_finite, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    EpochSampler,
+    assert_finite,
+    check_fingerprint,
+    find_checkpoint,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, save_config
 from .data import (
     collate_pairs,
@@ -34,7 +40,6 @@ from .data import (
 )
 from .diagnostics import health_checks, step_metrics
 from .errors import ConfigError, NumericalError
-from .hashing import file_sha256
 from .logprobs import completion_logps, split_pairs
 from .losses import LossSpec, build_loss
 from .models import (
@@ -162,50 +167,6 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A fresh permutation per epoch from (seed, epoch) alone, so a resumed run sees the same
-    order; `skip` drops the examples already consumed in the epoch being resumed. (Named
-    `position`, not `set_epoch`: Accelerate calls `set_epoch` with its own counter, which
-    would undo the resume position.)"""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
-
-    def position(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 1000003 * self.epoch))
-        return iter(order[self.skip:].tolist())
-
-    def __len__(self) -> int:
-        return self.n - self.skip
-
-
-def _file_digest(path: str) -> str | None:
-    from .data.sources import split_path
-
-    file = split_path(path)[0] if path else None
-    return file_sha256(file) if file is not None and file.is_file() else None
-
-
-def fingerprint(cfg: Config, tokenizer) -> dict:
-    """What a checkpoint must agree with to be resumed: data, tokenizer, and training math."""
-    c = dataclasses.asdict(cfg)
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {"preftune_version": __version__, "data.train_sha256": _file_digest(cfg.data.train_path),
-            "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
-            **{f"{section}.{k}": v for section in ("model", "data", "loss", "train") for k, v in c[section].items()
-               if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path"}}}
-
-
-def _check_fingerprint(saved: dict, current: dict, allow_change: bool, path: Path) -> None:
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key) and not allow_change:
-            raise ConfigError(str(path), key, f"changed since the checkpoint ({saved.get(key)!r} -> "
-                              f"{current.get(key)!r}); resume with --allow-config-change to accept")
-
-
 @dataclass
 class _Data:
     examples: list
@@ -301,7 +262,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     fp = fingerprint(cfg, tokenizer)
     unusable = sorted((run_dir / "checkpoints").glob("step-*")) if resume and ckpt is None else []
     if ckpt is not None:
-        _check_fingerprint(ckpt.state["fingerprint"], fp, allow_config_change, ckpt.path)
+        check_fingerprint(ckpt.state["fingerprint"], fp, allow_config_change, ckpt.path)
     elif unusable:
         raise ConfigError(str(unusable[-1]), "checkpoint", "no checkpoint in this run verifies (see the lines "
                           "above); remove the checkpoints/ directory to start over")
