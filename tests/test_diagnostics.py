@@ -68,3 +68,47 @@ def test_step_metrics_unpaired_split_by_label():
     assert abs(row["rewards/chosen"] - 0.2) < 1e-7 and abs(row["rewards/rejected"] + 0.2) < 1e-7
     assert abs(row["rewards/margins"] - 0.4) < 1e-7 and row["kl"] == 0.5
     assert (row["examples/desirable"], row["examples/undesirable"]) == (2, 1)
+
+
+def _probe_rows(n, **probes):
+    """n healthy rows; every 5th carries the probe keys given as functions of the step index."""
+    rows = _rows(n, **HEALTHY)
+    for i, r in enumerate(rows):
+        if (i + 1) % 5 == 0:
+            r.update({k.replace("__", "/"): f(i) for k, f in probes.items()})
+    return rows
+
+
+def test_kl_drift_fires_above_kl_max_and_not_below():
+    rows = _probe_rows(20, probe__kl=lambda i: 0.8 * i)  # 15.2 nats at the last probe
+    assert "kl_drift" in health_checks(rows, beta=0.1)
+    assert "kl_drift" not in health_checks(rows, beta=0.1, kl_max=20.0)
+    assert "kl_drift" not in health_checks(_probe_rows(20, probe__kl=lambda i: 0.1 * i), beta=0.1)
+
+
+def test_length_drift_compares_samples_with_the_reference_length():
+    rows = _probe_rows(20, probe__sample_length=lambda i: 20 + 2 * i, probe__reference_length=lambda i: 20.0)
+    assert "length_drift" in health_checks(rows, beta=0.1)  # 58 > 1.5 * 20
+    steady = _probe_rows(20, probe__sample_length=lambda i: 21.0, probe__reference_length=lambda i: 20.0)
+    assert "length_drift" not in health_checks(steady, beta=0.1)
+
+
+def test_eval_regressing_fires_when_held_out_accuracy_falls_from_its_best():
+    rows = _probe_rows(20, probe__eval_accuracy=lambda i: [0.6, 0.7, 0.66, 0.62][i // 5])
+    assert "eval_regressing" in health_checks(rows, beta=0.1)  # 0.70 - 0.62 >= 0.05
+    assert "eval_regressing" not in health_checks(rows[:15], beta=0.1)  # 0.70 - 0.66 < 0.05
+    rising = _probe_rows(20, probe__eval_accuracy=lambda i: 0.5 + 0.01 * i)
+    assert "eval_regressing" not in health_checks(rising, beta=0.1)
+
+
+def test_healthy_probes_stay_silent_and_config_defaults_match():
+    import dataclasses
+
+    from preftune.config import DiagnosticsConfig
+    from preftune.diagnostics import HEALTH_DEFAULTS
+
+    rows = _probe_rows(30, probe__kl=lambda i: 0.05 * i, probe__sample_length=lambda i: 30.0,
+                       probe__reference_length=lambda i: 28.0, probe__eval_accuracy=lambda i: 0.6 + 0.001 * i)
+    assert health_checks(rows, beta=0.1, **dataclasses.asdict(DiagnosticsConfig())) == []
+    cfg = dataclasses.asdict(DiagnosticsConfig())
+    assert {k: cfg[k] for k in HEALTH_DEFAULTS} == HEALTH_DEFAULTS

@@ -196,3 +196,33 @@ def test_degenerate_pairs_raise_the_margin_stuck_flag(tmp_path, tiny_model_dir, 
     assert result.summary["health"] == {"margin_stuck": 10}
     assert capsys.readouterr().out.count("health: margin_stuck at step 10") == 1
     assert _metrics(result.run_dir)[-1]["health"] == ["margin_stuck"]
+
+
+def test_probe_rows_carry_kl_lengths_and_eval_accuracy(tmp_path, tiny_model_dir):
+    result = train(_cfg(tmp_path, tiny_model_dir, "train.epochs=3", "train.batch_size=4", "diagnostics.probe_every=2",
+                        "diagnostics.probe_prompts=3", "eval.max_new_tokens=6",
+                        f"data.eval_path={tmp_path / 'pairs.jsonl'}"))
+    rows = _metrics(result.run_dir)
+    probed = [r["step"] for r in rows if "probe/kl" in r]
+    assert probed == [2, 4, 6]
+    first = next(r for r in rows if "probe/kl" in r)
+    assert first["probe/kl"] != 0 and abs(first["probe/kl"]) < 5 and 1 <= first["probe/sample_length"] <= 6
+    assert 0 <= first["probe/eval_accuracy"] <= 1 and first["probe/reference_length"] > 0
+    assert len({r["probe/reference_length"] for r in rows if "probe/kl" in r}) == 1  # measured once
+
+
+def test_probe_does_not_change_the_training_trajectory(tmp_path, tiny_model_dir):
+    """Sampling runs in a forked RNG: losses with and without probes are identical (dropout on)."""
+    common = ("train.epochs=2", "train.batch_size=4", "model.lora_dropout=0.1", "eval.max_new_tokens=4")
+    a = train(_cfg(tmp_path, tiny_model_dir, *common, "diagnostics.probe_every=1", name="a"))
+    b = train(_cfg(tmp_path, tiny_model_dir, *common, "diagnostics.probe_every=0", name="b"))
+    assert [r["loss"] for r in _metrics(a.run_dir)] == [r["loss"] for r in _metrics(b.run_dir)]
+
+
+def test_stop_on_kl_drift_ends_the_run_early_and_saves_the_model(tmp_path, tiny_model_dir, capsys):
+    result = train(_cfg(tmp_path, tiny_model_dir, "train.epochs=5", "train.batch_size=4", "diagnostics.probe_every=3",
+                        "diagnostics.kl_max=-100", "diagnostics.stop_on=[kl_drift]", "eval.max_new_tokens=4"))
+    assert result.summary["stopped_early"] == {"check": "kl_drift", "step": 3}
+    assert result.steps == 3 and len(_metrics(result.run_dir)) == 3
+    assert "stopping early: kl_drift at step 3" in capsys.readouterr().out
+    assert (result.run_dir / "model" / "adapter_model.safetensors").is_file()

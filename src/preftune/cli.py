@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the controlled-sentiment DPO demo on the default model")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    rp = sub.add_parser("report", help="a self-contained HTML page (and PNGs) from one or more run directories")
+    rp.add_argument("run_dirs", nargs="+")
+    rp.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
+    rp.add_argument("--no-png", action="store_true", help="skip the PNG files")
     v = sub.add_parser("validate-data", help="check a preference file without loading a model")
     v.add_argument("path")
     v.add_argument("overrides", nargs="*", help="data.* settings, e.g. data.format=hh")
@@ -82,6 +86,11 @@ def _run(args) -> int:
         from .demo import run_demo
 
         run_demo(Path(args.output_dir), quick=args.quick)
+        return 0
+    if args.command == "report":
+        from .report import write_report
+
+        print(write_report(args.run_dirs, args.out, png=not args.no_png))
         return 0
     if args.command == "validate-data":
         from .train import load_data

@@ -98,6 +98,21 @@ class EvalConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    margin_explosion_nats: float = _f(50.0, "margin_explosion: mean implicit log-ratio margin above this (nats)")
+    logp_fall_nats: float = _f(5.0, "both_logps_falling: chosen and rejected logps both fell by more than this")
+    window: int = _f(10, "steps averaged at the start and the end of the history by the window checks")
+    kl_max: float = _f(10.0, "kl_drift: sampled KL(policy || reference) above this (nats per sample)")
+    length_growth: float = _f(1.5, "length_drift: policy samples longer than this times the reference's")
+    eval_drop: float = _f(0.05, "eval_regressing: held-out accuracy this far below its best probe")
+    probe_every: int = _f(25, "every N steps (and at the last) sample from the policy for KL and lengths, and "
+                          "score eval pairs (0 = never)")
+    probe_prompts: int = _f(8, "prompts sampled per probe (eval prompts if data.eval_path is set, else train)")
+    probe_eval_pairs: int = _f(64, "held-out pairs scored per probe (the first N of data.eval_path)")
+    stop_on: list = _f([], "health checks that end training early, e.g. [kl_drift, eval_regressing]")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = _f("runs/latest", "run directory (config.yaml, metrics.jsonl, summary.json, model/)")
     overwrite: bool = _f(False, "replace an existing run directory")
@@ -110,6 +125,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -148,6 +164,11 @@ def _range_problems(cfg: Config):
         ("eval.kl_prompts", c.eval.kl_prompts >= 0, "must be >= 0"),
         ("eval.kl_samples", c.eval.kl_samples >= 1, "must be >= 1"),
         ("eval.max_new_tokens", c.eval.max_new_tokens >= 1, "must be >= 1"),
+        ("diagnostics.window", c.diagnostics.window >= 1, "must be >= 1"),
+        ("diagnostics.probe_every", c.diagnostics.probe_every >= 0, "must be >= 0"),
+        ("diagnostics.probe_prompts", c.diagnostics.probe_prompts >= 1, "must be >= 1"),
+        ("diagnostics.probe_eval_pairs", c.diagnostics.probe_eval_pairs >= 0, "must be >= 0"),
+        ("diagnostics.length_growth", c.diagnostics.length_growth > 1, "must be > 1"),
     ]
     for key, ok, problem in checks:
         if not ok:
@@ -168,6 +189,11 @@ def _range_problems(cfg: Config):
             yield f"loss.mix[{i}]", f"expected [name, weight] with a name from {', '.join(sorted(LOSSES))}, got {term!r}"
         elif not LOSSES[term[0]].paired:
             yield f"loss.mix[{i}]", f"{term[0]!r} is unpaired and cannot be mixed"
+    from .diagnostics import CHECKS
+
+    for i, name in enumerate(c.diagnostics.stop_on):
+        if name not in CHECKS:
+            yield f"diagnostics.stop_on[{i}]", f"unknown check {name!r}{_did_you_mean(str(name), CHECKS)}; known: {', '.join(CHECKS)}"
     if c.loss.name not in LOSSES:
         yield "loss.name", (f"unknown loss {c.loss.name!r}{_did_you_mean(c.loss.name, LOSSES)}; "
                             f"known: {', '.join(sorted(LOSSES))}")

@@ -157,6 +157,8 @@ def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instr
         "reward_reference": ref_mean, "reward_policy": pol_mean, "reward_gain": pol_mean - ref_mean,
         "reward_gain_ci95": [lo, hi], **kl, "heldout_pair_accuracy": acc and acc["accuracy/implicit_reward"],
         "train_pairs": len(kept), "train_steps": result.steps, "elapsed_s": round(time.perf_counter() - start, 1),
+        "per_prompt": [{"prompt": p, "reference": sum(r) / len(r), "policy": sum(q) / len(q)}
+                       for p, r, q in zip(eval_prompts, ref_scores, pol_scores)],
         "examples": [{"prompt": p, "reference": r[0], "policy": q[0]}
                      for p, r, q in list(zip(eval_prompts, ref_groups, pol_groups))[:3]],
     }

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["step_metrics", "health_checks", "HEALTH_DEFAULTS"]
+__all__ = ["step_metrics", "health_checks", "HEALTH_DEFAULTS", "CHECKS"]
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -61,10 +61,17 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool) -> dict[str, f
 
 # ---- health checks: named, pure functions over the metric history -----------------------
 
+CHECKS = ("nonfinite", "margin_explosion", "both_logps_falling", "margin_stuck", "accuracy_saturated",
+          "kl_drift", "length_drift", "eval_regressing")
+
+# the same defaults as config.DiagnosticsConfig (a test keeps them equal)
 HEALTH_DEFAULTS = {
-    "margin_explosion_nats": 50.0,  # mean log-ratio margin (rewards/margins / beta) above this
-    "logp_fall_nats": 5.0,          # both chosen and rejected logps fell by more than this
-    "window": 10,                   # steps averaged at the start and at the end of the history
+    "margin_explosion_nats": 50.0,
+    "logp_fall_nats": 5.0,
+    "window": 10,
+    "kl_max": 10.0,
+    "length_growth": 1.5,
+    "eval_drop": 0.05,
 }
 
 
@@ -73,7 +80,12 @@ def _window_mean(rows: list[dict], key: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def health_checks(history: list[dict], *, beta: float, paired: bool = True, **overrides) -> list[str]:
+def _probed(history: list[dict], key: str) -> list[float]:
+    """The finite values of a key that only probe steps carry, oldest first."""
+    return [r[key] for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+
+
+def health_checks(history: list[dict], *, beta: float, paired: bool = True, **thresholds) -> list[str]:
     """Names of the unhealthy patterns the history shows at its last step.
 
     nonfinite: a logged value of the last step is NaN or infinite.
@@ -84,8 +96,15 @@ def health_checks(history: list[dict], *, beta: float, paired: bool = True, **ov
     margin_stuck: the margin is exactly zero for a whole window (a reference that is the
         policy itself, or pairs that do not differ).
     accuracy_saturated: reward accuracy 1.0 and loss < 0.01 for a whole window (overfitting).
+    Probe checks (rows written every `diagnostics.probe_every` steps):
+    kl_drift: the latest sampled KL(policy || reference) exceeds `kl_max` nats.
+    length_drift: the latest mean sample length exceeds `length_growth` times the reference's
+        (responses getting longer instead of better).
+    eval_regressing: the latest held-out implicit-reward accuracy is `eval_drop` or more
+        below the best one seen so far.
+    Unknown threshold names are ignored, so a whole DiagnosticsConfig can be passed.
     """
-    t = {**HEALTH_DEFAULTS, **overrides}
+    t = {**HEALTH_DEFAULTS, **{k: v for k, v in thresholds.items() if k in HEALTH_DEFAULTS}}
     if not history:
         return []
     w, last = int(t["window"]), history[-1]
@@ -105,4 +124,13 @@ def health_checks(history: list[dict], *, beta: float, paired: bool = True, **ov
             flags.append("margin_stuck")
         if paired and all(r.get("rewards/accuracies", 0.0) >= 1.0 and r.get("loss", 1.0) < 0.01 for r in tail):
             flags.append("accuracy_saturated")
+    kl = _probed(history, "probe/kl")
+    if kl and kl[-1] > t["kl_max"]:
+        flags.append("kl_drift")
+    lengths, ref = _probed(history, "probe/sample_length"), _probed(history, "probe/reference_length")
+    if lengths and ref and ref[0] > 0 and lengths[-1] > t["length_growth"] * ref[0]:
+        flags.append("length_drift")
+    acc = _probed(history, "probe/eval_accuracy")
+    if len(acc) >= 2 and max(acc) - acc[-1] >= t["eval_drop"]:
+        flags.append("eval_regressing")
     return flags

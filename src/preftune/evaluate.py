@@ -17,7 +17,8 @@ from .data import collate_pairs
 from .data.collate import collate_sequences
 from .logprobs import completion_logps
 
-__all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "load_run_policy"]
+__all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "load_run_policy", "probe",
+           "reference_sample_length"]
 
 
 @torch.no_grad()
@@ -61,7 +62,14 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, ma
     """
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream (dropout, shuffling) is untouched
+        torch.manual_seed(seed)
+        results = _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size)
+    model.train(was_training)
+    return results
+
+
+def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     jobs = [p for p in prompts for _ in range(n)]
     results = []
@@ -76,13 +84,15 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, ma
         for prompt, row in zip(chunk, out[:, width:].tolist()):
             completion = row[: row.index(eos) + 1] if eos in row else row
             results.append((prompt, completion))
-    model.train(was_training)
     return results
 
 
 @torch.no_grad()
 def kl_estimate(model, reference, samples, *, pad_id: int, batch_size: int = 16) -> dict:
-    """Monte-Carlo KL(policy || reference): mean over policy samples of sum_t log pi/pi_ref."""
+    """Monte-Carlo KL(policy || reference): mean over policy samples of sum_t log pi/pi_ref
+    (unbiased, so a single estimate can come out slightly negative near zero)."""
+    was_training = model.training
+    model.eval()  # no dropout: deterministic, and no draws from the training RNG
     diffs = []
     for i in range(0, len(samples), batch_size):
         chunk = [s for s in samples[i: i + batch_size] if s[1]]
@@ -93,10 +103,49 @@ def kl_estimate(model, reference, samples, *, pad_id: int, batch_size: int = 16)
         with reference.context():
             ref, _ = completion_logps(reference.forward_model(model), batch)
         diffs.append(policy - ref)
+    model.train(was_training)
     d = torch.cat(diffs) if diffs else torch.zeros(0)
     n = d.numel()
     return {"kl": d.mean().item() if n else 0.0,
             "kl_stderr": (d.std().item() / math.sqrt(n)) if n > 1 else 0.0, "kl_samples": n}
+
+
+def _mean_length(samples) -> float:
+    return sum(len(c) for _, c in samples) / max(len(samples), 1)
+
+
+def probe(model, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, seed: int,
+          eval_pairs=None, spec=None, loss_kwargs=None, batch_size: int = 8,
+          reference_length: float | None = None) -> dict:
+    """What the in-training probe logs: one sample per prompt from the policy, its mean length,
+    KL(policy || reference) on those samples (when there is a reference) and, with eval pairs,
+    held-out implicit-reward accuracy and margin. `reference_length` (mean length of the
+    reference's samples, measured once at the start) is repeated in every probe row."""
+    pad = tokenizer.pad_token_id
+    samples = sample_completions(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, seed=seed)
+    row = {"probe/sample_length": _mean_length(samples)}
+    if reference_length is not None:
+        row["probe/reference_length"] = reference_length
+    if reference is not None:
+        kl = kl_estimate(model, reference, samples, pad_id=pad)
+        row.update({"probe/kl": kl["kl"], "probe/kl_stderr": kl["kl_stderr"]})
+    if eval_pairs:
+        ev = evaluate_pairs(model, reference, spec, eval_pairs, loss_kwargs=loss_kwargs, batch_size=batch_size,
+                            pad_id=pad)
+        row.update({"probe/eval_accuracy": ev["accuracy/implicit_reward"], "probe/eval_margin": ev["rewards/margins"]})
+    return row
+
+
+def reference_sample_length(model, reference, tokenizer, prompts, *, max_new_tokens: int, seed: int) -> float:
+    """Mean length of samples from the reference (the policy with adapters off or the frozen
+    copy); without a reference, from the model as it is now (step 0 of a fresh run)."""
+    if reference is None:
+        return _mean_length(sample_completions(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens,
+                                               seed=seed))
+    with reference.context():
+        ref_model = reference.forward_model(model)
+        return _mean_length(sample_completions(ref_model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens,
+                                               seed=seed))
 
 
 def load_run_policy(run_dir: Path, base_model, *, is_trainable: bool = False):

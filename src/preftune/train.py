@@ -7,6 +7,7 @@ an HF model dir, safetensors). Errors in data or config surface before any weigh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -311,6 +312,8 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     collected, start = [], time.perf_counter()
     flagged = {f for r in history for f in r.get("health", [])}
     # a live bar on a terminal; a plain line every 10 steps in logs (CI, pipes)
+    dg, stopped = cfg.diagnostics, None
+    baseline = _probe_baseline(accelerator.unwrap_model(model), reference, tokenizer, data, cfg, history)
     bar = tqdm(total=total_steps, initial=step, disable=not main or not sys.stderr.isatty(), desc=spec.name)
     model.train()
     for epoch in range(epoch0, t.epochs):
@@ -344,12 +347,17 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
             collected = []
             row = {"step": step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired),
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+            if dg.probe_every and (step % dg.probe_every == 0 or step == total_steps):
+                row.update(_probe(accelerator.unwrap_model(model), reference, tokenizer, data, spec, cfg, step,
+                                  baseline))
             history.append(row)
-            row["health"] = health_checks(history, beta=cfg.loss.beta, paired=spec.paired)
+            row["health"] = health_checks(history, beta=cfg.loss.beta, paired=spec.paired,
+                                          **dataclasses.asdict(dg))
             for flag in set(row["health"]) - flagged:  # say it once, when it starts
                 flagged.add(flag)
                 if main:
                     print(f"health: {flag} at step {step} (see preftune.diagnostics.health_checks)", flush=True)
+            stop = next((f for f in row["health"] if f in dg.stop_on), None)
             if main and step % t.log_every == 0:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -364,8 +372,14 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
             if main and bar.disable and (step % 10 == 0 or step == total_steps):
                 print(f"step {step}/{total_steps} loss {row['loss']:.4f} margin {row['rewards/margins']:.3f}",
                        flush=True)
-            if step >= total_steps:
+            if stop and main:
+                print(f"stopping early: {stop} at step {step} (diagnostics.stop_on)", flush=True)
+            if stop:
+                stopped = {"check": stop, "step": step}
+            if step >= total_steps or stop:
                 break
+        if stopped:
+            break
     bar.close()
     elapsed = time.perf_counter() - start
 
@@ -376,7 +390,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
                "data": stats.as_dict(), "reference": reference_info, "loss_params": kwargs,
                "peak_rss_mb": peak_rss_mb(), "resumed_from": str(ckpt.path) if ckpt else None,
                "health": {f: next(r["step"] for r in history if f in r.get("health", [])) for f in sorted(flagged)},
-               "final": history[-1] if history else {}}
+               "stopped_early": stopped, "final": history[-1] if history else {}}
     if data.eval_pairs is not None:
         from .evaluate import evaluate_pairs
 
@@ -390,6 +404,41 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
         _save_model(final, tokenizer, run_dir / "model")
         _write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, step, summary)
+
+
+def _probe_prompts(data: _Data, cfg: Config) -> list[list[int]]:
+    source = data.eval_pairs or data.examples
+    seen, prompts = set(), []
+    for ex in source:  # distinct prompts, in file order
+        key = tuple(ex.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(ex.prompt_ids)
+        if len(prompts) == cfg.diagnostics.probe_prompts:
+            break
+    return prompts
+
+
+def _probe_baseline(model, reference, tokenizer, data: _Data, cfg: Config, history: list[dict]) -> float | None:
+    """Mean reference sample length for length_drift: measured once per run (a resumed run
+    reads it back from its probe rows)."""
+    if not cfg.diagnostics.probe_every:
+        return None
+    done = [r["probe/reference_length"] for r in history if "probe/reference_length" in r]
+    if done:
+        return done[0]
+    from .evaluate import reference_sample_length
+
+    return reference_sample_length(model, reference, tokenizer, _probe_prompts(data, cfg),
+                                   max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
+
+
+def _probe(model, reference, tokenizer, data: _Data, spec: LossSpec, cfg: Config, step: int, baseline) -> dict:
+    from .evaluate import probe
+
+    return probe(model, reference, tokenizer, _probe_prompts(data, cfg), max_new_tokens=cfg.eval.max_new_tokens,
+                 seed=cfg.train.seed + step, eval_pairs=(data.eval_pairs or [])[: cfg.diagnostics.probe_eval_pairs], spec=spec, loss_kwargs=data.kwargs,
+                 batch_size=cfg.eval.batch_size, reference_length=baseline)
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:

@@ -1,0 +1,240 @@
+"""`preftune report RUN_DIR [RUN_DIR...]`: one self-contained HTML page, plus PNGs.
+
+Reads run files only (config.yaml, metrics.jsonl, summary.json, and any eval*.json or
+demo.json written beside them); nothing in training imports this module. Plots are drawn with
+matplotlib and inlined as SVG, so the page works offline with no script and no CDN. Several
+runs are overlaid, one colour per run.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+__all__ = ["RunFiles", "read_run", "write_report", "plot_sweep"]
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+
+@dataclass
+class RunFiles:
+    name: str
+    path: Path
+    config: str
+    rows: list[dict]
+    summary: dict
+    evals: dict = field(default_factory=dict)  # file name -> parsed JSON
+
+
+def read_run(path: str | Path) -> RunFiles:
+    """A run directory (or a demo directory holding `train/`); one-line error if it is neither."""
+    root = Path(path)
+    run = root / "train" if (root / "train" / "metrics.jsonl").is_file() else root
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ConfigError(str(root), "metrics.jsonl", "not a run directory (no metrics.jsonl)")
+    rows = []
+    for i, line in enumerate(metrics.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{metrics}:{i}", "<line>", f"invalid JSON ({err.msg})") from None
+    summary_file = run / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    config_file = run / "config.yaml"
+    evals = {}
+    for folder in dict.fromkeys([run, root]):
+        for f in sorted(folder.glob("eval*.json")) + sorted(folder.glob("demo.json")):
+            evals[f.name] = json.loads(f.read_text())
+    return RunFiles(root.name if run is root else f"{root.name}/{run.name}", root,
+                    config_file.read_text() if config_file.is_file() else "(no config.yaml)", rows, summary, evals)
+
+
+# ---- plots -----------------------------------------------------------------------------
+
+def _figure(title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _lines(runs, title, keys, ylabel, styles=("-", "--", ":")):
+    """One line per (run, key); None when no run has any of the keys."""
+    fig, ax = _figure(title)
+    drawn = 0
+    for i, run in enumerate(runs):
+        for key, style in zip(keys, styles):
+            x, y = _series(run.rows, key)
+            if x:
+                ax.plot(x, y, style, color=COLORS[i % len(COLORS)], label=f"{run.name}: {key}", lw=1.5)
+                drawn += 1
+    if not drawn:
+        _close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def _loss_margin(runs):
+    fig, ax = _figure("loss (solid, left) and reward margin (dashed, right)")
+    right = ax.twinx()
+    for i, run in enumerate(runs):
+        c = COLORS[i % len(COLORS)]
+        ax.plot(*_series(run.rows, "loss"), "-", color=c, lw=1.5, label=f"{run.name}: loss")
+        right.plot(*_series(run.rows, "rewards/margins"), "--", color=c, lw=1.5, label=f"{run.name}: margin")
+        for flag, step in (run.summary.get("health") or {}).items():
+            ax.axvline(step, color=c, alpha=0.4, lw=1)
+            ax.annotate(flag, (step, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top", color=c)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    right.set_ylabel("rewards/margins")
+    ax.legend(fontsize=7, loc="upper left")
+    right.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def _per_prompt(runs):
+    """Mean reward of policy vs reference samples for each eval prompt (eval --reward, demo)."""
+    for run in runs:
+        for name, ev in run.evals.items():
+            rows = ev.get("per_prompt")
+            if rows:
+                fig, ax = _figure(f"per-prompt reward: {run.name} ({name})")
+                x = range(len(rows))
+                ax.bar([i - 0.2 for i in x], [r["reference"] for r in rows], 0.4, label="reference", color="#999999")
+                ax.bar([i + 0.2 for i in x], [r["policy"] for r in rows], 0.4, label="policy", color=COLORS[0])
+                ax.set_xlabel("eval prompt")
+                ax.set_ylabel("mean reward")
+                ax.legend(fontsize=7)
+                yield fig
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _figures(runs) -> list[tuple[str, object]]:
+    figs = [("loss_margin", _loss_margin(runs)),
+            ("rewards", _lines(runs, "implicit rewards", ["rewards/chosen", "rewards/rejected"], "reward")),
+            ("logps", _lines(runs, "log-probs of chosen (solid) and rejected (dashed)",
+                             ["logps/chosen", "logps/rejected"], "logp (nats)")),
+            ("accuracy", _lines(runs, "reward accuracy (train, held-out probe)",
+                                ["rewards/accuracies", "probe/eval_accuracy"], "accuracy")),
+            ("kl", _lines(runs, "KL(policy || reference) on samples", ["probe/kl"], "nats per sample")),
+            ("lengths", _lines(runs, "lengths: samples (solid), reference samples (dashed), chosen data (dotted)",
+                               ["probe/sample_length", "probe/reference_length", "lengths/chosen"], "tokens"))]
+    figs += [(f"per_prompt_{i}", f) for i, f in enumerate(_per_prompt(runs))]
+    return [(name, fig) for name, fig in figs if fig is not None]
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline SVG
+
+
+# ---- page ------------------------------------------------------------------------------
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+figure{display:inline-block;margin:0.5em;border:1px solid #ddd;padding:0.3em}
+figure svg{width:510px;height:auto}table{border-collapse:collapse;font-size:0.9em}
+td,th{border:1px solid #ccc;padding:0.2em 0.6em;text-align:right}pre{background:#f6f6f6;padding:0.8em;
+font-size:0.8em;overflow:auto}.flag{color:#b00020;font-weight:bold}.ok{color:#2a7}"""
+
+
+def _table(runs) -> str:
+    keys = ["steps", "loss", "rewards/margins", "rewards/accuracies", "probe/kl", "eval accuracy", "elapsed_s"]
+    out = ["<table><tr><th>run</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"]
+    for run in runs:
+        final = run.summary.get("final") or (run.rows[-1] if run.rows else {})
+        kl = [r["probe/kl"] for r in run.rows if "probe/kl" in r]
+        values = [run.summary.get("steps", len(run.rows)), final.get("loss"), final.get("rewards/margins"),
+                  final.get("rewards/accuracies"), kl[-1] if kl else None,
+                  (run.summary.get("eval") or {}).get("accuracy/implicit_reward"), run.summary.get("elapsed_s")]
+        cells = "".join(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{'' if v is None else v}</td>"
+                        for v in values)
+        out.append(f"<tr><th>{html.escape(run.name)}</th>{cells}</tr>")
+    return "\n".join(out + ["</table>"])
+
+
+def _health(runs) -> str:
+    items = []
+    for run in runs:
+        flags = run.summary.get("health") or {}
+        text = ", ".join(f'<span class="flag">{html.escape(f)}</span> from step {s}' for f, s in flags.items())
+        stop = run.summary.get("stopped_early")
+        if stop:
+            text += f" (stopped early on {html.escape(stop['check'])} at step {stop['step']})"
+        items.append(f"<li>{html.escape(run.name)}: {text or '<span class=ok>no health flags</span>'}</li>")
+    return "<ul>" + "".join(items) + "</ul>"
+
+
+def write_report(run_dirs: list[str], out: str | Path | None = None, *, png: bool = True) -> Path:
+    """Write `report.html` (and `report-<plot>.png` files beside it unless `png` is False)."""
+    runs = [read_run(d) for d in run_dirs]
+    out = Path(out) if out else runs[0].path / "report.html"
+    figs = _figures(runs)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>preftune report</title>"
+             f"<style>{_CSS}</style></head><body><h1>preftune report</h1>",
+             "<h2>Summary</h2>", _table(runs), "<h2>Health checks</h2>", _health(runs), "<h2>Plots</h2>"]
+    for name, fig in figs:
+        parts.append(f'<figure class="plot" id="plot-{name}">{_svg(fig)}</figure>')
+    for run in runs:
+        parts.append(f"<h2>Config: {html.escape(run.name)}</h2><pre>{html.escape(run.config)}</pre>")
+    parts.append("</body></html>")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    tmp.write_text("\n".join(parts))
+    if png:
+        for name, fig in figs:
+            fig.savefig(out.with_name(f"{out.stem}-{name}.png"), bbox_inches="tight")
+    for _, fig in figs:
+        _close(fig)
+    tmp.replace(out)
+    return out
+
+
+def plot_sweep(results: list[dict], out_dir: Path) -> list[Path]:
+    """KL-vs-beta and reward-vs-KL plots for `preftune sweep` (one line per learning rate)."""
+    paths = []
+    lrs = sorted({r["lr"] for r in results})
+    for name, xkey, ykey, title in (("kl_vs_beta", "beta", "kl", "KL(policy || reference) vs beta"),
+                                    ("reward_vs_kl", "kl", "reward", "held-out reward vs KL")):
+        fig, ax = _figure(title)
+        for i, lr in enumerate(lrs):
+            pts = sorted((r[xkey], r[ykey]) for r in results if r["lr"] == lr and r.get(ykey) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=COLORS[i % len(COLORS)], label=f"lr {lr:g}")
+        ax.set_xlabel(xkey)
+        ax.set_ylabel(ykey)
+        if xkey == "beta":
+            ax.set_xscale("log")
+        ax.legend(fontsize=7)
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, bbox_inches="tight")
+        fig.savefig(path.with_suffix(".svg"), bbox_inches="tight")
+        _close(fig)
+        paths.append(path)
+    return paths
