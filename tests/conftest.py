@@ -90,3 +90,16 @@ PAIRS = [
     {"prompt": "What is the capital of France?", "chosen": " Paris.", "rejected": " Bread."},
     {"prompt": "Human: how do I bake bread?", "chosen": " Mix flour and water.", "rejected": " I hate bread."},
 ] * 2
+
+
+def length_reward(prompts, completions):
+    """A reward source for tests (`fn:conftest:length_reward`): characters in the completion."""
+    return [float(len(c)) for c in completions]
+
+
+def constant_reward(prompts, completions):
+    return [1.0 for _ in completions]
+
+
+def wrong_count_reward(prompts, completions):
+    return [0.0]

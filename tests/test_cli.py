@@ -88,3 +88,29 @@ def test_non_finite_training_exits_3_with_one_line(tmp_path, capsys, tiny_model_
     assert rc == 3 and len(err) == 1
     assert "is not finite" in err[0] and "last good checkpoint: " in err[0] and "step-" in err[0]
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_eval_with_a_reward_source_and_several_sets(tmp_path, capsys, tiny_model_dir):
+    a = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    b = write_jsonl(tmp_path / "b.jsonl", PAIRS[:4])
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--data", str(a), str(b), "--reward", "fn:conftest:length_reward", "--out", str(out),
+                 f"model.name_or_path={tiny_model_dir}", "eval.kl_prompts=3", "eval.kl_samples=2",
+                 "eval.max_new_tokens=6"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {str(a), str(b)}
+    r = result[str(a)]
+    assert r["pairs"] == 8 and result[str(b)]["pairs"] == 4
+    assert r["perplexity/chosen"] > 1
+    # base model: policy and reference are the same weights and the same seed -> identical samples
+    assert r["sample_length/policy/mean"] == r["sample_length/reference/mean"]
+    assert r["reward/policy"] == r["reward/reference"] and r["win_rate"] == 0.5
+    assert r["win_rate/comparisons"] == 6 and len(r["per_prompt"]) == 3
+
+
+def test_overrides_after_several_data_files_are_not_taken_as_files(tmp_path, tiny_model_dir):
+    a = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--out", str(out), "--data", str(a), f"model.name_or_path={tiny_model_dir}",
+                 "eval.kl_prompts=0"]) == 0
+    assert json.loads(out.read_text())["pairs"] == 8

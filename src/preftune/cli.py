@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="section.key=value")
     e = sub.add_parser("eval", help="held-out accuracy, margins and KL of a run (or of the base model)")
     e.add_argument("--run", help="run directory written by `preftune train` (omit to evaluate the base model)")
-    e.add_argument("--data", required=True, help="held-out preference file")
+    e.add_argument("--data", required=True, nargs="+", help="held-out preference file(s)")
+    e.add_argument("--reward", help="score fresh policy and reference samples with this reward source "
+                   "(sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL)")
     e.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
     e.add_argument("--out", help="also write the JSON result here")
     e.add_argument("overrides", nargs="*", help="section.key=value")
@@ -79,7 +82,12 @@ def _run(args) -> int:
             config = Path(args.run) / "config.yaml"
             if not config.is_file():
                 raise ConfigError(str(args.run), "config.yaml", "not a run directory (no config.yaml)")
-        result = run_eval(load_config(config, args.overrides), run_dir=args.run, data_path=args.data)
+        # `--data a b section.key=v`: argparse hands the override to --data; give it back
+        is_override = [bool(re.match(r"^[a-z_]+\.[a-z_]+=", x)) and not Path(x).exists() for x in args.data]
+        args.overrides += [x for x, o in zip(args.data, is_override) if o]
+        args.data = [x for x, o in zip(args.data, is_override) if not o]
+        result = run_eval(load_config(config, args.overrides), run_dir=args.run, data_path=args.data,
+                          reward=args.reward)
         print(write_json(result, args.out))
         return 0
     if args.command == "demo":

@@ -18,7 +18,7 @@ from .data.collate import collate_sequences
 from .logprobs import completion_logps
 
 __all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "load_run_policy", "probe",
-           "reference_sample_length"]
+           "reference_sample_length", "sample_metrics"]
 
 
 @torch.no_grad()
@@ -37,6 +37,7 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     was_training = model.training
     model.eval()
     sums: dict[str, float] = {}
+    tokens = 0
     for i in range(0, len(pairs), batch_size):
         losses, parts = loss_forward(model, reference, scorer, collate_pairs(pairs[i: i + batch_size], pad_id), kwargs)
         margins = parts["chosen_rewards"] - parts["rejected_rewards"]
@@ -46,8 +47,11 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
                            ("rewards/rejected", parts["rejected_rewards"]), ("loss", losses),
                            ("logps/chosen", parts["policy_chosen"]), ("logps/rejected", parts["policy_rejected"])):
             sums[key] = sums.get(key, 0.0) + value.float().sum().item()
+            tokens = tokens + parts["chosen_lengths"].sum().item()
     model.train(was_training)
     result = {"pairs": len(pairs), **{k: v / len(pairs) for k, v in sums.items()}}
+    # per-token perplexity of the chosen completions under the policy
+    result["perplexity/chosen"] = math.exp(-sums["logps/chosen"] / max(tokens, 1))
     if not spec.paired:
         del result["loss"]
     return result
@@ -160,17 +164,67 @@ def load_run_policy(run_dir: Path, base_model, *, is_trainable: bool = False):
     return load_model(str(model_dir))
 
 
-def run_eval(cfg, *, run_dir: str | None, data_path: str) -> dict:
-    """Evaluate the run's policy (or the base model when `run_dir` is None) on `data_path`."""
+def _length_stats(samples, prefix: str) -> dict:
+    lengths = sorted(len(c) for _, c in samples)
+    if not lengths:
+        return {}
+    return {f"{prefix}/mean": sum(lengths) / len(lengths), f"{prefix}/median": lengths[len(lengths) // 2],
+            f"{prefix}/p90": lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]}
+
+
+def _texts(tokenizer, samples) -> tuple[list[str], list[str]]:
+    eos = tokenizer.eos_token_id
+    return ([tokenizer.decode(p) for p, _ in samples],
+            [tokenizer.decode([t for t in c if t != eos]) for _, c in samples])
+
+
+def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int,
+                   seed: int, reward=None) -> dict:
+    """Fresh samples from policy and reference on the same prompts (same seed): KL on the
+    policy's samples, length statistics of both, and with a reward source their mean scores, the
+    policy's win rate (policy sample k vs reference sample k of each prompt; ties count half)
+    and per-prompt means."""
+    pad = tokenizer.pad_token_id
+    pol = sample_completions(policy, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, seed=seed)
+    with reference.context():
+        ref = sample_completions(reference.forward_model(policy), tokenizer, prompts, n=n,
+                                 max_new_tokens=max_new_tokens, seed=seed)
+    out = {**kl_estimate(policy, reference, pol, pad_id=pad), **_length_stats(pol, "sample_length/policy"),
+           **_length_stats(ref, "sample_length/reference")}
+    if reward is None:
+        return out
+    p_text, pol_text = _texts(tokenizer, pol)
+    _, ref_text = _texts(tokenizer, ref)
+    ps, rs = reward.score(p_text, pol_text), reward.score(p_text, ref_text)
+    pairs = [(a, b) for a, b in zip(ps, rs) if math.isfinite(a) and math.isfinite(b)]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
+    out.update({"reward/source": reward.name, "reward/policy": sum(a for a, _ in pairs) / max(len(pairs), 1),
+                "reward/reference": sum(b for _, b in pairs) / max(len(pairs), 1),
+                "win_rate": wins / max(len(pairs), 1), "win_rate/comparisons": len(pairs),
+                "reward/failed": len(ps) - len(pairs),
+                "per_prompt": [{"prompt": p_text[i * n],
+                                "policy": sum(ps[i * n:(i + 1) * n]) / n, "reference": sum(rs[i * n:(i + 1) * n]) / n}
+                               for i in range(len(prompts))]})
+    return out
+
+
+def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: str | None = None) -> dict:
+    """Evaluate the run's policy (or the base model when `run_dir` is None) on one held-out
+    file, or on several (then the result maps each path to its own result)."""
     from .losses import build_loss
     from .models import FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
     from .train import load_data, loss_kwargs, prepare_pairs
 
+    paths = [data_path] if isinstance(data_path, str) else list(data_path)
     m, spec = cfg.model, build_loss(cfg.loss.name, cfg.loss.mix)
-    records = load_data(data_path, cfg.data)  # bad data fails here, before any weights load
+    all_records = [load_data(p, cfg.data) for p in paths]  # bad data fails here, before any weights load
+    source = None
+    if reward:
+        from .online.rewards import build_reward
+
+        source = build_reward(reward)
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
-    pairs, stats = prepare_pairs(data_path, cfg, tokenizer, records)
     base = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                       allow_pickle_weights=m.allow_pickle_weights)
     if run_dir is None:
@@ -183,15 +237,19 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str) -> dict:
     else:
         policy, reference = load_run_policy(Path(run_dir), base), FrozenCopyReference(base)
     policy.eval()
-    result = {"run": run_dir or "(base model)", "data": data_path, "data_stats": stats.as_dict(),
-              **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
-                               batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)}
-    e = cfg.eval
-    if e.kl_prompts:
-        samples = sample_completions(policy, tokenizer, [p.prompt_ids for p in pairs[: e.kl_prompts]],
-                                     n=e.kl_samples, max_new_tokens=e.max_new_tokens, seed=cfg.train.seed)
-        result.update(kl_estimate(policy, reference, samples, pad_id=tokenizer.pad_token_id))
-    return result
+    results = {}
+    for path, records in zip(paths, all_records):
+        pairs, stats = prepare_pairs(path, cfg, tokenizer, records)
+        result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(),
+                  **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
+                                   batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)}
+        e = cfg.eval
+        if e.kl_prompts:
+            prompts = list({tuple(p.prompt_ids): p.prompt_ids for p in pairs}.values())[: e.kl_prompts]
+            result.update(sample_metrics(policy, reference, tokenizer, prompts, n=e.kl_samples,
+                                         max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, reward=source))
+        results[path] = result
+    return results[paths[0]] if len(paths) == 1 else results
 
 
 def write_json(result: dict, out: str | None) -> str:

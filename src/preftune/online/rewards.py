@@ -1,0 +1,218 @@
+"""Reward sources: one registry, each scoring (prompt, completion) pairs with one float.
+
+A source is named by a spec string, `kind:argument`:
+
+    sentiment                 VADER compound sentiment in [-1, 1] (the demo's reward)
+    fn:package.module:func    a Python callable func(prompts, completions) -> list of floats
+    rm:PATH                   a Hugging Face sequence-classification reward model (logit 0)
+    implicit:RUN_DIR          beta * log(pi / pi_ref) of a trained preftune run (its own beta)
+    judge:URL                 an LLM judge over an OpenAI-compatible chat API (see judge.py)
+
+and combined with `ensemble(sources, weights, disagreement_penalty=...)` or
+`length_penalized(source, alpha)`. Sources are plain objects with `name` and
+`score(prompts, completions)`; nothing inherits from anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import ConfigError
+
+__all__ = ["RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward"]
+
+
+class RewardSource(Protocol):
+    name: str
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        """One float per (prompt, completion); higher is better."""
+
+
+@dataclass
+class FunctionReward:
+    name: str
+    fn: Callable
+
+    def score(self, prompts, completions):
+        out = [float(x) for x in self.fn(list(prompts), list(completions))]
+        if len(out) != len(completions):
+            raise ConfigError(self.name, "reward", f"returned {len(out)} scores for {len(completions)} completions")
+        return out
+
+
+def _sentiment(_prompts, completions):
+    from ..demo import sentiment_scores
+
+    return sentiment_scores(completions)
+
+
+def _callable(spec: str, arg: str) -> FunctionReward:
+    module, _, func = arg.rpartition(":")
+    if not module or not func:
+        raise ConfigError(spec, "reward", "expected fn:package.module:function")
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(spec, "reward", f"cannot import {func!r} from {module!r} ({err})") from None
+    return FunctionReward(spec, fn)
+
+
+@dataclass
+class RewardModel:
+    """A sequence-classification model scoring the prompt and completion as one text."""
+    name: str
+    model: object
+    tokenizer: object
+    batch_size: int = 16
+    max_length: int = 1024
+
+    @classmethod
+    def load(cls, spec: str, path: str) -> RewardModel:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise ConfigError(spec, "reward", f"no reward model directory at {path}")
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model.config.pad_token_id = tok.pad_token_id
+        return cls(spec, model, tok)
+
+    def score(self, prompts, completions):
+        import torch
+
+        out = []
+        texts = [p + c for p, c in zip(prompts, completions)]
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i: i + self.batch_size], return_tensors="pt", padding=True,
+                                     truncation=True, max_length=self.max_length)
+                out += self.model(**enc).logits[:, 0].float().tolist()
+        return out
+
+
+@dataclass
+class ImplicitReward:
+    """DPO's implicit reward of a run: beta * (log pi(y|x) - log pi_ref(y|x)), summed over tokens."""
+    name: str
+    policy: object
+    reference: object
+    tokenizer: object
+    beta: float
+    batch_size: int = 8
+
+    @classmethod
+    def load(cls, spec: str, run_dir: str) -> ImplicitReward:
+        from ..config import load_config
+        from ..evaluate import load_run_policy
+        from ..models import (
+            AdaptersOffReference,
+            FrozenCopyReference,
+            load_model,
+            load_tokenizer,
+            resolve_model_dir,
+        )
+
+        run = Path(run_dir)
+        if not (run / "config.yaml").is_file() or not (run / "model").is_dir():
+            raise ConfigError(spec, "reward", f"{run_dir} is not a finished preftune run (config.yaml, model/)")
+        cfg = load_config(run / "config.yaml")
+        model_dir = resolve_model_dir(cfg.model.name_or_path)
+        base = load_model(model_dir)
+        policy = load_run_policy(run, base).eval()
+        lora = (run / "model" / "adapter_config.json").is_file()
+        reference = AdaptersOffReference(policy) if lora else FrozenCopyReference.of(load_model(model_dir))
+        return cls(spec, policy, reference, load_tokenizer(model_dir), cfg.loss.beta)
+
+    def score(self, prompts, completions):
+        import torch
+
+        from ..data.collate import collate_sequences
+        from ..logprobs import completion_logps
+
+        tok, out = self.tokenizer, []
+        p_ids = [tok(p)["input_ids"] for p in prompts]
+        c_ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+        with torch.no_grad():
+            for i in range(0, len(prompts), self.batch_size):
+                batch = collate_sequences(p_ids[i: i + self.batch_size], c_ids[i: i + self.batch_size],
+                                          tok.pad_token_id)
+                pol, _ = completion_logps(self.policy, batch)
+                with self.reference.context():
+                    ref, _ = completion_logps(self.reference.forward_model(self.policy), batch)
+                out += (self.beta * (pol - ref)).tolist()
+        return out
+
+
+@dataclass
+class Ensemble:
+    """sum_i w_i * s_i - penalty * std_i(s_i): a weighted sum, less a disagreement penalty (the
+    population standard deviation of the members' scores for the same completion)."""
+    name: str
+    members: list
+    weights: list[float]
+    disagreement_penalty: float = 0.0
+
+    def score(self, prompts, completions):
+        columns = [m.score(prompts, completions) for m in self.members]
+        out = []
+        for values in zip(*columns):
+            total = sum(w * v for w, v in zip(self.weights, values))
+            mean = sum(values) / len(values)
+            spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+            out.append(total - self.disagreement_penalty * spread)
+        return out
+
+
+@dataclass
+class LengthPenalized:
+    """score - alpha * (completion length in words): counters rewards that favour verbosity."""
+    name: str
+    inner: object
+    alpha: float
+
+    def score(self, prompts, completions):
+        return [s - self.alpha * len(c.split()) for s, c in zip(self.inner.score(prompts, completions), completions)]
+
+
+def _judge(spec: str, url: str):
+    from .judge import JudgeReward
+
+    return JudgeReward.from_spec(spec, url)
+
+
+REWARD_KINDS: dict[str, Callable[[str, str], object]] = {
+    "sentiment": lambda spec, _arg: FunctionReward(spec, _sentiment),
+    "fn": _callable,
+    "rm": RewardModel.load,
+    "implicit": ImplicitReward.load,
+    "judge": _judge,
+}
+
+
+def build_reward(spec, *, length_penalty: float = 0.0):
+    """A source from a spec string, or an ensemble from {"ensemble": [[spec, weight], ...],
+    "disagreement_penalty": x}; `length_penalty` wraps the result."""
+    if isinstance(spec, dict):
+        members = spec.get("ensemble")
+        if not isinstance(members, list) or not members:
+            raise ConfigError("reward", "ensemble", "expected a non-empty list of [spec, weight]")
+        sources = [build_reward(m[0]) for m in members]
+        source = Ensemble("ensemble(" + ", ".join(f"{m[1]}*{m[0]}" for m in members) + ")", sources,
+                          [float(m[1]) for m in members], float(spec.get("disagreement_penalty", 0.0)))
+    else:
+        kind, _, arg = str(spec).partition(":")
+        if kind not in REWARD_KINDS:
+            from ..config import _did_you_mean
+
+            raise ConfigError(str(spec), "reward", f"unknown reward source {kind!r}{_did_you_mean(kind, REWARD_KINDS)};"
+                              f" known: {', '.join(REWARD_KINDS)}")
+        source = REWARD_KINDS[kind](str(spec), arg)
+    return LengthPenalized(f"{source.name}-{length_penalty}*len", source, length_penalty) if length_penalty else source

@@ -1,0 +1,80 @@
+"""online/rewards.py: every reward source, the ensemble and length-penalty math, bad specs."""
+
+import pytest
+import torch
+
+from conftest import PAIRS, write_jsonl
+from preftune.errors import ConfigError
+from preftune.online.rewards import build_reward
+
+
+def test_sentiment_orders_positive_above_negative():
+    r = build_reward("sentiment")
+    good, bad = r.score(["x", "x"], ["a wonderful, lovely film", "an awful, terrible film"])
+    assert good > 0.5 and bad < -0.5
+
+
+def test_function_source_and_its_errors():
+    r = build_reward("fn:conftest:length_reward")
+    assert r.score(["p", "p"], ["abc", ""]) == [3.0, 0.0]
+    with pytest.raises(ConfigError, match="returned 1 scores for 2"):
+        build_reward("fn:conftest:wrong_count_reward").score(["p", "p"], ["a", "b"])
+    with pytest.raises(ConfigError, match="cannot import"):
+        build_reward("fn:conftest:no_such_function")
+    with pytest.raises(ConfigError, match="expected fn:package.module:function"):
+        build_reward("fn:justaname")
+    with pytest.raises(ConfigError, match="did you mean 'judge'"):
+        build_reward("judgee:http://x")
+
+
+def test_ensemble_is_a_weighted_sum_less_the_disagreement_penalty():
+    spec = {"ensemble": [["fn:conftest:length_reward", 0.5], ["fn:conftest:constant_reward", 2.0]],
+            "disagreement_penalty": 0.1}
+    r = build_reward(spec)
+    # completion "abcd": members 4 and 1; weighted 0.5*4 + 2*1 = 4; population std of (4, 1) = 1.5
+    assert r.score(["p"], ["abcd"]) == [pytest.approx(4.0 - 0.1 * 1.5)]
+    assert r.score(["p"], ["a"]) == [pytest.approx(2.5)]  # members agree (1, 1): no penalty
+    with pytest.raises(ConfigError, match="ensemble"):
+        build_reward({"ensemble": []})
+
+
+def test_length_penalty_subtracts_alpha_per_word():
+    r = build_reward("fn:conftest:constant_reward", length_penalty=0.25)
+    assert r.score(["p", "p"], ["one two three four", "one"]) == [pytest.approx(0.0), pytest.approx(0.75)]
+
+
+def test_reward_model_scores_with_logit_zero(tmp_path, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(cfg).eval()
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    r = build_reward(f"rm:{tmp_path / 'rm'}")
+    scores = r.score(["The movie was", "I hated"], [" great.", " the long ending."])
+    with torch.no_grad():
+        expect = [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item()
+                  for t in ("The movie was great.", "I hated the long ending.")]
+    assert scores == pytest.approx(expect, abs=1e-5)  # padding in the batch changes nothing
+    with pytest.raises(ConfigError, match="no reward model directory"):
+        build_reward(f"rm:{tmp_path / 'missing'}")
+
+
+def test_implicit_reward_of_a_trained_run_prefers_what_it_was_trained_to_prefer(tmp_path, tiny_model_dir):
+    from preftune.config import load_config
+    from preftune.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}",
+                             f"run.output_dir={tmp_path / 'run'}", "train.lr=3e-2", "train.epochs=6",
+                             "loss.beta=0.5", "model.lora_r=4", "diagnostics.probe_every=0"])
+    train(cfg)
+    r = build_reward(f"implicit:{tmp_path / 'run'}")
+    prompts = [p["prompt"] for p in PAIRS[:4]]
+    chosen = r.score(prompts, [p["chosen"] for p in PAIRS[:4]])
+    rejected = r.score(prompts, [p["rejected"] for p in PAIRS[:4]])
+    assert sum(c > j for c, j in zip(chosen, rejected)) >= 3
+    with pytest.raises(ConfigError, match="not a finished preftune run"):
+        build_reward(f"implicit:{tmp_path}")
