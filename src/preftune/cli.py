@@ -47,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
     rp.add_argument("--no-png", action="store_true", help="skip the PNG files")
+    da = sub.add_parser("data", help="inspect preference data (and, with the labeling tools, agree/build)")
+    dsub = da.add_subparsers(dest="data_command", required=True)
+    di = dsub.add_parser("inspect", help="lengths, length bias, duplicates, truncation, boundary mismatches")
+    di.add_argument("path")
+    di.add_argument("--json", action="store_true", help="print the full JSON instead of the summary")
+    di.add_argument("overrides", nargs="*", help="data.* and model.* settings (the tokenizer comes from the model)")
+    ad = sub.add_parser("advise", help="recommend a method from the data and the memory budget")
+    ad.add_argument("path")
+    ad.add_argument("--memory-gb", type=float, help="memory available for training (default: no limit)")
+    ad.add_argument("overrides", nargs="*", help="data.* and model.* settings (model.lora decides the reference cost)")
     v = sub.add_parser("validate-data", help="check a preference file without loading a model")
     v.add_argument("path")
     v.add_argument("overrides", nargs="*", help="data.* settings, e.g. data.format=hh")
@@ -95,6 +105,8 @@ def _run(args) -> int:
 
         run_demo(Path(args.output_dir), quick=args.quick)
         return 0
+    if args.command in ("data", "advise"):
+        return _data_command(args)
     if args.command == "report":
         from .report import write_report
 
@@ -109,6 +121,33 @@ def _run(args) -> int:
     return 2
 
 
+def _data_command(args) -> int:
+    import json
+
+    from .config import load_config
+    from .data.inspect import format_inspection, inspect_records
+    from .data.sources import is_unpaired_file
+    from .models import count_parameters, load_tokenizer, resolve_model_dir
+    from .train import load_data
+
+    cfg = load_config(None, args.overrides)
+    d = cfg.data
+    unpaired = is_unpaired_file(args.path, fmt=d.format, column_map=d.column_map)
+    d.allow_degenerate = d.allow_empty_completions = True  # inspection reports them instead of stopping
+    records = load_data(args.path, d, paired=not unpaired)
+    model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    stats = inspect_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+    if args.command == "advise":
+        from .advise import advise
+
+        advice = advise(stats, params=count_parameters(model_dir), memory_gb=args.memory_gb, lora=cfg.model.lora)
+        print(advice.text())
+        return 0
+    print(json.dumps(stats, indent=2) if args.json else format_inspection(args.path, stats))
+    return 0
+
+
 def _quiet_libraries() -> None:
     """Keep stderr for our own one-line errors: no weight-loading bars or known-noise warnings."""
     import warnings
@@ -120,13 +159,24 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def _take_overrides(args, extra: list[str]) -> None:
+    """`section.key=value` words after an option (`advise F --memory-gb 2 model.lora=false`) land
+    in `extra`; they are overrides like the ones before it. Anything else is an error."""
+    stray = [x for x in extra if not re.match(r"^[a-z_]+\.[a-z_]+=", x)]
+    if stray or (extra and not hasattr(args, "overrides")):
+        _parser().error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .errors import PreftuneError
 
     _quiet_libraries()
 
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    _take_overrides(args, extra)
     try:
         return _run(args)
     except PreftuneError as err:

@@ -211,3 +211,18 @@ def weights_sha256(model, *, skip_substring: str = "lora_") -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def count_parameters(model_dir: str) -> int:
+    """Parameters in a model directory's safetensors files, read from their headers (no weights load)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total

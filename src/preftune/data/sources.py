@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import DataError
 from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
+__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -341,6 +341,18 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
     if not records:
         raise DataError(path, 1, "file", "no records" + ("" if part == slice(None) else " in the slice"))
     return records
+
+
+def is_unpaired_file(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None) -> bool:
+    """True when the file's first record is unpaired (prompt/completion/label) data."""
+    if fmt != "auto":
+        return fmt in UNPAIRED_FORMATS
+    file, _ = split_path(path)
+    for _, row in read_rows(file):
+        if isinstance(row, dict):
+            return _detect({(column_map or {}).get(k, k): v for k, v in row.items()}) in UNPAIRED_FORMATS
+        return False
+    return False
 
 
 def to_unpaired(records: list[PreferenceRecord]) -> list[UnpairedRecord]:
