@@ -226,3 +226,16 @@ def test_stop_on_kl_drift_ends_the_run_early_and_saves_the_model(tmp_path, tiny_
     assert result.steps == 3 and len(_metrics(result.run_dir)) == 3
     assert "stopping early: kl_drift at step 3" in capsys.readouterr().out
     assert (result.run_dir / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_tensorboard_tracker_receives_the_metrics(tmp_path, tiny_model_dir):
+    pytest.importorskip("tensorboard")  # a dev dependency: installed by `make test`
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(_cfg(tmp_path, tiny_model_dir, "train.epochs=2", "train.batch_size=4",
+                        "train.report_to=[tensorboard]", "diagnostics.probe_every=0"))
+    events = list((result.run_dir / "trackers").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    losses = [e.value for e in acc.Scalars("loss")]
+    assert losses == pytest.approx([r["loss"] for r in _metrics(result.run_dir)], abs=1e-6)

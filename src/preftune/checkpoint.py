@@ -198,7 +198,7 @@ def fingerprint(cfg, tokenizer) -> dict:
     return {"preftune_version": _version(), "data.train_sha256": _file_digest(cfg.data.train_path),
             "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
             **{f"{section}.{k}": v for section in ("model", "data", "loss", "train") for k, v in c[section].items()
-               if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path"}}}
+               if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path", "report_to"}}}
 
 
 def check_fingerprint(saved: dict, current: dict, allow_change: bool, path: Path) -> None:

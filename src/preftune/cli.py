@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the controlled-sentiment DPO demo on the default model")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    sw = sub.add_parser("sweep", help="grid over beta x learning rate (x warmup): table and KL/reward plots")
+    sw.add_argument("-c", "--config", help="YAML config for every point (run.output_dir holds the grid)")
+    sw.add_argument("--beta", required=True, help="comma-separated, e.g. 0.05,0.1,0.5")
+    sw.add_argument("--lr", required=True, help="comma-separated, e.g. 1e-4,5e-4")
+    sw.add_argument("--warmup", help="comma-separated warmup ratios (default: the config's)")
+    sw.add_argument("--reward", help="score fresh samples with this reward source (else: held-out margin)")
+    sw.add_argument("overrides", nargs="*", help="section.key=value")
     rp = sub.add_parser("report", help="a self-contained HTML page (and PNGs) from one or more run directories")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
@@ -107,6 +114,19 @@ def _run(args) -> int:
         return 0
     if args.command in ("data", "advise"):
         return _data_command(args)
+    if args.command == "sweep":
+        from .report import plot_sweep
+        from .sweep import results_table, run_sweep
+
+        floats = lambda text, name: _floats(text, f"--{name}")  # noqa: E731
+        rows = run_sweep(load_config(args.config, args.overrides), betas=floats(args.beta, "beta"),
+                         lrs=floats(args.lr, "lr"), warmups=floats(args.warmup, "warmup") if args.warmup else None,
+                         reward=args.reward)
+        root = Path(load_config(args.config, args.overrides).run.output_dir)
+        plot_sweep(rows, root)
+        print(results_table(rows))
+        print(f"sweep: {root}/results.md, kl_vs_beta.png, reward_vs_kl.png")
+        return 0
     if args.command == "report":
         from .report import write_report
 
@@ -157,6 +177,15 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    from .errors import ConfigError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError("command line", flag, f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _take_overrides(args, extra: list[str]) -> None:

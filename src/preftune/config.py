@@ -87,6 +87,7 @@ class TrainConfig:
     log_every: int = _f(1, "write metrics every N optimizer steps")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_last: int = _f(2, "checkpoints kept on disk (the newest is never deleted)")
+    report_to: list = _f([], "trackers through Accelerate: tensorboard, wandb, mlflow, ... (logs go under the run)")
 
 
 @dataclass

@@ -273,7 +273,8 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     # ---- model, reference, optimizer ----
     set_seed(t.seed)
     model, reference, reference_info = _build_policy(cfg, spec, model_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available(),
+                              log_with=t.report_to or None, project_dir=str(run_dir))
     sampler = EpochSampler(len(data.examples), t.seed)
     # its own generator: each new iterator draws a seed, which must not consume the global RNG
     # that dropout uses (a resumed run creates one more iterator than an uninterrupted one)
@@ -306,6 +307,8 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
         print(f"data: {stats.pairs} {'pairs' if spec.paired else 'examples'}, {stats.truncated} truncated, "
                f"{stats.dropped} dropped (lines {stats.truncated_lines or '-'}), {stats.dropped_eval_prompts} "
                f"dropped as eval prompts; loss: {spec.name}; reference: {reference_info['strategy']}")
+    if t.report_to:
+        accelerator.init_trackers("trackers", config=_flat_config(cfg))
     metrics_file = open(run_dir / "metrics.jsonl", "w") if main else None
     for row in history:  # a resumed run keeps the rows up to its checkpoint, bit for bit
         metrics_file.write(json.dumps(row) + "\n")
@@ -361,6 +364,8 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
             if main and step % t.log_every == 0:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            if t.report_to and step % t.log_every == 0:
+                accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total_steps:
                 accelerator.wait_for_everyone()
                 if main:
@@ -397,6 +402,8 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
         summary["eval"] = evaluate_pairs(model, reference, spec, data.eval_pairs, loss_kwargs=kwargs,
                                          batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)
     accelerator.wait_for_everyone()
+    if t.report_to:
+        accelerator.end_training()
     if main:
         metrics_file.close()
         final = accelerator.unwrap_model(model)
@@ -439,6 +446,12 @@ def _probe(model, reference, tokenizer, data: _Data, spec: LossSpec, cfg: Config
     return probe(model, reference, tokenizer, _probe_prompts(data, cfg), max_new_tokens=cfg.eval.max_new_tokens,
                  seed=cfg.train.seed + step, eval_pairs=(data.eval_pairs or [])[: cfg.diagnostics.probe_eval_pairs], spec=spec, loss_kwargs=data.kwargs,
                  batch_size=cfg.eval.batch_size, reference_length=baseline)
+
+
+def _flat_config(cfg: Config) -> dict:
+    """Scalar settings as `section.key` for tracker hyperparameter tables (lists as text)."""
+    return {f"{sec}.{k}": v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+            for sec, values in dataclasses.asdict(cfg).items() for k, v in values.items()}
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
