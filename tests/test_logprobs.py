@@ -48,3 +48,48 @@ def test_sequence_logps_hand_example():
     assert torch.allclose(logps, torch.tensor([2 * -0.693147, -0.693147]), atol=1e-6)
     assert counts.tolist() == [2, 1]
     assert F.cross_entropy(torch.zeros(1, 2), torch.tensor([0])).item() > 0  # sanity of the identity used
+
+
+# ---- packing and prefix sharing: same numbers as the plain padded path ----------------------
+
+def test_packed_layouts_equal_the_padded_path_in_value_and_gradient():
+    import pytest
+
+    from preftune.data.collate import collate_packed_pairs
+
+    torch.manual_seed(0)
+    results = {}
+    for name, batch in (("padded", collate_pairs(PAIRS, pad_id=0)),
+                        ("packed", collate_packed_pairs(PAIRS, prefix_sharing=False)),
+                        ("prefix", collate_packed_pairs(PAIRS, prefix_sharing=True))):
+        model = build_model(64)  # same seed -> same weights
+        logps, counts = completion_logps(model, batch)
+        logps.sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results[name] = (logps.detach(), counts, grads)
+    base = results["padded"]
+    for name in ("packed", "prefix"):
+        assert torch.allclose(results[name][0], base[0], atol=1e-5), name
+        assert results[name][1].tolist() == base[1].tolist() == [3, 5, 2, 2, 2, 4]
+        assert torch.allclose(results[name][2], base[2], atol=1e-5), name
+    with pytest.raises(AssertionError):  # the comparison can fail: a changed pair changes the numbers
+        changed = [PAIRS[0], PAIRS[1], TokenizedPair([3, 4, 5, 6, 7, 9], [9, 2], [9, 10, 11, 2], "x", 3)]
+        other, _ = completion_logps(build_model(64), collate_packed_pairs(changed))
+        assert torch.allclose(other.detach(), base[0], atol=1e-5)
+
+
+def test_prefix_sharing_mask_and_positions_hand_example():
+    from preftune.data.collate import collate_packed_pairs
+
+    b = collate_packed_pairs([TokenizedPair([5, 6], [8, 9], [10], "x", 1)], prefix_sharing=True)
+    assert b["input_ids"].tolist() == [[5, 6, 8, 9, 10]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
+    m = b["attention_mask"][0, 0].int().tolist()
+    assert m == [[1, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0],
+                 [1, 1, 1, 0, 0],
+                 [1, 1, 1, 1, 0],
+                 [1, 1, 0, 0, 1]]  # the rejected token sees the prompt and itself, never chosen
+    # logits at position 1 (prompt end) predict chosen[0] and rejected[0]; position 2 predicts chosen[1]
+    assert b["keep"].tolist() == [1, 2, 1] and b["targets"].tolist() == [8, 9, 10]
+    assert b["seq_index"].tolist() == [0, 0, 1] and b["n_seqs"] == 2

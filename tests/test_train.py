@@ -239,3 +239,38 @@ def test_tensorboard_tracker_receives_the_metrics(tmp_path, tiny_model_dir):
     acc = EventAccumulator(str(events[0].parent)).Reload()
     losses = [e.value for e in acc.Scalars("loss")]
     assert losses == pytest.approx([r["loss"] for r in _metrics(result.run_dir)], abs=1e-6)
+
+
+def test_reference_cache_equals_the_live_reference_and_is_reused(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from preftune.models import AdaptersOffReference
+
+    calls = []
+    original = AdaptersOffReference.context
+    monkeypatch.setattr(AdaptersOffReference, "context", lambda self: calls.append(1) or original(self))
+    common = ("train.epochs=3", "train.batch_size=4", "diagnostics.probe_every=0", "eval.batch_size=8")
+    live = train(_cfg(tmp_path, tiny_model_dir, *common, name="live"))
+    live_calls, calls[:] = len(calls), []
+    cached = train(_cfg(tmp_path, tiny_model_dir, *common, "train.reference_cache=true", name="cached"))
+    assert live_calls == 6 and len(calls) == 1  # one no-grad pass over the 8 pairs, none per step
+    assert "computed and cached in" in capsys.readouterr().out
+    a, b = _metrics(live.run_dir), _metrics(cached.run_dir)
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-5), key
+    calls[:] = []
+    train(_cfg(tmp_path, tiny_model_dir, *common, "train.reference_cache=true", name="again"))
+    assert calls == [] and "read from" in capsys.readouterr().out  # another run: nothing recomputed
+    from safetensors.torch import load_file
+
+    from preftune.models import cache_root
+
+    files = list((cache_root() / "reference_logps").glob("*.safetensors"))
+    assert files and {load_file(str(f))["logps"].shape[0] for f in files} == {8}
+
+
+def test_reference_cache_key_changes_with_every_input():
+    from preftune.refcache import cache_key
+
+    base = dict(reference_sha256="a", tokenizer_sha256="t", data_sha256="d", data_settings={"max_length": 64})
+    keys = {cache_key(**base), cache_key(**{**base, "reference_sha256": "b"}), cache_key(**{**base, "tokenizer_sha256": "u"}),
+            cache_key(**{**base, "data_sha256": "e"}), cache_key(**{**base, "data_settings": {"max_length": 65}})}
+    assert len(keys) == 5 and cache_key(**base) == cache_key(**dict(base))

@@ -170,13 +170,15 @@ class EpochSampler(torch.utils.data.Sampler):
     `position`, not `set_epoch`: Accelerate calls `set_epoch` with its own counter, which
     would undo the resume position.)"""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int | None):
         self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
 
     def position(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
+        if self.seed is None:  # file order
+            return iter(range(self.skip, self.n))
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 1000003 * self.epoch))
         return iter(order[self.skip:].tolist())
 
@@ -198,7 +200,8 @@ def fingerprint(cfg, tokenizer) -> dict:
     return {"preftune_version": _version(), "data.train_sha256": _file_digest(cfg.data.train_path),
             "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
             **{f"{section}.{k}": v for section in ("model", "data", "loss", "train") for k, v in c[section].items()
-               if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path", "report_to"}}}
+               if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path", "report_to", "layout",
+                            "prefix_sharing", "reference_cache"}}}
 
 
 def check_fingerprint(saved: dict, current: dict, allow_change: bool, path: Path) -> None:

@@ -57,6 +57,8 @@ class DataConfig:
     allow_empty_completions: bool = _f(False, "keep empty completions as EOS-only (they are counted)")
     paired_to_unpaired: bool = _f(False, "for unpaired losses (kto): split each pair into two labelled examples")
     drop_eval_prompts: bool = _f(False, "drop training rows whose prompt appears in data.eval_path (counted)")
+    layout: str = _f("packed", "packed: every pair of a micro-batch in one row, no padding | padded: 2B padded rows")
+    prefix_sharing: bool = _f(True, "packed: the prompt is processed once; chosen and rejected attend to it")
 
 
 @dataclass
@@ -87,6 +89,9 @@ class TrainConfig:
     log_every: int = _f(1, "write metrics every N optimizer steps")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_last: int = _f(2, "checkpoints kept on disk (the newest is never deleted)")
+    shuffle: bool = _f(True, "reshuffle the training data every epoch (false: file order)")
+    reference_cache: bool = _f(False, "compute reference logps once, cache them on disk, never run the reference "
+                                      "during training (reused across epochs and runs)")
     report_to: list = _f([], "trackers through Accelerate: tensorboard, wandb, mlflow, ... (logs go under the run)")
 
 
@@ -133,6 +138,7 @@ class Config:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.format": ("auto", "standard", "conversational", "implicit", "hh"),
+    "data.layout": ("packed", "padded"),
     "train.scheduler": ("cosine", "linear", "constant"),
 }
 

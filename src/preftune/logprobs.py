@@ -34,11 +34,27 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     completion token of the batch minus one (`logits_to_keep`): prompt positions before it
     never reach the (N, K, V) logits. Returns summed completion logps (N,) and counts (N,).
     """
+    if "seq_index" in batch:
+        return _packed_logps(model, batch)
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
     first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))  # earliest completion token
     keep = torch.arange(first - 1, input_ids.size(1) - 1, device=input_ids.device)  # (K,)
     out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
     return sequence_logps(out.logits, input_ids[:, keep + 1], completion_mask[:, keep + 1])
+
+
+def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed row (data/collate.collate_packed): the LM head runs only at `keep`, the positions
+    that predict completion tokens, so neither prompt nor padding positions reach it."""
+    dtype = next(p for p in model.parameters()).dtype
+    mask = batch["attention_mask"]
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=additive,
+                logits_to_keep=batch["keep"], use_cache=False)
+    token_logps = -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
+    n, seq = int(batch["n_seqs"]), batch["seq_index"]
+    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
+    return logps, torch.bincount(seq, minlength=n)
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,7 @@ from .data import (
     tokenize_records,
     tokenize_unpaired,
 )
+from .data.collate import attach_reference, collate_packed_pairs
 from .diagnostics import health_checks, step_metrics
 from .errors import ConfigError, NumericalError
 from .logprobs import completion_logps, split_pairs
@@ -124,7 +125,9 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict):
     logps, counts = completion_logps(model, batch)
     first, second = split_pairs(logps)
     first_n, second_n = split_pairs(counts)
-    if spec.needs_reference:
+    if "reference_logps" in batch:  # cached once for the whole run (refcache.py)
+        ref_first, ref_second = split_pairs(batch["reference_logps"])
+    elif spec.needs_reference:
         with torch.no_grad(), reference.context():
             ref_first, ref_second = split_pairs(completion_logps(reference.forward_model(model), batch)[0])
     else:  # reference-free losses never run (or load) a reference
@@ -184,7 +187,7 @@ def _prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records)
         records, held_out_dropped = drop_eval_prompts(records, eval_records)
     if spec.paired:
         examples, stats = prepare_pairs(d.train_path, cfg, tokenizer, records)
-        collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+        collate = pair_collator(cfg, tokenizer)
     else:
         examples, stats = tokenize_unpaired(records, tokenizer, max_length=d.max_length,
                                             max_prompt_length=d.max_prompt_length)
@@ -196,6 +199,40 @@ def _prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records)
         kwargs["desirable_weight"], kwargs["undesirable_weight"] = kto_class_weights(stats.desirable,
                                                                                      stats.undesirable)
     return _Data(examples, stats, collate, eval_pairs, kwargs)
+
+
+def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):
+    """The collate function for paired micro-batches: packed (default) or padded rows, with
+    cached reference logps attached when there is a cache."""
+    if cfg.data.layout == "packed":
+        collate = partial(collate_packed_pairs, prefix_sharing=cfg.data.prefix_sharing)
+    else:
+        collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    if reference_cache is None:
+        return collate
+    return lambda pairs: attach_reference(collate(pairs), pairs, reference_cache)
+
+
+def _reference_cache(cfg: Config, data, model, reference, tokenizer, info: dict, fp: dict, accelerator) -> dict:
+    """Reference logps for every training pair, from the on-disk cache or computed once now."""
+    from .refcache import cache_key, cache_path, load_or_build
+
+    key = cache_key(reference_sha256=info["weights_sha256"], tokenizer_sha256=fp["tokenizer_sha256"],
+                    data_sha256=fp["data.train_sha256"] or "", data_settings=dataclasses.asdict(cfg.data)
+                    | {"eval_path": None})
+    path = cache_path(key)
+    start = time.perf_counter()
+    build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
+                    collate=pair_collator(cfg, tokenizer))
+    if accelerator.is_main_process:
+        values, hit = build()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        values, hit = build(build=False)
+    if accelerator.is_main_process:
+        print(f"reference logps: {'read from' if hit else 'computed and cached in'} {path} "
+              f"({time.perf_counter() - start:.1f} s)")
+    return values
 
 
 def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
@@ -275,7 +312,10 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     model, reference, reference_info = _build_policy(cfg, spec, model_dir)
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available(),
                               log_with=t.report_to or None, project_dir=str(run_dir))
-    sampler = EpochSampler(len(data.examples), t.seed)
+    ref_cache = {} if t.reference_cache and spec.needs_reference and spec.paired else None
+    if ref_cache is not None:  # filled below, once the model sits on its device
+        data.collate = pair_collator(cfg, tokenizer, ref_cache)
+    sampler = EpochSampler(len(data.examples), t.seed if t.shuffle else None)
     # its own generator: each new iterator draws a seed, which must not consume the global RNG
     # that dropout uses (a resumed run creates one more iterator than an uninterrupted one)
     loader = DataLoader(data.examples, batch_size=t.batch_size, sampler=sampler, collate_fn=data.collate,
@@ -285,6 +325,9 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     place_reference(reference, accelerator)
+    if ref_cache is not None:
+        ref_cache.update(_reference_cache(cfg, data, accelerator.unwrap_model(model), reference, tokenizer,
+                                          reference_info, fp, accelerator))
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
     total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
     # stepped by hand once per optimizer step (not prepared: Accelerate would step it per process)

@@ -15,7 +15,8 @@ import torch
 
 from .tokenize import TokenizedExample, TokenizedPair
 
-__all__ = ["collate_pairs", "collate_unpaired", "collate_sequences"]
+__all__ = ["collate_pairs", "collate_unpaired", "collate_sequences", "collate_packed", "collate_packed_pairs",
+           "attach_reference"]
 
 
 def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
@@ -46,4 +47,70 @@ def collate_unpaired(examples: list[TokenizedExample], pad_id: int) -> dict:
     completions = [e.completion_ids for e in examples] + [examples[(i + 1) % n].completion_ids for i in range(n)]
     batch = collate_sequences(prompts, completions, pad_id)
     batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return batch
+
+
+def collate_packed(groups: list[tuple[list[int], list[tuple[int, list[int]]]]], n_seqs: int,
+                   prefix_sharing: bool) -> dict:
+    """Padding-free packing: every sequence of the batch in one row of length T (no pad token).
+
+    `groups` is [(prompt_ids, [(sequence index, completion_ids), ...]), ...]. With
+    `prefix_sharing` a group is one block [prompt, completion_1, completion_2, ...]: the prompt
+    is processed once and each completion attends to the prompt and to itself only (the rejected
+    completion never sees the chosen one); its positions continue from the prompt's end, so each
+    completion sees exactly what it would see alone. Without it each (prompt, completion) is its
+    own block. Blocks never attend to each other (block-diagonal mask).
+
+    Worked example, one pair with prefix sharing (P prompt, C chosen, R rejected):
+        input_ids    P0 P1 C0 C1 R0          position_ids 0 1 2 3 2
+        R0 attends to P0 P1 R0; C1 to P0 P1 C0 C1.
+    Returns input_ids (1, T), position_ids (1, T), attention_mask (1, 1, T, T) bool (True =
+    attend), and for the completion tokens: `keep` (positions whose logits predict them),
+    `targets`, `seq_index` (which sequence each belongs to); `n_seqs`.
+    """
+    ids, pos, keep, targets, seq_index, spans = [], [], [], [], [], []
+    for prompt, completions in groups:
+        blocks = [completions] if prefix_sharing else [[c] for c in completions]
+        for block in blocks:
+            start = len(ids)
+            ids += prompt
+            pos += range(len(prompt))
+            owners = []  # (first index, length) of each completion in this block
+            for seq, comp in block:
+                first = len(ids)
+                ids += comp
+                pos += range(len(prompt), len(prompt) + len(comp))
+                # token k of the completion is predicted at the position before it; the first
+                # one by the prompt's last token
+                keep += [start + len(prompt) - 1] + list(range(first, first + len(comp) - 1))
+                targets += comp
+                seq_index += [seq] * len(comp)
+                owners.append((first, len(comp)))
+            spans.append((start, len(prompt), owners))
+    t = len(ids)
+    mask = torch.zeros((t, t), dtype=torch.bool)
+    for start, plen, owners in spans:
+        causal = torch.ones((plen, plen), dtype=torch.bool).tril()
+        mask[start: start + plen, start: start + plen] = causal
+        for first, n in owners:
+            mask[first: first + n, start: start + plen] = True
+            mask[first: first + n, first: first + n] = torch.ones((n, n), dtype=torch.bool).tril()
+    # the first completion token's logit comes from the prompt's last position: with prefix
+    # sharing that position is shared by chosen and rejected, so `keep` may repeat a position
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
+            "attention_mask": mask[None, None], "keep": torch.tensor(keep), "targets": torch.tensor(targets),
+            "seq_index": torch.tensor(seq_index), "n_seqs": n_seqs}
+
+
+def collate_packed_pairs(pairs: list[TokenizedPair], prefix_sharing: bool = True) -> dict:
+    """Pairs packed in one row; sequence order [chosen..., rejected...] as in `collate_pairs`."""
+    b = len(pairs)
+    groups = [(p.prompt_ids, [(i, p.chosen_ids), (b + i, p.rejected_ids)]) for i, p in enumerate(pairs)]
+    return collate_packed(groups, 2 * b, prefix_sharing)
+
+
+def attach_reference(batch: dict, pairs: list[TokenizedPair], cache: dict) -> dict:
+    """Add cached reference logps, [chosen..., rejected...] (2B,), looked up by the pairs' line."""
+    rows = [cache[p.line] for p in pairs]
+    batch["reference_logps"] = torch.tensor([r[0] for r in rows] + [r[1] for r in rows], dtype=torch.float32)
     return batch

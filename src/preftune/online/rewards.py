@@ -78,8 +78,9 @@ class RewardModel:
 
         if not Path(path).is_dir():
             raise ConfigError(spec, "reward", f"no reward model directory at {path}")
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
+                                                                   trust_remote_code=False).eval()
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id

@@ -1,0 +1,73 @@
+"""Reference log-probs computed once and cached on disk, for every epoch, run and sweep point.
+
+The reference never changes during training, so its summed completion log-probs for each pair
+are a function of (reference weights, tokenizer, data, tokenization settings). The cache file
+is `$PREFTUNE_CACHE/reference_logps/<key>.safetensors` holding `lines` (the pairs' line numbers)
+and `logps` (N, 2: chosen, rejected, float32), with the key the sha256 of all of those inputs
+and of the reducer ("sum" of token log-probs). Written to a temp file and renamed: a half-written
+cache never exists. Training then never runs the reference model (`train.reference_cache=true`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .logprobs import completion_logps, split_pairs
+
+__all__ = ["cache_key", "cache_path", "load_or_build"]
+
+
+def cache_key(*, reference_sha256: str, tokenizer_sha256: str, data_sha256: str, data_settings: dict) -> str:
+    payload = {"reference": reference_sha256, "tokenizer": tokenizer_sha256, "data": data_sha256,
+               "settings": data_settings, "reducer": "sum", "format": 1}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cache_path(key: str) -> Path:
+    from .models import cache_root
+
+    return cache_root() / "reference_logps" / f"{key}.safetensors"
+
+
+@torch.no_grad()
+def _compute(model, reference, pairs, *, batch_size: int, collate) -> dict[int, tuple[float, float]]:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i: i + batch_size]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
+        with reference.context():
+            logps, _ = completion_logps(reference.forward_model(model), batch)
+        chosen, rejected = split_pairs(logps)
+        out.update({p.line: (c, r) for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist())})
+    model.train(was_training)
+    return out
+
+
+def load_or_build(path: Path, model, reference, pairs, *, batch_size: int, collate, build: bool = True,
+                  ) -> tuple[dict[int, tuple[float, float]], bool]:
+    """The cached logps keyed by line, and whether they were read from disk. With `build`
+    False (non-main processes) the file must exist."""
+    if path.is_file():
+        t = load_file(str(path))
+        cached = {int(line): (c, r) for line, (c, r) in zip(t["lines"].tolist(), t["logps"].tolist())}
+        if all(p.line in cached for p in pairs):
+            return cached, True
+    if not build:
+        raise FileNotFoundError(path)
+    values = _compute(model, reference, pairs, batch_size=batch_size, collate=collate)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    lines = sorted(values)
+    save_file({"lines": torch.tensor(lines, dtype=torch.long),
+               "logps": torch.tensor([values[k] for k in lines], dtype=torch.float32)}, str(tmp))
+    os.replace(tmp, path)
+    return values, False
