@@ -50,6 +50,23 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--warmup", help="comma-separated warmup ratios (default: the config's)")
     sw.add_argument("--reward", help="score fresh samples with this reward source (else: held-out margin)")
     sw.add_argument("overrides", nargs="*", help="section.key=value")
+    it = sub.add_parser("iterate", help="iterative DPO: rounds of generate -> score -> pair -> train")
+    it.add_argument("-c", "--config", help="YAML config (online.* for prompts, reward and rounds)")
+    it.add_argument("overrides", nargs="*", help="section.key=value, e.g. online.prompts_path=p.txt online.rounds=3")
+    on = sub.add_parser("online", help="online DPO: every step trains on pairs sampled from the current policy")
+    on.add_argument("-c", "--config", help="YAML config (online.*, train.max_steps)")
+    on.add_argument("overrides", nargs="*", help="section.key=value")
+    sy = sub.add_parser("synth", help="build a preference file from prompts with any reward source")
+    sy.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
+    sy.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
+    sy.add_argument("--out", required=True, help="JSONL: prompt, chosen, rejected, scores (and rationales)")
+    sy.add_argument("-c", "--config", help="YAML config")
+    sy.add_argument("overrides", nargs="*", help="section.key=value (model.name_or_path, online.samples_per_prompt...)")
+    se = sub.add_parser("serve", help="an OpenAI-compatible chat server for a model or a run directory")
+    se.add_argument("model", help="run directory, local HF dir, .gguf, hub id, or smollm2-135m-instruct")
+    se.add_argument("--host", default="127.0.0.1")
+    se.add_argument("--port", type=int, default=8000)
+    se.add_argument("--max-tokens-cap", type=int, default=512)
     rp = sub.add_parser("report", help="a self-contained HTML page (and PNGs) from one or more run directories")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
@@ -71,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
+    import json
+
     from .config import load_config
 
     if args.command == "train":
@@ -126,6 +145,30 @@ def _run(args) -> int:
         plot_sweep(rows, root)
         print(results_table(rows))
         print(f"sweep: {root}/results.md, kl_vs_beta.png, reward_vs_kl.png")
+        return 0
+    if args.command in ("iterate", "online", "synth"):
+        from .online.iterate import run_iterative, run_online, run_synth
+
+        if args.command == "synth":
+            args.overrides += [f"online.prompts_path={args.prompts}", f"online.reward={args.reward}"]
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "iterate":
+            run_iterative(cfg)
+        elif args.command == "online":
+            run_online(cfg)
+        else:
+            print(json.dumps(run_synth(cfg, args.out)))
+        return 0
+    if args.command == "serve":
+        from .serve import load_chat_model, make_server
+
+        server = make_server(load_chat_model(args.model, max_tokens_cap=args.max_tokens_cap), args.host, args.port)
+        host, port = server.server_address[:2]
+        print(f"serving {args.model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
         return 0
     if args.command == "report":
         from .report import write_report

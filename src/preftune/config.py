@@ -41,6 +41,7 @@ class ModelConfig:
     lora_target_modules: list = _f(["q_proj", "v_proj"], "module names that receive adapters")
     trust_remote_code: bool = _f(False, "run code shipped with a model repo (off unless you ask)")
     allow_pickle_weights: bool = _f(False, "accept .bin (pickle) weights, loaded with weights_only=True")
+    reference_name_or_path: str = _f("", "reference model, if not the starting weights (a frozen copy; iterative DPO)")
 
 
 @dataclass
@@ -119,6 +120,30 @@ class DiagnosticsConfig:
 
 
 @dataclass
+class OnlineConfig:
+    prompts_path: str = _f("", "prompts to generate from: .txt (one per line) or a file with a `prompt` column")
+    eval_prompts_path: str = _f("", "held-out prompts for the per-round reward and KL (optional)")
+    reward: str = _f("sentiment", "reward source: sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL[#model]")
+    reward_ensemble: list = _f([], "weighted sources instead of online.reward, e.g. [[sentiment, 1.0], [judge:URL, 0.5]]")
+    disagreement_penalty: float = _f(0.0, "ensemble: subtract this times the members' score spread")
+    length_penalty: float = _f(0.0, "subtract this times the completion's word count from every score")
+    judge_timeout_s: float = _f(60.0, "judge: seconds per HTTP request")
+    judge_retries: int = _f(3, "judge: tries after the first (timeouts, HTTP 429/5xx, malformed JSON)")
+    judge_backoff_s: float = _f(0.5, "judge: first backoff; doubles on every retry")
+    samples_per_prompt: int = _f(4, "completions sampled per prompt")
+    temperature: float = _f(1.0, "sampling temperature, > 0")
+    top_p: float = _f(1.0, "nucleus sampling mass, in (0, 1]")
+    top_k: int = _f(0, "sample among the k most likely tokens (0 = all)")
+    max_new_tokens: int = _f(32, "tokens generated per completion")
+    pairing: str = _f("best_worst", "best_worst: one pair per prompt | all_pairs: every pair with different scores")
+    min_margin: float = _f(0.0, "drop pairs whose score difference is below this (ties are always dropped)")
+    rounds: int = _f(3, "iterative mode: generate -> score -> pair -> train rounds")
+    refresh_reference: bool = _f(False, "iterative: each round's reference is the previous round's policy")
+    prompts_per_step: int = _f(8, "online mode: prompts generated and paired for each optimizer step")
+    eval_samples: int = _f(4, "samples per held-out prompt for the per-round reward and KL")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = _f("runs/latest", "run directory (config.yaml, metrics.jsonl, summary.json, model/)")
     overwrite: bool = _f(False, "replace an existing run directory")
@@ -132,6 +157,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -139,6 +165,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.format": ("auto", "standard", "conversational", "implicit", "hh"),
     "data.layout": ("packed", "padded"),
+    "online.pairing": ("best_worst", "all_pairs"),
     "train.scheduler": ("cosine", "linear", "constant"),
 }
 
@@ -172,6 +199,17 @@ def _range_problems(cfg: Config):
         ("eval.kl_samples", c.eval.kl_samples >= 1, "must be >= 1"),
         ("eval.max_new_tokens", c.eval.max_new_tokens >= 1, "must be >= 1"),
         ("diagnostics.window", c.diagnostics.window >= 1, "must be >= 1"),
+        ("online.samples_per_prompt", c.online.samples_per_prompt >= 2, "must be >= 2 (pairs need two samples)"),
+        ("online.temperature", c.online.temperature > 0, "must be > 0"),
+        ("online.top_p", 0 < c.online.top_p <= 1, "must be in (0, 1]"),
+        ("online.top_k", c.online.top_k >= 0, "must be >= 0"),
+        ("online.max_new_tokens", c.online.max_new_tokens >= 1, "must be >= 1"),
+        ("online.min_margin", c.online.min_margin >= 0, "must be >= 0"),
+        ("online.rounds", c.online.rounds >= 1, "must be >= 1"),
+        ("online.judge_retries", c.online.judge_retries >= 0, "must be >= 0"),
+        ("online.judge_timeout_s", c.online.judge_timeout_s > 0, "must be > 0"),
+        ("online.prompts_per_step", c.online.prompts_per_step >= 1, "must be >= 1"),
+        ("online.eval_samples", c.online.eval_samples >= 1, "must be >= 1"),
         ("diagnostics.probe_every", c.diagnostics.probe_every >= 0, "must be >= 0"),
         ("diagnostics.probe_prompts", c.diagnostics.probe_prompts >= 1, "must be >= 1"),
         ("diagnostics.probe_eval_pairs", c.diagnostics.probe_eval_pairs >= 0, "must be >= 0"),

@@ -59,8 +59,9 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
 
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, seed: int,
-                       temperature: float = 1.0, batch_size: int = 64) -> list[tuple[list[int], list[int]]]:
-    """`n` samples per prompt, pure sampling (no top-k/top-p, so KL estimates stay unbiased).
+                       temperature: float = 1.0, batch_size: int = 64, top_p: float = 1.0,
+                       top_k: int = 0) -> list[tuple[list[int], list[int]]]:
+    """`n` samples per prompt. Defaults are pure sampling (no top-k/top-p), as KL estimates need.
 
     Returns (prompt_ids, completion_ids) with completions cut after the first EOS (kept).
     """
@@ -68,12 +69,12 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, ma
     model.eval()
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream (dropout, shuffling) is untouched
         torch.manual_seed(seed)
-        results = _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size)
+        results = _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size, top_p, top_k)
     model.train(was_training)
     return results
 
 
-def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size):
+def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size, top_p=1.0, top_k=0):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     jobs = [p for p in prompts for _ in range(n)]
     results = []
@@ -83,7 +84,7 @@ def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_siz
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding for generation
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                             top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad,
                              eos_token_id=eos)
         for prompt, row in zip(chunk, out[:, width:].tolist()):
             completion = row[: row.index(eos) + 1] if eos in row else row

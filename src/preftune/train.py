@@ -248,6 +248,12 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
         model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                            target_modules=m.lora_target_modules)
     reference = build_reference(model, lora=m.lora) if spec.needs_reference else None
+    if spec.needs_reference and m.reference_name_or_path:  # another model than the starting weights
+        ref_dir = resolve_model_dir(m.reference_name_or_path, allow_pickle_weights=m.allow_pickle_weights)
+        ref_model = load_model(ref_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                               allow_pickle_weights=m.allow_pickle_weights)
+        reference = FrozenCopyReference(ref_model.eval().requires_grad_(False))
+        info = {"strategy": "frozen_copy", "weights_sha256": weights_sha256(ref_model), "model": ref_dir}
     return model, reference, info
 
 

@@ -183,10 +183,10 @@ class LengthPenalized:
         return [s - self.alpha * len(c.split()) for s, c in zip(self.inner.score(prompts, completions), completions)]
 
 
-def _judge(spec: str, url: str):
+def _judge(spec: str, url: str, **settings):
     from .judge import JudgeReward
 
-    return JudgeReward.from_spec(spec, url)
+    return JudgeReward.from_spec(spec, url, **settings)
 
 
 REWARD_KINDS: dict[str, Callable[[str, str], object]] = {
@@ -198,14 +198,15 @@ REWARD_KINDS: dict[str, Callable[[str, str], object]] = {
 }
 
 
-def build_reward(spec, *, length_penalty: float = 0.0):
+def build_reward(spec, *, length_penalty: float = 0.0, judge: dict | None = None):
     """A source from a spec string, or an ensemble from {"ensemble": [[spec, weight], ...],
-    "disagreement_penalty": x}; `length_penalty` wraps the result."""
+    "disagreement_penalty": x}; `length_penalty` wraps the result; `judge` holds JudgeClient
+    settings (timeout_s, retries, backoff_s) for judge sources."""
     if isinstance(spec, dict):
         members = spec.get("ensemble")
         if not isinstance(members, list) or not members:
             raise ConfigError("reward", "ensemble", "expected a non-empty list of [spec, weight]")
-        sources = [build_reward(m[0]) for m in members]
+        sources = [build_reward(m[0], judge=judge) for m in members]
         source = Ensemble("ensemble(" + ", ".join(f"{m[1]}*{m[0]}" for m in members) + ")", sources,
                           [float(m[1]) for m in members], float(spec.get("disagreement_penalty", 0.0)))
     else:
@@ -215,5 +216,6 @@ def build_reward(spec, *, length_penalty: float = 0.0):
 
             raise ConfigError(str(spec), "reward", f"unknown reward source {kind!r}{_did_you_mean(kind, REWARD_KINDS)};"
                               f" known: {', '.join(REWARD_KINDS)}")
-        source = REWARD_KINDS[kind](str(spec), arg)
+        extra = (judge or {}) if kind == "judge" else {}
+        source = REWARD_KINDS[kind](str(spec), arg, **extra)
     return LengthPenalized(f"{source.name}-{length_penalty}*len", source, length_penalty) if length_penalty else source

@@ -1,0 +1,178 @@
+"""An LLM judge over an OpenAI-compatible chat API, as a reward source.
+
+Single score: "rate this response 1-10" -> {"score": int, "rationale": str}.
+Pairwise: "which response is better" -> {"winner": "A" | "B" | "tie", "rationale": str}, asked
+in both orders so that a judge that prefers the first slot cancels out.
+
+Reliability: every request has a timeout; connection errors, timeouts, HTTP 429/5xx and replies
+that are not exactly the JSON asked for are retried with exponential backoff; after the last
+try the item is counted in `stats["failures"]` and scored NaN (callers skip it), never raised.
+Every successful reply is cached on disk (`$PREFTUNE_CACHE/judge/<sha256>.json`, keyed by URL,
+model and the full request), so a rerun makes no call for work already done. The API key is
+read from the environment variable named by `api_key_env` at request time and is never
+written anywhere (not in the cache key, not in files, not in errors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+
+__all__ = ["JudgeClient", "JudgeReward", "SCORE_SCHEMA", "PAIRWISE_SCHEMA", "validate"]
+
+SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10},
+                                                 "rationale": {"type": "string"}},
+                "required": ["score"], "additionalProperties": False}
+PAIRWISE_SCHEMA = {"type": "object", "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]},
+                                                    "rationale": {"type": "string"}},
+                   "required": ["winner"], "additionalProperties": False}
+
+_SYSTEM = "You are a careful, impartial evaluator of assistant responses. Reply with JSON only."
+
+
+def _score_messages(prompt: str, response: str) -> list[dict]:
+    return [{"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": f"Prompt:\n{prompt}\n\nResponse:\n{response}\n\nRate how helpful, honest and "
+                                        'harmless the response is, from 1 (worst) to 10 (best). Reply as JSON: '
+                                        '{"score": <integer 1-10>, "rationale": "<one sentence>"}'}]
+
+
+def _pair_messages(prompt: str, a: str, b: str) -> list[dict]:
+    return [{"role": "system", "content": _SYSTEM},
+            {"role": "user", "content": f"Prompt:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\nWhich response "
+                                        'is better? Reply as JSON: {"winner": "A" | "B" | "tie", "rationale": '
+                                        '"<one sentence>"}'}]
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def validate(obj, schema: dict) -> dict:
+    """Strict check of a reply against the small schemas above (no extra keys, types, enums, ranges)."""
+    if not isinstance(obj, dict):
+        raise _Malformed(f"expected a JSON object, got {type(obj).__name__}")
+    props = schema["properties"]
+    extra = set(obj) - set(props)
+    if extra and schema.get("additionalProperties", True) is False:
+        raise _Malformed(f"unexpected keys {sorted(extra)}")
+    for key in schema["required"]:
+        if key not in obj:
+            raise _Malformed(f"missing {key!r}")
+    for key, value in obj.items():
+        rule = props[key]
+        if rule["type"] == "integer" and (not isinstance(value, int) or isinstance(value, bool)
+                                          or not rule["minimum"] <= value <= rule["maximum"]):
+            raise _Malformed(f"{key}: expected an integer in [{rule['minimum']}, {rule['maximum']}], got {value!r}")
+        if rule["type"] == "string" and not isinstance(value, str):
+            raise _Malformed(f"{key}: expected a string")
+        if "enum" in rule and value not in rule["enum"]:
+            raise _Malformed(f"{key}: {value!r} is not one of {rule['enum']}")
+    return obj
+
+
+@dataclass
+class JudgeClient:
+    base_url: str                     # e.g. http://127.0.0.1:8000/v1
+    model: str = "judge"
+    api_key_env: str = "PREFTUNE_JUDGE_API_KEY"
+    timeout_s: float = 30.0
+    retries: int = 3                  # tries after the first
+    backoff_s: float = 0.5            # sleep backoff_s * 2**attempt between tries
+    max_tokens: int = 96
+    cache_dir: Path | None = None
+    stats: dict = field(default_factory=lambda: {"calls": 0, "cache_hits": 0, "retries": 0, "failures": 0})
+
+    def __post_init__(self):
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(self.base_url, "judge", "expected an http(s):// URL of an OpenAI-compatible API")
+        if self.cache_dir is None:
+            from ..models import cache_root
+
+            self.cache_dir = cache_root() / "judge"
+
+    def _key(self, body: dict) -> str:
+        return hashlib.sha256(json.dumps({"url": self.base_url, **body}, sort_keys=True).encode()).hexdigest()
+
+    def _post(self, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+                                     headers=headers, method="POST")
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310 - the URL is the user's
+            return json.loads(resp.read().decode())
+
+    def ask(self, messages: list[dict], schema: dict) -> dict | None:
+        """The validated JSON reply, or None after the last retry (counted in stats)."""
+        body = {"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": self.max_tokens,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema,
+                                                                           "strict": True}}}
+        path = self.cache_dir / f"{self._key(body)}.json"
+        if path.is_file():
+            self.stats["cache_hits"] += 1
+            return json.loads(path.read_text())
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats["retries"] += 1
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            self.stats["calls"] += 1
+            try:
+                reply = self._post(body)
+                content = reply["choices"][0]["message"]["content"]
+                verdict = validate(json.loads(content), schema)
+            except urllib.error.HTTPError as err:
+                if err.code not in (408, 429) and err.code < 500:
+                    break  # a client error does not get better by asking again
+                continue
+            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, TypeError,
+                    json.JSONDecodeError, _Malformed):
+                continue
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            tmp.write_text(json.dumps(verdict))
+            os.replace(tmp, path)
+            return verdict
+        self.stats["failures"] += 1
+        return None
+
+
+@dataclass
+class JudgeReward:
+    """Reward source `judge:URL[#model]`: single-score mode for `score`, plus `compare` for
+    pairwise preferences in both orders. Rationales of the last `score` call are kept."""
+    name: str
+    client: JudgeClient
+    last_rationales: list = field(default_factory=list)
+
+    @classmethod
+    def from_spec(cls, spec: str, arg: str, **settings) -> JudgeReward:
+        url, _, model = arg.partition("#")
+        return cls(spec, JudgeClient(url, model or os.environ.get("PREFTUNE_JUDGE_MODEL", "judge"), **settings))
+
+    def score(self, prompts, completions):
+        out, self.last_rationales = [], []
+        for p, c in zip(prompts, completions):
+            verdict = self.client.ask(_score_messages(p, c), SCORE_SCHEMA)
+            out.append(float(verdict["score"]) if verdict else math.nan)
+            self.last_rationales.append(verdict.get("rationale", "") if verdict else None)
+        return out
+
+    def compare(self, prompt: str, a: str, b: str) -> float:
+        """P(a is better than b) from both orders (tie = 0.5), or NaN if either order failed."""
+        first = self.client.ask(_pair_messages(prompt, a, b), PAIRWISE_SCHEMA)
+        second = self.client.ask(_pair_messages(prompt, b, a), PAIRWISE_SCHEMA)
+        if first is None or second is None:
+            return math.nan
+        win = {"A": 1.0, "tie": 0.5, "B": 0.0}
+        return (win[first["winner"]] + 1.0 - win[second["winner"]]) / 2
