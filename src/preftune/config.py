@@ -90,6 +90,8 @@ class TrainConfig:
     log_every: int = _f(1, "write metrics every N optimizer steps")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N optimizer steps (0 = never)")
     keep_last: int = _f(2, "checkpoints kept on disk (the newest is never deleted)")
+    autocast_bf16: bool = _f(False, "bf16 autocast for the transformer body, LM head and log-softmax in fp32 "
+                                    "(off by default on CPU: see README, Speed)")
     shuffle: bool = _f(True, "reshuffle the training data every epoch (false: file order)")
     reference_cache: bool = _f(False, "compute reference logps once, cache them on disk, never run the reference "
                                       "during training (reused across epochs and runs)")

@@ -9,7 +9,30 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["completion_logps", "sequence_logps", "split_pairs"]
+__all__ = ["completion_logps", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
+
+
+class _FP32Head(torch.nn.Linear):
+    """The LM head run in float32 even inside a bf16 autocast region: logits and log-softmax
+    over a 50k vocabulary are where bf16's 8-bit mantissa costs the most."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_lm_head(model) -> None:
+    """Make `model`'s output projection compute in float32 (class swap: same parameters and
+    state-dict keys, so saving and loading are unchanged)."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        head.__class__ = _FP32Head
+
+
+def autocast(device_type: str, enabled: bool):
+    """bf16 autocast for the transformer body when `enabled` (see fp32_lm_head for the head)."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

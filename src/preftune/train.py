@@ -42,7 +42,7 @@ from .data import (
 from .data.collate import attach_reference, collate_packed_pairs
 from .diagnostics import health_checks, step_metrics
 from .errors import ConfigError, NumericalError
-from .logprobs import completion_logps, split_pairs
+from .logprobs import autocast, completion_logps, fp32_lm_head, split_pairs
 from .losses import LossSpec, build_loss
 from .models import (
     FrozenCopyReference,
@@ -116,19 +116,21 @@ def kto_class_weights(n_desirable: int, n_undesirable: int) -> tuple[float, floa
     return n_undesirable / n_desirable, 1.0
 
 
-def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict):
+def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *, bf16: bool = False):
     """One concatenated policy forward (plus a no-grad reference forward when the loss needs one).
 
     Returns the per-example losses and a dict of detached per-example tensors for the metrics.
     Paired batches are [chosen..., rejected...]; unpaired ones [examples..., KL rows...].
     """
-    logps, counts = completion_logps(model, batch)
+    device = batch["input_ids"].device.type
+    with autocast(device, bf16):
+        logps, counts = completion_logps(model, batch)
     first, second = split_pairs(logps)
     first_n, second_n = split_pairs(counts)
     if "reference_logps" in batch:  # cached once for the whole run (refcache.py)
         ref_first, ref_second = split_pairs(batch["reference_logps"])
     elif spec.needs_reference:
-        with torch.no_grad(), reference.context():
+        with torch.no_grad(), reference.context(), autocast(device, bf16):
             ref_first, ref_second = split_pairs(completion_logps(reference.forward_model(model), batch)[0])
     else:  # reference-free losses never run (or load) a reference
         ref_first = ref_second = torch.zeros_like(first)
@@ -316,6 +318,10 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     # ---- model, reference, optimizer ----
     set_seed(t.seed)
     model, reference, reference_info = _build_policy(cfg, spec, model_dir)
+    if t.autocast_bf16:
+        fp32_lm_head(model)
+        if isinstance(reference, FrozenCopyReference):
+            fp32_lm_head(reference.model)
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available(),
                               log_with=t.report_to or None, project_dir=str(run_dir))
     ref_cache = {} if t.reference_cache and spec.needs_reference and spec.paired else None
@@ -375,7 +381,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
         sampler.position(epoch, skip=done * t.batch_size * accelerator.num_processes)
         for batch in loader:
             with accelerator.accumulate(model):
-                losses, parts = loss_forward(model, reference, spec, batch, kwargs)
+                losses, parts = loss_forward(model, reference, spec, batch, kwargs, bf16=t.autocast_bf16)
                 loss = losses.mean()
                 accelerator.backward(loss)
                 grad_norm = None
