@@ -19,7 +19,9 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
                     reason="accelerate/torchrun not installed beside this python")
 def test_two_processes_equal_one(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    held = write_jsonl(tmp_path / "held.jsonl", PAIRS[:7])  # odd: 4 + 3 over two processes, none twice
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", "train.epochs=2",
+              f"data.eval_path={held}",
               "train.lr=1e-2", "model.lora_r=4", "data.max_length=64", "data.max_prompt_length=32"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # `--cpu` makes accelerate 1.15 start a single process; on a machine without GPUs the
@@ -41,6 +43,10 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir):
     for x, y in zip(a, b):
         for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
             assert abs(x[key] - y[key]) < 1e-5, (key, x, y)
+    ea, eb = (json.loads((tmp_path / run / "summary.json").read_text())["eval"] for run in ("two", "one"))
+    assert ea["pairs"] == eb["pairs"] == 7
+    for key in ("accuracy/implicit_reward", "rewards/margins", "logps/chosen", "perplexity/chosen"):
+        assert abs(ea[key] - eb[key]) < 1e-5, (key, ea, eb)
     wa = load_file(tmp_path / "two" / "model" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "one" / "model" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()

@@ -22,36 +22,64 @@ __all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "l
 
 
 @torch.no_grad()
-def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_size: int, pad_id: int) -> dict:
+def _shard(n: int) -> tuple[list[int], int]:
+    """This process's contiguous share of n items, padded with item 0 to the same length on every
+    process (so each runs the same number of forwards: DDP/FSDP collectives line up), and how
+    many of them are real."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    per = math.ceil(n / state.num_processes)
+    idx = list(range(state.process_index * per, min((state.process_index + 1) * per, n)))
+    return idx + [0] * (per - len(idx)), len(idx)
+
+
+def _gather(rows: list) -> list:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    return gather_object(rows) if PartialState().num_processes > 1 else rows
+
+
+_EVAL_KEYS = ("accuracy/implicit_reward", "accuracy/logp", "rewards/margins", "rewards/chosen", "rewards/rejected",
+              "loss", "logps/chosen", "logps/rejected", "tokens/chosen")
+
+
+def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_size: int, pad_id: int,
+                   collate=None) -> dict:
     """Accuracy by implicit reward (margin > 0) and by raw completion logp, over held-out pairs.
 
     Rewards are the loss's own (beta * log-ratio for DPO-style losses, beta * average logp for
     SimPO/ORPO). An unpaired loss (KTO) has DPO's implicit reward beta * log-ratio, so its pairs
     are scored with the sigmoid spec; its "loss" is then DPO's and is not reported.
+    Under several processes each scores its own share; per-pair values are gathered and summed
+    with math.fsum, so the result is the same number for any process count (no pair twice).
     """
     from .losses import LOSSES
     from .train import loss_forward
 
+    collate = collate or (lambda chunk: collate_pairs(chunk, pad_id))
     scorer = spec if spec.paired else LOSSES["sigmoid"]
     kwargs = {k: loss_kwargs[k] for k in scorer.params}
+    idx, real = _shard(len(pairs))
+    mine = [pairs[i] for i in idx]
     was_training = model.training
     model.eval()
-    sums: dict[str, float] = {}
-    tokens = 0
-    for i in range(0, len(pairs), batch_size):
-        losses, parts = loss_forward(model, reference, scorer, collate_pairs(pairs[i: i + batch_size], pad_id), kwargs)
+    rows = []
+    for i in range(0, len(mine), batch_size):
+        losses, parts = loss_forward(model, reference, scorer, collate(mine[i: i + batch_size]), kwargs)
         margins = parts["chosen_rewards"] - parts["rejected_rewards"]
-        for key, value in (("accuracy/implicit_reward", margins > 0),
-                           ("accuracy/logp", parts["policy_chosen"] > parts["policy_rejected"]),
-                           ("rewards/margins", margins), ("rewards/chosen", parts["chosen_rewards"]),
-                           ("rewards/rejected", parts["rejected_rewards"]), ("loss", losses),
-                           ("logps/chosen", parts["policy_chosen"]), ("logps/rejected", parts["policy_rejected"])):
-            sums[key] = sums.get(key, 0.0) + value.float().sum().item()
-            tokens = tokens + parts["chosen_lengths"].sum().item()
+        columns = (margins > 0, parts["policy_chosen"] > parts["policy_rejected"], margins, parts["chosen_rewards"],
+                   parts["rejected_rewards"], losses, parts["policy_chosen"], parts["policy_rejected"],
+                   parts["chosen_lengths"])
+        rows += [tuple(v) for v in zip(*(c.float().tolist() for c in columns))]
     model.train(was_training)
-    result = {"pairs": len(pairs), **{k: v / len(pairs) for k, v in sums.items()}}
+    rows = _gather(rows[:real])
+    n = len(rows)
+    sums = {key: math.fsum(r[k] for r in rows) for k, key in enumerate(_EVAL_KEYS)}
+    result = {"pairs": n, **{k: v / n for k, v in sums.items() if k != "tokens/chosen"}}
     # per-token perplexity of the chosen completions under the policy
-    result["perplexity/chosen"] = math.exp(-sums["logps/chosen"] / max(tokens, 1))
+    result["perplexity/chosen"] = math.exp(-sums["logps/chosen"] / max(sums["tokens/chosen"], 1))
     if not spec.paired:
         del result["loss"]
     return result
@@ -199,6 +227,11 @@ def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n:
     ps, rs = reward.score(p_text, pol_text), reward.score(p_text, ref_text)
     pairs = [(a, b) for a, b in zip(ps, rs) if math.isfinite(a) and math.isfinite(b)]
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
+    if hasattr(reward, "compare"):  # a pairwise judge: ask it directly, in both orders
+        verdicts = [reward.compare(p, a, b) for p, a, b in zip(p_text, pol_text, ref_text)]
+        done = [v for v in verdicts if math.isfinite(v)]
+        out.update({"win_rate/judge": sum(done) / max(len(done), 1), "win_rate/judge_comparisons": len(done),
+                    "win_rate/judge_failed": len(verdicts) - len(done)})
     out.update({"reward/source": reward.name, "reward/policy": sum(a for a, _ in pairs) / max(len(pairs), 1),
                 "reward/reference": sum(b for _, b in pairs) / max(len(pairs), 1),
                 "win_rate": wins / max(len(pairs), 1), "win_rate/comparisons": len(pairs),
