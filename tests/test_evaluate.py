@@ -30,3 +30,27 @@ def test_perplexity_and_accuracy_match_a_direct_computation(tmp_path, tokenizer)
     assert result["perplexity/chosen"] == pytest.approx(math.exp(-chosen.sum().item() / tokens), rel=1e-5)
     assert result["accuracy/logp"] == pytest.approx((chosen > rejected).float().mean().item())
     assert result["logps/chosen"] == pytest.approx(chosen.mean().item(), abs=1e-4)
+
+
+def test_win_rate_asks_a_pairwise_judge_when_there_is_one(tokenizer):
+    from preftune.evaluate import sample_metrics
+
+    class Judge:
+        name = "stub"
+
+        def __init__(self):
+            self.asked = []
+
+        def score(self, prompts, completions):
+            return [float(len(c)) for c in completions]
+
+        def compare(self, prompt, a, b):
+            self.asked.append((a, b))
+            return 1.0 if len(a) >= len(b) else 0.0
+
+    model = build_model(len(tokenizer), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id).eval()
+    judge = Judge()
+    out = sample_metrics(model, FrozenCopyReference(model), tokenizer, [[5, 6, 7], [8, 9]], n=2, max_new_tokens=4,
+                         seed=0, reward=judge)
+    assert len(judge.asked) == 4 and out["win_rate/judge_comparisons"] == 4
+    assert out["win_rate/judge"] == 1.0 and out["win_rate"] == 0.5  # same weights, same seed: equal samples
