@@ -77,6 +77,34 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("path")
     di.add_argument("--json", action="store_true", help="print the full JSON instead of the summary")
     di.add_argument("overrides", nargs="*", help="data.* and model.* settings (the tokenizer comes from the model)")
+    dg = dsub.add_parser("agree", help="annotator agreement: Cohen's/Fleiss' kappa, calibration, position bias")
+    dg.add_argument("judgments")
+    dg.add_argument("--pairs", help="the labeled pairs file (checks every pair id)")
+    dg.add_argument("--calibration", help="the calibration pairs file, if one was used")
+    db = dsub.add_parser("build", help="majority-vote judgments into prompt/chosen/rejected")
+    db.add_argument("judgments")
+    db.add_argument("--pairs", required=True)
+    db.add_argument("--calibration")
+    db.add_argument("--out", required=True)
+    db.add_argument("--min-votes", type=int, default=2)
+    db.add_argument("--min-agreement", type=float, default=0.5, help="winner's share of all votes must exceed this")
+    db.add_argument("--min-margin", type=int, default=1, help="winner's votes minus loser's")
+    ds = dsub.add_parser("sft-pairs", help="pairs from SFT data: human response chosen, a policy sample rejected")
+    ds.add_argument("path", help="prompt/response (or prompt/completion) file")
+    ds.add_argument("--out", required=True)
+    ds.add_argument("--reward", help="keep a pair only where this reward source prefers the human response")
+    ds.add_argument("overrides", nargs="*", help="model.* and online.* settings (sampling)")
+    sc = sub.add_parser("score", help="add reward scores to a prompt/completion (or preference) file")
+    sc.add_argument("path")
+    sc.add_argument("--reward", required=True)
+    sc.add_argument("--out", required=True)
+    lb = sub.add_parser("label", help="a local page where people label pairs (append-only judgments)")
+    lb.add_argument("pairs", help="prompt + response_a/response_b (or chosen/rejected, shown unlabeled)")
+    lb.add_argument("--judgments", required=True, help="JSONL the judgments are appended to")
+    lb.add_argument("--calibration", help="known-answer pairs (prompt/chosen/rejected) to mix in")
+    lb.add_argument("--calibration-rate", type=float, default=0.1)
+    lb.add_argument("--host", default="127.0.0.1")
+    lb.add_argument("--port", type=int, default=8765)
     ad = sub.add_parser("advise", help="recommend a method from the data and the memory budget")
     ad.add_argument("path")
     ad.add_argument("--memory-gb", type=float, help="memory available for training (default: no limit)")
@@ -131,8 +159,32 @@ def _run(args) -> int:
 
         run_demo(Path(args.output_dir), quick=args.quick)
         return 0
-    if args.command in ("data", "advise"):
+    if args.command == "data" and args.data_command in ("agree", "build"):
+        return _judgments_command(args)
+    if args.command in ("data", "advise") and getattr(args, "data_command", None) != "sft-pairs":
         return _data_command(args)
+    if args.command in ("score",) or getattr(args, "data_command", None) == "sft-pairs":
+        from .labeling import run_score, run_sft_pairs
+
+        result = run_score(args.path, args.reward, args.out) if args.command == "score" else run_sft_pairs(
+            load_config(None, args.overrides), args.path, args.out, args.reward)
+        print(json.dumps(result))
+        return 0
+    if args.command == "label":
+        from .label import LabelStore, load_items, make_label_server
+
+        store = LabelStore(load_items(args.pairs), Path(args.judgments),
+                           load_items(args.calibration, calibration=True) if args.calibration else None,
+                           args.calibration_rate)
+        server = make_label_server(store, args.host, args.port)
+        host, port = server.server_address[:2]
+        print(f"labeling {len(store.items)} pairs at http://{host}:{port}/ -> {args.judgments} (Ctrl-C stops)",
+              flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+        return 0
     if args.command == "sweep":
         from .report import plot_sweep
         from .sweep import results_table, run_sweep
@@ -182,6 +234,28 @@ def _run(args) -> int:
         print(f"{args.path}: {len(records)} valid records")
         return 0
     return 2
+
+
+def _judgments_command(args) -> int:
+    import json
+
+    from .data.agree import agreement_report, build_from_judgments
+    from .label import load_items, read_judgments
+
+    items = {it.pair_id: it for it in load_items(args.pairs)} if args.pairs else None
+    cal = {it.pair_id: it for it in load_items(args.calibration, calibration=True)} if args.calibration else {}
+    judgments = read_judgments(args.judgments, None if items is None else set(items) | set(cal))
+    if args.data_command == "agree":
+        print(json.dumps(agreement_report(judgments), indent=2))
+        return 0
+    pairs, counts = build_from_judgments(judgments, items, min_votes=args.min_votes,
+                                         min_agreement=args.min_agreement, min_margin=args.min_margin)
+    out = Path(args.out)
+    tmp = out.with_name(f".tmp-{out.name}")
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tmp.replace(out)
+    print(json.dumps({**counts, "out": str(out)}))
+    return 0
 
 
 def _data_command(args) -> int:

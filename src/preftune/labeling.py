@@ -1,0 +1,101 @@
+"""`preftune score` and `preftune data sft-pairs`: preference data from what users already have.
+
+score: adds reward columns to any prompt/completion file (`score`) or preference file
+(`score_chosen`, `score_rejected`), keeping every other column; for filtering and analysis.
+sft-pairs: from (prompt, human response) data, the human response is chosen and a fresh policy
+sample is rejected (the self-play recipe); with a reward source, only pairs where it scores the
+human response higher are kept. Both write their output whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .data.sources import read_rows, split_path
+from .errors import DataError
+
+__all__ = ["run_score", "run_sft_pairs"]
+
+
+def _rows(path: str) -> tuple[Path, list[tuple[int, dict]]]:
+    file, part = split_path(path)
+    if not file.is_file():
+        raise DataError(str(file), 1, "file", "not found")
+    rows = list(read_rows(file))[part]
+    if not rows:
+        raise DataError(str(file), 1, "file", "no records")
+    return file, rows
+
+
+def _text(file: Path, line: int, row, key: str) -> str:
+    if not isinstance(row, dict) or not isinstance(row.get(key), str):
+        raise DataError(str(file), line, key, "missing or not a string")
+    return row[key]
+
+
+def _write(out: str, rows: list[dict]) -> None:
+    dest = Path(out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(dest)
+
+
+def run_score(path: str, reward_spec: str, out: str) -> dict:
+    from .online.rewards import build_reward
+
+    file, rows = _rows(path)
+    first = rows[0][1] if isinstance(rows[0][1], dict) else {}
+    sides = ["chosen", "rejected"] if "chosen" in first else ["completion" if "completion" in first else "response"]
+    prompts = [_text(file, line, row, "prompt") for line, row in rows]
+    texts = {s: [_text(file, line, row, s) for line, row in rows] for s in sides}  # validated before scoring
+    reward = build_reward(reward_spec)
+    scored = {s: reward.score(prompts, texts[s]) for s in sides}
+    result = []
+    for k, (_, row) in enumerate(rows):
+        extra = {"score": scored[sides[0]][k]} if len(sides) == 1 else {f"score_{s}": scored[s][k] for s in sides}
+        result.append({**row, **extra})
+    _write(out, result)
+    failed = sum(not math.isfinite(v[k]) for v in scored.values() for k in range(len(rows)))
+    return {"records": len(rows), "scored_columns": [f"score_{s}" if len(sides) > 1 else "score" for s in sides],
+            "failed": failed, "reward": reward.name, "out": out}
+
+
+def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> dict:
+    from .evaluate import sample_completions
+    from .models import load_model, load_tokenizer, resolve_model_dir
+
+    file, rows = _rows(path)
+    key = "response" if isinstance(rows[0][1], dict) and "response" in rows[0][1] else "completion"
+    prompts = [_text(file, line, row, "prompt") for line, row in rows]
+    human = [_text(file, line, row, key) for line, row in rows]
+    o = cfg.online
+    model_dir = resolve_model_dir(cfg.model.name_or_path)
+    model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
+    samples = sample_completions(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], n=1,
+                                 max_new_tokens=o.max_new_tokens, seed=cfg.train.seed, temperature=o.temperature,
+                                 top_p=o.top_p, top_k=o.top_k)
+    eos = tokenizer.eos_token_id
+    policy = [tokenizer.decode([t for t in c if t != eos]) for _, c in samples]
+    scores_h = scores_p = None
+    if reward_spec:
+        from .online.rewards import build_reward
+
+        reward = build_reward(reward_spec)
+        scores_h, scores_p = reward.score(prompts, human), reward.score(prompts, policy)
+    pairs, counts = [], {"identical": 0, "reward_disagrees": 0}
+    for k, (p, h, s) in enumerate(zip(prompts, human, policy)):
+        if h.strip() == s.strip():
+            counts["identical"] += 1
+            continue
+        row = {"prompt": p, "chosen": h, "rejected": s}
+        if scores_h is not None:
+            if not scores_h[k] > scores_p[k]:  # NaN (a failed judge) also drops the pair
+                counts["reward_disagrees"] += 1
+                continue
+            row.update(score_chosen=scores_h[k], score_rejected=scores_p[k])
+        pairs.append(row)
+    _write(out, pairs)
+    return {"records": len(rows), "pairs": len(pairs), **counts, "out": out}
