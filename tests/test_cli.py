@@ -114,3 +114,21 @@ def test_overrides_after_several_data_files_are_not_taken_as_files(tmp_path, tin
     assert main(["eval", "--out", str(out), "--data", str(a), f"model.name_or_path={tiny_model_dir}",
                  "eval.kl_prompts=0"]) == 0
     assert json.loads(out.read_text())["pairs"] == 8
+
+
+def test_eval_reuses_the_reference_cache_written_by_training(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    run_dir = tmp_path / "run"
+    assert main(["train", f"data.train_path={data}", f"run.output_dir={run_dir}", f"model.name_or_path={tiny_model_dir}",
+                 "train.lr=3e-2", "train.epochs=2", "model.lora_r=4", "train.reference_cache=true"]) == 0
+    assert "computed and cached in" in capsys.readouterr().out
+    out = tmp_path / "e.json"
+    assert main(["eval", "--run", str(run_dir), "--data", str(data), "--out", str(out), "eval.kl_prompts=0",
+                 "train.reference_cache=true"]) == 0
+    cached = json.loads(out.read_text())
+    assert cached["reference_logps"] == "read from cache"  # the training run's file, not a second pass
+    assert main(["eval", "--run", str(run_dir), "--data", str(data), "--out", str(out), "eval.kl_prompts=0",
+                 "train.reference_cache=false"]) == 0
+    live = json.loads(out.read_text())
+    for key in ("rewards/margins", "accuracy/implicit_reward", "rewards/chosen"):
+        assert abs(cached[key] - live[key]) < 1e-5, key

@@ -186,7 +186,11 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.n - self.skip
 
 
-def _file_digest(path: str) -> str | None:
+def tokenizer_sha256(tokenizer) -> str:
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def file_digest(path: str) -> str | None:
     from .data.sources import split_path
 
     file = split_path(path)[0] if path else None
@@ -196,9 +200,8 @@ def _file_digest(path: str) -> str | None:
 def fingerprint(cfg, tokenizer) -> dict:
     """What a checkpoint must agree with to be resumed: data, tokenizer, and training math."""
     c = dataclasses.asdict(cfg)
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {"preftune_version": _version(), "data.train_sha256": _file_digest(cfg.data.train_path),
-            "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+    return {"preftune_version": _version(), "data.train_sha256": file_digest(cfg.data.train_path),
+            "tokenizer_sha256": tokenizer_sha256(tokenizer),
             **{f"{section}.{k}": v for section in ("model", "data", "loss", "train") for k, v in c[section].items()
                if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path", "report_to", "layout",
                             "prefix_sharing", "reference_cache"}}}

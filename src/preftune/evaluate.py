@@ -274,9 +274,15 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     results = {}
     for path, records in zip(paths, all_records):
         pairs, stats = prepare_pairs(path, cfg, tokenizer, records)
+        collate, cached = None, None
+        if cfg.train.reference_cache and run_dir is not None and spec.needs_reference:
+            ref_sha = json.loads((Path(run_dir) / "reference.json").read_text())["weights_sha256"]
+            collate, cached = _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, ref_sha)
         result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(),
                   **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
-                                   batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id)}
+                                   batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, collate=collate)}
+        if cached is not None:
+            result["reference_logps"] = "read from cache" if cached else "computed and cached"
         e = cfg.eval
         if e.kl_prompts:
             prompts = list({tuple(p.prompt_ids): p.prompt_ids for p in pairs}.values())[: e.kl_prompts]
@@ -284,6 +290,24 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
                                          max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, reward=source))
         results[path] = result
     return results[paths[0]] if len(paths) == 1 else results
+
+
+def _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, ref_sha: str):
+    """Reference logps of the eval pairs from the same on-disk cache training uses (refcache.py):
+    the run's recorded reference hash, the tokenizer, the file's content and the settings."""
+    from functools import partial
+
+    from .checkpoint import file_digest, tokenizer_sha256
+    from .data.collate import attach_reference
+    from .refcache import cache_key, cache_path, data_settings, load_or_build
+    from .train import pair_collator
+
+    key = cache_key(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tokenizer),
+                    data_sha256=file_digest(path) or "", data_settings=data_settings(cfg.data))
+    values, hit = load_or_build(cache_path(key), policy, reference, pairs, batch_size=cfg.eval.batch_size,
+                                collate=pair_collator(cfg, tokenizer))
+    return partial(lambda chunk, base: attach_reference(base(chunk), chunk, values),
+                   base=pair_collator(cfg, tokenizer)), hit
 
 
 def write_json(result: dict, out: str | None) -> str:

@@ -20,7 +20,16 @@ from safetensors.torch import load_file, save_file
 
 from .logprobs import completion_logps, split_pairs
 
-__all__ = ["cache_key", "cache_path", "load_or_build"]
+__all__ = ["cache_key", "cache_path", "load_or_build", "data_settings"]
+
+# settings that change which tokens a pair has (the file itself is covered by its content hash)
+_DATA_KEYS = ("format", "column_map", "max_length", "max_prompt_length", "max_records", "drop_overlong",
+              "allow_degenerate", "allow_empty_completions")
+
+
+def data_settings(d) -> dict:
+    """The tokenization-relevant part of a DataConfig (not its paths)."""
+    return {k: getattr(d, k) for k in _DATA_KEYS}
 
 
 def cache_key(*, reference_sha256: str, tokenizer_sha256: str, data_sha256: str, data_settings: dict) -> str:

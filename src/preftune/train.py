@@ -217,11 +217,10 @@ def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):
 
 def _reference_cache(cfg: Config, data, model, reference, tokenizer, info: dict, fp: dict, accelerator) -> dict:
     """Reference logps for every training pair, from the on-disk cache or computed once now."""
-    from .refcache import cache_key, cache_path, load_or_build
+    from .refcache import cache_key, cache_path, data_settings, load_or_build
 
     key = cache_key(reference_sha256=info["weights_sha256"], tokenizer_sha256=fp["tokenizer_sha256"],
-                    data_sha256=fp["data.train_sha256"] or "", data_settings=dataclasses.asdict(cfg.data)
-                    | {"eval_path": None})
+                    data_sha256=fp["data.train_sha256"] or "", data_settings=data_settings(cfg.data))
     path = cache_path(key)
     start = time.perf_counter()
     build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
