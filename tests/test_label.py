@@ -75,12 +75,13 @@ def _start(tmp_path, port):
     proc = subprocess.Popen([sys.executable, "-m", "preftune", "label", str(tmp_path / "p.jsonl"), "--judgments",
                              str(tmp_path / "j.jsonl"), "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    for _ in range(100):
+    deadline = time.monotonic() + 120  # a loaded machine imports torch slowly
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
             return proc
         except OSError:
-            time.sleep(0.1)
+            time.sleep(0.2)
     proc.kill()
     raise AssertionError(proc.stderr.read())
 
@@ -107,6 +108,7 @@ def test_two_annotators_label_through_the_page_across_a_server_kill(tmp_path):
                 "--disable-sync", "--no-first-run"])
             ann, bob = browser.new_page(), browser.new_page()
             for page in (ann, bob):
+                page.set_default_timeout(120_000)
                 page.on("pageerror", lambda e: errors.append(str(e)))
             ann.goto(base)  # types her name, then clicks and keys
             ann.fill("#name", "ann")
@@ -121,6 +123,7 @@ def test_two_annotators_label_through_the_page_across_a_server_kill(tmp_path):
                 ann.keyboard.press(key)
                 ann.wait_for_selector(f"text=ann: {k} of 10 judged")
             bob.goto(base + "?annotator=bob")  # the name in the URL starts at once
+            bob.wait_for_selector("text=bob: 0 of 10 judged")
             for k, key in enumerate("aab", start=1):
                 bob.keyboard.press(key)
                 bob.wait_for_selector(f"text=bob: {k} of 10 judged")

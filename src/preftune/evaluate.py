@@ -299,8 +299,8 @@ def _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, re
 
     from .checkpoint import file_digest, tokenizer_sha256
     from .data.collate import attach_reference
+    from .prepare import pair_collator
     from .refcache import cache_key, cache_path, data_settings, load_or_build
-    from .train import pair_collator
 
     key = cache_key(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tokenizer),
                     data_sha256=file_digest(path) or "", data_settings=data_settings(cfg.data))

@@ -200,8 +200,8 @@ async function judge(choice) {
   busy = true;
   const r = await fetch("/api/judge", {method: "POST", headers: {"Content-Type": "application/json"},
     body: JSON.stringify({annotator: who, pair_id: item.pair_id, choice: choice, reason: $("reason").value})});
-  busy = false;
   if (r.ok) show(await r.json());
+  busy = false;
 }
 function start() {
   who = who || $("name").value.trim();

@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,15 +30,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, save_config
-from .data import (
-    collate_pairs,
-    collate_unpaired,
-    load_records,
-    to_unpaired,
-    tokenize_records,
-    tokenize_unpaired,
-)
-from .data.collate import attach_reference, collate_packed_pairs
 from .diagnostics import health_checks, step_metrics
 from .errors import ConfigError, NumericalError
 from .logprobs import autocast, completion_logps, fp32_lm_head, split_pairs
@@ -52,6 +42,16 @@ from .models import (
     load_tokenizer,
     resolve_model_dir,
     weights_sha256,
+)
+from .prepare import (
+    load_data,
+    loss_kwargs,
+    pair_collator,
+    prepare_data,
+    prepare_pairs,
+    probe_baseline,
+    reference_cache,
+    run_probe,
 )
 
 __all__ = ["train", "RunResult", "loss_forward", "load_data", "prepare_pairs", "check_output_dir", "loss_kwargs"]
@@ -68,52 +68,6 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise ConfigError(str(path), "run.output_dir", "already exists and is not empty "
                           "(set run.overwrite=true or choose another directory)")
-
-
-def load_data(path: str, d, *, paired: bool = True) -> list:
-    """Read and validate one data file with a `DataConfig`'s settings (no tokenizer needed).
-
-    Unpaired losses read prompt/completion/label files, or pairs split in two when
-    `d.paired_to_unpaired` is set.
-    """
-    convert = not paired and d.paired_to_unpaired
-    records = load_records(path, fmt=d.format, column_map=d.column_map, max_records=d.max_records,
-                           allow_degenerate=d.allow_degenerate, allow_empty_completions=d.allow_empty_completions,
-                           paired=paired or convert)
-    return to_unpaired(records) if convert else records
-
-
-def prepare_pairs(path: str, cfg: Config, tokenizer, records: list | None = None):
-    """Load (unless given), validate and tokenize one paired data file with the config's settings."""
-    d = cfg.data
-    records = load_data(path, d) if records is None else records
-    return tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                            drop_overlong=d.drop_overlong, allow_degenerate=d.allow_degenerate)
-
-
-def _prompt_key(prompt) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-
-
-def drop_eval_prompts(records: list, eval_records: list) -> tuple[list, int]:
-    """Training rows whose prompt is also an eval prompt are removed; returns (kept, dropped)."""
-    held = {_prompt_key(r.prompt) for r in eval_records}
-    kept = [r for r in records if _prompt_key(r.prompt) not in held]
-    return kept, len(records) - len(kept)
-
-
-def loss_kwargs(cfg: Config, spec: LossSpec) -> dict:
-    return {name: getattr(cfg.loss, name) for name in spec.params}
-
-
-def kto_class_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
-    """Weights with w_d * n_d == w_u * n_u (KTO paper, Sec. 4.2 asks for a ratio in [1, 4/3]);
-    the larger class keeps weight 1."""
-    if n_desirable == 0 or n_undesirable == 0:
-        return 1.0, 1.0
-    if n_desirable >= n_undesirable:
-        return 1.0, n_desirable / n_undesirable
-    return n_undesirable / n_desirable, 1.0
 
 
 def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *, bf16: bool = False):
@@ -171,69 +125,6 @@ def peak_rss_mb() -> float:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-@dataclass
-class _Data:
-    examples: list
-    stats: object
-    collate: object
-    eval_pairs: list | None
-    kwargs: dict
-
-
-def _prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) -> _Data:
-    d = cfg.data
-    held_out_dropped = 0
-    if d.drop_eval_prompts and eval_records:
-        records, held_out_dropped = drop_eval_prompts(records, eval_records)
-    if spec.paired:
-        examples, stats = prepare_pairs(d.train_path, cfg, tokenizer, records)
-        collate = pair_collator(cfg, tokenizer)
-    else:
-        examples, stats = tokenize_unpaired(records, tokenizer, max_length=d.max_length,
-                                            max_prompt_length=d.max_prompt_length)
-        collate = partial(collate_unpaired, pad_id=tokenizer.pad_token_id)
-    stats.dropped_eval_prompts = held_out_dropped
-    eval_pairs = prepare_pairs(d.eval_path, cfg, tokenizer, eval_records)[0] if eval_records else None
-    kwargs = loss_kwargs(cfg, spec)
-    if cfg.loss.kto_auto_weights and not spec.paired:
-        kwargs["desirable_weight"], kwargs["undesirable_weight"] = kto_class_weights(stats.desirable,
-                                                                                     stats.undesirable)
-    return _Data(examples, stats, collate, eval_pairs, kwargs)
-
-
-def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):
-    """The collate function for paired micro-batches: packed (default) or padded rows, with
-    cached reference logps attached when there is a cache."""
-    if cfg.data.layout == "packed":
-        collate = partial(collate_packed_pairs, prefix_sharing=cfg.data.prefix_sharing)
-    else:
-        collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
-    if reference_cache is None:
-        return collate
-    return lambda pairs: attach_reference(collate(pairs), pairs, reference_cache)
-
-
-def _reference_cache(cfg: Config, data, model, reference, tokenizer, info: dict, fp: dict, accelerator) -> dict:
-    """Reference logps for every training pair, from the on-disk cache or computed once now."""
-    from .refcache import cache_key, cache_path, data_settings, load_or_build
-
-    key = cache_key(reference_sha256=info["weights_sha256"], tokenizer_sha256=fp["tokenizer_sha256"],
-                    data_sha256=fp["data.train_sha256"] or "", data_settings=data_settings(cfg.data))
-    path = cache_path(key)
-    start = time.perf_counter()
-    build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
-                    collate=pair_collator(cfg, tokenizer))
-    if accelerator.is_main_process:
-        values, hit = build()
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        values, hit = build(build=False)
-    if accelerator.is_main_process:
-        print(f"reference logps: {'read from' if hit else 'computed and cached in'} {path} "
-              f"({time.perf_counter() - start:.1f} s)")
-    return values
 
 
 def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
@@ -301,7 +192,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None  # always pairs
     model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    data = _prepare_data(cfg, spec, tokenizer, records, eval_records)
+    data = prepare_data(cfg, spec, tokenizer, records, eval_records)
     stats, kwargs = data.stats, data.kwargs
     ckpt = find_checkpoint(run_dir) if resume else None
     fp = fingerprint(cfg, tokenizer)
@@ -337,7 +228,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     place_reference(reference, accelerator)
     if ref_cache is not None:
-        ref_cache.update(_reference_cache(cfg, data, accelerator.unwrap_model(model), reference, tokenizer,
+        ref_cache.update(reference_cache(cfg, data, accelerator.unwrap_model(model), reference, tokenizer,
                                           reference_info, fp, accelerator))
     steps_per_epoch = math.ceil(len(loader) / t.grad_accum)
     total_steps = min(t.max_steps or 10**12, steps_per_epoch * t.epochs)
@@ -370,7 +261,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     flagged = {f for r in history for f in r.get("health", [])}
     # a live bar on a terminal; a plain line every 10 steps in logs (CI, pipes)
     dg, stopped = cfg.diagnostics, None
-    baseline = _probe_baseline(accelerator.unwrap_model(model), reference, tokenizer, data, cfg, history)
+    baseline = probe_baseline(accelerator.unwrap_model(model), reference, tokenizer, data, cfg, history)
     bar = tqdm(total=total_steps, initial=step, disable=not main or not sys.stderr.isatty(), desc=spec.name)
     model.train()
     for epoch in range(epoch0, t.epochs):
@@ -405,7 +296,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
             row = {"step": step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired),
                    "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
             if dg.probe_every and (step % dg.probe_every == 0 or step == total_steps):
-                row.update(_probe(accelerator.unwrap_model(model), reference, tokenizer, data, spec, cfg, step,
+                row.update(run_probe(accelerator.unwrap_model(model), reference, tokenizer, data, spec, cfg, step,
                                   baseline))
             history.append(row)
             row["health"] = health_checks(history, beta=cfg.loss.beta, paired=spec.paired,
@@ -465,41 +356,6 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
         _save_model(final, tokenizer, run_dir / "model")
         _write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, step, summary)
-
-
-def _probe_prompts(data: _Data, cfg: Config) -> list[list[int]]:
-    source = data.eval_pairs or data.examples
-    seen, prompts = set(), []
-    for ex in source:  # distinct prompts, in file order
-        key = tuple(ex.prompt_ids)
-        if key not in seen:
-            seen.add(key)
-            prompts.append(ex.prompt_ids)
-        if len(prompts) == cfg.diagnostics.probe_prompts:
-            break
-    return prompts
-
-
-def _probe_baseline(model, reference, tokenizer, data: _Data, cfg: Config, history: list[dict]) -> float | None:
-    """Mean reference sample length for length_drift: measured once per run (a resumed run
-    reads it back from its probe rows)."""
-    if not cfg.diagnostics.probe_every:
-        return None
-    done = [r["probe/reference_length"] for r in history if "probe/reference_length" in r]
-    if done:
-        return done[0]
-    from .evaluate import reference_sample_length
-
-    return reference_sample_length(model, reference, tokenizer, _probe_prompts(data, cfg),
-                                   max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
-
-
-def _probe(model, reference, tokenizer, data: _Data, spec: LossSpec, cfg: Config, step: int, baseline) -> dict:
-    from .evaluate import probe
-
-    return probe(model, reference, tokenizer, _probe_prompts(data, cfg), max_new_tokens=cfg.eval.max_new_tokens,
-                 seed=cfg.train.seed + step, eval_pairs=(data.eval_pairs or [])[: cfg.diagnostics.probe_eval_pairs], spec=spec, loss_kwargs=data.kwargs,
-                 batch_size=cfg.eval.batch_size, reference_length=baseline)
 
 
 def _flat_config(cfg: Config) -> dict:

@@ -214,7 +214,8 @@ def run_online(cfg) -> dict:
     from ..diagnostics import health_checks, step_metrics
     from ..losses import build_loss
     from ..models import apply_lora, build_reference, load_model, load_tokenizer, resolve_model_dir
-    from ..train import check_output_dir, loss_forward, loss_kwargs, pair_collator
+    from ..prepare import loss_kwargs, pair_collator
+    from ..train import check_output_dir, loss_forward
 
     o, t, m, run_dir = cfg.online, cfg.train, cfg.model, Path(cfg.run.output_dir)
     spec = build_loss(cfg.loss.name, cfg.loss.mix)
