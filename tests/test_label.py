@@ -155,3 +155,14 @@ def test_two_annotators_label_through_the_page_across_a_server_kill(tmp_path):
     assert rows[0]["reason"] == "correct arithmetic" and errors == []
     ties = {who: sum(r["preferred"] == "tie" for r in rows if r["annotator"] == who) for who in ("ann", "bob")}
     assert ties == {"ann": 4, "bob": 2}  # ann: t at items 3, 6, 8, 10; bob: tie button at items 6 and 9
+
+
+def test_a_port_in_use_is_one_line_exit_2(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc = main(["label", str(write_jsonl(tmp_path / "p.jsonl", PAIRS)), "--judgments", str(tmp_path / "j.jsonl"),
+                   "--port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"127.0.0.1:{port}: --port: cannot listen there (Address already in use)"]

@@ -176,7 +176,7 @@ def _run(args) -> int:
         store = LabelStore(load_items(args.pairs), Path(args.judgments),
                            load_items(args.calibration, calibration=True) if args.calibration else None,
                            args.calibration_rate)
-        server = make_label_server(store, args.host, args.port)
+        server = _bind(lambda: make_label_server(store, args.host, args.port), args.host, args.port)
         host, port = server.server_address[:2]
         print(f"labeling {len(store.items)} pairs at http://{host}:{port}/ -> {args.judgments} (Ctrl-C stops)",
               flush=True)
@@ -214,7 +214,8 @@ def _run(args) -> int:
     if args.command == "serve":
         from .serve import load_chat_model, make_server
 
-        server = make_server(load_chat_model(args.model, max_tokens_cap=args.max_tokens_cap), args.host, args.port)
+        chat = load_chat_model(args.model, max_tokens_cap=args.max_tokens_cap)
+        server = _bind(lambda: make_server(chat, args.host, args.port), args.host, args.port)
         host, port = server.server_address[:2]
         print(f"serving {args.model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
         try:
@@ -294,6 +295,16 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _bind(make, host: str, port: int):
+    """A server bound to host:port, or one line saying why not (port in use, no such address)."""
+    from .errors import ConfigError
+
+    try:
+        return make()
+    except OSError as err:
+        raise ConfigError(f"{host}:{port}", "--port", f"cannot listen there ({err.strerror or err})") from None
 
 
 def _floats(text: str, flag: str) -> list[float]:
