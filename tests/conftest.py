@@ -103,3 +103,21 @@ def constant_reward(prompts, completions):
 
 def wrong_count_reward(prompts, completions):
     return [0.0]
+
+
+def serve_in_thread(handler):
+    """A stdlib HTTP server on a free localhost port, serving `handler` from a daemon thread.
+    Returns (server, base URL ending in /v1); call server.shutdown() when done."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+
+
+def send_json(handler, code: int, data: bytes) -> None:
+    handler.send_response(code)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

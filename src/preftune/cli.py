@@ -176,15 +176,8 @@ def _run(args) -> int:
         store = LabelStore(load_items(args.pairs), Path(args.judgments),
                            load_items(args.calibration, calibration=True) if args.calibration else None,
                            args.calibration_rate)
-        server = _bind(lambda: make_label_server(store, args.host, args.port), args.host, args.port)
-        host, port = server.server_address[:2]
-        print(f"labeling {len(store.items)} pairs at http://{host}:{port}/ -> {args.judgments} (Ctrl-C stops)",
-              flush=True)
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
-        return 0
+        return _serve(lambda: make_label_server(store, args.host, args.port), args.host, args.port,
+                      f"labeling {len(store.items)} pairs at http://{{}}/ -> {args.judgments}")
     if args.command == "sweep":
         from .report import plot_sweep
         from .sweep import results_table, run_sweep
@@ -215,14 +208,8 @@ def _run(args) -> int:
         from .serve import load_chat_model, make_server
 
         chat = load_chat_model(args.model, max_tokens_cap=args.max_tokens_cap)
-        server = _bind(lambda: make_server(chat, args.host, args.port), args.host, args.port)
-        host, port = server.server_address[:2]
-        print(f"serving {args.model} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
-        return 0
+        return _serve(lambda: make_server(chat, args.host, args.port), args.host, args.port,
+                      f"serving {args.model} at http://{{}}/v1")
     if args.command == "report":
         from .report import write_report
 
@@ -297,14 +284,20 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def _bind(make, host: str, port: int):
-    """A server bound to host:port, or one line saying why not (port in use, no such address)."""
+def _serve(make, host: str, port: int, message: str) -> int:
+    """Bind (or say in one line why not: port in use, no such address), announce, serve until Ctrl-C."""
     from .errors import ConfigError
 
     try:
-        return make()
+        server = make()
     except OSError as err:
         raise ConfigError(f"{host}:{port}", "--port", f"cannot listen there ({err.strerror or err})") from None
+    print(message.format("{}:{}".format(*server.server_address[:2])) + " (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
 
 
 def _floats(text: str, flag: str) -> list[float]:

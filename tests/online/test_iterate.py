@@ -4,11 +4,11 @@ path end to end against `preftune serve` on localhost (with failures injected)."
 import json
 import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import build_model
+from conftest import build_model, send_json, serve_in_thread
 from preftune.cli import main
 from preftune.errors import DataError
 from preftune.online.iterate import load_prompts
@@ -108,14 +108,9 @@ class _Flaky:
                                                  headers={"Content-Type": "application/json"})
                     with urllib.request.urlopen(req, timeout=30) as r:
                         data, code = r.read(), 200
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, code, data)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.server, self.url = serve_in_thread(H)
 
 
 def test_judge_path_trains_end_to_end_against_preftune_serve(tmp_path, tiny_model_dir, tokenizer, monkeypatch):

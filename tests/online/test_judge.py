@@ -5,11 +5,11 @@ import math
 import threading
 import time
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import build_model
+from conftest import build_model, send_json, serve_in_thread
 from preftune.online.judge import PAIRWISE_SCHEMA, SCORE_SCHEMA, JudgeClient, JudgeReward, validate
 from preftune.serve import ChatModel, make_server
 
@@ -100,15 +100,9 @@ class _Fake:
                 self._reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
 
             def _reply(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, code, json.dumps(obj).encode())
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.server, self.url = serve_in_thread(H)
 
     def close(self):
         self.server.shutdown()
