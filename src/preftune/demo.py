@@ -87,7 +87,7 @@ def _demo_config(out: Path, pairs_path: Path, s: dict, model: str) -> Config:
                           lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
         data=DataConfig(train_path=str(pairs_path), format="standard", max_length=96, max_prompt_length=32),
         loss=LossConfig(name="sigmoid", beta=0.1),
-        train=TrainConfig(lr=1e-3, batch_size=8, epochs=s["epochs"], warmup_ratio=0.1, scheduler="cosine", seed=0),
+        train=TrainConfig(lr=5e-4, batch_size=8, epochs=s["epochs"], warmup_ratio=0.1, scheduler="cosine", seed=0),
         eval=EvalConfig(),
         run=RunConfig(output_dir=str(out / "train"), overwrite=True),
     )
