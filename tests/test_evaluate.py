@@ -54,3 +54,14 @@ def test_win_rate_asks_a_pairwise_judge_when_there_is_one(tokenizer):
                          seed=0, reward=judge)
     assert len(judge.asked) == 4 and out["win_rate/judge_comparisons"] == 4
     assert out["win_rate/judge"] == 1.0 and out["win_rate"] == 0.5  # same weights, same seed: equal samples
+
+
+def test_evaluation_builds_no_autograd_graph(tmp_path, tokenizer):
+    pairs, _ = tokenize_records(load_records(write_jsonl(tmp_path / "d.jsonl", PAIRS[:2])), tokenizer,
+                                max_length=64, max_prompt_length=32)
+    model = build_model(len(tokenizer), seed=1)
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+    evaluate_pairs(model, FrozenCopyReference(build_model(len(tokenizer), seed=2).eval()), LOSSES["sigmoid"],
+                   pairs, loss_kwargs={"beta": 0.1}, batch_size=2, pad_id=0)
+    assert seen == [False]  # the policy forward; the reference forward is another module

@@ -21,7 +21,6 @@ __all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "l
            "reference_sample_length", "sample_metrics"]
 
 
-@torch.no_grad()
 def _shard(n: int) -> tuple[list[int], int]:
     """This process's contiguous share of n items, padded with item 0 to the same length on every
     process (so each runs the same number of forwards: DDP/FSDP collectives line up), and how
@@ -45,6 +44,7 @@ _EVAL_KEYS = ("accuracy/implicit_reward", "accuracy/logp", "rewards/margins", "r
               "loss", "logps/chosen", "logps/rejected", "tokens/chosen")
 
 
+@torch.no_grad()
 def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_size: int, pad_id: int,
                    collate=None) -> dict:
     """Accuracy by implicit reward (margin > 0) and by raw completion logp, over held-out pairs.
