@@ -295,19 +295,15 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
 def _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, ref_sha: str):
     """Reference logps of the eval pairs from the same on-disk cache training uses (refcache.py):
     the run's recorded reference hash, the tokenizer, the file's content and the settings."""
-    from functools import partial
-
     from .checkpoint import file_digest, tokenizer_sha256
-    from .data.collate import attach_reference
     from .prepare import pair_collator
-    from .refcache import cache_key, cache_path, data_settings, load_or_build
+    from .refcache import load_or_build, path_for
 
-    key = cache_key(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tokenizer),
-                    data_sha256=file_digest(path) or "", data_settings=data_settings(cfg.data))
-    values, hit = load_or_build(cache_path(key), policy, reference, pairs, batch_size=cfg.eval.batch_size,
+    cache = path_for(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tokenizer),
+                     data_sha256=file_digest(path), data_config=cfg.data)
+    values, hit = load_or_build(cache, policy, reference, pairs, batch_size=cfg.eval.batch_size,
                                 collate=pair_collator(cfg, tokenizer))
-    return partial(lambda chunk, base: attach_reference(base(chunk), chunk, values),
-                   base=pair_collator(cfg, tokenizer)), hit
+    return pair_collator(cfg, tokenizer, values), hit
 
 
 def write_json(result: dict, out: str | None) -> str:

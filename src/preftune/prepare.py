@@ -115,11 +115,10 @@ def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):
 
 def reference_cache(cfg: Config, data, model, reference, tokenizer, info: dict, fp: dict, accelerator) -> dict:
     """Reference logps for every training pair, from the on-disk cache or computed once now."""
-    from .refcache import cache_key, cache_path, data_settings, load_or_build
+    from .refcache import load_or_build, path_for
 
-    key = cache_key(reference_sha256=info["weights_sha256"], tokenizer_sha256=fp["tokenizer_sha256"],
-                    data_sha256=fp["data.train_sha256"] or "", data_settings=data_settings(cfg.data))
-    path = cache_path(key)
+    path = path_for(reference_sha256=info["weights_sha256"], tokenizer_sha256=fp["tokenizer_sha256"],
+                    data_sha256=fp["data.train_sha256"], data_config=cfg.data)
     start = time.perf_counter()
     build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
                     collate=pair_collator(cfg, tokenizer))
@@ -165,5 +164,5 @@ def run_probe(model, reference, tokenizer, data: PreparedData, spec: LossSpec, c
     from .evaluate import probe
 
     return probe(model, reference, tokenizer, _probe_prompts(data, cfg), max_new_tokens=cfg.eval.max_new_tokens,
-                 seed=cfg.train.seed + step, eval_pairs=(data.eval_pairs or [])[: cfg.diagnostics.probe_eval_pairs], spec=spec, loss_kwargs=data.kwargs,
-                 batch_size=cfg.eval.batch_size, reference_length=baseline)
+                 seed=cfg.train.seed + step, eval_pairs=(data.eval_pairs or [])[: cfg.diagnostics.probe_eval_pairs],
+                 spec=spec, loss_kwargs=data.kwargs, batch_size=cfg.eval.batch_size, reference_length=baseline)

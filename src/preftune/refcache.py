@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .logprobs import completion_logps, split_pairs
 
-__all__ = ["cache_key", "cache_path", "load_or_build", "data_settings"]
+__all__ = ["cache_key", "cache_path", "load_or_build", "data_settings", "path_for"]
 
 # settings that change which tokens a pair has (the file itself is covered by its content hash)
 _DATA_KEYS = ("format", "column_map", "max_length", "max_prompt_length", "max_records", "drop_overlong",
@@ -42,6 +42,12 @@ def cache_path(key: str) -> Path:
     from .models import cache_root
 
     return cache_root() / "reference_logps" / f"{key}.safetensors"
+
+
+def path_for(*, reference_sha256: str, tokenizer_sha256: str, data_sha256: str | None, data_config) -> Path:
+    """The cache file for one data file under one reference (training and evaluation both ask here)."""
+    return cache_path(cache_key(reference_sha256=reference_sha256, tokenizer_sha256=tokenizer_sha256,
+                                data_sha256=data_sha256 or "", data_settings=data_settings(data_config)))
 
 
 @torch.no_grad()
