@@ -214,8 +214,6 @@ def check_fingerprint(saved: dict, current: dict, allow_change: bool, path: Path
                               f"{current.get(key)!r}); resume with --allow-config-change to accept")
 
 
-
-
 def _version() -> str:
     from . import __version__
 

@@ -132,15 +132,16 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
     m = cfg.model
     model = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                        allow_pickle_weights=m.allow_pickle_weights)
+    separate = spec.needs_reference and bool(m.reference_name_or_path)  # not the starting weights
     info = {"strategy": "none", "weights_sha256": None}
-    if spec.needs_reference:
+    if spec.needs_reference and not separate:
         info = {"strategy": "adapters_off" if m.lora else "frozen_copy",
                 "weights_sha256": weights_sha256(model), "model": model_dir}
     if m.lora:
         model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                            target_modules=m.lora_target_modules)
-    reference = build_reference(model, lora=m.lora) if spec.needs_reference else None
-    if spec.needs_reference and m.reference_name_or_path:  # another model than the starting weights
+    reference = build_reference(model, lora=m.lora) if spec.needs_reference and not separate else None
+    if separate:
         ref_dir = resolve_model_dir(m.reference_name_or_path, allow_pickle_weights=m.allow_pickle_weights)
         ref_model = load_model(ref_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                                allow_pickle_weights=m.allow_pickle_weights)
@@ -261,6 +262,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     flagged = {f for r in history for f in r.get("health", [])}
     # a live bar on a terminal; a plain line every 10 steps in logs (CI, pipes)
     dg, stopped = cfg.diagnostics, None
+    thresholds = dataclasses.asdict(dg)
     baseline = probe_baseline(accelerator.unwrap_model(model), reference, tokenizer, data, cfg, history)
     bar = tqdm(total=total_steps, initial=step, disable=not main or not sys.stderr.isatty(), desc=spec.name)
     model.train()
@@ -299,8 +301,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
                 row.update(run_probe(accelerator.unwrap_model(model), reference, tokenizer, data, spec, cfg, step,
                                   baseline))
             history.append(row)
-            row["health"] = health_checks(history, beta=cfg.loss.beta, paired=spec.paired,
-                                          **dataclasses.asdict(dg))
+            row["health"] = health_checks(history, beta=cfg.loss.beta, paired=spec.paired, **thresholds)
             for flag in set(row["health"]) - flagged:  # say it once, when it starts
                 flagged.add(flag)
                 if main:
@@ -322,10 +323,10 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
             if main and bar.disable and (step % 10 == 0 or step == total_steps):
                 print(f"step {step}/{total_steps} loss {row['loss']:.4f} margin {row['rewards/margins']:.3f}",
                        flush=True)
-            if stop and main:
-                print(f"stopping early: {stop} at step {step} (diagnostics.stop_on)", flush=True)
             if stop:
                 stopped = {"check": stop, "step": step}
+                if main:
+                    print(f"stopping early: {stop} at step {step} (diagnostics.stop_on)", flush=True)
             if step >= total_steps or stop:
                 break
         if stopped:
