@@ -147,7 +147,7 @@ def _run(args) -> int:
             if not config.is_file():
                 raise ConfigError(str(args.run), "config.yaml", "not a run directory (no config.yaml)")
         # `--data a b section.key=v`: argparse hands the override to --data; give it back
-        is_override = [bool(re.match(r"^[a-z_]+\.[a-z_]+=", x)) and not Path(x).exists() for x in args.data]
+        is_override = [_is_override(x) and not Path(x).exists() for x in args.data]
         args.overrides += [x for x, o in zip(args.data, is_override) if o]
         args.data = [x for x, o in zip(args.data, is_override) if not o]
         result = run_eval(load_config(config, args.overrides), run_dir=args.run, data_path=args.data,
@@ -161,14 +161,17 @@ def _run(args) -> int:
         return 0
     if args.command == "data" and args.data_command in ("agree", "build"):
         return _judgments_command(args)
-    if args.command in ("data", "advise") and getattr(args, "data_command", None) != "sft-pairs":
-        return _data_command(args)
-    if args.command in ("score",) or getattr(args, "data_command", None) == "sft-pairs":
-        from .labeling import run_score, run_sft_pairs
+    if args.command == "data" and args.data_command == "sft-pairs":
+        from .labeling import run_sft_pairs
 
-        result = run_score(args.path, args.reward, args.out) if args.command == "score" else run_sft_pairs(
-            load_config(None, args.overrides), args.path, args.out, args.reward)
-        print(json.dumps(result))
+        print(json.dumps(run_sft_pairs(load_config(None, args.overrides), args.path, args.out, args.reward)))
+        return 0
+    if args.command in ("data", "advise"):  # data inspect, advise
+        return _data_command(args)
+    if args.command == "score":
+        from .labeling import run_score
+
+        print(json.dumps(run_score(args.path, args.reward, args.out)))
         return 0
     if args.command == "label":
         from .label import LabelStore, load_items, make_label_server
@@ -182,11 +185,10 @@ def _run(args) -> int:
         from .report import plot_sweep
         from .sweep import results_table, run_sweep
 
-        floats = lambda text, name: _floats(text, f"--{name}")  # noqa: E731
-        rows = run_sweep(load_config(args.config, args.overrides), betas=floats(args.beta, "beta"),
-                         lrs=floats(args.lr, "lr"), warmups=floats(args.warmup, "warmup") if args.warmup else None,
-                         reward=args.reward)
-        root = Path(load_config(args.config, args.overrides).run.output_dir)
+        cfg = load_config(args.config, args.overrides)
+        rows = run_sweep(cfg, betas=_floats(args.beta, "--beta"), lrs=_floats(args.lr, "--lr"),
+                         warmups=_floats(args.warmup, "--warmup") if args.warmup else None, reward=args.reward)
+        root = Path(cfg.run.output_dir)
         plot_sweep(rows, root)
         print(results_table(rows))
         print(f"sweep: {root}/results.md, kl_vs_beta.png, reward_vs_kl.png")
@@ -238,11 +240,9 @@ def _judgments_command(args) -> int:
         return 0
     pairs, counts = build_from_judgments(judgments, items, min_votes=args.min_votes,
                                          min_agreement=args.min_agreement, min_margin=args.min_margin)
-    out = Path(args.out)
-    tmp = out.with_name(f".tmp-{out.name}")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    tmp.replace(out)
-    print(json.dumps({**counts, "out": str(out)}))
+    from .data.sources import write_jsonl
+
+    print(json.dumps({**counts, "out": str(write_jsonl(args.out, pairs))}))
     return 0
 
 
@@ -309,10 +309,15 @@ def _floats(text: str, flag: str) -> list[float]:
         raise ConfigError("command line", flag, f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _is_override(word: str) -> bool:
+    """`section.key=value`, as opposed to a file name or a stray word."""
+    return re.match(r"^[a-z_]+\.[a-z_]+=", word) is not None
+
+
 def _take_overrides(args, extra: list[str]) -> None:
     """`section.key=value` words after an option (`advise F --memory-gb 2 model.lora=false`) land
     in `extra`; they are overrides like the ones before it. Anything else is an error."""
-    stray = [x for x in extra if not re.match(r"^[a-z_]+\.[a-z_]+=", x)]
+    stray = [x for x in extra if not _is_override(x)]
     if stray or (extra and not hasattr(args, "overrides")):
         _parser().error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:

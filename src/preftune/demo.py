@@ -66,12 +66,11 @@ def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: fl
 
 
 def _sample_texts(model, tokenizer, prompts, *, n, max_new_tokens, seed):
-    from .evaluate import sample_completions
+    from .evaluate import decode_completions, sample_completions
 
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     samples = sample_completions(model, tokenizer, ids, n=n, max_new_tokens=max_new_tokens, seed=seed)
-    eos = tokenizer.eos_token_id
-    texts = [tokenizer.decode([t for t in c if t != eos]) for _, c in samples]
+    texts = decode_completions(tokenizer, samples)
     return samples, [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 

@@ -18,7 +18,7 @@ from .data.collate import collate_sequences
 from .logprobs import completion_logps
 
 __all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "load_run_policy", "probe",
-           "reference_sample_length", "sample_metrics"]
+           "reference_sample_length", "sample_metrics", "decode_completions"]
 
 
 def _shard(n: int) -> tuple[list[int], int]:
@@ -83,6 +83,12 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     if not spec.paired:
         del result["loss"]
     return result
+
+
+def decode_completions(tokenizer, samples) -> list[str]:
+    """The text of each sampled completion, without its EOS."""
+    eos = tokenizer.eos_token_id
+    return [tokenizer.decode([t for t in c if t != eos]) for _, c in samples]
 
 
 @torch.no_grad()
@@ -202,9 +208,7 @@ def _length_stats(samples, prefix: str) -> dict:
 
 
 def _texts(tokenizer, samples) -> tuple[list[str], list[str]]:
-    eos = tokenizer.eos_token_id
-    return ([tokenizer.decode(p) for p, _ in samples],
-            [tokenizer.decode([t for t in c if t != eos]) for _, c in samples])
+    return [tokenizer.decode(p) for p, _ in samples], decode_completions(tokenizer, samples)
 
 
 def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int,

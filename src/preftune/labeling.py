@@ -9,11 +9,10 @@ human response higher are kept. Both write their output whole or not at all.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from .data.sources import read_rows, split_path
+from .data.sources import read_rows, split_path, write_jsonl
 from .errors import DataError
 
 __all__ = ["run_score", "run_sft_pairs"]
@@ -35,14 +34,6 @@ def _text(file: Path, line: int, row, key: str) -> str:
     return row[key]
 
 
-def _write(out: str, rows: list[dict]) -> None:
-    dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(dest)
-
-
 def run_score(path: str, reward_spec: str, out: str) -> dict:
     from .online.rewards import build_reward
 
@@ -57,14 +48,14 @@ def run_score(path: str, reward_spec: str, out: str) -> dict:
     for k, (_, row) in enumerate(rows):
         extra = {"score": scored[sides[0]][k]} if len(sides) == 1 else {f"score_{s}": scored[s][k] for s in sides}
         result.append({**row, **extra})
-    _write(out, result)
+    write_jsonl(out, result)
     failed = sum(not math.isfinite(v[k]) for v in scored.values() for k in range(len(rows)))
     return {"records": len(rows), "scored_columns": [f"score_{s}" if len(sides) > 1 else "score" for s in sides],
             "failed": failed, "reward": reward.name, "out": out}
 
 
 def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> dict:
-    from .evaluate import sample_completions
+    from .evaluate import decode_completions, sample_completions
     from .models import load_model, load_tokenizer, resolve_model_dir
 
     file, rows = _rows(path)
@@ -77,8 +68,7 @@ def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> d
     samples = sample_completions(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], n=1,
                                  max_new_tokens=o.max_new_tokens, seed=cfg.train.seed, temperature=o.temperature,
                                  top_p=o.top_p, top_k=o.top_k)
-    eos = tokenizer.eos_token_id
-    policy = [tokenizer.decode([t for t in c if t != eos]) for _, c in samples]
+    policy = decode_completions(tokenizer, samples)
     scores_h = scores_p = None
     if reward_spec:
         from .online.rewards import build_reward
@@ -97,5 +87,5 @@ def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> d
                 continue
             row.update(score_chosen=scores_h[k], score_rejected=scores_p[k])
         pairs.append(row)
-    _write(out, pairs)
+    write_jsonl(out, pairs)
     return {"records": len(rows), "pairs": len(pairs), **counts, "out": out}

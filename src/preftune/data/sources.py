@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import DataError
 from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
+__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -353,6 +353,16 @@ def is_unpaired_file(path: str | Path, *, fmt: str = "auto", column_map: dict | 
             return _detect({(column_map or {}).get(k, k): v for k, v in row.items()}) in UNPAIRED_FORMATS
         return False
     return False
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    """Write rows as JSONL to a temp file beside `path`, then rename: never a half-written file."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(dest)
+    return dest
 
 
 def to_unpaired(records: list[PreferenceRecord]) -> list[UnpairedRecord]:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..data.records import PreferenceRecord
-from ..data.sources import read_rows, split_path
+from ..data.sources import read_rows, split_path, write_jsonl
 from ..errors import ConfigError, DataError
 from .pairs import build_pairs
 
@@ -52,20 +52,15 @@ def load_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _texts(tokenizer, samples) -> list[str]:
-    eos = tokenizer.eos_token_id
-    return [tokenizer.decode([t for t in c if t != eos]) for _, c in samples]
-
-
 def generate_and_pair(model, tokenizer, prompts: list[str], reward, o, *, seed: int) -> tuple[list[dict], dict]:
     """Sample `o.samples_per_prompt` completions per prompt, score them, pair them (counts summed)."""
-    from ..evaluate import sample_completions
+    from ..evaluate import decode_completions, sample_completions
 
     n = o.samples_per_prompt
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     samples = sample_completions(model, tokenizer, ids, n=n, max_new_tokens=o.max_new_tokens, seed=seed,
                                  temperature=o.temperature, top_p=o.top_p, top_k=o.top_k)
-    texts = _texts(tokenizer, samples)
+    texts = decode_completions(tokenizer, samples)
     scores = reward.score([p for p in prompts for _ in range(n)], texts)
     rationales = getattr(reward, "last_rationales", None) or None
     pairs, totals = [], {"pairs": 0, "ties": 0, "failed": 0, "below_margin": 0}
@@ -80,21 +75,15 @@ def generate_and_pair(model, tokenizer, prompts: list[str], reward, o, *, seed: 
     return pairs, totals
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-
-
 @torch.no_grad()
 def _round_eval(policy, start_model, tokenizer, prompts: list[str], reward, o, seed: int) -> dict:
     """Mean reward of fresh policy samples on held-out prompts and KL(policy || starting model)."""
-    from ..evaluate import kl_estimate, sample_completions
+    from ..evaluate import decode_completions, kl_estimate, sample_completions
     from ..models import FrozenCopyReference
 
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     samples = sample_completions(policy, tokenizer, ids, n=o.eval_samples, max_new_tokens=o.max_new_tokens, seed=seed)
-    scores = reward.score([p for p in prompts for _ in range(o.eval_samples)], _texts(tokenizer, samples))
+    scores = reward.score([p for p in prompts for _ in range(o.eval_samples)], decode_completions(tokenizer, samples))
     finite = [s for s in scores if math.isfinite(s)]
     kl = kl_estimate(policy, FrozenCopyReference(start_model), samples, pad_id=tokenizer.pad_token_id)
     return {"reward": sum(finite) / len(finite) if finite else math.nan, "reward_scored": len(finite),
@@ -157,7 +146,7 @@ def run_iterative(cfg) -> list[dict]:
             policy = start if policy_dir == start_dir else load_model(policy_dir).eval()
             t0 = time.perf_counter()
             pairs, counts = generate_and_pair(policy, tokenizer, prompts, reward, o, seed=cfg.train.seed + 1000 * r)
-            _write_jsonl(rd / "pairs.jsonl", pairs)
+            write_jsonl(rd / "pairs.jsonl", pairs)
             (rd / "counts.json").write_text(json.dumps(counts, indent=2))
             row = {"round": r, **counts, "generate_score_s": round(time.perf_counter() - t0, 1)}
             if pairs:
@@ -201,9 +190,7 @@ def run_synth(cfg, out: str) -> dict:
     model_dir = resolve_model_dir(cfg.model.name_or_path)
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
     pairs, counts = generate_and_pair(model, tokenizer, prompts, reward, o, seed=cfg.train.seed)
-    dest = Path(out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(dest, pairs)
+    dest = write_jsonl(out, pairs)
     stats = getattr(getattr(reward, "client", None), "stats", None)
     return {**counts, "out": str(dest), **({"judge": dict(stats)} if stats else {})}
 
