@@ -129,6 +129,7 @@ def run_iterative(cfg) -> list[dict]:
     tokenizer, start = load_tokenizer(start_dir), load_model(start_dir).eval()
     root.mkdir(parents=True, exist_ok=True)
     rounds, policy_dir, reference_dir = [], start_dir, start_dir
+    loaded_dir, loaded = start_dir, start  # the last policy loaded: evaluated, then sampled next round
     if eval_prompts:
         before = root / "round-0-eval.json"
         if not before.is_file():
@@ -143,9 +144,10 @@ def run_iterative(cfg) -> list[dict]:
             print(f"round {r}: done before, kept", flush=True)
         else:
             rd.mkdir(parents=True, exist_ok=True)
-            policy = start if policy_dir == start_dir else load_model(policy_dir).eval()
+            if loaded_dir != policy_dir:
+                loaded_dir, loaded = policy_dir, load_model(policy_dir).eval()
             t0 = time.perf_counter()
-            pairs, counts = generate_and_pair(policy, tokenizer, prompts, reward, o, seed=cfg.train.seed + 1000 * r)
+            pairs, counts = generate_and_pair(loaded, tokenizer, prompts, reward, o, seed=cfg.train.seed + 1000 * r)
             write_jsonl(rd / "pairs.jsonl", pairs)
             (rd / "counts.json").write_text(json.dumps(counts, indent=2))
             row = {"round": r, **counts, "generate_score_s": round(time.perf_counter() - t0, 1)}
@@ -164,8 +166,9 @@ def run_iterative(cfg) -> list[dict]:
                 row.update(steps=0)
             new_dir = str(rd / "policy") if pairs else policy_dir
             if eval_prompts:
-                policy = load_model(new_dir).eval()
-                row.update(_round_eval(policy, start, tokenizer, eval_prompts, reward, o, cfg.train.seed))
+                if loaded_dir != new_dir:
+                    loaded_dir, loaded = new_dir, load_model(new_dir).eval()
+                row.update(_round_eval(loaded, start, tokenizer, eval_prompts, reward, o, cfg.train.seed))
             row.update(policy=new_dir, reference=reference_dir)
             done.write_text(json.dumps(row, indent=2))
             rounds.append(row)
