@@ -18,7 +18,7 @@ from .data.collate import collate_sequences
 from .logprobs import completion_logps
 
 __all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "load_run_policy", "probe",
-           "reference_sample_length", "sample_metrics", "decode_completions"]
+           "reference_sample_length", "sample_metrics", "decode_completions", "run_models"]
 
 
 def _shard(n: int) -> tuple[list[int], int]:
@@ -187,6 +187,23 @@ def reference_sample_length(model, reference, tokenizer, prompts, *, max_new_tok
                                                seed=seed))
 
 
+def run_models(cfg, run_dir: str | Path, base_model) -> tuple:
+    """A trained run's policy and the reference it was trained against: a frozen copy of
+    `model.reference_name_or_path` when the run had one (iterative rounds), else the policy with
+    adapters off (LoRA) or a frozen copy of the starting weights `base_model` (full fine-tuning)."""
+    from .models import AdaptersOffReference, FrozenCopyReference, load_model, resolve_model_dir
+
+    policy = load_run_policy(Path(run_dir), base_model)
+    m = cfg.model
+    if m.reference_name_or_path:
+        ref = load_model(resolve_model_dir(m.reference_name_or_path, allow_pickle_weights=m.allow_pickle_weights),
+                         dtype=m.dtype, allow_pickle_weights=m.allow_pickle_weights)
+        return policy, FrozenCopyReference(ref.eval().requires_grad_(False))
+    if (Path(run_dir) / "model" / "adapter_config.json").is_file():
+        return policy, AdaptersOffReference(policy)
+    return policy, FrozenCopyReference(base_model.eval())
+
+
 def load_run_policy(run_dir: Path, base_model, *, is_trainable: bool = False):
     """Attach a run's saved adapter to `base_model`, or load its full model dir."""
     model_dir = run_dir / "model"
@@ -267,13 +284,8 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
                       allow_pickle_weights=m.allow_pickle_weights)
     if run_dir is None:
         policy, reference = base, FrozenCopyReference(base)  # policy == reference: "before training"
-    elif (Path(run_dir) / "model" / "adapter_config.json").is_file():
-        from .models import AdaptersOffReference
-
-        policy = load_run_policy(Path(run_dir), base)
-        reference = AdaptersOffReference(policy)
     else:
-        policy, reference = load_run_policy(Path(run_dir), base), FrozenCopyReference(base)
+        policy, reference = run_models(cfg, run_dir, base)
     policy.eval()
     results = {}
     for path, records in zip(paths, all_records):

@@ -58,6 +58,15 @@ def test_without_refresh_the_reference_stays_the_starting_model(tmp_path, tiny_m
     assert main(["iterate", *_common(tmp_path, tiny_model_dir, "it"), "online.rounds=2"]) == 0
     ref = json.loads((tmp_path / "it" / "round-2" / "train" / "reference.json").read_text())
     assert ref["strategy"] == "frozen_copy" and ref["model"] == str(tiny_model_dir)
+    # evaluating that round (eval, implicit:RUN) compares with the same reference it trained against
+    from preftune.config import load_config
+    from preftune.evaluate import run_models
+    from preftune.models import load_model, weights_sha256
+
+    run = tmp_path / "it" / "round-2" / "train"
+    cfg = load_config(run / "config.yaml")
+    _, reference = run_models(cfg, run, load_model(cfg.model.name_or_path))
+    assert weights_sha256(reference.model) == ref["weights_sha256"]
 
 
 def test_online_mode_trains_on_fresh_pairs_each_step(tmp_path, tiny_model_dir):

@@ -112,25 +112,16 @@ class ImplicitReward:
     @classmethod
     def load(cls, spec: str, run_dir: str) -> ImplicitReward:
         from ..config import load_config
-        from ..evaluate import load_run_policy
-        from ..models import (
-            AdaptersOffReference,
-            FrozenCopyReference,
-            load_model,
-            load_tokenizer,
-            resolve_model_dir,
-        )
+        from ..evaluate import run_models
+        from ..models import load_model, load_tokenizer, resolve_model_dir
 
         run = Path(run_dir)
         if not (run / "config.yaml").is_file() or not (run / "model").is_dir():
             raise ConfigError(spec, "reward", f"{run_dir} is not a finished preftune run (config.yaml, model/)")
         cfg = load_config(run / "config.yaml")
         model_dir = resolve_model_dir(cfg.model.name_or_path)
-        base = load_model(model_dir)
-        policy = load_run_policy(run, base).eval()
-        lora = (run / "model" / "adapter_config.json").is_file()
-        reference = AdaptersOffReference(policy) if lora else FrozenCopyReference.of(load_model(model_dir))
-        return cls(spec, policy, reference, load_tokenizer(model_dir), cfg.loss.beta)
+        policy, reference = run_models(cfg, run, load_model(model_dir))
+        return cls(spec, policy.eval(), reference, load_tokenizer(model_dir), cfg.loss.beta)
 
     def score(self, prompts, completions):
         import torch
