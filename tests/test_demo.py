@@ -30,14 +30,30 @@ def test_bootstrap_interval():
 
 
 def test_quick_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_model_dir, capsys, monkeypatch):
-    # a random tiny model writes no sentiment words; score by a text's bytes so pairs exist
+    """Every step runs, and the printed figures are the means of what the scorer returned: the
+    quick demo scores 8 training groups, then 4 reference and 4 policy groups of 2 samples."""
     import preftune.demo
 
-    monkeypatch.setattr(preftune.demo, "sentiment_scores", lambda texts: [sum(t.encode()) % 97 / 97 for t in texts])
+    # a random tiny model writes no sentiment words; score by a text's bytes so pairs exist
+    calls = []
+
+    def score(texts):
+        calls.append([sum(t.encode()) % 97 / 97 for t in texts])
+        return calls[-1]
+
+    monkeypatch.setattr(preftune.demo, "sentiment_scores", score)
     out = tmp_path / "demo"
     summary = run_demo(out, quick=True, model=str(tiny_model_dir))
     saved = json.loads((out / "demo.json").read_text())
-    assert saved["reward_gain"] == pytest.approx(summary["reward_policy"] - summary["reward_reference"])
+    assert len(calls) == 8 + 4 + 4 and all(len(c) == 2 for c in calls[8:])
+    reference, policy = calls[8:12], calls[12:]
+    assert saved["reward_reference"] == pytest.approx(sum(map(sum, reference)) / 8)
+    assert saved["reward_policy"] == pytest.approx(sum(map(sum, policy)) / 8)
+    assert saved["reward_gain"] == pytest.approx((sum(map(sum, policy)) - sum(map(sum, reference))) / 8)
+    gains = [sum(p) / 2 - sum(r) / 2 for p, r in zip(policy, reference)]
+    assert min(gains) - 1e-9 <= saved["reward_gain_ci95"][0] <= saved["reward_gain_ci95"][1] <= max(gains) + 1e-9
+    assert [row["policy"] - row["reference"] for row in saved["per_prompt"]] == pytest.approx(gains)
+    assert saved == json.loads(json.dumps(summary))
     assert (out / "train" / "model" / "adapter_model.safetensors").is_file()
-    assert "reward gain" in capsys.readouterr().out
+    assert f"{saved['reward_gain']:+.3f}" in capsys.readouterr().out
     run_demo(out, quick=True, model=str(tiny_model_dir))  # a second run replaces its own directory

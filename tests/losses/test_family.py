@@ -77,9 +77,17 @@ def test_kto_both_classes_and_the_kl_anchor():
 
 
 def test_kto_anchor_is_clamped_at_zero_and_carries_no_gradient():
-    kl_policy = T([-5.0, -6.0], requires_grad=True)
-    out = kto_loss(T([-1.0]).requires_grad_(), T([-1.0]), labels=T([True]), policy_kl_logps=kl_policy[:1],
-                   reference_kl_logps=T([-1.0]), beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
-    assert out.metrics["kl"].item() == 0.0  # mean KL row log-ratio is -4: clamped
-    assert out.losses.item() == pytest.approx(0.5)
-    assert not out.losses.requires_grad or kl_policy.grad is None
+    """z0 is a baseline, not a target: the loss's gradient reaches the example's own log-probs
+    and never the KL rows, whether z0 is clamped (mean KL-row log-ratio -4 -> 0) or not (+0.5)."""
+    for kl_rows, ref_rows, z0 in ((T([-5.0, -6.0]), T([-1.0, -2.0]), 0.0), (T([-2.7, -3.3]), T([-3.0, -4.0]), 0.5)):
+        kl_policy = kl_rows.clone().requires_grad_()
+        policy = T([-1.0, -2.0], requires_grad=True)
+        out = kto_loss(policy, T([-1.0, -2.0]), labels=T([True, False]), policy_kl_logps=kl_policy,
+                       reference_kl_logps=ref_rows, beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+        assert out.metrics["kl"].item() == pytest.approx(z0)
+        out.losses.sum().backward()
+        assert kl_policy.grad is None
+        # d/dr [1 - sig(0.1 (r - z0))] at r = 0 is -0.1 sig'(-0.1 z0); undesirable is +0.1 sig'(0.1 z0)
+        sig = torch.sigmoid(T(0.1 * z0))
+        expected = 0.1 * sig * (1 - sig)
+        assert policy.grad.tolist() == pytest.approx([-expected.item(), expected.item()], abs=1e-7)
