@@ -14,14 +14,22 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one stderr line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .config import config_help
     from .losses import LOSSES
 
     losses = "\n".join(f"  {name:10s} {spec.summary}" for name, spec in sorted(LOSSES.items()))
     epilog = f"losses (loss.name):\n{losses}\n\nsettings (section.key=value):\n{config_help()}"
-    p = argparse.ArgumentParser(prog="preftune", description="Align language models with preference data.",
-                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(prog="preftune", description="Align language models with preference data.",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train on a preference file")
     t.add_argument("-c", "--config", help="YAML config (only the keys that differ from the defaults)")
@@ -335,11 +343,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except PreftuneError as err:
-        print(str(err), file=sys.stderr)
+        print(_one_line(str(err)), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the last resort: one line, never a traceback unless asked
+        if args.debug:
+            raise
+        return _last_resort(err)
+
+
+def _one_line(text: str) -> str:
+    """A message that names user data may carry its newlines; the terminal gets one line."""
+    return " ".join(text.split("\n")) if "\n" in text else text
+
+
+def _last_resort(err: Exception) -> int:
+    """OS failures (disk full, read-only output, a directory where a file belongs) and resource
+    exhaustion are the user's to fix: exit 2 naming the file. Anything else is our bug: exit 1."""
+    from .safeio import os_problem
+
+    if isinstance(err, OSError):
+        where = err.filename or "preftune"
+        print(_one_line(f"{where}: file: {os_problem(err)}"), file=sys.stderr)
+        return 2
+    if isinstance(err, (MemoryError, RecursionError)):
+        print(f"preftune: input: too large or too deeply nested to process ({type(err).__name__})", file=sys.stderr)
+        return 2
+    message = (str(err).splitlines() or [""])[0][:300]
+    print(f"preftune: internal error: {type(err).__name__}: {message} (rerun with --debug for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

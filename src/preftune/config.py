@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .data.sources import FORMATS, UNPAIRED_FORMATS
+from .errors import ConfigError, DataError
+from .safeio import load_yaml
 
 __all__ = [
     "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
@@ -48,7 +50,7 @@ class ModelConfig:
 class DataConfig:
     train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet or a saved HF dataset dir")
     eval_path: str = _f("", "held-out data in the same formats (optional)")
-    format: str = _f("auto", "auto | standard | conversational | implicit | hh")
+    format: str = _f("auto", "auto | " + " | ".join([*FORMATS, *UNPAIRED_FORMATS]))
     column_map: dict = _f({}, "rename source columns to prompt/chosen/rejected, e.g. {question: prompt}")
     max_length: int = _f(512, "max tokens of prompt + completion")
     max_prompt_length: int = _f(256, "prompts longer than this keep their last tokens")
@@ -165,7 +167,7 @@ class Config:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
-    "data.format": ("auto", "standard", "conversational", "implicit", "hh"),
+    "data.format": ("auto", *FORMATS, *UNPAIRED_FORMATS),  # owned by the format registry
     "data.layout": ("packed", "padded"),
     "online.pairing": ("best_worst", "all_pairs"),
     "train.scheduler": ("cosine", "linear", "constant"),
@@ -220,6 +222,7 @@ def _range_problems(cfg: Config):
     for key, ok, problem in checks:
         if not ok:
             yield key, problem
+    yield from _number_problems(c)
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
@@ -231,7 +234,8 @@ def _range_problems(cfg: Config):
         if not getattr(c.loss, key) > 0:
             yield f"loss.{key}", "must be > 0"
     for i, term in enumerate(c.loss.mix):
-        ok = isinstance(term, list) and len(term) == 2 and term[0] in LOSSES and isinstance(term[1], (int, float))
+        ok = (isinstance(term, list) and len(term) == 2 and isinstance(term[0], str) and term[0] in LOSSES
+              and isinstance(term[1], (int, float)) and not isinstance(term[1], bool) and math.isfinite(term[1]))
         if not ok:
             yield f"loss.mix[{i}]", f"expected [name, weight] with a name from {', '.join(sorted(LOSSES))}, got {term!r}"
         elif not LOSSES[term[0]].paired:
@@ -239,11 +243,55 @@ def _range_problems(cfg: Config):
     from .diagnostics import CHECKS
 
     for i, name in enumerate(c.diagnostics.stop_on):
-        if name not in CHECKS:
+        if isinstance(name, str) and name not in CHECKS:
             yield f"diagnostics.stop_on[{i}]", f"unknown check {name!r}{_did_you_mean(str(name), CHECKS)}; known: {', '.join(CHECKS)}"
     if c.loss.name not in LOSSES:
         yield "loss.name", (f"unknown loss {c.loss.name!r}{_did_you_mean(c.loss.name, LOSSES)}; "
                             f"known: {', '.join(sorted(LOSSES))}")
+
+
+_INT_MAX = 2**31 - 1  # larger counts overflow torch/numpy sizes long before they mean anything
+_SEED_MAX = 2**32 - 1  # numpy's and torch's seeds both accept [0, 2**32)
+
+
+def _number_problems(c: Config):
+    """Every float finite and every int in a range the libraries accept; list-valued settings
+    hold the element types they promise. Generated from the dataclass fields, not a hand list."""
+    for section in dataclasses.fields(c):
+        for f in dataclasses.fields(getattr(c, section.name)):
+            key, value = f"{section.name}.{f.name}", getattr(getattr(c, section.name), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                yield key, "must be a finite number"
+            elif isinstance(value, int) and not isinstance(value, bool):
+                top = _SEED_MAX if f.name == "seed" else _INT_MAX
+                if not -_INT_MAX <= value <= top:
+                    yield key, f"{value} is out of range (at most {top})"
+                elif f.name == "seed" and value < 0:
+                    yield key, "must be >= 0"
+    for key, value in (("online.length_penalty", c.online.length_penalty),
+                       ("online.disagreement_penalty", c.online.disagreement_penalty)):
+        if value < 0:
+            yield key, "must be >= 0"
+    yield from _shape_problems(c)
+
+
+def _shape_problems(c: Config):
+    strings = {"model.lora_target_modules": c.model.lora_target_modules, "train.report_to": c.train.report_to,
+               "diagnostics.stop_on": c.diagnostics.stop_on}
+    for key, value in strings.items():
+        items = [value] if isinstance(value, str) else value
+        bad = [x for x in items if not isinstance(x, str) or not x]
+        if bad or not isinstance(items, list):
+            yield key, f"expected a list of names, got {value!r}"
+    if not c.model.lora_target_modules:
+        yield "model.lora_target_modules", "is empty; name modules (e.g. [q_proj, v_proj]) or all-linear"
+    bad = {k: v for k, v in c.data.column_map.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        yield "data.column_map", f"expected source: target names, got {bad!r}"
+    for i, term in enumerate(c.online.reward_ensemble):
+        if not (isinstance(term, list) and len(term) == 2 and isinstance(term[0], str)
+                and isinstance(term[1], (int, float)) and not isinstance(term[1], bool) and math.isfinite(term[1])):
+            yield f"online.reward_ensemble[{i}]", f"expected [source, weight], got {term!r}"
 
 
 def _did_you_mean(word: str, options) -> str:
@@ -263,6 +311,8 @@ def _coerce(value: Any, annotation: Any, source: str, key: str) -> Any:
         except ValueError:
             pass
     if kind is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        return value
+    if key == "model.lora_target_modules" and isinstance(value, str):  # PEFT's shorthand, e.g. all-linear
         return value
     raise ConfigError(source, key, f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
 
@@ -291,8 +341,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError("command line", text, "expected section.key=value, e.g. train.lr=5e-5")
     key, raw = text.split("=", 1)
+    if len(raw) > 65536:
+        raise ConfigError("command line", key.strip(), "value longer than 65536 characters")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.safe_load(raw) if raw != "" and "&" not in raw and "*" not in raw else raw
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -303,14 +355,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg, origin = Config(), {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(str(path), "<file>", "no such config file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(where, "<yaml>", f"invalid YAML: {getattr(err, 'problem', err)}") from None
+            data = load_yaml(path) or {}
+        except DataError as err:
+            where = f"{path}:{err.line}" if err.line else str(path)
+            raise ConfigError(where, err.field, err.problem) from None
         if isinstance(data, dict):
             _check_version(data.pop("preftune_version", None), path)
         _apply(cfg, data, str(path), origin)

@@ -12,10 +12,12 @@ import gzip
 import io
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import DataError
+from ..safeio import check_text, loads_json, open_regular, os_problem, read_capped
 from .records import PreferenceRecord, UnpairedRecord
 
 __all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
@@ -27,34 +29,53 @@ _EMPTY_HINT = "data.allow_empty_completions=true keeps it as an EOS-only complet
 
 
 def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    fh = open_regular(path)
+    return gzip.GzipFile(fileobj=fh, mode="rb") if path.suffix == ".gz" else fh
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) with decompression and OS failures turned into one DataError."""
+    lineno = 0
+    with _open_binary(path) as fh:
+        while True:
+            try:
+                raw = fh.readline(MAX_LINE_BYTES + 1)
+            except (gzip.BadGzipFile, zlib.error, EOFError) as err:
+                problem = "truncated" if isinstance(err, EOFError) else f"corrupt ({err})"
+                raise DataError(path, lineno + 1, "gzip", f"compressed stream is {problem}") from None
+            except OSError as err:
+                raise DataError(path, lineno + 1, "file", os_problem(err)) from None
+            if not raw:
+                return
+            lineno += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(path, lineno, "line", f"longer than {MAX_LINE_BYTES} bytes")
+            yield lineno, raw
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with _open_binary(path) as fh:
-        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_LINE_BYTES + 1), b""), start=1):
-            if len(raw) > MAX_LINE_BYTES:
-                raise DataError(path, lineno, "line", f"longer than {MAX_LINE_BYTES} bytes")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(path, lineno, "encoding", f"not UTF-8 (byte {err.start})") from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(path, lineno, "json", f"invalid JSON: {err.msg} at column {err.colno}") from None
-            yield lineno, row
+    for lineno, raw in _lines(path):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(path, lineno, "encoding", f"not UTF-8 (byte {err.start})") from None
+        if not text.strip():
+            continue
+        yield lineno, loads_json(text.rstrip("\r\n"), path, lineno)
+
+
+def _read_whole(path: Path, encoding: str) -> str:
+    if path.suffix == ".gz":
+        return b"".join(raw for _, raw in _lines(path)).decode(encoding)
+    return read_capped(path).decode(encoding)
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        text = _read_whole(path, "utf-8")
     except UnicodeDecodeError as err:
         raise DataError(path, 1, "encoding", f"not UTF-8 (byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(path, err.lineno, "json", f"invalid JSON: {err.msg} at column {err.colno}") from None
+    data = loads_json(text, path)
     if not isinstance(data, list):
         raise DataError(path, 1, "json", "expected a list of records")
     yield from enumerate(data, start=1)
@@ -62,11 +83,19 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = _read_whole(path, "utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(path, 1, "encoding", f"not UTF-8 (byte {err.start})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # an oversized field, a NUL byte, a bad quote
+            raise DataError(path, reader.line_num, "csv", str(err)) from None
+        if None in row:
+            raise DataError(path, reader.line_num, "csv", f"{len(row[None])} more cells than the header has columns")
         yield reader.line_num, row
 
 
@@ -95,9 +124,10 @@ def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict]]:
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = Path(path)
     if not path.exists():
-        raise DataError(path, 0, "file", "no such file or directory")
+        raise DataError(path, 0, "file", "no such file or directory" if not path.is_symlink() else "a dangling symlink")
     if path.is_dir():
         return _read_hf_dir(path)
+    open_regular(path).close()  # a FIFO, a device or an unreadable file: one line, before any reading
     name = path.name.removesuffix(".gz")
     for suffix, reader in ((".jsonl", _read_jsonl), (".json", _read_json), (".csv", _read_csv),
                            (".parquet", _read_parquet)):
@@ -119,7 +149,7 @@ def _text(row: dict, key: str, where: tuple, *, allow_empty: bool = False) -> st
     if not allow_empty and not value.strip():
         hint = f" ({_EMPTY_HINT})" if key != "prompt" else ""
         raise DataError(*where, key, f"is empty{hint}")
-    return value
+    return check_text(value, *where, key)
 
 
 def _messages(row: dict, key: str, where: tuple) -> list:
@@ -138,6 +168,7 @@ def _messages(row: dict, key: str, where: tuple) -> list:
                 raise DataError(*where, f"{key}[{i}].{part}", problem)
         if msg["role"] not in ROLES:
             raise DataError(*where, f"{key}[{i}].role", f"{msg['role']!r} is not one of {sorted(ROLES)}")
+        check_text(msg["content"], *where, f"{key}[{i}].content")
     return value
 
 

@@ -1,0 +1,209 @@
+"""Bounded, regular-file-only reading of everything a user hands us (layer 0: no model, no config).
+
+Every reader here turns what a hostile or broken input can raise into one `DataError`
+(`path:line: field: problem`), so callers never see an OSError, a decoder exception or a
+RecursionError from a file:
+
+- only regular files are opened (a FIFO, a character device or a directory is refused at once;
+  the open itself is non-blocking, so a FIFO with no writer cannot hang us);
+- whole-file reads are capped (`PREFTUNE_MAX_FILE_BYTES`, default 1 GiB), line reads by the caller;
+- JSON: duplicate object keys, NaN/Infinity literals, integers too long for Python's digit
+  limit and nesting deeper than `MAX_JSON_DEPTH` are errors, not silent choices;
+- YAML: `yaml.SafeLoader` only, duplicate keys refused, aliases allowed but their expanded size
+  capped and recursive aliases refused (a "billion laughs" document is one line, not a hang).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import yaml
+
+from .errors import DataError
+
+__all__ = ["MAX_JSON_DEPTH", "max_file_bytes", "open_regular", "read_capped", "loads_json", "load_yaml",
+           "os_problem", "check_text"]
+
+MAX_JSON_DEPTH = 64          # nesting of any JSON/YAML value we read (records, configs, run files)
+MAX_YAML_NODES = 100_000     # nodes after alias expansion
+_DEFAULT_MAX_FILE_BYTES = 1 << 30
+
+
+def max_file_bytes() -> int:
+    """The whole-file cap; `PREFTUNE_MAX_FILE_BYTES` overrides it (a positive integer)."""
+    raw = os.environ.get("PREFTUNE_MAX_FILE_BYTES", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else _DEFAULT_MAX_FILE_BYTES
+
+
+def os_problem(err: OSError) -> str:
+    """A short, stable description of an OSError (no traceback, no repr)."""
+    names = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only file system",
+             errno.EACCES: "permission denied", errno.EISDIR: "is a directory", errno.ENOTDIR: "not a directory",
+             errno.ENOENT: "no such file or directory", errno.ELOOP: "too many levels of symbolic links"}
+    return names.get(err.errno, err.strerror or type(err).__name__).lower()
+
+
+def open_regular(path: str | Path, *, field: str = "file"):
+    """Open `path` for binary reading if it is a regular file; anything else is one DataError."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise DataError(path, 0, field, os_problem(err)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise DataError(path, 0, field, f"is {kind}; expected a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_capped(path: str | Path, *, field: str = "file", cap: int | None = None) -> bytes:
+    """The whole file, if it is regular and at most `cap` bytes (default `max_file_bytes()`)."""
+    cap = cap or max_file_bytes()
+    with open_regular(path, field=field) as fh:
+        try:
+            data = fh.read(cap + 1)
+        except OSError as err:
+            raise DataError(path, 0, field, os_problem(err)) from None
+    if len(data) > cap:
+        raise DataError(path, 0, field, f"larger than {cap} bytes (PREFTUNE_MAX_FILE_BYTES raises the cap)")
+    return data
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _depth(value, limit: int) -> int:
+    """Nesting depth, stopping as soon as it passes `limit` (iterative: no recursion to exhaust)."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def loads_json(text: str | bytes, path: str | Path, line: int = 1, *, field: str = "json"):
+    """Strict JSON: the value, or a DataError naming path, line and what is wrong."""
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as err:
+        raise DataError(path, line + err.lineno - 1, field, f"invalid JSON: {err.msg} at column {err.colno}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(path, line, "encoding", f"not UTF-8 (byte {err.start})") from None
+    except RecursionError:
+        raise DataError(path, line, field, f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as err:  # duplicate keys, NaN/Infinity, integers past the digit limit
+        raise DataError(path, line, field, str(err).splitlines()[0]) from None
+    if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise DataError(path, line, field, f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def check_text(value: str, path: str | Path, line: int, field: str) -> str:
+    """A string that cannot be encoded (a lone surrogate from a JSON escape) is refused here,
+    where its line is known, instead of crashing the tokenizer later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(path, line, field, f"contains an unpaired surrogate at character {err.start}") from None
+    return value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and bounds alias expansion."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root) -> int:
+    """Nodes after alias expansion (shared nodes counted each time they are used); a node that
+    contains itself raises ValueError. Memoised, so a bomb is measured without being built."""
+    sizes, on_path = {}, set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in on_path:
+            raise ValueError("a recursive alias (a node that contains itself)")
+        on_path.add(key)
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1 + sum(size(c) for c in children)
+        on_path.discard(key)
+        sizes[key] = min(total, MAX_YAML_NODES + 1)
+        return sizes[key]
+
+    return size(root)
+
+
+def load_yaml(path: str | Path, *, field: str = "<yaml>"):
+    """A YAML file's value (SafeLoader), or a DataError naming the file and line."""
+    raw = read_capped(path, field="<file>")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, 1, "encoding", f"not UTF-8 (byte {err.start})") from None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_NODES:
+            raise DataError(path, 1, field, f"aliases expand to more than {MAX_YAML_NODES} nodes")
+        if _depth_nodes(node) > MAX_JSON_DEPTH:
+            raise DataError(path, 1, field, f"nested deeper than {MAX_JSON_DEPTH} levels")
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise DataError(path, mark.line + 1 if mark else 1, field,
+                        f"invalid YAML: {getattr(err, 'problem', None) or err}") from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(path, 1, field, f"invalid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
+def _depth_nodes(root) -> int:
+    stack, deepest = [(root, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((n, depth + 1) for n in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend((v, depth + 1) for _, v in node.value)
+    return deepest
