@@ -93,7 +93,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
         except StopIteration:
             return
         except csv.Error as err:  # an oversized field, a NUL byte, a bad quote
-            raise DataError(path, reader.line_num, "csv", str(err)) from None
+            raise DataError(path, reader.line_num + 1, "csv", str(err)) from None  # the record being read
         if None in row:
             raise DataError(path, reader.line_num, "csv", f"{len(row[None])} more cells than the header has columns")
         yield reader.line_num, row
