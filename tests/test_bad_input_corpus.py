@@ -202,6 +202,7 @@ def checkpointed_run(tmp_path, good_data, tiny_model_dir):
     run = tmp_path / "run"
     assert main(["train", f"data.train_path={good_data}", f"run.output_dir={run}", f"model.name_or_path={tiny_model_dir}",
                  "train.checkpoint_every=1", "train.batch_size=2", "train.epochs=2", "model.lora_r=4"]) == 0
+    (run / "summary.json").unlink()  # as if killed before the end: a finished run is not resumed
     return run
 
 

@@ -114,20 +114,32 @@ def save_checkpoint(run_dir: Path, *, step: int, trainable: dict, optimizer, sch
 
 
 def _problem(path: Path) -> str | None:
-    """Why this checkpoint cannot be used, or None when every file verifies."""
+    """Why this checkpoint cannot be used, or None when every file verifies. A hand-edited or
+    corrupt manifest (wrong types, missing keys, names outside the checkpoint) is a reason too."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
         return "no manifest.json (the save did not finish)"
     try:
         entries = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
+    except (ValueError, OSError):
         return "manifest.json is not valid JSON"
+    if not isinstance(entries, dict):
+        return "manifest.json is not an object"
     for name in FILES:
         entry, file = entries.get(name), path / name
         if entry is None or not file.is_file():
             return f"{name} is missing"
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+            return f"manifest.json: {name}: expected {{size: int, sha256: str}}"
         if file.stat().st_size != entry["size"] or file_sha256(file) != entry["sha256"]:
             return f"{name} does not match its sha256 in manifest.json"
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except ValueError:
+        return "state.json is not valid JSON"
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", "epoch", "batches_in_epoch"))
+            and isinstance(state.get("fingerprint"), dict)):
+        return "state.json lacks step/epoch/batches_in_epoch/fingerprint"
     return None
 
 
@@ -150,6 +162,15 @@ def find_checkpoint(run_dir: Path, log=print) -> Checkpoint | None:
 def load_checkpoint(ckpt: Checkpoint, *, params: dict, optimizer, scheduler) -> None:
     """Restore trainable weights, optimizer, scheduler and every RNG in place."""
     weights = load_file(ckpt.path / "trainable.safetensors")
+    for name, p in params.items():  # --allow-config-change must not reach a shape error in torch
+        if name not in weights or weights[name].shape != p.shape:
+            got = "missing" if name not in weights else f"shape {tuple(weights[name].shape)}"
+            raise ConfigError(str(ckpt.path), "checkpoint", f"tensor {name} is {got} there but {tuple(p.shape)} "
+                              "in this model (lora rank, targets or model changed); start a new run")
+    if set(weights) - set(params):
+        extra = sorted(set(weights) - set(params))[0]
+        raise ConfigError(str(ckpt.path), "checkpoint", f"tensor {extra} has no place in this model "
+                          "(lora targets or model changed); start a new run")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name])

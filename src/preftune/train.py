@@ -53,6 +53,7 @@ from .prepare import (
     reference_cache,
     run_probe,
 )
+from .rundir import RunLock, finished, read_jsonl_tail_tolerant
 
 __all__ = ["train", "RunResult", "loss_forward", "load_data", "prepare_pairs", "check_output_dir", "loss_kwargs"]
 
@@ -176,25 +177,44 @@ def _trainable(model) -> dict:
 
 def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = False) -> RunResult:
     """Train from `cfg`. With `resume`, continue `cfg.run.output_dir` from its newest valid
-    checkpoint (or start fresh there when it has none)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    checkpoint (or start fresh there when it has none). One writer per run directory (RunLock)."""
+    from accelerate import PartialState
 
-    spec, t, run_dir = build_loss(cfg.loss.name, cfg.loss.mix), cfg.train, Path(cfg.run.output_dir)
+    spec, run_dir = build_loss(cfg.loss.name, cfg.loss.mix), Path(cfg.run.output_dir)
     if not cfg.data.train_path:
         raise ConfigError("defaults", "data.train_path", "is required")
     if not resume:
         check_output_dir(run_dir, cfg.run.overwrite)
+    elif (done := finished(run_dir)) is not None:
+        raise ConfigError(str(run_dir), "resume", f"this run finished at step {done['steps']} (summary.json); "
+                          "to train it again: preftune train -c RUN/config.yaml run.overwrite=true")
     # ---- validate everything cheap before any weights load ----
     records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired)
     eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None  # always pairs
     model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     data = prepare_data(cfg, spec, tokenizer, records, eval_records)
-    stats, kwargs = data.stats, data.kwargs
+    lock = RunLock(run_dir, overwrite=cfg.run.overwrite, resume=resume) if PartialState().is_main_process else None
+    try:
+        result = _train(cfg, spec, model_dir, tokenizer, data, lock, resume, allow_config_change)
+    except BaseException:
+        if lock is not None:
+            lock.release(ok=False)
+        raise
+    if lock is not None:
+        lock.release()
+    return result
+
+
+def _train(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, data, lock, resume: bool,
+           allow_config_change: bool) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    t, run_dir, stats, kwargs = cfg.train, Path(cfg.run.output_dir), data.stats, data.kwargs
     ckpt = find_checkpoint(run_dir) if resume else None
     fp = fingerprint(cfg, tokenizer)
     unusable = sorted((run_dir / "checkpoints").glob("step-*")) if resume and ckpt is None else []
@@ -246,6 +266,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     # ---- run directory: resolved config before step 0 ----
     main = accelerator.is_main_process
     if main:
+        lock.started()  # from here the directory is this run's; an overwritten one is deleted
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml", extra={"preftune_version": __version__})
         _write_json(run_dir / "data_stats.json", stats.as_dict())
@@ -366,7 +387,4 @@ def _flat_config(cfg: Config) -> dict:
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl_tail_tolerant(run_dir / "metrics.jsonl")
