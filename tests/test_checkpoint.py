@@ -178,7 +178,9 @@ def kill_and_resume_trials(tmp_path, model_dir, trials: int, seed: int = 0) -> l
         at_kill = (sorted(p.name for p in root.glob("step-*"))[-1:] or ["none"])[0] if root.exists() else "none"
         mid_save = root.exists() and any(root.glob(".tmp-*"))
         resumed = _cli("resume", str(run))
-        assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+        # killed after its last write (summary.json): a finished run is refused, not retrained
+        expected_rc = 2 if (run / "summary.json").exists() else 0
+        assert resumed.wait(timeout=300) == expected_rc, resumed.stderr.read()
         outcomes.append((weights_sha(run) == expected, at_kill, "mid-save" if mid_save else ""))
     return outcomes
 

@@ -92,3 +92,88 @@ def test_report_renders_in_headless_chromium(tmp_path):
             page.screenshot(path=os.path.join(shots, "report_page.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+def _report_cli(run, capsys):
+    from preftune.cli import main
+
+    rc = main(["report", str(run), "--no-png"])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+HOSTILE = ['<script>window.__pwned=1;alert(1)</script>', '"><img src=x onerror="window.__pwned=2">',
+           "</style><svg onload=window.__pwned=3>", "javascript:window.__pwned=4", "\u202e<b>rlo</b>",
+           "</pre><iframe srcdoc='<script>parent.__pwned=5</script>'></iframe>"]
+
+
+def _hostile_run(root):
+    """A shared run directory whose every free-text field carries markup."""
+    name = root / HOSTILE[1].replace("/", "_")
+    run = _fake_run(name, health={h: 3 for h in HOSTILE})
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update({"steps": 40, "stopped_early": {"check": HOSTILE[0], "step": 3}, "loss": HOSTILE[2],
+                    "preftune_version": HOSTILE[5]})
+    (run / "summary.json").write_text(json.dumps(summary))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[-1]["health"] = HOSTILE
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.yaml").write_text("\n".join(f"# {h}" for h in HOSTILE))
+    return run
+
+
+@pytest.mark.skipif(not _chromium() and not os.environ.get("PREFTUNE_REQUIRE_BROWSER"),
+                    reason="Chromium is not installed (.ci/run installs it and sets PREFTUNE_REQUIRE_BROWSER)")
+def test_hostile_strings_in_run_files_never_become_markup(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    out = write_report([str(_hostile_run(tmp_path))], tmp_path / "report.html", png=False)
+    page_text = out.read_text()
+    assert "<script" not in page_text and "<img" not in page_text and "<iframe" not in page_text
+    dialogs = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(out.as_uri())
+        page.wait_for_timeout(300)
+        assert page.evaluate("window.__pwned === undefined")
+        assert page.query_selector_all("script, img, iframe, [onerror], [onload]") == []
+        body = page.inner_text("body")
+        browser.close()
+    assert dialogs == []
+    assert HOSTILE[0] in body and "onerror" in body  # shown as text, not run
+
+
+@pytest.mark.parametrize("summary, field", [
+    ([1, 2], "summary"), ({"final": "x"}, "final"), ({"health": {"kl_drift": "soon"}}, "health"),
+    ({"stopped_early": {"check": 3, "step": 1}}, "stopped_early"), ({"steps": "many"}, "steps"),
+    ({"eval": {"accuracy/implicit_reward": "high"}}, "eval"), ({"elapsed_s": [1]}, "elapsed_s"),
+])
+def test_malformed_summary_is_one_line_exit_2(tmp_path, capsys, summary, field):
+    run = _fake_run(tmp_path / "r")
+    (run / "summary.json").write_text(json.dumps(summary))
+    rc, lines = _report_cli(run, capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"{run / 'summary.json'}:1: {field}:"), lines
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("content, field", [
+    ('{"step": 1}\n[1]\n', "record"), ('{"step": "one"}\n', "step"), ('{"loss": {"a": 1}}\n', "loss"),
+    ('{"health": "kl"}\n', "health"), ('{"step": 1}\n{"step": 2, "loss": NaN}\n', "json"),
+])
+def test_malformed_metrics_is_one_line_exit_2(tmp_path, capsys, content, field):
+    run = _fake_run(tmp_path / "r")
+    (run / "metrics.jsonl").write_text(content)
+    rc, lines = _report_cli(run, capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert f": {field}:" in lines[0] and lines[0].startswith(str(run / "metrics.jsonl")), lines
+
+
+def test_malformed_eval_json_is_one_line_exit_2(tmp_path, capsys):
+    run = _fake_run(tmp_path / "r")
+    (run / "eval.json").write_text(json.dumps({"per_prompt": [{"policy": "<b>", "reference": 1}]}))
+    rc, lines = _report_cli(run, capsys)
+    assert rc == 2 and lines[0].startswith(f"{run / 'eval.json'}:1: per_prompt:")

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import html
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
+from .safeio import loads_json, read_capped
 
 __all__ = ["RunFiles", "read_run", "write_report", "plot_sweep"]
 
@@ -31,29 +31,78 @@ class RunFiles:
     evals: dict = field(default_factory=dict)  # file name -> parsed JSON
 
 
+def _number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+_PLOTTED = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "probe/kl", "probe/eval_accuracy", "probe/sample_length", "probe/reference_length",
+            "lengths/chosen", "step")
+
+
+def _check_row(row, where: str, line: int) -> dict:
+    """A metrics row as the plots read it: an object whose plotted values are numbers."""
+    if not isinstance(row, dict):
+        raise DataError(where, line, "record", f"expected an object, got {type(row).__name__}")
+    for key in _PLOTTED:
+        if not _number(row.get(key)):
+            raise DataError(where, line, key, f"expected a number, got {type(row[key]).__name__}")
+    if not isinstance(row.get("health", []), list) or not all(isinstance(f, str) for f in row.get("health", [])):
+        raise DataError(where, line, "health", "expected a list of check names")
+    return row
+
+
+def _check_summary(summary, where: Path) -> dict:
+    """The summary keys the page reads, with the types it reads them as."""
+    if not isinstance(summary, dict):
+        raise DataError(where, 1, "summary", f"expected an object, got {type(summary).__name__}")
+    final, health, stop = summary.get("final", {}), summary.get("health", {}), summary.get("stopped_early")
+    problems = [("final", isinstance(final, dict) and all(_number(final.get(k)) for k in _PLOTTED)),
+                ("health", isinstance(health, dict) and all(isinstance(v, int) for v in health.values())),
+                ("stopped_early", stop is None or (isinstance(stop, dict) and isinstance(stop.get("check"), str)
+                                                    and isinstance(stop.get("step"), int))),
+                ("eval", isinstance(summary.get("eval", {}), dict)
+                 and _number((summary.get("eval") or {}).get("accuracy/implicit_reward"))),
+                ("steps", _number(summary.get("steps"))), ("elapsed_s", _number(summary.get("elapsed_s")))]
+    for key, ok in problems:
+        if not ok:
+            raise DataError(where, 1, key, "malformed (not what preftune writes)")
+    return summary
+
+
+def _check_eval(ev, where: Path) -> dict:
+    if not isinstance(ev, dict):
+        raise DataError(where, 1, "eval", f"expected an object, got {type(ev).__name__}")
+    rows = ev.get("per_prompt") or []
+    if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and _number(r.get("reference")) and _number(r.get("policy"))
+            and r.get("reference") is not None and r.get("policy") is not None for r in rows):
+        raise DataError(where, 1, "per_prompt", "expected a list of {reference: number, policy: number}")
+    return ev
+
+
 def read_run(path: str | Path) -> RunFiles:
-    """A run directory (or a demo directory holding `train/`); one-line error if it is neither."""
+    """A run directory (or a demo directory holding `train/`); one-line error if it is neither,
+    or if a file in it is not what preftune writes (a report reads shared directories)."""
     root = Path(path)
     run = root / "train" if (root / "train" / "metrics.jsonl").is_file() else root
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise ConfigError(str(root), "metrics.jsonl", "not a run directory (no metrics.jsonl)")
     rows = []
-    for i, line in enumerate(metrics.read_text().splitlines(), 1):
+    for i, line in enumerate(read_capped(metrics).decode("utf-8", "replace").splitlines(), 1):
         if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{metrics}:{i}", "<line>", f"invalid JSON ({err.msg})") from None
+            rows.append(_check_row(loads_json(line, metrics, i), str(metrics), i))
     summary_file = run / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    summary = _check_summary(loads_json(read_capped(summary_file), summary_file), summary_file) \
+        if summary_file.is_file() else {}
     config_file = run / "config.yaml"
     evals = {}
     for folder in dict.fromkeys([run, root]):
         for f in sorted(folder.glob("eval*.json")) + sorted(folder.glob("demo.json")):
-            evals[f.name] = json.loads(f.read_text())
-    return RunFiles(root.name if run is root else f"{root.name}/{run.name}", root,
-                    config_file.read_text() if config_file.is_file() else "(no config.yaml)", rows, summary, evals)
+            evals[f.name] = _check_eval(loads_json(read_capped(f), f), f)
+    config = read_capped(config_file).decode("utf-8", "replace") if config_file.is_file() else "(no config.yaml)"
+    return RunFiles(root.name if run is root else f"{root.name}/{run.name}", root, config, rows, summary, evals)
 
 
 # ---- plots -----------------------------------------------------------------------------
@@ -173,8 +222,8 @@ def _table(runs) -> str:
         values = [run.summary.get("steps", len(run.rows)), final.get("loss"), final.get("rewards/margins"),
                   final.get("rewards/accuracies"), kl[-1] if kl else None,
                   (run.summary.get("eval") or {}).get("accuracy/implicit_reward"), run.summary.get("elapsed_s")]
-        cells = "".join(f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{'' if v is None else v}</td>"
-                        for v in values)
+        cells = "".join(f"<td>{v:.4g}</td>" if isinstance(v, float)
+                        else f"<td>{'' if v is None else html.escape(str(v))}</td>" for v in values)
         out.append(f"<tr><th>{html.escape(run.name)}</th>{cells}</tr>")
     return "\n".join(out + ["</table>"])
 
@@ -183,10 +232,10 @@ def _health(runs) -> str:
     items = []
     for run in runs:
         flags = run.summary.get("health") or {}
-        text = ", ".join(f'<span class="flag">{html.escape(f)}</span> from step {s}' for f, s in flags.items())
+        text = ", ".join(f'<span class="flag">{html.escape(f)}</span> from step {int(s)}' for f, s in flags.items())
         stop = run.summary.get("stopped_early")
         if stop:
-            text += f" (stopped early on {html.escape(stop['check'])} at step {stop['step']})"
+            text += f" (stopped early on {html.escape(stop['check'])} at step {int(stop['step'])})"
         items.append(f"<li>{html.escape(run.name)}: {text or '<span class=ok>no health flags</span>'}</li>")
     return "<ul>" + "".join(items) + "</ul>"
 
@@ -196,7 +245,9 @@ def write_report(run_dirs: list[str], out: str | Path | None = None, *, png: boo
     runs = [read_run(d) for d in run_dirs]
     out = Path(out) if out else runs[0].path / "report.html"
     figs = _figures(runs)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>preftune report</title>"
+    # every value from the run files is escaped; the CSP is a second wall: no script may run at all
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
+             f"content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\"><title>preftune report</title>"
              f"<style>{_CSS}</style></head><body><h1>preftune report</h1>",
              "<h2>Summary</h2>", _table(runs), "<h2>Health checks</h2>", _health(runs), "<h2>Plots</h2>"]
     for name, fig in figs:
