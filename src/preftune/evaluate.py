@@ -193,8 +193,8 @@ def run_models(cfg, run_dir: str | Path, base_model) -> tuple:
     adapters off (LoRA) or a frozen copy of the starting weights `base_model` (full fine-tuning)."""
     from .models import AdaptersOffReference, FrozenCopyReference, load_model, resolve_model_dir
 
-    policy = load_run_policy(Path(run_dir), base_model)
     m = cfg.model
+    policy = load_run_policy(Path(run_dir), base_model, allow_pickle_weights=m.allow_pickle_weights)
     if m.reference_name_or_path:
         ref = load_model(resolve_model_dir(m.reference_name_or_path, allow_pickle_weights=m.allow_pickle_weights),
                          dtype=m.dtype, allow_pickle_weights=m.allow_pickle_weights)
@@ -204,16 +204,24 @@ def run_models(cfg, run_dir: str | Path, base_model) -> tuple:
     return policy, FrozenCopyReference(base_model.eval())
 
 
-def load_run_policy(run_dir: Path, base_model, *, is_trainable: bool = False):
-    """Attach a run's saved adapter to `base_model`, or load its full model dir."""
-    model_dir = run_dir / "model"
+def load_run_policy(run_dir: Path, base_model, *, is_trainable: bool = False, allow_pickle_weights: bool = False):
+    """Attach a run's saved adapter to `base_model`, or load its full model dir. A pickle
+    adapter (`adapter_model.bin`) needs the same opt-in as pickle model weights."""
+    model_dir = Path(run_dir) / "model"
     if (model_dir / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        if not (model_dir / "adapter_model.safetensors").is_file():
+            if not allow_pickle_weights or not (model_dir / "adapter_model.bin").is_file():
+                from .errors import ConfigError
+
+                raise ConfigError(str(model_dir), "adapter", "no adapter_model.safetensors" + (
+                    " (only pickle adapter_model.bin; set model.allow_pickle_weights=true to load it with "
+                    "weights_only=True)" if (model_dir / "adapter_model.bin").is_file() else ""))
         return PeftModel.from_pretrained(base_model, str(model_dir), is_trainable=is_trainable)
     from .models import load_model
 
-    return load_model(str(model_dir))
+    return load_model(str(model_dir), allow_pickle_weights=allow_pickle_weights)
 
 
 def _length_stats(samples, prefix: str) -> dict:

@@ -168,3 +168,47 @@ def test_strict_validation():
             validate(bad, PAIRWISE_SCHEMA)
     with pytest.raises(ValueError):
         validate({"score": True}, SCORE_SCHEMA)
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_origin_never_carries_the_api_key(tmp_path, monkeypatch, code):
+    """The judge's URL answers with a redirect to another port (another origin): the client refuses
+    it as a counted failure, so the key never reaches the other server."""
+    from http.server import BaseHTTPRequestHandler
+
+    elsewhere = []
+
+    class Thief(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            elsewhere.append(self.headers.get("Authorization"))
+            send_json(self, 200, b"{}")
+
+        do_POST = do_GET  # noqa: N815
+
+    thief, thief_url = serve_in_thread(Thief)
+
+    class Redirect(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(code)
+            self.send_header("Location", thief_url + "/chat/completions")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server, url = serve_in_thread(Redirect)
+    monkeypatch.setenv("PREFTUNE_JUDGE_API_KEY", "sk-secret-123")
+    try:
+        client = JudgeClient(url, "m", cache_dir=tmp_path / "c", backoff_s=0.01, timeout_s=2, retries=2)
+        assert client.ask([{"role": "user", "content": "x"}], {"type": "object", "properties": {}}) is None
+        assert elsewhere == []
+        assert client.stats["failures"] == 1 and client.stats["calls"] == 1  # refused, not retried
+    finally:
+        for s in (server, thief):
+            s.shutdown()
+            s.server_close()

@@ -19,8 +19,10 @@ import hashlib
 import json
 import math
 import os
+import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +112,7 @@ class JudgeClient:
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
                                      headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310 - the URL is the user's
+        with _OPENER.open(req, timeout=self.timeout_s) as resp:  # the URL is the user's; redirects stay on it
             return json.loads(resp.read().decode())
 
     def ask(self, messages: list[dict], schema: dict) -> dict | None:
@@ -145,6 +147,22 @@ class JudgeClient:
             return verdict
         self.stats["failures"] += 1
         return None
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect to another scheme, host or port is refused (a counted failure, not retried):
+    urllib would otherwise resend the Authorization header, the API key, to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if (old.scheme, old.hostname, old.port) != (new.scheme, new.hostname, new.port):
+            raise urllib.error.HTTPError(req.full_url, 421, f"refused a redirect to another origin ({new.scheme}://"
+                                         f"{new.hostname}); set the judge URL to the final address", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# TLS certificates are always verified (the default context); there is no switch to turn that off
+_OPENER = urllib.request.build_opener(_SameOriginRedirects(), urllib.request.HTTPSHandler(context=ssl.create_default_context()))
 
 
 @dataclass
