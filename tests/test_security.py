@@ -56,3 +56,37 @@ def test_every_transformers_from_pretrained_passes_trust_remote_code():
 def test_torch_floor_is_pinned_at_or_above_2_10():
     text = (SRC.parents[1] / "pyproject.toml").read_text()
     assert '"torch==2.13.0"' in text
+
+
+class _Payload:
+    """Unpickling this runs `Path(marker).touch()`: proof that a pickle was executed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_eval_run_refuses_a_pickle_adapter_without_the_opt_in(tmp_path, tiny_model_dir, capsys):
+    """Issue 16 (5): a shared run whose adapter is adapter_model.bin never unpickles it."""
+    import json
+    import pickle
+
+    from conftest import PAIRS, write_jsonl
+    from preftune.cli import main
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    run = tmp_path / "run"
+    assert main(["train", f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", f"run.output_dir={run}",
+                 "train.max_steps=1", "data.max_length=64", "data.max_prompt_length=32", "model.lora_r=4"]) == 0
+    (run / "model" / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "payload-ran"
+    (run / "model" / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{run / 'model'}: adapter: no adapter_model.safetensors"), err
+    assert "model.allow_pickle_weights=true" in err[0]
+    assert not marker.exists()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1
