@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--host", default="127.0.0.1")
     se.add_argument("--port", type=int, default=8000)
     se.add_argument("--max-tokens-cap", type=int, default=512)
+    se.add_argument("--api-key", default=os.environ.get("PREFTUNE_SERVE_API_KEY"),
+                    help="require Authorization: Bearer KEY (default: $PREFTUNE_SERVE_API_KEY; none = open on localhost)")
     rp = sub.add_parser("report", help="a self-contained HTML page (and PNGs) from one or more run directories")
     rp.add_argument("run_dirs", nargs="+")
     rp.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
@@ -218,7 +220,7 @@ def _run(args) -> int:
         from .serve import load_chat_model, make_server
 
         chat = load_chat_model(args.model, max_tokens_cap=args.max_tokens_cap)
-        return _serve(lambda: make_server(chat, args.host, args.port), args.host, args.port,
+        return _serve(lambda: make_server(chat, args.host, args.port, api_key=args.api_key), args.host, args.port,
                       f"serving {args.model} at http://{{}}/v1")
     if args.command == "report":
         from .report import write_report

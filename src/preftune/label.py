@@ -17,17 +17,20 @@ first item they have not judged. Records:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from .data.sources import read_rows, split_path
 from .errors import DataError
+from .httpguard import QuietServer, Refused, check_host, check_post, parse_json, read_body
 
 __all__ = ["LabelItem", "load_items", "read_judgments", "LabelStore", "make_label_server"]
 
@@ -162,7 +165,7 @@ class LabelStore:
             self.done.setdefault(annotator, set()).add(pair_id)
 
 
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>preftune label</title><style>
+_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>preftune label</title><meta name="preftune-token" content="@TOKEN@"><style>
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1100px;color:#222}
 #prompt{background:#f4f4f4;padding:0.8em;white-space:pre-wrap;border-radius:6px}
 .cols{display:flex;gap:1em;margin:1em 0}.cols>div{flex:1}.resp{border:2px solid #ccc;border-radius:6px;padding:0.8em;
@@ -180,6 +183,7 @@ white-space:pre-wrap;min-height:6em}button{font-size:1.05em;margin:0.6em 0.4em 0
 <button id="tie">Tie <kbd>t</kbd></button></div>
 <div id="end" hidden><h3>All done, thank you.</h3></div>
 <script>
+const token = document.querySelector('meta[name="preftune-token"]').content;
 let who = new URLSearchParams(location.search).get("annotator") || "", item = null, busy = false;
 const $ = id => document.getElementById(id);
 function show(next) {
@@ -196,7 +200,8 @@ async function load() {
 async function judge(choice) {
   if (!item || item.finished || busy) return;
   busy = true;
-  const r = await fetch("/api/judge", {method: "POST", headers: {"Content-Type": "application/json"},
+  const r = await fetch("/api/judge", {method: "POST", headers: {"Content-Type": "application/json",
+    "X-Preftune-Token": token},
     body: JSON.stringify({annotator: who, pair_id: item.pair_id, choice: choice, reason: $("reason").value})});
   if (r.ok) show(await r.json());
   busy = false;
@@ -218,7 +223,13 @@ if (who) start();
 </script></body></html>"""
 
 
-def make_label_server(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+def make_label_server(store: LabelStore, host: str = "127.0.0.1", port: int = 8765) -> QuietServer:
+    """The labeling page and its two API calls. Every request must name this server in `Host`;
+    a judgment must be a same-origin JSON POST carrying the per-session token from the page (a
+    page on another site can neither read the token nor send that header without a preflight)."""
+    token = secrets.token_hex(16)
+    page = _PAGE.replace("@TOKEN@", token)
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
             pass
@@ -229,13 +240,19 @@ def make_label_server(store: LabelStore, host: str = "127.0.0.1", port: int = 87
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("X-Frame-Options", "DENY")
             self.end_headers()
             self.wfile.write(data)
 
         def do_GET(self):  # noqa: N802
+            try:
+                check_host(self)
+            except Refused as err:
+                return self._send(err.status, {"error": err.message})
             url = urlparse(self.path)
             if url.path == "/":
-                return self._send(200, _PAGE, "text/html; charset=utf-8")
+                return self._send(200, page, "text/html; charset=utf-8")
             if url.path == "/api/next":
                 who = (parse_qs(url.query).get("annotator") or [""])[0].strip()
                 if not who:
@@ -244,16 +261,27 @@ def make_label_server(store: LabelStore, host: str = "127.0.0.1", port: int = 87
             self._send(404, {"error": "not found"})
 
         def do_POST(self):  # noqa: N802
-            if urlparse(self.path).path != "/api/judge":
-                return self._send(404, {"error": "not found"})
             try:
-                body = json.loads(self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 1 << 16)))
-                who = str(body["annotator"]).strip()
-                if not who:
-                    raise ValueError("annotator is required")
-                store.record(who, str(body["pair_id"]), str(body["choice"]), str(body.get("reason", ""))[:2000])
+                check_host(self)
+                if urlparse(self.path).path != "/api/judge":
+                    raise Refused(404, "not found")
+                check_post(self)
+                if not hmac.compare_digest(self.headers.get("X-Preftune-Token") or "", token):
+                    raise Refused(403, "missing or wrong session token (reload the page)")
+                body = parse_json(read_body(self, 1 << 16))
+                if not isinstance(body, dict):
+                    raise Refused(400, "the body must be a JSON object")
+                fields = [body.get(k) for k in ("annotator", "pair_id", "choice")]
+                if not all(isinstance(f, str) for f in fields) or not isinstance(body.get("reason", ""), str):
+                    raise Refused(400, "annotator, pair_id, choice (and reason) must be strings")
+                who = fields[0].strip()
+                if not who or len(who) > 200:
+                    raise Refused(400, "annotator is required (at most 200 characters)")
+                store.record(who, fields[1], fields[2], body.get("reason", "")[:2000])
                 self._send(200, store.next_item(who))
-            except (ValueError, KeyError, TypeError) as err:
+            except Refused as err:
+                self._send(err.status, {"error": err.message})
+            except ValueError as err:
                 self._send(400, {"error": str(err)})
 
-    return ThreadingHTTPServer((host, port), Handler)
+    return QuietServer((host, port), Handler)

@@ -5,24 +5,33 @@ Endpoints: GET /v1/models, POST /v1/chat/completions (non-streaming, n=1), GET /
 an enum or a bounded integer property is chosen among its allowed values by the model's
 log-probability of each value's text in context (greedy), a string property is generated up to
 the closing quote. So even a small model answers a judge's schema with valid JSON, and the
-judge client can be tested against a real server. Standard library HTTP only; one generation at
-a time; request bodies over 1 MB and max_tokens over the server's cap are refused with 400.
+judge client can be tested against a real server. Standard library HTTP only (see httpguard.py
+for why, and for the Host / content-type / Content-Length checks every request passes); one
+generation at a time. Work per request is capped so no request can hold the generation lock for
+long: prompt + max_tokens within the model's context, max_tokens within the server's cap, at most
+MAX_SCHEMA_PROPERTIES properties and MAX_SCHEMA_OPTIONS enum values / integer-range values per
+schema; anything over is a 400 with a message. `--api-key` requires `Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import torch
 
+from .httpguard import QuietServer, Refused, check_bearer, check_host, check_post, parse_json, read_body
+
 __all__ = ["ChatModel", "make_server", "load_chat_model"]
 
 MAX_BODY = 1 << 20
+MAX_SCHEMA_PROPERTIES = 16
+MAX_SCHEMA_OPTIONS = 128   # values scored for one schema (each is one forward pass)
 
 
 class BadRequest(ValueError):
@@ -74,13 +83,14 @@ class ChatModel:
         tok, props = self.tokenizer, schema.get("properties")
         if schema.get("type") != "object" or not isinstance(props, dict) or not props:
             raise BadRequest("json_schema: only flat object schemas with properties are supported")
+        _check_schema_cost(props)
         text = "{"
         for i, (key, rule) in enumerate(props.items()):
             text += ("" if i == 0 else ", ") + json.dumps(key) + ": "
             if "enum" in rule:
                 options = [json.dumps(v) for v in rule["enum"]]
             elif rule.get("type") == "integer" and "minimum" in rule and "maximum" in rule:
-                options = [str(v) for v in range(int(rule["minimum"]), int(rule["maximum"]) + 1)]
+                options = [str(v) for v in range(rule["minimum"], rule["maximum"] + 1)]
             elif rule.get("type") == "string":
                 context = ids + tok(text + '"', add_special_tokens=False)["input_ids"]
                 _, value = self._generate(context, max_tokens=32, temperature=0.0, top_p=1.0, seed=None, stop_at='"')
@@ -101,11 +111,23 @@ class ChatModel:
         if body.get("n", 1) != 1:
             raise BadRequest("only n=1 is supported")
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or min(256, self.cap)
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.cap:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= self.cap:
             raise BadRequest(f"max_tokens must be an integer in [1, {self.cap}]")
-        temperature, top_p = float(body.get("temperature", 1.0)), float(body.get("top_p", 1.0))
+        temperature, top_p, seed = body.get("temperature", 1.0), body.get("top_p", 1.0), body.get("seed")
+        if not _number(temperature) or not 0 <= temperature <= 2:
+            raise BadRequest("temperature must be a number in [0, 2]")
+        if not _number(top_p) or not 0 < top_p <= 1:
+            raise BadRequest("top_p must be a number in (0, 1]")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32):
+            raise BadRequest("seed must be an integer in [0, 2**32)")
         ids = self._prompt_ids(body.get("messages"))
+        context = _context_length(self.model)
+        if context and len(ids) + max_tokens > context:
+            raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                             f"context of {context} tokens")
         fmt = body.get("response_format") or {}
+        if not isinstance(fmt, dict):
+            raise BadRequest("response_format must be an object")
         with self.lock:
             if fmt.get("type") == "json_schema":
                 schema = (fmt.get("json_schema") or {}).get("schema")
@@ -114,8 +136,8 @@ class ChatModel:
                 content, finish = self._constrained(ids, schema), "stop"
                 n_new = len(self.tokenizer(content, add_special_tokens=False)["input_ids"])
             else:
-                new, content = self._generate(ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                              seed=body.get("seed"))
+                new, content = self._generate(ids, max_tokens=max_tokens, temperature=float(temperature),
+                                              top_p=float(top_p), seed=seed)
                 n_new, finish = len(new), "stop" if len(new) < max_tokens else "length"
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.name, "choices": [{"index": 0, "finish_reason": finish,
@@ -123,7 +145,45 @@ class ChatModel:
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": n_new, "total_tokens": len(ids) + n_new}}
 
 
-def _handler(chat: ChatModel):
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _context_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_schema_cost(props: dict) -> None:
+    """Refuse a schema whose constrained decoding would cost more than the caps allow."""
+    if len(props) > MAX_SCHEMA_PROPERTIES:
+        raise BadRequest(f"json_schema: at most {MAX_SCHEMA_PROPERTIES} properties")
+    total = 0
+    for key, rule in props.items():
+        if not isinstance(rule, dict):
+            raise BadRequest(f"json_schema: property {key!r} must be an object")
+        if "enum" in rule:
+            if not isinstance(rule["enum"], list) or not rule["enum"]:
+                raise BadRequest(f"json_schema: property {key!r}: enum must be a non-empty list")
+            total += len(rule["enum"])
+        elif rule.get("type") == "integer" and "minimum" in rule and "maximum" in rule:
+            lo, hi = rule["minimum"], rule["maximum"]
+            if not (isinstance(lo, int) and isinstance(hi, int)) or isinstance(lo, bool) or isinstance(hi, bool) \
+                    or hi < lo:
+                raise BadRequest(f"json_schema: property {key!r}: minimum <= maximum must be integers")
+            total += hi - lo + 1
+        else:
+            total += 1
+        if total > MAX_SCHEMA_OPTIONS:
+            raise BadRequest(f"json_schema: more than {MAX_SCHEMA_OPTIONS} enum/integer values to score "
+                             "(narrow the ranges)")
+
+
+def _handler(chat: ChatModel, api_key: str | None = None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         timeout = 60
@@ -136,6 +196,9 @@ def _handler(chat: ChatModel):
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if code >= 400:
+                self.send_header("Connection", "close")  # the rest of a refused body is not read
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
 
@@ -143,24 +206,33 @@ def _handler(chat: ChatModel):
             self._send(code, {"error": {"message": message, "type": "invalid_request_error" if code < 500
                                         else "server_error"}})
 
+        def _guard(self):
+            check_host(self)
+            check_bearer(self, api_key)
+
         def do_GET(self):  # noqa: N802 - the stdlib's name
+            try:
+                self._guard()
+            except Refused as err:
+                return self._error(err.status, err.message)
             if self.path.rstrip("/") == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": chat.name, "object": "model", "owned_by": "preftune"}]})
             elif self.path == "/health":
                 self._send(200, {"status": "ok"})
             else:
-                self._error(404, f"unknown path {self.path}")
+                self._error(404, "unknown path")
 
         def do_POST(self):  # noqa: N802
-            if self.path.rstrip("/") != "/v1/chat/completions":
-                return self._error(404, f"unknown path {self.path}")
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                return self._error(400, f"request body over {MAX_BODY} bytes")
             try:
-                body = json.loads(self.rfile.read(length) or b"null")
+                self._guard()
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    raise Refused(404, "unknown path")
+                check_post(self)
+                body = parse_json(read_body(self, MAX_BODY))
                 self._send(200, chat.chat(body))
-            except (json.JSONDecodeError, BadRequest) as err:
+            except Refused as err:
+                self._error(err.status, err.message)
+            except BadRequest as err:
                 self._error(400, str(err))
             except Exception as err:  # noqa: BLE001 - answer 500 and keep serving
                 self._error(500, f"{type(err).__name__}: {err}")
@@ -168,9 +240,10 @@ def _handler(chat: ChatModel):
     return Handler
 
 
-def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000, *,
+                api_key: str | None = None) -> QuietServer:
     """A server bound to (host, port); port 0 picks a free one (see `server.server_address`)."""
-    return ThreadingHTTPServer((host, port), _handler(chat))
+    return QuietServer((host, port), _handler(chat, api_key))
 
 
 def load_chat_model(name_or_run: str, *, max_tokens_cap: int = 512) -> ChatModel:
