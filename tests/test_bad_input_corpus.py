@@ -219,9 +219,3 @@ def test_resume_with_changed_beta(checkpointed_run, capsys):
     capsys.readouterr()
     _assert_one_line_exit_2(capsys, ["resume", str(checkpointed_run), "loss.beta=0.5"], str(checkpointed_run),
                             [checkpointed_run])
-
-
-def test_corpus_size():
-    """Counted for the issue note: the CLI corpus covers data, config and file cases."""
-    extra = 8  # the standalone tests above
-    assert len(DATA_CASES) + len(CONFIG_CASES) + extra >= 30
