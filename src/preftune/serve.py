@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from . import devices
 from .httpguard import QuietServer, Refused, check_bearer, check_host, check_post, parse_json, read_body
 
 __all__ = ["ChatModel", "make_server", "load_chat_model"]
@@ -60,7 +61,8 @@ class ChatModel:
         if seed is not None:
             torch.manual_seed(seed)
         sample = temperature > 0
-        out = self.model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        inputs = devices.place((torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)), self.model)
+        out = self.model.generate(input_ids=inputs[0], attention_mask=inputs[1],
                                   do_sample=sample, temperature=temperature if sample else None,
                                   top_p=top_p if sample else None, top_k=None, max_new_tokens=max_tokens,
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -74,9 +76,9 @@ class ChatModel:
 
     @torch.no_grad()
     def _logp(self, context: list[int], continuation: list[int]) -> float:
-        ids = torch.tensor([context + continuation])
+        ids = devices.place(torch.tensor([context + continuation]), self.model)
         logits = self.model(input_ids=ids, use_cache=False).logits[0, len(context) - 1: -1].float()
-        return torch.log_softmax(logits, -1).gather(1, torch.tensor(continuation)[:, None]).sum().item()
+        return torch.log_softmax(logits, -1).gather(1, ids[0, len(context):, None]).sum().item()
 
     def _constrained(self, ids: list[int], schema: dict) -> str:
         """Flat JSON object following `schema`'s properties in order."""

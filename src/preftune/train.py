@@ -178,14 +178,15 @@ def _trainable(model) -> dict:
 def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = False) -> RunResult:
     """Train from `cfg`. With `resume`, continue `cfg.run.output_dir` from its newest valid
     checkpoint (or start fresh there when it has none). One writer per run directory (RunLock)."""
-    from accelerate import PartialState
-
     spec, run_dir = build_loss(cfg.loss.name, cfg.loss.mix), Path(cfg.run.output_dir)
     if not cfg.data.train_path:
         raise ConfigError("defaults", "data.train_path", "is required")
-    if not resume:
+    # the main process alone decides about (and locks) the run dir: global rank 0, as launchers set
+    # it (Accelerate's own state is not built yet, and building it early would fix its settings)
+    main = os.environ.get("RANK", "0") == "0"
+    if not resume and main:
         check_output_dir(run_dir, cfg.run.overwrite)
-    elif (done := finished(run_dir)) is not None:
+    elif resume and (done := finished(run_dir)) is not None:
         raise ConfigError(str(run_dir), "resume", f"this run finished at step {done['steps']} (summary.json); "
                           "to train it again: preftune train -c RUN/config.yaml run.overwrite=true")
     # ---- validate everything cheap before any weights load ----
@@ -194,7 +195,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     data = prepare_data(cfg, spec, tokenizer, records, eval_records)
-    lock = RunLock(run_dir, overwrite=cfg.run.overwrite, resume=resume) if PartialState().is_main_process else None
+    lock = RunLock(run_dir, overwrite=cfg.run.overwrite, resume=resume) if main else None
     try:
         result = _train(cfg, spec, model_dir, tokenizer, data, lock, resume, allow_config_change)
     except BaseException:

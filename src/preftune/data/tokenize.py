@@ -2,8 +2,8 @@
 
 Spans are token-level: the prompt and each completion are tokenized separately and their ids
 concatenated, so the completion mask is exact (nothing is sliced by characters after
-tokenization). Chat-message records are rendered with the tokenizer's chat template: the
-prompt with the generation prompt, the completion as the template's text that follows it.
+tokenization). Rendering (chat template, BOS exactly once, EOS) is `data/render.py`, the one
+function every path shares.
 
 EOS: every completion ends with the tokenizer's EOS id; it is appended unless the rendered
 completion already ends with it (chat templates close assistant turns with it), and it counts
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DataError
+from . import render
 from .records import PreferenceRecord, Text, UnpairedRecord
 
 __all__ = ["TokenizedPair", "TokenizedExample", "TokenizeStats", "tokenize_records", "tokenize_unpaired",
@@ -65,35 +66,14 @@ class TokenizeStats:
 
 
 def render_prompt(tokenizer, prompt: Text) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def _completion_text(tokenizer, prompt: Text, completion: Text, where: tuple, name: str) -> str:
-    if isinstance(completion, str):
-        return completion
-    prompt_text = render_prompt(tokenizer, prompt)
-    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
-    if not full.startswith(prompt_text):
-        raise DataError(*where, name, "the chat template does not render the prompt as a prefix of the conversation")
-    text = full[len(prompt_text):]
-    # drop the template's trailing newline after the end-of-turn token; EOS is the last token
-    eos = tokenizer.eos_token
-    return text.rstrip() if eos and text.rstrip().endswith(eos) else text
-
-
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    return render.prompt_text(tokenizer, prompt)
 
 
 def _encode(tokenizer, prompt: Text, completions: list, where: tuple, names: tuple, eos: int):
-    """Prompt ids (with the tokenizer's special tokens) and completion ids ending in EOS."""
-    prompt_ids = _ids(tokenizer, render_prompt(tokenizer, prompt), special=True)
-    sides = []
-    for name, completion in zip(names, completions):
-        ids = _ids(tokenizer, _completion_text(tokenizer, prompt, completion, where, name), special=False)
-        sides.append(ids if ids and ids[-1] == eos else ids + [eos])
+    """Prompt ids and completion ids ending in EOS, through the one rendering (data/render.py)."""
+    prompt_ids = render.prompt_ids(tokenizer, prompt)
+    sides = [render.completion_ids(tokenizer, prompt, c, eos=eos, where=where, name=name)
+             for name, c in zip(names, completions)]
     return prompt_ids, sides
 
 

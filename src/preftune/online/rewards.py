@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .. import devices
 from ..errors import ConfigError
 
 __all__ = ["RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward"]
@@ -95,7 +96,7 @@ class RewardModel:
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(texts[i: i + self.batch_size], return_tensors="pt", padding=True,
                                      truncation=True, max_length=self.max_length)
-                out += self.model(**enc).logits[:, 0].float().tolist()
+                out += self.model(**devices.place(dict(enc), self.model)).logits[:, 0].float().tolist()
         return out
 
 
