@@ -177,3 +177,41 @@ def test_malformed_eval_json_is_one_line_exit_2(tmp_path, capsys):
     (run / "eval.json").write_text(json.dumps({"per_prompt": [{"policy": "<b>", "reference": 1}]}))
     rc, lines = _report_cli(run, capsys)
     assert rc == 2 and lines[0].startswith(f"{run / 'eval.json'}:1: per_prompt:")
+
+
+def _inert_in_chromium(page_path) -> tuple[bool, int]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.on("dialog", lambda d: d.dismiss())
+        page.goto(page_path.as_uri())
+        page.wait_for_timeout(300)
+        ran = page.evaluate("window.__pwned !== undefined")
+        injected = len(page.query_selector_all("script, img, iframe"))
+        browser.close()
+    return ran, injected
+
+
+@pytest.mark.skipif(not _chromium() and not os.environ.get("PREFTUNE_REQUIRE_BROWSER"),
+                    reason="Chromium is not installed (.ci/run installs it and sets PREFTUNE_REQUIRE_BROWSER)")
+def test_markup_in_numeric_summary_fields_is_refused_never_run(tmp_path):
+    """summary.json's numbers went into the page as they were (stored XSS from a shared run
+    directory): now a non-number there is refused; if a page were written, it must be inert."""
+    from preftune.errors import DataError
+
+    run = _fake_run(tmp_path / "r")
+    summary = json.loads((run / "summary.json").read_text())
+    summary["steps"] = '<img src=x onerror="window.__pwned=1">'
+    summary["final"]["loss"] = "<script>window.__pwned=2</script>"
+    (run / "summary.json").write_text(json.dumps(summary))
+    try:
+        out = write_report([str(run)], tmp_path / "report.html", png=False)
+    except DataError as err:
+        assert str(err).startswith(f"{run / 'summary.json'}:1: final: malformed")
+        assert not (tmp_path / "report.html").exists()
+        return
+    assert _inert_in_chromium(out) == (False, 0)
