@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
+from .data import render
 from .errors import ConfigError
 
 __all__ = ["demo_prompts", "sentiment_scores", "best_vs_worst", "bootstrap_ci", "run_demo"]
@@ -68,7 +69,7 @@ def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: fl
 def _sample_texts(model, tokenizer, prompts, *, n, max_new_tokens, seed):
     from .evaluate import decode_completions, sample_completions
 
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [render.prompt_ids(tokenizer, p) for p in prompts]
     samples = sample_completions(model, tokenizer, ids, n=n, max_new_tokens=max_new_tokens, seed=seed)
     texts = decode_completions(tokenizer, samples)
     return samples, [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .data import render
 from .data.sources import read_rows, split_path, write_jsonl
 from .errors import DataError
 
@@ -65,7 +66,7 @@ def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> d
     o = cfg.online
     model_dir = resolve_model_dir(cfg.model.name_or_path)
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
-    samples = sample_completions(model, tokenizer, [tokenizer(p)["input_ids"] for p in prompts], n=1,
+    samples = sample_completions(model, tokenizer, [render.prompt_ids(tokenizer, p) for p in prompts], n=1,
                                  max_new_tokens=o.max_new_tokens, seed=cfg.train.seed, temperature=o.temperature,
                                  top_p=o.top_p, top_k=o.top_k)
     policy = decode_completions(tokenizer, samples)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import devices
+from .data import render
 from .httpguard import QuietServer, Refused, check_bearer, check_host, check_post, parse_json, read_body
 
 __all__ = ["ChatModel", "make_server", "load_chat_model"]
@@ -48,11 +49,7 @@ class ChatModel:
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
             raise BadRequest("messages must be a non-empty list of {role, content} objects")
-        tok = self.tokenizer
-        if tok.chat_template:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        return tok("\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:")["input_ids"]
+        return render.prompt_ids(self.tokenizer, messages)  # exactly what training renders
 
     @torch.no_grad()
     def _generate(self, ids: list[int], *, max_tokens: int, temperature: float, top_p: float, seed: int | None,

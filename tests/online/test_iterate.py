@@ -93,7 +93,7 @@ def test_bad_prompt_files(tmp_path):
     bad.write_text('{"prompt": "ok"}\n{"question": "x"}\n')
     with pytest.raises(DataError, match="p.jsonl:2: prompt"):
         load_prompts(str(bad))
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(DataError, match="missing.txt:0: file: no such file"):
         load_prompts(str(tmp_path / "missing.txt"))
 
 

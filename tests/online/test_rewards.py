@@ -53,11 +53,27 @@ def test_reward_model_scores_with_logit_zero(tmp_path, tokenizer):
     model.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     r = build_reward(f"rm:{tmp_path / 'rm'}")
-    scores = r.score(["The movie was", "I hated"], [" great.", " the long ending."])
-    with torch.no_grad():
-        expect = [model(**tokenizer(t, return_tensors="pt")).logits[0, 0].item()
-                  for t in ("The movie was great.", "I hated the long ending.")]
+    prompts, completions = ["The movie was", "I hated"], [" great.", " the long ending."]
+    scores = r.score(prompts, completions)
+    with torch.no_grad():  # the RM reads (prompt, completion) through its own chat template
+        chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": c}]
+                 for p, c in zip(prompts, completions)]
+        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in chats]
+        expect = [model(**tokenizer(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+                  for t in texts]
     assert scores == pytest.approx(expect, abs=1e-5)  # padding in the batch changes nothing
+    import json
+
+    for f in (tmp_path / "rm").glob("chat_template*"):  # an RM without a template reads the plain text
+        f.unlink()
+    config = json.loads((tmp_path / "rm" / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "rm" / "tokenizer_config.json").write_text(json.dumps(config))
+    raw = build_reward(f"rm:{tmp_path / 'rm'}").score(prompts, completions)
+    with torch.no_grad():
+        expect = [model(**tokenizer(p + c, return_tensors="pt")).logits[0, 0].item()
+                  for p, c in zip(prompts, completions)]
+    assert raw == pytest.approx(expect, abs=1e-5)
     with pytest.raises(ConfigError, match="no reward model directory"):
         build_reward(f"rm:{tmp_path / 'missing'}")
 

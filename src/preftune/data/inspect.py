@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from . import render
 from .records import PreferenceRecord, UnpairedRecord
-from .tokenize import render_prompt, tokenize_records, tokenize_unpaired
+from .tokenize import tokenize_records, tokenize_unpaired
 
 __all__ = ["inspect_records", "format_inspection"]
 
@@ -30,24 +31,32 @@ def _key(x) -> str:
 
 
 def _boundary_mismatch(tokenizer, prompt, completion) -> bool:
-    """Tokenizing prompt+completion as one string gives other ids than tokenizing them apart
+    """Tokenizing prompt+completion as one piece gives other ids than tokenizing them apart
     (a merge across the boundary, e.g. a prompt ending in a space): the training spans, made
-    apart, are then not what the model sees when it reads the text whole."""
-    if not isinstance(prompt, str) or not isinstance(completion, str):
-        return False  # chat messages are rendered by the template, turn by turn
-    whole = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-    apart = (tokenizer(prompt, add_special_tokens=False)["input_ids"]
-             + tokenizer(completion, add_special_tokens=False)["input_ids"])
-    return whole != apart
+    apart, are then not what the model sees when it reads the text whole (data/render.py)."""
+    eos = tokenizer.eos_token_id
+    return render.boundary_mismatch(tokenizer, prompt, completion, eos) if eos is not None else False
+
+
+def _rendering_problems(tokenizer, records: list) -> dict:
+    """Signs that a file was built with another rendering: prompts whose ids start with two BOS
+    (a pre-rendered template or a BOS typed into the text, on a tokenizer that adds one too) and
+    string fields that already contain the tokenizer's special tokens (template markup)."""
+    specials = [t for t in tokenizer.all_special_tokens if t and t != tokenizer.pad_token]
+    double = sum(render.has_double_bos(tokenizer, render.prompt_ids(tokenizer, r.prompt)) for r in records)
+    fields = ("prompt", "chosen", "rejected", "completion")
+    marked = sum(any(isinstance(getattr(r, f, None), str) and any(t in getattr(r, f) for t in specials)
+                     for f in fields) for r in records)
+    return {"double_bos": double, "special_tokens_in_text": marked}
 
 
 def inspect_records(records: list, tokenizer, *, max_length: int, max_prompt_length: int) -> dict:
     """Statistics of validated records (pairs or unpaired examples), token lengths from `tokenizer`."""
     n = len(records)
-    prompt_len = [len(tokenizer(render_prompt(tokenizer, r.prompt), add_special_tokens=False)["input_ids"])
-                  for r in records]
+    prompt_len = [len(render.prompt_ids(tokenizer, r.prompt)) for r in records]
     prompts = Counter(_key(r.prompt) for r in records)
-    out = {"records": n, "distinct_prompts": len(prompts), "prompt_tokens": _dist(prompt_len)}
+    out = {"records": n, "distinct_prompts": len(prompts), "prompt_tokens": _dist(prompt_len),
+           **_rendering_problems(tokenizer, records)}
     if records and isinstance(records[0], UnpairedRecord):
         good = sum(r.label for r in records)
         toks, stats = tokenize_unpaired(records, tokenizer, max_length=max_length,
@@ -90,6 +99,10 @@ def format_inspection(path: str, s: dict) -> str:
     """A short human summary; the JSON holds everything."""
     lines = [f"{path}: {s['records']} {s['kind']} records, {s['distinct_prompts']} distinct prompts",
              f"  prompt tokens {s['prompt_tokens']}"]
+    if s.get("double_bos") or s.get("special_tokens_in_text"):
+        lines.append(f"  WARNING rendering: {s['double_bos']} prompts start with two BOS tokens, "
+                     f"{s['special_tokens_in_text']} records already contain special tokens (was the file "
+                     "rendered with a chat template before? give messages or plain text)")
     if s["kind"] == "paired":
         b = s["length_bias"]
         lines += [f"  chosen tokens {s['chosen_tokens']}", f"  rejected tokens {s['rejected_tokens']}",

@@ -30,7 +30,7 @@ from __future__ import annotations
 from ..errors import DataError
 from .records import Text
 
-__all__ = ["PLAIN_TEMPLATE", "special_prefix", "text_ids", "prompt_text", "prompt_ids", "completion_text",
+__all__ = ["plain_text", "completion_for", "PLAIN_TEMPLATE", "special_prefix", "text_ids", "prompt_text", "prompt_ids", "completion_text",
            "completion_ids", "encode", "conversation_ids", "boundary_mismatch", "has_double_bos", "as_messages"]
 
 PLAIN_TEMPLATE = (
@@ -125,3 +125,16 @@ def boundary_mismatch(tokenizer, prompt: Text, completion: Text, eos: int) -> bo
 def has_double_bos(tokenizer, ids: list[int]) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos
+
+
+def plain_text(prompt: Text) -> str:
+    """A prompt as text for reward functions and judges: a string as it is, messages as
+    "role: content" lines (the same shape as PLAIN_TEMPLATE, without any model's markup)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
+
+
+def completion_for(prompt: Text, text: str) -> Text:
+    """A sampled completion in the prompt's format: an assistant turn for message prompts."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]

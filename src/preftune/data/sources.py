@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..safeio import check_text, loads_json, open_regular, os_problem, read_capped
 from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
+__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -394,6 +394,9 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(dest)
     return dest
+
+
+messages = _messages  # public: online prompt files validate message lists the same way
 
 
 def to_unpaired(records: list[PreferenceRecord]) -> list[UnpairedRecord]:

@@ -25,27 +25,36 @@ from pathlib import Path
 
 import torch
 
+from ..data import render
 from ..data.records import PreferenceRecord
-from ..data.sources import read_rows, split_path, write_jsonl
+from ..data.sources import messages, read_rows, split_path, write_jsonl
 from ..errors import ConfigError, DataError
+from ..safeio import read_capped
 from .pairs import build_pairs
 
 __all__ = ["load_prompts", "generate_and_pair", "run_iterative", "run_online", "run_synth"]
 
 
-def load_prompts(path: str) -> list[str]:
-    """A .txt file (one prompt per non-empty line) or any data file with a `prompt` string column."""
+def load_prompts(path: str) -> list:
+    """A .txt file (one prompt per non-empty line) or any data file with a `prompt` column of
+    strings or chat-message lists."""
     file, part = split_path(path)
-    if not file.is_file():
-        raise DataError(str(file), 1, "file", "not found")
-    if file.suffix == ".txt":
-        prompts = [line for line in file.read_text().splitlines() if line.strip()]
+    if file.suffix == ".txt":  # bounded, regular files only (a FIFO or a device is one line)
+        try:
+            text = read_capped(file).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(str(file), 1, "encoding", f"not UTF-8 (byte {err.start})") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
     else:
         prompts = []
         for line, row in read_rows(file):
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                raise DataError(str(file), line, "prompt", "missing or not a non-empty string")
-            prompts.append(row["prompt"])
+            prompt = row.get("prompt") if isinstance(row, dict) else None
+            if isinstance(prompt, list):  # chat messages: rendered with the model's template
+                prompts.append(messages(row, "prompt", (str(file), line)))
+                continue
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise DataError(str(file), line, "prompt", "missing, or not a non-empty string or message list")
+            prompts.append(prompt)
     prompts = prompts[part]
     if not prompts:
         raise DataError(str(file), 1, "file", "no prompts")
@@ -57,17 +66,19 @@ def generate_and_pair(model, tokenizer, prompts: list[str], reward, o, *, seed: 
     from ..evaluate import decode_completions, sample_completions
 
     n = o.samples_per_prompt
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [render.prompt_ids(tokenizer, p) for p in prompts]  # the same rendering training will use
     samples = sample_completions(model, tokenizer, ids, n=n, max_new_tokens=o.max_new_tokens, seed=seed,
                                  temperature=o.temperature, top_p=o.top_p, top_k=o.top_k)
     texts = decode_completions(tokenizer, samples)
-    scores = reward.score([p for p in prompts for _ in range(n)], texts)
+    scores = reward.score([render.plain_text(p) for p in prompts for _ in range(n)], texts)
     rationales = getattr(reward, "last_rationales", None) or None
     pairs, totals = [], {"pairs": 0, "ties": 0, "failed": 0, "below_margin": 0}
     for k, prompt in enumerate(prompts):
         sl = slice(k * n, (k + 1) * n)
         got, counts = build_pairs(prompt, texts[sl], scores[sl], mode=o.pairing, min_margin=o.min_margin,
                                   rationales=rationales[sl] if rationales else None)
+        for row in got:  # a conversational prompt makes a conversational pair (assistant turns)
+            row["chosen"], row["rejected"] = (render.completion_for(prompt, row[k]) for k in ("chosen", "rejected"))
         pairs += got
         totals = {key: totals[key] + counts[key] for key in totals}
     finite = [s for s in scores if math.isfinite(s)]
@@ -81,9 +92,10 @@ def _round_eval(policy, start_model, tokenizer, prompts: list[str], reward, o, s
     from ..evaluate import decode_completions, kl_estimate, sample_completions
     from ..models import FrozenCopyReference
 
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = [render.prompt_ids(tokenizer, p) for p in prompts]
     samples = sample_completions(policy, tokenizer, ids, n=o.eval_samples, max_new_tokens=o.max_new_tokens, seed=seed)
-    scores = reward.score([p for p in prompts for _ in range(o.eval_samples)], decode_completions(tokenizer, samples))
+    scores = reward.score([render.plain_text(p) for p in prompts for _ in range(o.eval_samples)],
+                          decode_completions(tokenizer, samples))
     finite = [s for s in scores if math.isfinite(s)]
     kl = kl_estimate(policy, FrozenCopyReference(start_model), samples, pad_id=tokenizer.pad_token_id)
     return {"reward": sum(finite) / len(finite) if finite else math.nan, "reward_scored": len(finite),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .. import devices
+from ..data import render
 from ..errors import ConfigError
 
 __all__ = ["RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward"]
@@ -90,14 +91,28 @@ class RewardModel:
     def score(self, prompts, completions):
         import torch
 
-        out = []
-        texts = [p + c for p, c in zip(prompts, completions)]
+        out, tok = [], self.tokenizer
+        rows = [self._ids(p, c)[-self.max_length:] for p, c in zip(prompts, completions)]
         with torch.no_grad():
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i: i + self.batch_size], return_tensors="pt", padding=True,
-                                     truncation=True, max_length=self.max_length)
-                out += self.model(**devices.place(dict(enc), self.model)).logits[:, 0].float().tolist()
+            for i in range(0, len(rows), self.batch_size):
+                chunk = rows[i: i + self.batch_size]
+                width = max(map(len, chunk))  # right padding: the head reads the last non-pad token
+                ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in chunk])
+                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk])
+                batch = devices.place({"input_ids": ids, "attention_mask": mask}, self.model)
+                out += self.model(**batch).logits[:, 0].float().tolist()
         return out
+
+    def _ids(self, prompt, completion: str) -> list[int]:
+        """(prompt, completion) as the reward model reads it: through ITS chat template when it
+        has one (the prompt as a user turn, the completion as the assistant's), else as text."""
+        tok = self.tokenizer
+        if tok.chat_template:
+            text = tok.apply_chat_template(render.as_messages(prompt) + [{"role": "assistant", "content": completion}],
+                                           tokenize=False)
+        else:
+            text = render.prompt_text(tok, prompt) + completion
+        return render.text_ids(tok, text, first=True)
 
 
 @dataclass
@@ -131,8 +146,8 @@ class ImplicitReward:
         from ..logprobs import completion_logps
 
         tok, out = self.tokenizer, []
-        p_ids = [tok(p)["input_ids"] for p in prompts]
-        c_ids = [tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in completions]
+        p_ids = [render.prompt_ids(tok, p) for p in prompts]
+        c_ids = [render.completion_ids(tok, p, c, eos=tok.eos_token_id) for p, c in zip(prompts, completions)]
         with torch.no_grad():
             for i in range(0, len(prompts), self.batch_size):
                 batch = collate_sequences(p_ids[i: i + self.batch_size], c_ids[i: i + self.batch_size],
