@@ -62,6 +62,7 @@ class DataConfig:
     drop_eval_prompts: bool = _f(False, "drop training rows whose prompt appears in data.eval_path (counted)")
     layout: str = _f("packed", "packed: every pair of a micro-batch in one row, no padding | padded: 2B padded rows")
     prefix_sharing: bool = _f(True, "packed: the prompt is processed once; chosen and rejected attend to it")
+    hh_as_chat: bool = _f(False, "hh: render Human/Assistant turns as chat messages with the model's template")
 
 
 @dataclass

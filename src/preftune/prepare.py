@@ -19,6 +19,7 @@ from .data import (
     tokenize_unpaired,
 )
 from .data.collate import attach_reference, collate_packed_pairs
+from .data.sources import HH_ASSISTANT, hh_as_messages
 from .losses import LossSpec
 
 __all__ = ["load_data", "prepare_pairs", "drop_eval_prompts", "loss_kwargs", "kto_class_weights", "PreparedData",
@@ -35,6 +36,8 @@ def load_data(path: str, d, *, paired: bool = True) -> list:
     records = load_records(path, fmt=d.format, column_map=d.column_map, max_records=d.max_records,
                            allow_degenerate=d.allow_degenerate, allow_empty_completions=d.allow_empty_completions,
                            paired=paired or convert)
+    if d.hh_as_chat and paired and records and isinstance(records[0].prompt, str) and HH_ASSISTANT in records[0].prompt:
+        records = hh_as_messages(records)
     return to_unpaired(records) if convert else records
 
 

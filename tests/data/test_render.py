@@ -171,3 +171,22 @@ def test_data_inspect_flags_a_file_rendered_with_another_template(bos_tokenizer,
     assert stats["double_bos"] == 1 and stats["special_tokens_in_text"] == 1
     clean = inspect_records(_records(), bos_tokenizer, max_length=256, max_prompt_length=128)
     assert clean["double_bos"] == 0 and clean["special_tokens_in_text"] == 0
+
+
+def test_hh_transcripts_as_chat(bos_tokenizer, tmp_path):
+    from preftune.config import load_config
+    from preftune.prepare import load_data, prepare_pairs
+
+    row = {"chosen": "\n\nHuman: The movie?\n\nAssistant: slow\n\nHuman: And the acting?\n\nAssistant: great acting",
+           "rejected": "\n\nHuman: The movie?\n\nAssistant: slow\n\nHuman: And the acting?\n\nAssistant: boring"}
+    (tmp_path / "hh.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = load_config(None, [f"data.train_path={tmp_path / 'hh.jsonl'}", "data.hh_as_chat=true"])
+    (rec,) = load_data(cfg.data.train_path, cfg.data)
+    assert rec.prompt == [{"role": "user", "content": "The movie?"}, {"role": "assistant", "content": "slow"},
+                          {"role": "user", "content": "And the acting?"}]
+    assert rec.chosen == [{"role": "assistant", "content": "great acting"}]
+    (pair,), _ = prepare_pairs(cfg.data.train_path, cfg, bos_tokenizer)
+    text = bos_tokenizer.apply_chat_template(rec.prompt, tokenize=False, add_generation_prompt=True)
+    assert pair.prompt_ids == bos_tokenizer(text, add_special_tokens=False)["input_ids"]  # one BOS, from the template
+    plain = load_config(None, [f"data.train_path={tmp_path / 'hh.jsonl'}"])
+    assert load_data(plain.data.train_path, plain.data)[0].prompt.endswith("\n\nAssistant:")

@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..safeio import check_text, loads_json, open_regular, os_problem, read_capped
 from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
+__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -394,6 +394,25 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(dest)
     return dest
+
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_as_messages(records: list) -> list:
+    """HH transcripts as chat: the prompt's "\n\nHuman:"/"\n\nAssistant:" turns become user and
+    assistant messages (its final empty "Assistant:" is the generation prompt), each completion
+    one assistant message, so the model's chat template renders them (`data.hh_as_chat`)."""
+    out = []
+    for r in records:
+        parts = _TURN.split(r.prompt)
+        turns = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                 for who, text in zip(parts[1::2], parts[2::2])]
+        if not turns or turns[-1]["role"] != "assistant" or turns[-1]["content"]:
+            raise DataError(r.source, r.line, "prompt", "not an HH transcript ending in an open Assistant turn")
+        sides = [[{"role": "assistant", "content": c.strip()}] for c in (r.chosen, r.rejected)]
+        out.append(PreferenceRecord(turns[:-1], *sides, r.source, r.line))
+    return out
 
 
 messages = _messages  # public: online prompt files validate message lists the same way
