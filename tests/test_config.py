@@ -75,4 +75,14 @@ def test_every_shipped_config_validates():
 
 def test_help_lists_every_key():
     text = config_help()
-    assert "train.lr = 5e-05" in text and "loss.beta" in text and text.count("\n") >= 30
+    assert "train.lr = 0.0" in text and "5e-5 with LoRA" in text and "loss.beta" in text and text.count("\n") >= 30
+
+
+def test_lr_default_depends_on_lora_and_dpo_is_sigmoid():
+    from preftune.config import load_config
+
+    assert load_config(None, []).train.lr == 5e-5
+    assert load_config(None, ["model.lora=false"]).train.lr == 5e-6
+    assert load_config(None, ["model.lora=false", "train.lr=1e-4"]).train.lr == 1e-4
+    assert load_config(None, ["loss.name=dpo"]).loss.name == "sigmoid"
+    assert load_config(None, ["loss.mix=[[dpo, 1.0], [sft, 0.2]]"]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]

@@ -23,9 +23,10 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from .config import config_help
-    from .losses import LOSSES
+    from .losses import ALIASES, LOSSES
 
     losses = "\n".join(f"  {name:10s} {spec.summary}" for name, spec in sorted(LOSSES.items()))
+    losses += "".join(f"\n  {alias:10s} = {name}" for alias, name in sorted(ALIASES.items()))
     epilog = f"losses (loss.name):\n{losses}\n\nsettings (section.key=value):\n{config_help()}"
     p = _OneLineParser(prog="preftune", description="Align language models with preference data.",
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)

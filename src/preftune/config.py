@@ -44,6 +44,12 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "run code shipped with a model repo (off unless you ask)")
     allow_pickle_weights: bool = _f(False, "accept .bin (pickle) weights, loaded with weights_only=True")
     reference_name_or_path: str = _f("", "reference model, if not the starting weights (a frozen copy; iterative DPO)")
+    adapter_name_or_path: str = _f("", "start from this PEFT (SFT) adapter; the reference is the SFT-adapted model")
+    adapter_merge: bool = _f(True, "merge the SFT adapter and train a new LoRA on top (false: keep training "
+                                   "the SFT adapter itself, against a frozen merged copy)")
+    revision: str = _f("", "hub revision (branch, tag or commit) of model and tokenizer")
+    attn_implementation: str = _f("", "attention kernel: eager | sdpa | flash_attention_2 | flex_attention "
+                                      "(empty: transformers' default)")
 
 
 @dataclass
@@ -80,7 +86,8 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = _f(5e-5, "peak learning rate, > 0")
+    lr: float = _f(0.0, "peak learning rate; 0 = the default for the setup: 5e-5 with LoRA, 5e-6 for full "
+                        "fine-tuning (full updates move every weight, so they take a 10x smaller step)")
     batch_size: int = _f(4, "pairs per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     epochs: int = _f(1, "passes over the training data")
@@ -168,6 +175,7 @@ class Config:
 
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.attn_implementation": ("", "eager", "sdpa", "flash_attention_2", "flex_attention"),
     "data.format": ("auto", *FORMATS, *UNPAIRED_FORMATS),  # owned by the format registry
     "data.layout": ("packed", "padded"),
     "online.pairing": ("best_worst", "all_pairs"),
@@ -370,9 +378,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         section, _, name = key.partition(".")
         _apply(cfg, {section: {name: value}}, "command line", origin)
+    _resolve_defaults(cfg)
     for key, problem in _range_problems(cfg):
         raise ConfigError(origin.get(key.split("[")[0], "defaults"), key, problem)
     return cfg
+
+
+LORA_LR, FULL_LR = 5e-5, 5e-6
+
+
+def _resolve_defaults(cfg: Config) -> None:
+    """Defaults that depend on other settings, written into the config (config.yaml shows them)."""
+    from .losses import ALIASES
+
+    if cfg.train.lr == 0:
+        cfg.train.lr = LORA_LR if cfg.model.lora else FULL_LR
+    cfg.loss.name = ALIASES.get(cfg.loss.name, cfg.loss.name)
+    cfg.loss.mix = [[ALIASES.get(t[0], t[0]), *t[1:]] if isinstance(t, list) and t and isinstance(t[0], str) else t
+                    for t in cfg.loss.mix]
 
 
 def _check_version(saved: str | None, path: Path) -> None:

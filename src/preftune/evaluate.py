@@ -277,7 +277,7 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     """Evaluate the run's policy (or the base model when `run_dir` is None) on one held-out
     file, or on several (then the result maps each path to its own result)."""
     from .losses import build_loss
-    from .models import FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
+    from .models import FrozenCopyReference, load_start, load_tokenizer, resolve_model_dir
     from .train import load_data, loss_kwargs, prepare_pairs
 
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
@@ -289,9 +289,8 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
 
         source = build_reward(reward)
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code)
-    base = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                      allow_pickle_weights=m.allow_pickle_weights)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    base, _ = load_start(m, model_dir)  # with the run's SFT adapter merged, as training started
     if run_dir is None:
         policy, reference = base, FrozenCopyReference(base)  # policy == reference: "before training"
     else:

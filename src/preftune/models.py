@@ -27,7 +27,7 @@ from .zoo import ZOO, gguf_path
 __all__ = [
     "DEFAULT_MODEL", "resolve_model_dir", "load_tokenizer", "load_model", "apply_lora",
     "Reference", "AdaptersOffReference", "FrozenCopyReference", "build_reference", "weights_sha256",
-    "cache_root",
+    "cache_root", "load_start",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -99,12 +99,12 @@ def _refuse_remote_code(model_dir: str, trust_remote_code: bool) -> None:
                               "set model.trust_remote_code=true only if you trust it")
 
 
-def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
+def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
     _refuse_remote_code(model_dir, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, revision=revision or None)
     except OSError as err:
         raise _hub_error(model_dir, err) from None
     if tok.pad_token_id is None:
@@ -113,19 +113,46 @@ def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False):
 
 
 def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: bool = False,
-               allow_pickle_weights: bool = False):
+               allow_pickle_weights: bool = False, revision: str | None = None, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
     _refuse_remote_code(model_dir, trust_remote_code)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle_weights else True)
+            model_dir, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, revision=revision or None,
+            use_safetensors=None if allow_pickle_weights else True, **extra)
     except OSError as err:
         raise _hub_error(model_dir, err) from None
-    except ValueError as err:  # unknown architecture, bad config: say it in one line
-        raise ConfigError(model_dir, "model.name_or_path", str(err).splitlines()[0]) from None
+    except (ValueError, ImportError) as err:  # unknown architecture or attention kernel, bad config: one line
+        key = "model.attn_implementation" if extra and "attn" in str(err).lower() else "model.name_or_path"
+        raise ConfigError(model_dir, key, str(err).splitlines()[0]) from None
     return model
+
+
+def load_start(m, model_dir: str):
+    """The weights training starts from, per a `ModelConfig`: the model (revision, dtype, attention
+    implementation), with an SFT adapter (`model.adapter_name_or_path`) merged in when one is
+    given and `model.adapter_merge` is on. Returns (model, adapter info for reference.json)."""
+    model = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+                       allow_pickle_weights=m.allow_pickle_weights, revision=m.revision,
+                       attn_implementation=m.attn_implementation)
+    if not m.adapter_name_or_path:
+        return model, None
+    from peft import PeftModel
+
+    adapter = Path(m.adapter_name_or_path)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(str(adapter), "model.adapter_name_or_path", "not a PEFT adapter directory (no adapter_config.json)")
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise ConfigError(str(adapter), "model.adapter_name_or_path", "no adapter_model.safetensors")
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=not m.adapter_merge)
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise ConfigError(str(adapter), "model.adapter_name_or_path", str(err).splitlines()[0]) from None
+    info = {"adapter": str(adapter.resolve()), "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors"),
+            "adapter_merged": m.adapter_merge}
+    return (model.merge_and_unload() if m.adapter_merge else model), info
 
 
 def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list):

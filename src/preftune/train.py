@@ -7,6 +7,7 @@ an HF model dir, safetensors). Errors in data or config surface before any weigh
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -39,6 +40,7 @@ from .models import (
     apply_lora,
     build_reference,
     load_model,
+    load_start,
     load_tokenizer,
     resolve_model_dir,
     weights_sha256,
@@ -129,19 +131,26 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
-    """Policy (with LoRA if asked), its reference, and what to record about the reference."""
+    """Policy (with LoRA if asked), its reference, and what to record about the reference. With
+    an SFT adapter merged in, the reference is the SFT-adapted model (adapters off = SFT
+    weights); kept trainable, the SFT adapter is the policy and a frozen merged copy the reference."""
     m = cfg.model
-    model = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-                       allow_pickle_weights=m.allow_pickle_weights)
+    model, adapter = load_start(m, model_dir)
     separate = spec.needs_reference and bool(m.reference_name_or_path)  # not the starting weights
+    kept = adapter is not None and not m.adapter_merge  # the SFT adapter itself keeps training
     info = {"strategy": "none", "weights_sha256": None}
     if spec.needs_reference and not separate:
-        info = {"strategy": "adapters_off" if m.lora else "frozen_copy",
-                "weights_sha256": weights_sha256(model), "model": model_dir}
-    if m.lora:
+        # kept: a frozen merged copy is the reference; the PEFT policy keeps its own (unmerged) weights
+        start = copy.deepcopy(model).merge_and_unload() if kept else model
+        info = {"strategy": "adapters_off" if m.lora and not kept else "frozen_copy",
+                "weights_sha256": weights_sha256(start), "model": model_dir, **(adapter or {})}
+    if m.lora and not kept:
         model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                            target_modules=m.lora_target_modules)
-    reference = build_reference(model, lora=m.lora) if spec.needs_reference and not separate else None
+    reference = None
+    if spec.needs_reference and not separate:
+        reference = FrozenCopyReference(start.eval().requires_grad_(False)) if kept \
+            else build_reference(model, lora=m.lora)
     if separate:
         ref_dir = resolve_model_dir(m.reference_name_or_path, allow_pickle_weights=m.allow_pickle_weights)
         ref_model = load_model(ref_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
@@ -193,7 +202,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired)
     eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None  # always pairs
     model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     data = prepare_data(cfg, spec, tokenizer, records, eval_records)
     lock = RunLock(run_dir, overwrite=cfg.run.overwrite, resume=resume) if main else None
     try:

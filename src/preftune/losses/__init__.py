@@ -15,7 +15,7 @@ from .kto import kto_loss
 from .reference_free import orpo_loss, sft_loss, simpo_loss
 from .types import LossOutput, UnpairedLossOutput
 
-__all__ = ["LOSSES", "LossSpec", "LossOutput", "UnpairedLossOutput", "register_loss", "build_loss"]
+__all__ = ["LOSSES", "ALIASES", "LossSpec", "LossOutput", "UnpairedLossOutput", "register_loss", "build_loss"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class LossSpec:
 
 
 LOSSES: dict[str, LossSpec] = {}
+ALIASES: dict[str, str] = {"dpo": "sigmoid"}  # other names users know a loss by; resolved in config
 
 
 def register_loss(name: str, fn: Callable, *, needs_reference: bool, paired: bool, summary: str,
@@ -48,7 +49,7 @@ def build_loss(name: str, mix: list | None = None) -> LossSpec:
     lengths if any term does. Mixing paired with unpaired losses is refused.
     """
     if not mix:
-        return LOSSES[name]
+        return LOSSES[ALIASES.get(name, name)]
     terms = [(LOSSES[n], float(w)) for n, w in mix]
     if not all(spec.paired for spec, _ in terms):
         raise ValueError("only paired losses can be mixed")
