@@ -83,3 +83,76 @@ def test_default_gguf_converts_once_to_a_plain_trainable_model():
         assert torch.equal(model(ids).logits, direct(ids).logits)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
     assert lora.get_nb_trainable_parameters()[0] > 0
+
+
+def _plain_logps(model, pairs, side: str) -> list[float]:
+    """Summed completion log-probs with nothing but transformers: one sequence at a time."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p in pairs:
+            completion = getattr(p, side)
+            ids = torch.tensor([p.prompt_ids + completion])
+            logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            targets = ids[0, 1:]
+            out.append(float(logps[len(p.prompt_ids) - 1:].gather(1, targets[len(p.prompt_ids) - 1:, None]).sum()))
+    return out
+
+
+def test_dpo_from_an_sft_adapter(tmp_path, tiny_model_dir):
+    """reference.json names the SFT adapter; the DPO adapter loads with plain peft on top of the
+    SFT weights and reproduces the run's held-out log-probs and rewards (reference = SFT model)."""
+    import json
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import PAIRS, write_jsonl
+    from preftune.config import load_config
+    from preftune.prepare import prepare_pairs
+    from preftune.train import train
+
+    torch.manual_seed(1)
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # an SFT adapter that really changes the model
+    sft.save_pretrained(tmp_path / "sft")
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"model.adapter_name_or_path={tmp_path / 'sft'}",
+                             f"data.train_path={data}", f"data.eval_path={data}", f"run.output_dir={tmp_path / 'run'}",
+                             "data.max_length=64", "data.max_prompt_length=32", "model.lora_r=4", "train.lr=5e-2",
+                             "train.max_steps=3", "train.batch_size=4", "diagnostics.probe_every=0"])
+    result = train(cfg)
+    ref = json.loads((tmp_path / "run" / "reference.json").read_text())
+    assert ref["adapter"] == str((tmp_path / "sft").resolve()) and ref["adapter_merged"] is True
+    assert len(ref["adapter_sha256"]) == 64 and ref["strategy"] == "adapters_off"
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    sft_model = PeftModel.from_pretrained(base, str(tmp_path / "sft")).merge_and_unload().eval()
+    pairs, _ = prepare_pairs(str(data), cfg, __import__("preftune.models", fromlist=["x"]).load_tokenizer(str(tiny_model_dir)))
+    sft_chosen, sft_rejected = _plain_logps(sft_model, pairs, "chosen_ids"), _plain_logps(sft_model, pairs, "rejected_ids")
+    dpo = PeftModel.from_pretrained(sft_model, str(tmp_path / "run" / "model")).eval()
+    chosen, rejected = _plain_logps(dpo, pairs, "chosen_ids"), _plain_logps(dpo, pairs, "rejected_ids")
+    ev = result.summary["eval"]
+    assert ev["logps/chosen"] == pytest.approx(sum(chosen) / len(chosen), abs=1e-4)
+    beta = cfg.loss.beta
+    assert ev["rewards/chosen"] == pytest.approx(beta * (sum(chosen) - sum(sft_chosen)) / len(chosen), abs=1e-4)
+    assert ev["rewards/rejected"] == pytest.approx(beta * (sum(rejected) - sum(sft_rejected)) / len(rejected), abs=1e-4)
+    assert abs(ev["rewards/chosen"]) > 1e-3  # training moved away from the SFT model
+
+
+def test_attn_implementation_reaches_the_model_and_a_missing_kernel_is_one_line(tiny_model_dir):
+    from preftune.errors import ConfigError
+    from preftune.models import load_model
+
+    assert load_model(str(tiny_model_dir), attn_implementation="eager").config._attn_implementation == "eager"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="model.attn_implementation"):
+            load_model(str(tiny_model_dir), attn_implementation="flash_attention_2")

@@ -125,7 +125,7 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
     except OSError as err:
         raise _hub_error(model_dir, err) from None
     except (ValueError, ImportError) as err:  # unknown architecture or attention kernel, bad config: one line
-        key = "model.attn_implementation" if extra and "attn" in str(err).lower() else "model.name_or_path"
+        key = "model.attn_implementation" if extra and "attention" in str(err).lower() else "model.name_or_path"
         raise ConfigError(model_dir, key, str(err).splitlines()[0]) from None
     return model
 
