@@ -53,9 +53,9 @@ def test_every_transformers_from_pretrained_passes_trust_remote_code():
     assert seen >= 4
 
 
-def test_torch_floor_is_pinned_at_or_above_2_10():
+def test_torch_floor_is_at_or_above_2_10():
     text = (SRC.parents[1] / "pyproject.toml").read_text()
-    assert '"torch==2.13.0"' in text
+    assert '"torch>=2.10,<3"' in text  # a range (tests/test_packaging.py); the exact pin is in constraints.txt
 
 
 class _Payload:
