@@ -155,10 +155,12 @@ def load_start(m, model_dir: str):
     return (model.merge_and_unload() if m.adapter_merge else model), info
 
 
-def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list):
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list | str):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+    # a plain string is PEFT's own: "all-linear" (every linear layer but the LM head) or a regex
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         task_type="CAUSAL_LM", bias="none")
     try:
         return get_peft_model(model, config)

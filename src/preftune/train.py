@@ -33,6 +33,7 @@ from .checkpoint import (
 from .config import Config, save_config
 from .diagnostics import health_checks, step_metrics
 from .errors import ConfigError, NumericalError
+from .layouts import choose_layout
 from .logprobs import autocast, completion_logps, fp32_lm_head, split_pairs
 from .losses import LossSpec, build_loss
 from .models import (
@@ -160,6 +161,23 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
     return model, reference, info
 
 
+def _exact_layout(cfg: Config, spec: LossSpec, model, data, tokenizer, model_dir: str):
+    """The configured layout if it is exact on this model, else the exact one it falls back to
+    (said once, recorded in data_stats.json and summary.json); a copy of `cfg` says which."""
+    d = cfg.data
+    if not spec.paired or d.layout == "padded":
+        return cfg, {"layout": d.layout, "prefix_sharing": d.prefix_sharing}
+    layout, sharing, deltas = choose_layout(model, data.examples[: max(cfg.train.batch_size, 2)],
+                                            tokenizer.pad_token_id, layout=d.layout, prefix_sharing=d.prefix_sharing,
+                                            max_length=d.max_length, name=model_dir)
+    info = {"layout": layout, "prefix_sharing": sharing, "checked": deltas}
+    if (layout, sharing) == (d.layout, d.prefix_sharing):
+        return cfg, info
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, layout=layout, prefix_sharing=sharing))
+    data.collate = pair_collator(cfg, tokenizer)
+    return cfg, info
+
+
 def place_reference(reference, accelerator) -> None:
     """Put a frozen reference copy where the policy runs. Adapters-off references are the
     policy itself, so DDP/FSDP/DeepSpeed shard them for free. A frozen copy is moved to the
@@ -239,6 +257,7 @@ def _train(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, data, lock, r
     # ---- model, reference, optimizer ----
     set_seed(t.seed)
     model, reference, reference_info = _build_policy(cfg, spec, model_dir)
+    cfg, layout_info = _exact_layout(cfg, spec, model, data, tokenizer, model_dir)
     if t.autocast_bf16:
         fp32_lm_head(model)
         if isinstance(reference, FrozenCopyReference):
@@ -279,7 +298,7 @@ def _train(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, data, lock, r
         lock.started()  # from here the directory is this run's; an overwritten one is deleted
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml", extra={"preftune_version": __version__})
-        _write_json(run_dir / "data_stats.json", stats.as_dict())
+        _write_json(run_dir / "data_stats.json", {**stats.as_dict(), "layout": layout_info})
         _write_json(run_dir / "reference.json", reference_info)
         print(f"data: {stats.pairs} {'pairs' if spec.paired else 'examples'}, {stats.truncated} truncated, "
                f"{stats.dropped} dropped (lines {stats.truncated_lines or '-'}), {stats.dropped_eval_prompts} "
@@ -369,7 +388,7 @@ def _train(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, data, lock, r
     summary = {"preftune_version": __version__, "loss": spec.name, "steps": step, "elapsed_s": round(elapsed, 2),
                "pairs_per_s": round(len(history) * t.batch_size * t.grad_accum * accelerator.num_processes
                                     / max(elapsed, 1e-9), 3) if ckpt is None else None,
-               "data": stats.as_dict(), "reference": reference_info, "loss_params": kwargs,
+               "data": stats.as_dict(), "layout": layout_info, "reference": reference_info, "loss_params": kwargs,
                "peak_rss_mb": peak_rss_mb(), "resumed_from": str(ckpt.path) if ckpt else None,
                "health": {f: next(r["step"] for r in history if f in r.get("health", [])) for f in sorted(flagged)},
                "stopped_early": stopped, "final": history[-1] if history else {}}
