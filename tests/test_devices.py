@@ -22,12 +22,13 @@ class DeviceChecker:
         self.placed = {}  # id -> weakref (tensors compare elementwise, so no WeakSet)
         self.problems, self.forwards, self.generates, self.inside = [], 0, 0, 0
 
-    def wrap_place(self, place):
-        def tagging(obj, model):
-            out = place(obj, model)
-            for t in (out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]):
-                if isinstance(t, torch.Tensor):
-                    self.placed[id(t)] = weakref.ref(t)
+    def wrap_to(self, to):
+        """devices.place moves through devices._to (recursively, via the module global), so
+        wrapping _to tags every tensor place returns, wherever place was imported."""
+        def tagging(obj, device):
+            out = to(obj, device)
+            if isinstance(out, torch.Tensor):
+                self.placed[id(out)] = weakref.ref(out)
             return out
         return tagging
 
@@ -73,7 +74,7 @@ def checker(monkeypatch):
     try:
         import preftune.devices as devices
 
-        monkeypatch.setattr(devices, "place", check.wrap_place(devices.place))
+        monkeypatch.setattr(devices, "_to", check.wrap_to(devices._to))
     except ImportError:  # the code before this helper existed: nothing is ever placed
         pass
     original = transformers.AutoModelForCausalLM.from_pretrained.__func__

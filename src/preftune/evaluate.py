@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from . import devices
 from .data import collate_pairs
 from .data.collate import collate_sequences
+from .devices import place
 from .logprobs import completion_logps
 
 __all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "load_run_policy", "probe",
@@ -118,7 +118,7 @@ def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_siz
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding for generation
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        ids, mask = devices.place((ids, mask), model)
+        ids, mask = place((ids, mask), model)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
                              top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad,
                              eos_token_id=eos)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import devices
+from .devices import place
 
 __all__ = ["completion_logps", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
 
@@ -59,7 +59,7 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     completion token of the batch minus one (`logits_to_keep`): prompt positions before it
     never reach the (N, K, V) logits. Returns summed completion logps (N,) and counts (N,).
     """
-    batch = devices.place(batch, model)  # collators build on the CPU; the model may live elsewhere
+    batch = place(batch, model)  # collators build on the CPU; the model may live elsewhere
     if "seq_index" in batch:
         return _packed_logps(model, batch)
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from . import devices
 from .data import render
+from .devices import place
 from .httpguard import QuietServer, Refused, check_bearer, check_host, check_post, parse_json, read_body
 
 __all__ = ["ChatModel", "make_server", "load_chat_model"]
@@ -58,7 +58,7 @@ class ChatModel:
         if seed is not None:
             torch.manual_seed(seed)
         sample = temperature > 0
-        inputs = devices.place((torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)), self.model)
+        inputs = place((torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)), self.model)
         out = self.model.generate(input_ids=inputs[0], attention_mask=inputs[1],
                                   do_sample=sample, temperature=temperature if sample else None,
                                   top_p=top_p if sample else None, top_k=None, max_new_tokens=max_tokens,
@@ -73,7 +73,7 @@ class ChatModel:
 
     @torch.no_grad()
     def _logp(self, context: list[int], continuation: list[int]) -> float:
-        ids = devices.place(torch.tensor([context + continuation]), self.model)
+        ids = place(torch.tensor([context + continuation]), self.model)
         logits = self.model(input_ids=ids, use_cache=False).logits[0, len(context) - 1: -1].float()
         return torch.log_softmax(logits, -1).gather(1, ids[0, len(context):, None]).sum().item()
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from . import render
 from .records import PreferenceRecord, UnpairedRecord
+from .render import boundary_mismatch, has_double_bos, prompt_ids
 from .tokenize import tokenize_records, tokenize_unpaired
 
 __all__ = ["inspect_records", "format_inspection"]
@@ -35,7 +35,7 @@ def _boundary_mismatch(tokenizer, prompt, completion) -> bool:
     (a merge across the boundary, e.g. a prompt ending in a space): the training spans, made
     apart, are then not what the model sees when it reads the text whole (data/render.py)."""
     eos = tokenizer.eos_token_id
-    return render.boundary_mismatch(tokenizer, prompt, completion, eos) if eos is not None else False
+    return boundary_mismatch(tokenizer, prompt, completion, eos) if eos is not None else False
 
 
 def _rendering_problems(tokenizer, records: list) -> dict:
@@ -43,7 +43,7 @@ def _rendering_problems(tokenizer, records: list) -> dict:
     (a pre-rendered template or a BOS typed into the text, on a tokenizer that adds one too) and
     string fields that already contain the tokenizer's special tokens (template markup)."""
     specials = [t for t in tokenizer.all_special_tokens if t and t != tokenizer.pad_token]
-    double = sum(render.has_double_bos(tokenizer, render.prompt_ids(tokenizer, r.prompt)) for r in records)
+    double = sum(has_double_bos(tokenizer, prompt_ids(tokenizer, r.prompt)) for r in records)
     fields = ("prompt", "chosen", "rejected", "completion")
     marked = sum(any(isinstance(getattr(r, f, None), str) and any(t in getattr(r, f) for t in specials)
                      for f in fields) for r in records)
@@ -53,7 +53,7 @@ def _rendering_problems(tokenizer, records: list) -> dict:
 def inspect_records(records: list, tokenizer, *, max_length: int, max_prompt_length: int) -> dict:
     """Statistics of validated records (pairs or unpaired examples), token lengths from `tokenizer`."""
     n = len(records)
-    prompt_len = [len(render.prompt_ids(tokenizer, r.prompt)) for r in records]
+    prompt_len = [len(prompt_ids(tokenizer, r.prompt)) for r in records]
     prompts = Counter(_key(r.prompt) for r in records)
     out = {"records": n, "distinct_prompts": len(prompts), "prompt_tokens": _dist(prompt_len),
            **_rendering_problems(tokenizer, records)}

@@ -21,8 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DataError
-from . import render
 from .records import PreferenceRecord, Text, UnpairedRecord
+from .render import completion_ids, prompt_ids, prompt_text
 
 __all__ = ["TokenizedPair", "TokenizedExample", "TokenizeStats", "tokenize_records", "tokenize_unpaired",
            "render_prompt"]
@@ -66,15 +66,14 @@ class TokenizeStats:
 
 
 def render_prompt(tokenizer, prompt: Text) -> str:
-    return render.prompt_text(tokenizer, prompt)
+    return prompt_text(tokenizer, prompt)
 
 
 def _encode(tokenizer, prompt: Text, completions: list, where: tuple, names: tuple, eos: int):
     """Prompt ids and completion ids ending in EOS, through the one rendering (data/render.py)."""
-    prompt_ids = render.prompt_ids(tokenizer, prompt)
-    sides = [render.completion_ids(tokenizer, prompt, c, eos=eos, where=where, name=name)
+    sides = [completion_ids(tokenizer, prompt, c, eos=eos, where=where, name=name)
              for name, c in zip(names, completions)]
-    return prompt_ids, sides
+    return prompt_ids(tokenizer, prompt), sides
 
 
 def _truncate(prompt: list, sides: list, max_length: int, max_prompt_length: int):

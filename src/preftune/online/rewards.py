@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .. import devices
 from ..data import render
+from ..devices import place
 from ..errors import ConfigError
 
 __all__ = ["RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward"]
@@ -99,7 +99,7 @@ class RewardModel:
                 width = max(map(len, chunk))  # right padding: the head reads the last non-pad token
                 ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in chunk])
                 mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk])
-                batch = devices.place({"input_ids": ids, "attention_mask": mask}, self.model)
+                batch = place({"input_ids": ids, "attention_mask": mask}, self.model)
                 out += self.model(**batch).logits[:, 0].float().tolist()
         return out
 
