@@ -86,8 +86,10 @@ def checker(monkeypatch):
     return check
 
 
-def test_train_with_probes_reference_cache_and_eval_place_every_input(tmp_path, tiny_model_dir, checker):
+def test_train_with_probes_reference_cache_and_eval_place_every_input(tmp_path, tiny_model_dir, checker, monkeypatch):
     from preftune.config import load_config
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))  # its own reference cache: computed here
     from preftune.evaluate import run_eval
     from preftune.train import train
 
