@@ -190,3 +190,14 @@ def test_hh_transcripts_as_chat(bos_tokenizer, tmp_path):
     assert pair.prompt_ids == bos_tokenizer(text, add_special_tokens=False)["input_ids"]  # one BOS, from the template
     plain = load_config(None, [f"data.train_path={tmp_path / 'hh.jsonl'}"])
     assert load_data(plain.data.train_path, plain.data)[0].prompt.endswith("\n\nAssistant:")
+
+
+def test_training_counts_pairs_whose_split_differs_from_the_whole_text(tokenizer):
+    """A prompt ending in a space: apart, " " and "great" are tokens of their own; whole, the
+    BPE merges " great". Counted in the training stats (data_stats.json), not silently changed."""
+    ok = PreferenceRecord("The movie was", " great and wonderful.", " slow and boring.", "m", 1)
+    split = PreferenceRecord("The movie was ", "great and wonderful.", "slow and boring.", "m", 2)
+    _, stats = tokenize_records([ok], tokenizer, max_length=64, max_prompt_length=32)
+    assert stats.boundary_mismatches == 0
+    _, stats = tokenize_records([ok, split], tokenizer, max_length=64, max_prompt_length=32)
+    assert stats.boundary_mismatches == 1 and stats.as_dict()["boundary_mismatches"] == 1

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DataError
 from .records import PreferenceRecord, Text, UnpairedRecord
-from .render import completion_ids, prompt_ids, prompt_text
+from .render import completion_ids, conversation_ids, prompt_ids, prompt_text
 
 __all__ = ["TokenizedPair", "TokenizedExample", "TokenizeStats", "tokenize_records", "tokenize_unpaired",
            "render_prompt"]
@@ -56,6 +56,7 @@ class TokenizeStats:
     degenerate_kept: int = 0
     empty_completions: int = 0  # whitespace-only completions kept with allow_empty_completions (EOS only)
     dropped_eval_prompts: int = 0  # training rows removed because their prompt is an eval prompt
+    boundary_mismatches: int = 0  # pairs whose apart-tokenized spans differ from the whole text's tokens
     desirable: int = 0          # unpaired data only
     undesirable: int = 0
     truncated_lines: list = field(default_factory=list)  # first few, for the report
@@ -74,6 +75,13 @@ def _encode(tokenizer, prompt: Text, completions: list, where: tuple, names: tup
     sides = [completion_ids(tokenizer, prompt, c, eos=eos, where=where, name=name)
              for name, c in zip(names, completions)]
     return prompt_ids(tokenizer, prompt), sides
+
+
+def _split_differs(tokenizer, prompt: Text, completion: Text, *, p_ids: list, c_ids: list, eos: int) -> bool:
+    """Counted, not changed (data/render.py): the spans made apart are what generation produces."""
+    whole = conversation_ids(tokenizer, prompt, completion)
+    apart = p_ids + (c_ids[:-1] if c_ids[-1] == eos and (not whole or whole[-1] != eos) else c_ids)
+    return apart != whole
 
 
 def _truncate(prompt: list, sides: list, max_length: int, max_prompt_length: int):
@@ -107,6 +115,8 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, *, max_length: 
         where = (rec.source, rec.line)
         prompt, sides = _encode(tokenizer, rec.prompt, [rec.chosen, rec.rejected], where, ("chosen", "rejected"), eos)
         stats.empty_completions += _is_empty(rec.chosen) + _is_empty(rec.rejected)
+        stats.boundary_mismatches += any(_split_differs(tokenizer, rec.prompt, c, p_ids=prompt, c_ids=ids, eos=eos)
+                                         for c, ids in zip((rec.chosen, rec.rejected), sides))
         prompt, (chosen, rejected), truncated = _truncate(prompt, sides, max_length, max_prompt_length)
         if chosen == rejected:
             problem = "chosen and rejected are identical" + (" after truncation" if truncated else " as tokens")
