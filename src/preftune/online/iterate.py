@@ -29,6 +29,7 @@ from ..data import render
 from ..data.records import PreferenceRecord
 from ..data.sources import messages, read_rows, split_path, write_jsonl
 from ..errors import ConfigError, DataError
+from ..rundir import RunLock
 from ..safeio import read_capped
 from .pairs import build_pairs
 
@@ -212,14 +213,10 @@ def run_synth(cfg, out: str) -> dict:
 
 def run_online(cfg) -> dict:
     """Online DPO: each optimizer step learns from pairs sampled from the policy of that step."""
-    from ..data.tokenize import tokenize_records
-    from ..diagnostics import health_checks, step_metrics
     from ..losses import build_loss
-    from ..models import apply_lora, build_reference, load_model, load_tokenizer, resolve_model_dir
-    from ..prepare import loss_kwargs, pair_collator
-    from ..train import check_output_dir, loss_forward
+    from ..train import check_output_dir
 
-    o, t, m, run_dir = cfg.online, cfg.train, cfg.model, Path(cfg.run.output_dir)
+    o, t, run_dir = cfg.online, cfg.train, Path(cfg.run.output_dir)
     spec = build_loss(cfg.loss.name, cfg.loss.mix)
     if not spec.paired:
         raise ConfigError("defaults", "loss.name", f"online mode builds pairs; {spec.name!r} is unpaired")
@@ -227,6 +224,24 @@ def run_online(cfg) -> dict:
         raise ConfigError("defaults", "train.max_steps", "online mode needs a number of steps (> 0)")
     check_output_dir(run_dir, cfg.run.overwrite)
     prompts, reward = load_prompts(o.prompts_path), _reward(o)
+    lock = RunLock(run_dir, overwrite=cfg.run.overwrite, resume=False)  # one writer, as in train()
+    try:
+        return _online_loop(cfg, spec, prompts, reward, lock)
+    except BaseException:
+        lock.release(ok=False)
+        raise
+    finally:
+        lock.release()
+
+
+def _online_loop(cfg, spec, prompts, reward, lock) -> dict:
+    from ..data.tokenize import tokenize_records
+    from ..diagnostics import health_checks, step_metrics
+    from ..models import apply_lora, build_reference, load_model, load_tokenizer, resolve_model_dir
+    from ..prepare import loss_kwargs, pair_collator
+    from ..train import loss_forward
+
+    o, t, m, run_dir = cfg.online, cfg.train, cfg.model, Path(cfg.run.output_dir)
     model_dir = resolve_model_dir(m.name_or_path)
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(t.seed)
@@ -238,7 +253,7 @@ def run_online(cfg) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     collate, kwargs = pair_collator(cfg, tokenizer), loss_kwargs(cfg, spec)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock.started()
     from ..config import save_config
 
     save_config(cfg, run_dir / "config.yaml")
