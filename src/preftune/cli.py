@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the controlled-sentiment DPO demo on the default model")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
-    d.add_argument("overrides", nargs="*", help="model.name_or_path=... (e.g. gemma3-270m after `preftune models fetch`)")
+    d.add_argument("overrides", nargs="*", help="model.name_or_path=... (e.g. gemma3-270m after `preftune models fetch`), "
+                   "train.lr=... (default 5e-4, tuned on the default model)")
     sw = sub.add_parser("sweep", help="grid over beta x learning rate (x warmup): table and KL/reward plots")
     sw.add_argument("-c", "--config", help="YAML config for every point (run.output_dir holds the grid)")
     sw.add_argument("--beta", required=True, help="comma-separated, e.g. 0.05,0.1,0.5")
@@ -172,9 +173,11 @@ def _run(args) -> int:
         print(write_json(result, args.out))
         return 0
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import DEMO_LR, run_demo
 
-        run_demo(Path(args.output_dir), quick=args.quick, model=load_config(None, args.overrides).model.name_or_path)
+        cfg = load_config(None, args.overrides)
+        lr = cfg.train.lr if any(o.startswith("train.lr=") for o in args.overrides) else DEMO_LR
+        run_demo(Path(args.output_dir), quick=args.quick, model=cfg.model.name_or_path, lr=lr)
         return 0
     if args.command == "data" and args.data_command in ("agree", "build"):
         return _judgments_command(args)
