@@ -108,8 +108,7 @@ def test_lora_all_linear_dpo_and_plain_peft_reload(arch, arch_dirs, tmp_path, to
                              "diagnostics.probe_every=0"])
     result = train(cfg)
     assert result.steps == 3
-    sliding = arch in ("mistral", "gemma2", "gemma3_text")  # windows of 6 tokens < data.max_length
-    assert result.summary["layout"]["layout"] == ("padded" if sliding else "packed")
+    assert result.summary["layout"]["layout"] == "packed"  # exact everywhere, sliding windows included
     adapter = json.loads((tmp_path / "run" / "model" / "adapter_config.json").read_text())
     assert adapter["target_modules"]  # peft expanded all-linear into this architecture's linear layers
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(arch_dirs[arch]),
@@ -121,3 +120,27 @@ def test_lora_all_linear_dpo_and_plain_peft_reload(arch, arch_dirs, tmp_path, to
     assert again["logps/chosen"] == pytest.approx(ev["logps/chosen"], abs=TOL)
     assert again["rewards/margins"] == pytest.approx(ev["rewards/margins"], abs=TOL)
     assert abs(ev["rewards/margins"]) > 0  # the adapter changed something
+
+
+def test_a_model_that_ignores_the_packed_mask_falls_back_and_says_so_once(arch_dirs, tokenizer, monkeypatch, tmp_path, capsys):
+    """What the windowed mask fixed is the detector's job elsewhere: with the window left out of
+    the packed mask (as before), mistral's packed numbers are off and training falls back."""
+    import preftune.logprobs as lp
+    from preftune.config import load_config
+    from preftune.train import train
+
+    plain = lambda model, batch, dtype: torch.zeros(batch["attention_mask"].shape, dtype=dtype).masked_fill(  # noqa: E731
+        ~batch["attention_mask"], torch.finfo(dtype).min)
+    monkeypatch.setattr(lp, "packed_attention_mask", plain)
+    rows = [{"prompt": p["prompt"] + " and then the story goes on", "chosen": p["chosen"], "rejected": p["rejected"]}
+            for p in PAIRS]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = load_config(None, [f"model.name_or_path={arch_dirs['mistral']}", f"data.train_path={data}",
+                             f"run.output_dir={tmp_path / 'run'}", "data.max_length=64", "data.max_prompt_length=48",
+                             "model.lora_r=4", "train.max_steps=2", "train.batch_size=4", "diagnostics.probe_every=0"])
+    result = train(cfg)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layout:")]
+    assert len(said) == 1 and "does not honour" in said[0] and "data.layout=padded" in said[0]
+    assert result.summary["layout"]["layout"] == "padded" and result.summary["layout"]["checked"]["packed_shared"] > 1e-3
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "layout: padded" in saved  # the config written is the one that ran

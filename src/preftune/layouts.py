@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .data.collate import collate_packed_pairs, collate_pairs, collate_sequences
-from .logprobs import completion_logps
+from .logprobs import completion_logps, sliding_window
 
 __all__ = ["check_layouts", "choose_layout", "LAYOUT_TOL"]
 
@@ -45,30 +45,20 @@ def check_layouts(model, pairs: list, pad_id: int) -> dict:
     return {name: float((logps - alone).abs().max()) for name, logps in got.items()}
 
 
-def sliding_window(config) -> int | None:
-    """The attention window of a model that has sliding-window layers, else None."""
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    window = getattr(config, "sliding_window", None)
-    return window if isinstance(window, int) and window > 0 else None
-
-
 def choose_layout(model, pairs: list, pad_id: int, *, layout: str, prefix_sharing: bool, max_length: int,
                   name: str = "model", log=print) -> tuple[str, bool, dict]:
     """(layout, prefix_sharing) that is exact on this model, plus the measured deltas.
 
-    Measured on `pairs`, and also decided from the config: with a custom 4D mask the model's own
-    sliding window is not applied (measured on mistral, gemma2, gemma3: up to 0.6 nats off once a
-    sequence outgrows the window), so a window shorter than `data.max_length` means padded rows
-    even when the first batch happens to fit inside it."""
+    Measured on `pairs`. Sliding windows are built into the packed mask (logprobs.
+    packed_attention_mask); the measurement is what guards any model whose attention does
+    something else with a custom mask. When the first batch fits inside the window it cannot
+    show a window problem, so `max_length` beyond the window is said once as well."""
     if layout == "padded":
         return layout, prefix_sharing, {}
-    window = sliding_window(getattr(model, "config", None))
-    if window is not None and window < max_length:
-        log(f"layout: {name} has sliding-window attention ({window} tokens) shorter than data.max_length "
-            f"({max_length}); packed rows would ignore the window, using data.layout=padded")
-        return "padded", False, {"sliding_window": window}
     deltas = check_layouts(model, pairs, pad_id)
+    window = sliding_window(getattr(model, "config", None))
+    if window is not None:
+        deltas["sliding_window"] = window
     wanted = "packed_shared" if prefix_sharing else "packed"
     if deltas[wanted] <= LAYOUT_TOL:
         return layout, prefix_sharing, deltas

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .devices import place
 
-__all__ = ["completion_logps", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
+__all__ = ["sliding_window", "packed_attention_mask", "completion_logps", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
 
 
 class _FP32Head(torch.nn.Linear):
@@ -69,13 +69,42 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return sequence_logps(out.logits, input_ids[:, keep + 1], completion_mask[:, keep + 1])
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model that has sliding-window layers, else None."""
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def packed_attention_mask(model, batch: dict, dtype: torch.dtype):
+    """The additive 4D mask of a packed row, as the model's own attention expects it.
+
+    A custom 4D mask replaces the model's mask construction, so a sliding window must be built
+    into it: a key more than `window - 1` positions behind the query (by position ids, which
+    restart per sequence and continue from the prompt under prefix sharing) is masked on
+    sliding layers. Models that mix layer types (Gemma 2/3, Qwen 2/3) take one mask per type.
+    """
+    mask = batch["attention_mask"]  # (1, 1, T, T) bool: same sequence and causal
+    additive = lambda m: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)  # noqa: E731
+    config = getattr(model, "config", None)
+    window = sliding_window(config)
+    if window is None:
+        return additive(mask)
+    pos = batch["position_ids"][0]                                          # (T,)
+    windowed = mask & ((pos[:, None] - pos[None, :]) < window)[None, None]  # (1, 1, T, T)
+    types = set(getattr(config, "layer_types", None) or [])
+    if types and types <= {"full_attention", "sliding_attention"}:
+        return {"full_attention": additive(mask), "sliding_attention": additive(windowed)}
+    return additive(windowed)
+
+
 def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed row (data/collate.collate_packed): the LM head runs only at `keep`, the positions
     that predict completion tokens, so neither prompt nor padding positions reach it."""
     dtype = next(p for p in model.parameters()).dtype
-    mask = batch["attention_mask"]
-    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=additive,
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                attention_mask=packed_attention_mask(model, batch, dtype),
                 logits_to_keep=batch["keep"], use_cache=False)
     token_logps = -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
     n, seq = int(batch["n_seqs"]), batch["seq_index"]
