@@ -6,7 +6,13 @@ seconds. `tiny_model_dir` is an ordinary HF model directory (safetensors + token
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +127,58 @@ def send_json(handler, code: int, data: bytes) -> None:
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
+
+
+# ---- the SIGKILL harness (offline and online runs) -------------------------------------------
+
+def weights_sha(run_dir) -> str:
+    """sha256 over a run's saved adapter tensors (names and bytes), in name order."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(run_dir / "model" / "adapter_model.safetensors")
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + tensors[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "preftune", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=Path(__file__).parent, **kw)
+
+
+def _wait_for(path, proc, timeout=300.0) -> float:
+    start = time.monotonic()
+    while not path.exists():
+        assert proc.poll() is None or path.exists(), proc.stderr.read()
+        assert time.monotonic() - start < timeout
+        time.sleep(0.02)
+    return time.monotonic()
+
+
+def kill_and_resume_trials(tmp_path, command: str, args: list[str], trials: int, seed: int = 0) -> list:
+    """SIGKILL a CLI run (`preftune COMMAND ARGS`) at a random moment of its training (saves
+    included), `preftune resume` it, and compare the final weights with an uninterrupted run's."""
+    ref = _cli(command, *args, f"run.output_dir={tmp_path / 'ref'}")
+    began = _wait_for(tmp_path / "ref" / "config.yaml", ref)  # written just before step 1
+    ended = _wait_for(tmp_path / "ref" / "summary.json", ref)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    window, expected = ended - began, weights_sha(tmp_path / "ref")
+    rng, outcomes = random.Random(seed), []
+    for i in range(trials):
+        run = tmp_path / f"trial{i}"
+        proc = _cli(command, *args, f"run.output_dir={run}")
+        _wait_for(run / "config.yaml", proc)
+        time.sleep(rng.uniform(0.0, window))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        root = run / "checkpoints"
+        at_kill = (sorted(p.name for p in root.glob("step-*"))[-1:] or ["none"])[0] if root.exists() else "none"
+        mid_save = root.exists() and any(root.glob(".tmp-*"))
+        resumed = _cli("resume", str(run))
+        # killed after its last write (summary.json): a finished run is refused, not retrained
+        expected_rc = 2 if (run / "summary.json").exists() else 0
+        assert resumed.wait(timeout=300) == expected_rc, resumed.stderr.read()
+        outcomes.append((weights_sha(run) == expected, at_kill, "mid-save" if mid_save else ""))
+    return outcomes

@@ -1,18 +1,12 @@
 """Atomic checkpoints and exact resume (RELIABILITY.md B1-B6, C1)."""
 
-import hashlib
 import json
-import os
-import random
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import PAIRS, write_jsonl
+from conftest import PAIRS, kill_and_resume_trials, weights_sha, write_jsonl
 from preftune.checkpoint import find_checkpoint
 from preftune.config import load_config
 from preftune.errors import ConfigError, NumericalError
@@ -27,14 +21,6 @@ def _cfg(tmp_path, model_dir, name="run", *extra):
                               f"run.output_dir={tmp_path / name}", "data.max_length=64", "data.max_prompt_length=32",
                               "train.lr=1e-2", "model.lora_r=4", "model.lora_alpha=8", "train.batch_size=3",
                               "train.epochs=3", "train.checkpoint_every=1", "train.keep_last=2", *extra])
-
-
-def weights_sha(run_dir) -> str:
-    tensors = load_file(run_dir / "model" / "adapter_model.safetensors")
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode() + tensors[name].numpy().tobytes())
-    return digest.hexdigest()
 
 
 def losses(run_dir):
@@ -139,60 +125,21 @@ def test_nan_stops_with_exit_3_and_leaves_finite_checkpoints(tmp_path, tiny_mode
     assert all(v == v for v in losses(tmp_path / "run"))  # logged values are real numbers, never a 0.0 stand-in
 
 
-def _cli(*args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "preftune", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **kw)
-
-
-def _wait_for(path, proc, timeout=300.0) -> float:
-    start = time.monotonic()
-    while not path.exists():
-        assert proc.poll() is None or path.exists(), proc.stderr.read()
-        assert time.monotonic() - start < timeout
-        time.sleep(0.02)
-    return time.monotonic()
-
-
-def kill_and_resume_trials(tmp_path, model_dir, trials: int, seed: int = 0) -> list:
-    """SIGKILL a CLI training run at a random moment of its training (saves included), resume it,
-    and compare the final weights with an uninterrupted run's."""
+def _train_args(tmp_path, model_dir) -> list[str]:
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
-    args = [f"model.name_or_path={model_dir}", f"data.train_path={data}", "data.max_length=64",
+    return [f"model.name_or_path={model_dir}", f"data.train_path={data}", "data.max_length=64",
             "data.max_prompt_length=32", "train.lr=1e-2", "model.lora_r=4", "train.batch_size=2",
             "train.epochs=8", "train.checkpoint_every=1", "model.lora_dropout=0.1"]
-    ref = _cli("train", *args, f"run.output_dir={tmp_path / 'ref'}")
-    began = _wait_for(tmp_path / "ref" / "config.yaml", ref)  # written just before step 1
-    ended = _wait_for(tmp_path / "ref" / "summary.json", ref)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
-    window, expected = ended - began, weights_sha(tmp_path / "ref")
-    rng, outcomes = random.Random(seed), []
-    for i in range(trials):
-        run = tmp_path / f"trial{i}"
-        proc = _cli("train", *args, f"run.output_dir={run}")
-        _wait_for(run / "config.yaml", proc)
-        time.sleep(rng.uniform(0.0, window))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        root = run / "checkpoints"
-        at_kill = (sorted(p.name for p in root.glob("step-*"))[-1:] or ["none"])[0] if root.exists() else "none"
-        mid_save = root.exists() and any(root.glob(".tmp-*"))
-        resumed = _cli("resume", str(run))
-        # killed after its last write (summary.json): a finished run is refused, not retrained
-        expected_rc = 2 if (run / "summary.json").exists() else 0
-        assert resumed.wait(timeout=300) == expected_rc, resumed.stderr.read()
-        outcomes.append((weights_sha(run) == expected, at_kill, "mid-save" if mid_save else ""))
-    return outcomes
 
 
 def test_sigkill_then_resume_is_bit_identical_smoke(tmp_path, tiny_model_dir):
-    outcomes = kill_and_resume_trials(tmp_path, tiny_model_dir, trials=2)
+    outcomes = kill_and_resume_trials(tmp_path, "train", _train_args(tmp_path, tiny_model_dir), trials=2)
     assert all(same for same, *_ in outcomes), outcomes
 
 
 @pytest.mark.slow
 def test_sigkill_then_resume_20_trials(tmp_path, tiny_model_dir):
-    outcomes = kill_and_resume_trials(tmp_path, tiny_model_dir, trials=20, seed=7)
+    outcomes = kill_and_resume_trials(tmp_path, "train", _train_args(tmp_path, tiny_model_dir), trials=20, seed=7)
     print("kill/resume outcomes:", outcomes)
     assert sum(same for same, *_ in outcomes) == 20, outcomes
 

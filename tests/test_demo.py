@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from preftune.demo import best_vs_worst, bootstrap_ci, demo_prompts, run_demo, sentiment_scores
+from preftune.data.pairs import build_pairs
+from preftune.demo import bootstrap_ci, demo_prompts, run_demo
+from preftune.rewards import sentiment_scores
 
 
 def test_prompts_are_ours_and_held_out_prompts_are_unseen():
@@ -16,10 +18,11 @@ def test_sentiment_reward_orders_obvious_texts():
     assert good > 0.5 and bad < -0.5 and flat == 0.0
 
 
-def test_best_vs_worst_and_near_ties():
-    pair = best_vs_worst("p", ["meh", "great", "awful"], [0.0, 0.9, -0.7], min_margin=0.1)
+def test_demo_pairing_is_best_vs_worst_without_near_ties():
+    (pair,), _ = build_pairs("p", ["meh", "great", "awful"], [0.0, 0.9, -0.7], mode="best_worst", min_margin=0.1)
     assert (pair["chosen"], pair["rejected"]) == ("great", "awful")
-    assert best_vs_worst("p", ["a", "b"], [0.30, 0.35], min_margin=0.1) is None
+    pairs, counts = build_pairs("p", ["a", "b"], [0.30, 0.35], mode="best_worst", min_margin=0.1)
+    assert pairs == [] and counts["below_margin"] == 1
 
 
 def test_bootstrap_interval():
@@ -31,8 +34,9 @@ def test_bootstrap_interval():
 
 def test_quick_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """Every step runs, and the printed figures are the means of what the scorer returned: the
-    quick demo scores 8 training groups, then 4 reference and 4 policy groups of 2 samples."""
-    import preftune.demo
+    quick demo scores its one round's 8 x 2 samples at once, then 4 reference and 4 policy groups
+    of 2 samples."""
+    import preftune.rewards
 
     # a random tiny model writes no sentiment words; score by a text's bytes so pairs exist
     calls = []
@@ -41,12 +45,12 @@ def test_quick_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_model_dir, ca
         calls.append([sum(t.encode()) % 97 / 97 for t in texts])
         return calls[-1]
 
-    monkeypatch.setattr(preftune.demo, "sentiment_scores", score)
+    monkeypatch.setattr(preftune.rewards, "sentiment_scores", score)
     out = tmp_path / "demo"
     summary = run_demo(out, quick=True, model=str(tiny_model_dir))
     saved = json.loads((out / "demo.json").read_text())
-    assert len(calls) == 8 + 4 + 4 and all(len(c) == 2 for c in calls[8:])
-    reference, policy = calls[8:12], calls[12:]
+    assert len(calls) == 1 + 4 + 4 and len(calls[0]) == 16 and all(len(c) == 2 for c in calls[1:])
+    reference, policy = calls[1:5], calls[5:]
     assert saved["reward_reference"] == pytest.approx(sum(map(sum, reference)) / 8)
     assert saved["reward_policy"] == pytest.approx(sum(map(sum, policy)) / 8)
     assert saved["reward_gain"] == pytest.approx((sum(map(sum, policy)) - sum(map(sum, reference))) / 8)
@@ -54,6 +58,7 @@ def test_quick_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_model_dir, ca
     assert min(gains) - 1e-9 <= saved["reward_gain_ci95"][0] <= saved["reward_gain_ci95"][1] <= max(gains) + 1e-9
     assert [row["policy"] - row["reference"] for row in saved["per_prompt"]] == pytest.approx(gains)
     assert saved == json.loads(json.dumps(summary))
-    assert (out / "train" / "model" / "adapter_model.safetensors").is_file()
+    assert (out / "round-1" / "train" / "model" / "adapter_model.safetensors").is_file()
+    assert not (out / "round-1" / "policy").exists()  # one round: nothing starts from a merged copy
     assert f"{saved['reward_gain']:+.3f}" in capsys.readouterr().out
     run_demo(out, quick=True, model=str(tiny_model_dir))  # a second run replaces its own directory

@@ -106,14 +106,16 @@ def test_train_with_probes_reference_cache_and_eval_place_every_input(tmp_path, 
 
 def test_sampling_kl_and_the_demo_scoring_place_every_input(tmp_path, tiny_model_dir, checker, monkeypatch):
     import preftune.demo
-    from preftune.evaluate import kl_estimate, sample_completions
+    import preftune.rewards
+    from preftune.evaluate import kl_estimate
+    from preftune.generate import sample_completions
     from preftune.models import AdaptersOffReference, apply_lora, load_model, load_tokenizer
 
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
     samples = sample_completions(model, tok, [tok("The movie was")["input_ids"]], n=2, max_new_tokens=4, seed=0)
     lora = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     kl_estimate(lora, AdaptersOffReference(lora), samples, pad_id=tok.pad_token_id)
-    monkeypatch.setattr(preftune.demo, "sentiment_scores", lambda texts: [len(t) % 7 / 7 for t in texts])
+    monkeypatch.setattr(preftune.rewards, "sentiment_scores", lambda texts: [len(t) % 7 / 7 for t in texts])
     preftune.demo.run_demo(tmp_path / "demo", quick=True, model=str(tiny_model_dir))
     assert checker.generates >= 3 and checker.forwards > 5
     assert checker.problems == []
@@ -129,7 +131,7 @@ def test_a_path_that_skips_the_helper_is_caught(tiny_model_dir, checker):
 
 
 def test_bf16_generation(tiny_model_dir):
-    from preftune.evaluate import sample_completions
+    from preftune.generate import sample_completions
     from preftune.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir), dtype="bfloat16")

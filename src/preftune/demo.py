@@ -1,7 +1,8 @@
 """The DPO paper's controlled-sentiment experiment (Rafailov et al. 2023, Sec. 6.1) on our prompts.
 
-Sample continuations of movie-review openings from the default model, score them with VADER
-(a lexicon sentiment scorer), pair best-vs-worst per prompt, train DPO with LoRA, then on
+One round of iterative DPO (online/iterate.py, the same path as `preftune iterate`): sample
+continuations of movie-review openings from the default model, score them with VADER (a
+lexicon sentiment scorer), pair best-vs-worst per prompt, train DPO with LoRA; then on
 held-out prompts compare fresh samples of the reference and the trained policy: mean reward
 with a paired bootstrap 95% interval, KL(policy || reference), and held-out pair accuracy.
 """
@@ -14,11 +15,29 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import Config, DataConfig, EvalConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
-from .data import render
+from .config import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    OnlineConfig,
+    RunConfig,
+    TrainConfig,
+)
+from .data.pairs import build_pairs
+from .data.sources import write_jsonl
 from .errors import ConfigError
+from .evaluate import evaluate_pairs, kl_estimate
+from .generate import load_run_policy, sample_texts
+from .losses import build_loss
+from .models import AdaptersOffReference, load_model, load_tokenizer, resolve_model_dir
+from .online.iterate import run_iterative
+from .prepare import prepare_pairs
+from .rewards import build_reward
+from .step import loss_kwargs
 
-__all__ = ["demo_prompts", "sentiment_scores", "best_vs_worst", "bootstrap_ci", "run_demo"]
+__all__ = ["demo_prompts", "bootstrap_ci", "run_demo"]
 
 # Our own prompt fragments: every opener crossed with every film gives 120 prompts.
 _OPENERS = [
@@ -41,38 +60,11 @@ def demo_prompts() -> tuple[list[str], list[str]]:
     return [p for i, p in enumerate(prompts) if i % 5], [p for i, p in enumerate(prompts) if i % 5 == 0]
 
 
-def sentiment_scores(texts: list[str]) -> list[float]:
-    """VADER compound score in [-1, 1] (Hutto & Gilbert 2014); positive = positive sentiment."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    analyzer = SentimentIntensityAnalyzer()
-    return [analyzer.polarity_scores(t)["compound"] for t in texts]
-
-
-def best_vs_worst(prompt: str, completions: list[str], scores: list[float], min_margin: float) -> dict | None:
-    """The highest- vs lowest-scored completion of one prompt, or None for a near-tie."""
-    hi = max(range(len(scores)), key=scores.__getitem__)
-    lo = min(range(len(scores)), key=scores.__getitem__)
-    if scores[hi] - scores[lo] < min_margin or completions[hi] == completions[lo]:
-        return None
-    return {"prompt": prompt, "chosen": completions[hi], "rejected": completions[lo],
-            "score_chosen": scores[hi], "score_rejected": scores[lo]}
-
-
 def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean."""
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
     return means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]
-
-
-def _sample_texts(model, tokenizer, prompts, *, n, max_new_tokens, seed):
-    from .evaluate import decode_completions, sample_completions
-
-    ids = [render.prompt_ids(tokenizer, p) for p in prompts]
-    samples = sample_completions(model, tokenizer, ids, n=n, max_new_tokens=max_new_tokens, seed=seed)
-    texts = decode_completions(tokenizer, samples)
-    return samples, [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def _settings(quick: bool) -> dict:
@@ -84,82 +76,79 @@ def _settings(quick: bool) -> dict:
 DEMO_LR = 5e-4  # tuned on SmolLM2-135M (KL 3.7 nats); other models may need less (README)
 
 
-def _demo_config(out: Path, pairs_path: Path, s: dict, model: str, lr: float = DEMO_LR) -> Config:
+def _demo_config(out: Path, s: dict, model: str, lr: float = DEMO_LR) -> Config:
+    """One round of iterative DPO: sample, score with VADER, best-vs-worst pairs, train with LoRA."""
     return Config(
         model=ModelConfig(name_or_path=model, lora=True, lora_r=16, lora_alpha=32,
                           lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        data=DataConfig(train_path=str(pairs_path), format="standard", max_length=96, max_prompt_length=32),
+        data=DataConfig(format="standard", max_length=96, max_prompt_length=32),
         loss=LossConfig(name="sigmoid", beta=0.1),
         train=TrainConfig(lr=lr, batch_size=8, epochs=s["epochs"], warmup_ratio=0.1, scheduler="cosine", seed=0),
         eval=EvalConfig(),
-        run=RunConfig(output_dir=str(out / "train"), overwrite=True),
+        online=OnlineConfig(reward="sentiment", samples_per_prompt=s["samples"], max_new_tokens=s["tokens"],
+                            pairing="best_worst", min_margin=0.1, rounds=1),
+        run=RunConfig(output_dir=str(out), overwrite=True),
     )
 
 
-def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instruct", lr: float = DEMO_LR) -> dict:
-    from .evaluate import evaluate_pairs, kl_estimate, load_run_policy
-    from .losses import LOSSES
-    from .models import AdaptersOffReference, load_model, load_tokenizer, resolve_model_dir
-    from .train import loss_kwargs, prepare_pairs, train
+def _groups(texts: list[str], n: int) -> list[list[str]]:
+    return [texts[i: i + n] for i in range(0, len(texts), n)]
 
+
+def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instruct", lr: float = DEMO_LR) -> dict:
     if out.exists() and any(out.iterdir()):
-        if not (out / "demo.json").is_file() and not (out / "pairs.jsonl").is_file():
+        if not (out / "demo.json").is_file() and not (out / "round-1").is_dir():
             raise ConfigError(str(out), "--output-dir", "exists and is not a demo directory; choose another")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     s, start = _settings(quick), time.perf_counter()
     train_prompts, eval_prompts = demo_prompts()
     train_prompts, eval_prompts = train_prompts[: s["n_train"]], eval_prompts[: s["n_eval"]]
-    model_dir = resolve_model_dir(model)
-    tokenizer, base = load_tokenizer(model_dir), load_model(model_dir)
+    cfg = _demo_config(out, s, model, lr)
+    reward = build_reward("sentiment")
 
-    # 1. sample from the initial policy and score
-    print(f"[1/4] sampling {s['samples']} continuations for {len(train_prompts)} prompts")
-    _, groups = _sample_texts(base, tokenizer, train_prompts, n=s["samples"], max_new_tokens=s["tokens"], seed=1)
-    pairs = [best_vs_worst(p, g, sentiment_scores(g), min_margin=0.1) for p, g in zip(train_prompts, groups)]
-    kept = [p for p in pairs if p]
-    pairs_path = out / "pairs.jsonl"
-    pairs_path.write_text("".join(json.dumps(p) + "\n" for p in kept))
-    print(f"      {len(kept)} pairs, {len(pairs) - len(kept)} near-ties dropped -> {pairs_path}")
-
-    # 2. train DPO with LoRA (the same train() as `preftune train`)
-    print("[2/4] training DPO (LoRA)")
-    cfg = _demo_config(out, pairs_path, s, model, lr)
-    result = train(cfg)
+    # 1-2. one round of iterative DPO: the same sample -> score -> pair -> train() as `preftune iterate`
+    print(f"[1/4] sampling {s['samples']} continuations for {len(train_prompts)} prompts, scoring, pairing")
+    print("[2/4] training DPO (LoRA) on best-vs-worst pairs")
+    (round1,) = run_iterative(cfg, prompts=train_prompts, merge_last=False)
+    run_dir = out / "round-1" / "train"
 
     # 3. fresh samples on held-out prompts: reference (adapters off) vs trained policy, same seed
     print(f"[3/4] sampling {s['eval_samples']} continuations per held-out prompt from reference and policy")
-    policy = load_run_policy(result.run_dir, base).eval()
+    model_dir = resolve_model_dir(model)
+    tokenizer = load_tokenizer(model_dir)
+    policy = load_run_policy(run_dir, load_model(model_dir)).eval()
     reference = AdaptersOffReference(policy)
+    n, tokens = s["eval_samples"], s["tokens"]
     with reference.context():
-        _, ref_groups = _sample_texts(policy, tokenizer, eval_prompts, n=s["eval_samples"],
-                                      max_new_tokens=s["tokens"], seed=2)
-    pol_samples, pol_groups = _sample_texts(policy, tokenizer, eval_prompts, n=s["eval_samples"],
-                                            max_new_tokens=s["tokens"], seed=2)
-    ref_scores = [sentiment_scores(g) for g in ref_groups]
-    pol_scores = [sentiment_scores(g) for g in pol_groups]
+        _, ref_texts = sample_texts(policy, tokenizer, eval_prompts, n=n, max_new_tokens=tokens, seed=2)
+    pol_samples, pol_texts = sample_texts(policy, tokenizer, eval_prompts, n=n, max_new_tokens=tokens, seed=2)
+    ref_groups, pol_groups = _groups(ref_texts, n), _groups(pol_texts, n)
+    ref_scores = [reward.score([p] * n, g) for p, g in zip(eval_prompts, ref_groups)]
+    pol_scores = [reward.score([p] * n, g) for p, g in zip(eval_prompts, pol_groups)]
     gains = [sum(p) / len(p) - sum(r) / len(r) for p, r in zip(pol_scores, ref_scores)]  # paired by prompt
     lo, hi = bootstrap_ci(gains)
 
     # 4. KL on policy samples and accuracy on held-out pairs built from reference samples
     print("[4/4] KL(policy || reference) and held-out pair accuracy")
     kl = kl_estimate(policy, reference, pol_samples, pad_id=tokenizer.pad_token_id)
-    held = [best_vs_worst(p, g, sc, min_margin=0.1) for p, g, sc in zip(eval_prompts, ref_groups, ref_scores)]
-    held_path = out / "heldout_pairs.jsonl"
-    held_path.write_text("".join(json.dumps(p) + "\n" for p in held if p))
+    held = [row for p, g, sc in zip(eval_prompts, ref_groups, ref_scores)
+            for row in build_pairs(p, g, sc, mode="best_worst", min_margin=cfg.online.min_margin)[0]]
+    held_path = write_jsonl(out / "heldout_pairs.jsonl", held)
     acc = None
-    if any(held):
+    if held:
         held_pairs, _ = prepare_pairs(str(held_path), cfg, tokenizer)
-        spec = LOSSES[cfg.loss.name]
+        spec = build_loss(cfg.loss.name)
         acc = evaluate_pairs(policy, reference, spec, held_pairs, loss_kwargs=loss_kwargs(cfg, spec),
                              batch_size=16, pad_id=tokenizer.pad_token_id)
     ref_mean = sum(map(sum, ref_scores)) / sum(map(len, ref_scores))
     pol_mean = sum(map(sum, pol_scores)) / sum(map(len, pol_scores))
     summary = {
-        "heldout_prompts": len(eval_prompts), "samples_per_prompt": s["eval_samples"],
+        "heldout_prompts": len(eval_prompts), "samples_per_prompt": n,
         "reward_reference": ref_mean, "reward_policy": pol_mean, "reward_gain": pol_mean - ref_mean,
         "reward_gain_ci95": [lo, hi], **kl, "heldout_pair_accuracy": acc and acc["accuracy/implicit_reward"],
-        "train_pairs": len(kept), "train_steps": result.steps, "elapsed_s": round(time.perf_counter() - start, 1),
+        "train_pairs": round1["pairs"], "train_steps": round1["steps"],
+        "elapsed_s": round(time.perf_counter() - start, 1),
         "per_prompt": [{"prompt": p, "reference": sum(r) / len(r), "policy": sum(q) / len(q)}
                        for p, r, q in zip(eval_prompts, ref_scores, pol_scores)],
         "examples": [{"prompt": p, "reference": r[0], "policy": q[0]}

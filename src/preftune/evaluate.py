@@ -13,20 +13,26 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import file_digest, tokenizer_sha256
 from .data import collate_pairs
 from .data.collate import collate_sequences
-from .devices import place
+from .generate import decode_completions, run_models, sample_completions
 from .logprobs import completion_logps
+from .losses import LOSSES, build_loss
+from .models import FrozenCopyReference, load_start, load_tokenizer, resolve_model_dir
+from .prepare import load_data, pair_collator, prepare_pairs
+from .refcache import load_or_build, path_for
+from .rewards import build_reward
+from .step import loss_forward, loss_kwargs
 
-__all__ = ["evaluate_pairs", "sample_completions", "kl_estimate", "run_eval", "load_run_policy", "probe",
-           "reference_sample_length", "sample_metrics", "decode_completions", "run_models"]
+__all__ = ["evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json"]
 
 
 def _shard(n: int) -> tuple[list[int], int]:
     """This process's contiguous share of n items, padded with item 0 to the same length on every
     process (so each runs the same number of forwards: DDP/FSDP collectives line up), and how
     many of them are real."""
-    from accelerate import PartialState
+    from accelerate import PartialState  # accelerate loads only when evaluation runs
 
     state = PartialState()
     per = math.ceil(n / state.num_processes)
@@ -35,8 +41,8 @@ def _shard(n: int) -> tuple[list[int], int]:
 
 
 def _gather(rows: list) -> list:
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate import PartialState  # see _shard
+    from accelerate.utils import gather_object  # see _shard
 
     return gather_object(rows) if PartialState().num_processes > 1 else rows
 
@@ -56,9 +62,6 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     Under several processes each scores its own share; per-pair values are gathered and summed
     with math.fsum, so the result is the same number for any process count (no pair twice).
     """
-    from .losses import LOSSES
-    from .train import loss_forward
-
     collate = collate or (lambda chunk: collate_pairs(chunk, pad_id))
     scorer = spec if spec.paired else LOSSES["sigmoid"]
     kwargs = {k: loss_kwargs[k] for k in scorer.params}
@@ -86,48 +89,6 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     return result
 
 
-def decode_completions(tokenizer, samples) -> list[str]:
-    """The text of each sampled completion, without its EOS."""
-    eos = tokenizer.eos_token_id
-    return [tokenizer.decode([t for t in c if t != eos]) for _, c in samples]
-
-
-@torch.no_grad()
-def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, seed: int,
-                       temperature: float = 1.0, batch_size: int = 64, top_p: float = 1.0,
-                       top_k: int = 0) -> list[tuple[list[int], list[int]]]:
-    """`n` samples per prompt. Defaults are pure sampling (no top-k/top-p), as KL estimates need.
-
-    Returns (prompt_ids, completion_ids) with completions cut after the first EOS (kept).
-    """
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream (dropout, shuffling) is untouched
-        torch.manual_seed(seed)
-        results = _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size, top_p, top_k)
-    model.train(was_training)
-    return results
-
-
-def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size, top_p=1.0, top_k=0):
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    jobs = [p for p in prompts for _ in range(n)]
-    results = []
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i: i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding for generation
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        ids, mask = place((ids, mask), model)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                             top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             eos_token_id=eos)
-        for prompt, row in zip(chunk, out[:, width:].tolist()):
-            completion = row[: row.index(eos) + 1] if eos in row else row
-            results.append((prompt, completion))
-    return results
-
-
 @torch.no_grad()
 def kl_estimate(model, reference, samples, *, pad_id: int, batch_size: int = 16) -> dict:
     """Monte-Carlo KL(policy || reference): mean over policy samples of sum_t log pi/pi_ref
@@ -149,81 +110,6 @@ def kl_estimate(model, reference, samples, *, pad_id: int, batch_size: int = 16)
     n = d.numel()
     return {"kl": d.mean().item() if n else 0.0,
             "kl_stderr": (d.std().item() / math.sqrt(n)) if n > 1 else 0.0, "kl_samples": n}
-
-
-def _mean_length(samples) -> float:
-    return sum(len(c) for _, c in samples) / max(len(samples), 1)
-
-
-def probe(model, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, seed: int,
-          eval_pairs=None, spec=None, loss_kwargs=None, batch_size: int = 8,
-          reference_length: float | None = None) -> dict:
-    """What the in-training probe logs: one sample per prompt from the policy, its mean length,
-    KL(policy || reference) on those samples (when there is a reference) and, with eval pairs,
-    held-out implicit-reward accuracy and margin. `reference_length` (mean length of the
-    reference's samples, measured once at the start) is repeated in every probe row."""
-    pad = tokenizer.pad_token_id
-    samples = sample_completions(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, seed=seed)
-    row = {"probe/sample_length": _mean_length(samples)}
-    if reference_length is not None:
-        row["probe/reference_length"] = reference_length
-    if reference is not None:
-        kl = kl_estimate(model, reference, samples, pad_id=pad)
-        row.update({"probe/kl": kl["kl"], "probe/kl_stderr": kl["kl_stderr"]})
-    if eval_pairs:
-        ev = evaluate_pairs(model, reference, spec, eval_pairs, loss_kwargs=loss_kwargs, batch_size=batch_size,
-                            pad_id=pad)
-        row.update({"probe/eval_accuracy": ev["accuracy/implicit_reward"], "probe/eval_margin": ev["rewards/margins"]})
-    return row
-
-
-def reference_sample_length(model, reference, tokenizer, prompts, *, max_new_tokens: int, seed: int) -> float:
-    """Mean length of samples from the reference (the policy with adapters off or the frozen
-    copy); without a reference, from the model as it is now (step 0 of a fresh run)."""
-    if reference is None:
-        return _mean_length(sample_completions(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens,
-                                               seed=seed))
-    with reference.context():
-        ref_model = reference.forward_model(model)
-        return _mean_length(sample_completions(ref_model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens,
-                                               seed=seed))
-
-
-def run_models(cfg, run_dir: str | Path, base_model) -> tuple:
-    """A trained run's policy and the reference it was trained against: a frozen copy of
-    `model.reference_name_or_path` when the run had one (iterative rounds), else the policy with
-    adapters off (LoRA) or a frozen copy of the starting weights `base_model` (full fine-tuning)."""
-    from .models import AdaptersOffReference, FrozenCopyReference, load_model, resolve_model_dir
-
-    m = cfg.model
-    policy = load_run_policy(Path(run_dir), base_model, allow_pickle_weights=m.allow_pickle_weights)
-    if m.reference_name_or_path:
-        ref = load_model(resolve_model_dir(m.reference_name_or_path, allow_pickle_weights=m.allow_pickle_weights),
-                         dtype=m.dtype, allow_pickle_weights=m.allow_pickle_weights)
-        return policy, FrozenCopyReference(ref.eval().requires_grad_(False))
-    if (Path(run_dir) / "model" / "adapter_config.json").is_file():
-        return policy, AdaptersOffReference(policy)
-    return policy, FrozenCopyReference(base_model.eval())
-
-
-def load_run_policy(run_dir: Path, base_model, *, is_trainable: bool = False, allow_pickle_weights: bool = False):
-    """Attach a run's saved adapter to `base_model`, or load its full model dir. A pickle
-    adapter (`adapter_model.bin`) needs the same opt-in as pickle model weights."""
-    model_dir = Path(run_dir) / "model"
-    if (model_dir / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        if not (model_dir / "adapter_model.safetensors").is_file():
-            if not allow_pickle_weights or not (model_dir / "adapter_model.bin").is_file():
-                from .errors import ConfigError
-
-                raise ConfigError(str(model_dir), "adapter", "no adapter_model.safetensors" + (
-                    " (only pickle adapter_model.bin; set model.allow_pickle_weights=true to load it with "
-                    "weights_only=True)" if (model_dir / "adapter_model.bin").is_file() else ""))
-        return PeftModel.from_pretrained(base_model, str(model_dir), is_trainable=is_trainable)
-    from .models import load_model
-
-    return load_model(str(model_dir), allow_pickle_weights=allow_pickle_weights)
 
 
 def _length_stats(samples, prefix: str) -> dict:
@@ -276,17 +162,11 @@ def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n:
 def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: str | None = None) -> dict:
     """Evaluate the run's policy (or the base model when `run_dir` is None) on one held-out
     file, or on several (then the result maps each path to its own result)."""
-    from .losses import build_loss
-    from .models import FrozenCopyReference, load_start, load_tokenizer, resolve_model_dir
-    from .train import load_data, loss_kwargs, prepare_pairs
-
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
     m, spec = cfg.model, build_loss(cfg.loss.name, cfg.loss.mix)
     all_records = [load_data(p, cfg.data) for p in paths]  # bad data fails here, before any weights load
     source = None
     if reward:
-        from .online.rewards import build_reward
-
         source = build_reward(reward)
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code, revision=m.revision)
@@ -320,10 +200,6 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
 def _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, ref_sha: str):
     """Reference logps of the eval pairs from the same on-disk cache training uses (refcache.py):
     the run's recorded reference hash, the tokenizer, the file's content and the settings."""
-    from .checkpoint import file_digest, tokenizer_sha256
-    from .prepare import pair_collator
-    from .refcache import load_or_build, path_for
-
     cache = path_for(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tokenizer),
                      data_sha256=file_digest(path), data_config=cfg.data)
     values, hit = load_or_build(cache, policy, reference, pairs, batch_size=cfg.eval.batch_size,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import socket
+import sys
 from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -53,8 +54,6 @@ class QuietServer(ThreadingHTTPServer):
         super().__init__(address, handler)
 
     def handle_error(self, request, client_address):
-        import sys
-
         err = sys.exc_info()[1]
         if isinstance(err, (ConnectionError, TimeoutError)):
             return  # the client went away

@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .data import render
 from .data.sources import read_rows, split_path, write_jsonl
 from .errors import DataError
+from .generate import sample_texts
+from .models import load_model, load_tokenizer, resolve_model_dir
+from .rewards import build_reward
 
 __all__ = ["run_score", "run_sft_pairs"]
 
@@ -36,8 +38,6 @@ def _text(file: Path, line: int, row, key: str) -> str:
 
 
 def run_score(path: str, reward_spec: str, out: str) -> dict:
-    from .online.rewards import build_reward
-
     file, rows = _rows(path)
     first = rows[0][1] if isinstance(rows[0][1], dict) else {}
     sides = ["chosen", "rejected"] if "chosen" in first else ["completion" if "completion" in first else "response"]
@@ -56,9 +56,6 @@ def run_score(path: str, reward_spec: str, out: str) -> dict:
 
 
 def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> dict:
-    from .evaluate import decode_completions, sample_completions
-    from .models import load_model, load_tokenizer, resolve_model_dir
-
     file, rows = _rows(path)
     key = "response" if isinstance(rows[0][1], dict) and "response" in rows[0][1] else "completion"
     prompts = [_text(file, line, row, "prompt") for line, row in rows]
@@ -66,14 +63,10 @@ def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> d
     o = cfg.online
     model_dir = resolve_model_dir(cfg.model.name_or_path)
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)
-    samples = sample_completions(model, tokenizer, [render.prompt_ids(tokenizer, p) for p in prompts], n=1,
-                                 max_new_tokens=o.max_new_tokens, seed=cfg.train.seed, temperature=o.temperature,
-                                 top_p=o.top_p, top_k=o.top_k)
-    policy = decode_completions(tokenizer, samples)
+    _, policy = sample_texts(model, tokenizer, prompts, n=1, max_new_tokens=o.max_new_tokens, seed=cfg.train.seed,
+                             temperature=o.temperature, top_p=o.top_p, top_k=o.top_k)
     scores_h = scores_p = None
     if reward_spec:
-        from .online.rewards import build_reward
-
         reward = build_reward(reward_spec)
         scores_h, scores_p = reward.score(prompts, human), reward.score(prompts, policy)
     pairs, counts = [], {"identical": 0, "reward_disagrees": 0}

@@ -43,7 +43,7 @@ def _convert_gguf(gguf: Path) -> Path:
     out = cache_root() / "models" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: ~1 s to import
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
@@ -100,7 +100,7 @@ def _refuse_remote_code(model_dir: str, trust_remote_code: bool) -> None:
 
 
 def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, revision: str | None = None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: ~1 s to import
 
     _refuse_remote_code(model_dir, trust_remote_code)
     try:
@@ -114,7 +114,7 @@ def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, revision:
 
 def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                allow_pickle_weights: bool = False, revision: str | None = None, attn_implementation: str | None = None):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: ~1 s to import
 
     _refuse_remote_code(model_dir, trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
@@ -139,7 +139,7 @@ def load_start(m, model_dir: str):
                        attn_implementation=m.attn_implementation)
     if not m.adapter_name_or_path:
         return model, None
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: only adapter paths need peft
 
     adapter = Path(m.adapter_name_or_path)
     if not (adapter / "adapter_config.json").is_file():
@@ -156,7 +156,7 @@ def load_start(m, model_dir: str):
 
 
 def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list | str):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: only LoRA runs need peft
 
     # a plain string is PEFT's own: "all-linear" (every linear layer but the LM head) or a regex
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
@@ -231,7 +231,7 @@ def weights_sha256(model, *, skip_substring: str = "lora_") -> str:
 
 def count_parameters(model_dir: str) -> int:
     """Parameters in a model directory's safetensors files, read from their headers (no weights load)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # deferred with the rest of the weight I/O
 
     total = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):

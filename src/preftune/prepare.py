@@ -1,11 +1,9 @@
-"""What a run needs besides its loop: validated data, tokenized examples, the collate function,
-cached reference log-probs, and the in-training probe. Called by train.py (and evaluation,
-online DPO and the CLI for the data helpers)."""
+"""What a run's data becomes before the loop: validated records, tokenized examples, the loss's
+settings and the collate function. Called by train.py, evaluation, online sources and the CLI."""
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,9 +19,10 @@ from .data import (
 from .data.collate import attach_reference, collate_packed_pairs
 from .data.sources import HH_ASSISTANT, hh_as_messages
 from .losses import LossSpec
+from .step import loss_kwargs
 
-__all__ = ["load_data", "prepare_pairs", "drop_eval_prompts", "loss_kwargs", "kto_class_weights", "PreparedData",
-           "prepare_data", "pair_collator", "reference_cache", "probe_baseline", "run_probe"]
+__all__ = ["load_data", "prepare_pairs", "drop_eval_prompts", "kto_class_weights", "PreparedData",
+           "prepare_data", "pair_collator"]
 
 
 def load_data(path: str, d, *, paired: bool = True) -> list:
@@ -58,10 +57,6 @@ def drop_eval_prompts(records: list, eval_records: list) -> tuple[list, int]:
     held = {_prompt_key(r.prompt) for r in eval_records}
     kept = [r for r in records if _prompt_key(r.prompt) not in held]
     return kept, len(records) - len(kept)
-
-
-def loss_kwargs(cfg: Config, spec: LossSpec) -> dict:
-    return {name: getattr(cfg.loss, name) for name in spec.params}
 
 
 def kto_class_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
@@ -114,58 +109,3 @@ def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):
     if reference_cache is None:
         return collate
     return lambda pairs: attach_reference(collate(pairs), pairs, reference_cache)
-
-
-def reference_cache(cfg: Config, data, model, reference, tokenizer, info: dict, fp: dict, accelerator) -> dict:
-    """Reference logps for every training pair, from the on-disk cache or computed once now."""
-    from .refcache import load_or_build, path_for
-
-    path = path_for(reference_sha256=info["weights_sha256"], tokenizer_sha256=fp["tokenizer_sha256"],
-                    data_sha256=fp["data.train_sha256"], data_config=cfg.data)
-    start = time.perf_counter()
-    build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
-                    collate=pair_collator(cfg, tokenizer))
-    if accelerator.is_main_process:
-        values, hit = build()
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        values, hit = build(build=False)
-    if accelerator.is_main_process:
-        print(f"reference logps: {'read from' if hit else 'computed and cached in'} {path} "
-              f"({time.perf_counter() - start:.1f} s)")
-    return values
-
-
-def _probe_prompts(data: PreparedData, cfg: Config) -> list[list[int]]:
-    source = data.eval_pairs or data.examples
-    seen, prompts = set(), []
-    for ex in source:  # distinct prompts, in file order
-        key = tuple(ex.prompt_ids)
-        if key not in seen:
-            seen.add(key)
-            prompts.append(ex.prompt_ids)
-        if len(prompts) == cfg.diagnostics.probe_prompts:
-            break
-    return prompts
-
-
-def probe_baseline(model, reference, tokenizer, data: PreparedData, cfg: Config, history: list[dict]) -> float | None:
-    """Mean reference sample length for length_drift: measured once per run (a resumed run
-    reads it back from its probe rows)."""
-    if not cfg.diagnostics.probe_every:
-        return None
-    done = [r["probe/reference_length"] for r in history if "probe/reference_length" in r]
-    if done:
-        return done[0]
-    from .evaluate import reference_sample_length
-
-    return reference_sample_length(model, reference, tokenizer, _probe_prompts(data, cfg),
-                                   max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
-
-
-def run_probe(model, reference, tokenizer, data: PreparedData, spec: LossSpec, cfg: Config, step: int, baseline) -> dict:
-    from .evaluate import probe
-
-    return probe(model, reference, tokenizer, _probe_prompts(data, cfg), max_new_tokens=cfg.eval.max_new_tokens,
-                 seed=cfg.train.seed + step, eval_pairs=(data.eval_pairs or [])[: cfg.diagnostics.probe_eval_pairs],
-                 spec=spec, loss_kwargs=data.kwargs, batch_size=cfg.eval.batch_size, reference_length=baseline)

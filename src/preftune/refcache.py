@@ -13,14 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .logprobs import completion_logps, split_pairs
+from .models import cache_root
+from .prepare import pair_collator
 
-__all__ = ["cache_key", "cache_path", "load_or_build", "data_settings", "path_for"]
+__all__ = ["cache_key", "cache_path", "load_or_build", "data_settings", "path_for", "reference_cache"]
 
 # settings that change which tokens a pair has (the file itself is covered by its content hash)
 _DATA_KEYS = ("format", "column_map", "max_length", "max_prompt_length", "max_records", "drop_overlong",
@@ -39,8 +43,6 @@ def cache_key(*, reference_sha256: str, tokenizer_sha256: str, data_sha256: str,
 
 
 def cache_path(key: str) -> Path:
-    from .models import cache_root
-
     return cache_root() / "reference_logps" / f"{key}.safetensors"
 
 
@@ -85,3 +87,21 @@ def load_or_build(path: Path, model, reference, pairs, *, batch_size: int, colla
                "logps": torch.tensor([values[k] for k in lines], dtype=torch.float32)}, str(tmp))
     os.replace(tmp, path)
     return values, False
+
+
+def reference_cache(cfg, data, model, reference, tokenizer, info: dict, fp: dict, accelerator) -> dict:
+    """Reference logps for every training pair, from the on-disk cache or computed once now."""
+    path = path_for(reference_sha256=info["weights_sha256"], tokenizer_sha256=fp["tokenizer_sha256"],
+                    data_sha256=fp["data.train_sha256"], data_config=cfg.data)
+    start = time.perf_counter()
+    build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
+                    collate=pair_collator(cfg, tokenizer))
+    if accelerator.is_main_process:
+        values, hit = build()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        values, hit = build(build=False)
+    if accelerator.is_main_process:
+        print(f"reference logps: {'read from' if hit else 'computed and cached in'} {path} "
+              f"({time.perf_counter() - start:.1f} s)")
+    return values

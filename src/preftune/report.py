@@ -108,10 +108,10 @@ def read_run(path: str | Path) -> RunFiles:
 # ---- plots -----------------------------------------------------------------------------
 
 def _figure(title: str):
-    import matplotlib
+    import matplotlib  # plotting loads only when a report is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # see _figure
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)
     ax.set_title(title, fontsize=11)
@@ -178,7 +178,7 @@ def _per_prompt(runs):
 
 
 def _close(fig) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # see _figure
 
     plt.close(fig)
 

@@ -25,9 +25,12 @@ from pathlib import Path
 
 import torch
 
+from .config import load_config
 from .data import render
 from .devices import place
+from .generate import load_run_policy
 from .httpguard import QuietServer, Refused, check_bearer, check_host, check_post, parse_json, read_body
+from .models import load_model, load_tokenizer, resolve_model_dir
 
 __all__ = ["ChatModel", "make_server", "load_chat_model"]
 
@@ -247,13 +250,8 @@ def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 8000, *,
 
 def load_chat_model(name_or_run: str, *, max_tokens_cap: int = 512) -> ChatModel:
     """A run directory (its model/: adapter or full model) or anything `model.name_or_path` takes."""
-    from .models import load_model, load_tokenizer, resolve_model_dir
-
     run = Path(name_or_run)
     if (run / "config.yaml").is_file() and (run / "model").is_dir():
-        from .config import load_config
-        from .evaluate import load_run_policy
-
         cfg = load_config(run / "config.yaml")
         base_dir = resolve_model_dir(cfg.model.name_or_path)
         model = load_run_policy(run, load_model(base_dir))

@@ -13,6 +13,9 @@ import itertools
 import json
 from pathlib import Path
 
+from .evaluate import run_eval, write_json
+from .train import train
+
 __all__ = ["run_sweep", "results_table"]
 
 
@@ -23,9 +26,6 @@ def _point_dir(root: Path, beta: float, lr: float, warmup: float) -> Path:
 def run_sweep(cfg, *, betas: list[float], lrs: list[float], warmups: list[float] | None = None,
               reward: str | None = None) -> list[dict]:
     """Train and evaluate every grid point; returns one result row per point."""
-    from .evaluate import run_eval, write_json
-    from .train import train
-
     root = Path(cfg.run.output_dir)
     held_out = cfg.data.eval_path or cfg.data.train_path
     rows = []

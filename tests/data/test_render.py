@@ -126,9 +126,9 @@ def test_a_model_without_a_template_renders_messages_plainly(tokenizer):
 
 
 def test_online_generation_and_serve_see_the_training_rendering(bos_tokenizer, monkeypatch):
-    import preftune.evaluate
+    import preftune.generate
     from preftune.config import OnlineConfig
-    from preftune.online.iterate import generate_and_pair
+    from preftune.online.rollouts import generate_and_pair
     from preftune.serve import ChatModel
 
     seen = []
@@ -138,7 +138,7 @@ def test_online_generation_and_serve_see_the_training_rendering(bos_tokenizer, m
         return [(p, bos_tokenizer(f" answer {i}", add_special_tokens=False)["input_ids"] + [bos_tokenizer.eos_token_id])
                 for p in prompts for i in range(n)]
 
-    monkeypatch.setattr(preftune.evaluate, "sample_completions", fake_sample)
+    monkeypatch.setattr(preftune.generate, "sample_completions", fake_sample)
 
     class Length:
         def score(self, prompts, completions):

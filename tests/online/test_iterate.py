@@ -11,7 +11,7 @@ import pytest
 from conftest import build_model, send_json, serve_in_thread
 from preftune.cli import main
 from preftune.errors import DataError
-from preftune.online.iterate import load_prompts
+from preftune.online.rollouts import load_prompts
 from preftune.serve import ChatModel, make_server
 
 PROMPTS = ["The movie was", "I hated", "What is the capital of France?", "Human: how do I bake bread?"]
@@ -60,7 +60,7 @@ def test_without_refresh_the_reference_stays_the_starting_model(tmp_path, tiny_m
     assert ref["strategy"] == "frozen_copy" and ref["model"] == str(tiny_model_dir)
     # evaluating that round (eval, implicit:RUN) compares with the same reference it trained against
     from preftune.config import load_config
-    from preftune.evaluate import run_models
+    from preftune.generate import run_models
     from preftune.models import load_model, weights_sha256
 
     run = tmp_path / "it" / "round-2" / "train"

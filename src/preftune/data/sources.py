@@ -100,7 +100,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional: only Parquet input needs it
 
     try:
         table = pq.read_table(path)
@@ -110,7 +110,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict]]:
-    import datasets
+    import datasets  # optional: only saved HF dataset dirs need it
 
     try:
         ds = datasets.load_from_disk(str(path))

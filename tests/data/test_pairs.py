@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from preftune.online.pairs import build_pairs
+from preftune.data.pairs import build_pairs
 
 
 def test_best_vs_worst():

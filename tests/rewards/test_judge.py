@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 
 from conftest import build_model, send_json, serve_in_thread
-from preftune.online.judge import PAIRWISE_SCHEMA, SCORE_SCHEMA, JudgeClient, JudgeReward, validate
+from preftune.rewards.judge import PAIRWISE_SCHEMA, SCORE_SCHEMA, JudgeClient, JudgeReward, validate
 from preftune.serve import ChatModel, make_server
 
 

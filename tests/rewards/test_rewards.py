@@ -5,7 +5,7 @@ import torch
 
 from conftest import PAIRS, write_jsonl
 from preftune.errors import ConfigError
-from preftune.online.rewards import build_reward
+from preftune.rewards import build_reward
 
 
 def test_sentiment_orders_positive_above_negative():

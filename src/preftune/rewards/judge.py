@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..models import cache_root
 
 __all__ = ["JudgeClient", "JudgeReward", "SCORE_SCHEMA", "PAIRWISE_SCHEMA", "validate"]
 
@@ -98,8 +99,6 @@ class JudgeClient:
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(self.base_url, "judge", "expected an http(s):// URL of an OpenAI-compatible API")
         if self.cache_dir is None:
-            from ..models import cache_root
-
             self.cache_dir = cache_root() / "judge"
 
     def _key(self, body: dict) -> str:

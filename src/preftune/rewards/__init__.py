@@ -22,11 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
+from ..config import _did_you_mean, load_config
 from ..data import render
+from ..data.collate import collate_sequences
 from ..devices import place
 from ..errors import ConfigError
+from ..generate import run_models
+from ..logprobs import completion_logps
+from ..models import load_model, load_tokenizer, resolve_model_dir
+from .judge import JudgeReward
 
-__all__ = ["RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward"]
+__all__ = ["sentiment_scores", "RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward"]
 
 
 class RewardSource(Protocol):
@@ -48,9 +56,15 @@ class FunctionReward:
         return out
 
 
-def _sentiment(_prompts, completions):
-    from ..demo import sentiment_scores
+def sentiment_scores(texts: list[str]) -> list[float]:
+    """VADER compound score in [-1, 1] (Hutto & Gilbert 2014); positive = positive sentiment."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # only when the source is used
 
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+def _sentiment(_prompts, completions):
     return sentiment_scores(completions)
 
 
@@ -76,7 +90,10 @@ class RewardModel:
 
     @classmethod
     def load(cls, spec: str, path: str) -> RewardModel:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import (  # loads only for rm: sources
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
         if not Path(path).is_dir():
             raise ConfigError(spec, "reward", f"no reward model directory at {path}")
@@ -89,8 +106,6 @@ class RewardModel:
         return cls(spec, model, tok)
 
     def score(self, prompts, completions):
-        import torch
-
         out, tok = [], self.tokenizer
         rows = [self._ids(p, c)[-self.max_length:] for p, c in zip(prompts, completions)]
         with torch.no_grad():
@@ -127,10 +142,6 @@ class ImplicitReward:
 
     @classmethod
     def load(cls, spec: str, run_dir: str) -> ImplicitReward:
-        from ..config import load_config
-        from ..evaluate import run_models
-        from ..models import load_model, load_tokenizer, resolve_model_dir
-
         run = Path(run_dir)
         if not (run / "config.yaml").is_file() or not (run / "model").is_dir():
             raise ConfigError(spec, "reward", f"{run_dir} is not a finished preftune run (config.yaml, model/)")
@@ -140,11 +151,6 @@ class ImplicitReward:
         return cls(spec, policy.eval(), reference, load_tokenizer(model_dir), cfg.loss.beta)
 
     def score(self, prompts, completions):
-        import torch
-
-        from ..data.collate import collate_sequences
-        from ..logprobs import completion_logps
-
         tok, out = self.tokenizer, []
         p_ids = [render.prompt_ids(tok, p) for p in prompts]
         c_ids = [render.completion_ids(tok, p, c, eos=tok.eos_token_id) for p, c in zip(prompts, completions)]
@@ -191,8 +197,6 @@ class LengthPenalized:
 
 
 def _judge(spec: str, url: str, **settings):
-    from .judge import JudgeReward
-
     return JudgeReward.from_spec(spec, url, **settings)
 
 
@@ -219,8 +223,6 @@ def build_reward(spec, *, length_penalty: float = 0.0, judge: dict | None = None
     else:
         kind, _, arg = str(spec).partition(":")
         if kind not in REWARD_KINDS:
-            from ..config import _did_you_mean
-
             raise ConfigError(str(spec), "reward", f"unknown reward source {kind!r}{_did_you_mean(kind, REWARD_KINDS)};"
                               f" known: {', '.join(REWARD_KINDS)}")
         extra = (judge or {}) if kind == "judge" else {}

@@ -1,0 +1,51 @@
+"""One loss step's arithmetic, shared by training, evaluation, probes and every online source:
+the policy (and reference) forward over a collated batch, and the loss's settings."""
+
+from __future__ import annotations
+
+import torch
+
+from .logprobs import autocast, completion_logps, split_pairs
+from .losses import LossSpec
+
+__all__ = ["loss_forward", "loss_kwargs"]
+
+
+def loss_kwargs(cfg, spec: LossSpec) -> dict:
+    """The loss's own settings (its params dataclass fields) out of a config's `loss` section."""
+    return {name: getattr(cfg.loss, name) for name in spec.params}
+
+
+def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *, bf16: bool = False):
+    """One concatenated policy forward (plus a no-grad reference forward when the loss needs one).
+
+    Returns the per-example losses and a dict of detached per-example tensors for the metrics.
+    Paired batches are [chosen..., rejected...]; unpaired ones [examples..., KL rows...].
+    """
+    device = batch["input_ids"].device.type
+    with autocast(device, bf16):
+        logps, counts = completion_logps(model, batch)
+    first, second = split_pairs(logps)
+    first_n, second_n = split_pairs(counts)
+    if "reference_logps" in batch:  # cached once for the whole run (refcache.py)
+        ref_first, ref_second = split_pairs(batch["reference_logps"])
+    elif spec.needs_reference:
+        with torch.no_grad(), reference.context(), autocast(device, bf16):
+            ref_first, ref_second = split_pairs(completion_logps(reference.forward_model(model), batch)[0])
+    else:  # reference-free losses never run (or load) a reference
+        ref_first = ref_second = torch.zeros_like(first)
+    if spec.paired:
+        if spec.needs_lengths:
+            kwargs = {**kwargs, "chosen_lengths": first_n, "rejected_lengths": second_n}
+        out = spec.fn(first, second, ref_first, ref_second, **kwargs)
+        parts = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
+                 "policy_chosen": first, "policy_rejected": second, "chosen_lengths": first_n,
+                 "rejected_lengths": second_n}
+    else:
+        out = spec.fn(first, ref_first, labels=batch["labels"], policy_kl_logps=second,
+                      reference_kl_logps=ref_second, **kwargs)
+        parts = {"rewards": out.rewards, "labels": batch["labels"], "policy": first, "lengths": first_n}
+    n = out.losses.size(0)
+    extras = {k: v.expand(n) if v.dim() == 0 else v for k, v in out.metrics.items()}
+    parts = {k: v.detach() for k, v in {"losses": out.losses, **parts, **extras}.items()}
+    return out.losses, parts
