@@ -86,3 +86,36 @@ def test_lr_default_depends_on_lora_and_dpo_is_sigmoid():
     assert load_config(None, ["model.lora=false", "train.lr=1e-4"]).train.lr == 1e-4
     assert load_config(None, ["loss.name=dpo"]).loss.name == "sigmoid"
     assert load_config(None, ["loss.mix=[[dpo, 1.0], [sft, 0.2]]"]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
+
+
+def test_every_pairing_mode_is_accepted_and_nothing_else():
+    from preftune.data.pairs import PAIRINGS
+
+    for name in PAIRINGS:
+        assert load_config(None, [f"online.pairing={name}"]).online.pairing == name
+    with pytest.raises(ConfigError, match="online.pairing"):
+        load_config(None, ["online.pairing=best_of_all"])
+
+
+def test_resume_and_cache_keys_come_from_field_metadata(tmp_path):
+    """Changing a `resume=False` setting keeps a checkpoint resumable; anything else does not.
+    Changing a `tokens=True` setting changes the reference-cache key; anything else does not."""
+    from preftune.checkpoint import fingerprint
+    from preftune.config import fields_where
+    from preftune.refcache import data_settings
+
+    class Tok:
+        def get_vocab(self):
+            return {"a": 0}
+
+    base = load_config(None, [])
+    assert set(fields_where(base.train, "resume")) == {f for f in vars(base.train)} - {
+        "log_every", "checkpoint_every", "keep_last", "reference_cache", "report_to"}
+    fp = fingerprint(base, Tok())
+    moved = load_config(None, ["train.checkpoint_every=5", "data.layout=padded", "data.eval_path=x"])
+    assert fingerprint(moved, Tok()) == fp
+    assert fingerprint(load_config(None, ["train.seed=1"]), Tok()) != fp
+    assert set(data_settings(base.data)) == {"format", "column_map", "max_length", "max_prompt_length", "max_records",
+                                             "drop_overlong", "allow_degenerate", "allow_empty_completions",
+                                             "hh_as_chat"}
+    assert data_settings(load_config(None, ["data.hh_as_chat=true"]).data) != data_settings(base.data)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from preftune.diagnostics import health_checks, step_metrics
@@ -105,10 +106,24 @@ def test_healthy_probes_stay_silent_and_config_defaults_match():
     import dataclasses
 
     from preftune.config import DiagnosticsConfig
-    from preftune.diagnostics import HEALTH_DEFAULTS
+    from preftune.diagnostics import HEALTH_DEFAULTS, THRESHOLDS
 
     rows = _probe_rows(30, probe__kl=lambda i: 0.05 * i, probe__sample_length=lambda i: 30.0,
                        probe__reference_length=lambda i: 28.0, probe__eval_accuracy=lambda i: 0.6 + 0.001 * i)
     assert health_checks(rows, beta=0.1, **dataclasses.asdict(DiagnosticsConfig())) == []
     cfg = dataclasses.asdict(DiagnosticsConfig())
     assert {k: cfg[k] for k in HEALTH_DEFAULTS} == HEALTH_DEFAULTS
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(DiagnosticsConfig)}
+    assert all(helps[name] == th.help for name, th in THRESHOLDS.items())  # generated from the registry
+
+
+def test_the_registry_runs_every_check_and_refuses_duplicates_and_unknown_thresholds():
+    from preftune.diagnostics import HEALTH_CHECKS, health_check
+
+    assert set(HEALTH_CHECKS) == {"nonfinite", "margin_explosion", "both_logps_falling", "margin_stuck",
+                                  "accuracy_saturated", "kl_drift", "length_drift", "eval_regressing"}
+    assert all(check.summary for check in HEALTH_CHECKS.values())
+    with pytest.raises(ValueError, match="twice"):
+        health_check("kl_drift", "kl_max")(lambda history, t, **_: False)
+    with pytest.raises(ValueError, match="unknown thresholds"):
+        health_check("new_check", "no_such_threshold")

@@ -8,14 +8,13 @@ A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding
     rng.safetensors, rng.json  torch CPU RNG (tensor); python and numpy RNG (JSON)
     state.json              step, epoch, micro-batches consumed in the epoch, fingerprint
     manifest.json           sha256 and size of every file above; written last
-It is written to `.tmp-step-N/` (each file fsynced), then renamed into place and the parent
+It is written to `.tmp-<pid>-step-N/` (safeio.atomic_path; each file fsynced), then renamed into place and the parent
 fsynced, so a kill at any moment leaves either the old set of checkpoints or the new one.
 A checkpoint whose manifest is missing or does not verify does not exist for `resume`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -28,9 +27,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import fields_where
 from .data.sources import split_path
 from .errors import ConfigError, NumericalError
 from .hashing import file_sha256
+from .safeio import atomic_path
 from .version import __version__
 
 __all__ = ["save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite", "EpochSampler",
@@ -85,30 +86,26 @@ def save_checkpoint(run_dir: Path, *, step: int, trainable: dict, optimizer, sch
     root.mkdir(exist_ok=True)
     trainable = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
     assert_finite(trainable, f"checkpoint at step {step}")
-    tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable, tmp / "trainable.safetensors")
-    opt_tensors, opt_meta = _optimizer_parts(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-    save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-    np_state = np.random.get_state()
-    (tmp / "rng.json").write_text(json.dumps({
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
-    manifest = {}
-    for name in FILES:
-        _fsync(tmp / name)
-        manifest[name] = {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _fsync(tmp / "manifest.json")
-    _fsync(tmp)
     final = root / f"step-{step:08d}"
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_path(final, directory=True) as tmp:
+        save_file(trainable, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = _optimizer_parts(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+        np_state = np.random.get_state()
+        (tmp / "rng.json").write_text(json.dumps({
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+        manifest = {}
+        for name in FILES:
+            _fsync(tmp / name)
+            manifest[name] = {"sha256": file_sha256(tmp / name), "size": (tmp / name).stat().st_size}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _fsync(tmp / "manifest.json")
+        _fsync(tmp)
     _fsync(root)
     for old in sorted(p for p in root.iterdir() if p.name.startswith("step-"))[:-keep_last]:
         shutil.rmtree(old)  # the newest (just written, verified finite) is never among these
@@ -219,13 +216,16 @@ def file_digest(path: str) -> str | None:
 
 
 def fingerprint(cfg, tokenizer) -> dict:
-    """What a checkpoint must agree with to be resumed: data, tokenizer, and training math."""
-    c = dataclasses.asdict(cfg)
+    """What a checkpoint must agree with to be resumed: data, tokenizer, and training math (every
+    model/data/loss/train setting except those marked `resume=False` in config.py)."""
     return {"preftune_version": __version__, "data.train_sha256": file_digest(cfg.data.train_path),
             "tokenizer_sha256": tokenizer_sha256(tokenizer),
-            **{f"{section}.{k}": v for section in ("model", "data", "loss", "train") for k, v in c[section].items()
-               if k not in {"log_every", "checkpoint_every", "keep_last", "eval_path", "report_to", "layout",
-                            "prefix_sharing", "reference_cache"}}}
+            **{f"{section}.{k}": _plain(getattr(getattr(cfg, section), k))
+               for section in ("model", "data", "loss", "train") for k in fields_where(getattr(cfg, section), "resume")}}
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # lists and dicts as a fresh copy, the way the state file stores them
 
 
 def check_fingerprint(saved: dict, current: dict, allow_change: bool, path: Path) -> None:

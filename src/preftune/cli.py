@@ -18,14 +18,21 @@ from pathlib import Path
 
 from .advise import advise
 from .config import config_help, load_config
-from .data.agree import agreement_report, build_from_judgments
 from .data.inspect import format_inspection, inspect_records
 from .data.sources import is_unpaired_file, write_jsonl
 from .demo import DEMO_LR, run_demo
 from .errors import ConfigError, PreftuneError
 from .evaluate import run_eval, write_json
-from .label import LabelStore, load_items, make_label_server, read_judgments
-from .labeling import run_score, run_sft_pairs
+from .label import (
+    LabelStore,
+    agreement_report,
+    build_from_judgments,
+    load_items,
+    make_label_server,
+    read_judgments,
+    run_score,
+    run_sft_pairs,
+)
 from .losses import ALIASES, LOSSES
 from .models import cache_root, count_parameters, load_tokenizer, resolve_model_dir
 from .online.iterate import run_iterative, run_synth

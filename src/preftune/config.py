@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
+from .data.pairs import PAIRINGS
 from .data.sources import FORMATS, UNPAIRED_FORMATS
-from .diagnostics import CHECKS
+from .diagnostics import CHECKS, THRESHOLDS
 from .errors import ConfigError, DataError
 from .losses import ALIASES, LOSSES  # the registry is the single source of loss names
 from .safeio import load_yaml
@@ -25,15 +26,24 @@ from .version import __version__
 
 __all__ = [
     "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
-    "Config", "load_config", "save_config", "config_to_dict",
+    "Config", "load_config", "save_config", "config_to_dict", "fields_where",
 ]
 
 
-def _f(default: Any, help: str):  # noqa: A002 - `help` is the metadata key users read
-    """A dataclass field with a one-line help; mutable defaults are copied per instance."""
+def _f(default: Any, help: str, *, resume: bool = True, tokens: bool = False):  # noqa: A002
+    """A dataclass field with a one-line help (mutable defaults are copied per instance) and two
+    facts the rest of the package reads from here instead of keeping its own list:
+    `resume=False`: changing it does not block resuming a checkpoint (checkpoint.fingerprint);
+    `tokens=True`: it changes which tokens a pair has (the reference-cache key, refcache.py)."""
+    meta = {"help": help, "resume": resume, "tokens": tokens}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def fields_where(section, flag: str) -> tuple[str, ...]:
+    """Names of a config section's fields whose metadata `flag` is true (see `_f`)."""
+    return tuple(f.name for f in dataclasses.fields(section) if f.metadata.get(flag, flag == "resume"))
 
 
 @dataclass
@@ -59,20 +69,20 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet or a saved HF dataset dir")
-    eval_path: str = _f("", "held-out data in the same formats (optional)")
-    format: str = _f("auto", "auto | " + " | ".join([*FORMATS, *UNPAIRED_FORMATS]))
-    column_map: dict = _f({}, "rename source columns to prompt/chosen/rejected, e.g. {question: prompt}")
-    max_length: int = _f(512, "max tokens of prompt + completion")
-    max_prompt_length: int = _f(256, "prompts longer than this keep their last tokens")
-    max_records: int = _f(0, "use only the first N records (0 = all)")
-    drop_overlong: bool = _f(False, "drop pairs that cannot fit instead of stopping (dropped rows are counted)")
-    allow_degenerate: bool = _f(False, "keep pairs whose chosen and rejected tokenize identically")
-    allow_empty_completions: bool = _f(False, "keep empty completions as EOS-only (they are counted)")
+    eval_path: str = _f("", "held-out data in the same formats (optional)", resume=False)
+    format: str = _f("auto", "auto | " + " | ".join([*FORMATS, *UNPAIRED_FORMATS]), tokens=True)
+    column_map: dict = _f({}, "rename source columns to prompt/chosen/rejected, e.g. {question: prompt}", tokens=True)
+    max_length: int = _f(512, "max tokens of prompt + completion", tokens=True)
+    max_prompt_length: int = _f(256, "prompts longer than this keep their last tokens", tokens=True)
+    max_records: int = _f(0, "use only the first N records (0 = all)", tokens=True)
+    drop_overlong: bool = _f(False, "drop pairs that cannot fit instead of stopping (dropped rows are counted)", tokens=True)
+    allow_degenerate: bool = _f(False, "keep pairs whose chosen and rejected tokenize identically", tokens=True)
+    allow_empty_completions: bool = _f(False, "keep empty completions as EOS-only (they are counted)", tokens=True)
     paired_to_unpaired: bool = _f(False, "for unpaired losses (kto): split each pair into two labelled examples")
     drop_eval_prompts: bool = _f(False, "drop training rows whose prompt appears in data.eval_path (counted)")
-    layout: str = _f("packed", "packed: every pair of a micro-batch in one row, no padding | padded: 2B padded rows")
-    prefix_sharing: bool = _f(True, "packed: the prompt is processed once; chosen and rejected attend to it")
-    hh_as_chat: bool = _f(False, "hh: render Human/Assistant turns as chat messages with the model's template")
+    layout: str = _f("packed", "packed: every pair of a micro-batch in one row, no padding | padded: 2B padded rows", resume=False)
+    prefix_sharing: bool = _f(True, "packed: the prompt is processed once; chosen and rejected attend to it", resume=False)
+    hh_as_chat: bool = _f(False, "hh: render Human/Assistant turns as chat messages with the model's template", tokens=True)
 
 
 @dataclass
@@ -101,15 +111,15 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "clip the global grad norm to this (0 = no clipping)")
     seed: int = _f(42, "seed for init, shuffling and dropout")
-    log_every: int = _f(1, "write metrics every N optimizer steps")
-    checkpoint_every: int = _f(0, "save a resumable checkpoint every N optimizer steps (0 = never)")
-    keep_last: int = _f(2, "checkpoints kept on disk (the newest is never deleted)")
+    log_every: int = _f(1, "write metrics every N optimizer steps", resume=False)
+    checkpoint_every: int = _f(0, "save a resumable checkpoint every N optimizer steps (0 = never)", resume=False)
+    keep_last: int = _f(2, "checkpoints kept on disk (the newest is never deleted)", resume=False)
     autocast_bf16: bool = _f(False, "bf16 autocast for the transformer body, LM head and log-softmax in fp32 "
                                     "(off by default on CPU: see README, Speed)")
     shuffle: bool = _f(True, "reshuffle the training data every epoch (false: file order)")
     reference_cache: bool = _f(False, "compute reference logps once, cache them on disk, never run the reference "
-                                      "during training (reused across epochs and runs)")
-    report_to: list = _f([], "trackers through Accelerate: tensorboard, wandb, mlflow, ... (logs go under the run)")
+                                      "during training (reused across epochs and runs)", resume=False)
+    report_to: list = _f([], "trackers through Accelerate: tensorboard, wandb, mlflow, ... (logs go under the run)", resume=False)
 
 
 @dataclass
@@ -120,19 +130,17 @@ class EvalConfig:
     max_new_tokens: int = _f(48, "tokens sampled per completion for the KL estimate")
 
 
-@dataclass
-class DiagnosticsConfig:
-    margin_explosion_nats: float = _f(50.0, "margin_explosion: mean implicit log-ratio margin above this (nats)")
-    logp_fall_nats: float = _f(5.0, "both_logps_falling: chosen and rejected logps both fell by more than this")
-    window: int = _f(10, "steps averaged at the start and the end of the history by the window checks")
-    kl_max: float = _f(10.0, "kl_drift: sampled KL(policy || reference) above this (nats per sample)")
-    length_growth: float = _f(1.5, "length_drift: policy samples longer than this times the reference's")
-    eval_drop: float = _f(0.05, "eval_regressing: held-out accuracy this far below its best probe")
-    probe_every: int = _f(25, "every N steps (and at the last) sample from the policy for KL and lengths, and "
-                          "score eval pairs (0 = never)")
-    probe_prompts: int = _f(8, "prompts sampled per probe (eval prompts if data.eval_path is set, else train)")
-    probe_eval_pairs: int = _f(64, "held-out pairs scored per probe (the first N of data.eval_path)")
-    stop_on: list = _f([], "health checks that end training early, e.g. [kl_drift, eval_regressing]")
+# the health-check thresholds are owned by their registry (diagnostics.THRESHOLDS); the probe
+# settings and stop_on are the loop's
+DiagnosticsConfig = dataclasses.make_dataclass("DiagnosticsConfig", [
+    *((name, type(th.default), _f(th.default, th.help)) for name, th in THRESHOLDS.items()),
+    ("probe_every", int, _f(25, "every N steps (and at the last) sample from the policy for KL and lengths, and "
+                                "score eval pairs (0 = never)")),
+    ("probe_prompts", int, _f(8, "prompts sampled per probe (eval prompts if data.eval_path is set, else train)")),
+    ("probe_eval_pairs", int, _f(64, "held-out pairs scored per probe (the first N of data.eval_path)")),
+    ("stop_on", list, _f([], "health checks that end training early, e.g. [kl_drift, eval_regressing]")),
+])
+DiagnosticsConfig.__module__ = __name__
 
 
 @dataclass
@@ -182,7 +190,7 @@ _CHOICES = {
     "model.attn_implementation": ("", "eager", "sdpa", "flash_attention_2", "flex_attention"),
     "data.format": ("auto", *FORMATS, *UNPAIRED_FORMATS),  # owned by the format registry
     "data.layout": ("packed", "padded"),
-    "online.pairing": ("best_worst", "all_pairs"),
+    "online.pairing": PAIRINGS,  # owned by data/pairs.py
     "train.scheduler": ("cosine", "linear", "constant"),
 }
 

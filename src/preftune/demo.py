@@ -35,6 +35,7 @@ from .models import AdaptersOffReference, load_model, load_tokenizer, resolve_mo
 from .online.iterate import run_iterative
 from .prepare import prepare_pairs
 from .rewards import build_reward
+from .safeio import atomic_write
 from .step import loss_kwargs
 
 __all__ = ["demo_prompts", "bootstrap_ci", "run_demo"]
@@ -154,7 +155,7 @@ def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instr
         "examples": [{"prompt": p, "reference": r[0], "policy": q[0]}
                      for p, r, q in list(zip(eval_prompts, ref_groups, pol_groups))[:3]],
     }
-    (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     _print_table(summary)
     return summary
 

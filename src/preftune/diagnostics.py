@@ -6,10 +6,13 @@ Keys follow the DPO reference / TRL names so dashboards carry over.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["step_metrics", "health_checks", "HEALTH_DEFAULTS", "CHECKS"]
+__all__ = ["step_metrics", "health_checks", "health_check", "HEALTH_CHECKS", "HEALTH_DEFAULTS", "THRESHOLDS",
+           "CHECKS"]
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -59,20 +62,50 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool) -> dict[str, f
     return row
 
 
-# ---- health checks: named, pure functions over the metric history -----------------------
+# ---- health checks: a registry of named, pure functions over the metric history ----------------
 
-CHECKS = ("nonfinite", "margin_explosion", "both_logps_falling", "margin_stuck", "accuracy_saturated",
-          "kl_drift", "length_drift", "eval_regressing")
+@dataclass(frozen=True)
+class Threshold:
+    default: float | int
+    help: str
 
-# the same defaults as config.DiagnosticsConfig (a test keeps them equal)
-HEALTH_DEFAULTS = {
-    "margin_explosion_nats": 50.0,
-    "logp_fall_nats": 5.0,
-    "window": 10,
-    "kl_max": 10.0,
-    "length_growth": 1.5,
-    "eval_drop": 0.05,
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """`fn(history, t, *, beta, paired) -> bool` says whether the pattern shows at the last step;
+    `t` maps every threshold name to its value."""
+    name: str
+    fn: Callable
+    thresholds: tuple[str, ...]
+    summary: str
+
+
+# the thresholds the checks read; config.DiagnosticsConfig takes its fields (default, help) from here
+THRESHOLDS: dict[str, Threshold] = {
+    "margin_explosion_nats": Threshold(50.0, "margin_explosion: mean implicit log-ratio margin above this (nats)"),
+    "logp_fall_nats": Threshold(5.0, "both_logps_falling: chosen and rejected logps both fell by more than this"),
+    "window": Threshold(10, "steps averaged at the start and the end of the history by the window checks"),
+    "kl_max": Threshold(10.0, "kl_drift: sampled KL(policy || reference) above this (nats per sample)"),
+    "length_growth": Threshold(1.5, "length_drift: policy samples longer than this times the reference's"),
+    "eval_drop": Threshold(0.05, "eval_regressing: held-out accuracy this far below its best probe"),
 }
+HEALTH_DEFAULTS = {name: th.default for name, th in THRESHOLDS.items()}
+HEALTH_CHECKS: dict[str, HealthCheck] = {}
+
+
+def health_check(name: str, *thresholds: str):
+    """Register `fn` as the health check `name`, reading `thresholds` (names in THRESHOLDS)."""
+    unknown = set(thresholds) - set(THRESHOLDS)
+    if unknown:
+        raise ValueError(f"health check {name!r} reads unknown thresholds {sorted(unknown)}")
+
+    def register(fn):
+        if name in HEALTH_CHECKS:
+            raise ValueError(f"health check {name!r} is registered twice")
+        HEALTH_CHECKS[name] = HealthCheck(name, fn, thresholds, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return register
 
 
 def _window_mean(rows: list[dict], key: str) -> float:
@@ -85,52 +118,79 @@ def _probed(history: list[dict], key: str) -> list[float]:
     return [r[key] for r in history if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
-def health_checks(history: list[dict], *, beta: float, paired: bool = True, **thresholds) -> list[str]:
-    """Names of the unhealthy patterns the history shows at its last step.
+@health_check("nonfinite")
+def _nonfinite(history, t, **_):
+    """A logged value of the last step is NaN or infinite."""
+    return any(isinstance(v, float) and not math.isfinite(v) for v in history[-1].values())
 
-    nonfinite: a logged value of the last step is NaN or infinite.
-    margin_explosion: the implicit log-ratio margin exceeds `margin_explosion_nats` (DPO
-        drives it up without bound once pairs are separable; common with batch size 1).
-    both_logps_falling: chosen and rejected logps both fell by more than `logp_fall_nats`
-        between the first and the last window (the policy moves probability elsewhere).
-    margin_stuck: the margin is exactly zero for a whole window (a reference that is the
-        policy itself, or pairs that do not differ).
-    accuracy_saturated: reward accuracy 1.0 and loss < 0.01 for a whole window (overfitting).
-    Probe checks (rows written every `diagnostics.probe_every` steps):
-    kl_drift: the latest sampled KL(policy || reference) exceeds `kl_max` nats.
-    length_drift: the latest mean sample length exceeds `length_growth` times the reference's
-        (responses getting longer instead of better).
-    eval_regressing: the latest held-out implicit-reward accuracy is `eval_drop` or more
-        below the best one seen so far.
-    Unknown threshold names are ignored, so a whole DiagnosticsConfig can be passed.
-    """
-    t = {**HEALTH_DEFAULTS, **{k: v for k, v in thresholds.items() if k in HEALTH_DEFAULTS}}
+
+@health_check("margin_explosion", "margin_explosion_nats")
+def _margin_explosion(history, t, *, beta, **_):
+    """The implicit log-ratio margin exceeds `margin_explosion_nats` (DPO drives it up without
+    bound once pairs are separable; common with batch size 1)."""
+    margin = history[-1].get("rewards/margins", 0.0)
+    return math.isfinite(margin) and margin / beta > t["margin_explosion_nats"]
+
+
+@health_check("both_logps_falling", "logp_fall_nats", "window")
+def _both_logps_falling(history, t, **_):
+    """Chosen and rejected logps both fell by more than `logp_fall_nats` between the first and
+    the last window (the policy moves probability elsewhere)."""
+    w = int(t["window"])
+    if len(history) < 2 * w:
+        return False
+    head, tail = history[:w], history[-w:]
+    return all(_window_mean(head, k) - _window_mean(tail, k) > t["logp_fall_nats"]
+               for k in ("logps/chosen", "logps/rejected"))
+
+
+@health_check("margin_stuck", "window")
+def _margin_stuck(history, t, **_):
+    """The margin is exactly zero for a whole window (a reference that is the policy itself, or
+    pairs that do not differ)."""
+    w = int(t["window"])
+    return len(history) >= w and all(r.get("rewards/margins", 1.0) == 0.0 for r in history[-w:])
+
+
+@health_check("accuracy_saturated", "window")
+def _accuracy_saturated(history, t, *, paired, **_):
+    """Reward accuracy 1.0 and loss < 0.01 for a whole window (overfitting)."""
+    w = int(t["window"])
+    return paired and len(history) >= w and all(r.get("rewards/accuracies", 0.0) >= 1.0 and r.get("loss", 1.0) < 0.01
+                                                 for r in history[-w:])
+
+
+@health_check("kl_drift", "kl_max")
+def _kl_drift(history, t, **_):
+    """Probe: the latest sampled KL(policy || reference) exceeds `kl_max` nats."""
+    kl = _probed(history, "probe/kl")
+    return bool(kl) and kl[-1] > t["kl_max"]
+
+
+@health_check("length_drift", "length_growth")
+def _length_drift(history, t, **_):
+    """Probe: the latest mean sample length exceeds `length_growth` times the reference's
+    (responses getting longer instead of better)."""
+    lengths, ref = _probed(history, "probe/sample_length"), _probed(history, "probe/reference_length")
+    return bool(lengths and ref) and ref[0] > 0 and lengths[-1] > t["length_growth"] * ref[0]
+
+
+@health_check("eval_regressing", "eval_drop")
+def _eval_regressing(history, t, **_):
+    """Probe: the latest held-out implicit-reward accuracy is `eval_drop` or more below the
+    best one seen so far."""
+    acc = _probed(history, "probe/eval_accuracy")
+    return len(acc) >= 2 and max(acc) - acc[-1] >= t["eval_drop"]
+
+
+CHECKS = tuple(HEALTH_CHECKS)
+
+
+def health_checks(history: list[dict], *, beta: float, paired: bool = True, **thresholds) -> list[str]:
+    """Names of the registered checks (HEALTH_CHECKS) whose pattern the history shows at its last
+    step. Probe checks read the rows written every `diagnostics.probe_every` steps. Unknown
+    threshold names are ignored, so a whole DiagnosticsConfig can be passed."""
     if not history:
         return []
-    w, last = int(t["window"]), history[-1]
-    flags = []
-    if any(isinstance(v, float) and not math.isfinite(v) for v in last.values()):
-        flags.append("nonfinite")
-    if math.isfinite(last.get("rewards/margins", 0.0)) and last.get("rewards/margins", 0.0) / beta > t["margin_explosion_nats"]:
-        flags.append("margin_explosion")
-    if len(history) >= 2 * w:
-        head, tail = history[:w], history[-w:]
-        fell = [_window_mean(head, k) - _window_mean(tail, k) for k in ("logps/chosen", "logps/rejected")]
-        if all(f > t["logp_fall_nats"] for f in fell):
-            flags.append("both_logps_falling")
-    if len(history) >= w:
-        tail = history[-w:]
-        if all(r.get("rewards/margins", 1.0) == 0.0 for r in tail):
-            flags.append("margin_stuck")
-        if paired and all(r.get("rewards/accuracies", 0.0) >= 1.0 and r.get("loss", 1.0) < 0.01 for r in tail):
-            flags.append("accuracy_saturated")
-    kl = _probed(history, "probe/kl")
-    if kl and kl[-1] > t["kl_max"]:
-        flags.append("kl_drift")
-    lengths, ref = _probed(history, "probe/sample_length"), _probed(history, "probe/reference_length")
-    if lengths and ref and ref[0] > 0 and lengths[-1] > t["length_growth"] * ref[0]:
-        flags.append("length_drift")
-    acc = _probed(history, "probe/eval_accuracy")
-    if len(acc) >= 2 and max(acc) - acc[-1] >= t["eval_drop"]:
-        flags.append("eval_regressing")
-    return flags
+    t = {**HEALTH_DEFAULTS, **{k: v for k, v in thresholds.items() if k in THRESHOLDS}}
+    return [name for name, check in HEALTH_CHECKS.items() if check.fn(history, t, beta=beta, paired=paired)]

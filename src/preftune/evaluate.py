@@ -23,6 +23,7 @@ from .models import FrozenCopyReference, load_start, load_tokenizer, resolve_mod
 from .prepare import load_data, pair_collator, prepare_pairs
 from .refcache import load_or_build, path_for
 from .rewards import build_reward
+from .safeio import atomic_write
 from .step import loss_forward, loss_kwargs
 
 __all__ = ["evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json"]
@@ -210,5 +211,5 @@ def _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, re
 def write_json(result: dict, out: str | None) -> str:
     text = json.dumps(result, indent=2)
     if out:
-        Path(out).write_text(text + "\n")
+        atomic_write(Path(out), text + "\n")
     return text

@@ -22,6 +22,7 @@ import torch
 
 from .errors import ConfigError
 from .hashing import file_sha256
+from .safeio import atomic_path
 from .zoo import ZOO, gguf_path
 
 __all__ = [
@@ -53,10 +54,9 @@ def _convert_gguf(gguf: Path) -> Path:
         del config.quantization_config  # the marker that makes trainers refuse the model
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())  # every key matches; embeddings stay tied
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)  # atomic: a killed conversion never leaves a half-written cache entry
+    with atomic_path(out, directory=True) as tmp:  # a killed conversion never leaves a half-written entry
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -20,20 +19,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import fields_where
 from .logprobs import completion_logps, split_pairs
 from .models import cache_root
 from .prepare import pair_collator
+from .safeio import atomic_path
 
 __all__ = ["cache_key", "cache_path", "load_or_build", "data_settings", "path_for", "reference_cache"]
 
-# settings that change which tokens a pair has (the file itself is covered by its content hash)
-_DATA_KEYS = ("format", "column_map", "max_length", "max_prompt_length", "max_records", "drop_overlong",
-              "allow_degenerate", "allow_empty_completions")
-
-
 def data_settings(d) -> dict:
-    """The tokenization-relevant part of a DataConfig (not its paths)."""
-    return {k: getattr(d, k) for k in _DATA_KEYS}
+    """The settings that change which tokens a pair has (DataConfig fields marked `tokens=True`;
+    the file itself is covered by its content hash)."""
+    return {k: getattr(d, k) for k in fields_where(d, "tokens")}
 
 
 def cache_key(*, reference_sha256: str, tokenizer_sha256: str, data_sha256: str, data_settings: dict) -> str:
@@ -80,12 +77,10 @@ def load_or_build(path: Path, model, reference, pairs, *, batch_size: int, colla
     if not build:
         raise FileNotFoundError(path)
     values = _compute(model, reference, pairs, batch_size=batch_size, collate=collate)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     lines = sorted(values)
-    save_file({"lines": torch.tensor(lines, dtype=torch.long),
-               "logps": torch.tensor([values[k] for k in lines], dtype=torch.float32)}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"lines": torch.tensor(lines, dtype=torch.long),
+                   "logps": torch.tensor([values[k] for k in lines], dtype=torch.float32)}, str(tmp))
     return values, False
 
 

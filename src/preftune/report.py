@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, DataError
-from .safeio import loads_json, read_capped
+from .safeio import atomic_path, loads_json, read_capped
 
 __all__ = ["RunFiles", "read_run", "write_report", "plot_sweep"]
 
@@ -255,15 +255,13 @@ def write_report(run_dirs: list[str], out: str | Path | None = None, *, png: boo
     for run in runs:
         parts.append(f"<h2>Config: {html.escape(run.name)}</h2><pre>{html.escape(run.config)}</pre>")
     parts.append("</body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    tmp.write_text("\n".join(parts))
-    if png:
-        for name, fig in figs:
-            fig.savefig(out.with_name(f"{out.stem}-{name}.png"), bbox_inches="tight")
-    for _, fig in figs:
-        _close(fig)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(parts))
+        if png:
+            for name, fig in figs:
+                fig.savefig(out.with_name(f"{out.stem}-{name}.png"), bbox_inches="tight")
+        for _, fig in figs:
+            _close(fig)
     return out
 
 

@@ -18,14 +18,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from .errors import DataError
 
-__all__ = ["MAX_JSON_DEPTH", "max_file_bytes", "open_regular", "read_capped", "loads_json", "load_yaml",
+__all__ = ["atomic_path", "atomic_write", "MAX_JSON_DEPTH", "max_file_bytes", "open_regular", "read_capped", "loads_json", "load_yaml",
            "os_problem", "check_text"]
 
 MAX_JSON_DEPTH = 64          # nesting of any JSON/YAML value we read (records, configs, run files)
@@ -207,3 +210,41 @@ def _depth_nodes(root) -> int:
         elif isinstance(node, yaml.MappingNode):
             stack.extend((v, depth + 1) for _, v in node.value)
     return deepest
+
+
+# ---- writing: whole or not at all ----------------------------------------------------------
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextmanager
+def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """A temp path beside `dest` (`.tmp-<pid>-<name>`, an empty directory if asked) to write into;
+    when the block ends normally it takes `dest`'s place in one rename (an existing directory at
+    `dest` is removed first), and when it raises the temp path is deleted. Readers never see a
+    half-written file or directory at `dest`. The one write-then-rename helper of the package."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
+    _remove(tmp)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if dest.is_dir() and not dest.is_symlink():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def atomic_write(dest: str | Path, data: str | bytes) -> Path:
+    """Write `data` (text as UTF-8) to `dest` whole or not at all (see atomic_path)."""
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(dest)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from .evaluate import run_eval, write_json
+from .safeio import atomic_write
 from .train import train
 
 __all__ = ["run_sweep", "results_table"]
@@ -51,8 +52,8 @@ def run_sweep(cfg, *, betas: list[float], lrs: list[float], warmups: list[float]
                      "win_rate": ev.get("win_rate"), "final_loss": (summary.get("final") or {}).get("loss"),
                      "health": sorted(summary.get("health") or {})})
     root.mkdir(parents=True, exist_ok=True)
-    (root / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "results.md").write_text(results_table(rows) + "\n")
+    atomic_write(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(root / "results.md", results_table(rows) + "\n")
     return rows
 
 

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from .models import (
 )
 from .probe import probe_baseline, run_probe
 from .rundir import RunLock, finished, read_jsonl_tail_tolerant
+from .safeio import atomic_path, atomic_write
 from .step import loss_forward
 from .version import __version__
 
@@ -73,14 +73,10 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 
 def _save_model(model, tokenizer, dest: Path) -> None:
-    """Write to a temp dir beside `dest`, then rename: no half-written model/ ever exists."""
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    """No half-written model/ ever exists (safeio.atomic_path)."""
+    with atomic_path(dest, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
 
 def peak_rss_mb() -> float:
@@ -89,7 +85,7 @@ def peak_rss_mb() -> float:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):

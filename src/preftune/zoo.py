@@ -14,7 +14,6 @@ dequantizes the GGUF once into an ordinary safetensors directory.
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .hashing import file_sha256
+from .safeio import atomic_path
 
 __all__ = ["ZOO", "Packaged", "gguf_path", "fetch"]
 
@@ -86,19 +86,17 @@ def _assemble(entry: Packaged, root: Path, cache: Path) -> Path:
         if part_root is None or not (part_root / "data" / file).is_file():
             raise _missing(entry)
         chunks.append(part_root / "data" / file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    with open(tmp, "wb") as dest:
-        for chunk in chunks:
-            with open(chunk, "rb") as src:
-                while block := src.read(1 << 22):
-                    dest.write(block)
-    got = file_sha256(tmp)
-    if got != expected:
-        tmp.unlink()
-        raise ConfigError(entry.name, "model.name_or_path", f"assembled GGUF sha256 {got[:16]}... does not match "
-                          f"SHA256SUMS ({expected[:16]}...); reinstall with `preftune models fetch {entry.name}`")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as dest:
+            for chunk in chunks:
+                with open(chunk, "rb") as src:
+                    while block := src.read(1 << 22):
+                        dest.write(block)
+        got = file_sha256(tmp)
+        if got != expected:
+            raise ConfigError(entry.name, "model.name_or_path", f"assembled GGUF sha256 {got[:16]}... does not "
+                              f"match SHA256SUMS ({expected[:16]}...); reinstall with `preftune models fetch "
+                              f"{entry.name}`")
     return out
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import DataError
-from ..safeio import check_text, loads_json, open_regular, os_problem, read_capped
+from ..safeio import atomic_write, check_text, loads_json, open_regular, os_problem, read_capped
 from .records import PreferenceRecord, UnpairedRecord
 
 __all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
@@ -388,12 +388,7 @@ def is_unpaired_file(path: str | Path, *, fmt: str = "auto", column_map: dict | 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     """Write rows as JSONL to a temp file beside `path`, then rename: never a half-written file."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(dest)
-    return dest
+    return atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from ..errors import ConfigError
 from ..evaluate import kl_estimate
 from ..generate import load_run_policy, sample_texts
 from ..models import FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
+from ..safeio import atomic_path, atomic_write
 from ..train import train
 from .rollouts import generate_and_pair, load_prompts, reward_from_config
 
@@ -52,12 +52,9 @@ def _merge(run_dir: Path, base_dir: str, dest: Path) -> None:
     model = load_run_policy(run_dir, load_model(base_dir))
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    tmp = dest.with_name(f".tmp-{dest.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(base_dir).save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.replace(dest)
+    with atomic_path(dest, directory=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(base_dir).save_pretrained(tmp)
 
 
 def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None = None,
@@ -81,7 +78,7 @@ def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None
     if eval_prompts:
         before = root / "round-0-eval.json"
         if not before.is_file():
-            before.write_text(json.dumps(_round_eval(start, start, tokenizer, eval_prompts, reward, o, cfg.train.seed)))
+            atomic_write(before, json.dumps(_round_eval(start, start, tokenizer, eval_prompts, reward, o, cfg.train.seed)))
         rounds.append({"round": 0, **json.loads(before.read_text())})
         print(f"round 0 (start): held-out reward {rounds[-1]['reward']:.3f}", flush=True)
     for r in range(1, o.rounds + 1):
@@ -97,7 +94,7 @@ def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None
             t0 = time.perf_counter()
             pairs, counts = generate_and_pair(loaded, tokenizer, prompts, reward, o, seed=cfg.train.seed + 1000 * r)
             write_jsonl(rd / "pairs.jsonl", pairs)
-            (rd / "counts.json").write_text(json.dumps(counts, indent=2))
+            atomic_write(rd / "counts.json", json.dumps(counts, indent=2))
             row = {"round": r, **counts, "generate_score_s": round(time.perf_counter() - t0, 1)}
             merged = False
             if pairs:
@@ -123,7 +120,7 @@ def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None
                     loaded_dir, loaded = new_dir, load_model(new_dir).eval()
                 row.update(_round_eval(loaded, start, tokenizer, eval_prompts, reward, o, cfg.train.seed))
             row.update(policy=new_dir, reference=reference_dir)
-            done.write_text(json.dumps(row, indent=2))
+            atomic_write(done, json.dumps(row, indent=2))
             rounds.append(row)
         last = rounds[-1]
         policy_dir = last["policy"]
@@ -132,7 +129,7 @@ def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None
         if "reward" in last:
             print(f"round {r}: {last['pairs']} pairs, held-out reward {last['reward']:.3f}, KL to start "
                   f"{last['kl_to_start']:.2f} nats", flush=True)
-    (root / "rounds.json").write_text(json.dumps(rounds, indent=2) + "\n")
+    atomic_write(root / "rounds.json", json.dumps(rounds, indent=2) + "\n")
     return rounds
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models import cache_root
+from ..safeio import atomic_write
 
 __all__ = ["JudgeClient", "JudgeReward", "SCORE_SCHEMA", "PAIRWISE_SCHEMA", "validate"]
 
@@ -139,10 +140,7 @@ class JudgeClient:
             except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, TypeError,
                     json.JSONDecodeError, _Malformed):
                 continue
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            tmp.write_text(json.dumps(verdict))
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(verdict))
             return verdict
         self.stats["failures"] += 1
         return None

@@ -1,9 +1,9 @@
-"""data/agree.py: kappas against hand computations, and majority-vote pair building."""
+"""label/agree.py: kappas against hand computations, and majority-vote pair building."""
 
 import pytest
 
-from preftune.data.agree import agreement_report, build_from_judgments, cohen_kappa, fleiss_kappa
 from preftune.label import LabelItem
+from preftune.label.agree import agreement_report, build_from_judgments, cohen_kappa, fleiss_kappa
 
 
 def test_cohen_kappa_hand_example():

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .data.sources import read_rows, split_path, write_jsonl
-from .errors import DataError
-from .generate import sample_texts
-from .models import load_model, load_tokenizer, resolve_model_dir
-from .rewards import build_reward
+from ..data.sources import read_rows, split_path, write_jsonl
+from ..errors import DataError
+from ..generate import sample_texts
+from ..models import load_model, load_tokenizer, resolve_model_dir
+from ..rewards import build_reward
 
 __all__ = ["run_score", "run_sft_pairs"]
 

@@ -28,9 +28,9 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from .data.sources import read_rows, split_path
-from .errors import DataError
-from .httpguard import QuietServer, Refused, check_host, check_post, parse_json, read_body
+from ..data.sources import read_rows, split_path
+from ..errors import DataError
+from ..httpguard import QuietServer, Refused, check_host, check_post, parse_json, read_body
 
 __all__ = ["LabelItem", "load_items", "read_judgments", "LabelStore", "make_label_server"]
 

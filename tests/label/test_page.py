@@ -1,4 +1,4 @@
-"""label.py: the labeling store, bad judgment files, and two people labeling through the page in
+"""label/page.py: the labeling store, bad judgment files, and two people labeling through the page in
 headless Chromium with the server killed mid-way."""
 
 import json

@@ -1,4 +1,4 @@
-"""labeling.py: `preftune score` and `preftune data sft-pairs`."""
+"""label/machine.py: `preftune score` and `preftune data sft-pairs`."""
 
 import json
 
