@@ -45,10 +45,13 @@ def test_store_records_resumes_and_mixes_calibration(tmp_path):
 
 @pytest.mark.parametrize("line, problem", [
     ('{"pair_id": "nope", "annotator": "x", "preferred": "a", "left": "a", "calibration": false}', "pair_id: unknown"),
-    ("not json", "line: invalid JSON"),
+    ("not json", "json: invalid JSON"),  # the same strict reader as every data file
     ('{"pair_id": "P", "annotator": "x", "preferred": "left", "left": "a", "calibration": false}', "preferred:"),
     ('{"pair_id": "P", "annotator": "x", "preferred": "a", "left": "a"}', "calibration: missing"),
     ("DUP", "judged"),
+    ('{"pair_id": "P", "annotator": "x", "annotator": "y", "preferred": "a", "left": "a", "calibration": false}',
+     "duplicate key 'annotator'"),
+    ('{"pair_id": "P", "annotator": "x", "preferred": "a", "left": "a", "calibration": false, "t": NaN}', "NaN"),
 ])
 def test_bad_judgment_files_exit_2_with_one_line(tmp_path, capsys, line, problem):
     pairs = write_jsonl(tmp_path / "p.jsonl", PAIRS)

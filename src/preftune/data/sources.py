@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..safeio import atomic_write, check_text, loads_json, open_regular, os_problem, read_capped
 from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "read_rows", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
+__all__ = ["load_records", "read_rows", "read_table", "read_jsonl_rows", "text_field", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -119,6 +119,42 @@ def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict]]:
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(path, 1, "dataset", f"has splits {list(ds)}; point at one split's directory")
     yield from enumerate(ds, start=1)
+
+
+def read_jsonl_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line, value) of a JSON Lines file whatever its name (an append-only log): regular files
+    only, strict JSON, bounded lines."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, 0, "file", "no such file or directory")
+    open_regular(path).close()
+    return _read_jsonl(path)
+
+
+def text_field(file, line: int, row, key: str, *, empty_ok: bool = False) -> str:
+    """`row[key]` as a string, or a one-line DataError naming file, line and field."""
+    value = row.get(key) if isinstance(row, dict) else None
+    if not isinstance(value, str) or (not empty_ok and not value.strip()):
+        raise DataError(str(file), line, key, "missing or not a string" if empty_ok
+                        else "missing or not a non-empty string")
+    return value
+
+
+def read_table(path: str, *, required: tuple[str, ...] = (), empty_ok: bool = False,
+               what: str = "records") -> tuple[Path, list[tuple[int, dict]]]:
+    """The one row loader for files that are not preference data (prompts, items to label or
+    score): any data format, `file[:N]` slices, every row an object whose `required` fields are
+    strings (non-empty unless `empty_ok`), and at least one row. Returns (file, [(line, row)])."""
+    file, part = split_path(path)
+    rows = list(read_rows(file))[part]
+    if not rows:
+        raise DataError(str(file), 1, "file", f"no {what}")
+    for line, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(str(file), line, "record", "expected an object")
+        for key in required:
+            text_field(file, line, row, key, empty_ok=empty_ok)
+    return file, rows
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:

@@ -10,10 +10,8 @@ human response higher are kept. Both write their output whole or not at all.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-from ..data.sources import read_rows, split_path, write_jsonl
-from ..errors import DataError
+from ..data.sources import read_table, text_field, write_jsonl
 from ..generate import sample_texts
 from ..models import load_model, load_tokenizer, resolve_model_dir
 from ..rewards import build_reward
@@ -21,28 +19,12 @@ from ..rewards import build_reward
 __all__ = ["run_score", "run_sft_pairs"]
 
 
-def _rows(path: str) -> tuple[Path, list[tuple[int, dict]]]:
-    file, part = split_path(path)
-    if not file.is_file():
-        raise DataError(str(file), 1, "file", "not found")
-    rows = list(read_rows(file))[part]
-    if not rows:
-        raise DataError(str(file), 1, "file", "no records")
-    return file, rows
-
-
-def _text(file: Path, line: int, row, key: str) -> str:
-    if not isinstance(row, dict) or not isinstance(row.get(key), str):
-        raise DataError(str(file), line, key, "missing or not a string")
-    return row[key]
-
-
 def run_score(path: str, reward_spec: str, out: str) -> dict:
-    file, rows = _rows(path)
+    file, rows = read_table(path)
     first = rows[0][1] if isinstance(rows[0][1], dict) else {}
     sides = ["chosen", "rejected"] if "chosen" in first else ["completion" if "completion" in first else "response"]
-    prompts = [_text(file, line, row, "prompt") for line, row in rows]
-    texts = {s: [_text(file, line, row, s) for line, row in rows] for s in sides}  # validated before scoring
+    prompts = [text_field(file, line, row, "prompt", empty_ok=True) for line, row in rows]
+    texts = {s: [text_field(file, line, row, s, empty_ok=True) for line, row in rows] for s in sides}  # validated before scoring
     reward = build_reward(reward_spec)
     scored = {s: reward.score(prompts, texts[s]) for s in sides}
     result = []
@@ -56,10 +38,10 @@ def run_score(path: str, reward_spec: str, out: str) -> dict:
 
 
 def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> dict:
-    file, rows = _rows(path)
+    file, rows = read_table(path)
     key = "response" if isinstance(rows[0][1], dict) and "response" in rows[0][1] else "completion"
-    prompts = [_text(file, line, row, "prompt") for line, row in rows]
-    human = [_text(file, line, row, key) for line, row in rows]
+    prompts = [text_field(file, line, row, "prompt", empty_ok=True) for line, row in rows]
+    human = [text_field(file, line, row, key, empty_ok=True) for line, row in rows]
     o = cfg.online
     model_dir = resolve_model_dir(cfg.model.name_or_path)
     model, tokenizer = load_model(model_dir).eval(), load_tokenizer(model_dir)

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-from ..data.sources import read_rows, split_path
+from ..data.sources import read_jsonl_rows, read_table, text_field
 from ..errors import DataError
 from ..httpguard import QuietServer, Refused, check_host, check_post, parse_json, read_body
 
@@ -51,24 +51,17 @@ def _pair_id(prompt: str, a: str, b: str) -> str:
 def load_items(path: str, *, calibration: bool = False) -> list[LabelItem]:
     """Pairs to label: prompt plus response_a/response_b (or chosen/rejected, shown unlabeled);
     an optional `id` names the pair. Calibration files need prompt/chosen/rejected."""
-    file, part = split_path(path)
-    items, seen = [], {}  # read_rows refuses a missing file, a FIFO or a device in one line
-    for line, row in list(read_rows(file))[part]:
-        if not isinstance(row, dict):
-            raise DataError(str(file), line, "record", "expected an object")
+    file, rows = read_table(path, required=("prompt",), what="pairs")  # one line for a FIFO, a device...
+    items, seen = [], {}
+    for line, row in rows:
         keys = ("chosen", "rejected") if calibration or "response_a" not in row else ("response_a", "response_b")
-        for key in ("prompt", *keys):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(str(file), line, key, "missing or not a non-empty string")
-        a, b = row[keys[0]], row[keys[1]]
+        a, b = (text_field(file, line, row, key) for key in keys)
         pid = str(row.get("id") or _pair_id(row["prompt"], a, b))
         pid = f"cal-{pid}" if calibration else pid
         if pid in seen:
             raise DataError(str(file), line, "id", f"pair {pid} repeats line {seen[pid]}")
         seen[pid] = line
         items.append(LabelItem(pid, row["prompt"], a, b, calibration))
-    if not items:
-        raise DataError(str(file), 1, "file", "no pairs")
     return items
 
 
@@ -79,16 +72,8 @@ def read_judgments(path: str | Path, known: set[str] | None = None) -> list[dict
     """Validated judgments; one-line DataError for a malformed line, an unknown pair id (when
     `known` is given) or a second judgment of the same pair by the same annotator."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), 1, "file", "not found")
     rows, seen = [], {}
-    for i, text in enumerate(path.read_text().splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(str(path), i, "line", f"invalid JSON ({err.msg})") from None
+    for i, row in read_jsonl_rows(path):  # strict JSON, bounded lines, regular files only
         if not isinstance(row, dict):
             raise DataError(str(path), i, "line", "expected an object")
         for key, kind in _FIELDS.items():

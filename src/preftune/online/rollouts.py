@@ -11,7 +11,7 @@ import math
 
 from ..data import render
 from ..data.pairs import build_pairs
-from ..data.sources import messages, read_rows, split_path
+from ..data.sources import messages, read_table, split_path, text_field
 from ..errors import DataError
 from ..generate import sample_texts
 from ..rewards import build_reward
@@ -29,18 +29,14 @@ def load_prompts(path: str) -> list:
             text = read_capped(file).decode("utf-8")
         except UnicodeDecodeError as err:
             raise DataError(str(file), 1, "encoding", f"not UTF-8 (byte {err.start})") from None
-        prompts = [line for line in text.splitlines() if line.strip()]
-    else:
+        prompts = [line for line in text.splitlines() if line.strip()][part]
+    else:  # read_table applies the `file[:N]` slice
         prompts = []
-        for line, row in read_rows(file):
-            prompt = row.get("prompt") if isinstance(row, dict) else None
-            if isinstance(prompt, list):  # chat messages: rendered with the model's template
+        for line, row in read_table(path, what="prompts")[1]:
+            if isinstance(row.get("prompt"), list):  # chat messages: rendered with the model's template
                 prompts.append(messages(row, "prompt", (str(file), line)))
-                continue
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise DataError(str(file), line, "prompt", "missing, or not a non-empty string or message list")
-            prompts.append(prompt)
-    prompts = prompts[part]
+            else:
+                prompts.append(text_field(file, line, row, "prompt"))
     if not prompts:
         raise DataError(str(file), 1, "file", "no prompts")
     return prompts
