@@ -132,6 +132,7 @@ def _train_args(tmp_path, model_dir) -> list[str]:
             "train.epochs=8", "train.checkpoint_every=1", "model.lora_dropout=0.1"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_smoke(tmp_path, tiny_model_dir):
     outcomes = kill_and_resume_trials(tmp_path, "train", _train_args(tmp_path, tiny_model_dir), trials=2)
     assert all(same for same, *_ in outcomes), outcomes

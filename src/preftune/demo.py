@@ -96,6 +96,19 @@ def _groups(texts: list[str], n: int) -> list[list[str]]:
     return [texts[i: i + n] for i in range(0, len(texts), n)]
 
 
+def _heldout_accuracy(out: Path, cfg, policy, reference, tokenizer, prompts, groups, scores) -> dict | None:
+    """Implicit-reward accuracy on best-vs-worst pairs built from the reference's held-out samples."""
+    held = [row for p, g, sc in zip(prompts, groups, scores)
+            for row in build_pairs(p, g, sc, mode="best_worst", min_margin=cfg.online.min_margin)[0]]
+    held_path = write_jsonl(out / "heldout_pairs.jsonl", held)
+    if not held:
+        return None
+    held_pairs, _ = prepare_pairs(str(held_path), cfg, tokenizer)
+    spec = build_loss(cfg.loss.name)
+    return evaluate_pairs(policy, reference, spec, held_pairs, loss_kwargs=loss_kwargs(cfg, spec), batch_size=16,
+                          pad_id=tokenizer.pad_token_id)
+
+
 def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instruct", lr: float = DEMO_LR) -> dict:
     if out.exists() and any(out.iterdir()):
         if not (out / "demo.json").is_file() and not (out / "round-1").is_dir():
@@ -133,15 +146,7 @@ def run_demo(out: Path, *, quick: bool = False, model: str = "smollm2-135m-instr
     # 4. KL on policy samples and accuracy on held-out pairs built from reference samples
     print("[4/4] KL(policy || reference) and held-out pair accuracy")
     kl = kl_estimate(policy, reference, pol_samples, pad_id=tokenizer.pad_token_id)
-    held = [row for p, g, sc in zip(eval_prompts, ref_groups, ref_scores)
-            for row in build_pairs(p, g, sc, mode="best_worst", min_margin=cfg.online.min_margin)[0]]
-    held_path = write_jsonl(out / "heldout_pairs.jsonl", held)
-    acc = None
-    if held:
-        held_pairs, _ = prepare_pairs(str(held_path), cfg, tokenizer)
-        spec = build_loss(cfg.loss.name)
-        acc = evaluate_pairs(policy, reference, spec, held_pairs, loss_kwargs=loss_kwargs(cfg, spec),
-                             batch_size=16, pad_id=tokenizer.pad_token_id)
+    acc = _heldout_accuracy(out, cfg, policy, reference, tokenizer, eval_prompts, ref_groups, ref_scores)
     ref_mean = sum(map(sum, ref_scores)) / sum(map(len, ref_scores))
     pol_mean = sum(map(sum, pol_scores)) / sum(map(len, pol_scores))
     summary = {

@@ -57,18 +57,46 @@ def _merge(run_dir: Path, base_dir: str, dest: Path) -> None:
         load_tokenizer(base_dir).save_pretrained(tmp)
 
 
-def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None = None,
-                  merge_last: bool = True) -> list[dict]:
-    """Rounds of sample -> score -> pair -> `train()`. Prompts come from `online.prompts_path`
-    (and `online.eval_prompts_path`) unless given; `merge_last=False` leaves the last round's
-    policy as its run directory's adapter (nothing follows that would start from it)."""
-    o, root = cfg.online, Path(cfg.run.output_dir)
+def _prompts(o, prompts: list | None, eval_prompts: list | None) -> tuple[list, list | None]:
+    """The given prompt lists, else `online.prompts_path` (required) and `online.eval_prompts_path`."""
     if prompts is None:
         if not o.prompts_path:
             raise ConfigError("defaults", "online.prompts_path", "is required")
         prompts = load_prompts(o.prompts_path)
     if eval_prompts is None and o.eval_prompts_path:
         eval_prompts = load_prompts(o.eval_prompts_path)
+    return prompts, eval_prompts
+
+
+def _start_eval(root: Path, start, tokenizer, eval_prompts, reward, o, seed: int) -> dict:
+    """Round 0: the starting model's held-out reward (kept on disk, like every round)."""
+    before = root / "round-0-eval.json"
+    if not before.is_file():
+        atomic_write(before, json.dumps(_round_eval(start, start, tokenizer, eval_prompts, reward, o, seed)))
+    row = {"round": 0, **json.loads(before.read_text())}
+    print(f"round 0 (start): held-out reward {row['reward']:.3f}", flush=True)
+    return row
+
+
+def _train_round(cfg, rd: Path, policy_dir: str, reference_dir: str) -> dict:
+    """An ordinary train() run on the round's pairs, from the round's policy, against its reference."""
+    rc = copy.deepcopy(cfg)
+    rc.model.name_or_path = policy_dir
+    rc.model.reference_name_or_path = "" if reference_dir == policy_dir else reference_dir
+    rc.data.train_path, rc.data.format, rc.data.eval_path = str(rd / "pairs.jsonl"), "standard", ""
+    rc.run.output_dir, rc.run.overwrite = str(rd / "train"), True
+    result = train(rc)
+    return {"steps": result.steps, "final_loss": (result.summary.get("final") or {}).get("loss"),
+            "health": sorted(result.summary.get("health") or {}), "run": str(rd / "train")}
+
+
+def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None = None,
+                  merge_last: bool = True) -> list[dict]:
+    """Rounds of sample -> score -> pair -> `train()`. Prompts come from `online.prompts_path`
+    (and `online.eval_prompts_path`) unless given; `merge_last=False` leaves the last round's
+    policy as its run directory's adapter (nothing follows that would start from it)."""
+    o, root = cfg.online, Path(cfg.run.output_dir)
+    prompts, eval_prompts = _prompts(o, prompts, eval_prompts)
     reward = reward_from_config(o)
     start_dir = resolve_model_dir(cfg.model.name_or_path)
     tokenizer, start = load_tokenizer(start_dir), load_model(start_dir).eval()
@@ -76,11 +104,7 @@ def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None
     rounds, policy_dir, reference_dir = [], start_dir, start_dir
     loaded_dir, loaded = start_dir, start  # the last policy loaded: evaluated, then sampled next round
     if eval_prompts:
-        before = root / "round-0-eval.json"
-        if not before.is_file():
-            atomic_write(before, json.dumps(_round_eval(start, start, tokenizer, eval_prompts, reward, o, cfg.train.seed)))
-        rounds.append({"round": 0, **json.loads(before.read_text())})
-        print(f"round 0 (start): held-out reward {rounds[-1]['reward']:.3f}", flush=True)
+        rounds.append(_start_eval(root, start, tokenizer, eval_prompts, reward, o, cfg.train.seed))
     for r in range(1, o.rounds + 1):
         rd = root / f"round-{r}"
         done = rd / "eval.json"
@@ -98,14 +122,7 @@ def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None
             row = {"round": r, **counts, "generate_score_s": round(time.perf_counter() - t0, 1)}
             merged = False
             if pairs:
-                rc = copy.deepcopy(cfg)
-                rc.model.name_or_path = policy_dir
-                rc.model.reference_name_or_path = "" if reference_dir == policy_dir else reference_dir
-                rc.data.train_path, rc.data.format, rc.data.eval_path = str(rd / "pairs.jsonl"), "standard", ""
-                rc.run.output_dir, rc.run.overwrite = str(rd / "train"), True
-                result = train(rc)
-                row.update(steps=result.steps, final_loss=(result.summary.get("final") or {}).get("loss"),
-                           health=sorted(result.summary.get("health") or {}), run=str(rd / "train"))
+                row.update(_train_round(cfg, rd, policy_dir, reference_dir))
                 merged = merge_last or r < o.rounds
                 if merged:
                     _merge(rd / "train", policy_dir, rd / "policy")
