@@ -125,13 +125,16 @@ def test_lora_all_linear_dpo_and_plain_peft_reload(arch, arch_dirs, tmp_path, to
 def test_a_model_that_ignores_the_packed_mask_falls_back_and_says_so_once(arch_dirs, tokenizer, monkeypatch, tmp_path, capsys):
     """What the windowed mask fixed is the detector's job elsewhere: with the window left out of
     the packed mask (as before), mistral's packed numbers are off and training falls back."""
+    import preftune.attention as at
     import preftune.logprobs as lp
     from preftune.config import load_config
     from preftune.train import train
 
-    plain = lambda model, batch, dtype: torch.zeros(batch["attention_mask"].shape, dtype=dtype).masked_fill(  # noqa: E731
-        ~batch["attention_mask"], torch.finfo(dtype).min)
-    monkeypatch.setattr(lp, "packed_attention_mask", plain)
+    plain = lambda model, batch, dtype: torch.zeros(lp.dense_mask(batch).shape, dtype=dtype).masked_fill(  # noqa: E731
+        ~lp.dense_mask(batch), torch.finfo(dtype).min)
+    monkeypatch.setattr(lp, "packed_attention_mask", plain)  # the dense-mask route, without the window
+    real = at.segment_mask
+    monkeypatch.setattr(at, "segment_mask", lambda q, k, window: real(q, k, None))  # the block route, likewise
     rows = [{"prompt": p["prompt"] + " and then the story goes on", "chosen": p["chosen"], "rejected": p["rejected"]}
             for p in PAIRS]
     data = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -84,7 +84,9 @@ def test_prefix_sharing_mask_and_positions_hand_example():
     b = collate_packed_pairs([TokenizedPair([5, 6], [8, 9], [10], "x", 1)], prefix_sharing=True)
     assert b["input_ids"].tolist() == [[5, 6, 8, 9, 10]]
     assert b["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
-    m = b["attention_mask"][0, 0].int().tolist()
+    from preftune.logprobs import dense_mask
+
+    m = dense_mask(b)[0, 0].int().tolist()
     assert m == [[1, 0, 0, 0, 0],
                  [1, 1, 0, 0, 0],
                  [1, 1, 1, 0, 0],

@@ -274,3 +274,18 @@ def test_reference_cache_key_changes_with_every_input():
     keys = {cache_key(**base), cache_key(**{**base, "reference_sha256": "b"}), cache_key(**{**base, "tokenizer_sha256": "u"}),
             cache_key(**{**base, "data_sha256": "e"}), cache_key(**{**base, "data_settings": {"max_length": 65}})}
     assert len(keys) == 5 and cache_key(**base) == cache_key(**dict(base))
+
+
+def test_gradient_checkpointing_keeps_every_step_identical(tmp_path, tiny_model_dir):
+    """Same per-step losses and grad norms, and the same final adapter, with activations
+    recomputed in the backward pass (LoRA with dropout, packed rows with prefix sharing)."""
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    common = [f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}", "train.lr=1e-2", "model.lora_r=4",
+              "model.lora_dropout=0.1", "train.batch_size=4", "train.epochs=2", "diagnostics.probe_every=0"]
+    plain = train(load_config(None, [*common, f"run.output_dir={tmp_path / 'plain'}"]))
+    ckpt = train(load_config(None, [*common, f"run.output_dir={tmp_path / 'gc'}", "model.gradient_checkpointing=true"]))
+    a, b = _metrics(plain.run_dir), _metrics(ckpt.run_dir)
+    assert (plain.summary["gradient_checkpointing"], ckpt.summary["gradient_checkpointing"]) == (False, True)
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5

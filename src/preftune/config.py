@@ -64,6 +64,8 @@ class ModelConfig:
     revision: str = _f("", "hub revision (branch, tag or commit) of model and tokenizer")
     attn_implementation: str = _f("", "attention kernel: eager | sdpa | flash_attention_2 | flex_attention "
                                       "(empty: transformers' default)")
+    gradient_checkpointing: bool = _f(False, "recompute each decoder layer's activations in the backward pass: "
+                                             "less memory, more time (README, Speed)", resume=False)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .attention import uses_block_attention
 from .data.collate import collate_packed_pairs, collate_pairs, collate_sequences
 from .logprobs import completion_logps, sliding_window
 
@@ -56,6 +57,7 @@ def choose_layout(model, pairs: list, pad_id: int, *, layout: str, prefix_sharin
     if layout == "padded":
         return layout, prefix_sharing, {}
     deltas = check_layouts(model, pairs, pad_id)
+    deltas["attention"] = "block" if uses_block_attention(model) else "dense_mask"  # attention.py
     window = sliding_window(getattr(model, "config", None))
     if window is not None:
         deltas["sliding_window"] = window

@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import uses_block_attention
 from .devices import place
 
-__all__ = ["sliding_window", "packed_attention_mask", "completion_logps", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
+__all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
 
 
 class _FP32Head(torch.nn.Linear):
@@ -77,6 +78,18 @@ def sliding_window(config) -> int | None:
     return window if isinstance(window, int) and window > 0 else None
 
 
+def dense_mask(batch: dict) -> torch.Tensor:
+    """The (1, 1, T, T) bool mask (True = attend) that a packed batch's segments stand for: what
+    a model without block attention is given (logprobs.packed_attention_mask)."""
+    pos = batch["position_ids"][0]
+    t = pos.numel()
+    mask = torch.zeros((t, t), dtype=torch.bool, device=pos.device)
+    for q0, q1, ranges in batch["segments"]:
+        for a, b in ranges:
+            mask[q0:q1, a:b] = pos[a:b][None, :] <= pos[q0:q1][:, None]
+    return mask[None, None]
+
+
 def packed_attention_mask(model, batch: dict, dtype: torch.dtype):
     """The additive 4D mask of a packed row, as the model's own attention expects it.
 
@@ -85,7 +98,7 @@ def packed_attention_mask(model, batch: dict, dtype: torch.dtype):
     restart per sequence and continue from the prompt under prefix sharing) is masked on
     sliding layers. Models that mix layer types (Gemma 2/3, Qwen 2/3) take one mask per type.
     """
-    mask = batch["attention_mask"]  # (1, 1, T, T) bool: same sequence and causal
+    mask = dense_mask(batch)  # (1, 1, T, T) bool: same sequence and causal
     additive = lambda m: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)  # noqa: E731
     config = getattr(model, "config", None)
     window = sliding_window(config)
@@ -102,10 +115,17 @@ def packed_attention_mask(model, batch: dict, dtype: torch.dtype):
 def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed row (data/collate.collate_packed): the LM head runs only at `keep`, the positions
     that predict completion tokens, so neither prompt nor padding positions reach it."""
-    dtype = next(p for p in model.parameters()).dtype
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                attention_mask=packed_attention_mask(model, batch, dtype),
-                logits_to_keep=batch["keep"], use_cache=False)
+    if uses_block_attention(model):  # segments, no (T, T) mask (attention.py)
+        # a 4D placeholder: transformers passes a prepared 4D mask through instead of building one
+        placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch["input_ids"].device)
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=placeholder,
+                    packed_segments=(batch["segments"], batch["position_ids"][0]), logits_to_keep=batch["keep"],
+                    use_cache=False)
+    else:
+        dtype = next(p for p in model.parameters()).dtype
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    attention_mask=packed_attention_mask(model, batch, dtype), logits_to_keep=batch["keep"],
+                    use_cache=False)
     token_logps = -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
     n, seq = int(batch["n_seqs"]), batch["seq_index"]
     logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from .attention import use_block_attention
 from .errors import ConfigError
 from .hashing import file_sha256
 from .safeio import atomic_path
@@ -127,6 +128,7 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
     except (ValueError, ImportError) as err:  # unknown architecture or attention kernel, bad config: one line
         key = "model.attn_implementation" if extra and "attention" in str(err).lower() else "model.name_or_path"
         raise ConfigError(model_dir, key, str(err).splitlines()[0]) from None
+    use_block_attention(model)  # SDPA models: packed rows attend by segments, not through a (T, T) mask
     return model
 
 

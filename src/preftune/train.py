@@ -105,6 +105,8 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
     if m.lora and not kept:
         model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                            target_modules=m.lora_target_modules)
+    if m.gradient_checkpointing:  # non-reentrant: restores the RNG, so dropout masks (and losses) are unchanged
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
     if spec.needs_reference and not separate:
         reference = FrozenCopyReference(start.eval().requires_grad_(False)) if kept \
@@ -376,6 +378,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
                "pairs_per_s": round(run.pairs / max(elapsed, 1e-9), 3) if run.ckpt is None else None,
                "data": run.source.stats, "layout": run.layout_info, "reference": run.reference_info,
                "loss_params": run.source.kwargs, "peak_rss_mb": peak_rss_mb(),
+               "gradient_checkpointing": bool(getattr(a.unwrap_model(run.model), "is_gradient_checkpointing", False)),
                "resumed_from": str(run.ckpt.path) if run.ckpt else None,
                "health": {f: next(r["step"] for r in history if f in r.get("health", [])) for f in sorted(log.flagged)},
                "stopped_early": stopped, "final": history[-1] if history else {}}

@@ -64,9 +64,11 @@ def collate_packed(groups: list[tuple[list[int], list[tuple[int, list[int]]]]], 
     Worked example, one pair with prefix sharing (P prompt, C chosen, R rejected):
         input_ids    P0 P1 C0 C1 R0          position_ids 0 1 2 3 2
         R0 attends to P0 P1 R0; C1 to P0 P1 C0 C1.
-    Returns input_ids (1, T), position_ids (1, T), attention_mask (1, 1, T, T) bool (True =
-    attend), and for the completion tokens: `keep` (positions whose logits predict them),
-    `targets`, `seq_index` (which sequence each belongs to); `n_seqs`.
+    Returns input_ids (1, T), position_ids (1, T), `segments` (who attends to whom, without a
+    (T, T) matrix: [(query start, query end, [(key start, key end), ...]), ...] in row order, each
+    query attending by position to its keys; logprobs.dense_mask expands them), and for the completion
+    tokens: `keep` (positions whose logits predict them), `targets`, `seq_index` (which sequence
+    each belongs to); `n_seqs`.
     """
     ids, pos, keep, targets, seq_index, spans = [], [], [], [], [], []
     for prompt, completions in groups:
@@ -87,19 +89,17 @@ def collate_packed(groups: list[tuple[list[int], list[tuple[int, list[int]]]]], 
                 seq_index += [seq] * len(comp)
                 owners.append((first, len(comp)))
             spans.append((start, len(prompt), owners))
-    t = len(ids)
-    mask = torch.zeros((t, t), dtype=torch.bool)
+    segments = []
     for start, plen, owners in spans:
-        causal = torch.ones((plen, plen), dtype=torch.bool).tril()
-        mask[start: start + plen, start: start + plen] = causal
-        for first, n in owners:
-            mask[first: first + n, start: start + plen] = True
-            mask[first: first + n, first: first + n] = torch.ones((n, n), dtype=torch.bool).tril()
+        (first, n), rest = owners[0], owners[1:]
+        segments.append((start, first + n, [(start, first + n)]))  # prompt + first completion: causal
+        segments += [(f, f + m, [(start, start + plen), (f, f + m)]) for f, m in rest]
     # the first completion token's logit comes from the prompt's last position: with prefix
     # sharing that position is shared by chosen and rejected, so `keep` may repeat a position
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]),
-            "attention_mask": mask[None, None], "keep": torch.tensor(keep), "targets": torch.tensor(targets),
-            "seq_index": torch.tensor(seq_index), "n_seqs": n_seqs}
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "segments": segments,
+            "keep": torch.tensor(keep), "targets": torch.tensor(targets), "seq_index": torch.tensor(seq_index),
+            "n_seqs": n_seqs}
+
 
 
 def collate_packed_pairs(pairs: list[TokenizedPair], prefix_sharing: bool = True) -> dict:

@@ -1,0 +1,141 @@
+"""The cost curve of one training step against pair length: block attention (default), the dense
+(T, T) mask it replaced, and block attention with gradient checkpointing.
+
+    .venv/bin/python benchmarks/scaling/run.py [--lengths 256,1024,2048,4096] [--steps 2] [--batch 4]
+
+Pairs are synthetic and built from the shared HH-RLHF harmless text (absent: the benchmark says
+so and stops): a prompt of half the length and two completions of a quarter each, cut to token
+counts with the default model's tokenizer, so `tokens per pair` = prompt + chosen + rejected.
+Every point is `preftune.train` in a fresh process (default model SmolLM2-135M-Instruct, fp32,
+LoRA r16 q/v, batch 4, packed rows with prefix sharing, live reference, lr 5e-4, file order);
+peak RSS is that process's ru_maxrss (it includes the model, about 1.3 GB). The dense route is
+today's route for models without SDPA attention (the block attention switched off). Writes
+results.json and cost.png beside this file. TRL is not run here (see benchmarks/speed_vs_trl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+HH_TRAIN = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "train.jsonl.gz"
+MODES = ("block", "dense", "block+gc")
+
+
+def _texts() -> list[str]:
+    with gzip.open(HH_TRAIN, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    return [r["chosen"] + r["rejected"] for r in rows]
+
+
+def make_pairs(path: Path, length: int, n: int) -> None:
+    """n pairs of `length` tokens (prompt length/2, chosen and rejected length/4), cut from HH text."""
+    from preftune.models import load_tokenizer, resolve_model_dir
+
+    tok = load_tokenizer(resolve_model_dir("smollm2-135m-instruct"))
+    stream = [t for text in _texts()[: 400] for t in tok(text, add_special_tokens=False)["input_ids"]]
+    rows, at = [], 0
+    for _ in range(n):
+        parts = []
+        for size in (length // 2, length // 4 - 1, length // 4 - 1):  # -1: the EOS each completion gets
+            parts.append(tok.decode(stream[at: at + size]))
+            at = (at + size) % (len(stream) - length)
+        rows.append({"prompt": parts[0], "chosen": parts[1], "rejected": parts[2]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int) -> None:
+    import preftune.models
+    from preftune.config import load_config
+    from preftune.models import load_tokenizer, resolve_model_dir
+    from preftune.prepare import prepare_pairs
+    from preftune.train import train
+
+    if mode == "dense":
+        preftune.models.use_block_attention = lambda model: False
+    cfg = load_config(None, [f"data.train_path={data}", f"run.output_dir={out}", f"train.max_steps={steps}",
+                             f"train.batch_size={batch}", "train.lr=5e-4", "train.shuffle=false",
+                             f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}",
+                             "diagnostics.probe_every=0", "train.warmup_ratio=0", "train.seed=42",
+                             f"model.gradient_checkpointing={str(mode.endswith('+gc')).lower()}"])
+    result = train(cfg)
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    s = result.summary
+    pairs, _ = prepare_pairs(data, cfg, load_tokenizer(resolve_model_dir(cfg.model.name_or_path)))
+    tokens = sum(len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in pairs) / len(pairs)
+    print("RESULT " + json.dumps({"pairs_per_s": s["pairs_per_s"], "elapsed_s": s["elapsed_s"],
+                                  "peak_rss_mb": s["peak_rss_mb"], "losses": [r["loss"] for r in rows],
+                                  "attention": s["layout"].get("checked", {}).get("attention"),
+                                  "tokens_per_pair": round(tokens, 1),
+                                  "gradient_checkpointing": s["gradient_checkpointing"]}))
+
+
+def run_point(data: Path, mode: str, steps: int, batch: int, length: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--out", f"{tmp}/run",
+               "--steps", str(steps), "--batch", str(batch), "--lengths", str(length)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300], "rc": proc.returncode}
+    return json.loads(line[len("RESULT "):])
+
+
+def plot(results: list[dict], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in MODES:
+        pts = [r for r in results if r["mode"] == mode and "peak_rss_mb" in r]
+        xs = [r["length"] for r in pts]
+        a.plot(xs, [r["peak_rss_mb"] / 1024 for r in pts], "o-", label=mode)
+        b.plot(xs, [1 / r["pairs_per_s"] for r in pts], "o-", label=mode)
+    a.set(xlabel="tokens per pair", ylabel="peak RSS (GB)", title="memory", xscale="log", yscale="log")
+    b.set(xlabel="tokens per pair", ylabel="seconds per pair", title="time", xscale="log", yscale="log")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(dest, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="256,1024,2048,4096")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--worker")
+    ap.add_argument("--data")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.data, a.out, a.worker, a.steps, a.batch, int(a.lengths))
+    if not HH_TRAIN.is_file():
+        sys.exit(f"{HH_TRAIN}: the shared HH data is absent; nothing to measure")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in [int(x) for x in a.lengths.split(",")]:
+            data = Path(tmp) / f"pairs-{length}.jsonl"
+            make_pairs(data, length, a.steps * a.batch)
+            for mode in a.modes.split(","):
+                point = {"length": length, "mode": mode, **run_point(data, mode, a.steps, a.batch, length)}
+                print(json.dumps(point), flush=True)
+                results.append(point)
+    out = {"command": " ".join(sys.argv), "steps": a.steps, "batch": a.batch, "results": results}
+    (HERE / "results.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(results, HERE / "cost.png")
+
+
+if __name__ == "__main__":
+    main()
