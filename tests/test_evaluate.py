@@ -65,3 +65,46 @@ def test_evaluation_builds_no_autograd_graph(tmp_path, tokenizer):
     evaluate_pairs(model, FrozenCopyReference(build_model(len(tokenizer), seed=2).eval()), LOSSES["sigmoid"],
                    pairs, loss_kwargs={"beta": 0.1}, batch_size=2, pad_id=0)
     assert seen == [False]  # the policy forward; the reference forward is another module
+
+
+def _pairs(tmp_path, tokenizer, n=7):
+    rows = (PAIRS * 2)[:n]
+    return tokenize_records(load_records(write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer, max_length=64,
+                            max_prompt_length=32, allow_degenerate=True)[0]
+
+
+def test_before_training_is_one_forward_per_batch_and_accuracy_is_undefined_not_zero(tmp_path, tokenizer):
+    from preftune.step import SameAsPolicy
+
+    pairs = _pairs(tmp_path, tokenizer)
+    model = build_model(len(tokenizer), seed=1).eval()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    result = evaluate_pairs(model, SameAsPolicy(), LOSSES["sigmoid"], pairs, loss_kwargs={"beta": 0.1}, batch_size=3,
+                            pad_id=0)
+    assert len(calls) == 3  # 7 pairs in batches of 3: one forward each, no reference forward
+    assert result["accuracy/implicit_reward"] == 0.5 and result["accuracy/implicit_reward_undefined"] is True
+    assert result["rewards/margins"] == 0.0
+    same = evaluate_pairs(model, FrozenCopyReference(model), LOSSES["sigmoid"], pairs, loss_kwargs={"beta": 0.1},
+                          batch_size=3, pad_id=0)  # the two-forward way gives the same numbers
+    assert same["accuracy/logp"] == result["accuracy/logp"] and same["logps/chosen"] == pytest.approx(
+        result["logps/chosen"], abs=1e-6) and len(calls) == 3 + 6
+
+
+def test_packed_evaluation_equals_padded_and_intervals_are_wilson(tmp_path, tokenizer):
+    from preftune.data.collate import collate_packed_pairs
+    from preftune.evaluate import format_eval, wilson
+
+    pairs = _pairs(tmp_path, tokenizer)
+    model, ref = build_model(len(tokenizer), seed=1).eval(), build_model(len(tokenizer), seed=2).eval()
+    args = dict(loss_kwargs={"beta": 0.1}, batch_size=3, pad_id=0)
+    padded = evaluate_pairs(model, FrozenCopyReference(ref), LOSSES["sigmoid"], pairs, **args)
+    packed = evaluate_pairs(model, FrozenCopyReference(ref), LOSSES["sigmoid"], pairs, **args,
+                            collate=lambda chunk: collate_packed_pairs(chunk, prefix_sharing=True))
+    for key in ("accuracy/implicit_reward", "accuracy/logp", "rewards/margins", "logps/chosen", "perplexity/chosen"):
+        assert packed[key] == pytest.approx(padded[key], abs=1e-5), key
+    lo, hi = wilson(8, 10)  # hand value: 0.8 of 10 -> [0.4902, 0.9433]
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert padded["accuracy/implicit_reward_ci95"] == wilson(padded["accuracy/implicit_reward"] * 7, 7)
+    table = format_eval({**padded, "data": "d.jsonl", "run": "r"})
+    assert "implicit-reward accuracy" in table and "[" in table and len(table.splitlines()) == 4

@@ -78,6 +78,26 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int) 
                                   "gradient_checkpointing": s["gradient_checkpointing"]}))
 
 
+def eval_worker(data: str, out: str, mode: str, length: int) -> None:
+    """`preftune eval` of the trained run in `out` (policy + adapters-off reference) and of the
+    base model ("before": policy == reference, one forward), timed over the same pairs."""
+    import time
+
+    from preftune.config import load_config
+    from preftune.evaluate import run_eval
+
+    overrides = [f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}", "eval.kl_prompts=0",
+                 "eval.batch_size=4"]
+    got = {}
+    for name, run_dir in (("eval_run", out), ("eval_before", None)):
+        cfg = load_config(Path(out) / "config.yaml" if run_dir else None, overrides)
+        start = time.perf_counter()
+        result = run_eval(cfg, run_dir=run_dir, data_path=data)
+        got[f"{name}_pairs_per_s"] = round(result["pairs"] / (time.perf_counter() - start), 3)
+        got[f"{name}_layout"] = result["layout"].get("layout")
+    print("RESULT " + json.dumps(got))
+
+
 def run_point(data: Path, mode: str, steps: int, batch: int, length: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -88,6 +108,36 @@ def run_point(data: Path, mode: str, steps: int, batch: int, length: int) -> dic
     if line is None:
         return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300], "rc": proc.returncode}
     return json.loads(line[len("RESULT "):])
+
+
+def eval_speed(a) -> None:
+    """For each length: train 2 steps (block attention), then `preftune eval` the same pairs with
+    the trained run and with the base model; pairs/s of each (eval.json beside this file)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in [int(x) for x in a.lengths.split(",")]:
+            data = Path(tmp) / f"pairs-{length}.jsonl"
+            make_pairs(data, length, a.steps * a.batch)
+            trained = run_point_keep(data, Path(tmp) / f"run-{length}", a.steps, a.batch, length)
+            cmd = [sys.executable, __file__, "--worker", "eval", "--data", str(data), "--out",
+                   str(Path(tmp) / f"run-{length}"), "--lengths", str(length)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            got = json.loads(line[len("RESULT "):]) if line else {"error": proc.stderr.strip()[-300:]}
+            row = {"length": length, "pairs": a.steps * a.batch, "train_pairs_per_s": trained.get("pairs_per_s"), **got}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    (HERE / "eval.json").write_text(json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=1) + "\n")
+
+
+def run_point_keep(data: Path, out: Path, steps: int, batch: int, length: int) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, __file__, "--worker", "block", "--data", str(data), "--out", str(out),
+           "--steps", str(steps), "--batch", str(batch), "--lengths", str(length)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    return json.loads(line[len("RESULT "):]) if line else {"error": proc.stderr.strip()[-300:]}
 
 
 def plot(results: list[dict], dest: Path) -> None:
@@ -118,23 +168,31 @@ def main() -> None:
     ap.add_argument("--worker")
     ap.add_argument("--data")
     ap.add_argument("--out")
+    ap.add_argument("--eval-speed", action="store_true", help="train pairs/s vs eval pairs/s on the same pairs")
     a = ap.parse_args()
+    if a.worker == "eval":
+        return eval_worker(a.data, a.out, a.worker, int(a.lengths))
     if a.worker:
         return worker(a.data, a.out, a.worker, a.steps, a.batch, int(a.lengths))
+    if a.eval_speed:
+        return eval_speed(a)
     if not HH_TRAIN.is_file():
         sys.exit(f"{HH_TRAIN}: the shared HH data is absent; nothing to measure")
-    results = []
+    dest = HERE / "results.json"
+    # points are added to (or replace the same point in) results.json as they finish
+    saved = json.loads(dest.read_text()) if dest.is_file() else {"steps": a.steps, "batch": a.batch, "results": []}
     with tempfile.TemporaryDirectory() as tmp:
         for length in [int(x) for x in a.lengths.split(",")]:
             data = Path(tmp) / f"pairs-{length}.jsonl"
             make_pairs(data, length, a.steps * a.batch)
             for mode in a.modes.split(","):
-                point = {"length": length, "mode": mode, **run_point(data, mode, a.steps, a.batch, length)}
+                point = {"length": length, "mode": mode, **run_point(data, mode, a.steps, a.batch, length),
+                         "command": " ".join(sys.argv)}
                 print(json.dumps(point), flush=True)
-                results.append(point)
-    out = {"command": " ".join(sys.argv), "steps": a.steps, "batch": a.batch, "results": results}
-    (HERE / "results.json").write_text(json.dumps(out, indent=1) + "\n")
-    plot(results, HERE / "cost.png")
+                saved["results"] = [r for r in saved["results"] if (r["length"], r["mode"]) != (length, mode)]
+                saved["results"] = sorted([*saved["results"], point], key=lambda r: (r["length"], MODES.index(r["mode"])))
+                dest.write_text(json.dumps(saved, indent=1) + "\n")
+                plot(saved["results"], HERE / "cost.png")
 
 
 if __name__ == "__main__":

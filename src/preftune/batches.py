@@ -37,6 +37,7 @@ class BatchSource(Protocol):
     stats: dict  # data_stats.json (and the summary's "data")
     kwargs: dict  # the loss's settings
     eval_pairs: list | None  # held-out tokenized pairs, or None
+    eval_collate: object  # how probes and the final evaluation collate them (None: padded rows)
     identity: dict  # what a checkpoint must agree with besides the config (fingerprint keys)
 
     def prepare(self, tokenizer) -> None:
@@ -118,6 +119,8 @@ class OfflineSource:
         if new is not cfg:
             self.collate = pair_collator(new, self.tokenizer)
         self.cfg = new
+        # held-out pairs in the layout just checked (unpaired losses: checked on nothing, so padded)
+        self.eval_collate = pair_collator(new, self.tokenizer) if self.spec.paired else None
         return new, info
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int:

@@ -22,7 +22,7 @@ from .data.inspect import format_inspection, inspect_records
 from .data.sources import is_unpaired_file, write_jsonl
 from .demo import DEMO_LR, run_demo
 from .errors import ConfigError, PreftuneError
-from .evaluate import run_eval, write_json
+from .evaluate import format_eval, run_eval, write_json
 from .label import (
     LabelStore,
     agreement_report,
@@ -110,6 +110,7 @@ def _eval_args(p):
                    "(sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL)")
     p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
     p.add_argument("--out", help="also write the JSON result here")
+    p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     _overrides(p)
 
 
@@ -124,7 +125,11 @@ def _eval(a) -> int:
     a.overrides += [x for x, o in zip(a.data, is_override) if o]
     a.data = [x for x, o in zip(a.data, is_override) if not o]
     result = run_eval(load_config(config, a.overrides), run_dir=a.run, data_path=a.data, reward=a.reward)
-    print(write_json(result, a.out))
+    if a.json:
+        print(write_json(result, a.out))
+    else:
+        write_json(result, a.out)
+        print(format_eval(result) + (f"\n(JSON: {a.out})" if a.out else ""))
     return 0
 
 

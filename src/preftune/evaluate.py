@@ -13,20 +13,22 @@ from pathlib import Path
 
 import torch
 
+from .batches import exact_layout
 from .checkpoint import file_digest, tokenizer_sha256
 from .data import collate_pairs
 from .data.collate import collate_sequences
 from .generate import decode_completions, run_models, sample_completions
 from .logprobs import completion_logps
 from .losses import LOSSES, build_loss
-from .models import FrozenCopyReference, load_start, load_tokenizer, resolve_model_dir
+from .models import load_start, load_tokenizer, resolve_model_dir
 from .prepare import load_data, pair_collator, prepare_pairs
+from .progress import progress
 from .refcache import load_or_build, path_for
 from .rewards import build_reward
 from .safeio import atomic_write
-from .step import loss_forward, loss_kwargs
+from .step import SameAsPolicy, loss_forward, loss_kwargs
 
-__all__ = ["evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json"]
+__all__ = ["evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json", "wilson", "format_eval"]
 
 
 def _shard(n: int) -> tuple[list[int], int]:
@@ -48,14 +50,26 @@ def _gather(rows: list) -> list:
     return gather_object(rows) if PartialState().num_processes > 1 else rows
 
 
+def wilson(successes: float, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score 95% interval of a proportion (ties counted as half a success)."""
+    if n == 0:
+        return [math.nan, math.nan]
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
+
+
 _EVAL_KEYS = ("accuracy/implicit_reward", "accuracy/logp", "rewards/margins", "rewards/chosen", "rewards/rejected",
               "loss", "logps/chosen", "logps/rejected", "tokens/chosen")
 
 
 @torch.no_grad()
 def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_size: int, pad_id: int,
-                   collate=None) -> dict:
-    """Accuracy by implicit reward (margin > 0) and by raw completion logp, over held-out pairs.
+                   collate=None, desc: str = "eval") -> dict:
+    """Accuracy by implicit reward (margin > 0; an exact tie counts half) and by raw completion
+    logp, each with a Wilson 95% interval, over held-out pairs. With `reference` a
+    `step.SameAsPolicy` (a base model "before training") every margin is 0: implicit-reward
+    accuracy is 0.5 by definition and flagged `undefined`, and each batch takes one forward.
 
     Rewards are the loss's own (beta * log-ratio for DPO-style losses, beta * average logp for
     SimPO/ORPO). An unpaired loss (KTO) has DPO's implicit reward beta * log-ratio, so its pairs
@@ -71,10 +85,13 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     was_training = model.training
     model.eval()
     rows = []
-    for i in range(0, len(mine), batch_size):
+    starts = range(0, len(mine), batch_size)
+    for i in progress(starts, total=len(mine), desc=desc, unit="pairs",
+                      weights=[min(batch_size, len(mine) - s) for s in starts]):
         losses, parts = loss_forward(model, reference, scorer, collate(mine[i: i + batch_size]), kwargs)
         margins = parts["chosen_rewards"] - parts["rejected_rewards"]
-        columns = (margins > 0, parts["policy_chosen"] > parts["policy_rejected"], margins, parts["chosen_rewards"],
+        diff = parts["policy_chosen"] - parts["policy_rejected"]
+        columns = ((margins > 0) + 0.5 * (margins == 0), (diff > 0) + 0.5 * (diff == 0), margins, parts["chosen_rewards"],
                    parts["rejected_rewards"], losses, parts["policy_chosen"], parts["policy_rejected"],
                    parts["chosen_lengths"])
         rows += [tuple(v) for v in zip(*(c.float().tolist() for c in columns))]
@@ -85,6 +102,10 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     result = {"pairs": n, **{k: v / n for k, v in sums.items() if k != "tokens/chosen"}}
     # per-token perplexity of the chosen completions under the policy
     result["perplexity/chosen"] = math.exp(-sums["logps/chosen"] / max(sums["tokens/chosen"], 1))
+    result["accuracy/implicit_reward_ci95"] = wilson(sums["accuracy/implicit_reward"], n)
+    result["accuracy/logp_ci95"] = wilson(sums["accuracy/logp"], n)
+    if isinstance(reference, SameAsPolicy):
+        result["accuracy/implicit_reward_undefined"] = True  # policy == reference: every margin is 0
     if not spec.paired:
         del result["loss"]
     return result
@@ -94,6 +115,8 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
 def kl_estimate(model, reference, samples, *, pad_id: int, batch_size: int = 16) -> dict:
     """Monte-Carlo KL(policy || reference): mean over policy samples of sum_t log pi/pi_ref
     (unbiased, so a single estimate can come out slightly negative near zero)."""
+    if isinstance(reference, SameAsPolicy):
+        return {"kl": 0.0, "kl_stderr": 0.0, "kl_samples": sum(1 for s in samples if s[1])}
     was_training = model.training
     model.eval()  # no dropout: deterministic, and no draws from the training RNG
     diffs = []
@@ -133,9 +156,12 @@ def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n:
     and per-prompt means."""
     pad = tokenizer.pad_token_id
     pol = sample_completions(policy, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, seed=seed)
-    with reference.context():
-        ref = sample_completions(reference.forward_model(policy), tokenizer, prompts, n=n,
-                                 max_new_tokens=max_new_tokens, seed=seed)
+    if isinstance(reference, SameAsPolicy):
+        ref = pol  # the same model and seed: the same samples
+    else:
+        with reference.context():
+            ref = sample_completions(reference.forward_model(policy), tokenizer, prompts, n=n,
+                                     max_new_tokens=max_new_tokens, seed=seed)
     out = {**kl_estimate(policy, reference, pol, pad_id=pad), **_length_stats(pol, "sample_length/policy"),
            **_length_stats(ref, "sample_length/reference")}
     if reward is None:
@@ -173,18 +199,21 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code, revision=m.revision)
     base, _ = load_start(m, model_dir)  # with the run's SFT adapter merged, as training started
     if run_dir is None:
-        policy, reference = base, FrozenCopyReference(base)  # policy == reference: "before training"
+        policy, reference = base, SameAsPolicy()  # "before training": one forward per pair
     else:
         policy, reference = run_models(cfg, run_dir, base)
     policy.eval()
     results = {}
     for path, records in zip(paths, all_records):
         pairs, stats = prepare_pairs(path, cfg, tokenizer, records)
-        collate, cached = None, None
+        # packed rows with prefix sharing where they are exact on this model, as in training
+        checked, layout = exact_layout(cfg, spec if spec.paired else LOSSES["sigmoid"], policy,
+                                       pairs[: max(cfg.eval.batch_size, 2)], tokenizer.pad_token_id, model_dir)
+        collate, cached = pair_collator(checked, tokenizer), None
         if cfg.train.reference_cache and run_dir is not None and spec.needs_reference:
             ref_sha = json.loads((Path(run_dir) / "reference.json").read_text())["weights_sha256"]
-            collate, cached = _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, ref_sha)
-        result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(),
+            collate, cached = _cached_reference_collate(checked, path, pairs, policy, reference, tokenizer, ref_sha)
+        result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(), "layout": layout,
                   **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
                                    batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, collate=collate)}
         if cached is not None:
@@ -206,6 +235,29 @@ def _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, re
     values, hit = load_or_build(cache, policy, reference, pairs, batch_size=cfg.eval.batch_size,
                                 collate=pair_collator(cfg, tokenizer))
     return pair_collator(cfg, tokenizer, values), hit
+
+
+def format_eval(result: dict) -> str:
+    """A compact table of one evaluation (or of each file of several)."""
+    if "pairs" not in result:  # several files: path -> result
+        return "\n\n".join(format_eval(r) for r in result.values())
+
+    def acc(key):
+        lo, hi = result[f"{key}_ci95"]
+        return f"{result[key]:.3f}  [{lo:.3f}, {hi:.3f}]"
+
+    implicit = "undefined (policy == reference)" if result.get("accuracy/implicit_reward_undefined") \
+        else acc("accuracy/implicit_reward")
+    lines = [f"{result['data']}: {result['pairs']} pairs, {result['run']}",
+             f"  implicit-reward accuracy   {implicit}",
+             f"  log-prob accuracy          {acc('accuracy/logp')}",
+             f"  margin {result['rewards/margins']:.4f}   chosen perplexity {result['perplexity/chosen']:.3f}"]
+    if "kl" in result:
+        lines.append(f"  KL(policy || reference)    {result['kl']:.3f} nats (+- {result['kl_stderr']:.3f}, "
+                     f"{result['kl_samples']} samples)")
+    if "win_rate" in result:
+        lines.append(f"  win rate vs reference      {result['win_rate']:.3f} ({result['reward/source']})")
+    return "\n".join(lines)
 
 
 def write_json(result: dict, out: str | None) -> str:

@@ -15,7 +15,7 @@ def _mean_length(samples) -> float:
 
 def probe(model, reference, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, seed: int,
           eval_pairs=None, spec=None, loss_kwargs=None, batch_size: int = 8,
-          reference_length: float | None = None) -> dict:
+          reference_length: float | None = None, collate=None) -> dict:
     """What the in-training probe logs: one sample per prompt from the policy, its mean length,
     KL(policy || reference) on those samples (when there is a reference) and, with eval pairs,
     held-out implicit-reward accuracy and margin. `reference_length` (mean length of the
@@ -30,7 +30,7 @@ def probe(model, reference, tokenizer, prompts: list[list[int]], *, max_new_toke
         row.update({"probe/kl": kl["kl"], "probe/kl_stderr": kl["kl_stderr"]})
     if eval_pairs:
         ev = evaluate_pairs(model, reference, spec, eval_pairs, loss_kwargs=loss_kwargs, batch_size=batch_size,
-                            pad_id=pad)
+                            pad_id=pad, collate=collate, desc="probe")
         row.update({"probe/eval_accuracy": ev["accuracy/implicit_reward"], "probe/eval_margin": ev["rewards/margins"]})
     return row
 
@@ -63,4 +63,5 @@ def run_probe(model, reference, tokenizer, source, spec, cfg, step: int, baselin
     return probe(model, reference, tokenizer, source.probe_prompts(cfg.diagnostics.probe_prompts),
                  max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed + step,
                  eval_pairs=(source.eval_pairs or [])[: cfg.diagnostics.probe_eval_pairs], spec=spec,
-                 loss_kwargs=source.kwargs, batch_size=cfg.eval.batch_size, reference_length=baseline)
+                 loss_kwargs=source.kwargs, batch_size=cfg.eval.batch_size, reference_length=baseline,
+                 collate=source.eval_collate)

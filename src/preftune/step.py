@@ -3,12 +3,26 @@ the policy (and reference) forward over a collated batch, and the loss's setting
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .logprobs import autocast, completion_logps, split_pairs
 from .losses import LossSpec
 
-__all__ = ["loss_forward", "loss_kwargs"]
+__all__ = ["loss_forward", "loss_kwargs", "SameAsPolicy"]
+
+
+class SameAsPolicy:
+    """A reference that *is* the policy (a base model evaluated "before training"): its
+    log-probs are the policy's own, so `loss_forward` runs one forward, not two, and every
+    implicit-reward margin is exactly 0."""
+
+    def context(self):
+        return contextlib.nullcontext()
+
+    def forward_model(self, policy):
+        return policy
 
 
 def loss_kwargs(cfg, spec: LossSpec) -> dict:
@@ -29,6 +43,8 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
     first_n, second_n = split_pairs(counts)
     if "reference_logps" in batch:  # cached once for the whole run (refcache.py)
         ref_first, ref_second = split_pairs(batch["reference_logps"])
+    elif isinstance(reference, SameAsPolicy):
+        ref_first, ref_second = first.detach(), second.detach()
     elif spec.needs_reference:
         with torch.no_grad(), reference.context(), autocast(device, bf16):
             ref_first, ref_second = split_pairs(completion_logps(reference.forward_model(model), batch)[0])

@@ -385,7 +385,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
     if run.source.eval_pairs is not None:
         summary["eval"] = evaluate_pairs(run.model, run.reference, run.spec, run.source.eval_pairs,
                                          loss_kwargs=run.source.kwargs, batch_size=cfg.eval.batch_size,
-                                         pad_id=run.tokenizer.pad_token_id)
+                                         pad_id=run.tokenizer.pad_token_id, collate=run.source.eval_collate)
     a.wait_for_everyone()
     log.close()
     run_dir = Path(cfg.run.output_dir)

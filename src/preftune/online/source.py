@@ -77,6 +77,7 @@ class OnlineSource:
         if new is not cfg:
             self.collate = pair_collator(new, self.tokenizer)
         self.cfg = new
+        self.eval_collate = pair_collator(new, self.tokenizer) if examples else None
         return new, info
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> None:
