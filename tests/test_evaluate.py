@@ -108,3 +108,15 @@ def test_packed_evaluation_equals_padded_and_intervals_are_wilson(tmp_path, toke
     assert padded["accuracy/implicit_reward_ci95"] == wilson(padded["accuracy/implicit_reward"] * 7, 7)
     table = format_eval({**padded, "data": "d.jsonl", "run": "r"})
     assert "implicit-reward accuracy" in table and "[" in table and len(table.splitlines()) == 4
+
+
+def test_progress_is_silent_when_short_and_reports_in_logs_when_long(capsys, monkeypatch):
+    import preftune.progress as pg
+
+    assert list(pg.progress(range(5), total=5, desc="x")) == [0, 1, 2, 3, 4]
+    assert capsys.readouterr().err == ""  # short: nothing in the log
+    clock = iter(range(0, 1000, 6))  # 6 s per item: a line every second item (interval 10 s)
+    monkeypatch.setattr(pg.time, "perf_counter", lambda: next(clock))
+    assert len(list(pg.progress(range(5), total=10, desc="eval", unit="pairs", weights=[2] * 5))) == 5
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("eval: 4/10 pairs") and lines[-1].startswith("eval: 10/10 pairs")

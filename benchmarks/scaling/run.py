@@ -79,22 +79,34 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int) 
 
 
 def eval_worker(data: str, out: str, mode: str, length: int) -> None:
-    """`preftune eval` of the trained run in `out` (policy + adapters-off reference) and of the
-    base model ("before": policy == reference, one forward), timed over the same pairs."""
+    """Held-out evaluation of the same pairs, timed around `evaluate_pairs` only (models loaded
+    first): the trained run (policy + adapters-off reference, packed rows as checked) and the base
+    model "before" (policy == reference, one forward per batch)."""
     import time
 
+    from preftune.batches import exact_layout
     from preftune.config import load_config
-    from preftune.evaluate import run_eval
+    from preftune.evaluate import evaluate_pairs
+    from preftune.generate import run_models
+    from preftune.losses import build_loss
+    from preftune.models import load_model, load_tokenizer, resolve_model_dir
+    from preftune.prepare import pair_collator, prepare_pairs
+    from preftune.step import SameAsPolicy, loss_kwargs
 
-    overrides = [f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}", "eval.kl_prompts=0",
-                 "eval.batch_size=4"]
+    cfg = load_config(Path(out) / "config.yaml", ["eval.batch_size=4"])
+    model_dir = resolve_model_dir(cfg.model.name_or_path)
+    tok, spec = load_tokenizer(model_dir), build_loss(cfg.loss.name)
+    pairs, _ = prepare_pairs(data, cfg, tok)
+    policy, reference = run_models(cfg, out, load_model(model_dir))
     got = {}
-    for name, run_dir in (("eval_run", out), ("eval_before", None)):
-        cfg = load_config(Path(out) / "config.yaml" if run_dir else None, overrides)
+    for name, model, ref in (("eval_run", policy.eval(), reference), ("eval_before", load_model(model_dir).eval(),
+                                                                      SameAsPolicy())):
+        checked, layout = exact_layout(cfg, spec, model, pairs[:4], tok.pad_token_id, model_dir)
         start = time.perf_counter()
-        result = run_eval(cfg, run_dir=run_dir, data_path=data)
-        got[f"{name}_pairs_per_s"] = round(result["pairs"] / (time.perf_counter() - start), 3)
-        got[f"{name}_layout"] = result["layout"].get("layout")
+        evaluate_pairs(model, ref, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec), batch_size=4,
+                       pad_id=tok.pad_token_id, collate=pair_collator(checked, tok))
+        got[f"{name}_pairs_per_s"] = round(len(pairs) / (time.perf_counter() - start), 3)
+        got[f"{name}_layout"] = layout["layout"]
     print("RESULT " + json.dumps(got))
 
 
@@ -118,14 +130,14 @@ def eval_speed(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for length in [int(x) for x in a.lengths.split(",")]:
             data = Path(tmp) / f"pairs-{length}.jsonl"
-            make_pairs(data, length, a.steps * a.batch)
+            make_pairs(data, length, 32)  # training takes the first steps * batch, eval all 32
             trained = run_point_keep(data, Path(tmp) / f"run-{length}", a.steps, a.batch, length)
             cmd = [sys.executable, __file__, "--worker", "eval", "--data", str(data), "--out",
                    str(Path(tmp) / f"run-{length}"), "--lengths", str(length)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             got = json.loads(line[len("RESULT "):]) if line else {"error": proc.stderr.strip()[-300:]}
-            row = {"length": length, "pairs": a.steps * a.batch, "train_pairs_per_s": trained.get("pairs_per_s"), **got}
+            row = {"length": length, "eval_pairs": 32, "train_pairs_per_s": trained.get("pairs_per_s"), **got}
             print(json.dumps(row), flush=True)
             rows.append(row)
     (HERE / "eval.json").write_text(json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=1) + "\n")

@@ -14,6 +14,7 @@ from .data import render
 from .devices import place
 from .errors import ConfigError
 from .models import AdaptersOffReference, FrozenCopyReference, load_model, resolve_model_dir
+from .progress import progress
 
 __all__ = ["sample_completions", "decode_completions", "sample_texts", "run_models", "load_run_policy"]
 
@@ -45,7 +46,9 @@ def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_siz
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     jobs = [p for p in prompts for _ in range(n)]
     results = []
-    for i in range(0, len(jobs), batch_size):
+    starts = range(0, len(jobs), batch_size)
+    for i in progress(starts, total=len(jobs), desc="sampling", unit="samples",
+                      weights=[min(batch_size, len(jobs) - s) for s in starts]):
         chunk = jobs[i: i + batch_size]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding for generation

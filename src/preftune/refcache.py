@@ -23,6 +23,7 @@ from .config import fields_where
 from .logprobs import completion_logps, split_pairs
 from .models import cache_root
 from .prepare import pair_collator
+from .progress import progress
 from .safeio import atomic_path
 
 __all__ = ["cache_key", "cache_path", "load_or_build", "data_settings", "path_for", "reference_cache"]
@@ -54,7 +55,9 @@ def _compute(model, reference, pairs, *, batch_size: int, collate) -> dict[int, 
     was_training = model.training
     model.eval()
     out = {}
-    for i in range(0, len(pairs), batch_size):
+    starts = range(0, len(pairs), batch_size)
+    for i in progress(starts, total=len(pairs), desc="reference logps", unit="pairs",
+                      weights=[min(batch_size, len(pairs) - s) for s in starts]):
         chunk = pairs[i: i + batch_size]
         batch = collate(chunk)  # completion_logps places it on the model's device
         with reference.context():

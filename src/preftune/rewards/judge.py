@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..models import cache_root
+from ..progress import progress
 from ..safeio import atomic_write
 
 __all__ = ["JudgeClient", "JudgeReward", "SCORE_SCHEMA", "PAIRWISE_SCHEMA", "validate"]
@@ -177,7 +178,7 @@ class JudgeReward:
 
     def score(self, prompts, completions):
         out, self.last_rationales = [], []
-        for p, c in zip(prompts, completions):
+        for p, c in progress(zip(prompts, completions), total=len(completions), desc="judge", unit="calls"):
             verdict = self.client.ask(_score_messages(p, c), SCORE_SCHEMA)
             out.append(float(verdict["score"]) if verdict else math.nan)
             self.last_rationales.append(verdict.get("rationale", "") if verdict else None)
