@@ -46,7 +46,8 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir):
     ea, eb = (json.loads((tmp_path / run / "summary.json").read_text())["eval"] for run in ("two", "one"))
     assert ea["pairs"] == eb["pairs"] == 7
     for key in ("accuracy/implicit_reward", "rewards/margins", "logps/chosen", "perplexity/chosen"):
-        assert abs(ea[key] - eb[key]) < 1e-5, (key, ea, eb)
+        # relative: perplexity is exp(mean nll) (~356 here); 4+3 rows vs 7 rows sum in another order
+        assert abs(ea[key] - eb[key]) <= 1e-5 * max(1.0, abs(eb[key])), (key, ea, eb)
     wa = load_file(tmp_path / "two" / "model" / "adapter_model.safetensors")
     wb = load_file(tmp_path / "one" / "model" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys()

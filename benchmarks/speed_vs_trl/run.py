@@ -113,6 +113,17 @@ def _select_pairs(n: int, max_length: int) -> tuple[list[dict], list[tuple[int, 
     return rows, lengths
 
 
+def _given_pairs(path: str) -> tuple[list[dict], list[tuple[int, int, int]]]:
+    from preftune.data import load_records
+    from preftune.data.tokenize import tokenize_records
+
+    _, tokenizer, _ = _model()
+    records = load_records(path)
+    toks, _ = tokenize_records(records, tokenizer, max_length=10**6, max_prompt_length=10**6 - 1)
+    rows = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in records]
+    return rows, [(len(t.prompt_ids), len(t.chosen_ids), len(t.rejected_ids)) for t in toks]
+
+
 def _matmul_peak_gflops() -> float:
     import torch
 
@@ -153,6 +164,8 @@ def main() -> int:
     ap.add_argument("--worker", choices=["trl", "preftune"])
     ap.add_argument("--data")
     ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--pairs", help="a prompt/chosen/rejected JSONL to use instead of the first HH pairs that fit "
+                    "(e.g. long synthetic pairs from benchmarks/scaling/run.py make_pairs)")
     a = ap.parse_args()
     if a.worker:
         fn = worker_trl if a.worker == "trl" else worker_preftune
@@ -161,7 +174,7 @@ def main() -> int:
     if not HH_TRAIN.is_file():
         print(f"benchmark needs {HH_TRAIN}", file=sys.stderr)
         return 2
-    rows, lengths = _select_pairs(a.steps * a.batch, a.max_length)
+    rows, lengths = _given_pairs(a.pairs) if a.pairs else _select_pairs(a.steps * a.batch, a.max_length)
     data = Path(tempfile.mkdtemp()) / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     real_tokens = sum(2 * p + c + r for p, c, r in lengths)  # prompt+chosen and prompt+rejected, as DPO reads them
