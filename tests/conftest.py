@@ -142,10 +142,40 @@ def weights_sha(run_dir) -> str:
     return digest.hexdigest()
 
 
-def _cli(*args, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "preftune", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=Path(__file__).parent, **kw)
+def _cli(*args, launch=(), **kw):
+    """`preftune ARGS`, or `LAUNCH ARGS` when given (e.g. `accelerate launch ... -m preftune`)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = [*launch, *args] if launch else [sys.executable, "-m", "preftune", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, cwd=Path(__file__).parent, start_new_session=True, **kw)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (read from /proc: torchrun starts its workers in sessions of their own,
+    so a process-group kill would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill(proc) -> None:
+    """SIGKILL the run and every process it started, as a power cut would."""
+    for pid in [*_descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def _wait_for(path, proc, timeout=300.0) -> float:
@@ -157,10 +187,25 @@ def _wait_for(path, proc, timeout=300.0) -> float:
     return time.monotonic()
 
 
-def kill_and_resume_trials(tmp_path, command: str, args: list[str], trials: int, seed: int = 0) -> list:
-    """SIGKILL a CLI run (`preftune COMMAND ARGS`) at a random moment of its training (saves
-    included), `preftune resume` it, and compare the final weights with an uninterrupted run's."""
-    ref = _cli(command, *args, f"run.output_dir={tmp_path / 'ref'}")
+def _wait_for_save(root: Path, proc, nth: int, timeout=300.0) -> None:
+    """Return as soon as the `nth` (0-based) checkpoint write has begun (its temp dir exists)."""
+    seen, start = set(), time.monotonic()
+    while time.monotonic() - start < timeout and proc.poll() is None:
+        temps = {p.name for p in root.glob(".tmp-*")} if root.is_dir() else set()
+        if temps - seen:
+            seen |= temps
+            if len(seen) > nth:
+                return
+        time.sleep(0.001)
+
+
+def kill_and_resume_trials(tmp_path, command: str, args: list[str], trials: int, seed: int = 0,
+                           launch=(), at_save: int = 0) -> list:
+    """SIGKILL a CLI run (`preftune COMMAND ARGS`, under `launch` when given) at a random moment of
+    its training (saves included) or, with `at_save=N`, as soon as one of the run's N checkpoint
+    writes (a random one) has begun; `preftune resume` it; compare the final weights with an
+    uninterrupted run's."""
+    ref = _cli(command, *args, f"run.output_dir={tmp_path / 'ref'}", launch=launch)
     began = _wait_for(tmp_path / "ref" / "config.yaml", ref)  # written just before step 1
     ended = _wait_for(tmp_path / "ref" / "summary.json", ref)
     assert ref.wait(timeout=300) == 0, ref.stderr.read()
@@ -168,17 +213,21 @@ def kill_and_resume_trials(tmp_path, command: str, args: list[str], trials: int,
     rng, outcomes = random.Random(seed), []
     for i in range(trials):
         run = tmp_path / f"trial{i}"
-        proc = _cli(command, *args, f"run.output_dir={run}")
+        proc = _cli(command, *args, f"run.output_dir={run}", launch=launch)
         _wait_for(run / "config.yaml", proc)
-        time.sleep(rng.uniform(0.0, window))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        if at_save:
+            _wait_for_save(run / "checkpoints", proc, nth=rng.randrange(at_save))
+        else:
+            time.sleep(rng.uniform(0.0, window))
+        _kill(proc)
         root = run / "checkpoints"
         at_kill = (sorted(p.name for p in root.glob("step-*"))[-1:] or ["none"])[0] if root.exists() else "none"
         mid_save = root.exists() and any(root.glob(".tmp-*"))
-        resumed = _cli("resume", str(run))
-        # killed after its last write (summary.json): a finished run is refused, not retrained
-        expected_rc = 2 if (run / "summary.json").exists() else 0
-        assert resumed.wait(timeout=300) == expected_rc, resumed.stderr.read()
+        # killed after its last write (summary.json): a finished run is refused (exit 2; a launcher
+        # reports its worker's failure as 1), not retrained
+        finished = (run / "summary.json").exists()
+        resumed = _cli("resume", str(run), launch=launch)
+        rc = resumed.wait(timeout=300)
+        assert rc == (0 if not finished else 1 if launch else 2), resumed.stderr.read()
         outcomes.append((weights_sha(run) == expected, at_kill, "mid-save" if mid_save else ""))
     return outcomes

@@ -5,8 +5,11 @@ A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding
     optimizer.safetensors   AdamW state flattened to `<param index>.<name>` tensors
     optimizer.json          param groups (hyperparameters), without tensors
     scheduler.json          the LR scheduler's state (plain numbers)
-    rng.safetensors, rng.json  torch CPU RNG (tensor); python and numpy RNG (JSON)
-    state.json              step, epoch, micro-batches consumed in the epoch, fingerprint
+    rng.safetensors, rng.json  per process: torch CPU (and CUDA) RNG (tensors `torch_cpu.<rank>`);
+                            python and numpy RNG (JSON, `ranks[<rank>]`)
+    state.json              step, epoch, micro-batches consumed in the epoch, world size, fingerprint
+Under FSDP the trainable tensors and optimizer moments are gathered to full tensors first (on every
+rank, `snapshot`), and rank 0 writes them: one format at every world size (sharding.py says why).
     manifest.json           sha256 and size of every file above; written last
 It is written to `.tmp-<pid>-step-N/` (safeio.atomic_path; each file fsynced), then renamed into place and the parent
 fsynced, so a kill at any moment leaves either the old set of checkpoints or the new one.
@@ -32,9 +35,11 @@ from .data.sources import split_path
 from .errors import ConfigError, NumericalError
 from .hashing import file_sha256
 from .safeio import atomic_path
+from .sharding import full_tensors, gather_objects, rank_and_world, shard_like
 from .version import __version__
 
-__all__ = ["save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite", "EpochSampler",
+__all__ = ["snapshot", "save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite",
+           "EpochSampler",
            "fingerprint", "check_fingerprint"]
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
@@ -65,40 +70,66 @@ def assert_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 def _optimizer_parts(optimizer) -> tuple[dict, dict]:
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer
     sd = inner.state_dict()
-    tensors = {f"{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+    tensors = full_tensors({f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()})
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups}
 
 
 def _load_optimizer(optimizer, tensors: dict, meta: dict) -> None:
     inner = getattr(optimizer, "optimizer", optimizer)
+    params = [p for g in inner.param_groups for p in g["params"]]  # state index i is params[i]
     state: dict = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
+        like = params[int(index)]
+        if value.shape == like.shape:  # moments are laid out like their parameter (sharded under FSDP)
+            value = shard_like(value, like)
         state.setdefault(int(index), {})[name] = value
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     inner.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(run_dir: Path, *, step: int, trainable: dict, optimizer, scheduler, state: dict,
-                    keep_last: int) -> Path:
+def _rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"torch_cpu": torch.get_rng_state(),
+            "torch_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "python": [py[0], list(py[1]), py[2]], "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint holds, as full CPU tensors, on every rank (rank 0 writes it)."""
+    trainable: dict
+    optimizer: tuple[dict, dict]
+    rng: list[dict]  # one per rank, in rank order
+    world_size: int
+
+
+def snapshot(trainable: dict, optimizer) -> Snapshot:
+    """Gather what a checkpoint needs. Every rank must call it (sharded tensors are gathered)."""
+    return Snapshot(full_tensors(trainable), _optimizer_parts(optimizer), gather_objects(_rng_state()),
+                    rank_and_world()[1])
+
+
+def save_checkpoint(run_dir: Path, *, step: int, snap: Snapshot, scheduler, state: dict, keep_last: int) -> Path:
+    """Write `snap` (rank 0 only) atomically as checkpoints/step-N."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
-    trainable = {k: v.detach().contiguous().cpu() for k, v in trainable.items()}
-    assert_finite(trainable, f"checkpoint at step {step}")
+    assert_finite(snap.trainable, f"checkpoint at step {step}")
     final = root / f"step-{step:08d}"
     with atomic_path(final, directory=True) as tmp:
-        save_file(trainable, tmp / "trainable.safetensors")
-        opt_tensors, opt_meta = _optimizer_parts(optimizer)
+        save_file(snap.trainable, tmp / "trainable.safetensors")
+        opt_tensors, opt_meta = snap.optimizer
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-        np_state = np.random.get_state()
-        (tmp / "rng.json").write_text(json.dumps({
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}))
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
+        rng_tensors = {f"{kind}.{rank}": r[kind] for rank, r in enumerate(snap.rng)
+                       for kind in ("torch_cpu", "torch_cuda") if r[kind] is not None}
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        (tmp / "rng.json").write_text(json.dumps({"ranks": [{"python": r["python"], "numpy": r["numpy"]}
+                                                            for r in snap.rng]}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": snap.world_size, **state}))
         manifest = {}
         for name in FILES:
             _fsync(tmp / name)
@@ -170,16 +201,25 @@ def load_checkpoint(ckpt: Checkpoint, *, params: dict, optimizer, scheduler) -> 
         extra = sorted(set(weights) - set(params))[0]
         raise ConfigError(str(ckpt.path), "checkpoint", f"tensor {extra} has no place in this model "
                           "(lora targets or model changed); start a new run")
+    rank, world = rank_and_world()
+    saved_world = ckpt.state.get("world_size", 1)
+    if saved_world != world:
+        raise ConfigError(str(ckpt.path), "checkpoint", f"written by {saved_world} process(es), resumed by {world}; "
+                          f"resume with the same number of processes (the data order and per-process RNG depend on it)")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(weights[name])
+            p.copy_(shard_like(weights[name], p))
     _load_optimizer(optimizer, load_file(ckpt.path / "optimizer.safetensors"),
                     json.loads((ckpt.path / "optimizer.json").read_text()))
     scheduler.load_state_dict(json.loads((ckpt.path / "scheduler.json").read_text()))
-    torch.set_rng_state(load_file(ckpt.path / "rng.safetensors")["torch_cpu"])
+    rng_tensors = load_file(ckpt.path / "rng.safetensors")
     rng = json.loads((ckpt.path / "rng.json").read_text())
-    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
-    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    mine = rng["ranks"][rank] if "ranks" in rng else rng  # older checkpoints held one process's RNG, at the top level
+    torch.set_rng_state(rng_tensors.get(f"torch_cpu.{rank}", rng_tensors.get("torch_cpu")))
+    if torch.cuda.is_available() and f"torch_cuda.{rank}" in rng_tensors:
+        torch.cuda.set_rng_state(rng_tensors[f"torch_cuda.{rank}"])
+    random.setstate((mine["python"][0], tuple(mine["python"][1]), mine["python"][2]))
+    np.random.set_state((mine["numpy"][0], np.array(mine["numpy"][1], dtype=np.uint32), *mine["numpy"][2:]))
 
 
 # ---- exact resume: data order and what a checkpoint must agree with ----

@@ -76,9 +76,15 @@ def _overrides(p, text: str = "section.key=value"):
 
 # ---- train, resume, eval, demo -------------------------------------------------------------
 
+def _say_once(line: str) -> None:
+    """Print on the main process only (under a launcher every rank returns from train)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line)
+
+
 def _train(a) -> int:
     result = train(load_config(a.config, a.overrides))
-    print(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} pairs/s)")
+    _say_once(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} pairs/s)")
     return 0
 
 
@@ -99,7 +105,7 @@ def _resume(a) -> int:
         result = run_online(cfg, resume=True, allow_config_change=a.allow_config_change)
     else:
         result = train(cfg, resume=True, allow_config_change=a.allow_config_change)
-    print(f"run: {result.run_dir} ({result.steps} steps)")
+    _say_once(f"run: {result.run_dir} ({result.steps} steps)")
     return 0
 
 
@@ -176,7 +182,7 @@ def _iterate(a) -> int:
 
 def _online(a) -> int:
     result = run_online(load_config(a.config, a.overrides))
-    print(f"run: {result.run_dir} ({result.steps} steps)")
+    _say_once(f"run: {result.run_dir} ({result.steps} steps)")
     return 0
 
 

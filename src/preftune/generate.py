@@ -15,6 +15,7 @@ from .devices import place
 from .errors import ConfigError
 from .models import AdaptersOffReference, FrozenCopyReference, load_model, resolve_model_dir
 from .progress import progress
+from .sharding import unsharded_root
 
 __all__ = ["sample_completions", "decode_completions", "sample_texts", "run_models", "load_run_policy"]
 
@@ -35,7 +36,7 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, ma
     """
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream (dropout, shuffling) is untouched
+    with torch.random.fork_rng(devices=[]), unsharded_root(model):  # the caller's RNG stream is untouched
         torch.manual_seed(seed)
         results = _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size, top_p, top_k)
     model.train(was_training)

@@ -25,6 +25,7 @@ from .models import cache_root
 from .prepare import pair_collator
 from .progress import progress
 from .safeio import atomic_path
+from .sharding import is_fsdp
 
 __all__ = ["cache_key", "cache_path", "load_or_build", "data_settings", "path_for", "reference_cache"]
 
@@ -68,22 +69,30 @@ def _compute(model, reference, pairs, *, batch_size: int, collate) -> dict[int, 
     return out
 
 
-def load_or_build(path: Path, model, reference, pairs, *, batch_size: int, collate, build: bool = True,
-                  ) -> tuple[dict[int, tuple[float, float]], bool]:
-    """The cached logps keyed by line, and whether they were read from disk. With `build`
-    False (non-main processes) the file must exist."""
+def _read(path: Path, pairs) -> dict[int, tuple[float, float]] | None:
     if path.is_file():
         t = load_file(str(path))
         cached = {int(line): (c, r) for line, (c, r) in zip(t["lines"].tolist(), t["logps"].tolist())}
         if all(p.line in cached for p in pairs):
-            return cached, True
+            return cached
+    return None
+
+
+def load_or_build(path: Path, model, reference, pairs, *, batch_size: int, collate, build: bool = True,
+                  write: bool = True) -> tuple[dict[int, tuple[float, float]], bool]:
+    """The cached logps keyed by line, and whether they were read from disk. With `build`
+    False (non-main processes) the file must exist; with `write` False they are computed, not saved."""
+    cached = _read(path, pairs)
+    if cached is not None:
+        return cached, True
     if not build:
         raise FileNotFoundError(path)
     values = _compute(model, reference, pairs, batch_size=batch_size, collate=collate)
-    lines = sorted(values)
-    with atomic_path(path) as tmp:
-        save_file({"lines": torch.tensor(lines, dtype=torch.long),
-                   "logps": torch.tensor([values[k] for k in lines], dtype=torch.float32)}, str(tmp))
+    if write:
+        lines = sorted(values)
+        with atomic_path(path) as tmp:
+            save_file({"lines": torch.tensor(lines, dtype=torch.long),
+                       "logps": torch.tensor([values[k] for k in lines], dtype=torch.float32)}, str(tmp))
     return values, False
 
 
@@ -94,11 +103,16 @@ def reference_cache(cfg, data, model, reference, tokenizer, info: dict, fp: dict
     start = time.perf_counter()
     build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
                     collate=pair_collator(cfg, tokenizer))
-    if accelerator.is_main_process:
-        values, hit = build()
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        values, hit = build(build=False)
+    if is_fsdp(accelerator):  # a sharded model runs forwards on every rank together; the main one writes
+        hit = _read(path, data.examples) is not None
+        accelerator.wait_for_everyone()  # every rank has looked before any rank writes: one decision
+        values, hit = build(write=accelerator.is_main_process) if not hit else build(build=False)
+    else:
+        if accelerator.is_main_process:
+            values, hit = build()
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            values, hit = build(build=False)
     if accelerator.is_main_process:
         print(f"reference logps: {'read from' if hit else 'computed and cached in'} {path} "
               f"({time.perf_counter() - start:.1f} s)")

@@ -33,6 +33,7 @@ from .checkpoint import (
     fingerprint,
     load_checkpoint,
     save_checkpoint,
+    snapshot,
 )
 from .config import Config, save_config
 from .diagnostics import health_checks, step_metrics
@@ -53,6 +54,17 @@ from .models import (
 from .probe import probe_baseline, run_probe
 from .rundir import RunLock, finished, read_jsonl_tail_tolerant
 from .safeio import atomic_path, atomic_write
+from .sharding import (
+    enable_fsdp_on_cpu,
+    full_model_state,
+    full_tensors,
+    gather_objects,
+    init_root,
+    is_fsdp,
+    local_state_mb,
+    shard_frozen,
+    sharded_modules,
+)
 from .step import loss_forward
 from .version import __version__
 
@@ -72,16 +84,27 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
                           "(set run.overwrite=true or choose another directory)")
 
 
-def _save_model(model, tokenizer, dest: Path) -> None:
-    """No half-written model/ ever exists (safeio.atomic_path)."""
+def _save_model(model, tokenizer, dest: Path, state_dict: dict | None = None) -> None:
+    """No half-written model/ ever exists (safeio.atomic_path). `state_dict`: the full weights
+    gathered from a sharded model (else the model's own)."""
     with atomic_path(dest, directory=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def rss_mb() -> float | None:
+    """Resident memory of this process now (Linux /proc; None elsewhere): after sharding this is
+    what a process holds while it trains, where the peak also counts the load before sharding."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -120,10 +143,10 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
     return model, reference, info
 
 
-def place_reference(reference, accelerator) -> None:
+def place_reference(reference, accelerator, token_id: int) -> None:
     """Put a frozen reference copy where the policy runs. Adapters-off references are the
     policy itself, so DDP/FSDP/DeepSpeed shard them for free. A frozen copy is moved to the
-    device under DDP, and sharded like the policy (evaluation mode) under FSDP; under
+    device under DDP and sharded like the policy under FSDP2 (sharding.shard_frozen); under
     DeepSpeed it is refused: use LoRA, or a reference-free loss."""
     from accelerate.utils import DistributedType  # deferred with Accelerate (see _setup)
 
@@ -135,7 +158,8 @@ def place_reference(reference, accelerator) -> None:
                           "supported under DeepSpeed yet; set model.lora=true (the reference is then the policy "
                           "with adapters off) or use a reference-free loss")
     if kind == DistributedType.FSDP:
-        reference.model = accelerator.prepare_model(reference.model, evaluation_mode=True)
+        reference.model = shard_frozen(accelerator, reference.model)
+        init_root(reference.model, token_id)
     else:
         reference.model.to(accelerator.device)
 
@@ -233,10 +257,15 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
             fp32_lm_head(reference.model)
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available(),
                               log_with=t.report_to or None, project_dir=str(run_dir))
-    params = list(_trainable(model).values())
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    enable_fsdp_on_cpu(accelerator)
+    if is_fsdp(accelerator) and not isinstance(source, OfflineSource):
+        raise ConfigError("accelerate config", "distributed_type", "online runs sample from the policy on each process; "
+                          "that is not supported under FSDP yet: launch with DDP (configs/accelerate/ddp.yaml)")
+    optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    place_reference(reference, accelerator)
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # FSDP replaces them with sharded ones
+    init_root(model, tokenizer.pad_token_id or 0)
+    place_reference(reference, accelerator, tokenizer.pad_token_id or 0)
     per_epoch = source.start(cfg, accelerator.unwrap_model(model), accelerator, reference, reference_info, fp)
     if per_epoch is None:  # an unbounded (online) source: max_steps is the length of the run
         total_steps, epochs = t.max_steps, 1
@@ -252,7 +281,8 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
                         scheduler=scheduler)
         run.step, run.epoch0, run.batch0 = ckpt.state["step"], ckpt.state["epoch"], ckpt.state["batches_in_epoch"]
         run.history = [r for r in read_jsonl_tail_tolerant(run_dir / "metrics.jsonl") if r["step"] <= run.step]
-        print(f"resume: from {ckpt.path} (step {run.step})")
+        if accelerator.is_main_process:
+            print(f"resume: from {ckpt.path} (step {run.step})")
     return run
 
 
@@ -272,10 +302,14 @@ class RunLog:
             _write_json(self.run_dir / "data_stats.json", {**run.source.stats, "layout": run.layout_info})
             _write_json(self.run_dir / "reference.json", run.reference_info)
             print(f"data: {run.source.describe()}; loss: {run.spec.name}; reference: {run.reference_info['strategy']}")
+            if a.num_processes > 1:
+                kind = str(a.distributed_type).split(".")[-1].lower()
+                print(f"processes: {a.num_processes} ({kind}); global batch "
+                      f"{t.batch_size * a.num_processes * t.grad_accum} pairs per step")
         if t.report_to:
             a.init_trackers("trackers", config=_flat_config(cfg))
         self.metrics = open(self.run_dir / "metrics.jsonl", "w") if self.main else None
-        for row in run.history:  # a resumed run keeps the rows up to its checkpoint, bit for bit
+        for row in run.history if self.main else []:  # a resumed run keeps the rows up to its checkpoint, bit for bit
             self.metrics.write(json.dumps(row) + "\n")
         self.flagged = {f for r in run.history for f in r.get("health", [])}
         # a live bar on a terminal; a plain line every 10 steps in logs (CI, pipes)
@@ -333,7 +367,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                 a.backward(loss)
                 grad_norm = None
                 if a.sync_gradients:
-                    grad_norm = a.clip_grad_norm_(run.params, t.max_grad_norm or float("inf"))
+                    grad_norm = full_tensors({"n": a.clip_grad_norm_(run.params, t.max_grad_norm or float("inf"))})["n"]
                     if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
                         # stop before optimizer.step: no non-finite weight ever exists
                         what = "loss" if not torch.isfinite(loss) else "grad_norm"
@@ -358,11 +392,11 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                                      baseline))
             stop = log.record(row)
             if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < run.total_steps:
-                a.wait_for_everyone()
+                snap = snapshot(_trainable(unwrapped), run.optimizer)  # every rank: gathers sharded tensors
                 if a.is_main_process:
-                    save_checkpoint(run_dir, step=run.step, trainable=_trainable(unwrapped), optimizer=run.optimizer,
-                                    scheduler=run.scheduler, keep_last=t.keep_last,
+                    save_checkpoint(run_dir, step=run.step, snap=snap, scheduler=run.scheduler, keep_last=t.keep_last,
                                     state={"epoch": epoch, "batches_in_epoch": done, "fingerprint": run.fp})
+                a.wait_for_everyone()
             if stop:
                 return {"check": stop, "step": run.step}
             if run.step >= run.total_steps:
@@ -378,6 +412,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
                "pairs_per_s": round(run.pairs / max(elapsed, 1e-9), 3) if run.ckpt is None else None,
                "data": run.source.stats, "layout": run.layout_info, "reference": run.reference_info,
                "loss_params": run.source.kwargs, "peak_rss_mb": peak_rss_mb(),
+               "distributed": {"type": str(a.distributed_type).split(".")[-1].lower(), "processes": a.num_processes},
                "gradient_checkpointing": bool(getattr(a.unwrap_model(run.model), "is_gradient_checkpointing", False)),
                "resumed_from": str(run.ckpt.path) if run.ckpt else None,
                "health": {f: next(r["step"] for r in history if f in r.get("health", [])) for f in sorted(log.flagged)},
@@ -386,13 +421,23 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
         summary["eval"] = evaluate_pairs(run.model, run.reference, run.spec, run.source.eval_pairs,
                                          loss_kwargs=run.source.kwargs, batch_size=cfg.eval.batch_size,
                                          pad_id=run.tokenizer.pad_token_id, collate=run.source.eval_collate)
+    # per process: what sharding saves shows here (the peak includes loading the whole model once)
+    summary["peak_rss_mb_per_process"] = gather_objects(peak_rss_mb())
+    summary["rss_mb_per_process"] = gather_objects(rss_mb())
+    ref_model = getattr(run.reference, "model", None) if isinstance(run.reference, FrozenCopyReference) else None
+    summary["model_state_mb_per_process"] = gather_objects(
+        local_state_mb([run.model, *([ref_model] if ref_model is not None else [])], run.optimizer))
+    if is_fsdp(a):
+        summary["distributed"]["sharded_modules"] = sharded_modules(run.model)
     a.wait_for_everyone()
     log.close()
     run_dir = Path(cfg.run.output_dir)
+    final = a.unwrap_model(run.model)
+    gathered = full_model_state(run.model) if is_fsdp(a) else None  # every rank: full weights on rank 0
     if a.is_main_process:
-        final = a.unwrap_model(run.model)
-        assert_finite(_trainable(final), "final model")
-        _save_model(final, run.tokenizer, run_dir / "model")
+        trainable = {k: gathered[k] for k in _trainable(final)} if gathered is not None else _trainable(final)
+        assert_finite(trainable, "final model")
+        _save_model(final, run.tokenizer, run_dir / "model", state_dict=gathered)
         _write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, step, summary)
 
