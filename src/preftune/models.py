@@ -114,15 +114,27 @@ def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, revision:
 
 
 def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: bool = False,
-               allow_pickle_weights: bool = False, revision: str | None = None, attn_implementation: str | None = None):
-    from transformers import AutoModelForCausalLM  # deferred: ~1 s to import
+               allow_pickle_weights: bool = False, revision: str | None = None, attn_implementation: str | None = None,
+               empty: bool = False):
+    """The model in `model_dir`. `empty`: its structure only, parameters on the meta device (buffers
+    such as rotary frequencies real): a sharded run's ranks > 0, which receive their shards from rank 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: ~1 s to import
 
     _refuse_remote_code(model_dir, trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, revision=revision or None,
-            use_safetensors=None if allow_pickle_weights else True, **extra)
+        if empty:
+            from accelerate import init_empty_weights  # deferred: only sharded runs come here
+
+            config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code, revision=revision or None)
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=_DTYPES[dtype],
+                                                         trust_remote_code=trust_remote_code, **extra)
+            model.tie_weights()  # inside the context each (re)registered parameter became its own meta copy
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, revision=revision or None,
+                use_safetensors=None if allow_pickle_weights else True, **extra)
     except OSError as err:
         raise _hub_error(model_dir, err) from None
     except (ValueError, ImportError) as err:  # unknown architecture or attention kernel, bad config: one line
@@ -132,13 +144,14 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
     return model
 
 
-def load_start(m, model_dir: str):
+def load_start(m, model_dir: str, *, empty: bool = False):
     """The weights training starts from, per a `ModelConfig`: the model (revision, dtype, attention
     implementation), with an SFT adapter (`model.adapter_name_or_path`) merged in when one is
-    given and `model.adapter_merge` is on. Returns (model, adapter info for reference.json)."""
+    given and `model.adapter_merge` is on. Returns (model, adapter info for reference.json).
+    `empty` (no adapter only): structure without weights, see load_model."""
     model = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                        allow_pickle_weights=m.allow_pickle_weights, revision=m.revision,
-                       attn_implementation=m.attn_implementation)
+                       attn_implementation=m.attn_implementation, empty=empty and not m.adapter_name_or_path)
     if not m.adapter_name_or_path:
         return model, None
     from peft import PeftModel  # deferred: only adapter paths need peft
@@ -220,12 +233,15 @@ def build_reference(policy, *, lora: bool) -> Reference:
     return AdaptersOffReference(policy) if lora else FrozenCopyReference.of(policy)
 
 
-def weights_sha256(model, *, skip_substring: str = "lora_") -> str:
-    """sha256 over the named tensors (sorted by name), adapter weights excluded."""
+def weights_sha256(model, *, skip_substring: str = "lora_") -> str | None:
+    """sha256 over the named tensors (sorted by name), adapter weights excluded; None for a model
+    without its weights (meta tensors: a sharded run's rank > 0, see load_model)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         if skip_substring and skip_substring in name:
             continue
+        if tensor.is_meta:
+            return None
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

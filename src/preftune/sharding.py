@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["enable_fsdp_on_cpu", "is_fsdp", "init_root", "unsharded_root", "shard_frozen", "full_tensors", "full_model_state",
+__all__ = ["enable_fsdp_on_cpu", "is_fsdp", "loads_on_rank0_only", "init_root", "unsharded_root", "shard_frozen", "full_tensors", "full_model_state",
            "local_state_mb", "sharded_modules", "shard_like",
            "gather_objects", "rank_and_world"]
 
@@ -49,6 +49,14 @@ def enable_fsdp_on_cpu(accelerator) -> bool:
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
     return True
+
+
+def loads_on_rank0_only(accelerator) -> bool:
+    """FSDP2 with `fsdp_cpu_ram_efficient_loading`, on a rank other than 0: this process builds the
+    model without weights and receives its shards from rank 0 at prepare (Accelerate broadcasts
+    them), so it never holds a whole copy of the policy and reference."""
+    return (is_fsdp(accelerator) and accelerator.is_fsdp2 and not accelerator.is_main_process
+            and bool(accelerator.state.fsdp_plugin.cpu_ram_efficient_loading))
 
 
 def is_fsdp(accelerator) -> bool:

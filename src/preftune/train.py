@@ -61,6 +61,7 @@ from .sharding import (
     gather_objects,
     init_root,
     is_fsdp,
+    loads_on_rank0_only,
     local_state_mb,
     shard_frozen,
     sharded_modules,
@@ -111,12 +112,13 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _build_policy(cfg: Config, spec: LossSpec, model_dir: str):
+def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = False):
     """Policy (with LoRA if asked), its reference, and what to record about the reference. With
     an SFT adapter merged in, the reference is the SFT-adapted model (adapters off = SFT
-    weights); kept trainable, the SFT adapter is the policy and a frozen merged copy the reference."""
+    weights); kept trainable, the SFT adapter is the policy and a frozen merged copy the reference.
+    `empty`: without weights (a sharded run's rank > 0; rank 0's are broadcast at prepare)."""
     m = cfg.model
-    model, adapter = load_start(m, model_dir)
+    model, adapter = load_start(m, model_dir, empty=empty)
     separate = spec.needs_reference and bool(m.reference_name_or_path)  # not the starting weights
     kept = adapter is not None and not m.adapter_merge  # the SFT adapter itself keeps training
     info = {"strategy": "none", "weights_sha256": None}
@@ -248,24 +250,32 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
                           "above); remove the checkpoints/ directory to start over")
     elif resume:
         print(f"resume: no valid checkpoint in {run_dir}; starting from step 0")
-    set_seed(t.seed)
-    model, reference, reference_info = _build_policy(cfg, spec, model_dir)
-    cfg, layout_info = source.layout(cfg, model, model_dir)
-    if t.autocast_bf16:
-        fp32_lm_head(model)
-        if isinstance(reference, FrozenCopyReference):
-            fp32_lm_head(reference.model)
+    # Accelerate (and its process group) before the weights: under FSDP with cpu_ram_efficient_loading
+    # only rank 0 loads them, the other ranks build the structure and get their shards at prepare
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available(),
                               log_with=t.report_to or None, project_dir=str(run_dir))
     enable_fsdp_on_cpu(accelerator)
     if is_fsdp(accelerator) and not isinstance(source, OfflineSource):
         raise ConfigError("accelerate config", "distributed_type", "online runs sample from the policy on each process; "
                           "that is not supported under FSDP yet: launch with DDP (configs/accelerate/ddp.yaml)")
+    set_seed(t.seed)
+    model, reference, reference_info = _build_policy(cfg, spec, model_dir, empty=loads_on_rank0_only(accelerator))
+    reference_info["weights_sha256"] = gather_objects(reference_info["weights_sha256"])[0]  # rank 0 has them all
+    if t.autocast_bf16:
+        fp32_lm_head(model)
+        if isinstance(reference, FrozenCopyReference):
+            fp32_lm_head(reference.model)
     optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # FSDP replaces them with sharded ones
+    # the prepared (under FSDP: sharded, new) parameters, in the same name order. Accelerate swaps
+    # them into the optimizer by data pointer, which parameters without storage (ranks > 0 above)
+    # all share; the optimizer holds no state yet, so setting its one group here is exact.
+    params = list(_trainable(model).values())
+    optimizer.param_groups[0]["params"] = params
     init_root(model, tokenizer.pad_token_id or 0)
     place_reference(reference, accelerator, tokenizer.pad_token_id or 0)
+    # checked on the prepared model: on its device, and under FSDP with every rank's forwards together
+    cfg, layout_info = source.layout(cfg, accelerator.unwrap_model(model), model_dir)
     per_epoch = source.start(cfg, accelerator.unwrap_model(model), accelerator, reference, reference_info, fp)
     if per_epoch is None:  # an unbounded (online) source: max_steps is the length of the run
         total_steps, epochs = t.max_steps, 1
