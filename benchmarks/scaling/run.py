@@ -65,7 +65,8 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int) 
                              f"train.batch_size={batch}", "train.lr=5e-4", "train.shuffle=false",
                              f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}",
                              "diagnostics.probe_every=0", "train.warmup_ratio=0", "train.seed=42",
-                             f"model.gradient_checkpointing={str(mode.endswith('+gc')).lower()}"])
+                             f"model.gradient_checkpointing={str(mode.endswith('+gc')).lower()}",
+                             f"train.reference_cache={str(mode.endswith('+cache')).lower()}"])
     result = train(cfg)
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     s = result.summary
@@ -85,12 +86,14 @@ def eval_worker(data: str, out: str, mode: str, length: int) -> None:
     import time
 
     from preftune.batches import exact_layout
+    from preftune.checkpoint import file_digest, tokenizer_sha256
     from preftune.config import load_config
     from preftune.evaluate import evaluate_pairs
     from preftune.generate import run_models
     from preftune.losses import build_loss
     from preftune.models import load_model, load_tokenizer, resolve_model_dir
     from preftune.prepare import pair_collator, prepare_pairs
+    from preftune.refcache import load_or_build, path_for
     from preftune.step import SameAsPolicy, loss_kwargs
 
     cfg = load_config(Path(out) / "config.yaml", ["eval.batch_size=4"])
@@ -107,6 +110,18 @@ def eval_worker(data: str, out: str, mode: str, length: int) -> None:
                        pad_id=tok.pad_token_id, collate=pair_collator(checked, tok))
         got[f"{name}_pairs_per_s"] = round(len(pairs) / (time.perf_counter() - start), 3)
         got[f"{name}_layout"] = layout["layout"]
+    if cfg.train.reference_cache:  # the run trained from cached reference log-probs: eval reads them too
+        checked, _ = exact_layout(cfg, spec, policy, pairs[:4], tok.pad_token_id, model_dir)
+        ref_sha = json.loads((Path(out) / "reference.json").read_text())["weights_sha256"]
+        cache = path_for(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tok),
+                         data_sha256=file_digest(data), data_config=cfg.data)
+        values, hit = load_or_build(cache, policy, reference, pairs, batch_size=4,
+                                    collate=pair_collator(checked, tok))  # not timed: training built it
+        start = time.perf_counter()
+        evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec), batch_size=4,
+                       pad_id=tok.pad_token_id, collate=pair_collator(checked, tok, values))
+        got["eval_run_cached_reference_pairs_per_s"] = round(len(pairs) / (time.perf_counter() - start), 3)
+        got["cache_hit"] = hit
     print("RESULT " + json.dumps(got))
 
 
@@ -131,7 +146,8 @@ def eval_speed(a) -> None:
         for length in [int(x) for x in a.lengths.split(",")]:
             data = Path(tmp) / f"pairs-{length}.jsonl"
             make_pairs(data, length, 32)  # training takes the first steps * batch, eval all 32
-            trained = run_point_keep(data, Path(tmp) / f"run-{length}", a.steps, a.batch, length)
+            trained = run_point_keep(data, Path(tmp) / f"run-{length}", a.steps, a.batch, length,
+                                     mode="block+cache" if a.reference_cache else "block")
             cmd = [sys.executable, __file__, "--worker", "eval", "--data", str(data), "--out",
                    str(Path(tmp) / f"run-{length}"), "--lengths", str(length)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
@@ -140,12 +156,13 @@ def eval_speed(a) -> None:
             row = {"length": length, "eval_pairs": 32, "train_pairs_per_s": trained.get("pairs_per_s"), **got}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    (HERE / "eval.json").write_text(json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=1) + "\n")
+    name = "eval_cached.json" if a.reference_cache else "eval.json"
+    (HERE / name).write_text(json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=1) + "\n")
 
 
-def run_point_keep(data: Path, out: Path, steps: int, batch: int, length: int) -> dict:
+def run_point_keep(data: Path, out: Path, steps: int, batch: int, length: int, mode: str = "block") -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--worker", "block", "--data", str(data), "--out", str(out),
+    cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--out", str(out),
            "--steps", str(steps), "--batch", str(batch), "--lengths", str(length)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -181,6 +198,9 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--out")
     ap.add_argument("--eval-speed", action="store_true", help="train pairs/s vs eval pairs/s on the same pairs")
+    ap.add_argument("--reference-cache", action="store_true",
+                    help="with --eval-speed: train with train.reference_cache=true; eval also from the cache "
+                         "(writes eval_cached.json)")
     a = ap.parse_args()
     if a.worker == "eval":
         return eval_worker(a.data, a.out, a.worker, int(a.lengths))
