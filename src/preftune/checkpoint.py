@@ -8,11 +8,11 @@ A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding
     rng.safetensors, rng.json  per process: torch CPU (and CUDA) RNG (tensors `torch_cpu.<rank>`);
                             python and numpy RNG (JSON, `ranks[<rank>]`)
     state.json              step, epoch, micro-batches consumed in the epoch, world size, fingerprint
-Under FSDP the trainable tensors and optimizer moments are gathered to full tensors first (on every
-rank, `snapshot`), and rank 0 writes them: one format at every world size (sharding.py says why).
     manifest.json           sha256 and size of every file above; written last
 It is written to `.tmp-<pid>-step-N/` (safeio.atomic_path; each file fsynced), then renamed into place and the parent
 fsynced, so a kill at any moment leaves either the old set of checkpoints or the new one.
+Under FSDP the trainable tensors and optimizer moments are gathered to full tensors first (on every
+rank, `snapshot`), and rank 0 writes them: one format at every world size (sharding.py says why).
 A checkpoint whose manifest is missing or does not verify does not exist for `resume`.
 """
 
@@ -39,8 +39,7 @@ from .sharding import full_tensors, gather_objects, rank_and_world, shard_like
 from .version import __version__
 
 __all__ = ["snapshot", "save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite",
-           "EpochSampler",
-           "fingerprint", "check_fingerprint"]
+           "EpochSampler", "fingerprint", "check_fingerprint"]
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
          "rng.safetensors", "rng.json", "state.json")

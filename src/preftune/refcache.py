@@ -104,9 +104,9 @@ def reference_cache(cfg, data, model, reference, tokenizer, info: dict, fp: dict
     build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
                     collate=pair_collator(cfg, tokenizer))
     if is_fsdp(accelerator):  # a sharded model runs forwards on every rank together; the main one writes
-        hit = _read(path, data.examples) is not None
+        cached = _read(path, data.examples)
         accelerator.wait_for_everyone()  # every rank has looked before any rank writes: one decision
-        values, hit = build(write=accelerator.is_main_process) if not hit else build(build=False)
+        values, hit = (cached, True) if cached is not None else build(write=accelerator.is_main_process)
     else:
         if accelerator.is_main_process:
             values, hit = build()

@@ -23,9 +23,9 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["enable_fsdp_on_cpu", "is_fsdp", "loads_on_rank0_only", "init_root", "unsharded_root", "shard_frozen", "full_tensors", "full_model_state",
-           "local_state_mb", "sharded_modules", "shard_like",
-           "gather_objects", "rank_and_world"]
+__all__ = ["enable_fsdp_on_cpu", "is_fsdp", "loads_on_rank0_only", "shard_frozen", "init_root", "unsharded_root",
+           "full_tensor", "full_tensors", "shard_like", "full_model_state", "local_state_mb", "sharded_modules",
+           "rank_and_world", "gather_objects"]
 
 
 def enable_fsdp_on_cpu(accelerator) -> bool:
@@ -117,12 +117,15 @@ def _dtensor():
     return DTensor
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a plain CPU tensor; a sharded one is gathered (a collective: every rank calls)."""
+    return (t.full_tensor() if isinstance(t, _dtensor()) else t).detach().contiguous().cpu()
+
+
 def full_tensors(tensors: dict) -> dict:
-    """Every value as a plain CPU tensor; sharded ones are gathered (all ranks must call, in the
-    same order: dict order is the parameter order, the same on every rank)."""
-    DTensor = _dtensor()
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().contiguous().cpu()
-            for k, v in tensors.items()}
+    """`full_tensor` of every value (all ranks must call, in the same order: dict order is the
+    parameter order, the same on every rank)."""
+    return {k: full_tensor(v) for k, v in tensors.items()}
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ from .safeio import atomic_path, atomic_write
 from .sharding import (
     enable_fsdp_on_cpu,
     full_model_state,
-    full_tensors,
+    full_tensor,
     gather_objects,
     init_root,
     is_fsdp,
@@ -377,7 +377,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                 a.backward(loss)
                 grad_norm = None
                 if a.sync_gradients:
-                    grad_norm = full_tensors({"n": a.clip_grad_norm_(run.params, t.max_grad_norm or float("inf"))})["n"]
+                    grad_norm = full_tensor(a.clip_grad_norm_(run.params, t.max_grad_norm or float("inf")))
                     if not (torch.isfinite(grad_norm) and torch.isfinite(loss)):
                         # stop before optimizer.step: no non-finite weight ever exists
                         what = "loss" if not torch.isfinite(loss) else "grad_norm"
