@@ -157,3 +157,59 @@ def test_attn_implementation_reaches_the_model_and_a_missing_kernel_is_one_line(
     except ImportError:
         with pytest.raises(ConfigError, match="model.attn_implementation"):
             load_model(str(tiny_model_dir), attn_implementation="flash_attention_2")
+
+
+# ---- QLoRA: model.load_in_4bit --------------------------------------------------------------
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+needs_bnb = pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed (pip install 'preftune[qlora]')")
+
+
+def _model_config(*overrides):
+    from preftune.config import load_config
+
+    return load_config(None, list(overrides)).model
+
+
+@needs_bnb
+def test_load_in_4bit_quantizes_the_linear_layers_and_keeps_logps_close(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from preftune.models import load_start
+
+    full, _ = load_start(_model_config(), str(tiny_model_dir))
+    quant, _ = load_start(_model_config("model.load_in_4bit=true"), str(tiny_model_dir))
+    layer = quant.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit) and isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
+    assert layer.self_attn.q_proj.weight.dtype == torch.uint8 and layer.self_attn.q_proj.weight.quant_type == "nf4"
+    assert not isinstance(quant.lm_head, bnb.nn.Linear4bit)  # transformers keeps the output head in full precision
+    assert quant.get_memory_footprint() < 0.75 * full.get_memory_footprint()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        a = full(ids).logits.log_softmax(-1)
+        b = quant(ids).logits.log_softmax(-1)
+    # a random 2-layer model: NF4 moves log-probs by ~5e-3 on average, 0.05 at most (the default
+    # model: benchmarks/qlora/results.json); identical would mean nothing was quantized
+    diff = (a - b).abs()
+    assert 1e-4 < diff.mean().item() < 0.02 and diff.max().item() < 0.2, (diff.mean(), diff.max())
+
+
+@needs_bnb
+def test_qlora_bitsandbytes_missing_or_unsupported_device_is_one_line(monkeypatch):
+    from preftune.models import quantization_config
+
+    assert quantization_config("fp4", "float32", "cpu").bnb_4bit_quant_type == "fp4"
+    with pytest.raises(ConfigError, match=r"bitsandbytes cannot quantize on this device .*model.load_in_4bit=false"):
+        quantization_config("nf4", "float32", "meta")  # a device bitsandbytes has no kernel for
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # import now fails
+    with pytest.raises(ConfigError, match=r"not installed: pip install 'preftune\[qlora\]'"):
+        quantization_config("nf4", "float32", "cpu")
+
+
+def test_load_in_4bit_needs_lora_and_no_sft_adapter():
+    with pytest.raises(ConfigError, match="model.load_in_4bit: 4-bit weights are frozen: set model.lora=true"):
+        _model_config("model.load_in_4bit=true", "model.lora=false")
+    with pytest.raises(ConfigError, match="model.load_in_4bit: starting from an SFT adapter on a 4-bit base"):
+        _model_config("model.load_in_4bit=true", "model.adapter_name_or_path=somewhere")
+    with pytest.raises(ConfigError, match="model.bnb_4bit_quant_type: 'int4' is not one of nf4, fp4"):
+        _model_config("model.bnb_4bit_quant_type=int4")

@@ -1,5 +1,6 @@
 """The cost curve of one training step against pair length: block attention (default), the dense
-(T, T) mask it replaced, and block attention with gradient checkpointing.
+(T, T) mask it replaced, block attention with gradient checkpointing, and QLoRA (the base in 4-bit
+NF4 through bitsandbytes, `model.load_in_4bit`) with and without gradient checkpointing.
 
     .venv/bin/python benchmarks/scaling/run.py [--lengths 256,1024,2048,4096] [--steps 2] [--batch 4]
 
@@ -27,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 HH_TRAIN = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "train.jsonl.gz"
-MODES = ("block", "dense", "block+gc")
+MODES = ("block", "dense", "block+gc", "qlora", "qlora+gc")
 
 
 def _texts() -> list[str]:
@@ -66,6 +67,7 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int) 
                              f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}",
                              "diagnostics.probe_every=0", "train.warmup_ratio=0", "train.seed=42",
                              f"model.gradient_checkpointing={str(mode.endswith('+gc')).lower()}",
+                             f"model.load_in_4bit={str(mode.startswith('qlora')).lower()}",
                              f"train.reference_cache={str(mode.endswith('+cache')).lower()}"])
     result = train(cfg)
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -64,6 +64,9 @@ class ModelConfig:
     revision: str = _f("", "hub revision (branch, tag or commit) of model and tokenizer")
     attn_implementation: str = _f("", "attention kernel: eager | sdpa | flash_attention_2 | flex_attention "
                                       "(empty: transformers' default)")
+    load_in_4bit: bool = _f(False, "QLoRA: the base weights load as frozen 4-bit blocks (bitsandbytes) and LoRA trains "
+                                   "on top; reference = adapters off. Needs model.lora=true (README, Speed)")
+    bnb_4bit_quant_type: str = _f("nf4", "QLoRA's 4-bit format: nf4 | fp4")
     gradient_checkpointing: bool = _f(False, "recompute each decoder layer's activations in the backward pass: "
                                              "less memory, more time (README, Speed)", resume=False)
 
@@ -190,6 +193,7 @@ class Config:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("", "eager", "sdpa", "flash_attention_2", "flex_attention"),
+    "model.bnb_4bit_quant_type": ("nf4", "fp4"),
     "data.format": ("auto", *FORMATS, *UNPAIRED_FORMATS),  # owned by the format registry
     "data.layout": ("packed", "padded"),
     "online.pairing": PAIRINGS,  # owned by data/pairs.py
@@ -302,6 +306,11 @@ def _shape_problems(c: Config):
         bad = [x for x in items if not isinstance(x, str) or not x]
         if bad or not isinstance(items, list):
             yield key, f"expected a list of names, got {value!r}"
+    if c.model.load_in_4bit and not c.model.lora:
+        yield "model.load_in_4bit", "4-bit weights are frozen: set model.lora=true (QLoRA) or model.load_in_4bit=false"
+    if c.model.load_in_4bit and c.model.adapter_name_or_path:
+        yield "model.load_in_4bit", ("starting from an SFT adapter on a 4-bit base is not supported yet: merge the "
+                                     "adapter into a full-precision model first, or set model.load_in_4bit=false")
     if not c.model.lora_target_modules:
         yield "model.lora_target_modules", "is empty; name modules (e.g. [q_proj, v_proj]) or all-linear"
     bad = {k: v for k, v in c.data.column_map.items() if not isinstance(k, str) or not isinstance(v, str)}

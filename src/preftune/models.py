@@ -29,7 +29,7 @@ from .zoo import ZOO, gguf_path
 __all__ = [
     "DEFAULT_MODEL", "resolve_model_dir", "load_tokenizer", "load_model", "apply_lora",
     "Reference", "AdaptersOffReference", "FrozenCopyReference", "build_reference", "weights_sha256",
-    "cache_root", "load_start",
+    "cache_root", "load_start", "quantization_config",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -113,15 +113,46 @@ def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, revision:
     return tok
 
 
+def quantization_config(quant_type: str, dtype: str, device: str):
+    """transformers' BitsAndBytesConfig for QLoRA (`model.load_in_4bit`): the base weights stored
+    in 4 bits (`quant_type` nf4 or fp4, with double quantization of the block scales), matmuls in
+    `dtype`. bitsandbytes is probed on `device` with one small quantize/dequantize before any
+    weights load, so a device it does not support fails in one line that names the alternative."""
+    alternative = "set model.load_in_4bit=false (LoRA on the full-precision model; model.dtype=bfloat16 halves it)"
+    try:
+        import bitsandbytes.functional as bnbf  # deferred: only QLoRA runs need bitsandbytes
+    except ImportError:
+        raise ConfigError("model.load_in_4bit", "bitsandbytes", "not installed: pip install 'preftune[qlora]' "
+                          f"(bitsandbytes), or {alternative}") from None
+    try:
+        probe = torch.linspace(-1, 1, 64, device=device)
+        packed, state = bnbf.quantize_4bit(probe, quant_type=quant_type)
+        ok = bool((bnbf.dequantize_4bit(packed, state) - probe).abs().max() < 0.2)
+    except Exception as err:  # noqa: BLE001 - any failure of the probe means "not on this device"
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError("model.load_in_4bit", device, f"bitsandbytes cannot quantize on this device ({detail}); "
+                          f"{alternative}") from None
+    if not ok:
+        raise ConfigError("model.load_in_4bit", device, f"bitsandbytes' 4-bit round trip is wrong on this device; "
+                          f"{alternative}")
+    from transformers import BitsAndBytesConfig  # deferred: ~1 s to import
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=_DTYPES[dtype])
+
+
 def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                allow_pickle_weights: bool = False, revision: str | None = None, attn_implementation: str | None = None,
-               empty: bool = False):
+               empty: bool = False, quantization=None):
     """The model in `model_dir`. `empty`: its structure only, parameters on the meta device (buffers
-    such as rotary frequencies real): a sharded run's ranks > 0, which receive their shards from rank 0."""
+    such as rotary frequencies real): a sharded run's ranks > 0, which receive their shards from rank 0.
+    `quantization`: a `quantization_config(...)` (QLoRA): linear layers load as frozen 4-bit weights."""
     from transformers import AutoConfig, AutoModelForCausalLM  # deferred: ~1 s to import
 
     _refuse_remote_code(model_dir, trust_remote_code)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if quantization is not None:
+        extra["quantization_config"] = quantization
     try:
         if empty:
             from accelerate import init_empty_weights  # deferred: only sharded runs come here
@@ -144,14 +175,17 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
     return model
 
 
-def load_start(m, model_dir: str, *, empty: bool = False):
+def load_start(m, model_dir: str, *, empty: bool = False, device: str = "cpu"):
     """The weights training starts from, per a `ModelConfig`: the model (revision, dtype, attention
-    implementation), with an SFT adapter (`model.adapter_name_or_path`) merged in when one is
-    given and `model.adapter_merge` is on. Returns (model, adapter info for reference.json).
-    `empty` (no adapter only): structure without weights, see load_model."""
+    implementation, 4-bit base for QLoRA), with an SFT adapter (`model.adapter_name_or_path`) merged
+    in when one is given and `model.adapter_merge` is on. Returns (model, adapter info for
+    reference.json). `empty` (no adapter only): structure without weights, see load_model.
+    `device`: where the model will run (QLoRA checks bitsandbytes there)."""
+    quantization = quantization_config(m.bnb_4bit_quant_type, m.dtype, device) if m.load_in_4bit else None
     model = load_model(model_dir, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
                        allow_pickle_weights=m.allow_pickle_weights, revision=m.revision,
-                       attn_implementation=m.attn_implementation, empty=empty and not m.adapter_name_or_path)
+                       attn_implementation=m.attn_implementation, empty=empty and not m.adapter_name_or_path,
+                       quantization=quantization)
     if not m.adapter_name_or_path:
         return model, None
     from peft import PeftModel  # deferred: only adapter paths need peft

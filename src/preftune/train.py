@@ -112,13 +112,13 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = False):
+def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = False, device: str = "cpu"):
     """Policy (with LoRA if asked), its reference, and what to record about the reference. With
     an SFT adapter merged in, the reference is the SFT-adapted model (adapters off = SFT
     weights); kept trainable, the SFT adapter is the policy and a frozen merged copy the reference.
     `empty`: without weights (a sharded run's rank > 0; rank 0's are broadcast at prepare)."""
     m = cfg.model
-    model, adapter = load_start(m, model_dir, empty=empty)
+    model, adapter = load_start(m, model_dir, empty=empty, device=device)
     separate = spec.needs_reference and bool(m.reference_name_or_path)  # not the starting weights
     kept = adapter is not None and not m.adapter_merge  # the SFT adapter itself keeps training
     info = {"strategy": "none", "weights_sha256": None}
@@ -127,6 +127,8 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = 
         start = copy.deepcopy(model).merge_and_unload() if kept else model
         info = {"strategy": "adapters_off" if m.lora and not kept else "frozen_copy",
                 "weights_sha256": weights_sha256(start), "model": model_dir, **(adapter or {})}
+        if m.load_in_4bit:  # the reference is the 4-bit base: its log-probs are not the full-precision model's
+            info["quantization"] = f"4bit-{m.bnb_4bit_quant_type}"
     if m.lora and not kept:
         model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                            target_modules=m.lora_target_modules)
@@ -258,8 +260,12 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
     if is_fsdp(accelerator) and not isinstance(source, OfflineSource):
         raise ConfigError("accelerate config", "distributed_type", "online runs sample from the policy on each process; "
                           "that is not supported under FSDP yet: launch with DDP (configs/accelerate/ddp.yaml)")
+    if is_fsdp(accelerator) and cfg.model.load_in_4bit:
+        raise ConfigError("accelerate config", "model.load_in_4bit", "4-bit weights cannot be sharded by FSDP here; "
+                          "launch with DDP (configs/accelerate/ddp.yaml) or set model.load_in_4bit=false")
     set_seed(t.seed)
-    model, reference, reference_info = _build_policy(cfg, spec, model_dir, empty=loads_on_rank0_only(accelerator))
+    model, reference, reference_info = _build_policy(cfg, spec, model_dir, empty=loads_on_rank0_only(accelerator),
+                                                     device=accelerator.device.type)
     reference_info["weights_sha256"] = gather_objects(reference_info["weights_sha256"])[0]  # rank 0 has them all
     if t.autocast_bf16:
         fp32_lm_head(model)
@@ -424,6 +430,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
                "loss_params": run.source.kwargs, "peak_rss_mb": peak_rss_mb(),
                "distributed": {"type": str(a.distributed_type).split(".")[-1].lower(), "processes": a.num_processes},
                "gradient_checkpointing": bool(getattr(a.unwrap_model(run.model), "is_gradient_checkpointing", False)),
+               "quantization": f"4bit-{cfg.model.bnb_4bit_quant_type}" if cfg.model.load_in_4bit else None,
                "resumed_from": str(run.ckpt.path) if run.ckpt else None,
                "health": {f: next(r["step"] for r in history if f in r.get("health", [])) for f in sorted(log.flagged)},
                "stopped_early": stopped, "final": history[-1] if history else {}}
