@@ -231,3 +231,8 @@ def kill_and_resume_trials(tmp_path, command: str, args: list[str], trials: int,
         assert rc == (0 if not finished else 1 if launch else 2), resumed.stderr.read()
         outcomes.append((weights_sha(run) == expected, at_kill, "mid-save" if mid_save else ""))
     return outcomes
+
+
+def vowel_reward(prompts, completions):
+    """A reward with spread on a random tiny model (`fn:conftest:vowel_reward`): vowels in the completion."""
+    return [float(sum(ch in "aeiou" for ch in c)) for c in completions]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .advise import advise
 from .config import config_help, load_config
+from .data.balance import balance_length
 from .data.inspect import format_inspection, inspect_records
 from .data.sources import is_unpaired_file, write_jsonl
 from .demo import DEMO_LR, run_demo
@@ -35,10 +36,12 @@ from .label import (
 )
 from .losses import ALIASES, LOSSES
 from .models import cache_root, count_parameters, load_tokenizer, resolve_model_dir
+from .online.grpo import run_grpo
 from .online.iterate import run_iterative, run_synth
 from .online.source import run_online
 from .prepare import load_data
 from .report import plot_sweep, write_report
+from .rewards.verifiable import arithmetic_problems
 from .safeio import os_problem
 from .serve import load_chat_model, make_server
 from .sweep import results_table, run_sweep
@@ -101,7 +104,9 @@ def _resume(a) -> int:
     if not Path(config).is_file():
         raise ConfigError(str(a.run_dir), "config.yaml", "not found; pass -c CONFIG to start this run")
     cfg = load_config(config, [*a.overrides, f"run.output_dir={a.run_dir}"])
-    if not cfg.data.train_path and cfg.online.prompts_path:  # an online run: its batches are sampled
+    if not cfg.data.train_path and cfg.online.prompts_path and LOSSES[cfg.loss.name].rollout:  # sampled groups
+        result = run_grpo(cfg, resume=True, allow_config_change=a.allow_config_change)
+    elif not cfg.data.train_path and cfg.online.prompts_path:  # an online run: its batches are sampled
         result = run_online(cfg, resume=True, allow_config_change=a.allow_config_change)
     else:
         result = train(cfg, resume=True, allow_config_change=a.allow_config_change)
@@ -186,6 +191,43 @@ def _online(a) -> int:
     return 0
 
 
+def _grpo(a) -> int:
+    result = run_grpo(load_config(a.config, ["loss.name=grpo", *a.overrides]))
+    _say_once(f"run: {result.run_dir} ({result.steps} steps)")
+    held_out = result.summary.get("eval")
+    if held_out:
+        lo, hi = held_out["reward/gain_ci95"]
+        _say_once(f"held-out reward ({held_out['reward/source']}, {held_out['prompts']} prompts x "
+                  f"{held_out['samples_per_prompt']}): reference {held_out['reward/reference']:.3f} -> policy "
+                  f"{held_out['reward/policy']:.3f}, gain {held_out['reward/gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
+                  f"KL {held_out['kl']:.2f}")
+    return 0
+
+
+def _arithmetic_args(p):
+    p.add_argument("out_dir", help="writes train.jsonl and heldout.jsonl (prompt, answer) here")
+    p.add_argument("--train", type=int, default=256, help="training problems")
+    p.add_argument("--heldout", type=int, default=64, help="held-out problems (disjoint by construction)")
+    p.add_argument("--ops", default="+-", help="operators among + - * (default: +-)")
+    p.add_argument("--max-operand", type=int, default=30, help="operands in [2, N]")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _arithmetic(a) -> int:
+    out = Path(a.out_dir)
+    try:
+        splits = {name: arithmetic_problems(n, split=name, seed=a.seed, ops=a.ops, high=a.max_operand)
+                  for name, n in (("train", a.train), ("heldout", a.heldout))}
+    except ValueError as err:
+        raise ConfigError("command line", "arithmetic", str(err)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    print(f"{out / 'train.jsonl'}: {a.train} problems; {out / 'heldout.jsonl'}: {a.heldout} problems "
+          f"(reward: online.reward=arithmetic)")
+    return 0
+
+
 def _synth_args(p):
     p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
     p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
@@ -267,6 +309,27 @@ def _inspected(a):
 def _inspect(a) -> int:
     _, stats, _ = _inspected(a)
     print(json.dumps(stats, indent=2) if a.json else format_inspection(a.path, stats))
+    return 0
+
+
+def _balance_args(p):
+    p.add_argument("path", help="preference file (any supported format)")
+    p.add_argument("--out", required=True, help="balanced pairs as JSONL (prompt, chosen, rejected)")
+    p.add_argument("--seed", type=int, default=0, help="which pairs of the larger group are dropped")
+    _overrides(p, "data.* and model.* settings (lengths are tokens of the model's tokenizer)")
+
+
+def _balance(a) -> int:
+    cfg = load_config(None, a.overrides)
+    records = load_data(a.path, cfg.data)
+    model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
+    kept, counts = balance_length(records, load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code),
+                                  seed=a.seed)
+    if not kept:
+        raise ConfigError(a.path, "balance-length", "no pair left: every pair has chosen longer (or every one "
+                          "shorter) and none has equal lengths")
+    write_jsonl(a.out, [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in kept])
+    print(json.dumps({**counts, "out": str(a.out)}))
     return 0
 
 
@@ -381,6 +444,10 @@ COMMANDS: tuple[Command, ...] = (
                                    "section.key=value, e.g. online.prompts_path=p.txt online.rounds=3"), _iterate),
     Command("online", "online DPO: every step trains on pairs sampled from the current policy",
             lambda p: _config_args(p, "YAML config (online.*, train.max_steps)", "section.key=value"), _online),
+    Command("grpo", "GRPO: groups of samples from the current policy, group-relative advantages (online)",
+            lambda p: _config_args(p, "YAML config (online.* for prompts, reward, group size; loss.* for clip and KL)",
+                                   "section.key=value, e.g. online.prompts_path=train.jsonl online.reward=arithmetic"),
+            _grpo),
     Command("synth", "build a preference file from prompts with any reward source", _synth_args, _synth),
     Command("serve", "an OpenAI-compatible chat server for a model or a run directory", _serve_args, _serve_model),
     Command("report", "a self-contained HTML page (and PNGs) from one or more run directories", _report_args,
@@ -394,6 +461,10 @@ COMMANDS: tuple[Command, ...] = (
                 lambda p: _judgments_args(p, build=True), _build),
         Command("sft-pairs", "pairs from SFT data: human response chosen, a policy sample rejected",
                 _sft_pairs_args, _sft_pairs),
+        Command("arithmetic", "a verifiable task: arithmetic problems, train and held-out splits disjoint",
+                _arithmetic_args, _arithmetic),
+        Command("balance-length", "drop pairs until chosen-longer and chosen-shorter are equally many",
+                _balance_args, _balance),
     )),
     Command("score", "add reward scores to a prompt/completion (or preference) file", _score_args, _score),
     Command("label", "a local page where people label pairs (append-only judgments)", _label_args, _label),

@@ -101,6 +101,11 @@ class LossConfig:
     desirable_weight: float = _f(1.0, "kto: weight of desirable examples")
     undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples")
     kto_auto_weights: bool = _f(False, "kto: set the two weights from class counts so both classes weigh the same")
+    clip_epsilon: float = _f(0.2, "grpo: the policy ratio is clipped to [1 - eps, 1 + eps_high]")
+    clip_epsilon_high: float = _f(0.0, "grpo: upper clip eps_high (DAPO's clip-higher); 0 = clip_epsilon")
+    kl_coef: float = _f(0.04, "grpo: weight of the per-token k3 KL(policy || reference) penalty; 0 = no reference forward")
+    grpo_token_level: bool = _f(False, "grpo: average over all completion tokens of a micro-batch (DAPO) instead of "
+                                       "per completion, then over completions (the paper's)")
 
 
 @dataclass
@@ -170,6 +175,9 @@ class OnlineConfig:
     refresh_reference: bool = _f(False, "iterative: each round's reference is the previous round's policy")
     prompts_per_step: int = _f(8, "online mode: prompts generated and paired for each optimizer step")
     eval_samples: int = _f(4, "samples per held-out prompt for the per-round reward and KL")
+    scale_rewards: bool = _f(True, "grpo: divide each group's centred rewards by the group's std (false: Dr. GRPO)")
+    grpo_iterations: int = _f(1, "grpo: optimisation passes (micro-batches) over each batch of samples (mu); > 1 "
+                                 "clips the ratio against the sampling policy's log-probs")
 
 
 @dataclass
@@ -239,6 +247,7 @@ def _range_problems(cfg: Config):
         ("online.judge_timeout_s", c.online.judge_timeout_s > 0, "must be > 0"),
         ("online.prompts_per_step", c.online.prompts_per_step >= 1, "must be >= 1"),
         ("online.eval_samples", c.online.eval_samples >= 1, "must be >= 1"),
+        ("online.grpo_iterations", c.online.grpo_iterations >= 1, "must be >= 1"),
         ("diagnostics.probe_every", c.diagnostics.probe_every >= 0, "must be >= 0"),
         ("diagnostics.probe_prompts", c.diagnostics.probe_prompts >= 1, "must be >= 1"),
         ("diagnostics.probe_eval_pairs", c.diagnostics.probe_eval_pairs >= 0, "must be >= 0"),
@@ -253,6 +262,12 @@ def _range_problems(cfg: Config):
         value = getattr(getattr(c, section), name)
         if value not in allowed:
             yield key, f"{value!r} is not one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}"
+    if not 0 < c.loss.clip_epsilon < 1:
+        yield "loss.clip_epsilon", "must be in (0, 1)"
+    if c.loss.clip_epsilon_high < 0:
+        yield "loss.clip_epsilon_high", "must be >= 0"
+    if c.loss.kl_coef < 0:
+        yield "loss.kl_coef", "must be >= 0"
     if not 0 <= c.loss.label_smoothing < 0.5:
         yield "loss.label_smoothing", "must be in [0, 0.5)"
     for key in ("desirable_weight", "undesirable_weight"):
@@ -263,7 +278,7 @@ def _range_problems(cfg: Config):
               and isinstance(term[1], (int, float)) and not isinstance(term[1], bool) and math.isfinite(term[1]))
         if not ok:
             yield f"loss.mix[{i}]", f"expected [name, weight] with a name from {', '.join(sorted(LOSSES))}, got {term!r}"
-        elif not LOSSES[term[0]].paired:
+        elif not LOSSES[term[0]].paired or LOSSES[term[0]].rollout:
             yield f"loss.mix[{i}]", f"{term[0]!r} is unpaired and cannot be mixed"
     for i, name in enumerate(c.diagnostics.stop_on):
         if isinstance(name, str) and name not in CHECKS:

@@ -10,7 +10,6 @@ with a paired bootstrap 95% interval, KL(policy || reference), and held-out pair
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from .config import (
 from .data.pairs import build_pairs
 from .data.sources import write_jsonl
 from .errors import ConfigError
-from .evaluate import evaluate_pairs, kl_estimate
+from .evaluate import bootstrap_ci, evaluate_pairs, kl_estimate
 from .generate import load_run_policy, sample_texts
 from .losses import build_loss
 from .models import AdaptersOffReference, load_model, load_tokenizer, resolve_model_dir
@@ -59,13 +58,6 @@ def demo_prompts() -> tuple[list[str], list[str]]:
     """(train, held-out): every fifth prompt is held out, so held-out prompts are unseen combinations."""
     prompts = [o.format(f) for f in _FILMS for o in _OPENERS]
     return [p for i, p in enumerate(prompts) if i % 5], [p for i, p in enumerate(prompts) if i % 5 == 0]
-
-
-def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
-    return means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]
 
 
 def _settings(quick: bool) -> dict:

@@ -19,7 +19,7 @@ def _mean(x: torch.Tensor) -> float:
     return x.float().mean().item() if x.numel() else float("nan")
 
 
-def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool) -> dict[str, float]:
+def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool = False) -> dict[str, float]:
     """`parts` holds per-example tensors gathered over one optimizer step (see train.loss_forward).
 
     Paired: rewards/accuracies is the fraction of pairs with a positive margin. Unpaired (KTO):
@@ -27,7 +27,19 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool) -> dict[str, f
     the margin is their difference. Loss-specific extras (e.g. `kl`, `orpo/log_odds_ratio`)
     are averaged under their own names.
     """
-    if paired:
+    if rollout:  # GRPO: sampled completions scored by a reward, one advantage each
+        row = {
+            "loss": _mean(parts["losses"]),
+            "reward/mean": _mean(parts["rewards"]),
+            "reward/group_std": _mean(parts["group_std"]),
+            "groups/zero_variance": _mean(parts["group_std"] == 0),
+            "advantages/abs": _mean(parts["advantages"].abs()),
+            "logps/completion": _mean(parts["policy"]),
+            "lengths/completion": _mean(parts["lengths"]),
+            "completions": int(parts["losses"].numel()),
+        }
+        standard = {"losses", "rewards", "group_std", "advantages", "policy", "lengths"}
+    elif paired:
         margins = parts["chosen_rewards"] - parts["rejected_rewards"]
         row = {
             "loss": _mean(parts["losses"]),

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import torch
 
 from .batches import exact_layout
 from .checkpoint import file_digest, tokenizer_sha256
-from .data import collate_pairs
+from .data import collate_pairs, render
 from .data.collate import collate_sequences
 from .generate import decode_completions, run_models, sample_completions
 from .logprobs import completion_logps
@@ -28,7 +29,15 @@ from .rewards import build_reward
 from .safeio import atomic_write
 from .step import SameAsPolicy, loss_forward, loss_kwargs
 
-__all__ = ["evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json", "wilson", "format_eval"]
+__all__ = ["evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json", "wilson", "format_eval",
+           "bootstrap_ci", "heldout_reward"]
+
+
+def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
+    return means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]
 
 
 def _shard(n: int) -> tuple[list[int], int]:
@@ -134,6 +143,38 @@ def kl_estimate(model, reference, samples, *, pad_id: int, batch_size: int = 16)
     n = d.numel()
     return {"kl": d.mean().item() if n else 0.0,
             "kl_stderr": (d.std().item() / math.sqrt(n)) if n > 1 else 0.0, "kl_samples": n}
+
+
+def heldout_reward(policy, reference, tokenizer, prompts: list, prompt_ids: list[list[int]], reward, *, n: int,
+                   max_new_tokens: int, seed: int, temperature: float = 1.0, top_p: float = 1.0,
+                   top_k: int = 0) -> dict:
+    """Policy against reference on held-out prompts: each samples `n` completions per prompt with
+    the same seed; their mean rewards (for a 0/1 verifier: accuracy), the gain with a 95% bootstrap
+    interval over prompts (per-prompt mean policy - reference), KL(policy || reference) on the
+    policy's samples and mean sample lengths. `prompts` are the prompts as given (text or
+    messages, for the reward), `prompt_ids` their rendered tokens (for sampling)."""
+    common = dict(n=n, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k)
+    policy_samples = sample_completions(policy, tokenizer, prompt_ids, **common)
+    with reference.context():
+        reference_samples = sample_completions(reference.forward_model(policy), tokenizer, prompt_ids, **common)
+    plain = [render.plain_text(p) for p in prompts for _ in range(n)]
+    per_prompt = {}
+    for name, samples in (("policy", policy_samples), ("reference", reference_samples)):
+        s = reward.score(plain, decode_completions(tokenizer, samples))
+        per_prompt[name] = [sum(s[k * n:(k + 1) * n]) / n for k in range(len(prompt_ids))]
+    usable = [(a, b) for a, b in zip(per_prompt["policy"], per_prompt["reference"]) if math.isfinite(a) and math.isfinite(b)]
+    gains = [a - b for a, b in usable]
+    lo, hi = bootstrap_ci(gains) if gains else (math.nan, math.nan)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else math.nan
+
+    return {"prompts": len(usable), "samples_per_prompt": n, "temperature": temperature,
+            "reward/source": reward.name, "reward/policy": mean([a for a, _ in usable]),
+            "reward/reference": mean([b for _, b in usable]), "reward/gain": mean(gains), "reward/gain_ci95": [lo, hi],
+            "sample_length/policy": mean([len(c) for _, c in policy_samples]),
+            "sample_length/reference": mean([len(c) for _, c in reference_samples]),
+            **kl_estimate(policy, reference, policy_samples, pad_id=tokenizer.pad_token_id)}
 
 
 def _length_stats(samples, prefix: str) -> dict:

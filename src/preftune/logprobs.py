@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from .attention import uses_block_attention
 from .devices import place
 
-__all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
+__all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
+           "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
 
 
 class _FP32Head(torch.nn.Linear):
@@ -70,6 +71,39 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return sequence_logps(out.logits, input_ids[:, keep + 1], completion_mask[:, keep + 1])
 
 
+def completion_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of padded rows (collate_sequences): (N, K) log p of each completion
+    token and the (N, K) mask that marks them, K the positions from the batch's first completion
+    token on (as in `completion_logps`, the LM head never sees earlier positions). Rollout losses
+    (GRPO) need tokens, not sums; summing the masked values gives `completion_logps` exactly."""
+    batch = place(batch, model)
+    if "seq_index" in batch:  # packed (GRPO: a group's prompt once, its completions after it)
+        return _unflatten(_packed_token_logps(model, batch), batch["seq_index"], int(batch["n_seqs"]))
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))
+    keep = torch.arange(first - 1, input_ids.size(1) - 1, device=input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
+    targets, mask = input_ids[:, keep + 1], completion_mask[:, keep + 1].bool()
+    logits = out.logits.float()
+    token = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return token.view(targets.shape) * mask, mask
+
+
+def _unflatten(token_logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values of a packed row -> (n, K) rows and their mask. Each sequence's tokens
+    are contiguous and in order in the row; sequences appear in index order (collate_packed with
+    indices assigned in row order, as the GRPO source does)."""
+    if seq.numel() and bool((seq[1:] < seq[:-1]).any()):
+        raise ValueError("packed sequences must appear in index order for per-token log-probs")
+    counts = torch.bincount(seq, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    col = torch.arange(seq.numel(), device=seq.device) - starts[seq]
+    width = int(counts.max()) if n else 0
+    out = torch.zeros((n, width), dtype=token_logps.dtype, device=token_logps.device).index_put((seq, col), token_logps)
+    mask = torch.zeros((n, width), dtype=torch.bool, device=seq.device).index_put((seq, col), torch.ones_like(seq, dtype=torch.bool))
+    return out, mask
+
+
 def sliding_window(config) -> int | None:
     """The attention window of a model that has sliding-window layers, else None."""
     if getattr(config, "use_sliding_window", True) is False:
@@ -113,8 +147,16 @@ def packed_attention_mask(model, batch: dict, dtype: torch.dtype):
 
 
 def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A packed row (data/collate.collate_packed): the LM head runs only at `keep`, the positions
-    that predict completion tokens, so neither prompt nor padding positions reach it."""
+    """A packed row (data/collate.collate_packed): summed completion logps and counts per sequence."""
+    token_logps = _packed_token_logps(model, batch)
+    n, seq = int(batch["n_seqs"]), batch["seq_index"]
+    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
+    return logps, torch.bincount(seq, minlength=n)
+
+
+def _packed_token_logps(model, batch: dict) -> torch.Tensor:
+    """log p of every completion token of a packed row, flat in row order: the LM head runs only
+    at `keep`, the positions that predict completion tokens, so no prompt position reaches it."""
     if uses_block_attention(model):  # segments, no (T, T) mask (attention.py)
         # a 4D placeholder: transformers passes a prepared 4D mask through instead of building one
         placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch["input_ids"].device)
@@ -126,10 +168,7 @@ def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     attention_mask=packed_attention_mask(model, batch, dtype), logits_to_keep=batch["keep"],
                     use_cache=False)
-    token_logps = -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
-    n, seq = int(batch["n_seqs"]), batch["seq_index"]
-    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
-    return logps, torch.bincount(seq, minlength=n)
+    return -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

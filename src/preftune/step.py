@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from .logprobs import autocast, completion_logps, split_pairs
+from .logprobs import autocast, completion_logps, completion_token_logps, split_pairs
 from .losses import LossSpec
 
 __all__ = ["loss_forward", "loss_kwargs", "SameAsPolicy"]
@@ -37,6 +37,8 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
     Paired batches are [chosen..., rejected...]; unpaired ones [examples..., KL rows...].
     """
     device = batch["input_ids"].device.type
+    if spec.rollout:
+        return _rollout_forward(model, reference, spec, batch, kwargs, device, bf16)
     with autocast(device, bf16):
         logps, counts = completion_logps(model, batch)
     first, second = split_pairs(logps)
@@ -65,3 +67,21 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
     extras = {k: v.expand(n) if v.dim() == 0 else v for k, v in out.metrics.items()}
     parts = {k: v.detach() for k, v in {"losses": out.losses, **parts, **extras}.items()}
     return out.losses, parts
+
+
+def _rollout_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool):
+    """GRPO-style rows (online/grpo.py): per-token log-probs of the sampled completions, the
+    sampling policy's (`old_logps`; absent with one pass per sample: the current ones, detached),
+    the reference's when the KL term is on, and one advantage per completion."""
+    with autocast(device, bf16):
+        token_logps, mask = completion_token_logps(model, batch)
+    old = batch["old_logps"] if "old_logps" in batch else token_logps.detach()
+    ref = None
+    if spec.needs_reference and kwargs.get("kl_coef", 0) and not isinstance(reference, SameAsPolicy):
+        with torch.no_grad(), reference.context(), autocast(device, bf16):
+            ref = completion_token_logps(reference.forward_model(model), batch)[0]
+    out = spec.fn(token_logps, old, ref, batch["advantages"], mask, **kwargs)
+    parts = {"losses": out.losses, "rewards": batch["rewards"], "advantages": batch["advantages"],
+             "group_std": batch["group_std"], "policy": token_logps.sum(dim=1), "lengths": mask.sum(dim=1),
+             **out.metrics}
+    return out.losses, {k: v.detach() for k, v in parts.items()}

@@ -187,6 +187,9 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
         raise ConfigError(str(run_dir), "resume", f"this run finished at step {done['steps']} (summary.json); "
                           "to train it again: preftune train -c RUN/config.yaml run.overwrite=true")
     # ---- validate everything cheap before any weights load ----
+    if spec.rollout and not getattr(source, "rollout", False):
+        raise ConfigError("defaults", "loss.name", f"{spec.name!r} trains on completions sampled during the run: "
+                          "use `preftune grpo` (online.prompts_path, online.reward)")
     source = source or OfflineSource.load(cfg, spec)
     model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
@@ -348,9 +351,11 @@ class RunLog:
         if self.t.report_to and step % self.t.log_every == 0:
             run.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['rewards/margins']:.3f}")
+        # pairs show their implicit-reward margin; rollouts (GRPO) the mean reward of their samples
+        name, key = ("reward", "reward/mean") if run.spec.rollout else ("margin", "rewards/margins")
+        self.bar.set_postfix({"loss": f"{row['loss']:.4f}", name: f"{row[key]:.3f}"})
         if main and self.bar.disable and (step % 10 == 0 or step == run.total_steps):
-            print(f"step {step}/{run.total_steps} loss {row['loss']:.4f} margin {row['rewards/margins']:.3f}", flush=True)
+            print(f"step {step}/{run.total_steps} loss {row['loss']:.4f} {name} {row[key]:.3f}", flush=True)
         stop = next((f for f in row["health"] if f in self.dg.stop_on), None)
         if stop and main:
             print(f"stopping early: {stop} at step {step} (diagnostics.stop_on)", flush=True)
@@ -400,7 +405,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
             run.step += 1
             gathered = {k: a.gather_for_metrics(torch.cat([c[k] for c in collected])) for k in collected[0]}
             collected, run.pairs = [], run.pairs + len(gathered["losses"])
-            row = {"step": run.step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired),
+            row = {"step": run.step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired, rollout=spec.rollout),
                    "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0], **run.source.step_metrics()}
             if cfg.diagnostics.probe_every and (run.step % cfg.diagnostics.probe_every == 0
                                                 or run.step == run.total_steps):
@@ -434,7 +439,11 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
                "resumed_from": str(run.ckpt.path) if run.ckpt else None,
                "health": {f: next(r["step"] for r in history if f in r.get("health", [])) for f in sorted(log.flagged)},
                "stopped_early": stopped, "final": history[-1] if history else {}}
-    if run.source.eval_pairs is not None:
+    # a source with its own held-out measure (GRPO: held-out reward of fresh samples) says so here
+    held_out = run.source.evaluate(a.unwrap_model(run.model), run.reference) if hasattr(run.source, "evaluate") else None
+    if held_out is not None:
+        summary["eval"] = held_out
+    elif run.source.eval_pairs is not None:
         summary["eval"] = evaluate_pairs(run.model, run.reference, run.spec, run.source.eval_pairs,
                                          loss_kwargs=run.source.kwargs, batch_size=cfg.eval.batch_size,
                                          pad_id=run.tokenizer.pad_token_id, collate=run.source.eval_collate)

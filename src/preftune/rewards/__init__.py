@@ -3,6 +3,8 @@
 A source is named by a spec string, `kind:argument`:
 
     sentiment                 VADER compound sentiment in [-1, 1] (the demo's reward)
+    arithmetic                1/0: the completion's last integer is the arithmetic problem's answer
+                              (verifiable; problems from `preftune data arithmetic`, see verifiable.py)
     fn:package.module:func    a Python callable func(prompts, completions) -> list of floats
     rm:PATH                   a Hugging Face sequence-classification reward model (logit 0)
     implicit:RUN_DIR          beta * log(pi / pi_ref) of a trained preftune run (its own beta)
@@ -33,6 +35,7 @@ from ..generate import run_models
 from ..logprobs import completion_logps
 from ..models import load_model, load_tokenizer, resolve_model_dir
 from .judge import JudgeReward
+from .verifiable import arithmetic_reward
 
 __all__ = ["sentiment_scores", "RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward"]
 
@@ -202,6 +205,7 @@ def _judge(spec: str, url: str, **settings):
 
 REWARD_KINDS: dict[str, Callable[[str, str], object]] = {
     "sentiment": lambda spec, _arg: FunctionReward(spec, _sentiment),
+    "arithmetic": lambda spec, _arg: FunctionReward(spec, arithmetic_reward),
     "fn": _callable,
     "rm": RewardModel.load,
     "implicit": ImplicitReward.load,
