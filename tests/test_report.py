@@ -215,3 +215,35 @@ def test_markup_in_numeric_summary_fields_is_refused_never_run(tmp_path):
         assert not (tmp_path / "report.html").exists()
         return
     assert _inert_in_chromium(out) == (False, 0)
+
+
+def test_grpo_runs_and_experiment_directories_are_shown(tmp_path, capsys):
+    from preftune.cli import main
+
+    run = tmp_path / "grpo"
+    run.mkdir()
+    rows = [{"step": s, "loss": 0.01, "reward/mean": 0.1 * s, "health": []} for s in range(1, 6)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text(json.dumps({"steps": 5, "health": {}, "final": rows[-1], "elapsed_s": 3.0,
+                                                  "eval": {"reward/gain": 0.555, "reward/gain_ci95": [0.46, 0.64]}}))
+    exp = tmp_path / "dpo_vs_grpo"
+    exp.mkdir()
+    (exp / "results.json").write_text(json.dumps({
+        "command": "run.py <b>bold</b>",
+        "grpo": {"reward/policy": 0.625, "reward/gain_ci95": [0.46, 0.64], "note": "<script>alert(1)</script>"},
+        "offline_dpo": {"reward/policy": 0.2, "rounds": [{"round": 1}]}}))
+    (exp / "curves.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (exp / "verdict.md").write_text("GRPO wins <img src=x onerror=alert(1)>\n")
+    out = write_report([str(run)], tmp_path / "r.html", experiments=[str(exp)])
+    page = out.read_text()
+    assert 'id="plot-rollouts"' in page and "held-out reward gain" in page and "0.555" in page
+    assert "Experiment: dpo_vs_grpo" in page and "<td>0.625</td>" in page and "<td>[0.46, 0.64]</td>" in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and "run.py &lt;b&gt;bold&lt;/b&gt;" in page
+    assert page.count('src="data:image/png;base64,') == 1 and "<img src=x" not in page
+    # an experiment alone is a page too; a directory without results.json is one line, exit 2
+    assert main(["report", "--experiment", str(exp), "--no-png"]) == 0 and (exp / "report.html").is_file()
+    capsys.readouterr()
+    assert main(["report", "--experiment", str(tmp_path), "--no-png"]) == 2
+    assert "not an experiment directory" in capsys.readouterr().err
+    assert main(["report"]) == 2

@@ -275,13 +275,16 @@ def _label(a) -> int:
 
 
 def _report_args(p):
-    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("run_dirs", nargs="*")
+    p.add_argument("--experiment", action="append", default=[],
+                   help="an experiment directory (results.json, PNGs, verdict.md), e.g. "
+                        "benchmarks/experiments/dpo_vs_grpo; repeatable")
     p.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
     p.add_argument("--no-png", action="store_true", help="skip the PNG files")
 
 
 def _report(a) -> int:
-    print(write_report(a.run_dirs, a.out, png=not a.no_png))
+    print(write_report(a.run_dirs, a.out, png=not a.no_png, experiments=a.experiment))
     return 0
 
 

@@ -1,15 +1,19 @@
-"""`preftune report RUN_DIR [RUN_DIR...]`: one self-contained HTML page, plus PNGs.
+"""`preftune report RUN_DIR [RUN_DIR...] [--experiment DIR...]`: one self-contained HTML page, plus PNGs.
 
 Reads run files only (config.yaml, metrics.jsonl, summary.json, and any eval*.json or
-demo.json written beside them); nothing in training imports this module. Plots are drawn with
+demo.json written beside them) and experiment directories (benchmarks/experiments/*: a
+results.json, PNGs and a verdict.md, shown as a table, inline images and text); nothing in
+training imports this module. Plots are drawn with
 matplotlib and inlined as SVG, so the page works offline with no script and no CDN. Several
 runs are overlaid, one colour per run.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +41,7 @@ def _number(value) -> bool:
 
 _PLOTTED = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "probe/kl", "probe/eval_accuracy", "probe/sample_length", "probe/reference_length",
-            "lengths/chosen", "step")
+            "lengths/chosen", "reward/mean", "step")
 
 
 def _check_row(row, where: str, line: int) -> dict:
@@ -62,7 +66,8 @@ def _check_summary(summary, where: Path) -> dict:
                 ("stopped_early", stop is None or (isinstance(stop, dict) and isinstance(stop.get("check"), str)
                                                     and isinstance(stop.get("step"), int))),
                 ("eval", isinstance(summary.get("eval", {}), dict)
-                 and _number((summary.get("eval") or {}).get("accuracy/implicit_reward"))),
+                 and _number((summary.get("eval") or {}).get("accuracy/implicit_reward"))
+                 and _number((summary.get("eval") or {}).get("reward/gain"))),
                 ("steps", _number(summary.get("steps"))), ("elapsed_s", _number(summary.get("elapsed_s")))]
     for key, ok in problems:
         if not ok:
@@ -192,7 +197,8 @@ def _figures(runs) -> list[tuple[str, object]]:
                                 ["rewards/accuracies", "probe/eval_accuracy"], "accuracy")),
             ("kl", _lines(runs, "KL(policy || reference) on samples", ["probe/kl"], "nats per sample")),
             ("lengths", _lines(runs, "lengths: samples (solid), reference samples (dashed), chosen data (dotted)",
-                               ["probe/sample_length", "probe/reference_length", "lengths/chosen"], "tokens"))]
+                               ["probe/sample_length", "probe/reference_length", "lengths/chosen"], "tokens")),
+            ("rollouts", _lines(runs, "GRPO: mean reward of each step's sampled groups", ["reward/mean"], "reward"))]
     figs += [(f"per_prompt_{i}", f) for i, f in enumerate(_per_prompt(runs))]
     return [(name, fig) for name, fig in figs if fig is not None]
 
@@ -214,14 +220,16 @@ font-size:0.8em;overflow:auto}.flag{color:#b00020;font-weight:bold}.ok{color:#2a
 
 
 def _table(runs) -> str:
-    keys = ["steps", "loss", "rewards/margins", "rewards/accuracies", "probe/kl", "eval accuracy", "elapsed_s"]
+    keys = ["steps", "loss", "rewards/margins", "rewards/accuracies", "probe/kl", "eval accuracy",
+            "held-out reward gain", "elapsed_s"]
     out = ["<table><tr><th>run</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"]
     for run in runs:
         final = run.summary.get("final") or (run.rows[-1] if run.rows else {})
         kl = [r["probe/kl"] for r in run.rows if "probe/kl" in r]
         values = [run.summary.get("steps", len(run.rows)), final.get("loss"), final.get("rewards/margins"),
                   final.get("rewards/accuracies"), kl[-1] if kl else None,
-                  (run.summary.get("eval") or {}).get("accuracy/implicit_reward"), run.summary.get("elapsed_s")]
+                  (run.summary.get("eval") or {}).get("accuracy/implicit_reward"),
+                  (run.summary.get("eval") or {}).get("reward/gain"), run.summary.get("elapsed_s")]
         cells = "".join(f"<td>{v:.4g}</td>" if isinstance(v, float)
                         else f"<td>{'' if v is None else html.escape(str(v))}</td>" for v in values)
         out.append(f"<tr><th>{html.escape(run.name)}</th>{cells}</tr>")
@@ -240,18 +248,66 @@ def _health(runs) -> str:
     return "<ul>" + "".join(items) + "</ul>"
 
 
-def write_report(run_dirs: list[str], out: str | Path | None = None, *, png: bool = True) -> Path:
-    """Write `report.html` (and `report-<plot>.png` files beside it unless `png` is False)."""
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"<td>{v:.4g}</td>"
+    if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) and len(v) <= 4:
+        return "<td>[" + ", ".join(f"{x:.4g}" for x in v) + "]</td>"
+    if isinstance(v, (dict, list)):
+        return f"<td>{html.escape(json.dumps(v)[:120])}</td>"
+    return f"<td>{'' if v is None else html.escape(str(v))}</td>"
+
+
+def _experiment(path: str | Path) -> str:
+    """An experiment directory as HTML: its results.json (each object-valued entry one row, its
+    scalar fields the columns), every PNG beside it inline (data: URIs) and verdict.md as text."""
+    root = Path(path)
+    results_file = root / "results.json"
+    if not results_file.is_file():
+        raise ConfigError(str(root), "results.json", "not an experiment directory (no results.json)")
+    results = loads_json(read_capped(results_file), results_file)
+    if not isinstance(results, dict):
+        raise DataError(str(results_file), 1, "results", f"expected an object, got {type(results).__name__}")
+    rows = {k: v for k, v in results.items() if isinstance(v, dict)}
+    keys = list(dict.fromkeys(k for v in rows.values() for k, x in v.items() if not isinstance(x, (dict, list))
+                              or (isinstance(x, list) and len(x) <= 4)))[:14]
+    parts = [f"<h2>Experiment: {html.escape(root.name)}</h2>"]
+    if isinstance(results.get("command"), str):
+        parts.append(f"<pre>{html.escape(results['command'])}</pre>")
+    if rows:
+        parts.append("<table><tr><th></th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
+        parts += [f"<tr><th>{html.escape(name)}</th>" + "".join(_cell(v.get(k)) for k in keys) + "</tr>"
+                  for name, v in rows.items()]
+        parts.append("</table>")
+    for png in sorted(root.glob("*.png")):
+        data = base64.b64encode(read_capped(png)).decode()
+        parts.append(f'<figure><img alt="{html.escape(png.name)}" style="max-width:1000px" '
+                     f'src="data:image/png;base64,{data}"></figure>')
+    verdict = root / "verdict.md"
+    if verdict.is_file():
+        parts.append(f"<pre>{html.escape(read_capped(verdict).decode('utf-8', 'replace'))}</pre>")
+    return "\n".join(parts)
+
+
+def write_report(run_dirs: list[str], out: str | Path | None = None, *, png: bool = True,
+                 experiments: list[str] = ()) -> Path:
+    """Write `report.html` (and `report-<plot>.png` files beside it unless `png` is False);
+    experiment directories (`experiments`) are shown after the runs."""
+    if not run_dirs and not experiments:
+        raise ConfigError("command line", "report", "name at least one run directory or --experiment DIR")
     runs = [read_run(d) for d in run_dirs]
-    out = Path(out) if out else runs[0].path / "report.html"
+    shown = [_experiment(e) for e in experiments]
+    out = Path(out) if out else (runs[0].path if runs else Path(experiments[0])) / "report.html"
     figs = _figures(runs)
     # every value from the run files is escaped; the CSP is a second wall: no script may run at all
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
              f"content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\"><title>preftune report</title>"
              f"<style>{_CSS}</style></head><body><h1>preftune report</h1>",
-             "<h2>Summary</h2>", _table(runs), "<h2>Health checks</h2>", _health(runs), "<h2>Plots</h2>"]
+             *(["<h2>Summary</h2>", _table(runs), "<h2>Health checks</h2>", _health(runs), "<h2>Plots</h2>"]
+               if runs else [])]
     for name, fig in figs:
         parts.append(f'<figure class="plot" id="plot-{name}">{_svg(fig)}</figure>')
+    parts += shown
     for run in runs:
         parts.append(f"<h2>Config: {html.escape(run.name)}</h2><pre>{html.escape(run.config)}</pre>")
     parts.append("</body></html>")
