@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import build_model, send_json, serve_in_thread
+from conftest import build_model, send_json, serve_in_thread, write_jsonl
 from preftune.cli import main
 from preftune.errors import DataError
 from preftune.online.rollouts import load_prompts
@@ -153,3 +153,16 @@ def test_a_dead_judge_is_counted_and_skipped_without_crashing(tmp_path, tiny_mod
     assert main(args) == 0
     counts = json.loads((tmp_path / "dead" / "round-1" / "counts.json").read_text())
     assert counts["failed"] == 12 and counts["pairs"] == 0
+
+
+def test_message_prompts_make_conversational_pairs_that_the_round_trains_on(tmp_path, tiny_model_dir):
+    """Chat-message prompts (as `preftune data arithmetic` writes them) give pairs whose prompt is
+    a message list; the round's training reads them as conversational (it was forced to the
+    text format and stopped at line 1)."""
+    prompts = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS])
+    args = [a for a in _common(tmp_path, tiny_model_dir, "chat") if not a.startswith("online.")]
+    assert main(["iterate", *args, f"online.prompts_path={prompts}", "online.reward=fn:conftest:length_reward",
+                 "online.max_new_tokens=6", "online.samples_per_prompt=3", "online.rounds=1"]) == 0
+    first = json.loads((tmp_path / "chat" / "round-1" / "pairs.jsonl").read_text().splitlines()[0])
+    assert isinstance(first["prompt"], list) and first["chosen"][0]["role"] == "assistant"
+    assert json.loads((tmp_path / "chat" / "rounds.json").read_text())[-1]["steps"] > 0

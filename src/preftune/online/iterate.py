@@ -78,12 +78,13 @@ def _start_eval(root: Path, start, tokenizer, eval_prompts, reward, o, seed: int
     return row
 
 
-def _train_round(cfg, rd: Path, policy_dir: str, reference_dir: str) -> dict:
-    """An ordinary train() run on the round's pairs, from the round's policy, against its reference."""
+def _train_round(cfg, rd: Path, policy_dir: str, reference_dir: str, fmt: str) -> dict:
+    """An ordinary train() run on the round's pairs, from the round's policy, against its reference.
+    `fmt`: the pairs file's format, "standard" (text prompts) or "conversational" (message prompts)."""
     rc = copy.deepcopy(cfg)
     rc.model.name_or_path = policy_dir
     rc.model.reference_name_or_path = "" if reference_dir == policy_dir else reference_dir
-    rc.data.train_path, rc.data.format, rc.data.eval_path = str(rd / "pairs.jsonl"), "standard", ""
+    rc.data.train_path, rc.data.format, rc.data.eval_path = str(rd / "pairs.jsonl"), fmt, ""
     rc.run.output_dir, rc.run.overwrite = str(rd / "train"), True
     result = train(rc)
     return {"steps": result.steps, "final_loss": (result.summary.get("final") or {}).get("loss"),
@@ -122,7 +123,9 @@ def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None
             row = {"round": r, **counts, "generate_score_s": round(time.perf_counter() - t0, 1)}
             merged = False
             if pairs:
-                row.update(_train_round(cfg, rd, policy_dir, reference_dir))
+                # message prompts make conversational pairs (rollouts.generate_and_pair)
+                fmt = "conversational" if any(isinstance(p, list) for p in prompts) else "standard"
+                row.update(_train_round(cfg, rd, policy_dir, reference_dir, fmt))
                 merged = merge_last or r < o.rounds
                 if merged:
                     _merge(rd / "train", policy_dir, rd / "policy")
