@@ -298,7 +298,7 @@ def write_report(run_dirs: list[str], out: str | Path | None = None, *, png: boo
     runs = [read_run(d) for d in run_dirs]
     shown = [_experiment(e) for e in experiments]
     out = Path(out) if out else (runs[0].path if runs else Path(experiments[0])) / "report.html"
-    figs = _figures(runs)
+    figs = _figures(runs) if runs else []
     # every value from the run files is escaped; the CSP is a second wall: no script may run at all
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
              f"content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\"><title>preftune report</title>"

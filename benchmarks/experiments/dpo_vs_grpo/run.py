@@ -1,0 +1,169 @@
+"""Offline DPO, iterative DPO and GRPO head to head on one verifiable reward, at matched samples.
+
+    .venv/bin/python benchmarks/experiments/dpo_vs_grpo/run.py [--out runs/dpo_vs_grpo]
+
+Task: `preftune data arithmetic` (256 train problems, 64 held-out, disjoint by construction),
+reward `arithmetic` (1 when the completion's last integer is the answer). Start: the default
+model (SmolLM2-135M-Instruct), LoRA r16 q/v everywhere. Every method draws the same number of
+completions from a policy, 8 per prompt, 16 new tokens, temperature 1:
+
+- offline DPO: one round of `preftune iterate` on 160 train prompts (1,280 samples from the
+  start model, best-vs-worst pairs, ties dropped), sigmoid beta 0.1, lr 5e-4, 2 epochs;
+- iterative DPO: 3 rounds on 53 prompts each (3 x 424 = 1,272 samples), each round's pairs
+  sampled from the previous round's policy, same training recipe, reference = the start model;
+- GRPO: `preftune grpo`, 40 steps x 4 prompts x 8 samples (1,280 samples), lr 5e-4, k3 KL
+  coefficient 0.04, clip 0.2, packed groups with the prompt shared.
+
+Each method runs in a fresh process (wall-clock and peak RSS are that process's), then its final
+policy is measured the same way (`evaluate.heldout_reward`): the 64 held-out problems, 4 samples
+each at temperature 1 (seed 123) from the policy and from the start model: accuracy (mean reward),
+the gain with a 95% bootstrap interval over problems, KL(policy || start) on the policy's
+samples. Writes results.json, curves.png and verdict.md beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+COMMON = ["online.reward=arithmetic", "online.samples_per_prompt=8", "online.max_new_tokens=16",
+          "online.temperature=1.0", "online.eval_samples=4", "train.lr=5e-4", "train.seed=0",
+          "data.max_length=128", "data.max_prompt_length=96", "diagnostics.probe_every=0"]
+DPO = ["train.epochs=2", "train.batch_size=8", "loss.name=sigmoid", "loss.beta=0.1", "run.overwrite=true"]
+GRPO = ["loss.name=grpo", "train.max_steps=40", "online.prompts_per_step=4", "loss.kl_coef=0.04",
+        "diagnostics.probe_every=10"]
+METHODS = ("offline_dpo", "iterative_dpo", "grpo")
+
+
+def _measure(policy, reference, tokenizer, heldout: list) -> dict:
+    from preftune.data import render
+    from preftune.evaluate import heldout_reward
+    from preftune.rewards import build_reward
+
+    prompts = [r["prompt"] for r in heldout]
+    ids = [render.prompt_ids(tokenizer, p) for p in prompts]
+    return heldout_reward(policy, reference, tokenizer, prompts, ids, build_reward("arithmetic"), n=4,
+                          max_new_tokens=16, seed=123)
+
+
+def worker(method: str, out: Path) -> None:
+    import torch
+
+    from preftune.config import load_config
+    from preftune.generate import load_run_policy
+    from preftune.models import (
+        AdaptersOffReference,
+        FrozenCopyReference,
+        load_model,
+        load_tokenizer,
+        resolve_model_dir,
+    )
+
+    torch.set_num_threads(2)
+    heldout = [json.loads(x) for x in (out / "heldout.jsonl").read_text().splitlines()]
+    start_dir = resolve_model_dir("smollm2-135m-instruct")
+    tok = load_tokenizer(start_dir)
+    t0 = time.perf_counter()
+    extra = {}
+    if method == "grpo":
+        from preftune.online.grpo import run_grpo
+
+        cfg = load_config(None, [*COMMON, *GRPO, f"online.prompts_path={out / 'train.jsonl'}",
+                                 f"run.output_dir={out / method}", "run.overwrite=true"])
+        result = run_grpo(cfg)
+        train_s = time.perf_counter() - t0
+        policy = load_run_policy(result.run_dir, load_model(start_dir)).eval()
+        reference = AdaptersOffReference(policy)
+        rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        extra = {"steps": result.steps, "train_reward_by_step": [round(r["reward/mean"], 4) for r in rows],
+                 "health": result.summary["health"], "probe_kl": [r["probe/kl"] for r in rows if "probe/kl" in r]}
+    else:
+        from preftune.online.iterate import run_iterative
+
+        prompts = out / ("train_160.jsonl" if method == "offline_dpo" else "train_53.jsonl")
+        rounds = 1 if method == "offline_dpo" else 3
+        cfg = load_config(None, [*COMMON, *DPO, f"online.prompts_path={prompts}", f"online.rounds={rounds}",
+                                 f"online.eval_prompts_path={out / 'heldout.jsonl'}", f"run.output_dir={out / method}"])
+        history = run_iterative(cfg, merge_last=True)
+        train_s = time.perf_counter() - t0
+        policy = load_model(history[-1]["policy"]).eval()
+        reference = FrozenCopyReference(load_model(start_dir).eval())
+        extra = {"rounds": [{k: r.get(k) for k in ("round", "pairs", "ties", "reward", "kl_to_start", "steps")}
+                            for r in history]}
+    measured = _measure(policy, reference, tok, heldout)
+    print("RESULT " + json.dumps({"method": method, "wall_s": round(train_s, 1),
+                                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                                  **measured, **extra}), flush=True)
+
+
+def plot(results: dict, dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in METHODS:
+        r = results[m]
+        lo, hi = r["reward/gain_ci95"]
+        a.errorbar([r["wall_s"]], [r["reward/policy"]], yerr=[[r["reward/gain"] - lo], [hi - r["reward/gain"]]],
+                   fmt="o", capsize=4, label=m)
+        if "rounds" in r:  # each round's own held-out measure, at its share of the wall-clock
+            pts = [x for x in r["rounds"] if x.get("reward") is not None]
+            xs = [r["wall_s"] * i / max(len(pts) - 1, 1) for i in range(len(pts))]
+            a.plot(xs, [x["reward"] for x in pts], "--", alpha=0.6)
+        if "train_reward_by_step" in r:
+            steps = r["train_reward_by_step"]
+            b.plot([r["wall_s"] * (i + 1) / len(steps) for i in range(len(steps))], steps, label="grpo (train groups)")
+    a.axhline(results["grpo"]["reward/reference"], color="grey", ls=":", label="start model")
+    a.set(xlabel="wall-clock (s)", ylabel="held-out accuracy (temperature 1)", title="held-out accuracy")
+    b.set(xlabel="wall-clock (s)", ylabel="mean reward of sampled groups", title="GRPO training reward")
+    a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="runs/dpo_vs_grpo")
+    ap.add_argument("--worker", choices=METHODS)
+    ap.add_argument("--only", default=",".join(METHODS))
+    a = ap.parse_args()
+    out = ROOT / a.out
+    if a.worker:
+        return worker(a.worker, out)
+    from preftune.rewards.verifiable import arithmetic_problems
+
+    out.mkdir(parents=True, exist_ok=True)
+    train = arithmetic_problems(256, split="train", seed=0)
+    heldout = arithmetic_problems(64, split="heldout", seed=0)
+    for name, rows in (("train", train), ("train_160", train[:160]), ("train_53", train[160:213]), ("heldout", heldout)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dest = HERE / "results.json"
+    results = json.loads(dest.read_text()) if dest.is_file() else {}
+    results["command"] = " ".join(["benchmarks/experiments/dpo_vs_grpo/run.py", *sys.argv[1:]])
+    for method in a.only.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--worker", method, "--out", a.out], capture_output=True,
+                              text=True, env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                              "PATH": "/usr/bin:/bin"})
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{method} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+        results[method] = json.loads(line[len("RESULT "):])
+        print(json.dumps({k: results[method][k] for k in ("method", "wall_s", "peak_rss_mb", "reward/reference",
+                                                          "reward/policy", "reward/gain", "reward/gain_ci95", "kl")}),
+              flush=True)
+        dest.write_text(json.dumps(results, indent=1) + "\n")
+    if all(m in results for m in METHODS):
+        plot(results, HERE / "curves.png")
+
+
+if __name__ == "__main__":
+    main()
