@@ -236,3 +236,31 @@ def kill_and_resume_trials(tmp_path, command: str, args: list[str], trials: int,
 def vowel_reward(prompts, completions):
     """A reward with spread on a random tiny model (`fn:conftest:vowel_reward`): vowels in the completion."""
     return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
+
+
+def interrupt_after_checkpoint(monkeypatch, step: int, run) -> None:
+    """Call `run()` with train's save_checkpoint stopping the run right after it wrote the
+    checkpoint of `step` (an in-process stand-in for a kill between two steps)."""
+    import sys
+
+    train_module = sys.modules["preftune.train"]
+    real = train_module.save_checkpoint
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(run_dir, **kw):
+        path = real(run_dir, **kw)
+        if kw["step"] == step:
+            raise Stop
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    try:
+        run()
+    except Stop:
+        pass
+    else:
+        raise AssertionError(f"the run never wrote the checkpoint of step {step}")
+    finally:
+        monkeypatch.undo()

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PAIRS, kill_and_resume_trials, weights_sha, write_jsonl
+from conftest import PAIRS, interrupt_after_checkpoint, kill_and_resume_trials, weights_sha, write_jsonl
 from preftune.cli import main
 from preftune.config import load_config
 from preftune.errors import ConfigError
@@ -118,22 +118,7 @@ def test_grpo_interrupted_then_resumed_is_bit_identical(tmp_path, tiny_model_dir
                                        "train.checkpoint_every=1", "model.lora_dropout=0.1"))
 
     full = run_grpo(cfg("full"))
-    train_module = sys.modules["preftune.train"]
-    real = train_module.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(run_dir, **kw):
-        path = real(run_dir, **kw)
-        if kw["step"] == 3:
-            raise Stop
-        return path
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        run_grpo(cfg("cut"))
-    monkeypatch.undo()
+    interrupt_after_checkpoint(monkeypatch, 3, lambda: run_grpo(cfg("cut")))
     resumed = run_grpo(cfg("cut"), resume=True)
     assert resumed.summary["resumed_from"].endswith("step-00000003")
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
@@ -187,22 +172,7 @@ def test_resumed_between_two_passes_trains_on_the_saved_samples(tmp_path, tiny_m
                                        "model.lora_dropout=0.1"))
 
     full = run_grpo(cfg("full"))
-    train_module = sys.modules["preftune.train"]
-    real = train_module.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(run_dir, **kw):
-        path = real(run_dir, **kw)
-        if kw["step"] == 3:  # pass 1 of sample 1 is next
-            raise Stop
-        return path
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        run_grpo(cfg("cut"))
-    monkeypatch.undo()
+    interrupt_after_checkpoint(monkeypatch, 3, lambda: run_grpo(cfg("cut")))  # pass 1 of sample 1 is next
     resumed = run_grpo(cfg("cut"), resume=True)
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
     assert _rows(resumed.run_dir) == _rows(full.run_dir)
