@@ -69,9 +69,7 @@ def test_online_nan_exits_3_with_one_line_and_only_finite_checkpoints(tmp_path, 
 def test_online_interrupted_then_resumed_is_bit_identical(tmp_path, tiny_model_dir, monkeypatch):
     """In-process and fast: stopped right after its step-3 checkpoint, resumed, equal to a run
     that was never stopped (weights and every logged row)."""
-    import sys
-
-    from conftest import weights_sha
+    from conftest import interrupt_after_checkpoint, weights_sha
     from preftune.online.source import run_online
 
     def cfg(name):
@@ -79,22 +77,7 @@ def test_online_interrupted_then_resumed_is_bit_identical(tmp_path, tiny_model_d
                                          "train.checkpoint_every=1", "model.lora_dropout=0.1")])
 
     full = run_online(cfg("full"))
-    train_module = sys.modules["preftune.train"]
-    real = train_module.save_checkpoint
-
-    class Stop(Exception):
-        pass
-
-    def save_then_stop(run_dir, **kw):
-        path = real(run_dir, **kw)
-        if kw["step"] == 3:
-            raise Stop
-        return path
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
-    with pytest.raises(Stop):
-        run_online(cfg("cut"))
-    monkeypatch.undo()
+    interrupt_after_checkpoint(monkeypatch, 3, lambda: run_online(cfg("cut")))
     resumed = run_online(cfg("cut"), resume=True)
     assert resumed.summary["resumed_from"].endswith("step-00000003")
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
