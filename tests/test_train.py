@@ -133,7 +133,8 @@ def test_huge_learning_rate_stops_with_numerical_error(tmp_path, tiny_model_dir)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in __import__("preftune.losses", fromlist=["LOSSES"]).LOSSES.items()
-                                         if not s.rollout))  # rollout losses sample: tests/online/test_grpo.py
+                                         if not s.rollout and not s.supervised))
+# rollout losses sample: tests/online/test_grpo_online.py; supervised ones read demonstrations: tests/test_sft.py
 def test_every_registered_loss_trains_on_the_tiny_model(tmp_path, tiny_model_dir, name):
     from preftune.losses import LOSSES
 

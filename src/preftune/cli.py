@@ -44,6 +44,7 @@ from .report import plot_sweep, write_report
 from .rewards.verifiable import arithmetic_problems
 from .safeio import os_problem
 from .serve import load_chat_model, make_server
+from .sft import run_sft
 from .sweep import results_table, run_sweep
 from .train import train
 from .zoo import ZOO, fetch, gguf_path
@@ -104,7 +105,9 @@ def _resume(a) -> int:
     if not Path(config).is_file():
         raise ConfigError(str(a.run_dir), "config.yaml", "not found; pass -c CONFIG to start this run")
     cfg = load_config(config, [*a.overrides, f"run.output_dir={a.run_dir}"])
-    if not cfg.data.train_path and cfg.online.prompts_path and LOSSES[cfg.loss.name].rollout:  # sampled groups
+    if LOSSES[cfg.loss.name].supervised:  # demonstrations (preftune sft)
+        result = run_sft(cfg, resume=True, allow_config_change=a.allow_config_change)
+    elif not cfg.data.train_path and cfg.online.prompts_path and LOSSES[cfg.loss.name].rollout:  # sampled groups
         result = run_grpo(cfg, resume=True, allow_config_change=a.allow_config_change)
     elif not cfg.data.train_path and cfg.online.prompts_path:  # an online run: its batches are sampled
         result = run_online(cfg, resume=True, allow_config_change=a.allow_config_change)
@@ -188,6 +191,20 @@ def _iterate(a) -> int:
 def _online(a) -> int:
     result = run_online(load_config(a.config, a.overrides))
     _say_once(f"run: {result.run_dir} ({result.steps} steps)")
+    return 0
+
+
+def _sft(a) -> int:
+    result = run_sft(load_config(a.config, ["loss.name=nll", *a.overrides]))
+    _say_once(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} examples/s)")
+    held_out = result.summary.get("eval")
+    if held_out:
+        _say_once(f"held-out ({held_out['examples']} examples, {held_out['tokens']} tokens): NLL/token "
+                  f"{held_out['nll/token_before']:.4f} -> {held_out['nll/token']:.4f}, perplexity "
+                  f"{held_out['perplexity_before']:.2f} -> {held_out['perplexity']:.2f}")
+    model = result.run_dir / "model"
+    nxt = f"model.adapter_name_or_path={model}" if (model / "adapter_config.json").exists() else f"model.name_or_path={model}"
+    _say_once(f"next: preftune train data.train_path=PAIRS {nxt}   (DPO from this SFT model; it is also the reference)")
     return 0
 
 
@@ -438,6 +455,9 @@ def _none(_p) -> None:
 
 COMMANDS: tuple[Command, ...] = (
     Command("train", "train on a preference file", _config_args, _train),
+    Command("sft", "supervised fine-tuning on demonstrations (prompt/completion, messages, or the chosen side of pairs)",
+            lambda p: _config_args(p, "YAML config (data.*, model.*, train.*)",
+                                   "section.key=value, e.g. data.train_path=sft.jsonl data.eval_path=held.jsonl"), _sft),
     Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, _resume),
     Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, _eval),
     Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, _demo),

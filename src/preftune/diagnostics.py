@@ -19,7 +19,8 @@ def _mean(x: torch.Tensor) -> float:
     return x.float().mean().item() if x.numel() else float("nan")
 
 
-def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool = False) -> dict[str, float]:
+def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool = False,
+                 supervised: bool = False) -> dict[str, float]:
     """`parts` holds per-example tensors gathered over one optimizer step (see train.loss_forward).
 
     Paired: rewards/accuracies is the fraction of pairs with a positive margin. Unpaired (KTO):
@@ -27,7 +28,19 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool 
     the margin is their difference. Loss-specific extras (e.g. `kl`, `orpo/log_odds_ratio`)
     are averaged under their own names.
     """
-    if rollout:  # GRPO: sampled completions scored by a reward, one advantage each
+    if supervised:  # SFT: nll/token over every completion token of the step (not a mean of means)
+        tokens = parts["lengths"].sum().clamp(min=1)
+        nll = (-parts["policy"].sum() / tokens).item()
+        row = {
+            "loss": _mean(parts["losses"]),
+            "nll/token": nll,
+            "perplexity": math.exp(min(nll, 50.0)),
+            "lengths/completion": _mean(parts["lengths"]),
+            "tokens": int(parts["lengths"].sum()),
+            "examples": int(parts["losses"].numel()),
+        }
+        standard = {"losses", "policy", "lengths"}
+    elif rollout:  # GRPO: sampled completions scored by a reward, one advantage each
         row = {
             "loss": _mean(parts["losses"]),
             "reward/mean": _mean(parts["rewards"]),

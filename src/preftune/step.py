@@ -34,13 +34,18 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
     """One concatenated policy forward (plus a no-grad reference forward when the loss needs one).
 
     Returns the per-example losses and a dict of detached per-example tensors for the metrics.
-    Paired batches are [chosen..., rejected...]; unpaired ones [examples..., KL rows...].
+    Paired batches are [chosen..., rejected...]; unpaired ones [examples..., KL rows...];
+    supervised ones (SFT) [examples...].
     """
     device = batch["input_ids"].device.type
     if spec.rollout:
         return _rollout_forward(model, reference, spec, batch, kwargs, device, bf16)
     with autocast(device, bf16):
         logps, counts = completion_logps(model, batch)
+    if spec.supervised:  # demonstrations (sft.py): one row per example, no reference, no pairs
+        out = spec.fn(logps, counts, **kwargs)
+        parts = {"losses": out.losses, "policy": logps, "lengths": counts, **out.metrics}
+        return out.losses, {k: v.detach() for k, v in parts.items()}
     first, second = split_pairs(logps)
     first_n, second_n = split_pairs(counts)
     if "reference_logps" in batch:  # cached once for the whole run (refcache.py)

@@ -190,6 +190,9 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     if spec.rollout and not getattr(source, "rollout", False):
         raise ConfigError("defaults", "loss.name", f"{spec.name!r} trains on completions sampled during the run: "
                           "use `preftune grpo` (online.prompts_path, online.reward)")
+    if spec.supervised and not getattr(source, "supervised", False):
+        raise ConfigError("defaults", "loss.name", f"{spec.name!r} is supervised fine-tuning on demonstrations: "
+                          "use `preftune sft` (data.train_path: prompt/completion or messages)")
     source = source or OfflineSource.load(cfg, spec)
     model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
@@ -351,8 +354,10 @@ class RunLog:
         if self.t.report_to and step % self.t.log_every == 0:
             run.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         self.bar.update(1)
-        # pairs show their implicit-reward margin; rollouts (GRPO) the mean reward of their samples
-        name, key = ("reward", "reward/mean") if run.spec.rollout else ("margin", "rewards/margins")
+        # pairs show their implicit-reward margin; rollouts (GRPO) the mean reward of their samples;
+        # demonstrations (SFT) the NLL per token
+        name, key = ("reward", "reward/mean") if run.spec.rollout else ("nll", "nll/token") if run.spec.supervised \
+            else ("margin", "rewards/margins")
         self.bar.set_postfix({"loss": f"{row['loss']:.4f}", name: f"{row[key]:.3f}"})
         if main and self.bar.disable and (step % 10 == 0 or step == run.total_steps):
             print(f"step {step}/{run.total_steps} loss {row['loss']:.4f} {name} {row[key]:.3f}", flush=True)
@@ -374,7 +379,11 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
     cfg, t, a, model, spec = run.cfg, run.cfg.train, run.accelerator, run.model, run.spec
     run_dir, collected = Path(cfg.run.output_dir), []
     unwrapped = a.unwrap_model(model)
-    baseline = probe_baseline(unwrapped, run.reference, run.tokenizer, run.source, cfg, run.history)
+    # measured once per run; a resumed run takes it from its checkpoint (without a reference it could
+    # only re-measure the trained weights, not the starting ones)
+    baseline = run.ckpt.state.get("probe_reference_length") if run.ckpt is not None else None
+    if baseline is None:
+        baseline = probe_baseline(unwrapped, run.reference, run.tokenizer, run.source, cfg, run.history)
     run.start, run.pairs = time.perf_counter(), 0
     model.train()
     for epoch in range(run.epoch0, run.epochs):
@@ -405,7 +414,8 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
             run.step += 1
             gathered = {k: a.gather_for_metrics(torch.cat([c[k] for c in collected])) for k in collected[0]}
             collected, run.pairs = [], run.pairs + len(gathered["losses"])
-            row = {"step": run.step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired, rollout=spec.rollout),
+            row = {"step": run.step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired, rollout=spec.rollout,
+                                                            supervised=spec.supervised),
                    "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0], **run.source.step_metrics()}
             if cfg.diagnostics.probe_every and (run.step % cfg.diagnostics.probe_every == 0
                                                 or run.step == run.total_steps):
@@ -416,7 +426,8 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                 snap = snapshot(_trainable(unwrapped), run.optimizer)  # every rank: gathers sharded tensors
                 if a.is_main_process:
                     save_checkpoint(run_dir, step=run.step, snap=snap, scheduler=run.scheduler, keep_last=t.keep_last,
-                                    state={"epoch": epoch, "batches_in_epoch": done, "fingerprint": run.fp})
+                                    state={"epoch": epoch, "batches_in_epoch": done, "fingerprint": run.fp,
+                                           "probe_reference_length": baseline})
                 a.wait_for_everyone()
             if stop:
                 return {"check": stop, "step": run.step}

@@ -5,7 +5,7 @@ import torch
 
 from preftune.losses.dpo import cdpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 from preftune.losses.kto import kto_loss
-from preftune.losses.reference_free import orpo_loss, sft_loss, simpo_loss
+from preftune.losses.reference_free import nll_loss, orpo_loss, sft_loss, simpo_loss
 
 T = torch.tensor
 PC, PR, RC, RR = T([-10.0]), T([-15.0]), T([-11.0]), T([-14.0])  # Delta = 2
@@ -91,3 +91,13 @@ def test_kto_anchor_is_clamped_at_zero_and_carries_no_gradient():
         sig = torch.sigmoid(T(0.1 * z0))
         expected = 0.1 * sig * (1 - sig)
         assert policy.grad.tolist() == pytest.approx([-expected.item(), expected.item()], abs=1e-7)
+
+
+def test_nll_is_the_token_mean_over_the_micro_batch():
+    """Two demonstrations of 2 and 6 tokens with summed log-probs -4 and -6: the token mean is
+    10 / 8 = 1.25 (a per-example mean would give (2 + 1) / 2 = 1.5); each token weighs the same."""
+    logps = torch.tensor([-4.0, -6.0], requires_grad=True)
+    out = nll_loss(logps, torch.tensor([2, 6]))
+    assert out.losses.mean().item() == pytest.approx(1.25)
+    out.losses.mean().backward()
+    assert logps.grad.tolist() == pytest.approx([-1 / 8, -1 / 8])  # d/dlogp_i of -sum/8

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .types import LossOutput
+from .types import LossOutput, SupervisedLossOutput
 
 __all__ = ["simpo_loss", "orpo_loss", "sft_loss"]
 
@@ -67,3 +67,14 @@ def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     """
     aw, al = _avg(policy_chosen_logps, chosen_lengths), _avg(policy_rejected_logps, rejected_lengths)
     return LossOutput(-aw, aw.detach(), al.detach())
+
+
+def nll_loss(policy_logps, lengths) -> SupervisedLossOutput:
+    """Supervised fine-tuning: the mean NLL over every completion token of the micro-batch.
+
+    `policy_logps` (N,) are summed completion log-probs, `lengths` (N,) their token counts.
+    Per-example losses are -logp_i / mean(lengths), so their mean is -sum(logp) / sum(lengths):
+    each token weighs the same (long answers are not down-weighted), as SFT trainers usually do.
+    """
+    scale = lengths.float().mean().clamp(min=1.0)
+    return SupervisedLossOutput(-policy_logps / scale)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LossOutput", "UnpairedLossOutput"]
+__all__ = ["LossOutput", "UnpairedLossOutput", "SupervisedLossOutput"]
 
 
 class LossOutput(NamedTuple):
@@ -24,4 +24,9 @@ class LossOutput(NamedTuple):
 class UnpairedLossOutput(NamedTuple):
     losses: torch.Tensor   # (N,)
     rewards: torch.Tensor  # (N,) implicit reward of each example, detached
+    metrics: dict = {}
+
+
+class SupervisedLossOutput(NamedTuple):
+    losses: torch.Tensor   # (N,) per-example share of the micro-batch's token-mean NLL
     metrics: dict = {}
