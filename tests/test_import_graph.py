@@ -20,7 +20,7 @@ LAYERS = {
     2: ["step", "generate", "rewards", "prepare"],
     3: ["evaluate", "probe", "refcache", "checkpoint", "batches"],
     4: ["train"],
-    5: ["online", "sft"],
+    5: ["online", "sft", "rm"],
     6: ["demo", "sweep", "serve", "label", "report", "advise"],
     7: ["cli", "__main__", ""],  # "" is the package itself (its __init__ re-exports the entry points)
 }

@@ -77,6 +77,9 @@ def exact_layout(cfg, spec: LossSpec, model, examples, pad_id: int, model_dir: s
     """The configured layout if it is exact on this model, else the exact one it falls back to
     (said once, recorded in data_stats.json and summary.json); a copy of `cfg` says which."""
     d = cfg.data
+    if spec.reward_model and d.layout != "padded":  # the score head pools one sequence per row
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, layout="padded", prefix_sharing=False))
+        return cfg, {"layout": "padded", "prefix_sharing": False, "reason": "reward model"}
     if not spec.paired or d.layout == "padded":
         return cfg, {"layout": d.layout, "prefix_sharing": d.prefix_sharing}
     layout, sharing, deltas = choose_layout(model, examples, pad_id, layout=d.layout, prefix_sharing=d.prefix_sharing,

@@ -42,6 +42,7 @@ from .online.source import run_online
 from .prepare import load_data
 from .report import plot_sweep, write_report
 from .rewards.verifiable import arithmetic_problems
+from .rm import SPLITS, run_train_rm
 from .safeio import os_problem
 from .serve import load_chat_model, make_server
 from .sft import run_sft
@@ -107,6 +108,10 @@ def _resume(a) -> int:
     cfg = load_config(config, [*a.overrides, f"run.output_dir={a.run_dir}"])
     if LOSSES[cfg.loss.name].supervised:  # demonstrations (preftune sft)
         result = run_sft(cfg, resume=True, allow_config_change=a.allow_config_change)
+    elif LOSSES[cfg.loss.name].reward_model:  # one reward model (an ensemble member resumes as one)
+        out = run_train_rm(cfg, resume=True, allow_config_change=a.allow_config_change)
+        _say_once(f"run: {out['run']} (reward model: rm:{out['run']})")
+        return 0
     elif not cfg.data.train_path and cfg.online.prompts_path and LOSSES[cfg.loss.name].rollout:  # sampled groups
         result = run_grpo(cfg, resume=True, allow_config_change=a.allow_config_change)
     elif not cfg.data.train_path and cfg.online.prompts_path:  # an online run: its batches are sampled
@@ -205,6 +210,39 @@ def _sft(a) -> int:
     model = result.run_dir / "model"
     nxt = f"model.adapter_name_or_path={model}" if (model / "adapter_config.json").exists() else f"model.name_or_path={model}"
     _say_once(f"next: preftune train data.train_path=PAIRS {nxt}   (DPO from this SFT model; it is also the reference)")
+    return 0
+
+
+def _train_rm_args(p):
+    _config_args(p, "YAML config (data.*, model.*, train.*; loss.rm_margin, loss.rm_center_coef)",
+                 "section.key=value, e.g. data.train_path=pairs.jsonl data.eval_path=held.jsonl")
+    p.add_argument("--ensemble", type=int, default=1, help="train K members (RUN/member-<k>); rm:RUN is their mean")
+    p.add_argument("--split", choices=SPLITS, default="disjoint",
+                   help="members train on disjoint slices of the file, or on all of it with different seeds")
+    p.add_argument("--disagreement-penalty", type=float, default=0.0,
+                   help="rm:RUN of an ensemble scores mean - this x the members' spread (saved in ensemble.json)")
+
+
+def _train_rm(a) -> int:
+    out = run_train_rm(load_config(a.config, ["loss.name=bt", *a.overrides]), ensemble=a.ensemble, split=a.split,
+                       disagreement_penalty=a.disagreement_penalty)
+
+    def line(name: str, ev: dict) -> str:
+        lo, hi = ev["accuracy/implicit_reward_ci95"]
+        return (f"{name}: held-out pair accuracy {ev['accuracy/implicit_reward']:.3f} [{lo:.3f}, {hi:.3f}] on "
+                f"{ev['pairs']} pairs, ECE {ev['calibration']['ece']:.3f}")
+
+    if a.ensemble == 1 and out["eval"]:
+        _say_once(line("reward model", out["eval"]))
+    for k, ev in enumerate(out.get("member_eval") or []):
+        if ev:
+            _say_once(line(f"member {k}", ev))
+    if out.get("ensemble_eval"):
+        e = out["ensemble_eval"]
+        lo, hi = e["accuracy_ci95"]
+        _say_once(f"ensemble of {a.ensemble}: held-out accuracy {e['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], members "
+                  f"disagree on {e['disagreement']:.1%} of pairs, mean margin spread {e['margin_spread_mean']:.3f}")
+    _say_once(f"reward source: rm:{out['run']}   (preftune iterate online.reward=rm:{out['run']} ...)")
     return 0
 
 
@@ -458,6 +496,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("sft", "supervised fine-tuning on demonstrations (prompt/completion, messages, or the chosen side of pairs)",
             lambda p: _config_args(p, "YAML config (data.*, model.*, train.*)",
                                    "section.key=value, e.g. data.train_path=sft.jsonl data.eval_path=held.jsonl"), _sft),
+    Command("train-rm", "a Bradley-Terry reward model from preference pairs (rm:RUN scores with it)",
+            _train_rm_args, _train_rm),
     Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, _resume),
     Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, _eval),
     Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, _demo),

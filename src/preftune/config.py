@@ -104,6 +104,9 @@ class LossConfig:
     clip_epsilon: float = _f(0.2, "grpo: the policy ratio is clipped to [1 - eps, 1 + eps_high]")
     clip_epsilon_high: float = _f(0.0, "grpo: upper clip eps_high (DAPO's clip-higher); 0 = clip_epsilon")
     kl_coef: float = _f(0.04, "grpo: weight of the per-token k3 KL(policy || reference) penalty; 0 = no reference forward")
+    rm_margin: float = _f(0.0, "bt (reward model): required gap between chosen and rejected scores, >= 0")
+    rm_center_coef: float = _f(0.0, "bt (reward model): weight of (r_c + r_r)^2, keeps scores centred at 0 "
+                                    "(e.g. 0.01)")
     grpo_token_level: bool = _f(False, "grpo: average over all completion tokens of a micro-batch (DAPO) instead of "
                                        "per completion, then over completions (the paper's)")
 
@@ -270,6 +273,10 @@ def _range_problems(cfg: Config):
         yield "loss.kl_coef", "must be >= 0"
     if not 0 <= c.loss.label_smoothing < 0.5:
         yield "loss.label_smoothing", "must be in [0, 0.5)"
+    if not c.loss.rm_margin >= 0:
+        yield "loss.rm_margin", "must be >= 0"
+    if not c.loss.rm_center_coef >= 0:
+        yield "loss.rm_center_coef", "must be >= 0"
     for key in ("desirable_weight", "undesirable_weight"):
         if not getattr(c.loss, key) > 0:
             yield f"loss.{key}", "must be > 0"
@@ -280,6 +287,8 @@ def _range_problems(cfg: Config):
             yield f"loss.mix[{i}]", f"expected [name, weight] with a name from {', '.join(sorted(LOSSES))}, got {term!r}"
         elif not LOSSES[term[0]].paired or LOSSES[term[0]].rollout:
             yield f"loss.mix[{i}]", f"{term[0]!r} is unpaired and cannot be mixed"
+        elif LOSSES[term[0]].reward_model:
+            yield f"loss.mix[{i}]", f"{term[0]!r} trains a reward model (preftune train-rm) and cannot be mixed"
     for i, name in enumerate(c.diagnostics.stop_on):
         if isinstance(name, str) and name not in CHECKS:
             yield f"diagnostics.stop_on[{i}]", f"unknown check {name!r}{_did_you_mean(str(name), CHECKS)}; known: {', '.join(CHECKS)}"

@@ -29,7 +29,7 @@ from .rewards import build_reward
 from .safeio import atomic_write
 from .step import SameAsPolicy, loss_forward, loss_kwargs
 
-__all__ = ["evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json", "wilson", "format_eval",
+__all__ = ["reliability", "evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json", "wilson", "format_eval",
            "bootstrap_ci", "heldout_reward"]
 
 
@@ -117,7 +117,31 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
         result["accuracy/implicit_reward_undefined"] = True  # policy == reference: every margin is 0
     if not spec.paired:
         del result["loss"]
+    if spec.reward_model:  # scores, not log-probs: accuracy/logp is the score accuracy, no perplexity
+        del result["perplexity/chosen"]
+    if spec.paired:
+        result["calibration"] = reliability([r[2] for r in rows])
     return result
+
+
+def reliability(margins: list[float], bins: int = 10) -> dict:
+    """How well sigmoid(margin) predicts that chosen beats rejected (Bradley-Terry: a reward
+    model's margin r_c - r_r; DPO: the implicit-reward margin). Pairs are binned by the predicted
+    probability of the side the model prefers (in [0.5, 1]); each bin holds its mean prediction,
+    the fraction of those pairs where the model's preferred side is the labelled chosen one, and
+    its count. ECE = count-weighted mean |prediction - accuracy|. Ties (margin 0) sit at 0.5."""
+    edges = [0.5 + 0.5 * k / bins for k in range(bins + 1)]
+    sums = [[0.0, 0.0, 0] for _ in range(bins)]
+    for m in margins:
+        p = 1 / (1 + math.exp(-abs(m))) if abs(m) < 700 else 1.0
+        k = min(int((p - 0.5) * 2 * bins), bins - 1)
+        sums[k][0] += p
+        sums[k][1] += 1.0 if m > 0 else 0.5 if m == 0 else 0.0
+        sums[k][2] += 1
+    n = max(len(margins), 1)
+    table = [{"lo": edges[k], "hi": edges[k + 1], "confidence": s[0] / s[2], "accuracy": s[1] / s[2], "pairs": s[2]}
+             for k, s in enumerate(sums) if s[2]]
+    return {"bins": table, "ece": math.fsum(b["pairs"] * abs(b["confidence"] - b["accuracy"]) for b in table) / n}
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from .attention import uses_block_attention
 from .devices import place
 
 __all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
-           "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
+           "sequence_scores", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
 
 
 class _FP32Head(torch.nn.Linear):
@@ -69,6 +69,19 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     keep = torch.arange(first - 1, input_ids.size(1) - 1, device=input_ids.device)  # (K,)
     out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
     return sequence_logps(out.logits, input_ids[:, keep + 1], completion_mask[:, keep + 1])
+
+
+def sequence_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model scores of padded rows (collate_pairs/collate_sequences): the model's own
+    sequence-classification head, pooled where the model pools (the last non-pad token), so
+    training and scoring (rewards.RewardModel) read the same position. Returns scores (N,)
+    float32 and completion token counts (N,). Packed rows are not supported (the head pools
+    one sequence per row)."""
+    batch = place(batch, model)
+    if "seq_index" in batch:
+        raise ValueError("reward-model scores need padded rows (data.layout=padded)")
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.logits[:, 0].float(), batch["completion_mask"].sum(dim=1)
 
 
 def completion_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

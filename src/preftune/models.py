@@ -175,6 +175,30 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
     return model
 
 
+def load_reward_start(m, model_dir: str, pad_id: int):
+    """A reward model to train (`preftune train-rm`): the causal LM in `model_dir` with a new
+    one-output score head (AutoModelForSequenceClassification, num_labels=1; the head is drawn
+    from the seeded RNG) and the tokenizer's pad id in its config, since the head pools at the
+    last non-pad token. A directory that already is a one-output classifier keeps its head."""
+    from transformers import AutoModelForSequenceClassification  # deferred: ~1 s to import
+
+    _refuse_remote_code(model_dir, m.trust_remote_code)
+    for key, value in (("model.load_in_4bit", m.load_in_4bit), ("model.adapter_name_or_path", m.adapter_name_or_path)):
+        if value:
+            raise ConfigError(model_dir, key, "is not supported for reward models yet; merge the adapter first "
+                              "(preftune export RUN --merge) or load the full-precision model")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=1, dtype=_DTYPES[m.dtype], revision=m.revision or None,
+            use_safetensors=None if m.allow_pickle_weights else True, trust_remote_code=False)
+    except OSError as err:
+        raise _hub_error(model_dir, err) from None
+    except (ValueError, ImportError, KeyError) as err:  # no classification class for this architecture
+        raise ConfigError(model_dir, "model.name_or_path", str(err).splitlines()[0]) from None
+    model.config.pad_token_id = pad_id
+    return model
+
+
 def load_start(m, model_dir: str, *, empty: bool = False, device: str = "cpu"):
     """The weights training starts from, per a `ModelConfig`: the model (revision, dtype, attention
     implementation, 4-bit base for QLoRA), with an SFT adapter (`model.adapter_name_or_path`) merged
@@ -204,13 +228,15 @@ def load_start(m, model_dir: str, *, empty: bool = False, device: str = "cpu"):
     return (model.merge_and_unload() if m.adapter_merge else model), info
 
 
-def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list | str):
+def apply_lora(model, *, r: int, alpha: int, dropout: float, target_modules: list | str, task: str = "CAUSAL_LM"):
+    """LoRA adapters on `model`. `task` "SEQ_CLS" (a reward model): PEFT also trains the new
+    score head in full (modules_to_save), since it starts from random weights."""
     from peft import LoraConfig, get_peft_model  # deferred: only LoRA runs need peft
 
     # a plain string is PEFT's own: "all-linear" (every linear layer but the LM head) or a regex
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                        task_type="CAUSAL_LM", bias="none")
+                        task_type=task, bias="none")
     try:
         return get_peft_model(model, config)
     except ValueError as err:

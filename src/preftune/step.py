@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from .logprobs import autocast, completion_logps, completion_token_logps, split_pairs
+from .logprobs import autocast, completion_logps, completion_token_logps, sequence_scores, split_pairs
 from .losses import LossSpec
 
 __all__ = ["loss_forward", "loss_kwargs", "SameAsPolicy"]
@@ -40,8 +40,8 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
     device = batch["input_ids"].device.type
     if spec.rollout:
         return _rollout_forward(model, reference, spec, batch, kwargs, device, bf16)
-    with autocast(device, bf16):
-        logps, counts = completion_logps(model, batch)
+    with autocast(device, bf16):  # a reward model's "log-probs" are its scores (rm.py; loss bt)
+        logps, counts = (sequence_scores if spec.reward_model else completion_logps)(model, batch)
     if spec.supervised:  # demonstrations (sft.py): one row per example, no reference, no pairs
         out = spec.fn(logps, counts, **kwargs)
         parts = {"losses": out.losses, "policy": logps, "lengths": counts, **out.metrics}

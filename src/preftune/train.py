@@ -46,6 +46,7 @@ from .models import (
     apply_lora,
     build_reference,
     load_model,
+    load_reward_start,
     load_start,
     load_tokenizer,
     resolve_model_dir,
@@ -112,12 +113,21 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = False, device: str = "cpu"):
+def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = False, device: str = "cpu",
+                  pad_id: int = 0):
     """Policy (with LoRA if asked), its reference, and what to record about the reference. With
     an SFT adapter merged in, the reference is the SFT-adapted model (adapters off = SFT
     weights); kept trainable, the SFT adapter is the policy and a frozen merged copy the reference.
     `empty`: without weights (a sharded run's rank > 0; rank 0's are broadcast at prepare)."""
     m = cfg.model
+    if spec.reward_model:  # a score head on the model, trained from pairs; no reference (rm.py)
+        model = load_reward_start(m, model_dir, pad_id)
+        if m.lora:
+            model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                               target_modules=m.lora_target_modules, task="SEQ_CLS")
+        if m.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, None, {"strategy": "none", "weights_sha256": None}
     model, adapter = load_start(m, model_dir, empty=empty, device=device)
     separate = spec.needs_reference and bool(m.reference_name_or_path)  # not the starting weights
     kept = adapter is not None and not m.adapter_merge  # the SFT adapter itself keeps training
@@ -271,7 +281,7 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
                           "launch with DDP (configs/accelerate/ddp.yaml) or set model.load_in_4bit=false")
     set_seed(t.seed)
     model, reference, reference_info = _build_policy(cfg, spec, model_dir, empty=loads_on_rank0_only(accelerator),
-                                                     device=accelerator.device.type)
+                                                     device=accelerator.device.type, pad_id=tokenizer.pad_token_id)
     reference_info["weights_sha256"] = gather_objects(reference_info["weights_sha256"])[0]  # rank 0 has them all
     if t.autocast_bf16:
         fp32_lm_head(model)
@@ -382,7 +392,8 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
     # measured once per run; a resumed run takes it from its checkpoint (without a reference it could
     # only re-measure the trained weights, not the starting ones)
     baseline = run.ckpt.state.get("probe_reference_length") if run.ckpt is not None else None
-    if baseline is None:
+    probing = bool(cfg.diagnostics.probe_every) and not spec.reward_model  # a reward model cannot sample
+    if baseline is None and probing:
         baseline = probe_baseline(unwrapped, run.reference, run.tokenizer, run.source, cfg, run.history)
     run.start, run.pairs = time.perf_counter(), 0
     model.train()
@@ -417,7 +428,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
             row = {"step": run.step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired, rollout=spec.rollout,
                                                             supervised=spec.supervised),
                    "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0], **run.source.step_metrics()}
-            if cfg.diagnostics.probe_every and (run.step % cfg.diagnostics.probe_every == 0
+            if probing and (run.step % cfg.diagnostics.probe_every == 0
                                                 or run.step == run.total_steps):
                 row.update(run_probe(unwrapped, run.reference, run.tokenizer, run.source, spec, cfg, run.step,
                                      baseline))

@@ -9,7 +9,7 @@ import torch
 from preftune.config import LossConfig
 from preftune.losses import LOSSES, build_loss, register_loss
 
-PAIRED = sorted(n for n, s in LOSSES.items() if s.paired)
+PAIRED = sorted(n for n, s in LOSSES.items() if s.paired)  # bt (reward model) too: same signature
 UNPAIRED = sorted(n for n, s in LOSSES.items() if not s.paired and not s.rollout and not s.supervised)
 # rollout (grpo): test_grpo.py; supervised (nll): test_family.py
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossConfig) if f.default is not dataclasses.MISSING}
@@ -30,8 +30,9 @@ def _t(values, requires_grad=False):
 
 def test_registry_has_the_family():
     assert set(LOSSES) == {"sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "sft", "kto", "grpo",
-                           "nll"}
-    assert [n for n in sorted(LOSSES) if not LOSSES[n].needs_reference] == ["nll", "orpo", "sft", "simpo"]
+                           "nll", "bt"}
+    assert [n for n in sorted(LOSSES) if not LOSSES[n].needs_reference] == ["bt", "nll", "orpo", "sft", "simpo"]
+    assert [n for n in sorted(LOSSES) if LOSSES[n].reward_model] == ["bt"]
     assert [n for n in sorted(LOSSES) if LOSSES[n].supervised] == ["nll"]
 
 

@@ -55,10 +55,12 @@ def test_reward_model_scores_with_logit_zero(tmp_path, tokenizer):
     r = build_reward(f"rm:{tmp_path / 'rm'}")
     prompts, completions = ["The movie was", "I hated"], [" great.", " the long ending."]
     scores = r.score(prompts, completions)
-    with torch.no_grad():  # the RM reads (prompt, completion) through its own chat template
+    with torch.no_grad():  # the RM reads (prompt, completion) through its own chat template, up to the
+        # EOS that closes the assistant turn (the one rendering: what `preftune train-rm` trains on)
         chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": c}]
                  for p, c in zip(prompts, completions)]
-        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in chats]
+        texts = [tokenizer.apply_chat_template(m, tokenize=False).rstrip() for m in chats]
+        assert all(t.endswith(tokenizer.eos_token) for t in texts)
         expect = [model(**tokenizer(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
                   for t in texts]
     assert scores == pytest.approx(expect, abs=1e-5)  # padding in the batch changes nothing
@@ -71,8 +73,9 @@ def test_reward_model_scores_with_logit_zero(tmp_path, tokenizer):
     (tmp_path / "rm" / "tokenizer_config.json").write_text(json.dumps(config))
     raw = build_reward(f"rm:{tmp_path / 'rm'}").score(prompts, completions)
     with torch.no_grad():
-        expect = [model(**tokenizer(p + c, return_tensors="pt")).logits[0, 0].item()
-                  for p, c in zip(prompts, completions)]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] + tokenizer(c, add_special_tokens=False)["input_ids"]
+               + [tokenizer.eos_token_id] for p, c in zip(prompts, completions)]  # apart, then EOS
+        expect = [model(input_ids=torch.tensor([i])).logits[0, 0].item() for i in ids]
     assert raw == pytest.approx(expect, abs=1e-5)
     with pytest.raises(ConfigError, match="no reward model directory"):
         build_reward(f"rm:{tmp_path / 'missing'}")

@@ -1,9 +1,10 @@
 """The loss registry: the single source of truth for loss names and their properties.
 
 The training loop asks a spec (`needs_reference`, `paired`, `needs_lengths`, `params`, `rollout`,
-`supervised`) and never tests a loss by name. Rollout losses (GRPO) score completions sampled from
+`supervised`, `reward_model`) and never tests a loss by name. Rollout losses (GRPO) score completions sampled from
 the policy during the run, per token, with group advantages; only a rollout source (online/grpo.py)
 feeds them. Supervised losses (SFT) score demonstrations; only `preftune sft` (sft.py) feeds them.
+Reward-model losses train a sequence-classification head on pairs (`preftune train-rm`, rm.py).
 Config validation, `--help`, error messages and the contract tests are all generated from `LOSSES`.
 """
 
@@ -16,6 +17,7 @@ from .dpo import cdpo_loss, hinge_loss, ipo_loss, robust_dpo_loss, sigmoid_dpo_l
 from .grpo import RolloutLossOutput, group_advantages, grpo_loss
 from .kto import kto_loss
 from .reference_free import nll_loss, orpo_loss, sft_loss, simpo_loss
+from .reward import bradley_terry_loss
 from .types import LossOutput, SupervisedLossOutput, UnpairedLossOutput
 
 __all__ = ["LOSSES", "ALIASES", "LossSpec", "LossOutput", "UnpairedLossOutput", "SupervisedLossOutput", "RolloutLossOutput", "register_loss",
@@ -33,6 +35,7 @@ class LossSpec:
     summary: str           # one line for --help and error messages
     rollout: bool = False  # per-token loss on sampled completions with advantages (GRPO); not paired
     supervised: bool = False  # NLL of demonstrations (prompt, completion): `preftune sft`; not paired
+    reward_model: bool = False  # paired, on the scores of a sequence-classification head: `preftune train-rm`
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -41,12 +44,12 @@ ALIASES: dict[str, str] = {"dpo": "sigmoid"}  # other names users know a loss by
 
 def register_loss(name: str, fn: Callable, *, needs_reference: bool, paired: bool, summary: str,
                   params: tuple = ("beta",), needs_lengths: bool = False, rollout: bool = False,
-                  supervised: bool = False) -> LossSpec:
+                  supervised: bool = False, reward_model: bool = False) -> LossSpec:
     """Add a loss to the registry; a second registration of the same name is an error."""
     if name in LOSSES:
         raise ValueError(f"loss {name!r} is already registered")
     LOSSES[name] = spec = LossSpec(name, fn, needs_reference, paired, tuple(params), needs_lengths, summary,
-                                          rollout, supervised)
+                                          rollout, supervised, reward_model)
     return spec
 
 
@@ -59,7 +62,7 @@ def build_loss(name: str, mix: list | None = None) -> LossSpec:
     if not mix:
         return LOSSES[ALIASES.get(name, name)]
     terms = [(LOSSES[n], float(w)) for n, w in mix]
-    if not all(spec.paired and not spec.rollout and not spec.supervised for spec, _ in terms):
+    if not all(spec.paired and not spec.rollout and not spec.supervised and not spec.reward_model for spec, _ in terms):
         raise ValueError("only paired losses can be mixed")
     params = tuple(dict.fromkeys(p for spec, _ in terms for p in spec.params))
     needs_lengths = any(spec.needs_lengths for spec, _ in terms)
@@ -102,3 +105,6 @@ register_loss("grpo", grpo_loss, needs_reference=True, paired=False, rollout=Tru
               summary="GRPO: clipped ratio x group advantage + k3 KL, online (Shao et al. 2024); preftune grpo")
 register_loss("nll", nll_loss, needs_reference=False, paired=False, params=(), supervised=True,
               summary="SFT: token-mean NLL of the completion tokens of demonstrations; preftune sft")
+register_loss("bt", bradley_terry_loss, needs_reference=False, paired=True, reward_model=True,
+              params=("rm_margin", "rm_center_coef"),
+              summary="reward model: Bradley-Terry -log sigmoid(r_c - r_r - margin) + centering; preftune train-rm")

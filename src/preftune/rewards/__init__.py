@@ -18,6 +18,7 @@ and combined with `ensemble(sources, weights, disagreement_penalty=...)` or
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,8 @@ class RewardModel:
 
         if not Path(path).is_dir():
             raise ConfigError(spec, "reward", f"no reward model directory at {path}")
+        if (Path(path) / "reward_model").is_dir():  # a `preftune train-rm` run: its merged reward model
+            path = str(Path(path) / "reward_model")
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
                                                                    trust_remote_code=False).eval()
@@ -122,15 +125,15 @@ class RewardModel:
         return out
 
     def _ids(self, prompt, completion: str) -> list[int]:
-        """(prompt, completion) as the reward model reads it: through ITS chat template when it
-        has one (the prompt as a user turn, the completion as the assistant's), else as text."""
+        """(prompt, completion) as the reward model reads it: through the one rendering
+        (data/render.py) with ITS tokenizer, as messages when it has a chat template (a plain
+        prompt as a user turn, the completion as the assistant's), else as text. `preftune
+        train-rm` renders its training pairs the same way (rm.as_reward_records), so a reward
+        model scores exactly the tokens it was trained on."""
         tok = self.tokenizer
-        if tok.chat_template:
-            text = tok.apply_chat_template(render.as_messages(prompt) + [{"role": "assistant", "content": completion}],
-                                           tokenize=False)
-        else:
-            text = render.prompt_text(tok, prompt) + completion
-        return render.text_ids(tok, text, first=True)
+        prompt = render.as_messages(prompt) if tok.chat_template else prompt
+        return render.prompt_ids(tok, prompt) + render.completion_ids(
+            tok, prompt, render.completion_for(prompt, completion), eos=tok.eos_token_id)
 
 
 @dataclass
@@ -199,6 +202,18 @@ class LengthPenalized:
         return [s - self.alpha * len(c.split()) for s, c in zip(self.inner.score(prompts, completions), completions)]
 
 
+def load_reward_models(spec: str, path: str):
+    """`rm:DIR`: a reward model directory, a `preftune train-rm` run, or an ensemble trained with
+    `--ensemble K` (DIR/ensemble.json): the mean of its members' scores less
+    `disagreement_penalty` x their spread (the Ensemble source), an uncertainty-penalised reward."""
+    manifest = Path(path) / "ensemble.json"
+    if not manifest.is_file():
+        return RewardModel.load(spec, path)
+    info = json.loads(manifest.read_text())
+    members = [RewardModel.load(f"{spec}#{k}", str(Path(path) / m)) for k, m in enumerate(info["members"])]
+    return Ensemble(spec, members, [1.0 / len(members)] * len(members), float(info.get("disagreement_penalty", 0.0)))
+
+
 def _judge(spec: str, url: str, **settings):
     return JudgeReward.from_spec(spec, url, **settings)
 
@@ -207,7 +222,7 @@ REWARD_KINDS: dict[str, Callable[[str, str], object]] = {
     "sentiment": lambda spec, _arg: FunctionReward(spec, _sentiment),
     "arithmetic": lambda spec, _arg: FunctionReward(spec, arithmetic_reward),
     "fn": _callable,
-    "rm": RewardModel.load,
+    "rm": lambda spec, path: load_reward_models(spec, path),
     "implicit": ImplicitReward.load,
     "judge": _judge,
 }
