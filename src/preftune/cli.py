@@ -24,6 +24,7 @@ from .data.sources import is_unpaired_file, write_jsonl
 from .demo import DEMO_LR, run_demo
 from .errors import ConfigError, PreftuneError
 from .evaluate import format_eval, run_eval, write_json
+from .export import export_run
 from .label import (
     LabelStore,
     agreement_report,
@@ -155,6 +156,24 @@ def _demo(a) -> int:
     cfg = load_config(None, a.overrides)
     lr = cfg.train.lr if any(o.startswith("train.lr=") for o in a.overrides) else DEMO_LR
     run_demo(Path(a.output_dir), quick=a.quick, model=cfg.model.name_or_path, lr=lr)
+    return 0
+
+
+def _export_args(p):
+    p.add_argument("run_dir", help="a finished run directory (config.yaml, summary.json, model/)")
+    p.add_argument("--out", required=True, help="the directory to write (model files and README.md)")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base: a plain "
+                   "transformers model (default: the adapter, on the base named in config.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload --out to this Hugging Face repo (needs the "
+                   "hub and a token; checked before anything is written)")
+
+
+def _export(a) -> int:
+    result = export_run(a.run_dir, a.out, merge=a.merge, overwrite=a.overwrite, push_to_hub=a.push_to_hub)
+    print(f"export: {result.out} ({result.kind}; model card: {result.out / 'README.md'})")
+    if result.pushed:
+        print(f"pushed: {result.pushed}")
     return 0
 
 
@@ -440,6 +459,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("train", "train on a preference file", _config_args, _train),
     Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, _resume),
     Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, _eval),
+    Command("export", "a run's model for transformers/peft (merged or adapter) with a model card; "
+            "optionally pushed to the hub", _export_args, _export),
     Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, _demo),
     Command("sweep", "grid over beta x learning rate (x warmup): table and KL/reward plots", _sweep_args, _sweep),
     Command("iterate", "iterative DPO: rounds of generate -> score -> pair -> train",
