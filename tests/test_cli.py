@@ -132,3 +132,14 @@ def test_eval_reuses_the_reference_cache_written_by_training(tmp_path, capsys, t
     live = json.loads(out.read_text())
     for key in ("rewards/margins", "accuracy/implicit_reward", "rewards/chosen"):
         assert abs(cached[key] - live[key]) < 1e-5, key
+
+
+def test_a_hub_dataset_while_offline_is_one_line_naming_the_setting(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    for key, value, other in (("data.train_path", "org/prefs", f"data.eval_path={data}"),
+                              ("data.eval_path", "org/prefs:test", f"data.train_path={data}")):
+        rc = main(["train", f"{key}={value}", other, f"run.output_dir={tmp_path / 'run'}",
+                   f"model.name_or_path={tiny_model_dir}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"{value}:0: {key}: not a local file"), err
+        assert "HF_HUB_OFFLINE" in err[0] and not (tmp_path / "run").exists()

@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, load_config, run_name
+from .data.sources import hub_dataset, hub_offline
 from .errors import ConfigError
 from .models import load_start, load_tokenizer, resolve_model_dir, weights_sha256
 from .rundir import finished
@@ -39,7 +40,7 @@ from .safeio import atomic_path, atomic_write
 from .version import __version__
 from .zoo import ZOO
 
-__all__ = ["export_run", "ExportResult", "model_card", "read_run", "hub_offline"]
+__all__ = ["export_run", "ExportResult", "model_card", "read_run"]
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -94,11 +95,6 @@ def read_run(run_dir: str | Path) -> Run:
         raise ConfigError(str(model / "adapter_model.safetensors"), "model", "missing: the adapter has no weights")
     return Run(path, load_config(path / "config.yaml"), finished(path), _read_json(path / "data_stats.json"),
                _read_json(path / "reference.json"), adapter)
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE set to a true value (huggingface_hub's own reading of it)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _hub_api(repo: str):
@@ -231,18 +227,14 @@ def _num(value) -> str:
     return text if any(c in text for c in ".en") else f"{text}.0"  # 1.0, not 1: a float stays one
 
 
-def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/", "~"))
-
-
 def _front_matter(run: Run, kind: str) -> str:
     """The hub's metadata block (YAML, dumped safely: values from the config stay data)."""
     cfg = run.cfg
     meta = {"library_name": "peft" if kind == "adapter" else "transformers",
             "tags": ["preftune", cfg.loss.name, *(["lora"] if cfg.model.lora else [])]}
-    if _is_hub_id(cfg.model.name_or_path):
+    if hub_dataset(cfg.model.name_or_path) and ":" not in cfg.model.name_or_path:  # same id shape as datasets
         meta["base_model"] = cfg.model.name_or_path
-    datasets = [p.split(":")[0] for p in (cfg.data.train_path, cfg.data.eval_path) if p and _is_hub_id(p.split(":")[0])]
+    datasets = [hub[0] for p in (cfg.data.train_path, cfg.data.eval_path) if p and (hub := hub_dataset(p))]
     if datasets:
         meta["datasets"] = sorted(set(datasets))
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
