@@ -73,8 +73,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet or a saved HF dataset dir")
-    eval_path: str = _f("", "held-out data in the same formats (optional)", resume=False)
+    train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet, a saved HF dataset dir, or a hub "
+                             "dataset org/name[:split] (needs the hub)")
+    eval_path: str = _f("", "held-out data in the same forms (optional)", resume=False)
     format: str = _f("auto", "auto | " + " | ".join([*FORMATS, *UNPAIRED_FORMATS]), tokens=True)
     column_map: dict = _f({}, "rename source columns to prompt/chosen/rejected, e.g. {question: prompt}", tokens=True)
     max_length: int = _f(512, "max tokens of prompt + completion", tokens=True)
@@ -459,10 +460,13 @@ def save_config(cfg: Config, path: Path, extra: dict | None = None) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def config_help() -> str:
-    """One line per key, generated from the dataclasses: `section.key (default): help`."""
+def config_help(sections: tuple[str, ...] | None = None) -> str:
+    """One line per key, generated from the dataclasses: `section.key (default): help`; only the
+    given sections (in Config's order) when `sections` is set."""
     lines = []
     for section in dataclasses.fields(Config):
+        if sections is not None and section.name not in sections:
+            continue
         for f in dataclasses.fields(section.default_factory()):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {section.name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")
