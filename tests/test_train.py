@@ -335,3 +335,16 @@ def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_reloads(tmp_path, tiny
     with torch.no_grad():
         chosen, _ = split_pairs(completion_logps(model, collate_pairs(pairs, tok.pad_token_id))[0])
     assert chosen.mean().item() == pytest.approx(result.summary["eval"]["logps/chosen"], abs=1e-4)
+
+
+def test_reference_cache_refuses_data_without_a_file_hash(tmp_path, tiny_model_dir):
+    """A dataset directory (or hub dataset) has no sha256 to key the cache: another dataset's
+    cached logps, under the same record indices, would be read back as this one's."""
+    import datasets
+
+    from preftune.errors import ConfigError
+
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "dsdir"))
+    with pytest.raises(ConfigError, match="train.reference_cache: needs a data file"):
+        train(_cfg(tmp_path, tiny_model_dir, f"data.train_path={tmp_path / 'dsdir'}", "train.reference_cache=true",
+                   "train.max_steps=1"))

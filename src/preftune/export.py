@@ -81,7 +81,8 @@ def read_run(run_dir: str | Path) -> Run:
     if not (path / "config.yaml").is_file():
         raise ConfigError(str(path / "config.yaml"), "config.yaml", "missing: not a run directory written by "
                           "preftune train")
-    if finished(path) is None:
+    summary = finished(path)
+    if summary is None:
         raise ConfigError(str(path / "summary.json"), "summary.json", "missing or incomplete: the run has not "
                           "finished (preftune resume RUN finishes it)")
     model = path / "model"
@@ -93,7 +94,7 @@ def read_run(run_dir: str | Path) -> Run:
                           "directory (config.json)")
     if adapter and not (model / "adapter_model.safetensors").is_file():
         raise ConfigError(str(model / "adapter_model.safetensors"), "model", "missing: the adapter has no weights")
-    return Run(path, load_config(path / "config.yaml"), finished(path), _read_json(path / "data_stats.json"),
+    return Run(path, load_config(path / "config.yaml"), summary, _read_json(path / "data_stats.json"),
                _read_json(path / "reference.json"), adapter)
 
 
@@ -305,8 +306,8 @@ def _eval_lines(run: Run) -> list[str]:
     for key, value in held_out.items():
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
             lines.append(f"- {_code(key)}: [{_num(value[0])}, {_num(value[1])}]")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            lines.append(f"- {_code(key)}: {_num(value)}")
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            lines.append(f"- {_code(key)}: {_num(value)}")  # strings (GRPO's reward source) as code spans
     return lines
 
 
