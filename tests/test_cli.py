@@ -65,8 +65,14 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys, tiny_model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     run_dir = tmp_path / "run"
     assert main(["train", f"data.train_path={data}", f"run.output_dir={run_dir}", f"model.name_or_path={tiny_model_dir}",
-                 "train.lr=3e-2", "train.epochs=4", "loss.beta=0.5", "model.lora_r=4"]) == 0
-    capsys.readouterr()
+                 "train.lr=3e-2", "train.epochs=4", "loss.beta=0.5", "model.lora_r=4", f"data.eval_path={data}"]) == 0
+    summary = capsys.readouterr().out.split(f"run: {run_dir} (")[1].splitlines()  # the end-of-run summary
+    assert len(summary) <= 8
+    assert summary[1].startswith("final step: loss ") and ", margin " in summary[1]
+    assert summary[2].startswith("held-out: accuracy ") and "(8 pairs)" in summary[2]
+    assert summary[3] == "health: no flags" and summary[4] == f"model: {run_dir / 'model'} (LoRA adapter)"
+    assert summary[5] == f"next: preftune eval --run {run_dir} --data {data}"
+    assert summary[6].strip() == f"preftune export {run_dir} --out {tmp_path / 'run-export'} --merge"
     out = tmp_path / "eval.json"
     assert main(["eval", "--run", str(run_dir), "--data", str(data), "--out", str(out),
                  "eval.kl_prompts=4", "eval.max_new_tokens=8"]) == 0
@@ -132,3 +138,31 @@ def test_eval_reuses_the_reference_cache_written_by_training(tmp_path, capsys, t
     live = json.loads(out.read_text())
     for key in ("rewards/margins", "accuracy/implicit_reward", "rewards/chosen"):
         assert abs(cached[key] - live[key]) < 1e-5, key
+
+
+def test_a_hub_dataset_while_offline_is_one_line_naming_the_setting(tmp_path, capsys, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    for key, value, other in (("data.train_path", "org/prefs", f"data.eval_path={data}"),
+                              ("data.eval_path", "org/prefs:test", f"data.train_path={data}")):
+        rc = main(["train", f"{key}={value}", other, f"run.output_dir={tmp_path / 'run'}",
+                   f"model.name_or_path={tiny_model_dir}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"{value}:0: {key}: not a local file"), err
+        assert "HF_HUB_OFFLINE" in err[0] and not (tmp_path / "run").exists()
+
+
+def test_version_and_each_commands_settings_in_its_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    from preftune.version import __version__
+
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"preftune {__version__}"
+    for argv, has, lacks in ((["train", "--help"], ("train.lr = ", "loss.beta = ", "run.name = "), ("online.",)),
+                             (["validate-data", "--help"], ("data.format = ",), ("train.lr", "model.")),
+                             (["data", "inspect", "--help"], ("data.max_length = ", "model.name_or_path = "),
+                              ("loss.",))):
+        with pytest.raises(SystemExit):
+            main(argv)
+        out = capsys.readouterr().out
+        assert "settings (section.key=value):" in out
+        assert all(x in out for x in has) and not any(x in out for x in lacks), argv

@@ -231,17 +231,33 @@ def test_stop_on_kl_drift_ends_the_run_early_and_saves_the_model(tmp_path, tiny_
     assert (result.run_dir / "model" / "adapter_model.safetensors").is_file()
 
 
-def test_tensorboard_tracker_receives_the_metrics(tmp_path, tiny_model_dir):
+def test_tensorboard_tracker_receives_the_metrics(tmp_path, tiny_model_dir, monkeypatch):
     pytest.importorskip("tensorboard")  # a dev dependency: installed by `make test`
+    from accelerate import Accelerator
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result = train(_cfg(tmp_path, tiny_model_dir, "train.epochs=2", "train.batch_size=4",
+    calls, real = [], Accelerator.init_trackers
+    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, *a, **k: calls.append((a, k)) or real(self, *a, **k))
+    result = train(_cfg(tmp_path, tiny_model_dir, "train.epochs=2", "train.batch_size=4", "train.tracker_project=tiny",
                         "train.report_to=[tensorboard]", "diagnostics.probe_every=0"))
-    events = list((result.run_dir / "trackers").rglob("events.out.tfevents.*"))
+    assert calls[0][0] == ("tiny",) and calls[0][1]["init_kwargs"] == {}  # tensorboard: the run's own directory
+    events = list((result.run_dir / "trackers" / "tiny").rglob("events.out.tfevents.*"))
     assert events
     acc = EventAccumulator(str(events[0].parent)).Reload()
     losses = [e.value for e in acc.Scalars("loss")]
     assert losses == pytest.approx([r["loss"] for r in _metrics(result.run_dir)], abs=1e-6)
+
+
+def test_trackers_get_the_run_name_under_their_own_keyword():
+    from preftune.config import run_name
+    from preftune.train import tracker_kwargs
+
+    assert tracker_kwargs(["wandb", "tensorboard", "mlflow"], "dpo-hh") == {
+        "wandb": {"name": "dpo-hh"}, "mlflow": {"run_name": "dpo-hh"}}
+    assert tracker_kwargs(["all"], "x")["trackio"] == {"name": "x"}
+    assert tracker_kwargs([], "x") == {}
+    cfg = load_config(None, ["run.output_dir=runs/mine/"])
+    assert run_name(cfg) == "mine" and run_name(load_config(None, ["run.name=first try"])) == "first try"
 
 
 def test_reference_cache_equals_the_live_reference_and_is_reused(tmp_path, tiny_model_dir, monkeypatch, capsys):
@@ -320,3 +336,16 @@ def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_reloads(tmp_path, tiny
     with torch.no_grad():
         chosen, _ = split_pairs(completion_logps(model, collate_pairs(pairs, tok.pad_token_id))[0])
     assert chosen.mean().item() == pytest.approx(result.summary["eval"]["logps/chosen"], abs=1e-4)
+
+
+def test_reference_cache_refuses_data_without_a_file_hash(tmp_path, tiny_model_dir):
+    """A dataset directory (or hub dataset) has no sha256 to key the cache: another dataset's
+    cached logps, under the same record indices, would be read back as this one's."""
+    import datasets
+
+    from preftune.errors import ConfigError
+
+    datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "dsdir"))
+    with pytest.raises(ConfigError, match="train.reference_cache: needs a data file"):
+        train(_cfg(tmp_path, tiny_model_dir, f"data.train_path={tmp_path / 'dsdir'}", "train.reference_cache=true",
+                   "train.max_steps=1"))

@@ -101,8 +101,9 @@ class OfflineSource:
     def load(cls, cfg, spec: LossSpec) -> OfflineSource:
         if not cfg.data.train_path:
             raise ConfigError("defaults", "data.train_path", "is required")
-        records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired)
-        eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None  # always pairs
+        records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired, field="data.train_path")
+        eval_records = load_data(cfg.data.eval_path, cfg.data, field="data.eval_path") \
+            if cfg.data.eval_path else None  # always pairs
         return cls(cfg, spec, records, eval_records)
 
     def prepare(self, tokenizer) -> None:

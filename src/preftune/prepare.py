@@ -25,16 +25,16 @@ __all__ = ["load_data", "prepare_pairs", "drop_eval_prompts", "kto_class_weights
            "prepare_data", "pair_collator"]
 
 
-def load_data(path: str, d, *, paired: bool = True) -> list:
+def load_data(path: str, d, *, paired: bool = True, field: str = "file") -> list:
     """Read and validate one data file with a `DataConfig`'s settings (no tokenizer needed).
 
     Unpaired losses read prompt/completion/label files, or pairs split in two when
-    `d.paired_to_unpaired` is set.
+    `d.paired_to_unpaired` is set. `field`: the setting `path` came from (named by hub errors).
     """
     convert = not paired and d.paired_to_unpaired
     records = load_records(path, fmt=d.format, column_map=d.column_map, max_records=d.max_records,
                            allow_degenerate=d.allow_degenerate, allow_empty_completions=d.allow_empty_completions,
-                           paired=paired or convert)
+                           paired=paired or convert, field=field)
     if d.hh_as_chat and paired and records and isinstance(records[0].prompt, str) and HH_ASSISTANT in records[0].prompt:
         records = hh_as_messages(records)
     return to_unpaired(records) if convert else records

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import fields_where
+from .errors import ConfigError
 from .logprobs import completion_logps, split_pairs
 from .models import cache_root
 from .prepare import pair_collator
@@ -98,6 +99,12 @@ def load_or_build(path: Path, model, reference, pairs, *, batch_size: int, colla
 
 def reference_cache(cfg, data, model, reference, tokenizer, info: dict, fp: dict, accelerator) -> dict:
     """Reference logps for every training pair, from the on-disk cache or computed once now."""
+    # a hub dataset or a saved dataset directory has no file to hash: without a key that changes with
+    # the data, another dataset's cached logps (same record indices) would be read back as this one's
+    if fp["data.train_sha256"] is None:
+        raise ConfigError(cfg.data.train_path, "train.reference_cache", "needs a data file (its sha256 keys the "
+                          "cache; a hub dataset or dataset directory has none): write it as .jsonl or .parquet, "
+                          "or set train.reference_cache=false")
     path = path_for(reference_sha256=info["weights_sha256"], tokenizer_sha256=fp["tokenizer_sha256"],
                     data_sha256=fp["data.train_sha256"], data_config=cfg.data)
     start = time.perf_counter()

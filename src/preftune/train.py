@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     snapshot,
 )
-from .config import Config, save_config
+from .config import Config, run_name, save_config
 from .diagnostics import health_checks, step_metrics
 from .errors import ConfigError, NumericalError
 from .evaluate import evaluate_pairs
@@ -70,7 +70,7 @@ from .sharding import (
 from .step import loss_forward
 from .version import __version__
 
-__all__ = ["train", "RunResult", "check_output_dir"]
+__all__ = ["train", "RunResult", "check_output_dir", "tracker_kwargs"]
 
 
 @dataclass
@@ -271,7 +271,7 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
     # Accelerate (and its process group) before the weights: under FSDP with cpu_ram_efficient_loading
     # only rank 0 loads them, the other ranks build the structure and get their shards at prepare
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum, cpu=not torch.cuda.is_available(),
-                              log_with=t.report_to or None, project_dir=str(run_dir))
+                              log_with=t.report_to or None, project_dir=str(run_dir / "trackers"))
     enable_fsdp_on_cpu(accelerator)
     if is_fsdp(accelerator) and not isinstance(source, OfflineSource):
         raise ConfigError("accelerate config", "distributed_type", "online runs sample from the policy on each process; "
@@ -339,7 +339,8 @@ class RunLog:
                 print(f"processes: {a.num_processes} ({kind}); global batch "
                       f"{t.batch_size * a.num_processes * t.grad_accum} pairs per step")
         if t.report_to:
-            a.init_trackers("trackers", config=_flat_config(cfg))
+            a.init_trackers(t.tracker_project, config=_flat_config(cfg),
+                            init_kwargs=tracker_kwargs(t.report_to, run_name(cfg)))
         self.metrics = open(self.run_dir / "metrics.jsonl", "w") if self.main else None
         for row in run.history if self.main else []:  # a resumed run keeps the rows up to its checkpoint, bit for bit
             self.metrics.write(json.dumps(row) + "\n")
@@ -488,6 +489,18 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
         _save_model(final, run.tokenizer, run_dir / "model", state_dict=gathered)
         _write_json(run_dir / "summary.json", summary)
     return RunResult(run_dir, step, summary)
+
+
+# the keyword each tracker takes a run's name under (Accelerate hands train.tracker_project to all of
+# them as the project). TensorBoard's runs are directories, and the run's own is under the run; the
+# others (comet_ml, aim, dvclive) have no run-name setting there and get the project only.
+_RUN_NAME_KEY = {"wandb": "name", "trackio": "name", "mlflow": "run_name", "clearml": "task_name"}
+
+
+def tracker_kwargs(report_to: list, name: str) -> dict:
+    """Accelerate's `init_kwargs`: {tracker: {its run-name keyword: name}} for the trackers asked for."""
+    wanted = _RUN_NAME_KEY if "all" in report_to else [t for t in report_to if t in _RUN_NAME_KEY]
+    return {t: {_RUN_NAME_KEY[t]: name} for t in wanted}
 
 
 def _flat_config(cfg: Config) -> dict:

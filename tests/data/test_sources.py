@@ -134,3 +134,46 @@ def test_real_hh_harmless_files_load_completely():
     assert (len(train), len(dev)) == (1800, 200)
     assert all(r.prompt.endswith("\n\nAssistant:") and r.chosen != r.rejected for r in train)
     assert sum(not r.chosen.strip() or not r.rejected.strip() for r in train) == 4
+
+
+# ---- hub datasets by id --------------------------------------------------------------------
+
+def test_hub_dataset_ids_are_told_apart_from_local_paths(tmp_path, monkeypatch):
+    from preftune.data.sources import hub_dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert hub_dataset("org/prefs") == ("org/prefs", "train")
+    assert hub_dataset("org/prefs:test") == ("org/prefs", "test")
+    for local in ("org/prefs.jsonl", "org/prefs.csv.gz", "data/prefs", "a/b/c", "prefs", "/abs/x", "./org/x"):
+        assert hub_dataset(local) is None, local
+    with pytest.raises(DataError) as info:  # a mistyped local file keeps its local error
+        load_records("org/prefs.jsonl")
+    assert str(info.value) == "org/prefs.jsonl:0: file: no such file or directory"
+
+
+def test_hub_dataset_offline_is_one_line_naming_path_and_setting():
+    with pytest.raises(DataError) as info:  # conftest sets HF_HUB_OFFLINE=1
+        load_records("org/prefs:test", field="data.eval_path")
+    assert str(info.value).startswith("org/prefs:test:0: data.eval_path: not a local file, and HF_HUB_OFFLINE is set")
+
+
+def test_hub_dataset_rows_are_read_through_datasets(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, split):
+        calls.append((name, split))
+        if name == "org/missing":
+            raise ConnectionError("Couldn't reach 'org/missing' on the Hub (LocalEntryNotFoundError)")
+        return PAIRS[:3]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    recs = load_records("org/prefs:test[:2]")
+    assert calls == [("org/prefs", "test")] and [r.chosen for r in recs] == [p["chosen"] for p in PAIRS[:2]]
+    with pytest.raises(DataError) as info:
+        load_records("org/missing", field="data.train_path")
+    assert str(info.value).startswith("org/missing:0: data.train_path: not a local file, and the hub dataset "
+                                      "'org/missing' (split 'train') cannot be loaded: Couldn't reach")

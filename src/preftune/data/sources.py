@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from ..errors import DataError
 from ..safeio import atomic_write, check_text, loads_json, open_regular, os_problem, read_capped
 from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "read_rows", "read_table", "read_jsonl_rows", "text_field", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT"]
+__all__ = ["load_records", "read_rows", "read_table", "read_jsonl_rows", "text_field", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT", "hub_dataset", "hub_offline"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -121,6 +122,43 @@ def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict]]:
     yield from enumerate(ds, start=1)
 
 
+_HUB_ID = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<split>[\w.-]+))?$")
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE set to a true value, read now (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_dataset(path: str | Path) -> tuple[str, str] | None:
+    """(dataset id, split) when `path` is a hub dataset, `org/name` or `org/name:split` (default
+    train), and not a local path: nothing by that name exists, its first part is not a local
+    directory and it has no data-file extension (a mistyped `data/x.jsonl` stays a missing file)."""
+    text = str(path)
+    match = _HUB_ID.match(text)
+    if match is None or Path(text).exists() or Path(text.split("/")[0]).exists() \
+            or match["name"].lower().endswith(_DATA_SUFFIXES):
+        return None
+    return match["name"], match["split"] or "train"
+
+
+def _read_hub(path: str, name: str, split: str, field: str) -> Iterator[tuple[int, dict]]:
+    """Rows of a hub dataset split (record indices as lines); offline or unreachable: one DataError."""
+    if hub_offline():
+        raise DataError(path, 0, field, "not a local file, and HF_HUB_OFFLINE is set, so the hub dataset "
+                        f"{name!r} is not fetched; unset it, or save the data locally and point at the file")
+    import datasets  # optional: only hub datasets (and saved dataset dirs) need it
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # noqa: BLE001 - network, unknown repo or split, gated: one line each
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise DataError(path, 0, field, f"not a local file, and the hub dataset {name!r} (split {split!r}) "
+                        f"cannot be loaded: {detail}") from None
+    return enumerate(ds, start=1)
+
+
 def read_jsonl_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line, value) of a JSON Lines file whatever its name (an append-only log): regular files
     only, strict JSON, bounded lines."""
@@ -157,7 +195,11 @@ def read_table(path: str, *, required: tuple[str, ...] = (), empty_ok: bool = Fa
     return file, rows
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+def read_rows(path: str | Path, *, field: str = "file") -> Iterator[tuple[int, dict]]:
+    """(line, row) of a local data file or dataset dir, or of a hub dataset (`org/name[:split]`,
+    see hub_dataset); `field` is the setting a hub error names (e.g. data.train_path)."""
+    if (hub := hub_dataset(path)) is not None:
+        return _read_hub(str(path), *hub, field)
     path = Path(path)
     if not path.exists():
         raise DataError(path, 0, "file", "no such file or directory" if not path.is_symlink() else "a dangling symlink")
@@ -362,7 +404,7 @@ def split_path(path: str | Path) -> tuple[Path, slice]:
 
 def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None,
                  max_records: int = 0, allow_degenerate: bool = False,
-                 allow_empty_completions: bool = False, paired: bool = True) -> list:
+                 allow_empty_completions: bool = False, paired: bool = True, field: str = "file") -> list:
     """Read, validate and normalize a data file into `PreferenceRecord`s (or `UnpairedRecord`s).
 
     `path` may end in a record slice, `data.csv[:500]`. One format per file (detected from the
@@ -370,12 +412,14 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
     Paired data given where unpaired is expected, or the reverse, is an error. Text-identical
     chosen/rejected is an error unless `allow_degenerate`; an empty completion is an error
     unless `allow_empty_completions` (real HH-RLHF train has four empty replies among 1,800
-    pairs). A file (or slice) with no records is an error.
+    pairs). A file (or slice) with no records is an error. `path` may also be a hub dataset,
+    `org/name[:split]` (read_rows); `field` is the setting a hub error names.
     """
     path, part = split_path(path)
     column_map = column_map or {}
     records, first_shape, adapter = [], None, None
-    rows = list(read_rows(path))[part] if part != slice(None) else read_rows(path)
+    rows = read_rows(path, field=field)
+    rows = list(rows)[part] if part != slice(None) else rows
     for line, row in rows:
         where = (str(path), line)
         if not isinstance(row, dict):
