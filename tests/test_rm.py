@@ -113,3 +113,15 @@ def test_refusals(tmp_path, tiny_model_dir, capsys):
     rc = main(["train", *_args(tmp_path, tiny_model_dir, "m"), "loss.mix=[[sigmoid, 1.0], [bt, 1.0]]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "reward model" in err[-1], err
+
+
+def test_export_of_a_reward_model_run_is_the_merged_classifier(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from preftune.export import export_run
+
+    assert main(["train-rm", *_args(tmp_path, tiny_model_dir)]) == 0
+    result = export_run(tmp_path / "rm", tmp_path / "out", merge=True)
+    assert result.kind == "reward model" and "reward model" in (tmp_path / "out" / "README.md").read_text()
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert model.config.num_labels == 1

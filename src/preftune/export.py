@@ -34,6 +34,7 @@ import yaml
 from .config import Config, load_config, run_name
 from .data.sources import hub_dataset, hub_offline
 from .errors import ConfigError
+from .losses import LOSSES
 from .models import load_start, load_tokenizer, resolve_model_dir, weights_sha256
 from .rundir import finished
 from .safeio import atomic_path, atomic_write
@@ -59,7 +60,7 @@ class Run:
 @dataclass
 class ExportResult:
     out: Path
-    kind: str  # "merged" | "adapter" | "full"
+    kind: str  # "merged" | "adapter" | "full" | "reward model"
     pushed: str | None = None  # the hub URL of the upload, when asked
 
 
@@ -167,6 +168,12 @@ def _copy_files(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
 def _write_model(run: Run, tmp: Path, merge: bool) -> str:
     """Fill `tmp` with the model files; returns the kind of export."""
     model_dir = run.path / "model"
+    if LOSSES[run.cfg.loss.name].reward_model:  # train-rm wrote the merged classifier already (rm.py)
+        if not (run.path / "reward_model" / "config.json").is_file():
+            raise ConfigError(str(run.path / "reward_model"), "reward_model", "missing: the reward-model run did "
+                              "not finish writing its model")
+        _copy_files(run.path / "reward_model", tmp, skip=("README.md",))
+        return "reward model"
     if not run.adapter:  # full fine-tuning: the run's directory is already a plain model
         _copy_files(model_dir, tmp, skip=("README.md",))
         return "full"
@@ -254,7 +261,8 @@ def _base_lines(run: Run, kind: str) -> list[str]:
         lines.append(f"- Base weights loaded in 4 bits ({_code(m.bnb_4bit_quant_type)}, QLoRA)")
     what = {"merged": "the LoRA adapter merged into the base weights (a plain transformers model)",
             "adapter": "a LoRA adapter (PEFT); load it on the base model",
-            "full": "the fully fine-tuned model"}[kind]
+            "full": "the fully fine-tuned model",
+            "reward model": "a reward model (sequence classification, one score; LoRA merged)"}[kind]
     return [*lines, f"- This directory: {what}"]
 
 
@@ -331,6 +339,10 @@ def _usage(kind: str, base: str) -> list[str]:
         return ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
                 "", f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
                 'model = PeftModel.from_pretrained(base, "THIS_DIRECTORY_OR_REPO")', "```"]
+    if kind == "reward model":
+        return ["```python", "from transformers import AutoModelForSequenceClassification", "",
+                'model = AutoModelForSequenceClassification.from_pretrained("THIS_DIRECTORY_OR_REPO")', "```",
+                "", "or as a preftune reward source: `rm:THIS_DIRECTORY`"]
     return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             'model = AutoModelForCausalLM.from_pretrained("THIS_DIRECTORY_OR_REPO")',
             'tokenizer = AutoTokenizer.from_pretrained("THIS_DIRECTORY_OR_REPO")', "```"]
