@@ -247,3 +247,22 @@ def test_grpo_runs_and_experiment_directories_are_shown(tmp_path, capsys):
     assert main(["report", "--experiment", str(tmp_path), "--no-png"]) == 2
     assert "not an experiment directory" in capsys.readouterr().err
     assert main(["report"]) == 2
+
+
+def test_reward_model_and_sft_runs_get_calibration_and_nll_plots(tmp_path):
+    rm = _fake_run(tmp_path / "rm")
+    summary = json.loads((rm / "summary.json").read_text())
+    summary["eval"]["calibration"] = {"ece": 0.04, "bins": [
+        {"lo": 0.5, "hi": 0.55, "confidence": 0.52, "accuracy": 0.5, "pairs": 10},
+        {"lo": 0.9, "hi": 0.95, "confidence": 0.93, "accuracy": 0.88, "pairs": 25},
+        {"lo": 0.95, "hi": 1.0, "confidence": "<b>x</b>", "accuracy": 1.0, "pairs": 3}]}  # a malformed bin: skipped
+    (rm / "summary.json").write_text(json.dumps(summary))
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 - 0.1 * s, "nll/token": 3.0 - 0.1 * s,
+                                                           "health": []}) + "\n" for s in range(1, 6)))
+    page = write_report([str(rm), str(sft)], tmp_path / "out" / "report.html").read_text()
+    assert 'id="plot-calibration"' in page and 'id="plot-nll"' in page and "ECE 0.040" in page
+    assert "<b>x</b>" not in page
+    plain = write_report([str(_fake_run(tmp_path / "plain"))], tmp_path / "o2" / "report.html").read_text()
+    assert 'id="plot-calibration"' not in plain and 'id="plot-nll"' not in plain

@@ -182,6 +182,32 @@ def _per_prompt(runs):
                 yield fig
 
 
+def _reliability(runs):
+    """Reliability diagram of the held-out evaluation (summary.json eval.calibration): predicted
+    probability that the preferred side wins, sigmoid(|margin|), against how often it did; dots
+    sized by pairs. A reward model (train-rm) or DPO's implicit reward, calibrated: on the diagonal."""
+    fig, ax = _figure("calibration on held-out pairs (dots sized by pairs; diagonal = calibrated)")
+    drawn = 0
+    for i, run in enumerate(runs):
+        cal = ((run.summary.get("eval") or {}).get("calibration") or {})
+        bins = [b for b in cal.get("bins") or [] if isinstance(b, dict)
+                and all(_number(b.get(k)) and b.get(k) is not None for k in ("confidence", "accuracy", "pairs"))]
+        if bins:
+            ece = cal.get("ece") if _number(cal.get("ece")) else float("nan")
+            ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins],
+                       s=[10 + 4 * b["pairs"] for b in bins], color=COLORS[i % len(COLORS)], alpha=0.7,
+                       label=f"{run.name} (ECE {ece:.3f})")
+            drawn += 1
+    if not drawn:
+        _close(fig)
+        return None
+    ax.plot([0.5, 1.0], [0.5, 1.0], ":", color="#666666", lw=1)
+    ax.set_xlabel("predicted P(preferred side is chosen)")
+    ax.set_ylabel("observed accuracy")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
 def _close(fig) -> None:
     import matplotlib.pyplot as plt  # see _figure
 
@@ -198,7 +224,9 @@ def _figures(runs) -> list[tuple[str, object]]:
             ("kl", _lines(runs, "KL(policy || reference) on samples", ["probe/kl"], "nats per sample")),
             ("lengths", _lines(runs, "lengths: samples (solid), reference samples (dashed), chosen data (dotted)",
                                ["probe/sample_length", "probe/reference_length", "lengths/chosen"], "tokens")),
-            ("rollouts", _lines(runs, "GRPO: mean reward of each step's sampled groups", ["reward/mean"], "reward"))]
+            ("rollouts", _lines(runs, "GRPO: mean reward of each step's sampled groups", ["reward/mean"], "reward")),
+            ("nll", _lines(runs, "SFT: NLL per completion token", ["nll/token"], "nats")),
+            ("calibration", _reliability(runs))]
     figs += [(f"per_prompt_{i}", f) for i, f in enumerate(_per_prompt(runs))]
     return [(name, fig) for name, fig in figs if fig is not None]
 
