@@ -1,0 +1,91 @@
+"""Reward models on HH-RLHF harmless, held-out on the 200 dev pairs, beside DPO's implicit reward.
+
+    .venv/bin/python benchmarks/experiments/reward_model/run.py [--pairs 400] [--members 3]
+
+From the shared HH-RLHF harmless data (absent: says so and stops), rendered as chat turns, cut to
+256 tokens (prompt 192), default model, LoRA r16 q/v plus the new score head, batch 4, lr 5e-4,
+one epoch, seed 0:
+1. `preftune train-rm` on the first `--pairs` train pairs: the same pairs (and budget in pairs)
+   as the DPO runs of benchmarks/experiments/sft_dpo, so the two accuracies sit side by side.
+   Held out: pair accuracy (Wilson 95% interval) and calibration (ECE) on the dev pairs.
+2. `preftune train-rm --ensemble K --split disjoint` on the first K x `--pairs` train pairs (each
+   member sees `--pairs` disjoint pairs): each member's held-out accuracy, the ensemble's (mean
+   margin), how often the members disagree in sign, and the mean spread of their margins,
+   measured by scoring the dev pairs through `rm:RUN`, the path every consumer uses.
+The DPO figures are read from benchmarks/experiments/sft_dpo/results.json when it exists.
+Writes results.json beside this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base"
+BIN = ROOT / ".venv" / "bin"
+COMMON = ["data.hh_as_chat=true", "data.max_length=256", "data.max_prompt_length=192",
+          "data.allow_empty_completions=true", "train.batch_size=4", "train.lr=5e-4", "train.seed=0",
+          "train.epochs=1", "run.overwrite=true"]
+
+
+def _preftune(*args: str) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([str(BIN / "preftune"), *args], capture_output=True, text=True, cwd=ROOT,
+                          env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"})
+    if proc.returncode:
+        sys.exit(f"preftune {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return proc.stdout, round(time.perf_counter() - t0, 1)
+
+
+def _eval(ev: dict) -> dict:
+    return {"pairs": ev["pairs"], "accuracy": ev["accuracy/implicit_reward"],
+            "accuracy_ci95": ev["accuracy/implicit_reward_ci95"], "ece": ev["calibration"]["ece"],
+            "margin": ev["rewards/margins"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=400)
+    ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--out", default="runs/reward_model")
+    a = ap.parse_args()
+    if not (HH / "train.jsonl.gz").is_file():
+        sys.exit(f"{HH}: the shared HH data is absent; nothing to measure")
+    out = ROOT / a.out
+    out.mkdir(parents=True, exist_ok=True)
+    dev = str(HH / "dev.jsonl.gz")
+    results = {"command": " ".join(["benchmarks/experiments/reward_model/run.py", *sys.argv[1:]]), "dev": dev}
+
+    train = f"{HH / 'train.jsonl.gz'}[:{a.pairs}]"
+    _, secs = _preftune("train-rm", f"data.train_path={train}", f"data.eval_path={dev}",
+                        f"run.output_dir={out / 'single'}", *COMMON)
+    s = json.loads((out / "single" / "summary.json").read_text())
+    results["single"] = {"train": train, "train_s": secs, "steps": s["steps"], "heldout": _eval(s["eval"]),
+                         "health": s["health"]}
+    print(json.dumps({"single": results["single"]}), flush=True)
+
+    train = f"{HH / 'train.jsonl.gz'}[:{a.pairs * a.members}]"
+    _, secs = _preftune("train-rm", "--ensemble", str(a.members), "--split", "disjoint", f"data.train_path={train}",
+                        f"data.eval_path={dev}", f"run.output_dir={out / 'ensemble'}", *COMMON)
+    members = [_eval(json.loads((out / "ensemble" / f"member-{k}" / "summary.json").read_text())["eval"])
+               for k in range(a.members)]
+    results["ensemble"] = {"train": train, "members": a.members, "train_s": secs, "member_heldout": members,
+                           "heldout": json.loads((out / "ensemble" / "ensemble_eval.json").read_text())}
+    print(json.dumps({"ensemble": results["ensemble"]}), flush=True)
+
+    dpo = HERE.parent / "sft_dpo" / "results.json"
+    if dpo.is_file():
+        d = json.loads(dpo.read_text())
+        results["dpo_implicit_reward_same_dev_pairs"] = {
+            k: {"train": d["train"], **d[k]["after"]} for k in ("dpo_from_base", "dpo_from_sft") if k in d}
+    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
