@@ -63,6 +63,9 @@ def test_train_rm_learns_the_pairs_and_rm_scores_what_it_trained_on(tmp_path, ti
     assert sum(b["pairs"] for b in ev["calibration"]["bins"]) == ev["pairs"] == len(PAIRS)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"] and not any("probe/sample_length" in r for r in rows)
+    assert "scores/chosen" in rows[0] and "logps/chosen" not in rows[0]  # log-prob health checks never see scores
+    assert main(["eval", "--run", str(run), "--data", str(tmp_path / "pairs.jsonl")]) == 2
+    assert "rm:RUN" in capsys.readouterr().err
     # the saved directory is a plain HF classifier; rm:RUN scores the same margins the run measured
     rm = build_reward(f"rm:{run}")
     prompts = [p["prompt"] for p in PAIRS]

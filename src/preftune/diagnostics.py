@@ -20,7 +20,7 @@ def _mean(x: torch.Tensor) -> float:
 
 
 def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool = False,
-                 supervised: bool = False) -> dict[str, float]:
+                 supervised: bool = False, reward_model: bool = False) -> dict[str, float]:
     """`parts` holds per-example tensors gathered over one optimizer step (see train.loss_forward).
 
     Paired: rewards/accuracies is the fraction of pairs with a positive margin. Unpaired (KTO):
@@ -67,6 +67,8 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool 
         }
         standard = {"losses", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected",
                     "chosen_lengths", "rejected_lengths"}
+        if reward_model:  # a reward model's "log-probs" are its scores; the log-prob checks must not read them
+            row["scores/chosen"], row["scores/rejected"] = row.pop("logps/chosen"), row.pop("logps/rejected")
     else:
         good = parts["labels"].bool()
         chosen, rejected = _mean(parts["rewards"][good]), _mean(parts["rewards"][~good])

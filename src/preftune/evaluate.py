@@ -18,6 +18,7 @@ from .batches import exact_layout
 from .checkpoint import file_digest, tokenizer_sha256
 from .data import collate_pairs, render
 from .data.collate import collate_sequences
+from .errors import ConfigError
 from .generate import decode_completions, run_models, sample_completions
 from .logprobs import completion_logps
 from .losses import LOSSES, build_loss
@@ -256,6 +257,9 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     file, or on several (then the result maps each path to its own result)."""
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
     m, spec = cfg.model, build_loss(cfg.loss.name, cfg.loss.mix)
+    if spec.reward_model:
+        raise ConfigError(str(run_dir), "loss.name", "this is a reward model (train-rm): its held-out accuracy is in "
+                          "summary.json; score files with it through rm:RUN (preftune score, eval --reward)")
     all_records = [load_data(p, cfg.data) for p in paths]  # bad data fails here, before any weights load
     source = None
     if reward:

@@ -274,8 +274,9 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
                               log_with=t.report_to or None, project_dir=str(run_dir / "trackers"))
     enable_fsdp_on_cpu(accelerator)
     if is_fsdp(accelerator) and not isinstance(source, OfflineSource):
-        raise ConfigError("accelerate config", "distributed_type", "online runs sample from the policy on each process; "
-                          "that is not supported under FSDP yet: launch with DDP (configs/accelerate/ddp.yaml)")
+        raise ConfigError("accelerate config", "distributed_type", "only preference files (preftune train) run "
+                          "under FSDP yet (online sources sample on each process; SFT and reward models are untested "
+                          "there): launch with DDP (configs/accelerate/ddp.yaml)")
     if is_fsdp(accelerator) and cfg.model.load_in_4bit:
         raise ConfigError("accelerate config", "model.load_in_4bit", "4-bit weights cannot be sharded by FSDP here; "
                           "launch with DDP (configs/accelerate/ddp.yaml) or set model.load_in_4bit=false")
@@ -353,7 +354,9 @@ class RunLog:
         """Append one step's row (health checks added); returns the stop_on check that fired, if any."""
         run, step, main = self.run, row["step"], self.main
         run.history.append(row)
-        row["health"] = health_checks(run.history, beta=run.cfg.loss.beta, paired=run.spec.paired,
+        # a reward model's margins are score gaps, not beta-scaled log-ratios
+        beta = 1.0 if run.spec.reward_model else run.cfg.loss.beta
+        row["health"] = health_checks(run.history, beta=beta, paired=run.spec.paired,
                                       **dataclasses.asdict(self.dg))
         for flag in set(row["health"]) - self.flagged:  # say it once, when it starts
             self.flagged.add(flag)
@@ -427,7 +430,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
             gathered = {k: a.gather_for_metrics(torch.cat([c[k] for c in collected])) for k in collected[0]}
             collected, run.pairs = [], run.pairs + len(gathered["losses"])
             row = {"step": run.step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired, rollout=spec.rollout,
-                                                            supervised=spec.supervised),
+                                                            supervised=spec.supervised, reward_model=spec.reward_model),
                    "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0], **run.source.step_metrics()}
             if probing and (run.step % cfg.diagnostics.probe_every == 0
                                                 or run.step == run.total_steps):
