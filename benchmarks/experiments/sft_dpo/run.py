@@ -4,10 +4,12 @@
 
 From the shared HH-RLHF harmless data (absent: says so and stops), rendered as chat turns, cut to
 256 tokens (prompt 192), LoRA r16 q/v, batch 4, seed 0:
+On this 2-core CPU a step of 4 HH pairs takes ~15-30 s, so the committed figures use a small
+budget: `--pairs 160 --dpo-steps 40 --dev 100` (~40 minutes).
 1. `preftune sft` on the chosen side of the first `--pairs` train pairs (one epoch, lr 5e-4): the
    DPO paper's recipe when no SFT model exists ("SFT on the preferred completions"). Held out:
-   NLL/token and perplexity of the 200 dev pairs' chosen completions, before and after.
-2. `preftune eval` of the SFT model on the 200 dev pairs (the DPO stage's "before": log-prob
+   NLL/token and perplexity of the dev pairs' chosen completions, before and after.
+2. `preftune eval` of the SFT model on the dev pairs (the DPO stage's "before": log-prob
    accuracy, the implicit-reward accuracy being undefined while policy == reference).
 3. `preftune train` (DPO, sigmoid beta 0.1, lr 5e-4, `--dpo-steps` steps) on the same pairs,
    starting from the SFT adapter, which is also the reference (reference.json names it).
@@ -30,7 +32,8 @@ ROOT = HERE.parents[2]
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base"
 BIN = ROOT / ".venv" / "bin"
 COMMON = ["data.hh_as_chat=true", "data.max_length=256", "data.max_prompt_length=192",
-          "data.allow_empty_completions=true", "train.batch_size=4", "train.lr=5e-4", "train.seed=0"]
+          "data.allow_empty_completions=true", "train.batch_size=4", "train.lr=5e-4", "train.seed=0",
+          "diagnostics.probe_every=0"]
 
 
 def _preftune(*args: str) -> tuple[str, float]:
@@ -62,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=400)
     ap.add_argument("--dpo-steps", type=int, default=100)
+    ap.add_argument("--dev", type=int, default=200, help="held-out dev pairs (the first N of 200)")
     ap.add_argument("--base-dpo", action="store_true", help="also DPO from the base model, same budget")
     ap.add_argument("--out", default="runs/sft_dpo")
     a = ap.parse_args()
@@ -69,7 +73,7 @@ def main() -> None:
         sys.exit(f"{HH}: the shared HH data is absent; nothing to measure")
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
-    train, dev = f"{HH / 'train.jsonl.gz'}[:{a.pairs}]", str(HH / "dev.jsonl.gz")
+    train, dev = f"{HH / 'train.jsonl.gz'}[:{a.pairs}]", f"{HH / 'dev.jsonl.gz'}[:{a.dev}]"
     results = {"command": " ".join(["benchmarks/experiments/sft_dpo/run.py", *sys.argv[1:]]), "train": train,
                "dev": dev}
 
@@ -83,7 +87,7 @@ def main() -> None:
     adapter = out / "sft" / "model"
     before = out / "sft-dev-eval.json"
     _, secs = _preftune("eval", "--data", dev, "--out", str(before), f"model.adapter_name_or_path={adapter}",
-                        *COMMON[:4])
+                        *COMMON[:4], "train.seed=0")
     results["dpo_from_sft"] = {"before": {**_accuracies(json.loads(before.read_text())), "eval_s": secs}}
     results["dpo_from_sft"].update(dpo("dpo-from-sft", out, train, dev, a, f"model.adapter_name_or_path={adapter}"))
     print(json.dumps({"dpo_from_sft": results["dpo_from_sft"]}), flush=True)
