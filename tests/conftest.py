@@ -103,6 +103,16 @@ def length_reward(prompts, completions):
     return [float(len(c)) for c in completions]
 
 
+def scaled_length_reward(prompts, completions):
+    """length_reward's order on another scale (ensemble disagreement tests): 100 * characters + 5."""
+    return [100.0 * len(c) + 5 for c in completions]
+
+
+def half_failed_reward(prompts, completions):
+    """10 * characters, but NaN (a failed score) for the first completion."""
+    return [float("nan")] + [10.0 * len(c) for c in completions[1:]]
+
+
 def constant_reward(prompts, completions):
     return [1.0 for _ in completions]
 

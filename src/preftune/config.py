@@ -159,7 +159,8 @@ class OnlineConfig:
     eval_prompts_path: str = _f("", "held-out prompts for the per-round reward and KL (optional)")
     reward: str = _f("sentiment", "reward source: sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL[#model]")
     reward_ensemble: list = _f([], "weighted sources instead of online.reward, e.g. [[sentiment, 1.0], [judge:URL, 0.5]]")
-    disagreement_penalty: float = _f(0.0, "ensemble: subtract this times the members' score spread")
+    disagreement_penalty: float = _f(0.0, "ensemble: subtract this times the spread of the members' z-scores "
+                                          "(each member standardised over the batch)")
     length_penalty: float = _f(0.0, "subtract this times the completion's word count from every score")
     judge_timeout_s: float = _f(60.0, "judge: seconds per HTTP request")
     judge_retries: int = _f(3, "judge: tries after the first (timeouts, HTTP 429/5xx, malformed JSON)")
