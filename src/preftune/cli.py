@@ -36,6 +36,7 @@ from .label import (
 )
 from .losses import ALIASES, LOSSES
 from .models import cache_root, count_parameters, load_tokenizer, resolve_model_dir
+from .online.bon import run_bon
 from .online.grpo import run_grpo
 from .online.iterate import run_iterative, run_synth
 from .online.source import run_online
@@ -238,6 +239,42 @@ def _synth_args(p):
 def _synth(a) -> int:
     cfg = load_config(a.config, [*a.overrides, f"online.prompts_path={a.prompts}", f"online.reward={a.reward}"])
     print(json.dumps(run_synth(cfg, a.out)))
+    return 0
+
+
+def _bon_args(p):
+    p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
+    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
+    p.add_argument("--policy", help="model or finished run directory to sample from (default: model.name_or_path)")
+    p.add_argument("-n", type=int, help="samples per prompt (default: online.samples_per_prompt; with --eval, its "
+                   "largest n)")
+    p.add_argument("--out", help="JSONL: prompt, completion, score, n (the best of the n samples)")
+    p.add_argument("--keep-all", action="store_true", help="also write every candidate and its score per row")
+    p.add_argument("--pairs", help="JSONL preference pairs from the same candidates (online.pairing)")
+    p.add_argument("--eval", help="comma-separated n, e.g. 1,2,4,8: mean best-of-n reward from one set of samples, "
+                   "with 95%% bootstrap intervals and the analytic KL bound")
+    p.add_argument("--eval-out", help="also write the JSON result here")
+    _overrides(p, "section.key=value (model.*, online.* sampling, train.seed)")
+
+
+def _bon(a) -> int:
+    ns = _floats(a.eval, "--eval") if a.eval else None
+    if ns is not None and (not ns or any(x != int(x) or x < 1 for x in ns)):
+        raise ConfigError("command line", "--eval", f"expected comma-separated whole numbers >= 1, got {a.eval!r}")
+    ns = [int(x) for x in ns] if ns else None
+    if not (a.out or a.pairs or ns):
+        raise ConfigError("command line", "bon", "nothing to write: give --out, --pairs or --eval")
+    n = a.n or (max(ns) if ns else None)
+    overrides = [*a.overrides, f"online.reward={a.reward}", *([f"online.samples_per_prompt={n}"] if n else [])]
+    result = run_bon(load_config(None, overrides), a.prompts, policy=a.policy, out=a.out, pairs_out=a.pairs,
+                     keep_all=a.keep_all, eval_ns=ns, eval_out=a.eval_out)
+    curve = result.pop("eval", None)
+    print(json.dumps(result))
+    if curve:
+        print(f"best-of-n on {curve['prompts']} prompts ({result['reward']}, {curve['failed']} failed scores):")
+        for row in curve["curve"]:
+            lo, hi = row["reward_ci95"]
+            print(f"  n={row['n']:<3d} reward {row['reward']:.4f} [{lo:.4f}, {hi:.4f}]  KL <= {row['kl_bound']:.3f}")
     return 0
 
 
@@ -452,6 +489,8 @@ COMMANDS: tuple[Command, ...] = (
                                    "section.key=value, e.g. online.prompts_path=train.jsonl online.reward=arithmetic"),
             _grpo),
     Command("synth", "build a preference file from prompts with any reward source", _synth_args, _synth),
+    Command("bon", "best-of-N: sample N per prompt, keep the best under a reward (pairs, eval curve)", _bon_args,
+            _bon),
     Command("serve", "an OpenAI-compatible chat server for a model or a run directory", _serve_args, _serve_model),
     Command("report", "a self-contained HTML page (and PNGs) from one or more run directories", _report_args,
             _report),
