@@ -28,6 +28,9 @@ from .label import (
     LabelStore,
     agreement_report,
     build_from_judgments,
+    human_labels,
+    judge_agreement,
+    judge_labels,
     load_items,
     make_label_server,
     read_judgments,
@@ -389,6 +392,9 @@ def _judgments_args(p, build: bool):
     p.add_argument("judgments")
     p.add_argument("--pairs", required=build, help="the labeled pairs file (checks every pair id)")
     p.add_argument("--calibration", help="the calibration pairs file, if one was used")
+    if not build:
+        p.add_argument("--judge", help="judge:URL[#model]: also ask this judge about every labelled pair (both "
+                       "orders) and report its agreement and Cohen's kappa with the people's majority (needs --pairs)")
     if build:
         p.add_argument("--out", required=True)
         p.add_argument("--min-votes", type=int, default=2)
@@ -403,7 +409,15 @@ def _judgments(a):
 
 
 def _agree(a) -> int:
-    print(json.dumps(agreement_report(_judgments(a)[1]), indent=2))
+    if a.judge and not a.pairs:
+        raise ConfigError("command line", "--judge", "needs --pairs (the judge reads the pairs' texts)")
+    items, judgments = _judgments(a)
+    report = agreement_report(judgments)
+    if a.judge:
+        humans = human_labels(judgments)
+        labels, calls = judge_labels(list(items.values()), a.judge, pair_ids=set(humans))
+        report["judge"] = {"source": a.judge, **judge_agreement(humans, labels), "calls": calls}
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -497,7 +511,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("data", "inspect preference data (and, with the labeling tools, agree/build)", _none, sub=(
         Command("inspect", "lengths, length bias, duplicates, truncation, boundary mismatches", _inspect_args,
                 _inspect),
-        Command("agree", "annotator agreement: Cohen's/Fleiss' kappa, calibration, position bias",
+        Command("agree", "annotator agreement (Cohen's/Fleiss' kappa, calibration, position bias); --judge: vs a judge",
                 lambda p: _judgments_args(p, build=False), _agree),
         Command("build", "majority-vote judgments into prompt/chosen/rejected",
                 lambda p: _judgments_args(p, build=True), _build),

@@ -3,11 +3,10 @@ share of comparisons whatever they hold; those verdicts are counted and none bec
 
 import hashlib
 import json
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import send_json, serve_in_thread, vowel_reward
+from conftest import PairwiseJudge, vowel_reward
 from preftune.cli import main
 from preftune.config import OnlineConfig
 from preftune.errors import ConfigError
@@ -25,42 +24,16 @@ def _vowels(text: str) -> float:
     return vowel_reward(None, [text])[0]
 
 
-class BiasedJudge:
-    """An OpenAI-compatible chat endpoint: on a biased pair "A" in both orders, else the response
-    with more vowels (equal: "tie"). Logs every (A, B) it was shown."""
-
-    def __init__(self):
-        self.shown = []
-        fake = self
-
-        class H(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][-1]["content"]
-                a = text.split("\n\nResponse A:\n", 1)[1].split("\n\nResponse B:\n", 1)[0]
-                b = text.split("\n\nResponse B:\n", 1)[1].rsplit("\n\nWhich response is better?", 1)[0]
-                fake.shown.append((a, b))
-                if _biased(a, b):
-                    winner = "A"
-                else:
-                    winner = "A" if _vowels(a) > _vowels(b) else "B" if _vowels(b) > _vowels(a) else "tie"
-                reply = {"choices": [{"message": {"role": "assistant",
-                                                  "content": json.dumps({"winner": winner, "rationale": "r"})}}]}
-                send_json(self, 200, json.dumps(reply).encode())
-
-        self.server, self.url = serve_in_thread(H)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def _decide(a: str, b: str) -> str:
+    """Slot A on a biased pair (so "A" in both orders), else the response with more vowels."""
+    if _biased(a, b):
+        return "A"
+    return "A" if _vowels(a) > _vowels(b) else "B" if _vowels(b) > _vowels(a) else "tie"
 
 
 @pytest.fixture
 def judge():
-    fake = BiasedJudge()
+    fake = PairwiseJudge(_decide)
     yield fake
     fake.close()
 
