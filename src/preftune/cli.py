@@ -39,7 +39,7 @@ from .label import (
 )
 from .losses import ALIASES, LOSSES
 from .models import cache_root, count_parameters, load_tokenizer, resolve_model_dir
-from .online.bon import run_bon
+from .online.bon import format_bon, run_bon
 from .online.grpo import run_grpo
 from .online.iterate import run_iterative, run_synth
 from .online.source import run_online
@@ -271,13 +271,7 @@ def _bon(a) -> int:
     overrides = [*a.overrides, f"online.reward={a.reward}", *([f"online.samples_per_prompt={n}"] if n else [])]
     result = run_bon(load_config(None, overrides), a.prompts, policy=a.policy, out=a.out, pairs_out=a.pairs,
                      keep_all=a.keep_all, eval_ns=ns, eval_out=a.eval_out)
-    curve = result.pop("eval", None)
-    print(json.dumps(result))
-    if curve:
-        print(f"best-of-n on {curve['prompts']} prompts ({result['reward']}, {curve['failed']} failed scores):")
-        for row in curve["curve"]:
-            lo, hi = row["reward_ci95"]
-            print(f"  n={row['n']:<3d} reward {row['reward']:.4f} [{lo:.4f}, {hi:.4f}]  KL <= {row['kl_bound']:.3f}")
+    print(format_bon(result))
     return 0
 
 

@@ -16,6 +16,7 @@ prompt whose candidates all failed gets no row (`prompts_without_score`).
 
 from __future__ import annotations
 
+import json
 import math
 
 from ..data import render
@@ -25,7 +26,7 @@ from ..evaluate import best_of_n_curve, write_json
 from ..generate import load_policy
 from .rollouts import load_prompts, pair_scored, reward_from_config, sample_and_score
 
-__all__ = ["best_of_n", "run_bon"]
+__all__ = ["best_of_n", "run_bon", "format_bon"]
 
 
 def best_of_n(prompts: list, texts: list[str], scores: list[float], n: int, *,
@@ -44,7 +45,7 @@ def best_of_n(prompts: list, texts: list[str], scores: list[float], n: int, *,
         row = {"prompt": prompt, "completion": render.completion_for(prompt, group[best]), "score": values[best],
                "n": n}
         if keep_all:  # NaN is not JSON: a failed candidate's score is null
-            row["candidates"] = [{"completion": c, "score": s if math.isfinite(s) else None}
+            row["candidates"] = [{"completion": render.completion_for(prompt, c), "score": s if math.isfinite(s) else None}
                                  for c, s in zip(group, values)]
         rows.append(row)
     return rows, counts
@@ -84,3 +85,16 @@ def run_bon(cfg, prompts_path: str, *, policy: str | None = None, out: str | Non
             write_json(result, eval_out)
     stats = getattr(getattr(reward, "client", None), "stats", None)
     return {**result, **({"judge": dict(stats)} if stats else {})}
+
+
+def format_bon(result: dict) -> str:
+    """The counts as one JSON line, then the best-of-n curve (when evaluated) as a table."""
+    curve = result.get("eval")
+    lines = [json.dumps({k: v for k, v in result.items() if k != "eval"})]
+    if curve:
+        lines.append(f"best-of-n on {curve['prompts']} prompts ({result['reward']}, {curve['failed']} failed scores):")
+        for row in curve["curve"]:
+            lo, hi = row["reward_ci95"]
+            lines.append(f"  n={row['n']:<3d} reward {row['reward']:.4f} [{lo:.4f}, {hi:.4f}]  "
+                         f"KL <= {row['kl_bound']:.3f} nats")
+    return "\n".join(lines)
