@@ -3,6 +3,7 @@ counted, the nested best-of-n curve against hand values, and `preftune bon` on t
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -85,3 +86,13 @@ def test_bon_cli_refuses_an_eval_beyond_its_samples_and_no_output(tmp_path, tiny
     assert _bon(tmp_path, tiny_model_dir) == 2
     assert "give --out, --pairs or --eval" in capsys.readouterr().err
     assert _bon(tmp_path, tiny_model_dir, "--eval", "1,2.5") == 2
+
+
+def test_bon_samples_from_a_run_directory_like_from_its_model(tmp_path, tiny_model_dir):
+    """A run directory whose model/ is a full model samples exactly as that model does."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_model_dir, run / "model")
+    (run / "config.yaml").write_text(f"model:\n  name_or_path: {tiny_model_dir}\n")
+    assert _bon(tmp_path, tiny_model_dir, "--out", str(tmp_path / "from_run.jsonl"), "--policy", str(run)) == 0
+    assert _bon(tmp_path, tiny_model_dir, "--out", str(tmp_path / "from_model.jsonl")) == 0
+    assert (tmp_path / "from_run.jsonl").read_text() == (tmp_path / "from_model.jsonl").read_text()
