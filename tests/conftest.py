@@ -103,6 +103,16 @@ def length_reward(prompts, completions):
     return [float(len(c)) for c in completions]
 
 
+def scaled_length_reward(prompts, completions):
+    """length_reward's order on another scale (ensemble disagreement tests): 100 * characters + 5."""
+    return [100.0 * len(c) + 5 for c in completions]
+
+
+def half_failed_reward(prompts, completions):
+    """10 * characters, but NaN (a failed score) for the first completion."""
+    return [float("nan")] + [10.0 * len(c) for c in completions[1:]]
+
+
 def constant_reward(prompts, completions):
     return [1.0 for _ in completions]
 
@@ -127,6 +137,38 @@ def send_json(handler, code: int, data: bytes) -> None:
     handler.send_header("Content-Length", str(len(data)))
     handler.end_headers()
     handler.wfile.write(data)
+
+
+class PairwiseJudge:
+    """A fake OpenAI-compatible pairwise judge on localhost: `decide(a, b)` -> "A" | "B" | "tie"
+    names the winner of "Response A: a, Response B: b". Logs every (a, b) it was shown in `shown`."""
+
+    def __init__(self, decide):
+        import json
+        from http.server import BaseHTTPRequestHandler
+
+        self.shown = []
+        fake = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][-1]["content"]
+                a = text.split("\n\nResponse A:\n", 1)[1].split("\n\nResponse B:\n", 1)[0]
+                b = text.split("\n\nResponse B:\n", 1)[1].rsplit("\n\nWhich response is better?", 1)[0]
+                fake.shown.append((a, b))
+                verdict = json.dumps({"winner": decide(a, b), "rationale": "r"})
+                send_json(self, 200, json.dumps({"choices": [{"message": {"role": "assistant",
+                                                                          "content": verdict}}]}).encode())
+
+        self.server, self.url = serve_in_thread(H)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # ---- the SIGKILL harness (offline and online runs) -------------------------------------------

@@ -29,6 +29,9 @@ from .label import (
     LabelStore,
     agreement_report,
     build_from_judgments,
+    human_labels,
+    judge_agreement,
+    judge_labels,
     load_items,
     make_label_server,
     read_judgments,
@@ -37,6 +40,7 @@ from .label import (
 )
 from .losses import ALIASES, LOSSES
 from .models import cache_root, count_parameters, load_tokenizer, resolve_model_dir
+from .online.bon import format_bon, run_bon
 from .online.grpo import run_grpo
 from .online.iterate import run_iterative, run_synth
 from .online.source import run_online
@@ -348,6 +352,36 @@ def _synth(a) -> int:
     return 0
 
 
+def _bon_args(p):
+    p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
+    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
+    p.add_argument("--policy", help="model or finished run directory to sample from (default: model.name_or_path)")
+    p.add_argument("-n", type=int, help="samples per prompt (default: online.samples_per_prompt; with --eval, its "
+                   "largest n)")
+    p.add_argument("--out", help="JSONL: prompt, completion, score, n (the best of the n samples)")
+    p.add_argument("--keep-all", action="store_true", help="also write every candidate and its score per row")
+    p.add_argument("--pairs", help="JSONL preference pairs from the same candidates (online.pairing)")
+    p.add_argument("--eval", help="comma-separated n, e.g. 1,2,4,8: mean best-of-n reward from one set of samples, "
+                   "with 95%% bootstrap intervals and the analytic KL bound")
+    p.add_argument("--eval-out", help="also write the JSON result here")
+    _overrides(p, "section.key=value (model.*, online.* sampling, train.seed)")
+
+
+def _bon(a) -> int:
+    ns = _floats(a.eval, "--eval") if a.eval else None
+    if ns is not None and (not ns or any(x != int(x) or x < 1 for x in ns)):
+        raise ConfigError("command line", "--eval", f"expected comma-separated whole numbers >= 1, got {a.eval!r}")
+    ns = [int(x) for x in ns] if ns else None
+    if not (a.out or a.pairs or ns):
+        raise ConfigError("command line", "bon", "nothing to write: give --out, --pairs or --eval")
+    n = a.n or (max(ns) if ns else None)
+    overrides = [*a.overrides, f"online.reward={a.reward}", *([f"online.samples_per_prompt={n}"] if n else [])]
+    result = run_bon(load_config(None, overrides), a.prompts, policy=a.policy, out=a.out, pairs_out=a.pairs,
+                     keep_all=a.keep_all, eval_ns=ns, eval_out=a.eval_out)
+    print(format_bon(result))
+    return 0
+
+
 # ---- serve, label, report ------------------------------------------------------------------
 
 def _serve_args(p):
@@ -459,6 +493,9 @@ def _judgments_args(p, build: bool):
     p.add_argument("judgments")
     p.add_argument("--pairs", required=build, help="the labeled pairs file (checks every pair id)")
     p.add_argument("--calibration", help="the calibration pairs file, if one was used")
+    if not build:
+        p.add_argument("--judge", help="judge:URL[#model]: also ask this judge about every labelled pair (both "
+                       "orders) and report its agreement and Cohen's kappa with the people's majority (needs --pairs)")
     if build:
         p.add_argument("--out", required=True)
         p.add_argument("--min-votes", type=int, default=2)
@@ -473,7 +510,15 @@ def _judgments(a):
 
 
 def _agree(a) -> int:
-    print(json.dumps(agreement_report(_judgments(a)[1]), indent=2))
+    if a.judge and not a.pairs:
+        raise ConfigError("command line", "--judge", "needs --pairs (the judge reads the pairs' texts)")
+    items, judgments = _judgments(a)
+    report = agreement_report(judgments)
+    if a.judge:
+        humans = human_labels(judgments)
+        labels, calls = judge_labels(list(items.values()), a.judge, pair_ids=set(humans))
+        report["judge"] = {"source": a.judge, **judge_agreement(humans, labels), "calls": calls}
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -574,13 +619,15 @@ COMMANDS: tuple[Command, ...] = (
             _grpo, sections=_EVERYTHING),
     Command("synth", "build a preference file from prompts with any reward source", _synth_args, _synth,
             sections=("model", "online")),
+    Command("bon", "best-of-N: sample N per prompt, keep the best under a reward (pairs, eval curve)", _bon_args,
+            _bon, sections=("model", "online", "train")),
     Command("serve", "an OpenAI-compatible chat server for a model or a run directory", _serve_args, _serve_model),
     Command("report", "a self-contained HTML page (and PNGs) from one or more run directories", _report_args,
             _report),
     Command("data", "inspect preference data (and, with the labeling tools, agree/build)", _none, sub=(
         Command("inspect", "lengths, length bias, duplicates, truncation, boundary mismatches", _inspect_args,
                 _inspect, sections=_DATA),
-        Command("agree", "annotator agreement: Cohen's/Fleiss' kappa, calibration, position bias",
+        Command("agree", "annotator agreement (Cohen's/Fleiss' kappa, calibration, position bias); --judge: vs a judge",
                 lambda p: _judgments_args(p, build=False), _agree),
         Command("build", "majority-vote judgments into prompt/chosen/rejected",
                 lambda p: _judgments_args(p, build=True), _build),

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .data.pairs import PAIRINGS
+from .data.pairs import JUDGE_MODES, PAIRINGS
 from .data.sources import FORMATS, UNPAIRED_FORMATS
 from .diagnostics import CHECKS, THRESHOLDS
 from .errors import ConfigError, DataError
@@ -165,8 +165,11 @@ class OnlineConfig:
     eval_prompts_path: str = _f("", "held-out prompts for the per-round reward and KL (optional)")
     reward: str = _f("sentiment", "reward source: sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL[#model]")
     reward_ensemble: list = _f([], "weighted sources instead of online.reward, e.g. [[sentiment, 1.0], [judge:URL, 0.5]]")
-    disagreement_penalty: float = _f(0.0, "ensemble: subtract this times the members' score spread")
+    disagreement_penalty: float = _f(0.0, "ensemble: subtract this times the spread of the members' z-scores "
+                                          "(each member standardised over the batch)")
     length_penalty: float = _f(0.0, "subtract this times the completion's word count from every score")
+    judge_mode: str = _f("score", "judge: score (one 1-10 rating per sample) | pairwise (every two samples of a "
+                                  "prompt compared in both orders; position-inconsistent verdicts dropped)")
     judge_timeout_s: float = _f(60.0, "judge: seconds per HTTP request")
     judge_retries: int = _f(3, "judge: tries after the first (timeouts, HTTP 429/5xx, malformed JSON)")
     judge_backoff_s: float = _f(0.5, "judge: first backoff; doubles on every retry")
@@ -212,6 +215,7 @@ _CHOICES = {
     "data.format": ("auto", *FORMATS, *UNPAIRED_FORMATS),  # owned by the format registry
     "data.layout": ("packed", "padded"),
     "online.pairing": PAIRINGS,  # owned by data/pairs.py
+    "online.judge_mode": JUDGE_MODES,  # owned by data/pairs.py
     "train.scheduler": ("cosine", "linear", "constant"),
 }
 

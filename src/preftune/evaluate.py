@@ -30,8 +30,8 @@ from .rewards import build_reward
 from .safeio import atomic_write
 from .step import SameAsPolicy, loss_forward, loss_kwargs
 
-__all__ = ["reliability", "evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json", "wilson", "format_eval",
-           "bootstrap_ci", "heldout_reward"]
+__all__ = ["reliability", "evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json", "wilson",
+           "format_eval", "bootstrap_ci", "heldout_reward", "best_of_n_curve", "best_of_n_kl"]
 
 
 def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -39,6 +39,44 @@ def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: fl
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
     return means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) as the literature states it: log n - (n - 1) / n nats (used by Stiennon
+    et al. 2020 and Gao et al. 2022, "Scaling laws for reward model overoptimization"). It is
+    analytic, not measured; Beirami et al. 2024 ("Theoretical guarantees on the best-of-n
+    alignment policy") show it is an upper bound on the true KL."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_curve(scores: list[list[float]], ns: list[int], *, seed: int = 0) -> dict:
+    """Mean reward of best-of-n for each n in `ns`, from ONE set of samples per prompt.
+
+    `scores[k]` holds prompt k's sample scores in sampling order; best-of-n is the max over the
+    first n of them (nested subsets: every n reuses the same draws, so per prompt the curve can
+    only rise, and a larger n costs no extra samples). NaN scores (failed) are skipped and counted;
+    a prompt with no finite score among its first n is left out of that n (`prompts` says how
+    many count). Each n gets a 95% percentile bootstrap interval over prompts, the paired gain
+    over the smallest n with its own interval, and the analytic KL bound `best_of_n_kl`."""
+    ns = sorted(set(ns))
+    if not ns or ns[0] < 1 or any(len(group) < ns[-1] for group in scores):
+        raise ValueError(f"best-of-n needs 1 <= n <= the samples per prompt, got {ns}")
+    curve, base = [], None
+    for n in ns:
+        best = [max(f) if f else math.nan for f in ([s for s in group[:n] if math.isfinite(s)] for group in scores)]
+        if base is None:
+            base = best
+        usable = [b for b in best if math.isfinite(b)]
+        gains = [b - a for a, b in zip(base, best) if math.isfinite(a) and math.isfinite(b)]
+        curve.append({"n": n, "reward": sum(usable) / len(usable) if usable else math.nan,
+                      "reward_ci95": list(bootstrap_ci(usable, seed=seed)) if usable else [math.nan, math.nan],
+                      f"gain_vs_{ns[0]}": sum(gains) / len(gains) if gains else math.nan,
+                      f"gain_vs_{ns[0]}_ci95": list(bootstrap_ci(gains, seed=seed)) if gains else [math.nan, math.nan],
+                      "prompts": len(usable), "kl_bound": best_of_n_kl(n)})
+    flat = [s for group in scores for s in group[: ns[-1]]]
+    return {"curve": curve, "samples_per_prompt": ns[-1], "prompts": len(scores),
+            "failed": sum(not math.isfinite(s) for s in flat),
+            "kl": "analytic bound log(n) - (n-1)/n (Stiennon et al. 2020; an upper bound, Beirami et al. 2024)"}
 
 
 def _shard(n: int) -> tuple[list[int], int]:

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
+from .config import load_config
 from .data import render
 from .devices import place
 from .errors import ConfigError
-from .models import AdaptersOffReference, FrozenCopyReference, load_model, resolve_model_dir
+from .models import AdaptersOffReference, FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
 from .progress import progress
 from .sharding import unsharded_root
 
-__all__ = ["sample_completions", "decode_completions", "sample_texts", "run_models", "load_run_policy"]
+__all__ = ["sample_completions", "decode_completions", "sample_texts", "run_models", "load_run_policy", "load_policy"]
 
 
 def decode_completions(tokenizer, samples) -> list[str]:
@@ -103,3 +104,17 @@ def load_run_policy(run_dir: Path, base_model, *, is_trainable: bool = False, al
                     "weights_only=True)" if (model_dir / "adapter_model.bin").is_file() else ""))
         return PeftModel.from_pretrained(base_model, str(model_dir), is_trainable=is_trainable)
     return load_model(str(model_dir), allow_pickle_weights=allow_pickle_weights)
+
+
+def load_policy(name_or_run: str, *, allow_pickle_weights: bool = False) -> tuple:
+    """(model in eval mode, tokenizer) of a finished run directory (its model/: adapter or full
+    model, on the base model its config.yaml names) or of anything `model.name_or_path` takes."""
+    run = Path(name_or_run)
+    if (run / "config.yaml").is_file() and (run / "model").is_dir():
+        m = load_config(run / "config.yaml").model
+        base_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
+        model = load_run_policy(run, load_model(base_dir, allow_pickle_weights=m.allow_pickle_weights),
+                                allow_pickle_weights=m.allow_pickle_weights)
+        return model.eval(), load_tokenizer(base_dir)
+    model_dir = resolve_model_dir(name_or_run, allow_pickle_weights=allow_pickle_weights)
+    return load_model(model_dir, allow_pickle_weights=allow_pickle_weights).eval(), load_tokenizer(model_dir)

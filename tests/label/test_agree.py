@@ -1,9 +1,20 @@
 """label/agree.py: kappas against hand computations, and majority-vote pair building."""
 
+import json
+
 import pytest
 
+from conftest import PairwiseJudge, write_jsonl
+from preftune.cli import main
 from preftune.label import LabelItem
-from preftune.label.agree import agreement_report, build_from_judgments, cohen_kappa, fleiss_kappa
+from preftune.label.agree import (
+    agreement_report,
+    build_from_judgments,
+    cohen_kappa,
+    fleiss_kappa,
+    human_labels,
+    judge_agreement,
+)
 
 
 def test_cohen_kappa_hand_example():
@@ -54,3 +65,51 @@ def test_build_majority_vote_and_drop_counts():
     assert counts == {"kept": 2, "too_few_votes": 1, "tie": 1, "low_agreement": 1, "small_margin": 0}
     _, strict = build_from_judgments(js, items, min_votes=2, min_agreement=0.5, min_margin=2)
     assert strict["kept"] == 1 and strict["small_margin"] == 1  # p2 leads by one vote only
+
+
+def test_human_labels_are_the_majority_and_a_split_is_a_tie():
+    js = [_j("x", "p1", "a"), _j("y", "p1", "a"), _j("z", "p1", "b"),   # a 2-1
+          _j("x", "p2", "a"), _j("y", "p2", "b"),                      # split: tie
+          _j("x", "p3", "tie"), _j("x", "cal-1", "b", calibration=True)]
+    assert human_labels(js) == {"p1": "a", "p2": "tie", "p3": "tie"}
+
+
+def test_judge_agreement_leaves_out_inconsistent_and_failed_verdicts():
+    # compared p1..p4: humans a, b, a, tie; judge a, b, b, tie -> agreement 3/4.
+    # kappa: p_o = 3/4; humans a 2, b 1, tie 1; judge a 1, b 2, tie 1 -> p_e = (2 + 2 + 1)/16 = 5/16
+    # kappa = (12/16 - 5/16) / (11/16) = 7/11
+    humans = {"p1": "a", "p2": "b", "p3": "a", "p4": "tie", "p5": "a", "p6": "b", "p7": "a"}
+    judge = {"p1": "a", "p2": "b", "p3": "b", "p4": "tie", "p5": "position_inconsistent", "p6": "failed"}
+    r = judge_agreement(humans, judge)
+    assert r["items"] == 6 and r["compared"] == 4 and r["position_inconsistent"] == 1 and r["failed"] == 1
+    assert r["agreement"] == 0.75 and r["cohen_kappa"] == pytest.approx(7 / 11)
+    assert judge_agreement({"p1": "a"}, {"p1": "failed"})["agreement"] is None
+
+
+def test_data_agree_with_a_position_biased_judge(tmp_path, capsys):
+    """The fake judge prefers the response with "good" in it, except on the `slot` item, where
+    it always answers "A": that verdict moves with the order, is counted and not compared."""
+    items = [{"id": "p1", "prompt": "q1", "response_a": "a good one", "response_b": "meh"},
+             {"id": "p2", "prompt": "q2", "response_a": "meh", "response_b": "good stuff"},
+             {"id": "p3", "prompt": "q3", "response_a": "good slot", "response_b": "fine"},
+             {"id": "p4", "prompt": "q4", "response_a": "x", "response_b": "y"}]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", items)
+    js = write_jsonl(tmp_path / "j.jsonl", [_j("ann", "p1", "a"), _j("ann", "p2", "a"), _j("ann", "p3", "a"),
+                                            _j("bob", "p1", "a")])
+
+    def decide(a, b):
+        if "slot" in a + b:
+            return "A"
+        return "A" if "good" in a else "B" if "good" in b else "tie"
+
+    judge = PairwiseJudge(decide)
+    try:
+        assert main(["data", "agree", str(js), "--pairs", str(pairs), "--judge", f"judge:{judge.url}#m"]) == 0
+    finally:
+        judge.close()
+    r = json.loads(capsys.readouterr().out)["judge"]
+    # p4 has no human label: not asked. p1 a/a, p2 human a vs judge b, p3 inconsistent
+    assert len(judge.shown) == 6 and r["items"] == 3 and r["compared"] == 2 and r["position_inconsistent"] == 1
+    assert r["agreement"] == 0.5 and r["calls"]["failures"] == 0
+    assert main(["data", "agree", str(js), "--judge", "judge:http://127.0.0.1:9/v1"]) == 2
+    assert "needs --pairs" in capsys.readouterr().err

@@ -27,15 +27,34 @@ def test_function_source_and_its_errors():
         build_reward("judgee:http://x")
 
 
-def test_ensemble_is_a_weighted_sum_less_the_disagreement_penalty():
+def test_ensemble_is_a_weighted_sum_less_the_disagreement_of_z_scores():
     spec = {"ensemble": [["fn:conftest:length_reward", 0.5], ["fn:conftest:constant_reward", 2.0]],
             "disagreement_penalty": 0.1}
     r = build_reward(spec)
-    # completion "abcd": members 4 and 1; weighted 0.5*4 + 2*1 = 4; population std of (4, 1) = 1.5
-    assert r.score(["p"], ["abcd"]) == [pytest.approx(4.0 - 0.1 * 1.5)]
-    assert r.score(["p"], ["a"]) == [pytest.approx(2.5)]  # members agree (1, 1): no penalty
+    # lengths 4, 0 -> z-scores +1, -1; the constant member has no spread -> z 0, 0. Per completion
+    # the population std of (1, 0) and of (-1, 0) is 0.5; weighted sums 0.5*4 + 2 = 4 and 0 + 2 = 2
+    assert r.score(["p", "p"], ["abcd", ""]) == [pytest.approx(4.0 - 0.05), pytest.approx(2.0 - 0.05)]
+    assert r.score(["p"], ["abcd"]) == [pytest.approx(4.0)]  # one completion: no spread to normalise by
     with pytest.raises(ConfigError, match="ensemble"):
         build_reward({"ensemble": []})
+
+
+def test_members_on_different_scales_that_agree_on_the_order_do_not_disagree():
+    r = build_reward({"ensemble": [["fn:conftest:length_reward", 1.0],
+                                   ["fn:conftest:scaled_length_reward", 0.01]],
+                      "disagreement_penalty": 10.0})
+    completions = ["a", "abc", "abcdefg", ""]
+    # raw spreads would be ~50 * length (a penalty of hundreds); z-scores are identical -> 0
+    assert r.score(["p"] * 4, completions) == pytest.approx([1 + 1.05, 3 + 3.05, 7 + 7.05, 0.05], abs=1e-9)
+    # the same member twice, one weighted 0: the weights do not enter the disagreement either
+    r2 = build_reward({"ensemble": [["fn:conftest:length_reward", 1.0], ["fn:conftest:length_reward", 0.0]],
+                       "disagreement_penalty": 1.0})
+    assert r2.score(["p"] * 2, ["ab", "abcd"]) == [pytest.approx(2.0), pytest.approx(4.0)]
+    # a failed member score makes that completion NaN; the others are z-scored without it
+    nan = build_reward({"ensemble": [["fn:conftest:length_reward", 1.0],
+                                     ["fn:conftest:half_failed_reward", 1.0]]})
+    scores = nan.score(["p"] * 3, ["a", "ab", "abc"])
+    assert scores[0] != scores[0] and scores[1:] == [pytest.approx(2 + 20), pytest.approx(3 + 30)]
 
 
 def test_length_penalty_subtracts_alpha_per_word():

@@ -7,6 +7,11 @@ P_i = (sum_j n_ij^2 - m) / (m (m - 1)), P_bar their mean, p_j category shares ov
 P_e = sum_j p_j^2, kappa = (P_bar - P_e) / (1 - P_e). Calibration accuracy: the share of
 known-answer items where the annotator preferred the known better response ("a").
 Position bias: the share of non-tie judgments that picked the response shown on the left.
+Judge vs people (`judge_agreement`): each pair's human label is the most common of its human
+judgments (an even split between a and b, or any split with no single winner, is "tie"); the
+judge's label comes from asking it in both slot orders (rewards/judge.py `verdict`). Verdicts
+that move with the slot (position-inconsistent) or failed are counted and left out; on the
+rest, the agreement rate and Cohen's kappa of judge vs human labels.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import itertools
 from collections import Counter, defaultdict
 
-__all__ = ["cohen_kappa", "fleiss_kappa", "agreement_report", "build_from_judgments", "CATEGORIES"]
+__all__ = ["cohen_kappa", "fleiss_kappa", "agreement_report", "build_from_judgments", "human_labels",
+           "judge_agreement", "CATEGORIES"]
 
 CATEGORIES = ("a", "b", "tie")
 
@@ -103,3 +109,33 @@ def build_from_judgments(judgments: list[dict], items: dict, *, min_votes: int =
             pairs.append({"prompt": it.prompt, "chosen": getattr(it, winner), "rejected": getattr(it, loser),
                           "pair_id": pid, "votes": dict(v), "agreement": v[winner] / total})
     return pairs, {"kept": len(pairs), **dropped}
+
+
+def human_labels(judgments: list[dict]) -> dict[str, str]:
+    """pair_id -> the most common human label ("tie" when no single label has the most votes);
+    calibration items excluded."""
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for j in judgments:
+        if not j["calibration"]:
+            votes[j["pair_id"]][j["preferred"]] += 1
+    labels = {}
+    for pid, v in votes.items():
+        (top, n), *rest = v.most_common()
+        labels[pid] = "tie" if rest and rest[0][1] == n else top
+    return labels
+
+
+def judge_agreement(humans: dict[str, str], judge: dict[str, str]) -> dict:
+    """Agreement of a judge's labels with people's, on the pairs both labelled.
+
+    `humans`: pair_id -> "a" | "b" | "tie" (`human_labels`); `judge`: pair_id -> "a" | "b" | "tie"
+    | "position_inconsistent" | "failed"."""
+    shared = [pid for pid in humans if pid in judge]
+    usable = [pid for pid in shared if judge[pid] in CATEGORIES]
+    x, y = [humans[pid] for pid in usable], [judge[pid] for pid in usable]
+    return {"items": len(shared), "compared": len(usable),
+            "position_inconsistent": sum(judge[pid] == "position_inconsistent" for pid in shared),
+            "failed": sum(judge[pid] == "failed" for pid in shared),
+            "agreement": sum(a == b for a, b in zip(x, y)) / len(usable) if usable else None,
+            "cohen_kappa": cohen_kappa(x, y) if usable else None,
+            "judge_ties": y.count("tie"), "human_ties": x.count("tie")}

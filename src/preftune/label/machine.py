@@ -1,10 +1,12 @@
-"""`preftune score` and `preftune data sft-pairs`: preference data from what users already have.
+"""`preftune score`, `preftune data sft-pairs` and a judge's labels for `preftune data agree --judge`.
 
 score: adds reward columns to any prompt/completion file (`score`) or preference file
 (`score_chosen`, `score_rejected`), keeping every other column; for filtering and analysis.
 sft-pairs: from (prompt, human response) data, the human response is chosen and a fresh policy
 sample is rejected (the self-play recipe); with a reward source, only pairs where it scores the
 human response higher are kept. Both write their output whole or not at all.
+judge_labels: a pairwise judge's "a" | "b" | "tie" per labelled pair, asked in both orders
+("position_inconsistent" or "failed" where the two orders disagree or a call failed).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from __future__ import annotations
 import math
 
 from ..data.sources import read_table, text_field, write_jsonl
+from ..errors import ConfigError
 from ..generate import sample_texts
 from ..models import load_model, load_tokenizer, resolve_model_dir
 from ..rewards import build_reward
 
-__all__ = ["run_score", "run_sft_pairs"]
+__all__ = ["run_score", "run_sft_pairs", "judge_labels"]
+
+_LABEL = {"first": "a", "second": "b", "tie": "tie"}  # verdict on (a, b) -> the original response
 
 
 def run_score(path: str, reward_spec: str, out: str) -> dict:
@@ -65,3 +70,17 @@ def run_sft_pairs(cfg, path: str, out: str, reward_spec: str | None = None) -> d
         pairs.append(row)
     write_jsonl(out, pairs)
     return {"records": len(rows), "pairs": len(pairs), **counts, "out": out}
+
+
+def judge_labels(items: list, judge_spec: str, *, pair_ids: set[str] | None = None) -> tuple[dict[str, str], dict]:
+    """pair_id -> the judge's label of each (non-calibration) item in `pair_ids` (default: all),
+    and the judge client's call statistics."""
+    judge = build_reward(judge_spec)
+    if not hasattr(judge, "verdict"):
+        raise ConfigError(judge_spec, "--judge", "expected a judge:URL[#model] source (pairwise verdicts)")
+    labels = {}
+    for it in items:
+        if not it.calibration and (pair_ids is None or it.pair_id in pair_ids):
+            verdict, _ = judge.verdict(it.prompt, it.a, it.b)
+            labels[it.pair_id] = _LABEL.get(verdict, verdict)
+    return labels, dict(judge.client.stats)

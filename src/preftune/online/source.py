@@ -131,6 +131,8 @@ class OnlineSource:
         means = [c["reward_mean"] for c in counts if math.isfinite(c["reward_mean"])]
         row["online/reward_mean"] = sum(means) / len(means) if means else math.nan
         row["online/draws"] = len(counts)
+        if "position_inconsistent" in counts[0]:  # online.judge_mode=pairwise
+            row["online/position_inconsistent"] = sum(c["position_inconsistent"] for c in counts)
         return row
 
 

@@ -173,8 +173,15 @@ class ImplicitReward:
 
 @dataclass
 class Ensemble:
-    """sum_i w_i * s_i - penalty * std_i(s_i): a weighted sum, less a disagreement penalty (the
-    population standard deviation of the members' scores for the same completion)."""
+    """sum_i w_i * s_i - penalty * disagreement: a weighted sum of the members' raw scores, less a
+    penalty on how much the members disagree about this completion relative to the others.
+
+    Disagreement is measured on normalised scores, never on raw ones (a 1-10 judge and a [-1, 1]
+    sentiment score would "disagree" by their scales alone): each member's scores are z-scored
+    over the batch being scored (its mean and population std over the finite scores; a member
+    with no spread gives 0 everywhere), and the disagreement of a completion is the population
+    std of its members' z-scores. Members that rank the batch alike in an affine way (any scale
+    and offset) have disagreement 0. A completion a member failed on (NaN) scores NaN."""
     name: str
     members: list
     weights: list[float]
@@ -182,13 +189,24 @@ class Ensemble:
 
     def score(self, prompts, completions):
         columns = [m.score(prompts, completions) for m in self.members]
+        z_columns = [_z_scores(c) for c in columns]
         out = []
-        for values in zip(*columns):
+        for values, zs in zip(zip(*columns), zip(*z_columns)):
             total = sum(w * v for w, v in zip(self.weights, values))
-            mean = sum(values) / len(values)
-            spread = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+            mean = sum(zs) / len(zs)
+            spread = math.sqrt(sum((z - mean) ** 2 for z in zs) / len(zs))
             out.append(total - self.disagreement_penalty * spread)
         return out
+
+
+def _z_scores(values: list[float]) -> list[float]:
+    """(v - mean) / std over the finite values (population std); all 0 when they have no spread."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return list(values)
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+    return [(v - mean) / std if std > 0 else 0.0 * v for v in values]  # 0 * NaN stays NaN
 
 
 @dataclass

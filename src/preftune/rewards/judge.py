@@ -2,7 +2,9 @@
 
 Single score: "rate this response 1-10" -> {"score": int, "rationale": str}.
 Pairwise: "which response is better" -> {"winner": "A" | "B" | "tie", "rationale": str}, asked
-in both orders so that a judge that prefers the first slot cancels out.
+in both orders so that a judge that prefers the first slot cancels out (`compare`, a win
+probability), or is caught (`verdict`: a winner only when both orders agree, see
+data/pairs.py `both_orders`; pairs built that way drop position-inconsistent verdicts).
 
 Reliability: every request has a timeout; connection errors, timeouts, HTTP 429/5xx and replies
 that are not exactly the JSON asked for are retried with exponential backoff; after the last
@@ -27,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.pairs import both_orders
 from ..errors import ConfigError
 from ..models import cache_root
 from ..progress import progress
@@ -192,3 +195,11 @@ class JudgeReward:
             return math.nan
         win = {"A": 1.0, "tie": 0.5, "B": 0.0}
         return (win[first["winner"]] + 1.0 - win[second["winner"]]) / 2
+
+    def verdict(self, prompt: str, a: str, b: str) -> tuple[str, str | None]:
+        """Ask "a vs b" and "b vs a": ("first" (a wins) | "second" | "tie" | "position_inconsistent"
+        | "failed", the first order's rationale)."""
+        first = self.client.ask(_pair_messages(prompt, a, b), PAIRWISE_SCHEMA)
+        second = self.client.ask(_pair_messages(prompt, b, a), PAIRWISE_SCHEMA)
+        label = both_orders(first and first["winner"], second and second["winner"])
+        return label, (first or {}).get("rationale")
