@@ -5,12 +5,13 @@
 From the shared HH-RLHF harmless data (absent: says so and stops), rendered as chat turns, cut to
 256 tokens (prompt 192), default model, LoRA r16 q/v plus the new score head, batch 4, lr 5e-4,
 one epoch, seed 0 (a step of 4 pairs takes ~15-30 s on this 2-core CPU: the committed figures
-use `--pairs 160 --members 3 --dev 100`, the same pairs and dev slice as sft_dpo's):
+use `--pairs 160 --members 3 --member-pairs 80 --dev 100`, the single model on the same pairs and
+dev slice as sft_dpo's DPO runs):
 1. `preftune train-rm` on the first `--pairs` train pairs: the same pairs (and budget in pairs)
    as the DPO runs of benchmarks/experiments/sft_dpo, so the two accuracies sit side by side.
    Held out: pair accuracy (Wilson 95% interval) and calibration (ECE) on the dev pairs.
-2. `preftune train-rm --ensemble K --split disjoint` on the first K x `--pairs` train pairs (each
-   member sees `--pairs` disjoint pairs): each member's held-out accuracy, the ensemble's (mean
+2. `preftune train-rm --ensemble K --split disjoint` on the first K x `--member-pairs` train pairs
+   (each member sees `--member-pairs` disjoint pairs): each member's held-out accuracy, the ensemble's (mean
    margin), how often the members disagree in sign, and the mean spread of their margins,
    measured by scoring the dev pairs through `rm:RUN`, the path every consumer uses.
 The DPO figures are read from benchmarks/experiments/sft_dpo/results.json when it exists.
@@ -54,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=400)
     ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--member-pairs", type=int, default=0, help="pairs per ensemble member (default: --pairs)")
     ap.add_argument("--dev", type=int, default=200, help="held-out dev pairs (the first N of 200)")
     ap.add_argument("--out", default="runs/reward_model")
     a = ap.parse_args()
@@ -72,7 +74,8 @@ def main() -> None:
                          "health": s["health"]}
     print(json.dumps({"single": results["single"]}), flush=True)
 
-    train = f"{HH / 'train.jsonl.gz'}[:{a.pairs * a.members}]"
+    per_member = a.member_pairs or a.pairs
+    train = f"{HH / 'train.jsonl.gz'}[:{per_member * a.members}]"
     _, secs = _preftune("train-rm", "--ensemble", str(a.members), "--split", "disjoint", f"data.train_path={train}",
                         f"data.eval_path={dev}", f"run.output_dir={out / 'ensemble'}", *COMMON)
     members = [_eval(json.loads((out / "ensemble" / f"member-{k}" / "summary.json").read_text())["eval"])
