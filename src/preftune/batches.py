@@ -30,7 +30,7 @@ from .losses import LossSpec
 from .prepare import load_data, pair_collator, prepare_data
 from .refcache import reference_cache
 
-__all__ = ["BatchSource", "OfflineSource", "exact_layout", "distinct_prompts"]
+__all__ = ["BatchSource", "OfflineSource", "EpochLoader", "exact_layout", "distinct_prompts"]
 
 
 class BatchSource(Protocol):
@@ -90,6 +90,29 @@ def exact_layout(cfg, spec: LossSpec, model, examples, pad_id: int, model_dir: s
     return dataclasses.replace(cfg, data=dataclasses.replace(d, layout=layout, prefix_sharing=sharing)), info
 
 
+class EpochLoader:
+    """Micro-batches of a fixed list of examples, shuffled per epoch by (seed, epoch) alone, that
+    a resumed run re-enters at any position (`epoch(e, skip)`): what every file-backed source
+    (preference files here, demonstrations in sft.py) draws from."""
+
+    def __init__(self, examples: list, collate, t, accelerator):
+        self.sampler = EpochSampler(len(examples), t.seed if t.shuffle else None)
+        # its own generator: each new iterator draws a seed, which must not consume the global RNG
+        # that dropout uses (a resumed run creates one more iterator than an uninterrupted one)
+        loader = DataLoader(examples, batch_size=t.batch_size, sampler=self.sampler, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(t.seed))
+        self.loader, self.batch_size, self.processes = accelerator.prepare(loader), t.batch_size, \
+            accelerator.num_processes
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[dict]:
+        """Epoch `epoch` from its micro-batch `skip` on."""
+        self.sampler.position(epoch, skip=skip * self.batch_size * self.processes)
+        return iter(self.loader)
+
+
 class OfflineSource:
     """A preference (or unpaired) file: validated at `load`, tokenized at `prepare`."""
 
@@ -133,18 +156,11 @@ class OfflineSource:
             cached = reference_cache(cfg, self.data, model, reference, self.tokenizer, reference_info, fp,
                                      accelerator)
             self.collate = pair_collator(cfg, self.tokenizer, cached)
-        self.sampler = EpochSampler(len(self.data.examples), t.seed if t.shuffle else None)
-        # its own generator: each new iterator draws a seed, which must not consume the global RNG
-        # that dropout uses (a resumed run creates one more iterator than an uninterrupted one)
-        loader = DataLoader(self.data.examples, batch_size=t.batch_size, sampler=self.sampler,
-                            collate_fn=self.collate, generator=torch.Generator().manual_seed(t.seed))
-        self.loader, self.batch_size = accelerator.prepare(loader), t.batch_size
-        self.processes = accelerator.num_processes
+        self.loader = EpochLoader(self.data.examples, self.collate, t, accelerator)
         return len(self.loader)
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
-        self.sampler.position(epoch, skip=skip * self.batch_size * self.processes)
-        return iter(self.loader)
+        return self.loader.epoch(epoch, skip)
 
     def probe_prompts(self, n: int) -> list[list[int]]:
         return distinct_prompts(self.eval_pairs or self.data.examples, n)

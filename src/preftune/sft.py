@@ -23,10 +23,8 @@ from collections.abc import Iterator
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader
 
-from .batches import distinct_prompts, exact_layout
-from .checkpoint import EpochSampler
+from .batches import EpochLoader, distinct_prompts, exact_layout
 from .config import Config
 from .data.collate import collate_packed, collate_sequences
 from .data.demos import DEMO_FORMATS, is_demonstration_file, load_demonstrations
@@ -133,16 +131,11 @@ class SFTSource:
         if self.eval_examples:  # the starting weights (a resumed run has not loaded its checkpoint yet)
             self.before = heldout_nll(model, self.eval_examples, self.collate, batch_size=cfg.eval.batch_size,
                                       desc="held-out NLL (start)")
-        self.sampler = EpochSampler(len(self.examples), t.seed if t.shuffle else None)
-        loader = DataLoader(self.examples, batch_size=t.batch_size, sampler=self.sampler, collate_fn=self.collate,
-                            generator=torch.Generator().manual_seed(t.seed))  # see batches.OfflineSource.start
-        self.loader, self.batch_size = accelerator.prepare(loader), t.batch_size
-        self.processes = accelerator.num_processes
+        self.loader = EpochLoader(self.examples, self.collate, t, accelerator)
         return len(self.loader)
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
-        self.sampler.position(epoch, skip=skip * self.batch_size * self.processes)
-        return iter(self.loader)
+        return self.loader.epoch(epoch, skip)
 
     def probe_prompts(self, n: int) -> list[list[int]]:
         return distinct_prompts(self.eval_examples or self.examples, n)
