@@ -55,7 +55,7 @@ their eval), 3 evals of the rounds ~ 1.2 min each (2 x 96 samples and the KL for
 best-of-16 on 24 prompts ~ 2 min. README's iterate run of the same recipe (3 rounds, with its own
 per-round eval) took about 20 minutes on shared cores. `--quick` (8 train and 4 held-out prompts,
 8 new tokens, 1 epoch, 2 DPO betas of which one is iterate's round 1, 1 IPO beta, N up to 4, 1
-round) takes a few minutes; with a tiny random model (`--model DIR --reward fn:conftest:length_reward`
+round) takes about 10 minutes with the default model; with a tiny random model (`--model DIR --reward fn:conftest:length_reward`
 and tests/ on PYTHONPATH, since VADER scores random text 0) about 4 minutes on loaded cores, and
 its numbers mean nothing.
 """
@@ -109,6 +109,11 @@ def _preftune(args: list[str], log: Path) -> float:
     return wall
 
 
+def _rel(path: Path) -> str:
+    """A path as results.json keeps it: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def _cached(path: Path, make) -> dict:
     """A finished step's record from disk, else make it and keep it (so a rerun resumes)."""
     if path.is_file():
@@ -132,7 +137,7 @@ def _read_eval(dest: Path, s: dict) -> dict:
             "samples_per_prompt": s["eval_samples"], "win_rate_vs_reference": e.get("win_rate"),
             "probe_pair_accuracy": e.get("accuracy/implicit_reward"),
             "reference_reward": e["reward/reference"], "reference_ci95": list(bootstrap_ci(ref)) if ref else None,
-            "eval_file": str(dest)}
+            "eval_file": _rel(dest)}
 
 
 def _measure(run: Path, out: Path, name: str, s: dict, reward: str) -> dict:
@@ -173,7 +178,7 @@ def iterative(out: Path, s: dict, model: str, reward: str) -> list[dict]:
                 sys.exit(f"iterate round {r} made no pairs ({counts}); nothing was trained")
             return {"iterate_s": round(wall, 1), "pairs": counts["pairs"], "ties": counts["ties"],
                     "train_reward_mean": counts.get("reward_mean"),
-                    "run": str(out / "iterate" / f"round-{r}" / "train"),
+                    "run": _rel(out / "iterate" / f"round-{r}" / "train"),
                     **_measure(out / "iterate" / f"round-{r}" / "train", out, f"iterate-round{r}", s, reward)}
         p = _cached(out / "points" / f"iterate-round{r}.json", run_round)
         spent += p["iterate_s"]
@@ -201,7 +206,7 @@ def sweep(out: Path, s: dict, model: str, reward: str, loss: str, betas: list[fl
                               f"run.output_dir={root}"], out / "logs" / f"sweep-{loss}-beta{beta:g}.log")
             (run,) = sorted(root.glob(f"beta{beta:g}-lr*"))
             # sweep's eval.json is `preftune eval` of the point with the same --reward and eval.* settings
-            return {"wall_s": round(wall, 1), "run": str(run), **_read_eval(run / "eval.json", s)}
+            return {"wall_s": round(wall, 1), "run": _rel(run), **_read_eval(run / "eval.json", s)}
         p = _cached(out / "points" / f"{loss}-beta{beta:g}.json", run_point)
         points.append({"method": method, "setting": f"beta={beta:g}", **p})
     return points
