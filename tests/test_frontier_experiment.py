@@ -1,0 +1,66 @@
+"""benchmarks/experiments/frontier/run.py: its outputs from given points (no training), and
+`preftune report --experiment` on them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from preftune.cli import main
+from preftune.report import write_report
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "frontier" / "run.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("frontier_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _point(method, setting, reward, kl, ci=0.05, **extra):
+    return {"method": method, "setting": setting, "reward": reward, "reward_ci95": [reward - ci, reward + ci],
+            "kl": kl, "kl_stderr": 0.1, "wall_s": 10.0, "prompts": 24, "samples_per_prompt": 4, **extra}
+
+
+POINTS = [
+    _point("base (reference)", "start model", 0.20, 0.0),
+    _point("DPO", "beta=0.1", 0.40, 1.5), _point("DPO", "beta=1", 0.30, 0.3),
+    _point("IPO", "beta=0.5", 0.45, 1.2, ci=0.2), _point("IPO", "beta=5", 0.22, -0.01),
+    _point("best-of-N", "N=1", 0.21, 0.0, samples_per_prompt=16), _point("best-of-N", "N=4", 0.50, 0.636),
+    _point("iterative DPO", "round 1", 0.40, 1.5), _point("iterative DPO", "round 2", 0.70, 3.0),
+]
+META = {"mode": "full", "model": "m", "reward": "sentiment", "heldout_prompts": 24, "tokens": 32, "evals": 3,
+        "reference_spread": [0.2, 0.2], "elapsed_s": 100.0}
+
+
+def test_outputs_verdict_from_the_numbers_and_report(tmp_path):
+    run = _script()
+    points = [run._row(p) for p in POINTS]
+    run.write_outputs(tmp_path, points, META, {"lr": 5e-4}, title="test")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {k for k, v in results.items() if isinstance(v, dict) and "method" in v} == \
+        {f"{p['method']} {p['setting']}" for p in POINTS}
+    assert results["best-of-N N=4"]["kl_kind"] == "Monte-Carlo on policy samples"  # _row's default when not given
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
+
+    verdict = (tmp_path / "verdict.md").read_text()
+    rows = {line.split(" | ")[0]: line for line in verdict.splitlines() if line.startswith("| [")}
+    assert list(rows) == ["| [0, 0.5)", "| [0.5, 1)", "| [1, 2)", "| [2, 4)"]
+    # IPO beta=5's KL of -0.01 (a Monte-Carlo estimate) falls in the first band
+    assert "| DPO beta=1 | 0.300" in rows["| [0, 0.5)"] and "IPO beta=5 (0.220) | yes: not a clear win" in rows["| [0, 0.5)"]
+    assert "| best-of-N N=4 |" in rows["| [0.5, 1)"] and rows["| [0.5, 1)"].endswith("| none | n/a |")
+    assert "| IPO beta=0.5 |" in rows["| [1, 2)"] and "DPO beta=0.1 (0.400) | yes" in rows["| [1, 2)"]
+    assert "| iterative DPO round 2 |" in rows["| [2, 4)"]
+    frontier = [f"{p['method']} {p['setting']}" for p in run.frontier_points(points)]
+    assert frontier == ["IPO beta=5", "DPO beta=1", "best-of-N N=4", "iterative DPO round 2"]
+    assert "KL falls as beta rises, as it should" in verdict  # DPO: 1.5 at beta 0.1, 0.3 at beta 1
+    assert "+0.500 over the base" in verdict
+
+    out = write_report([], tmp_path / "report.html", png=False, experiments=[str(tmp_path)])
+    page = out.read_text()
+    assert page.count("<tr><th>") == len(POINTS) + 2  # header, a row per point, settings
+    assert 'alt="frontier.png"' in page and "Highest reward in each KL band" in page
+    assert main(["report", "--experiment", str(tmp_path), "--no-png"]) == 0
