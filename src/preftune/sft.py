@@ -40,13 +40,15 @@ from .train import RunResult, train
 __all__ = ["SFTSource", "run_sft", "load_sft_records", "heldout_nll"]
 
 
-def load_sft_records(path: str, d) -> tuple[list[UnpairedRecord], str]:
-    """Demonstrations from `path`, and what they are ("demonstrations" or "chosen side of pairs")."""
-    if d.format in DEMO_FORMATS or (d.format == "auto" and is_demonstration_file(path, column_map=d.column_map)):
+def load_sft_records(path: str, d, field: str = "data.train_path") -> tuple[list[UnpairedRecord], str]:
+    """Demonstrations from `path`, and what they are ("demonstrations" or "chosen side of pairs").
+    `field`: the setting that named the path (for hub-id errors)."""
+    if d.format in DEMO_FORMATS or (d.format == "auto" and is_demonstration_file(path, column_map=d.column_map,
+                                                                                 field=field)):
         fmt = d.format if d.format in DEMO_FORMATS else "auto"
         return load_demonstrations(path, fmt=fmt, column_map=d.column_map, max_records=d.max_records,
-                                   allow_empty_completions=d.allow_empty_completions), "demonstrations"
-    pairs = load_data(path, dataclasses.replace(d, allow_degenerate=True))  # a preference file: its chosen side
+                                   allow_empty_completions=d.allow_empty_completions, field=field), "demonstrations"
+    pairs = load_data(path, dataclasses.replace(d, allow_degenerate=True), field=field)  # a preference file: its chosen side
     return [UnpairedRecord(r.prompt, r.chosen, True, r.source, r.line) for r in pairs], "chosen side of pairs"
 
 
@@ -95,7 +97,8 @@ class SFTSource:
         if not cfg.data.train_path:
             raise ConfigError("defaults", "data.train_path", "is required")
         records, kind = load_sft_records(cfg.data.train_path, cfg.data)
-        eval_records = load_sft_records(cfg.data.eval_path, cfg.data)[0] if cfg.data.eval_path else None
+        eval_records = load_sft_records(cfg.data.eval_path, cfg.data, "data.eval_path")[0] if cfg.data.eval_path \
+            else None
         return cls(cfg, records, eval_records, kind)
 
     def _tokenize(self, records: list) -> tuple[list, object]:

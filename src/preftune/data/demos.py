@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .records import UnpairedRecord
-from .sources import _messages, _text, read_rows, split_path
+from .sources import _messages, _text, mapped_rows, no_records, read_rows, split_path
 
 __all__ = ["DEMO_FORMATS", "load_demonstrations", "is_demonstration_file"]
 
@@ -65,28 +65,22 @@ def _detect(row: dict) -> str | None:
     return None
 
 
-def is_demonstration_file(path: str | Path, *, column_map: dict | None = None) -> bool:
+def is_demonstration_file(path: str | Path, *, column_map: dict | None = None, field: str = "file") -> bool:
     """True when the file's first record is a demonstration (else it may be a preference file)."""
     file, _ = split_path(path)
-    for _, row in read_rows(file):
+    for _, row in read_rows(file, field=field):
         if isinstance(row, dict):
             return _detect({(column_map or {}).get(k, k): v for k, v in row.items()}) is not None
     return False
 
 
 def load_demonstrations(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None,
-                        max_records: int = 0, allow_empty_completions: bool = False) -> list[UnpairedRecord]:
+                        max_records: int = 0, allow_empty_completions: bool = False,
+                        field: str = "file") -> list[UnpairedRecord]:
     """Read and validate a demonstration file (a `file.jsonl[:500]` slice works) into records
     with label True. An empty file (or slice) is an error."""
-    path, part = split_path(path)
-    column_map = column_map or {}
-    rows = list(read_rows(path))[part] if part != slice(None) else read_rows(path)
     records, adapter = [], None
-    for line, row in rows:
-        where = (str(path), line)
-        if not isinstance(row, dict):
-            raise DataError(*where, "record", f"expected an object, got {type(row).__name__}")
-        row = {column_map.get(k, k): v for k, v in row.items()}
+    for where, row in mapped_rows(path, column_map=column_map, field=field):
         if adapter is None:
             name = _detect(row) if fmt == "auto" else fmt
             if name not in DEMO_FORMATS:
@@ -94,9 +88,9 @@ def load_demonstrations(path: str | Path, *, fmt: str = "auto", column_map: dict
                                 f"or messages ending in an assistant turn; got keys {sorted(row)[:8]}")
             adapter = DEMO_FORMATS[name]
         prompt, completion = adapter(row, where, allow_empty_completions)
-        records.append(UnpairedRecord(prompt, completion, True, str(path), line))
+        records.append(UnpairedRecord(prompt, completion, True, *where))
         if max_records and len(records) >= max_records:
             break
     if not records:
-        raise DataError(path, 1, "file", "no records" + ("" if part == slice(None) else " in the slice"))
+        no_records(path)
     return records

@@ -21,7 +21,7 @@ from ..errors import DataError
 from ..safeio import atomic_write, check_text, loads_json, open_regular, os_problem, read_capped
 from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "read_rows", "read_table", "read_jsonl_rows", "text_field", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT", "hub_dataset", "hub_offline"]
+__all__ = ["load_records", "mapped_rows", "no_records", "read_rows", "read_table", "read_jsonl_rows", "text_field", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT", "hub_dataset", "hub_offline"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -415,16 +415,9 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
     pairs). A file (or slice) with no records is an error. `path` may also be a hub dataset,
     `org/name[:split]` (read_rows); `field` is the setting a hub error names.
     """
-    path, part = split_path(path)
-    column_map = column_map or {}
     records, first_shape, adapter = [], None, None
-    rows = read_rows(path, field=field)
-    rows = list(rows)[part] if part != slice(None) else rows
-    for line, row in rows:
-        where = (str(path), line)
-        if not isinstance(row, dict):
-            raise DataError(*where, "record", f"expected an object, got {type(row).__name__}")
-        row = {column_map.get(k, k): v for k, v in row.items()}
+    for where, row in mapped_rows(path, column_map=column_map, field=field):
+        line = where[1]
         if adapter is None:
             name = _detect(row) if fmt == "auto" else fmt
             if (name in UNPAIRED_FORMATS) == paired:
@@ -450,8 +443,29 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
         if max_records and len(records) >= max_records:
             break
     if not records:
-        raise DataError(path, 1, "file", "no records" + ("" if part == slice(None) else " in the slice"))
+        no_records(path)
     return records
+
+
+def mapped_rows(path: str | Path, *, column_map: dict | None = None, field: str = "file") -> Iterator[tuple]:
+    """((file, line), row) for every record of `path` (a file, a `file[a:b]` slice or a hub id,
+    see read_rows), each an object with its columns renamed by `column_map`; anything else is an
+    error naming its line. What every record loader (preferences here, demonstrations in demos.py)
+    reads through."""
+    file, part = split_path(path)
+    column_map = column_map or {}
+    rows = read_rows(file, field=field)
+    for line, row in (list(rows)[part] if part != slice(None) else rows):
+        where = (str(file), line)
+        if not isinstance(row, dict):
+            raise DataError(*where, "record", f"expected an object, got {type(row).__name__}")
+        yield where, {column_map.get(k, k): v for k, v in row.items()}
+
+
+def no_records(path: str | Path) -> None:
+    """The error for a file (or slice) without a single record."""
+    file, part = split_path(path)
+    raise DataError(file, 1, "file", "no records" + ("" if part == slice(None) else " in the slice"))
 
 
 def is_unpaired_file(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None) -> bool:
