@@ -349,3 +349,73 @@ def test_reference_cache_refuses_data_without_a_file_hash(tmp_path, tiny_model_d
     with pytest.raises(ConfigError, match="train.reference_cache: needs a data file"):
         train(_cfg(tmp_path, tiny_model_dir, f"data.train_path={tmp_path / 'dsdir'}", "train.reference_cache=true",
                    "train.max_steps=1"))
+
+
+def _scripted_probe_accuracy(monkeypatch, accuracies: dict):
+    """The probe runs as usual, but reports held-out accuracy `accuracies[step]` (so the best step
+    is known in advance, whatever the tiny model does)."""
+    import sys
+
+    train_module = sys.modules["preftune.train"]
+    real = train_module.run_probe
+
+    def scripted(model, reference, tokenizer, source, spec, cfg, step, baseline):
+        return {**real(model, reference, tokenizer, source, spec, cfg, step, baseline),
+                "probe/eval_accuracy": accuracies[step]}
+
+    monkeypatch.setattr(train_module, "run_probe", scripted)
+
+
+def _trainable_of(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_keep_best_ends_at_the_best_probe(tmp_path, tiny_model_dir, monkeypatch):
+    """Probes say step 3 was best (0.9); a plain run's checkpoint of step 3 holds the very weights
+    keep_best restores, evaluates and saves; the last step's weights are not what is saved."""
+    from safetensors.torch import load_file
+
+    accuracies = {1: 0.5, 2: 0.6, 3: 0.9, 4: 0.7, 5: 0.9, 6: 0.6}  # ties keep the earlier step
+    common = ("train.epochs=3", "train.batch_size=4", "diagnostics.probe_every=1", "model.lora_dropout=0.0",
+              f"data.eval_path={tmp_path / 'pairs.jsonl'}", "diagnostics.probe_prompts=2", "eval.max_new_tokens=4")
+    _scripted_probe_accuracy(monkeypatch, accuracies)
+    best = train(_cfg(tmp_path, tiny_model_dir, "train.keep_best=true", *common, name="best"))
+    plain = train(_cfg(tmp_path, tiny_model_dir, "train.checkpoint_every=1", "train.keep_last=10", *common,
+                       name="plain"))
+    assert best.summary["best"] == {"step": 3, "accuracy": 0.9, "restored": True}
+    kept = load_file(best.run_dir / "best" / "step-00000003.safetensors")
+    at3 = load_file(plain.run_dir / "checkpoints" / "step-00000003" / "trainable.safetensors")
+    assert kept.keys() == at3.keys() and all(torch.equal(kept[k], at3[k]) for k in kept)
+    saved = {k.replace(".weight", ".default.weight"): v
+             for k, v in load_file(best.run_dir / "model" / "adapter_model.safetensors").items()}
+    last = {k.replace(".weight", ".default.weight"): v
+            for k, v in load_file(plain.run_dir / "model" / "adapter_model.safetensors").items()}
+    assert all(torch.equal(saved[k], at3[k]) for k in at3)
+    assert not all(torch.equal(last[k], at3[k]) for k in at3)
+    assert best.summary["eval"]["accuracy/implicit_reward"] != plain.summary["eval"]["accuracy/implicit_reward"] \
+        or best.summary["eval"]["rewards/margins"] != plain.summary["eval"]["rewards/margins"]
+
+
+def test_keep_best_survives_a_resume_and_is_refused_without_probes(tmp_path, tiny_model_dir, monkeypatch):
+    from conftest import interrupt_after_checkpoint
+
+    from preftune.errors import ConfigError
+
+    accuracies = {1: 0.5, 2: 0.8, 3: 0.6, 4: 0.7, 5: 0.6, 6: 0.6}
+    common = ("train.epochs=3", "train.batch_size=4", "diagnostics.probe_every=1", "model.lora_dropout=0.0",
+              f"data.eval_path={tmp_path / 'pairs.jsonl'}", "diagnostics.probe_prompts=2", "eval.max_new_tokens=4",
+              "train.keep_best=true", "train.checkpoint_every=1")
+    _scripted_probe_accuracy(monkeypatch, accuracies)
+    full = train(_cfg(tmp_path, tiny_model_dir, *common, name="full"))
+    interrupt_after_checkpoint(monkeypatch, 4, lambda: train(_cfg(tmp_path, tiny_model_dir, *common, name="cut")))
+    _scripted_probe_accuracy(monkeypatch, accuracies)  # interrupt_after_checkpoint undid the patches
+    resumed = train(_cfg(tmp_path, tiny_model_dir, *common, name="cut"), resume=True)
+    assert resumed.summary["best"] == full.summary["best"] == {"step": 2, "accuracy": 0.8, "restored": True}
+    a = (full.run_dir / "model" / "adapter_model.safetensors").read_bytes()
+    assert a == (resumed.run_dir / "model" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="probe_every"):
+        load_config(None, ["train.keep_best=true", "diagnostics.probe_every=0"])
+    with pytest.raises(ConfigError, match="data.eval_path"):
+        train(_cfg(tmp_path, tiny_model_dir, "train.keep_best=true", name="noeval"))

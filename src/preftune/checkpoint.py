@@ -38,7 +38,7 @@ from .safeio import atomic_path
 from .sharding import full_tensors, gather_objects, rank_and_world, shard_like
 from .version import __version__
 
-__all__ = ["snapshot", "save_checkpoint", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite",
+__all__ = ["snapshot", "save_checkpoint", "save_best", "restore_best", "find_checkpoint", "load_checkpoint", "Checkpoint", "assert_finite",
            "EpochSampler", "fingerprint", "check_fingerprint"]
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
@@ -186,6 +186,33 @@ def find_checkpoint(run_dir: Path, log=print) -> Checkpoint | None:
             return Checkpoint(path, json.loads((path / "state.json").read_text()))
         log(f"skipping checkpoint {path}: {problem}")
     return None
+
+
+def save_best(run_dir: Path, step: int, trainable: dict) -> Path:
+    """train.keep_best: the trainable weights of the best probe so far as RUN/best/step-N.safetensors
+    (full CPU tensors, rank 0 writes; one file: a newer best replaces it)."""
+    root = run_dir / "best"
+    root.mkdir(exist_ok=True)
+    assert_finite(trainable, f"best weights at step {step}")
+    dest = root / f"step-{step:08d}.safetensors"
+    with atomic_path(dest) as tmp:
+        save_file(trainable, tmp)
+    for old in root.glob("step-*.safetensors"):
+        if old != dest:
+            old.unlink()
+    return dest
+
+
+def restore_best(run_dir: Path, step: int, params: dict) -> None:
+    """Put the weights `save_best` kept for `step` back into `params` (sharded ones by their shard)."""
+    path = run_dir / "best" / f"step-{step:08d}.safetensors"
+    if not path.is_file():
+        raise ConfigError(str(path), "train.keep_best", "the best probe's weights are missing; rerun without "
+                          "train.keep_best or from scratch")
+    weights = load_file(path)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(shard_like(weights[name], p))
 
 
 def load_checkpoint(ckpt: Checkpoint, *, params: dict, optimizer, scheduler) -> None:

@@ -131,6 +131,8 @@ class TrainConfig:
     autocast_bf16: bool = _f(False, "bf16 autocast for the transformer body, LM head and log-softmax in fp32 "
                                     "(off by default on CPU: see README, Speed)")
     shuffle: bool = _f(True, "reshuffle the training data every epoch (false: file order)")
+    keep_best: bool = _f(False, "end at the probe with the best held-out accuracy: its weights are kept (RUN/best/) "
+                                "and restored before the final save (needs diagnostics.probe_every and data.eval_path)")
     reference_cache: bool = _f(False, "compute reference logps once, cache them on disk, never run the reference "
                                       "during training (reused across epochs and runs)", resume=False)
     report_to: list = _f([], "trackers through Accelerate: tensorboard, wandb, mlflow, ... (logs go under the run)", resume=False)
@@ -236,6 +238,8 @@ def _range_problems(cfg: Config):
         ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
         ("train.checkpoint_every", c.train.checkpoint_every >= 0, "must be >= 0"),
         ("train.keep_last", c.train.keep_last >= 1, "must be >= 1"),
+        ("train.keep_best", not c.train.keep_best or c.diagnostics.probe_every > 0,
+         "needs diagnostics.probe_every > 0 (the probes measure held-out accuracy)"),
         ("train.tracker_project", bool(c.train.tracker_project.strip()), "must not be empty"),
         ("model.lora_r", c.model.lora_r >= 1, "must be >= 1"),
         ("model.lora_dropout", 0 <= c.model.lora_dropout < 1, "must be in [0, 1)"),

@@ -32,6 +32,8 @@ from .checkpoint import (
     find_checkpoint,
     fingerprint,
     load_checkpoint,
+    restore_best,
+    save_best,
     save_checkpoint,
     snapshot,
 )
@@ -59,6 +61,7 @@ from .sharding import (
     enable_fsdp_on_cpu,
     full_model_state,
     full_tensor,
+    full_tensors,
     gather_objects,
     init_root,
     is_fsdp,
@@ -207,6 +210,8 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
     source.prepare(tokenizer)
+    if cfg.train.keep_best and not source.eval_pairs:
+        raise ConfigError("defaults", "train.keep_best", "needs held-out pairs to measure: set data.eval_path")
     lock = RunLock(run_dir, overwrite=cfg.run.overwrite, resume=resume) if main else None
     try:
         run = _setup(cfg, spec, model_dir, tokenizer, source, resume, allow_config_change)
@@ -247,6 +252,7 @@ class _Run:
     history: list = field(default_factory=list)
     start: float = 0.0  # perf_counter at the first step of this process's part of the run
     pairs: int = 0  # pairs (or examples) trained by this process's part of the run
+    best: dict | None = None  # train.keep_best: {"step", "accuracy"} of the best probe so far
 
 
 def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resume: bool,
@@ -313,6 +319,7 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
         load_checkpoint(ckpt, params=_trainable(accelerator.unwrap_model(model)), optimizer=optimizer,
                         scheduler=scheduler)
         run.step, run.epoch0, run.batch0 = ckpt.state["step"], ckpt.state["epoch"], ckpt.state["batches_in_epoch"]
+        run.best = ckpt.state.get("best")
         run.history = [r for r in read_jsonl_tail_tolerant(run_dir / "metrics.jsonl") if r["step"] <= run.step]
         if accelerator.is_main_process:
             print(f"resume: from {ckpt.path} (step {run.step})")
@@ -436,13 +443,14 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                                                 or run.step == run.total_steps):
                 row.update(run_probe(unwrapped, run.reference, run.tokenizer, run.source, spec, cfg, run.step,
                                      baseline))
+                _keep_if_best(run, row, unwrapped)
             stop = log.record(row)
             if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < run.total_steps:
                 snap = snapshot(_trainable(unwrapped), run.optimizer)  # every rank: gathers sharded tensors
                 if a.is_main_process:
                     save_checkpoint(run_dir, step=run.step, snap=snap, scheduler=run.scheduler, keep_last=t.keep_last,
                                     state={"epoch": epoch, "batches_in_epoch": done, "fingerprint": run.fp,
-                                           "probe_reference_length": baseline})
+                                           "probe_reference_length": baseline, "best": run.best})
                 a.wait_for_everyone()
             if stop:
                 return {"check": stop, "step": run.step}
@@ -451,9 +459,28 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
     return None
 
 
+def _keep_if_best(run: _Run, row: dict, unwrapped) -> None:
+    """train.keep_best: a probe with a strictly higher held-out accuracy than every earlier one
+    keeps its weights (RUN/best/) and becomes the point the run ends at."""
+    accuracy = row.get("probe/eval_accuracy")
+    if not run.cfg.train.keep_best or accuracy is None or (run.best is not None and accuracy <= run.best["accuracy"]):
+        return
+    tensors = full_tensors(_trainable(unwrapped))  # every rank: gathers sharded tensors
+    if run.accelerator.is_main_process:
+        save_best(Path(run.cfg.run.output_dir), run.step, tensors)
+    run.accelerator.wait_for_everyone()
+    run.best = {"step": run.step, "accuracy": accuracy}
+
+
 def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
     """Summary, held-out evaluation, and the final model (written whole or not at all)."""
     cfg, a, history, step = run.cfg, run.accelerator, run.history, run.step
+    restored = bool(cfg.train.keep_best and run.best and run.best["step"] != step)
+    if restored:  # end at the best probe: its weights are evaluated and saved, not the last step's
+        restore_best(Path(cfg.run.output_dir), run.best["step"], _trainable(a.unwrap_model(run.model)))
+        if a.is_main_process:
+            print(f"keep_best: restored the weights of step {run.best['step']} (held-out probe accuracy "
+                  f"{run.best['accuracy']:.3f})", flush=True)
     elapsed = time.perf_counter() - run.start
     summary = {"preftune_version": __version__, "loss": run.spec.name, "steps": step, "elapsed_s": round(elapsed, 2),
                "pairs_per_s": round(run.pairs / max(elapsed, 1e-9), 3) if run.ckpt is None else None,
@@ -464,7 +491,8 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
                "quantization": f"4bit-{cfg.model.bnb_4bit_quant_type}" if cfg.model.load_in_4bit else None,
                "resumed_from": str(run.ckpt.path) if run.ckpt else None,
                "health": {f: next(r["step"] for r in history if f in r.get("health", [])) for f in sorted(log.flagged)},
-               "stopped_early": stopped, "final": history[-1] if history else {}}
+               "stopped_early": stopped, "final": history[-1] if history else {},
+               "best": {**run.best, "restored": restored} if cfg.train.keep_best and run.best else None}
     # a source with its own held-out measure (GRPO: held-out reward of fresh samples) says so here
     held_out = run.source.evaluate(a.unwrap_model(run.model), run.reference) if hasattr(run.source, "evaluate") else None
     if held_out is not None:
