@@ -1,6 +1,7 @@
 """Reward vs KL(policy || reference) frontier on controlled sentiment (the DPO paper's Fig. 2, left), on CPU.
 
     PYTHONPATH=src python benchmarks/experiments/frontier/run.py [--out runs/frontier] [--model M]
+    PYTHONPATH=src python benchmarks/experiments/frontier/run.py --small   # the reduced grid (~30 min on 2 cores)
     PYTHONPATH=src python benchmarks/experiments/frontier/run.py --quick --model TINY_DIR   # smoke test
 
 Task: the demo's (preftune.demo): `demo_prompts()` gives 96 train and 24 held-out movie-review
@@ -77,6 +78,10 @@ ROOT = HERE.parents[2]
 SETTINGS = {
     "full": dict(train_prompts=96, heldout_prompts=24, samples_per_prompt=4, eval_samples=4, tokens=32, epochs=2,
                  dpo_betas=[0.05, 0.1, 0.3, 1.0], ipo_betas=[0.1, 0.5, 1.0, 5.0], bon_ns=[1, 2, 4, 8, 16], rounds=3),
+    # what fits in ~30 minutes of a 2-core CPU: half the prompts, 2 betas per loss (DPO 0.1 is iterate's
+    # round 1), N up to 8, 2 rounds
+    "small": dict(train_prompts=48, heldout_prompts=16, samples_per_prompt=4, eval_samples=4, tokens=24, epochs=2,
+                  dpo_betas=[0.1, 0.5], ipo_betas=[0.5, 2.0], bon_ns=[1, 2, 4, 8], rounds=2),
     "quick": dict(train_prompts=8, heldout_prompts=4, samples_per_prompt=4, eval_samples=2, tokens=8, epochs=1,
                   dpo_betas=[0.1, 1.0], ipo_betas=[0.5], bon_ns=[1, 2, 4], rounds=1),
 }
@@ -388,13 +393,15 @@ def write_outputs(dest: Path, points: list[dict], meta: dict, extra: dict, *, ti
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test budget; results go to --out, not beside the script")
+    ap.add_argument("--small", action="store_true", help="a reduced grid that fits ~30 minutes on 2 cores "
+                    "(results beside the script, marked mode=small)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="start model (a zoo name or a model directory)")
     ap.add_argument("--reward", default="sentiment", help="reward source (default sentiment; others for smoke tests)")
     ap.add_argument("--out", help="working directory (default runs/frontier, or runs/frontier-quick with --quick)")
     a = ap.parse_args()
-    mode = "quick" if a.quick else "full"
+    mode = "quick" if a.quick else "small" if a.small else "full"
     s = SETTINGS[mode]
-    out = (ROOT / (a.out or f"runs/frontier{'-quick' if a.quick else ''}")).resolve()
+    out = (ROOT / (a.out or f"runs/frontier{'' if mode == 'full' else '-' + mode}")).resolve()
     results_dir = out if a.quick else HERE
     t0 = time.perf_counter()
     write_inputs(out, s)
