@@ -400,7 +400,6 @@ def test_keep_best_ends_at_the_best_probe(tmp_path, tiny_model_dir, monkeypatch)
 
 def test_keep_best_survives_a_resume_and_is_refused_without_probes(tmp_path, tiny_model_dir, monkeypatch):
     from conftest import interrupt_after_checkpoint
-
     from preftune.errors import ConfigError
 
     accuracies = {1: 0.5, 2: 0.8, 3: 0.6, 4: 0.7, 5: 0.6, 6: 0.6}
