@@ -22,27 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base"
-BIN = ROOT / ".venv" / "bin"
-COMMON = ["data.hh_as_chat=true", "data.max_length=256", "data.max_prompt_length=192",
-          "data.allow_empty_completions=true", "train.batch_size=4", "train.lr=5e-4", "train.seed=0",
-          "train.epochs=1", "run.overwrite=true"]
+sys.path.insert(0, str(HERE.parent))
+from hh_cli import HH, HH_SETTINGS, RECIPE, ROOT, require_hh  # noqa: E402 (a sibling module)
+from hh_cli import preftune as _preftune  # noqa: E402
 
-
-def _preftune(*args: str) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([str(BIN / "preftune"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"})
-    if proc.returncode:
-        sys.exit(f"preftune {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout, round(time.perf_counter() - t0, 1)
+COMMON = [*HH_SETTINGS, *RECIPE, "train.epochs=1", "run.overwrite=true"]
 
 
 def _eval(ev: dict) -> dict:
@@ -59,8 +47,7 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=200, help="held-out dev pairs (the first N of 200)")
     ap.add_argument("--out", default="runs/reward_model")
     a = ap.parse_args()
-    if not (HH / "train.jsonl.gz").is_file():
-        sys.exit(f"{HH}: the shared HH data is absent; nothing to measure")
+    require_hh()
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     dev = f"{HH / 'dev.jsonl.gz'}[:{a.dev}]"

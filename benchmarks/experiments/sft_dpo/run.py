@@ -22,27 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base"
-BIN = ROOT / ".venv" / "bin"
-COMMON = ["data.hh_as_chat=true", "data.max_length=256", "data.max_prompt_length=192",
-          "data.allow_empty_completions=true", "train.batch_size=4", "train.lr=5e-4", "train.seed=0",
-          "diagnostics.probe_every=0"]
+sys.path.insert(0, str(HERE.parent))
+from hh_cli import HH, HH_SETTINGS, RECIPE, ROOT, require_hh  # noqa: E402 (a sibling module)
+from hh_cli import preftune as _preftune  # noqa: E402
 
-
-def _preftune(*args: str) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([str(BIN / "preftune"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"})
-    if proc.returncode:
-        sys.exit(f"preftune {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return proc.stdout, round(time.perf_counter() - t0, 1)
+COMMON = [*HH_SETTINGS, *RECIPE, "diagnostics.probe_every=0"]
 
 
 def _accuracies(e: dict) -> dict:
@@ -69,8 +57,7 @@ def main() -> None:
     ap.add_argument("--base-dpo", action="store_true", help="also DPO from the base model, same budget")
     ap.add_argument("--out", default="runs/sft_dpo")
     a = ap.parse_args()
-    if not (HH / "train.jsonl.gz").is_file():
-        sys.exit(f"{HH}: the shared HH data is absent; nothing to measure")
+    require_hh()
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     train, dev = f"{HH / 'train.jsonl.gz'}[:{a.pairs}]", f"{HH / 'dev.jsonl.gz'}[:{a.dev}]"
@@ -87,14 +74,14 @@ def main() -> None:
     adapter = out / "sft" / "model"
     before = out / "sft-dev-eval.json"
     _, secs = _preftune("eval", "--data", dev, "--out", str(before), f"model.adapter_name_or_path={adapter}",
-                        *COMMON[:4], "train.seed=0")
+                        *HH_SETTINGS, "train.seed=0")
     results["dpo_from_sft"] = {"before": {**_accuracies(json.loads(before.read_text())), "eval_s": secs}}
     results["dpo_from_sft"].update(dpo("dpo-from-sft", out, train, dev, a, f"model.adapter_name_or_path={adapter}"))
     print(json.dumps({"dpo_from_sft": results["dpo_from_sft"]}), flush=True)
 
     if a.base_dpo:
         base = out / "base-dev-eval.json"
-        _preftune("eval", "--data", dev, "--out", str(base), *COMMON[:4])
+        _preftune("eval", "--data", dev, "--out", str(base), *HH_SETTINGS)
         results["dpo_from_base"] = {"before": _accuracies(json.loads(base.read_text()))}
         results["dpo_from_base"].update(dpo("dpo-from-base", out, train, dev, a))
         print(json.dumps({"dpo_from_base": results["dpo_from_base"]}), flush=True)
