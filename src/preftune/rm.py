@@ -47,16 +47,12 @@ SPLITS = ("disjoint", "seed")
 
 
 def as_reward_records(records: list, tokenizer) -> list:
-    """Pairs as a reward model reads them (rewards.RewardModel._ids): with a chat template, a
-    plain prompt becomes a user turn and plain completions assistant turns."""
-    if not tokenizer.chat_template:
-        return records
+    """Pairs as a reward model reads them: render.as_chat, the conversion rm: scoring applies too."""
     out = []
     for r in records:
-        prompt = render.as_messages(r.prompt)
-        out.append(PreferenceRecord(prompt, render.completion_for(prompt, r.chosen) if isinstance(r.chosen, str)
-                                    else r.chosen, render.completion_for(prompt, r.rejected)
-                                    if isinstance(r.rejected, str) else r.rejected, r.source, r.line))
+        prompt, chosen = render.as_chat(tokenizer, r.prompt, r.chosen)
+        out.append(PreferenceRecord(prompt, chosen, render.as_chat(tokenizer, r.prompt, r.rejected)[1], r.source,
+                                    r.line))
     return out
 
 

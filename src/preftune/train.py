@@ -123,15 +123,9 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = 
     weights); kept trainable, the SFT adapter is the policy and a frozen merged copy the reference.
     `empty`: without weights (a sharded run's rank > 0; rank 0's are broadcast at prepare)."""
     m = cfg.model
-    if spec.reward_model:  # a score head on the model, trained from pairs; no reference (rm.py)
-        model = load_reward_start(m, model_dir, pad_id)
-        if m.lora:
-            model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                               target_modules=m.lora_target_modules, task="SEQ_CLS")
-        if m.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model, None, {"strategy": "none", "weights_sha256": None}
-    model, adapter = load_start(m, model_dir, empty=empty, device=device)
+    # a reward model (rm.py) is the model with a new score head; it has no reference and no adapter to start from
+    model, adapter = (load_reward_start(m, model_dir, pad_id), None) if spec.reward_model \
+        else load_start(m, model_dir, empty=empty, device=device)
     separate = spec.needs_reference and bool(m.reference_name_or_path)  # not the starting weights
     kept = adapter is not None and not m.adapter_merge  # the SFT adapter itself keeps training
     info = {"strategy": "none", "weights_sha256": None}
@@ -144,7 +138,7 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = 
             info["quantization"] = f"4bit-{m.bnb_4bit_quant_type}"
     if m.lora and not kept:
         model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                           target_modules=m.lora_target_modules)
+                           target_modules=m.lora_target_modules, task="SEQ_CLS" if spec.reward_model else "CAUSAL_LM")
     if m.gradient_checkpointing:  # non-reentrant: restores the RNG, so dropout masks (and losses) are unchanged
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None

@@ -31,7 +31,7 @@ from ..errors import DataError
 from .records import Text
 
 __all__ = ["plain_text", "completion_for", "PLAIN_TEMPLATE", "special_prefix", "text_ids", "prompt_text", "prompt_ids", "completion_text",
-           "completion_ids", "encode", "conversation_ids", "boundary_mismatch", "has_double_bos", "as_messages"]
+           "completion_ids", "encode", "conversation_ids", "boundary_mismatch", "has_double_bos", "as_messages", "as_chat"]
 
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -133,6 +133,14 @@ def plain_text(prompt: Text) -> str:
     if isinstance(prompt, str):
         return prompt
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant:"
+
+
+def as_chat(tokenizer, prompt: Text, completion: Text) -> tuple[Text, Text]:
+    """(prompt, completion) as a reward model reads them (rm: scoring and `preftune train-rm`
+    alike): with a chat template a plain prompt becomes a user turn, and a plain completion after
+    a message prompt the assistant's turn; message lists stay as they are."""
+    prompt = as_messages(prompt) if tokenizer.chat_template else prompt
+    return prompt, completion_for(prompt, completion) if isinstance(completion, str) else completion
 
 
 def completion_for(prompt: Text, text: str) -> Text:

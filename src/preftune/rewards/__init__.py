@@ -129,11 +129,10 @@ class RewardModel:
         (data/render.py) with ITS tokenizer, as messages when it has a chat template (a plain
         prompt as a user turn, the completion as the assistant's), else as text. `preftune
         train-rm` renders its training pairs the same way (rm.as_reward_records), so a reward
-        model scores exactly the tokens it was trained on."""
+        model scores exactly the tokens it was trained on (render.as_chat serves both)."""
         tok = self.tokenizer
-        prompt = render.as_messages(prompt) if tok.chat_template else prompt
-        return render.prompt_ids(tok, prompt) + render.completion_ids(
-            tok, prompt, render.completion_for(prompt, completion), eos=tok.eos_token_id)
+        prompt, completion = render.as_chat(tok, prompt, completion)
+        return render.prompt_ids(tok, prompt) + render.completion_ids(tok, prompt, completion, eos=tok.eos_token_id)
 
 
 @dataclass
@@ -240,7 +239,7 @@ REWARD_KINDS: dict[str, Callable[[str, str], object]] = {
     "sentiment": lambda spec, _arg: FunctionReward(spec, _sentiment),
     "arithmetic": lambda spec, _arg: FunctionReward(spec, arithmetic_reward),
     "fn": _callable,
-    "rm": lambda spec, path: load_reward_models(spec, path),
+    "rm": load_reward_models,
     "implicit": ImplicitReward.load,
     "judge": _judge,
 }
