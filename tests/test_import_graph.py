@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "preftune"
 LAYERS = {
     0: ["errors", "hashing", "version", "safeio", "devices", "progress", "attention", "losses", "logprobs",
         "diagnostics", "sharding"],
-    1: ["data", "models", "zoo", "config", "rundir", "layouts", "httpguard"],
+    1: ["data", "models", "zoo", "config", "recipes", "rundir", "layouts", "httpguard"],
     2: ["step", "generate", "rewards", "prepare"],
     3: ["evaluate", "probe", "refcache", "checkpoint", "batches"],
     4: ["train"],

@@ -21,6 +21,8 @@ from .data.sources import FORMATS, UNPAIRED_FORMATS
 from .diagnostics import CHECKS, THRESHOLDS
 from .errors import ConfigError, DataError
 from .losses import ALIASES, LOSSES  # the registry is the single source of loss names
+from .recipes import PREFIX as RECIPE_PREFIX
+from .recipes import recipe_path
 from .safeio import load_yaml
 from .version import __version__
 
@@ -419,7 +421,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file, then `section.key=value` overrides; validated at the end."""
     cfg, origin = Config(), {}
     if path is not None:
-        path = Path(path)
+        path = recipe_path(path) if str(path).startswith(RECIPE_PREFIX) else Path(path)
         if not path.exists():
             raise ConfigError(str(path), "<file>", "no such config file")
         try:
@@ -429,6 +431,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(where, err.field, err.problem) from None
         if isinstance(data, dict):
             _check_version(data.pop("preftune_version", None), path)
+            data.pop("recipe", None)  # a recipe's metadata (preftune.recipes), not settings
         _apply(cfg, data, str(path), origin)
     for text in overrides or []:
         key, value = parse_override(text)

@@ -21,15 +21,15 @@ from typing import Protocol
 import torch
 
 from .attention import use_block_attention
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .hashing import file_sha256
-from .safeio import atomic_path
+from .safeio import atomic_path, loads_json, read_capped
 from .zoo import ZOO, gguf_path
 
 __all__ = [
     "DEFAULT_MODEL", "resolve_model_dir", "load_tokenizer", "load_model", "apply_lora",
     "Reference", "AdaptersOffReference", "FrozenCopyReference", "build_reference", "weights_sha256",
-    "cache_root", "load_start", "quantization_config",
+    "cache_root", "load_start", "quantization_config", "model_shape",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -305,6 +305,21 @@ def weights_sha256(model, *, skip_substring: str = "lora_") -> str | None:
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def model_shape(model_dir: str) -> dict | None:
+    """{"layers", "hidden"} of a model directory's config.json (a multimodal config's text part);
+    None when the file does not say."""
+    try:
+        path = Path(model_dir) / "config.json"
+        cfg = loads_json(read_capped(path, field="config.json", cap=1 << 20), path, field="config.json")
+    except (OSError, DataError):
+        return None
+    cfg = (cfg.get("text_config") or cfg) if isinstance(cfg, dict) else {}
+    layers, hidden = cfg.get("num_hidden_layers"), cfg.get("hidden_size")
+    if isinstance(layers, int) and isinstance(hidden, int) and layers > 0 and hidden > 0:
+        return {"layers": layers, "hidden": hidden}
+    return None
 
 
 def count_parameters(model_dir: str) -> int:

@@ -26,7 +26,7 @@ from ..label import (
     run_score,
     run_sft_pairs,
 )
-from ..models import cache_root, count_parameters, load_tokenizer, resolve_model_dir
+from ..models import cache_root, count_parameters, load_tokenizer, model_shape, resolve_model_dir
 from ..prepare import load_data
 from ..report import write_report
 from ..serve import load_chat_model, make_server
@@ -133,12 +133,16 @@ def _balance(a) -> int:
 def _advise_args(p):
     p.add_argument("path")
     p.add_argument("--memory-gb", type=float, help="memory available for training (default: no limit)")
+    p.add_argument("--json", action="store_true", help="print the advice (settings, memory, evidence) as JSON")
     _overrides(p, "data.* and model.* settings (model.lora decides the reference cost)")
 
 
 def _advise(a) -> int:
     cfg, stats, model_dir = _inspected(a)
-    print(advise(stats, params=count_parameters(model_dir), memory_gb=a.memory_gb, lora=cfg.model.lora).text())
+    advice = advise(stats, params=count_parameters(model_dir), memory_gb=a.memory_gb, lora=cfg.model.lora,
+                    shape=model_shape(model_dir), max_length=cfg.data.max_length,
+                    max_prompt_length=cfg.data.max_prompt_length)
+    print(json.dumps(advice.as_dict(), indent=2) if a.json else advice.text())
     return 0
 
 

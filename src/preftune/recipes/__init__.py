@@ -1,0 +1,84 @@
+"""Per-method starting recipes: `<method>.yaml` beside this file.
+
+Each file is a normal preftune config (sections loss/train/model...) that runs as it is:
+`preftune train -c recipe:ipo data.train_path=...` (`recipe:NAME` is resolved here by
+config.load_config). Its top-level `recipe:` block is metadata that load_config skips:
+
+  tuned       true only when the settings were picked by a documented search on held-out data
+  tuned_on    what the settings were chosen or measured on (data, model, budget)
+  confidence  high | medium | low, and why (what `preftune advise` repeats to the user)
+  evidence    the measured runs behind the settings: command, data, figures (accuracies with
+              their base, KL, health flags); an untuned recipe lists what was measured so far
+
+Until benchmarks/quality/ has searched them, the recipes are the settings the project's
+measured runs used (tuned: false), and say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..safeio import load_yaml
+
+__all__ = ["RECIPE_DIR", "RECIPES", "Recipe", "load_recipe", "recipe_path", "recipe_for_loss", "PREFIX"]
+
+RECIPE_DIR = Path(__file__).resolve().parent
+RECIPES = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
+PREFIX = "recipe:"
+
+
+@dataclass
+class Recipe:
+    name: str
+    settings: dict  # section -> {key: value}, exactly what load_config applies
+    meta: dict  # the `recipe:` block
+    path: Path
+
+    def get(self, key: str, default=None):
+        """A dotted setting (`train.lr`) of the recipe, or `default` when it does not set it."""
+        section, _, name = key.partition(".")
+        return self.settings.get(section, {}).get(name, default)
+
+    def overrides(self) -> list[str]:
+        """The recipe as `section.key=value` words (lists in YAML flow style)."""
+        out = []
+        for section, values in self.settings.items():
+            for key, value in values.items():
+                if isinstance(value, bool):
+                    text = str(value).lower()
+                elif isinstance(value, list):
+                    text = "[" + ", ".join(_flow(v) for v in value) + "]"
+                else:
+                    text = str(value)
+                out.append(f"{section}.{key}={text}")
+        return out
+
+
+def _flow(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    return str(value)
+
+
+def recipe_path(ref: str) -> Path:
+    """`recipe:NAME` (or NAME) -> the file; an unknown name is a one-line error listing the known ones."""
+    name = ref[len(PREFIX):] if ref.startswith(PREFIX) else ref
+    if name not in RECIPES:
+        raise ConfigError("command line", ref, f"unknown recipe; known: {', '.join(RECIPES)}")
+    return RECIPE_DIR / f"{name}.yaml"
+
+
+def load_recipe(name: str) -> Recipe:
+    path = recipe_path(name)
+    data = load_yaml(path) or {}
+    meta = data.pop("recipe", {})
+    return Recipe(name=path.stem, settings=data, meta=meta, path=path)
+
+
+def recipe_for_loss(loss: str, mix: list | None = None) -> Recipe | None:
+    """The recipe of a loss name (a mixture of sigmoid and sft is `rpo`); None when none exists."""
+    if mix and {t[0] for t in mix if isinstance(t, list) and t} == {"sigmoid", "sft"}:
+        return load_recipe("rpo")
+    return load_recipe(loss) if loss in RECIPES else None
