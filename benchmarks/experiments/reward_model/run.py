@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--member-pairs", type=int, default=0, help="pairs per ensemble member (default: --pairs)")
     ap.add_argument("--dev", type=int, default=200, help="held-out dev pairs (the first N of 200)")
     ap.add_argument("--out", default="runs/reward_model")
+    ap.add_argument("--reuse-single", action="store_true", help="keep the single model already trained under --out "
+                    "on the same pairs (its wall time from results.json) and train only the ensemble")
     a = ap.parse_args()
     require_hh()
     out = ROOT / a.out
@@ -54,8 +56,12 @@ def main() -> None:
     results = {"command": " ".join(["benchmarks/experiments/reward_model/run.py", *sys.argv[1:]]), "dev": dev}
 
     train = f"{HH / 'train.jsonl.gz'}[:{a.pairs}]"
-    _, secs = _preftune("train-rm", f"data.train_path={train}", f"data.eval_path={dev}",
-                        f"run.output_dir={out / 'single'}", *COMMON)
+    previous = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").is_file() else {}
+    if a.reuse_single and (out / "single" / "summary.json").is_file() and previous.get("single", {}).get("train") == train:
+        secs = previous["single"]["train_s"]  # the finished single model of an earlier invocation, same pairs
+    else:
+        _, secs = _preftune("train-rm", f"data.train_path={train}", f"data.eval_path={dev}",
+                            f"run.output_dir={out / 'single'}", *COMMON)
     s = json.loads((out / "single" / "summary.json").read_text())
     results["single"] = {"train": train, "train_s": secs, "steps": s["steps"], "heldout": _eval(s["eval"]),
                          "health": s["health"]}
