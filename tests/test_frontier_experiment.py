@@ -64,3 +64,14 @@ def test_outputs_verdict_from_the_numbers_and_report(tmp_path):
     assert page.count("<tr><th>") == len(POINTS) + 2  # header, a row per point, settings
     assert 'alt="frontier.png"' in page and "Highest reward in each KL band" in page
     assert main(["report", "--experiment", str(tmp_path), "--no-png"]) == 0
+
+
+def test_extra_learning_rate_lines_get_their_own_style_and_beta_sentence(tmp_path):
+    run = _script()
+    extra = [_point("DPO lr=0.002", "beta=0.1", 0.80, 2.5), _point("DPO lr=0.002", "beta=0.5", 0.50, 1.0)]
+    points = [run._row(p) for p in POINTS + extra]
+    run.write_outputs(tmp_path, points, META, {"lr": 5e-4}, title="test")
+    verdict = (tmp_path / "verdict.md").read_text()
+    assert "- DPO lr=0.002: KL by beta beta=0.1 -> 2.50, beta=0.5 -> 1.00; KL falls as beta rises" in verdict
+    assert "| DPO lr=0.002 beta=0.1 | 0.800" in verdict  # the best of the [2, 4) band (round 2: 0.70)
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000

@@ -25,7 +25,9 @@ Methods, every one driven through the `preftune` CLI in its own process:
   finished round is kept), so each round's wall-clock is measured; its own per-round eval is
   switched off, every round is measured like the DPO points instead;
 - best-of-N, N in 1, 2, 4, 8, 16: `preftune bon --eval` on the held-out prompts, 16 samples per
-  prompt from the start model, best of the first N (one nested sample set).
+  prompt from the start model, best of the first N (one nested sample set);
+- `--dpo-lrs 1e-3,2e-3`: extra DPO lines, the grid's betas on the same pairs with only the learning
+  rate changed ("DPO lr=X"), for budgets where the recipe's rate leaves the policies near KL 0.
 
 Measurement. DPO, IPO and iterative points: `preftune eval --run RUN --reward sentiment` on the 24
 held-out prompts, 4 samples each from the policy and from the start model, 32 new tokens, seed 0:
@@ -192,27 +194,30 @@ def iterative(out: Path, s: dict, model: str, reward: str) -> list[dict]:
     return points
 
 
-def sweep(out: Path, s: dict, model: str, reward: str, loss: str, betas: list[float], round1: dict) -> list[dict]:
-    """One DPO/IPO point per beta on the shared pairs file (iterate's round 1), via `preftune sweep`."""
-    method = {"sigmoid": "DPO", "ipo": "IPO"}[loss]
+def sweep(out: Path, s: dict, model: str, reward: str, loss: str, betas: list[float], round1: dict | None,
+          lr: float = LR) -> list[dict]:
+    """One DPO/IPO point per beta on the shared pairs file (iterate's round 1), via `preftune sweep`;
+    at another `lr` than the recipe's, a separate line ("DPO lr=X") under its own directory."""
+    method = {"sigmoid": "DPO", "ipo": "IPO"}[loss] + ("" if lr == LR else f" lr={lr:g}")
+    tag = "" if lr == LR else f"-lr{lr:g}"
     points = []
     for beta in betas:
-        if loss == "sigmoid" and beta == ITERATE_BETA:  # the same run as iterative round 1
+        if loss == "sigmoid" and beta == ITERATE_BETA and lr == LR:  # the same run as iterative round 1
             points.append({**round1, "method": method, "setting": f"beta={beta:g}",
                            "note": "the same run as iterative DPO round 1"})
             continue
 
         def run_point(beta=beta):
-            root = out / loss
-            wall = _preftune(["sweep", "--beta", f"{beta:g}", "--lr", f"{LR:g}", "--reward", reward,
+            root = out / f"{loss}{tag}"
+            wall = _preftune(["sweep", "--beta", f"{beta:g}", "--lr", f"{lr:g}", "--reward", reward,
                               *_recipe(s, model, reward), f"loss.name={loss}",
                               f"data.train_path={out / 'iterate' / 'round-1' / 'pairs.jsonl'}",
                               f"data.eval_path={out / 'heldout_pairs.jsonl'}", *_eval_overrides(s),
-                              f"run.output_dir={root}"], out / "logs" / f"sweep-{loss}-beta{beta:g}.log")
+                              f"run.output_dir={root}"], out / "logs" / f"sweep-{loss}{tag}-beta{beta:g}.log")
             (run,) = sorted(root.glob(f"beta{beta:g}-lr*"))
             # sweep's eval.json is `preftune eval` of the point with the same --reward and eval.* settings
             return {"wall_s": round(wall, 1), "run": _rel(run), **_read_eval(run / "eval.json", s)}
-        p = _cached(out / "points" / f"{loss}-beta{beta:g}.json", run_point)
+        p = _cached(out / "points" / f"{loss}{tag}-beta{beta:g}.json", run_point)
         points.append({"method": method, "setting": f"beta={beta:g}", **p})
     return points
 
@@ -256,6 +261,7 @@ def _row(p: dict) -> dict:
 
 STYLE = {"base (reference)": ("k", "*"), "DPO": ("tab:blue", "o"), "IPO": ("tab:orange", "s"),
          "best-of-N": ("tab:green", "^"), "iterative DPO": ("tab:red", "D")}
+EXTRA_COLORS = ["tab:purple", "tab:brown", "tab:pink", "tab:olive"]  # the --dpo-lrs lines, in order
 
 
 def plot(points: list[dict], dest: Path, title: str) -> None:
@@ -265,11 +271,13 @@ def plot(points: list[dict], dest: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    for method, (color, marker) in STYLE.items():
+    extra = sorted({p["method"] for p in points} - set(STYLE))
+    styles = {**STYLE, **{m: (c, "v") for m, c in zip(extra, EXTRA_COLORS)}}
+    for method, (color, marker) in styles.items():
         pts = [p for p in points if p["method"] == method]
         if not pts:
             continue
-        if method in ("DPO", "IPO"):
+        if method not in ("best-of-N", "iterative DPO"):
             pts = sorted(pts, key=lambda p: p["kl"])
         xs, ys = [p["kl"] for p in pts], [p["reward"] for p in pts]
         yerr = [[y - (p["reward_ci95"] or [y, y])[0] for p, y in zip(pts, ys)],
@@ -351,7 +359,7 @@ def verdict(points: list[dict], meta: dict) -> str:
               "- Frontier (no other point has at most its KL and at least its reward): "
               + "; ".join(f"{p['method']} {p['setting']} ({p['kl']:.2f}, {p['reward']:.3f})"
                           for p in frontier_points(points)) + "."]
-    for method in ("DPO", "IPO"):
+    for method in sorted({p["method"] for p in points if p["method"].split()[0] in ("DPO", "IPO")}):
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: float(p["setting"].split("=")[1]))
         if len(pts) > 1:
             kls = [p["kl"] for p in pts]
@@ -398,6 +406,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="start model (a zoo name or a model directory)")
     ap.add_argument("--reward", default="sentiment", help="reward source (default sentiment; others for smoke tests)")
     ap.add_argument("--out", help="working directory (default runs/frontier, or runs/frontier-quick with --quick)")
+    ap.add_argument("--dpo-lrs", default="", help="comma-separated learning rates: extra DPO lines (the grid's "
+                    "betas, same pairs and recipe, only lr changed) that train further from the reference")
     a = ap.parse_args()
     mode = "quick" if a.quick else "small" if a.small else "full"
     s = SETTINGS[mode]
@@ -410,6 +420,8 @@ def main() -> None:
     print(f"iterative DPO: {len(rounds)} round(s) done", flush=True)
     dpo = sweep(out, s, a.model, a.reward, "sigmoid", s["dpo_betas"], rounds[0])
     ipo = sweep(out, s, a.model, a.reward, "ipo", s["ipo_betas"], rounds[0])
+    for lr in [float(x) for x in a.dpo_lrs.split(",") if x.strip()]:
+        dpo += sweep(out, s, a.model, a.reward, "sigmoid", s["dpo_betas"], None, lr=lr)
     print("DPO and IPO sweeps done", flush=True)
     bon = best_of_n(out, s, a.model, a.reward)
     measured = rounds + [p for p in dpo + ipo if "note" not in p]
