@@ -15,6 +15,7 @@ from conftest import SHARED
 from preftune.config import load_config
 from preftune.data.sources import load_records
 from preftune.evaluate import wilson
+from preftune.report import write_report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
 TQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.visible.csv"
@@ -87,16 +88,18 @@ def test_recipes_from_files_without_their_metadata_and_built_in_otherwise(tmp_pa
     run = _script()
     monkeypatch.setattr(run, "RECIPES", tmp_path / "recipes")
     (tmp_path / "recipes").mkdir()
-    (tmp_path / "recipes" / "dpo.yaml").write_text("recipe:\n  measured_on: hh\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
-    args, source = run.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")  # sigmoid's recipe is dpo.yaml
-    assert args == ["--config", str(tmp_path / "point" / "recipe.yaml")] and source["source"].endswith("dpo.yaml")
-    assert source["recipe_meta"] == {"measured_on": "hh"}
+    (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
+    args, source = run.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
+    assert args == ["--config", str(tmp_path / "point" / "recipe.yaml")] and source["source"].endswith("sigmoid.yaml")
+    assert source["recipe_meta"] == {"tuned": False}
     cfg = load_config(args[1], ["model.name_or_path=x"])  # loads: the recipe: block is gone
     assert (cfg.loss.beta, cfg.train.lr) == (0.2, 1e-4)
     for method in run.METHODS:  # every built-in recipe is a valid preftune configuration
         args, source = run.recipe_for(method, tmp_path / method / "recipe.yaml")
         if method != "sigmoid":
-            assert source["source"] == "built-in" and load_config(None, args).train.lr == 5e-4
+            train = load_config(None, args).train
+            assert source["source"] == "built-in" and (train.lr, train.epochs, train.batch_size) == \
+                (5e-4, 1, 8 if method == "kto" else 4)
     assert load_config(None, run.recipe_for("rpo", tmp_path / "r.yaml")[0]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
 
 
@@ -128,6 +131,7 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
     assert (r["length_ratio"], r["wall_s"], r["steps"], r["train_examples"]) == (2.0, 420.5, 20, 80)
     assert r["trained_with"]["loss"] == {"name": "cdpo", "beta": 0.1, "label_smoothing": 0.1}
     assert "gain_over_own_start" not in r
+    assert list(r)[:14] == list(_row("hh", "cdpo", 0.5, 0.7, 1.0))[:14]  # the outputs test's rows are shaped like these
     simpo = run.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
     assert simpo["gain_over_own_start"] == pytest.approx(0.15) and simpo["before_mean_logp_acc"] == 0.55
     failed = run.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
@@ -138,13 +142,12 @@ def _row(dataset, method, before, after, kl, flags=(), n=100, **extra):
     run = _script()
     ci_b, ci_a = wilson(before * n, n), wilson(after * n, n)
     gain, gain_ci = run.newcombe(after, ci_a, before, ci_b)
-    return {"dataset": dataset, "method": method, "recipe": "built-in", "before_logp_acc": before,
-            "before_logp_acc_ci95": ci_b, "implicit_acc": after, "implicit_acc_ci95": ci_a, "gain": gain,
-            "gain_ci95": gain_ci, "logp_acc": before, "logp_acc_ci95": ci_b, "logp_gain": 0.0,
-            "logp_gain_ci95": [-0.1, 0.1], "margin": 0.5, "kl": kl, "kl_stderr": 0.2, "kl_samples": 32,
-            "sample_length_policy": 40.0, "sample_length_reference": 38.0, "length_ratio": 40 / 38,
-            "flags": list(flags), "wall_s": 500.0, "steps": 20, "train_examples": 80, "train_unit": "pairs", "dev_pairs": n,
-            "trained_with": {"loss": {"name": method, "beta": 0.1}, "lr": 5e-4}, **extra}
+    return {"dataset": dataset, "method": method, "recipe": "built-in", "before_logp_acc": before,  # summarize's order
+            "implicit_acc": after, "implicit_acc_ci95": ci_a, "gain": gain, "gain_ci95": gain_ci, "kl": kl,
+            "length_ratio": 40 / 38, "flags": list(flags), "wall_s": 500.0, "logp_acc": before, "logp_acc_ci95": ci_b,
+            "before_logp_acc_ci95": ci_b, "logp_gain": 0.0, "logp_gain_ci95": [-0.1, 0.1], "margin": 0.5,
+            "kl_stderr": 0.2, "kl_samples": 32, "sample_length_policy": 40.0, "sample_length_reference": 38.0, "steps": 20, "train_examples": 80, "train_unit": "pairs", "dev_pairs": n,
+            "trained_with": {"loss": {"name": method, "beta": 0.1}, "lr": 5e-4, "batch_size": 4}, **extra}
 
 
 def test_outputs_table_acceptance_and_plot(tmp_path):
@@ -169,8 +172,11 @@ def test_outputs_table_acceptance_and_plot(tmp_path):
     assert "| hh | sigmoid | built-in | 0.500 [0.404, 0.596] | 0.700 [0.604, 0.781] | +0.200 [+0.064, +0.326] |" in md
     assert "| kl_drift (eval) |" in md and "failed: hh kto train exited 3 (logs/k.log)" in md
     assert "its gain over its own start is +0.050 [-0.080, +0.180]" in md
-    assert "DPO recipe on hh: pass" in md and "not for hh ipo" in md
+    assert "DPO recipe on hh: pass" in md and "not for hh ipo" in md and "20 steps of 4 on 80 training pairs" in md
     assert (tmp_path / "gain_vs_kl.png").stat().st_size > 10_000
+    page = write_report([], tmp_path / "report.html", png=False, experiments=[str(tmp_path)]).read_text()
+    header = page.split("<table><tr><th></th>")[1].split("</tr>")[0]  # the report's columns: the headline fields
+    assert all(f"<th>{k}</th>" in header for k in ("implicit_acc", "gain", "gain_ci95", "kl", "flags", "wall_s"))
 
 
 @needs_shared_tqa
@@ -188,15 +194,18 @@ def test_quick_run_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert base["dev_pairs"] == 8 and 0 <= base["logp_acc"] <= 1
     for method, examples in (("simpo", 8), ("kto", 16)):  # kto: the same 8 pairs as 16 labelled examples
         r = results[f"truthfulqa {method}"]
+        recipe = Path(run.RECIPES) / f"{method}.yaml"  # the method's recipe file once it exists, else built-in
+        assert r["recipe"] == (run._rel(recipe) if recipe.is_file() else "built-in")
         e = json.loads((Path(run.ROOT) / r["eval_file"]).read_text())
         assert (r["implicit_acc"], r["logp_acc"], r["margin"], r["kl"]) == \
             (e["accuracy/implicit_reward"], e["accuracy/logp"], e["rewards/margins"], e["kl"])
-        assert r["before_logp_acc"] == base["logp_acc"] and r["recipe"] == "built-in"
+        assert r["before_logp_acc"] == base["logp_acc"]
         assert r["gain"] == pytest.approx(r["implicit_acc"] - base["logp_acc"])
         assert r["gain_ci95"][0] < r["gain"] < r["gain_ci95"][1]
-        assert (r["steps"], r["train_examples"], r["dev_pairs"], r["kl_samples"]) == (2, examples, 8, 2)
+        batch = r["trained_with"]["batch_size"]  # the recipe's: one epoch over the training subsample
+        assert (r["steps"], r["train_examples"], r["dev_pairs"], r["kl_samples"]) == (-(-examples // batch), examples, 8, 2)
         assert 0 < r["sample_length_policy"] <= 4 and r["length_ratio"] > 0 and math.isfinite(r["kl"])
-        assert r["trained_with"]["loss"]["name"] == method and r["trained_with"]["max_steps"] == 2
+        assert r["trained_with"]["loss"]["name"] == method and r["trained_with"]["epochs"] == 1
         assert r["flags"] == [] and r["wall_s"] == pytest.approx(r["train_s"] + r["eval_s"], abs=0.1)
     simpo = results["truthfulqa simpo"]  # its reward needs no reference: its own start is the base's mean-logp accuracy
     assert simpo["before_mean_logp_acc"] == base["mean_logp_acc"] and "gain_over_own_start" not in results["truthfulqa kto"]

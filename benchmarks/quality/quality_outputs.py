@@ -71,7 +71,8 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
                      f"{_signed(r['gain_over_own_start'], r['gain_over_own_start_ci95'])}.")
     for r in ok:
         lines.append(f"- {r['dataset']} {r['method']}: log-prob accuracy change {_signed(r['logp_gain'], r['logp_gain_ci95'])}; "
-                     f"{r['steps']} steps on {r['train_examples']} training "
+                     f"{r['steps']} step{'s' * (r['steps'] != 1)} of {r['trained_with']['batch_size']} on "
+                     f"{r['train_examples']} training "
                      f"{r['train_unit']}, {r['dev_pairs']} dev pairs; trained with "
                      f"{json.dumps(r['trained_with']['loss'])}, lr {r['trained_with']['lr']:g}.")
     acc = acceptance(rows)
@@ -126,9 +127,10 @@ def plot(rows: list[dict], dest: Path, title: str) -> None:
 
 def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict) -> None:
     """results.json (a row per base evaluation and per point, then settings and acceptance), results.md, gain_vs_kl.png."""
+    # the points before the base rows: `preftune report --experiment` takes its columns from the first rows' fields
     results = {"command": " ".join(["benchmarks/quality/run.py", *sys.argv[1:]]),
-               **{f"{name} base model": b for name, b in bases.items()},
-               **{f"{r['dataset']} {r['method']}": r for r in rows}, "settings": meta, "acceptance": acceptance(rows)}
+               **{f"{r['dataset']} {r['method']}": r for r in rows},
+               **{f"{name} base model": b for name, b in bases.items()}, "settings": meta, "acceptance": acceptance(rows)}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     md = ["# Held-out quality per method (issue 18, item 1)", "",

@@ -22,28 +22,32 @@ the run never saw:
   intervals. It treats the two accuracies as independent samples: they are measured on the same
   pairs, but `preftune eval` writes no per-pair results, so a paired bootstrap is not possible;
   if the two outcomes are positively correlated over pairs this interval is too wide
-  (conservative), if negatively, too narrow. The same
-  interval is given for the log-prob accuracy change and, for simpo/orpo, for the gain over the
-  base model's own mean-log-prob accuracy.
+  (conservative), if negatively, too narrow. The same interval is given for the log-prob
+  accuracy change and, for simpo/orpo, for the gain over the base model's own mean-log-prob
+  accuracy.
 
 How. Everything runs through the `preftune` CLI, one process per step, each point its own run
 directory under --out (a rerun keeps a finished point whose settings are unchanged, and redoes
 one whose settings, recipe or model changed). Recipes: `src/preftune/recipes/<method>.yaml` when
 it exists (passed as `--config`, its top-level `recipe:` metadata block stripped), else the
-built-in settings in BUILTIN below; results.json records which, and the resolved loss and lr
-from the run's config.yaml. The benchmark itself fixes, over any recipe: the data, the batch (4
-pairs per step, no accumulation; KTO 8 examples = the same 4 pairs' two sides), train.max_steps,
-seed 0, and no held-out data in training (data.eval_path empty, probes off, keep_best off: the
-dev pairs are never seen or used for selection). With probes off the run's own kl_drift and
-length_drift checks cannot fire; the same checks are applied to the evaluation's sampled KL and
-lengths with the run's thresholds (diagnostics.kl_max, length_growth) and reported as
-"kl_drift (eval)" and "length_drift (eval)". KL and lengths: `preftune eval --run` with eval.kl_prompts=16 held-out
-prompts x eval.kl_samples=2 samples x 48 new tokens (policy and reference each; lengths are
-capped at 48 tokens). That is the cheapest honest KL: eval loads both models anyway.
+built-in settings in BUILTIN below; results.json records which, and the resolved loss, lr,
+batch and steps from the run's config.yaml and summary.json. The schedule (lr, batch, epochs)
+is the recipe's; the benchmark fixes over any recipe only the data (a subsample: the budget's
+lever), seed 0, and no held-out data in training (data.eval_path empty, probes off, keep_best
+off: the dev pairs are never seen or used for selection). Every recipe and built-in setting runs
+one epoch today, at 4 or 8 pairs per step (KTO: 8 examples = 4 pairs' two sides), so each point
+sees each of its training pairs once: the methods get equal compute per pair, not equal steps.
+With probes off the run's own kl_drift and length_drift checks cannot fire; the same checks are
+applied to the evaluation's sampled KL and lengths with the run's thresholds (diagnostics.kl_max,
+length_growth) and reported as "kl_drift (eval)" and "length_drift (eval)". KL and lengths:
+`preftune eval --run` with eval.kl_prompts=16 held-out prompts x eval.kl_samples=2 samples x 48
+new tokens (policy and reference each; lengths are capped at 48 tokens). That is the cheapest
+honest KL: eval loads both models anyway, and the training probes would sample the same way
+during training.
 
 Data (../shared/data; absent: one line, exit 0; never copied into the repository):
 - hh: HH-RLHF harmless, rendered as chat turns, cut to 256 tokens (prompt 192), empty replies
-  kept (hh_cli.HH_SETTINGS); training = the first 4 x steps pairs of train.jsonl.gz, held out =
+  kept (hh_cli.HH_SETTINGS); training = the first --hh-pairs pairs of train.jsonl.gz, held out =
   the first --hh-dev pairs of dev.jsonl.gz (train and dev share no prompt).
 - truthfulqa: TruthfulQA.visible.csv (612 questions, one pair each: Best Answer over the first
   Incorrect Answer, preftune's own CSV adapter) split by question: a question goes to dev when
@@ -51,27 +55,28 @@ Data (../shared/data; absent: one line, exit 0; never copied into the repository
   split is written as JSONL rows (the CSV's columns) under --out/data/, checked to share no
   question, and never committed: 444 train-side and 168 dev questions. 70/30 rather than 80/20
   because the dev size sets the width of every interval (168 dev pairs: +-0.106 on a gain at
-  accuracies near 0.5, against +-0.124 for the ~122 of an 80/20 split) and training uses at most
-  4 x steps of the 444 train-side pairs anyway. KTO reads the same pairs as unpaired
+  accuracies near 0.5, against +-0.124 for the ~122 of an 80/20 split) and training uses only
+  the first --tqa-pairs of the 444 train-side pairs anyway. KTO reads the same pairs as unpaired
   examples (data.paired_to_unpaired=true: chosen desirable, rejected undesirable), so every
   method sees the same information; the 16,811 truth-label answers are not used.
 
 Budget (default mode, 7 methods x 2 data sets = 14 points + 2 base evaluations) on this 2-core
-CPU, from the rates in RATES (per step of 4 HH pairs ~15 s, as measured here while other jobs
-shared the cores: 12-33 s in benchmarks/experiments; eval ~1 HH pair/s; TruthfulQA pairs are
-~45 tokens against ~300, assumed ~5x cheaper; process start and model load ~30 s; ~2 samples/s
-of 48 tokens):
-  hh point         2 x 30 s start + 20 steps x 15 s + 100 dev pairs / 1 + 64 samples / 2 = 492 s
-  truthfulqa point 2 x 30 s start + 40 steps x 3 s + 168 dev pairs / 5 + 64 samples / 2 = 246 s
+CPU, from the rates in RATES (a step of 4 HH pairs ~15 s, i.e. 3.75 s per pair, as measured here
+while other jobs shared the cores: 12-33 s per step in benchmarks/experiments; eval ~1 HH pair/s;
+TruthfulQA pairs are ~45 tokens against ~300, assumed ~5x cheaper; process start and model load
+~30 s; ~2 samples/s of 48 tokens), one epoch per point:
+  hh point         2 x 30 s start + 80 pairs x 3.75 s + 100 dev pairs / 1 + 64 samples / 2 = 492 s
+  truthfulqa point 2 x 30 s start + 160 pairs x 0.75 s + 168 dev pairs / 5 + 64 samples / 2 = 246 s
   base evals       (30 + 100 / 1) + (30 + 168 / 10) = 177 s
   total            7 x 492 + 7 x 246 + 177 = 5340 s ~ 89 min   (`estimate_seconds`, printed at start)
-So HH is subsampled hard: 20 steps on its first 80 train pairs and 100 dev pairs (a gain needs
-~+0.14 for its interval to exclude 0 at n = 100); TruthfulQA: 40 steps on 160 train-side pairs,
-all 168 dev pairs. On two idle cores (README's measured ~4 s per HH step, ~1.1 eval pairs/s,
-~20 s start) the same settings would take ~45 min; --hh-steps/--hh-dev/--tqa-steps buy more where time allows,
-and --methods/--datasets split the benchmark over several sessions (finished points are kept).
---quick (8 train and 8 dev pairs, 2 steps, 2 KL prompts x 1 sample x 4 tokens) exists for smoke
-tests with a tiny random model (`--model DIR`); its numbers mean nothing.
+So HH is subsampled hard: its first 80 train pairs (20 steps at batch 4, 10 at batch 8) and 100
+dev pairs (a gain needs ~+0.14 for its interval to exclude 0 at n = 100); TruthfulQA: 160
+train-side pairs, all 168 dev pairs. On two idle cores (README's measured ~1 s per HH pair,
+~1.1 eval pairs/s, ~20 s start) the same settings would take ~45 min; --hh-pairs/--hh-dev/
+--tqa-pairs buy more where time allows, and --methods/--datasets split the benchmark over
+several sessions (finished points are kept). --quick (8 train and 8 dev pairs, 2 KL prompts x 1
+sample x 4 tokens) exists for smoke tests with a tiny random model (`--model DIR`); its numbers
+mean nothing.
 
 Writes results.json (a row per base evaluation and per point; settings; the acceptance checks of
 issue 18 computed from the numbers), results.md (the table and notes) and gain_vs_kl.png beside
@@ -107,31 +112,31 @@ RECIPES = ROOT / "src" / "preftune" / "recipes"
 METHODS = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
 DATASETS = ("hh", "truthfulqa")
 DEV_PERCENT = 30  # TruthfulQA questions held out (see the docstring for why not 20)
-PAIRS_PER_STEP = 4
 REFERENCE_FREE = ("simpo", "orpo")  # their implicit reward is beta * mean log-prob of the policy alone
 UNPAIRED = ("kto",)  # trains on examples: each pair split in two, twice the examples per step
-# Built-in per-method settings, used where src/preftune/recipes/<method>.yaml does not exist (yet).
-# Common choices, not tuned on this data: LoRA lr 5e-4 (the demo's and hh_cli's), beta 0.1 except
-# SimPO (beta 2, gamma 1: the paper's gamma/beta = 0.5); cDPO eps 0.1; RPO's SFT weight as in README.
+# Built-in per-method settings, used where src/preftune/recipes/<method>.yaml does not exist: common
+# choices, not tuned on this data (LoRA lr 5e-4 as the demo and hh_cli; beta 0.1 except SimPO's 2 with
+# gamma 1, the paper's gamma/beta = 0.5; cDPO eps 0.1; RPO's SFT weight as in README), one epoch of
+# 4 pairs per step (KTO: 8 examples, the two sides of 4 pairs).
+_EPOCH = {"train.batch_size": 4, "train.epochs": 1, "train.lr": 5e-4}
 BUILTIN = {
-    "sigmoid": {"loss.name": "sigmoid", "loss.beta": 0.1, "train.lr": 5e-4},
-    "ipo": {"loss.name": "ipo", "loss.beta": 0.1, "train.lr": 5e-4},
-    "cdpo": {"loss.name": "cdpo", "loss.beta": 0.1, "loss.label_smoothing": 0.1, "train.lr": 5e-4},
-    "simpo": {"loss.name": "simpo", "loss.beta": 2.0, "loss.simpo_gamma": 1.0, "train.lr": 5e-4},
-    "orpo": {"loss.name": "orpo", "loss.beta": 0.1, "train.lr": 5e-4},
-    "kto": {"loss.name": "kto", "loss.beta": 0.1, "loss.kto_auto_weights": True, "train.lr": 5e-4},
-    "rpo": {"loss.mix": [["sigmoid", 1.0], ["sft", 0.2]], "loss.beta": 0.1, "train.lr": 5e-4},
+    "sigmoid": {"loss.name": "sigmoid", "loss.beta": 0.1, **_EPOCH},
+    "ipo": {"loss.name": "ipo", "loss.beta": 0.1, **_EPOCH},
+    "cdpo": {"loss.name": "cdpo", "loss.beta": 0.1, "loss.label_smoothing": 0.1, **_EPOCH},
+    "simpo": {"loss.name": "simpo", "loss.beta": 2.0, "loss.simpo_gamma": 1.0, **_EPOCH},
+    "orpo": {"loss.name": "orpo", "loss.beta": 0.1, **_EPOCH},
+    "kto": {"loss.name": "kto", "loss.beta": 0.1, "loss.kto_auto_weights": True, **_EPOCH, "train.batch_size": 8},
+    "rpo": {"loss.mix": [["sigmoid", 1.0], ["sft", 0.2]], "loss.beta": 0.1, **_EPOCH},
 }
-RECIPE_ALIASES = {"sigmoid": ("dpo",)}
 SETTINGS = {
-    "full": {"hh_steps": 20, "hh_dev": 100, "tqa_steps": 40, "tqa_dev": 0, "kl_prompts": 16, "kl_samples": 2,
+    "full": {"hh_pairs": 80, "hh_dev": 100, "tqa_pairs": 160, "tqa_dev": 0, "kl_prompts": 16, "kl_samples": 2,
              "max_new_tokens": 48},
-    "quick": {"hh_steps": 2, "hh_dev": 8, "tqa_steps": 2, "tqa_dev": 8, "kl_prompts": 2, "kl_samples": 1,
+    "quick": {"hh_pairs": 8, "hh_dev": 8, "tqa_pairs": 8, "tqa_dev": 8, "kl_prompts": 2, "kl_samples": 1,
               "max_new_tokens": 4},
 }
 # seconds per unit on this CPU (see the docstring); only for the printed estimate
-RATES = {"start_s": 30.0, "hh_step_s": 15.0, "hh_eval_pairs_per_s": 1.0, "hh_base_pairs_per_s": 1.0,
-         "tqa_step_s": 3.0, "tqa_eval_pairs_per_s": 5.0, "tqa_base_pairs_per_s": 10.0, "samples_per_s": 2.0}
+RATES = {"start_s": 30.0, "hh_pair_s": 3.75, "hh_eval_pairs_per_s": 1.0, "hh_base_pairs_per_s": 1.0,
+         "tqa_pair_s": 0.75, "tqa_eval_pairs_per_s": 5.0, "tqa_base_pairs_per_s": 10.0, "samples_per_s": 2.0}
 TQA_DEV_PAIRS = 168  # what the split gives (checked by the test); for the estimate only
 
 
@@ -157,10 +162,13 @@ def split_truthfulqa(csv_path: Path, dest: Path, dev_percent: int = DEV_PERCENT)
     if shared:  # cannot happen with a hash of the same key; checked because the benchmark's claim rests on it
         sys.exit(f"TruthfulQA split: {len(shared)} question(s) on both sides, e.g. {sorted(shared)[0]!r}")
     dest.mkdir(parents=True, exist_ok=True)
-    for side, part in sides.items():
-        (dest / f"{side}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    texts = {side: "".join(json.dumps(r) + "\n" for r in part) for side, part in sides.items()}
+    for side, text in texts.items():
+        (dest / f"{side}.jsonl").write_text(text)
     return {"questions": len(rows), "train": len(sides["train"]), "dev": len(sides["dev"]),
-            "questions_on_both_sides": 0, "rule": f"sha256(normalised question) mod 100 < {dev_percent} -> dev"}
+            "questions_on_both_sides": 0, "rule": f"sha256(normalised question) mod 100 < {dev_percent} -> dev",
+            # what a finished point was measured on: a changed split or CSV redoes the points
+            "sha256": {side: hashlib.sha256(text.encode()).hexdigest() for side, text in texts.items()}}
 
 
 def newcombe(p1: float, ci1: list, p2: float, ci2: list) -> tuple[float, list[float]]:
@@ -171,12 +179,13 @@ def newcombe(p1: float, ci1: list, p2: float, ci2: list) -> tuple[float, list[fl
 
 
 def estimate_seconds(s: dict, methods: list[str], datasets: list[str], rates: dict = RATES) -> dict:
-    """Wall-clock estimate of a configuration from per-unit rates (the docstring's arithmetic)."""
+    """Wall-clock estimate of a configuration from per-unit rates (the docstring's arithmetic),
+    assuming one epoch over each training subsample, as every recipe runs today."""
     r, samples = rates, 2 * s["kl_prompts"] * s["kl_samples"]  # policy and reference samples per eval
     tqa_dev = s["tqa_dev"] or TQA_DEV_PAIRS
-    point = {"hh": 2 * r["start_s"] + s["hh_steps"] * r["hh_step_s"] + s["hh_dev"] / r["hh_eval_pairs_per_s"]
+    point = {"hh": 2 * r["start_s"] + s["hh_pairs"] * r["hh_pair_s"] + s["hh_dev"] / r["hh_eval_pairs_per_s"]
              + samples / r["samples_per_s"],
-             "truthfulqa": 2 * r["start_s"] + s["tqa_steps"] * r["tqa_step_s"] + tqa_dev / r["tqa_eval_pairs_per_s"]
+             "truthfulqa": 2 * r["start_s"] + s["tqa_pairs"] * r["tqa_pair_s"] + tqa_dev / r["tqa_eval_pairs_per_s"]
              + samples / r["samples_per_s"]}
     base = {"hh": r["start_s"] + s["hh_dev"] / r["hh_base_pairs_per_s"],
             "truthfulqa": r["start_s"] + tqa_dev / r["tqa_base_pairs_per_s"]}
@@ -211,16 +220,15 @@ def recipe_for(method: str, dest: Path) -> tuple[list[str], dict]:
     copied to `dest` without its `recipe:` metadata block and passed as --config."""
     import yaml
 
-    for name in (method, *RECIPE_ALIASES.get(method, ())):
-        path = RECIPES / f"{name}.yaml"
-        if path.is_file():
-            text = path.read_text()
-            data = yaml.safe_load(text) or {}
-            meta = data.pop("recipe", None)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_text(yaml.safe_dump(data, sort_keys=False))
-            return ["--config", str(dest)], {"source": _rel(path), "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                                             "recipe_meta": meta, "file_settings": data}
+    path = RECIPES / f"{method}.yaml"
+    if path.is_file():
+        text = path.read_text()
+        data = yaml.safe_load(text) or {}
+        meta = data.pop("recipe", None)  # metadata: load_config skips it now, but older ones refuse it
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(yaml.safe_dump(data, sort_keys=False))
+        return ["--config", str(dest)], {"source": _rel(path), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                         "recipe_meta": meta, "file_settings": data}
     settings = BUILTIN[method]
     args = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
     return args, {"source": "built-in", "settings": settings}
@@ -229,17 +237,15 @@ def recipe_for(method: str, dest: Path) -> tuple[list[str], dict]:
 def dataset_inputs(name: str, out: Path, s: dict) -> dict:
     """Train/dev paths (record slices), the data settings and sizes of one data set."""
     if name == "hh":
-        steps, dev_n = s["hh_steps"], s["hh_dev"]
-        train, dev, settings = f"{HH / 'train.jsonl.gz'}[:{steps * PAIRS_PER_STEP}]", f"{HH / 'dev.jsonl.gz'}[:{dev_n}]", \
-            list(HH_SETTINGS)
-        split = None
+        n, dev_n, split = s["hh_pairs"], s["hh_dev"], None
+        train, dev, settings = f"{HH / 'train.jsonl.gz'}[:{n}]", f"{HH / 'dev.jsonl.gz'}[:{dev_n}]", list(HH_SETTINGS)
     else:
         split = split_truthfulqa(TQA, out / "data" / "truthfulqa")
-        steps, dev_n = s["tqa_steps"], min(s["tqa_dev"] or split["dev"], split["dev"])
-        train = f"{out / 'data' / 'truthfulqa' / 'train.jsonl'}[:{steps * PAIRS_PER_STEP}]"
+        n, dev_n = min(s["tqa_pairs"], split["train"]), min(s["tqa_dev"] or split["dev"], split["dev"])
+        train = f"{out / 'data' / 'truthfulqa' / 'train.jsonl'}[:{n}]"
         dev, settings = f"{out / 'data' / 'truthfulqa' / 'dev.jsonl'}[:{dev_n}]", []
-    return {"name": name, "train": train, "dev": dev, "settings": settings, "steps": steps,
-            "train_pairs": steps * PAIRS_PER_STEP, "dev_pairs": dev_n, "split": split}
+    return {"name": name, "train": train, "dev": dev, "settings": settings, "train_pairs": n, "dev_pairs": dev_n,
+            "split": split}
 
 
 def _cached(path: Path, key: dict, make) -> dict:
@@ -266,7 +272,7 @@ def base_eval(data: dict, out: Path, s: dict, model: str) -> dict:
     """The base model on the dev pairs: log-prob accuracy (every method's baseline) and, under the
     reference-free simpo scorer, its mean-log-prob accuracy (simpo's and orpo's starting value)."""
     dest, log = out / "base" / f"{data['name']}.json", out / "logs" / f"{data['name']}-base.log"
-    key = {"model": model, "dev": _rel(data["dev"]), "settings": data["settings"]}
+    key = {"model": model, "dev": _rel(data["dev"]), "settings": data["settings"], "split": data["split"]}
 
     def make():
         code, wall = _preftune(["eval", "--data", data["dev"], "--out", str(dest), f"model.name_or_path={model}",
@@ -282,12 +288,12 @@ def base_eval(data: dict, out: Path, s: dict, model: str) -> dict:
 
 
 def train_args(data: dict, method: str, run: Path, model: str) -> tuple[list[str], dict]:
-    """`preftune train` arguments: the recipe, then what the benchmark fixes over any recipe."""
+    """`preftune train` arguments: the recipe, then what the benchmark fixes over any recipe (the data,
+    the seed, no held-out data in training; the schedule stays the recipe's)."""
     recipe_args, recipe = recipe_for(method, run.parent / "recipe.yaml")
-    batch = PAIRS_PER_STEP * (2 if method in UNPAIRED else 1)  # KTO: both sides of the same 4 pairs
     fixed = [f"model.name_or_path={model}", *data["settings"], f"data.train_path={data['train']}", "data.eval_path=",
-             f"train.batch_size={batch}", "train.grad_accum=1", f"train.max_steps={data['steps']}", "train.seed=0",
-             "train.keep_best=false", "diagnostics.probe_every=0", f"run.output_dir={run}", "run.overwrite=true"]
+             "train.seed=0", "train.keep_best=false", "diagnostics.probe_every=0", f"run.output_dir={run}",
+             "run.overwrite=true"]
     if method in UNPAIRED:
         fixed.append("data.paired_to_unpaired=true")
     return ["train", *recipe_args, *fixed], {**recipe, "fixed_by_benchmark": fixed}
@@ -303,7 +309,7 @@ def run_point(data: dict, method: str, out: Path, s: dict, model: str) -> dict:
     root = out / data["name"] / method
     run, dest = root / "run", root / "eval.json"
     args, recipe = train_args(data, method, run, model)
-    key = {"model": model, "train": _rel(data["train"]), "dev": _rel(data["dev"]), "steps": data["steps"],
+    key = {"model": model, "train": _rel(data["train"]), "dev": _rel(data["dev"]), "split": data["split"],
            "recipe": {k: v for k, v in recipe.items() if k != "recipe_meta"},
            "eval": eval_args(Path("RUN"), {**data, "dev": _rel(data["dev"])}, Path("OUT"), s)}
 
@@ -332,7 +338,8 @@ def _resolved(run: Path) -> dict:
             **{k: c["loss"][k] for k in spec.params},
             **{k: v for k, v in c["loss"].items() if k.startswith("kto_") and not spec.paired}}
     return {"loss": loss, "lr": c["train"]["lr"], "batch_size": c["train"]["batch_size"],
-            "max_steps": c["train"]["max_steps"], "lora_r": c["model"]["lora_r"],
+            "grad_accum": c["train"]["grad_accum"], "epochs": c["train"]["epochs"], "max_steps": c["train"]["max_steps"],
+            "warmup_ratio": c["train"]["warmup_ratio"], "lora_r": c["model"]["lora_r"],
             "lora_target_modules": c["model"]["lora_target_modules"],
             "thresholds": {k: c["diagnostics"][k] for k in ("kl_max", "length_growth")}}
 
@@ -356,13 +363,14 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
         flags.append("kl_drift (eval)")
     if ratio is not None and ratio > cfg["thresholds"]["length_growth"]:
         flags.append("length_drift (eval)")
-    row.update({"recipe": p["recipe"]["source"], "before_logp_acc": base["logp_acc"],
-                "before_logp_acc_ci95": base["logp_acc_ci95"], "implicit_acc": imp, "implicit_acc_ci95": imp_ci,
-                "gain": gain, "gain_ci95": gain_ci, "logp_acc": logp, "logp_acc_ci95": logp_ci,
+    # the headline fields first: `preftune report --experiment` shows a row's first 14 scalar fields
+    row.update({"recipe": p["recipe"]["source"], "before_logp_acc": base["logp_acc"], "implicit_acc": imp,
+                "implicit_acc_ci95": imp_ci, "gain": gain, "gain_ci95": gain_ci, "kl": e.get("kl"),
+                "length_ratio": ratio, "flags": flags, "wall_s": round(p["train_s"] + p["eval_s"], 1),
+                "logp_acc": logp, "logp_acc_ci95": logp_ci, "before_logp_acc_ci95": base["logp_acc_ci95"],
                 "logp_gain": logp_gain, "logp_gain_ci95": logp_gain_ci, "margin": e["rewards/margins"],
-                "kl": e.get("kl"), "kl_stderr": e.get("kl_stderr"), "kl_samples": e.get("kl_samples"),
-                "sample_length_policy": pol, "sample_length_reference": ref, "length_ratio": ratio,
-                "flags": flags, "wall_s": round(p["train_s"] + p["eval_s"], 1), "train_s": p["train_s"],
+                "kl_stderr": e.get("kl_stderr"), "kl_samples": e.get("kl_samples"),
+                "sample_length_policy": pol, "sample_length_reference": ref, "train_s": p["train_s"],
                 "eval_s": p["eval_s"], "steps": s["steps"], "train_examples": s["data"]["pairs"],
                 "train_unit": "examples (each pair's two sides)" if method in UNPAIRED else "pairs",
                 "train_truncated": s["data"]["truncated"], "dev_pairs": e["pairs"], "dev_truncated": e["data_stats"]["truncated"],
@@ -391,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="working directory (default runs/quality, or runs/quality-quick with --quick)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {','.join(DATASETS)}")
-    for flag, key, what in (("--hh-steps", "hh_steps", "HH training steps (x 4 pairs)"),
+    for flag, key, what in (("--hh-pairs", "hh_pairs", "HH training pairs (the first N of 1,800)"),
                             ("--hh-dev", "hh_dev", "HH dev pairs (the first N of 200)"),
-                            ("--tqa-steps", "tqa_steps", "TruthfulQA training steps (x 4 pairs)"),
+                            ("--tqa-pairs", "tqa_pairs", "TruthfulQA training pairs (the first N of the train side)"),
                             ("--tqa-dev", "tqa_dev", "TruthfulQA dev pairs (0 = the whole dev side)")):
         ap.add_argument(flag, type=int, dest=key, help=f"{what}; default from the mode")
     a = ap.parse_args(argv)
@@ -404,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality benchmark skipped: the shared data is absent ({missing[0]})")
         return 0
     mode = "quick" if a.quick else "full"
-    s = {**SETTINGS[mode], **{k: getattr(a, k) for k in ("hh_steps", "hh_dev", "tqa_steps", "tqa_dev")
+    s = {**SETTINGS[mode], **{k: getattr(a, k) for k in ("hh_pairs", "hh_dev", "tqa_pairs", "tqa_dev")
                               if getattr(a, k) is not None}}
     out = (ROOT / (a.out or ("runs/quality-quick" if a.quick else "runs/quality"))).resolve()
     estimate = estimate_seconds(s, methods, datasets)
@@ -419,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} {method} ...", flush=True)
             rows.append(summarize(data, method, run_point(data, method, out, s, a.model), bases[name]))
     meta = {"mode": mode, "model": a.model, "methods": methods, "datasets": datasets, **s, "data": data_info,
-            "pairs_per_step": PAIRS_PER_STEP, "estimate": estimate, "elapsed_s": round(time.perf_counter() - t0, 1),
+            "estimate": estimate, "elapsed_s": round(time.perf_counter() - t0, 1),
             "out": _rel(out)}
     dest = out if a.quick else HERE
     write_outputs(dest, rows, bases, meta)
