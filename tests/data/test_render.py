@@ -201,3 +201,24 @@ def test_training_counts_pairs_whose_split_differs_from_the_whole_text(tokenizer
     assert stats.boundary_mismatches == 0
     _, stats = tokenize_records([ok, split], tokenizer, max_length=64, max_prompt_length=32)
     assert stats.boundary_mismatches == 1 and stats.as_dict()["boundary_mismatches"] == 1
+
+
+def test_hh_transcripts_as_chat_for_kto_from_pairs(bos_tokenizer, tmp_path):
+    """KTO reading HH pairs (`data.paired_to_unpaired=true`) renders the same chat turns as the
+    paired losses: both sides of the pair become unpaired examples with the pair's message prompt."""
+    from preftune.config import load_config
+    from preftune.data.tokenize import tokenize_unpaired
+    from preftune.prepare import load_data, prepare_pairs
+
+    row = {"chosen": "\n\nHuman: The movie?\n\nAssistant: great acting",
+           "rejected": "\n\nHuman: The movie?\n\nAssistant: boring"}
+    (tmp_path / "hh.jsonl").write_text(json.dumps(row) + "\n")
+    cfg = load_config(None, [f"data.train_path={tmp_path / 'hh.jsonl'}", "data.hh_as_chat=true", "loss.name=kto",
+                             "data.paired_to_unpaired=true"])
+    good, bad = load_data(cfg.data.train_path, cfg.data, paired=False)
+    assert good.prompt == bad.prompt == [{"role": "user", "content": "The movie?"}]
+    assert (good.completion, good.label) == ([{"role": "assistant", "content": "great acting"}], True)
+    assert (bad.completion, bad.label) == ([{"role": "assistant", "content": "boring"}], False)
+    (pair,), _ = prepare_pairs(cfg.data.train_path, cfg, bos_tokenizer)  # what eval scores: the same prompt tokens
+    examples, _ = tokenize_unpaired([good, bad], bos_tokenizer, max_length=64, max_prompt_length=32)
+    assert examples[0].prompt_ids == examples[1].prompt_ids == pair.prompt_ids

@@ -1,0 +1,140 @@
+"""The outputs of benchmarks/quality/run.py from its rows: results.json, results.md (the table and
+its notes, with issue 18's acceptance checks computed from the numbers) and gain_vs_kl.png."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def acceptance(rows: list[dict]) -> dict:
+    """Issue 18's checks, from the numbers: the DPO recipe on each data set (gain >= 0.08 with its
+    interval above 0, no health flag, sampled KL <= 10 nats), and which methods' gains exclude 0."""
+    out = {"dpo_recipe": {}, "gain_excludes_0": {}}
+    for r in rows:
+        if "error" in r:
+            continue
+        where = f"{r['dataset']} {r['method']}"
+        out["gain_excludes_0"][where] = r["gain_ci95"][0] > 0
+        if r["method"] == "sigmoid":
+            checks = {"gain >= 0.08": r["gain"] >= 0.08, "gain interval excludes 0": r["gain_ci95"][0] > 0,
+                      "no health flag": not r["flags"], "KL <= 10 nats": r["kl"] is not None and r["kl"] <= 10}
+            out["dpo_recipe"][r["dataset"]] = {**checks, "pass": all(checks.values())}
+    return out
+
+
+def _acc(x: float, ci: list) -> str:
+    return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _signed(x: float, ci: list) -> str:
+    return f"{x:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def table(rows: list[dict], bases: dict) -> list[str]:
+    """The Markdown table: a row per point, its data set's base model first."""
+    lines = ["| data | method | recipe | log-prob acc before | implicit acc after | gain [95% CI] | log-prob acc after "
+             "| margin | KL nats (± se) | length after/before | flags | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, b in bases.items():
+        lines.append(f"| {name} | base model | | failed: {b['error']} ({b['log']}) | | | | | | | | |" if "error" in b else
+                     f"| {name} | base model | | {_acc(b['logp_acc'], b['logp_acc_ci95'])} | undefined | | "
+                     f"| 0 | 0 | 1 | | {b['wall_s']:.0f} |")
+        for r in (r for r in rows if r["dataset"] == name):
+            if "error" in r:
+                lines.append(f"| {name} | {r['method']} | | failed: {r['error']} ({r['log']}) | | | | | | | | |")
+                continue
+            kl = "n/a" if r["kl"] is None else f"{r['kl']:.2f} ± {r['kl_stderr']:.2f}"
+            length = "n/a" if r["length_ratio"] is None else \
+                f"{r['length_ratio']:.2f} ({r['sample_length_policy']:.1f}/{r['sample_length_reference']:.1f})"
+            lines.append(f"| {name} | {r['method']} | {r['recipe']} | {_acc(r['before_logp_acc'], r['before_logp_acc_ci95'])} "
+                         f"| {_acc(r['implicit_acc'], r['implicit_acc_ci95'])} | {_signed(r['gain'], r['gain_ci95'])} "
+                         f"| {_acc(r['logp_acc'], r['logp_acc_ci95'])} | {r['margin']:.3f} | {kl} | {length} "
+                         f"| {', '.join(r['flags']) or 'none'} | {r['wall_s']:.0f} |")
+    return lines
+
+
+def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
+    """The notes under the table: what the columns are, the reference-free starts, the acceptance checks."""
+    ok = [r for r in rows if "error" not in r]
+    lines = ["", "Accuracies: fraction of held-out pairs whose chosen side scores higher (a tie counts half), Wilson 95% "
+             "intervals. Implicit reward: each method's own (beta * log-ratio; simpo/orpo: beta * mean log-prob; "
+             "kto and the rpo mix: DPO's). Gain = implicit acc after - log-prob acc before, Newcombe's hybrid score "
+             "interval (independent proportions; eval writes no per-pair results for a paired interval). KL: "
+             f"Monte-Carlo over {meta['kl_prompts']} held-out prompts x {meta['kl_samples']} policy samples of "
+             f"{meta['max_new_tokens']} tokens; lengths in tokens, capped there. Flags: the run's health checks (probes "
+             "off), plus its kl_drift/length_drift thresholds applied to the evaluation's samples (\"(eval)\")."]
+    for r in (r for r in ok if "gain_over_own_start" in r):
+        lines.append(f"- {r['dataset']} {r['method']}: its reward is the policy's mean log-prob; the base model's "
+                     f"mean-log-prob accuracy is {r['before_mean_logp_acc']:.3f}, so its gain over its own start is "
+                     f"{_signed(r['gain_over_own_start'], r['gain_over_own_start_ci95'])}.")
+    for r in ok:
+        lines.append(f"- {r['dataset']} {r['method']}: log-prob accuracy change {_signed(r['logp_gain'], r['logp_gain_ci95'])}; "
+                     f"{r['steps']} step{'s' * (r['steps'] != 1)} of {r['trained_with']['batch_size']} on "
+                     f"{r['train_examples']} training "
+                     f"{r['train_unit']}, {r['dev_pairs']} dev pairs; trained with "
+                     f"{json.dumps(r['trained_with']['loss'])}, lr {r['trained_with']['lr']:g}.")
+    acc = acceptance(rows)
+    lines += ["", "## Issue 18 acceptance, computed", ""]
+    for name, checks in acc["dpo_recipe"].items():
+        failed = [k for k, v in checks.items() if k != "pass" and not v]
+        lines.append(f"- DPO recipe on {name}: {'pass' if checks['pass'] else 'FAIL (' + ', '.join(failed) + ')'}.")
+    no = [k for k, v in acc["gain_excludes_0"].items() if not v]
+    lines.append("- Gain interval excludes 0: " + (f"every point ({len(acc['gain_excludes_0'])})." if not no else
+                 f"not for {', '.join(no)} (figures in the table)."))
+    lines += ["", f"Settings: {meta['mode']} mode, model `{meta['model']}`, seed 0, LoRA; "
+              f"{meta['elapsed_s']:.0f} s for this invocation (finished points kept from earlier ones count 0); "
+              f"estimated {meta['estimate']['total_s']} s for the whole configuration."]
+    if meta["mode"] == "quick":
+        lines += ["", "These are --quick smoke-test settings: the numbers show the pipeline runs, not a result."]
+    return lines
+
+
+COLORS = {"sigmoid": "tab:blue", "ipo": "tab:orange", "cdpo": "tab:green", "simpo": "tab:red", "orpo": "tab:purple",
+          "kto": "tab:brown", "rpo": "tab:pink"}
+MARKERS = {"hh": "o", "truthfulqa": "s"}
+
+
+def plot(rows: list[dict], dest: Path, title: str) -> None:
+    """Accuracy gain (95% CI) against sampled KL (± 1.96 se), a colour per method, a marker per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in (r for r in rows if "error" not in r and r["kl"] is not None):
+        ax.errorbar([r["kl"]], [r["gain"]], yerr=[[r["gain"] - r["gain_ci95"][0]], [r["gain_ci95"][1] - r["gain"]]],
+                    xerr=[1.96 * (r["kl_stderr"] or 0.0)], color=COLORS.get(r["method"], "k"),
+                    marker=MARKERS.get(r["dataset"], "^"), ms=7, capsize=3, ls="none", alpha=0.9)
+        ax.annotate(r["method"], (r["kl"], r["gain"]), fontsize=7, textcoords="offset points", xytext=(4, 4),
+                    color=COLORS.get(r["method"], "k"))
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.axhline(0.08, color="gray", lw=0.8, ls=":", label="+0.08 (issue 18's DPO target)")
+    for method in dict.fromkeys(r["method"] for r in rows if "error" not in r):
+        ax.plot([], [], color=COLORS.get(method, "k"), lw=3, label=method)
+    for name, marker in MARKERS.items():
+        ax.plot([], [], "k" + marker, ls="none", label=name)
+    ax.set(xlabel="KL(policy || reference), nats per sample (sampled)",
+           ylabel="implicit acc after - log-prob acc before (95% CI)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(dest, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict) -> None:
+    """results.json (a row per base evaluation and per point, then settings and acceptance), results.md, gain_vs_kl.png."""
+    # the points before the base rows: `preftune report --experiment` takes its columns from the first rows' fields
+    results = {"command": " ".join(["benchmarks/quality/run.py", *sys.argv[1:]]),
+               **{f"{r['dataset']} {r['method']}": r for r in rows},
+               **{f"{name} base model": b for name, b in bases.items()}, "settings": meta, "acceptance": acceptance(rows)}
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    md = ["# Held-out quality per method (issue 18, item 1)", "",
+          f"Written by `benchmarks/quality/run.py` ({meta['mode']} mode) from results.json.", "",
+          *table(rows, bases), *notes(rows, bases, meta)]
+    (dest / "results.md").write_text("\n".join(md) + "\n")
+    plot(rows, dest / "gain_vs_kl.png", f"held-out accuracy gain vs KL ({meta['mode']}, {Path(meta['model']).name})")

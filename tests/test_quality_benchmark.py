@@ -1,0 +1,222 @@
+"""benchmarks/quality/run.py: its pure parts (the TruthfulQA split, the gain interval, the budget
+estimate, recipes, the table and outputs) without training, and one --quick run on a tiny model
+through the `preftune` CLI whose written numbers are checked against the files they came from."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED
+from preftune.config import load_config
+from preftune.data.sources import load_records
+from preftune.evaluate import wilson
+from preftune.report import write_report
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
+TQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.visible.csv"
+needs_shared_tqa = pytest.mark.skipif(not TQA_CSV.is_file() or not (SHARED / "data" / "hh-rlhf-harmless-base").is_dir(),
+                                      reason="../shared/data is absent")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("quality_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _csv(path: Path, questions: list[str]) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"])
+        w.writeheader()
+        for k, q in enumerate(questions):
+            w.writerow({"Type": "t", "Category": "c", "Question": q, "Best Answer": f"right {k}",
+                        "Correct Answers": f"right {k}", "Incorrect Answers": f"wrong {k}; also wrong", "Source": "s"})
+    return path
+
+
+def test_truthfulqa_split_is_by_question_fixed_and_loads_as_pairs(tmp_path):
+    run = _script()
+    questions = [f"Question number {k}?" for k in range(200)]
+    questions += ["  question NUMBER 7? ", "Question number 150?"]  # the same questions again, written otherwise
+    counts = run.split_truthfulqa(_csv(tmp_path / "q.csv", questions), tmp_path / "a")
+    assert counts["train"] + counts["dev"] == 202 and 40 <= counts["dev"] <= 80  # ~30% of 200 distinct questions
+    sides = {s: [json.loads(x)["Question"] for x in (tmp_path / "a" / f"{s}.jsonl").read_text().splitlines()]
+             for s in ("train", "dev")}
+    keys = {s: {run.question_key(q) for q in qs} for s, qs in sides.items()}
+    assert not keys["train"] & keys["dev"]
+    seven = {s: sum(run.question_key(q) == "question number 7?" for q in qs) for s, qs in sides.items()}
+    assert sorted(seven.values()) == [0, 2]  # both spellings of one question on the same side
+    run.split_truthfulqa(_csv(tmp_path / "r.csv", questions[::-1]), tmp_path / "b")  # order does not matter
+    assert {json.loads(x)["Question"] for x in (tmp_path / "b" / "dev.jsonl").read_text().splitlines()} == set(sides["dev"])
+    (rec, *_) = load_records(tmp_path / "a" / "dev.jsonl")  # preftune's own TruthfulQA adapter reads the rows
+    assert rec.prompt == f"Q: {sides['dev'][0].strip()}\nA:" and rec.rejected.startswith(" wrong")
+
+
+@needs_shared_tqa
+def test_split_of_the_shared_truthfulqa(tmp_path):
+    run = _script()
+    counts = run.split_truthfulqa(run.TQA, tmp_path)
+    assert (counts["questions"], counts["train"], counts["dev"]) == (612, 612 - run.TQA_DEV_PAIRS, run.TQA_DEV_PAIRS)
+
+
+def test_newcombe_interval_reproduces_the_published_example():
+    """Newcombe 1998 (Stat. Med. 17:873), Table II, example (a): 56/70 vs 48/80, difference 0.2000,
+    method 10 interval 0.0524 to 0.3339."""
+    run = _script()
+    d, (lo, hi) = run.newcombe(56 / 70, wilson(56, 70), 48 / 80, wilson(48, 80))
+    assert d == pytest.approx(0.2) and lo == pytest.approx(0.0524, abs=5e-5) and hi == pytest.approx(0.3339, abs=5e-5)
+    d, (lo, hi) = run.newcombe(0.5, wilson(50, 100), 0.5, wilson(50, 100))
+    assert d == 0 and lo == pytest.approx(-hi) and 0.13 < hi < 0.14  # +-0.135 at 100 pairs, as the docstring says
+
+
+def test_default_budget_fits_90_minutes_by_the_documented_rates():
+    run = _script()
+    est = run.estimate_seconds(run.SETTINGS["full"], list(run.METHODS), list(run.DATASETS))
+    assert est["total_s"] <= 90 * 60
+    assert f"~ {est['total_s'] / 60:.0f} min" in run.__doc__ and f"= {est['per_point_s']['hh']} s" in run.__doc__
+
+
+def test_recipes_from_files_without_their_metadata_and_built_in_otherwise(tmp_path, monkeypatch):
+    run = _script()
+    monkeypatch.setattr(run, "RECIPES", tmp_path / "recipes")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
+    args, source = run.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
+    assert args == ["--config", str(tmp_path / "point" / "recipe.yaml")] and source["source"].endswith("sigmoid.yaml")
+    assert source["recipe_meta"] == {"tuned": False}
+    cfg = load_config(args[1], ["model.name_or_path=x"])  # loads: the recipe: block is gone
+    assert (cfg.loss.beta, cfg.train.lr) == (0.2, 1e-4)
+    for method in run.METHODS:  # every built-in recipe is a valid preftune configuration
+        args, source = run.recipe_for(method, tmp_path / method / "recipe.yaml")
+        if method != "sigmoid":
+            train = load_config(None, args).train
+            assert source["source"] == "built-in" and (train.lr, train.epochs, train.batch_size) == \
+                (5e-4, 1, 8 if method == "kto" else 4)
+    assert load_config(None, run.recipe_for("rpo", tmp_path / "r.yaml")[0]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
+
+
+def test_summarize_reads_the_run_and_its_eval(tmp_path):
+    """One point's row from the files a run and its eval leave: gain over the base model's log-prob
+    accuracy (not over the run's own), flags from the run and from the eval's samples."""
+    from preftune.config import save_config
+
+    run = _script()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(None, ["loss.name=cdpo", "loss.label_smoothing=0.1", "train.lr=5e-4", "train.max_steps=20"]),
+                run_dir / "config.yaml")
+    (run_dir / "summary.json").write_text(json.dumps({"health": {"margin_explosion": 7}, "steps": 20,
+                                                      "data": {"pairs": 80, "truncated": 3}, "final": {"loss": 0.4}}))
+    e = {"pairs": 100, "accuracy/implicit_reward": 0.7, "accuracy/implicit_reward_ci95": wilson(70, 100),
+         "accuracy/logp": 0.6, "accuracy/logp_ci95": wilson(60, 100), "rewards/margins": 0.8, "kl": 12.5,
+         "kl_stderr": 1.0, "kl_samples": 32, "sample_length/policy/mean": 46.0, "sample_length/reference/mean": 23.0,
+         "data_stats": {"truncated": 1}}
+    (tmp_path / "eval.json").write_text(json.dumps(e))
+    point = {"train_s": 300.0, "eval_s": 120.5, "recipe": {"source": "built-in"}, "run": str(run_dir),
+             "eval_file": str(tmp_path / "eval.json")}
+    base = {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100), "mean_logp_acc": 0.55,
+            "mean_logp_acc_ci95": wilson(55, 100)}
+    r = run.summarize({"name": "hh"}, "cdpo", point, base)
+    assert r["gain"] == pytest.approx(0.2) and r["gain_ci95"] == pytest.approx([0.0642, 0.3258], abs=1e-4)
+    assert r["logp_gain"] == pytest.approx(0.1) and r["implicit_acc"] == 0.7 and r["before_logp_acc"] == 0.5
+    assert r["flags"] == ["margin_explosion (step 7)", "kl_drift (eval)", "length_drift (eval)"]  # 12.5 > 10, 2x > 1.5x
+    assert (r["length_ratio"], r["wall_s"], r["steps"], r["train_examples"]) == (2.0, 420.5, 20, 80)
+    assert r["trained_with"]["loss"] == {"name": "cdpo", "beta": 0.1, "label_smoothing": 0.1}
+    assert "gain_over_own_start" not in r
+    assert list(r)[:14] == list(_row("hh", "cdpo", 0.5, 0.7, 1.0))[:14]  # the outputs test's rows are shaped like these
+    simpo = run.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
+    assert simpo["gain_over_own_start"] == pytest.approx(0.15) and simpo["before_mean_logp_acc"] == 0.55
+    failed = run.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
+    assert failed == {"dataset": "hh", "method": "kto", "error": "hh kto train exited 3", "log": "l"}
+
+
+def _row(dataset, method, before, after, kl, flags=(), n=100, **extra):
+    run = _script()
+    ci_b, ci_a = wilson(before * n, n), wilson(after * n, n)
+    gain, gain_ci = run.newcombe(after, ci_a, before, ci_b)
+    return {"dataset": dataset, "method": method, "recipe": "built-in", "before_logp_acc": before,  # summarize's order
+            "implicit_acc": after, "implicit_acc_ci95": ci_a, "gain": gain, "gain_ci95": gain_ci, "kl": kl,
+            "length_ratio": 40 / 38, "flags": list(flags), "wall_s": 500.0, "logp_acc": before, "logp_acc_ci95": ci_b,
+            "before_logp_acc_ci95": ci_b, "logp_gain": 0.0, "logp_gain_ci95": [-0.1, 0.1], "margin": 0.5,
+            "kl_stderr": 0.2, "kl_samples": 32, "sample_length_policy": 40.0, "sample_length_reference": 38.0, "steps": 20, "train_examples": 80, "train_unit": "pairs", "dev_pairs": n,
+            "trained_with": {"loss": {"name": method, "beta": 0.1}, "lr": 5e-4, "batch_size": 4}, **extra}
+
+
+def test_outputs_table_acceptance_and_plot(tmp_path):
+    run = _script()
+    bases = {"hh": {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100), "wall_s": 100.0},
+             "truthfulqa": {"error": "truthfulqa base eval exited 2", "log": "logs/x.log"}}
+    rows = [_row("hh", "sigmoid", 0.5, 0.7, 3.0), _row("hh", "ipo", 0.5, 0.55, 12.0, flags=["kl_drift (eval)"]),
+            _row("hh", "simpo", 0.5, 0.65, 1.0, before_mean_logp_acc=0.6, gain_over_own_start=0.05,
+                 gain_over_own_start_ci95=[-0.08, 0.18]),
+            {"dataset": "hh", "method": "kto", "error": "hh kto train exited 3", "log": "logs/k.log"}]
+    meta = {"mode": "full", "model": "m", "kl_prompts": 16, "kl_samples": 2, "max_new_tokens": 48, "elapsed_s": 10.0,
+            "estimate": {"total_s": 5000}}
+    run.write_outputs(tmp_path, rows, bases, meta)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [k for k, v in results.items() if isinstance(v, dict) and "method" in v] == \
+        ["hh sigmoid", "hh ipo", "hh simpo", "hh kto"]
+    assert results["acceptance"]["dpo_recipe"]["hh"]["pass"] is True  # +0.20 [+0.064, +0.326], no flag, KL 3
+    assert results["acceptance"]["gain_excludes_0"] == {"hh sigmoid": True, "hh ipo": False, "hh simpo": True}
+    md = (tmp_path / "results.md").read_text()
+    rows_md = [line for line in md.splitlines() if line.startswith("| hh |") or line.startswith("| truthfulqa |")]
+    assert len(rows_md) == 6 and "failed: truthfulqa base eval exited 2" in rows_md[-1]
+    assert "| hh | sigmoid | built-in | 0.500 [0.404, 0.596] | 0.700 [0.604, 0.781] | +0.200 [+0.064, +0.326] |" in md
+    assert "| kl_drift (eval) |" in md and "failed: hh kto train exited 3 (logs/k.log)" in md
+    assert "its gain over its own start is +0.050 [-0.080, +0.180]" in md
+    assert "DPO recipe on hh: pass" in md and "not for hh ipo" in md and "20 steps of 4 on 80 training pairs" in md
+    assert (tmp_path / "gain_vs_kl.png").stat().st_size > 10_000
+    page = write_report([], tmp_path / "report.html", png=False, experiments=[str(tmp_path)]).read_text()
+    header = page.split("<table><tr><th></th>")[1].split("</tr>")[0]  # the report's columns: the headline fields
+    assert all(f"<th>{k}</th>" in header for k in ("implicit_acc", "gain", "gain_ci95", "kl", "flags", "wall_s"))
+
+
+@needs_shared_tqa
+def test_quick_run_on_a_tiny_model(tmp_path, tiny_model_dir):
+    """The whole pipeline through the CLI: base eval, training and eval of two methods (one
+    reference-free, one unpaired) on the TruthfulQA split; the numbers written agree with the eval
+    files and with each other, and a rerun keeps the finished points."""
+    run = _script()
+    args = ["--quick", "--model", str(tiny_model_dir), "--out", str(tmp_path / "q"), "--methods", "simpo,kto",
+            "--datasets", "truthfulqa"]
+    assert run.main(args) == 0
+    out = tmp_path / "q"
+    results = json.loads((out / "results.json").read_text())
+    base = results["truthfulqa base model"]
+    assert base["dev_pairs"] == 8 and 0 <= base["logp_acc"] <= 1
+    for method, examples in (("simpo", 8), ("kto", 16)):  # kto: the same 8 pairs as 16 labelled examples
+        r = results[f"truthfulqa {method}"]
+        recipe = Path(run.RECIPES) / f"{method}.yaml"  # the method's recipe file once it exists, else built-in
+        assert r["recipe"] == (run._rel(recipe) if recipe.is_file() else "built-in")
+        e = json.loads((Path(run.ROOT) / r["eval_file"]).read_text())
+        assert (r["implicit_acc"], r["logp_acc"], r["margin"], r["kl"]) == \
+            (e["accuracy/implicit_reward"], e["accuracy/logp"], e["rewards/margins"], e["kl"])
+        assert r["before_logp_acc"] == base["logp_acc"]
+        assert r["gain"] == pytest.approx(r["implicit_acc"] - base["logp_acc"])
+        assert r["gain_ci95"][0] < r["gain"] < r["gain_ci95"][1]
+        batch = r["trained_with"]["batch_size"]  # the recipe's: one epoch over the training subsample
+        assert (r["steps"], r["train_examples"], r["dev_pairs"], r["kl_samples"]) == (-(-examples // batch), examples, 8, 2)
+        assert 0 < r["sample_length_policy"] <= 4 and r["length_ratio"] > 0 and math.isfinite(r["kl"])
+        assert r["trained_with"]["loss"]["name"] == method and r["trained_with"]["epochs"] == 1
+        assert r["flags"] == [] and r["wall_s"] == pytest.approx(r["train_s"] + r["eval_s"], abs=0.1)
+    simpo = results["truthfulqa simpo"]  # its reward needs no reference: its own start is the base's mean-logp accuracy
+    assert simpo["before_mean_logp_acc"] == base["mean_logp_acc"] and "gain_over_own_start" not in results["truthfulqa kto"]
+    assert simpo["gain_over_own_start"] == pytest.approx(simpo["implicit_acc"] - base["mean_logp_acc"])
+    assert results["settings"]["data"]["truthfulqa"]["split"]["questions_on_both_sides"] == 0
+    train_q = {json.loads(x)["Question"] for x in (out / "data" / "truthfulqa" / "train.jsonl").read_text().splitlines()}
+    dev_q = {json.loads(x)["Question"] for x in (out / "data" / "truthfulqa" / "dev.jsonl").read_text().splitlines()}
+    assert len(dev_q) == run.TQA_DEV_PAIRS and not train_q & dev_q
+    assert len([line for line in (out / "results.md").read_text().splitlines() if line.startswith("| truthfulqa |")]) == 3
+    assert (out / "gain_vs_kl.png").is_file()
+    stamp = (out / "truthfulqa" / "kto" / "point.json").stat().st_mtime_ns
+    assert run.main(args) == 0  # finished points are kept: nothing is trained or evaluated again
+    assert (out / "truthfulqa" / "kto" / "point.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "results.json").read_text())["truthfulqa kto"]["gain"] == results["truthfulqa kto"]["gain"]
