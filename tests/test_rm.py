@@ -128,3 +128,24 @@ def test_export_of_a_reward_model_run_is_the_merged_classifier(tmp_path, tiny_mo
     assert result.kind == "reward model" and "reward model" in (tmp_path / "out" / "README.md").read_text()
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert model.config.num_labels == 1
+
+
+def test_rm_of_a_run_cuts_long_pairs_as_training_did(tmp_path, tiny_model_dir):
+    """Pairs longer than data.max_length: training kept the prompt's last max_prompt_length tokens
+    and the completions' first ones; rm:RUN scores the same tokens (not the text's last tokens)."""
+    from preftune.data.render import completion_ids, prompt_ids
+
+    run_train_rm(load_config(None, _args(tmp_path, tiny_model_dir, "rm", "data.max_length=5",
+                                         "data.max_prompt_length=2", "train.epochs=1")))
+    run = tmp_path / "rm"
+    rm = build_reward(f"rm:{run}")
+    assert (rm.max_length, rm.max_prompt_length) == (5, 2)
+    tok = rm.tokenizer
+    for side in ("chosen", "rejected"):  # every side of PAIRS overflows 5 tokens, so the pair cut is the side's
+        assert all(len(prompt_ids(tok, p["prompt"])) + len(completion_ids(tok, p["prompt"], p[side],
+                                                                          eos=tok.eos_token_id)) > 5 for p in PAIRS)
+    ev = json.loads((run / "summary.json").read_text())["eval"]
+    prompts = [p["prompt"] for p in PAIRS]
+    margins = [c - r for c, r in zip(rm.score(prompts, [p["chosen"] for p in PAIRS]),
+                                     rm.score(prompts, [p["rejected"] for p in PAIRS]))]
+    assert sum(margins) / len(margins) == pytest.approx(ev["rewards/margins"], abs=1e-4)

@@ -24,7 +24,7 @@ from ..errors import DataError
 from .records import PreferenceRecord, Text, UnpairedRecord
 from .render import completion_ids, conversation_ids, prompt_ids, prompt_text
 
-__all__ = ["TokenizedPair", "TokenizedExample", "TokenizeStats", "tokenize_records", "tokenize_unpaired",
+__all__ = ["TokenizedPair", "TokenizedExample", "TokenizeStats", "tokenize_records", "tokenize_unpaired", "truncate",
            "render_prompt"]
 
 
@@ -84,7 +84,7 @@ def _split_differs(tokenizer, prompt: Text, completion: Text, *, p_ids: list, c_
     return apart != whole
 
 
-def _truncate(prompt: list, sides: list, max_length: int, max_prompt_length: int):
+def truncate(prompt: list, sides: list, max_length: int, max_prompt_length: int):
     """The policy in the module docstring; returns (prompt, sides, truncated?)."""
     if len(prompt) + max(len(s) for s in sides) <= max_length:
         return prompt, sides, False
@@ -117,7 +117,7 @@ def tokenize_records(records: list[PreferenceRecord], tokenizer, *, max_length: 
         stats.empty_completions += _is_empty(rec.chosen) + _is_empty(rec.rejected)
         stats.boundary_mismatches += any(_split_differs(tokenizer, rec.prompt, c, p_ids=prompt, c_ids=ids, eos=eos)
                                          for c, ids in zip((rec.chosen, rec.rejected), sides))
-        prompt, (chosen, rejected), truncated = _truncate(prompt, sides, max_length, max_prompt_length)
+        prompt, (chosen, rejected), truncated = truncate(prompt, sides, max_length, max_prompt_length)
         if chosen == rejected:
             problem = "chosen and rejected are identical" + (" after truncation" if truncated else " as tokens")
             if drop_overlong and truncated:
@@ -143,7 +143,7 @@ def tokenize_unpaired(records: list[UnpairedRecord], tokenizer, *, max_length: i
     for rec in records:
         prompt, sides = _encode(tokenizer, rec.prompt, [rec.completion], (rec.source, rec.line), ("completion",), eos)
         stats.empty_completions += _is_empty(rec.completion)
-        prompt, (completion,), truncated = _truncate(prompt, sides, max_length, max_prompt_length)
+        prompt, (completion,), truncated = truncate(prompt, sides, max_length, max_prompt_length)
         if truncated:
             stats.truncated += 1
             stats.truncated_lines.append(rec.line)

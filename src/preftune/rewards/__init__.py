@@ -30,6 +30,7 @@ import torch
 from ..config import _did_you_mean, load_config
 from ..data import render
 from ..data.collate import collate_sequences
+from ..data.tokenize import truncate
 from ..devices import place
 from ..errors import ConfigError
 from ..generate import run_models
@@ -91,6 +92,9 @@ class RewardModel:
     tokenizer: object
     batch_size: int = 16
     max_length: int = 1024
+    # a `preftune train-rm` run's data.max_prompt_length: cut like its training pairs were (the
+    # prompt's last tokens, then the completion's first) instead of keeping the last max_length
+    max_prompt_length: int | None = None
 
     @classmethod
     def load(cls, spec: str, path: str) -> RewardModel:
@@ -101,7 +105,11 @@ class RewardModel:
 
         if not Path(path).is_dir():
             raise ConfigError(spec, "reward", f"no reward model directory at {path}")
+        lengths = {}
         if (Path(path) / "reward_model").is_dir():  # a `preftune train-rm` run: its merged reward model
+            if (Path(path) / "config.yaml").is_file():  # ... scores at the lengths it trained at
+                d = load_config(Path(path) / "config.yaml").data
+                lengths = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
             path = str(Path(path) / "reward_model")
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
@@ -109,11 +117,11 @@ class RewardModel:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model.config.pad_token_id = tok.pad_token_id
-        return cls(spec, model, tok)
+        return cls(spec, model, tok, **lengths)
 
     def score(self, prompts, completions):
         out, tok = [], self.tokenizer
-        rows = [self._ids(p, c)[-self.max_length:] for p, c in zip(prompts, completions)]
+        rows = [self._row(p, c) for p, c in zip(prompts, completions)]
         with torch.no_grad():
             for i in range(0, len(rows), self.batch_size):
                 chunk = rows[i: i + self.batch_size]
@@ -124,7 +132,14 @@ class RewardModel:
                 out += self.model(**batch).logits[:, 0].float().tolist()
         return out
 
-    def _ids(self, prompt, completion: str) -> list[int]:
+    def _row(self, prompt, completion: str) -> list[int]:
+        p_ids, c_ids = self._ids(prompt, completion)
+        if self.max_prompt_length is None:
+            return (p_ids + c_ids)[-self.max_length:]
+        p_ids, (c_ids,), _ = truncate(p_ids, [c_ids], self.max_length, self.max_prompt_length)
+        return p_ids + c_ids
+
+    def _ids(self, prompt, completion: str) -> tuple[list[int], list[int]]:
         """(prompt, completion) as the reward model reads it: through the one rendering
         (data/render.py) with ITS tokenizer, as messages when it has a chat template (a plain
         prompt as a user turn, the completion as the assistant's), else as text. `preftune
@@ -132,7 +147,7 @@ class RewardModel:
         model scores exactly the tokens it was trained on (render.as_chat serves both)."""
         tok = self.tokenizer
         prompt, completion = render.as_chat(tok, prompt, completion)
-        return render.prompt_ids(tok, prompt) + render.completion_ids(tok, prompt, completion, eos=tok.eos_token_id)
+        return render.prompt_ids(tok, prompt), render.completion_ids(tok, prompt, completion, eos=tok.eos_token_id)
 
 
 @dataclass
