@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/reward_model")
     ap.add_argument("--reuse-single", action="store_true", help="keep the single model already trained under --out "
                     "on the same pairs (its wall time from results.json) and train only the ensemble")
+    ap.add_argument("--reuse-ensemble", action="store_true", help="keep the ensemble members already trained under "
+                    "--out on the same pairs and redo only their held-out scoring through rm:")
     a = ap.parse_args()
     require_hh()
     out = ROOT / a.out
@@ -69,8 +71,21 @@ def main() -> None:
 
     per_member = a.member_pairs or a.pairs
     train = f"{HH / 'train.jsonl.gz'}[:{per_member * a.members}]"
-    _, secs = _preftune("train-rm", "--ensemble", str(a.members), "--split", "disjoint", f"data.train_path={train}",
-                        f"data.eval_path={dev}", f"run.output_dir={out / 'ensemble'}", *COMMON)
+    done = [out / "ensemble" / f"member-{k}" / "summary.json" for k in range(a.members)]
+    if a.reuse_ensemble and all(f.is_file() for f in done) and previous.get("ensemble", {}).get("train") == train:
+        # the members of an earlier invocation on the same pairs: only the held-out scoring through
+        # `rm:` is redone (with this checkout's scoring code); training wall time from results.json
+        from preftune.config import load_config
+        from preftune.rm import ensemble_heldout
+
+        secs = previous["ensemble"]["train_s"]
+        cfg = load_config(out / "ensemble" / "member-0" / "config.yaml", [f"data.eval_path={dev}"])
+        (out / "ensemble" / "ensemble_eval.json").write_text(
+            json.dumps(ensemble_heldout(out / "ensemble", cfg), indent=2) + "\n")
+    else:
+        _, secs = _preftune("train-rm", "--ensemble", str(a.members), "--split", "disjoint",
+                            f"data.train_path={train}", f"data.eval_path={dev}",
+                            f"run.output_dir={out / 'ensemble'}", *COMMON)
     members = [_eval(json.loads((out / "ensemble" / f"member-{k}" / "summary.json").read_text())["eval"])
                for k in range(a.members)]
     results["ensemble"] = {"train": train, "members": a.members, "train_s": secs, "member_heldout": members,
