@@ -363,9 +363,11 @@ def verdict(points: list[dict], meta: dict) -> str:
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: float(p["setting"].split("=")[1]))
         if len(pts) > 1:
             kls = [p["kl"] for p in pts]
-            moves = all(a >= b for a, b in zip(kls, kls[1:]))
+            falls = all(a > b for a, b in zip(kls, kls[1:]))
+            flat = not falls and all(abs(a - b) < 0.005 for a, b in zip(kls, kls[1:]))
             lines.append(f"- {method}: KL by beta " + ", ".join(f"{p['setting']} -> {p['kl']:.2f}" for p in pts)
-                         + ("; KL falls as beta rises, as it should." if moves else
+                         + ("; KL falls as beta rises, as it should." if falls else
+                            "; KL does not change with beta at this budget." if flat else
                             "; KL does not fall monotonically as beta rises."))
     rounds = [p for p in points if p["method"] == "iterative DPO"]
     if len(rounds) > 1:
@@ -382,7 +384,8 @@ def verdict(points: list[dict], meta: dict) -> str:
     slow = max(trained, key=lambda p: p.get("wall_s", 0.0), default=None)
     if slow:
         lines.append(f"- Wall-clock: the slowest point is {slow['method']} {slow['setting']} ({slow['wall_s']:.0f} s); "
-                     f"the whole experiment took {meta['elapsed_s']:.0f} s.")
+                     f"the last invocation took {meta['elapsed_s']:.0f} s (points finished by earlier invocations are reused; "
+                     f"the points' own wall-clocks are in results.json).")
     if meta["mode"] == "quick":
         lines += ["", "These are --quick smoke-test settings: the numbers show the pipeline runs, not a result."]
     return "\n".join(lines) + "\n"
