@@ -87,6 +87,9 @@ def test_ensemble_members_on_disjoint_slices_and_rm_of_the_ensemble(tmp_path, ti
     assert e["pairs"] == len(PAIRS) and 0.0 <= e["disagreement"] <= 1.0 and e["margin_spread_mean"] >= 0.0
     source = build_reward(f"rm:{run}")
     assert isinstance(source, Ensemble) and len(source.members) == 2 and source.disagreement_penalty == 0.5
+    # members score at the lengths they trained at (the held-out figures above come through them)
+    assert [(m.max_length, m.max_prompt_length) for m in source.members] == \
+        [(cfg.data.max_length, cfg.data.max_prompt_length)] * 2
 
 
 def test_rm_run_drives_iterate_end_to_end(tmp_path, tiny_model_dir):
@@ -140,6 +143,12 @@ def test_rm_of_a_run_cuts_long_pairs_as_training_did(tmp_path, tiny_model_dir):
     run = tmp_path / "rm"
     rm = build_reward(f"rm:{run}")
     assert (rm.max_length, rm.max_prompt_length) == (5, 2)
+    # the lengths live in the reward model's own directory: loading it directly (as an ensemble's
+    # members and an export are loaded) cuts the same way
+    assert json.loads((run / "reward_model" / "preftune_scoring.json").read_text()) == \
+        {"max_length": 5, "max_prompt_length": 2}
+    direct = build_reward(f"rm:{run / 'reward_model'}")
+    assert (direct.max_length, direct.max_prompt_length) == (5, 2)
     tok = rm.tokenizer
     for side in ("chosen", "rejected"):  # every side of PAIRS overflows 5 tokens, so the pair cut is the side's
         assert all(len(prompt_ids(tok, p["prompt"])) + len(completion_ids(tok, p["prompt"], p[side],

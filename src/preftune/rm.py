@@ -37,7 +37,7 @@ from .evaluate import wilson
 from .losses import LOSSES, build_loss
 from .models import load_reward_start, load_tokenizer, resolve_model_dir
 from .prepare import load_data
-from .rewards import build_reward
+from .rewards import SCORING_FILE, build_reward
 from .safeio import atomic_path, atomic_write
 from .train import RunResult, check_output_dir, train
 
@@ -79,6 +79,9 @@ def export_reward_model(cfg: Config, run_dir: Path, tokenizer) -> Path:
     with atomic_path(dest, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # the lengths it trained at: `rm:` cuts long texts the same way (travels with an export)
+        (Path(tmp) / SCORING_FILE).write_text(json.dumps(
+            {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}) + "\n")
     return dest
 
 

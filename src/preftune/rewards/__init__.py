@@ -33,13 +33,15 @@ from ..data.collate import collate_sequences
 from ..data.tokenize import truncate
 from ..devices import place
 from ..errors import ConfigError
+from ..safeio import loads_json, read_capped
 from ..generate import run_models
 from ..logprobs import completion_logps
 from ..models import load_model, load_tokenizer, resolve_model_dir
 from .judge import JudgeReward
 from .verifiable import arithmetic_reward
 
-__all__ = ["sentiment_scores", "RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward"]
+__all__ = ["sentiment_scores", "RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward",
+           "SCORING_FILE"]
 
 
 class RewardSource(Protocol):
@@ -84,6 +86,28 @@ def _callable(spec: str, arg: str) -> FunctionReward:
     return FunctionReward(spec, fn)
 
 
+SCORING_FILE = "preftune_scoring.json"  # written by `preftune train-rm` beside its reward model
+
+
+def _trained_lengths(model_dir: Path) -> dict:
+    """The data lengths a `preftune train-rm` reward model trained at: its SCORING_FILE, or (a run
+    from before that file) the run's config.yaml one level up; {} for any other classifier."""
+    if (model_dir / SCORING_FILE).is_file():
+        got = loads_json(read_capped(model_dir / SCORING_FILE, field=SCORING_FILE, cap=4096),
+                         model_dir / SCORING_FILE, field=SCORING_FILE)
+        ok = isinstance(got, dict) and all(isinstance(got.get(k), int) and not isinstance(got.get(k), bool)
+                                           and got[k] > 0 for k in ("max_length", "max_prompt_length"))
+        if not ok or got["max_prompt_length"] >= got["max_length"]:
+            raise ConfigError(str(model_dir / SCORING_FILE), "max_length",
+                              "expected positive integers max_length > max_prompt_length")
+        return {"max_length": got["max_length"], "max_prompt_length": got["max_prompt_length"]}
+    run_config = model_dir.parent / "config.yaml"
+    if model_dir.name == "reward_model" and run_config.is_file():
+        d = load_config(run_config).data
+        return {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
+    return {}
+
+
 @dataclass
 class RewardModel:
     """A sequence-classification model scoring the prompt and completion as one text."""
@@ -105,12 +129,9 @@ class RewardModel:
 
         if not Path(path).is_dir():
             raise ConfigError(spec, "reward", f"no reward model directory at {path}")
-        lengths = {}
         if (Path(path) / "reward_model").is_dir():  # a `preftune train-rm` run: its merged reward model
-            if (Path(path) / "config.yaml").is_file():  # ... scores at the lengths it trained at
-                d = load_config(Path(path) / "config.yaml").data
-                lengths = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
             path = str(Path(path) / "reward_model")
+        lengths = _trained_lengths(Path(path))
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
                                                                    trust_remote_code=False).eval()
