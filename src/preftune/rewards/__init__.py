@@ -33,10 +33,10 @@ from ..data.collate import collate_sequences
 from ..data.tokenize import truncate
 from ..devices import place
 from ..errors import ConfigError
-from ..safeio import loads_json, read_capped
 from ..generate import run_models
 from ..logprobs import completion_logps
 from ..models import load_model, load_tokenizer, resolve_model_dir
+from ..safeio import loads_json, read_capped
 from .judge import JudgeReward
 from .verifiable import arithmetic_reward
 
