@@ -118,3 +118,14 @@ def test_model_shape_reads_config_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     assert model_shape(str(tmp_path)) is None
     assert model_shape(str(tmp_path / "absent")) is None
+
+
+def test_evidence_lines_say_what_was_measured():
+    from preftune.advise import _evidence_line
+
+    line = _evidence_line({"data": "D", "base_logp_accuracy": 0.333, "implicit_accuracy": 0.685, "kl": 8.44,
+                           "health": []})
+    assert line == "D, base model's log-prob accuracy 0.333 -> trained implicit-reward accuracy 0.685, KL 8.44 nats, " \
+                   "no health flag"
+    assert _evidence_line({"data": "D", "note": "rose", "health": ["kl_drift"]}) == "D, health: kl_drift"
+    assert _evidence_line({"data": "D", "note": "rose"}) == "D, rose"

@@ -86,8 +86,14 @@ def _evidence_line(e: dict) -> str:
                                ("base_avg_logp_accuracy", "avg_logp_accuracy", "average-log-prob accuracy {} -> {}")):
         if after in e:
             parts.append(words.format(e.get(base, "?"), e[after]))
+    if "kl" in e:
+        parts.append(f"KL {e['kl']} nats")
     if e.get("health"):
         parts.append("health: " + "; ".join(map(str, e["health"])))
+    elif "health" in e:
+        parts.append("no health flag")
+    if len(parts) == 1 and e.get("note"):
+        parts.append(str(e["note"]))
     return ", ".join(parts)
 
 
