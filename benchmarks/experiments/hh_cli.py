@@ -1,8 +1,10 @@
-"""What the HH experiments share (sft_dpo, reward_model): where things are, the HH rendering and
-budget settings, and running the `preftune` CLI of this checkout's .venv with its wall time."""
+"""What the experiments share (sft_dpo, reward_model; frontier and benchmarks/quality use the
+logged runner): where things are, the HH rendering and budget settings, and running the
+`preftune` CLI with its wall time."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -30,3 +32,16 @@ def preftune(*args: str) -> tuple[str, float]:
 def require_hh() -> None:
     if not (HH / "train.jsonl.gz").is_file():
         sys.exit(f"{HH}: the shared HH data is absent; nothing to measure")
+
+
+def preftune_logged(args: list[str], log: Path) -> tuple[int, float]:
+    """`python -m preftune ARGS` with this checkout's src first on the path (works from a git
+    worktree without its own .venv), its output to `log`: (exit code, wall seconds)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run([sys.executable, "-m", "preftune", *args], stdout=f, stderr=subprocess.STDOUT,
+                              cwd=ROOT, env=env).returncode
+    return code, round(time.perf_counter() - t0, 1)

@@ -93,8 +93,6 @@ import csv
 import hashlib
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,7 +100,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
-from hh_cli import HH, HH_SETTINGS  # noqa: E402 (the HH experiments' rendering settings and paths)
+from hh_cli import HH, HH_SETTINGS, preftune_logged  # noqa: E402 (the HH settings, paths, CLI runner)
 
 sys.path.insert(0, str(HERE))
 from quality_outputs import acceptance, write_outputs  # noqa: E402,F401 (acceptance: for tests and readers)
@@ -196,18 +194,7 @@ def estimate_seconds(s: dict, methods: list[str], datasets: list[str], rates: di
 
 # ---- running preftune ----------------------------------------------------------------------
 
-def _preftune(args: list[str], log: Path) -> tuple[int, float]:
-    """`python -m preftune ARGS` with this checkout's src first on the path, output to `log`:
-    (exit code, wall seconds). hh_cli.preftune is not used: it runs ROOT/.venv/bin/preftune with
-    a scrubbed environment (no PREFTUNE_CACHE, no PYTHONPATH) and keeps no log."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        code = subprocess.run([sys.executable, "-m", "preftune", *args], stdout=f, stderr=subprocess.STDOUT,
-                              cwd=ROOT, env=env).returncode
-    return code, round(time.perf_counter() - t0, 1)
+_preftune = preftune_logged  # (exit code, wall seconds); hh_cli.preftune keeps no log
 
 
 def _rel(path: Path | str) -> str:

@@ -68,14 +68,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
+sys.path.insert(0, str(HERE.parent))
+from hh_cli import preftune_logged  # noqa: E402 (a sibling module: the logged CLI runner)
 
 SETTINGS = {
     "full": dict(train_prompts=96, heldout_prompts=24, samples_per_prompt=4, eval_samples=4, tokens=32, epochs=2,
@@ -101,18 +101,11 @@ def _recipe(s: dict, model: str, reward: str) -> list[str]:
 
 
 def _preftune(args: list[str], log: Path) -> float:
-    """Run `python -m preftune ARGS` (this checkout's src first on the path); its output goes to
-    `log`. Returns the wall-clock in seconds; a failure stops the experiment with the log's tail."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run([sys.executable, "-m", "preftune", *args], stdout=f, stderr=subprocess.STDOUT,
-                              cwd=ROOT, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        sys.exit(f"preftune {args[0]} failed ({proc.returncode}); {log}:\n{log.read_text()[-3000:]}")
+    """Run `python -m preftune ARGS` (hh_cli.preftune_logged); returns the wall-clock in seconds;
+    a failure stops the experiment with the log's tail."""
+    code, wall = preftune_logged(args, log)
+    if code:
+        sys.exit(f"preftune {args[0]} failed ({code}); {log}:\n{log.read_text()[-3000:]}")
     return wall
 
 
