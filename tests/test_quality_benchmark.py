@@ -92,6 +92,14 @@ def test_recipes_from_files_without_their_metadata_and_built_in_otherwise(tmp_pa
     args, source = run.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
     assert args == ["--config", str(tmp_path / "point" / "recipe.yaml")] and source["source"].endswith("sigmoid.yaml")
     assert source["recipe_meta"] == {"tuned": False}
+    # new evidence in the metadata keeps the key (finished points stay); a changed setting does not
+    (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\n  evidence: [x]\nloss:\n  beta: 0.2\n"
+                                                      "train:\n  lr: 1.0e-4\n")
+    assert run.recipe_for("sigmoid", tmp_path / "p2.yaml")[1]["settings_sha256"] == source["settings_sha256"]
+    (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.3\n"
+                                                      "train:\n  lr: 1.0e-4\n")
+    assert run.recipe_for("sigmoid", tmp_path / "p3.yaml")[1]["settings_sha256"] != source["settings_sha256"]
+    (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
     cfg = load_config(args[1], ["model.name_or_path=x"])  # loads: the recipe: block is gone
     assert (cfg.loss.beta, cfg.train.lr) == (0.2, 1e-4)
     for method in run.METHODS:  # every built-in recipe is a valid preftune configuration

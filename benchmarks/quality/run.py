@@ -214,7 +214,9 @@ def recipe_for(method: str, dest: Path) -> tuple[list[str], dict]:
         meta = data.pop("recipe", None)  # metadata: load_config skips it now, but older ones refuse it
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(yaml.safe_dump(data, sort_keys=False))
-        return ["--config", str(dest)], {"source": _rel(path), "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        # the key hashes the settings only: new evidence in the metadata does not redo finished points
+        digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        return ["--config", str(dest)], {"source": _rel(path), "settings_sha256": digest,
                                          "recipe_meta": meta, "file_settings": data}
     settings = BUILTIN[method]
     args = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
