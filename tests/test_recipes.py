@@ -5,7 +5,7 @@ import pytest
 from preftune.config import load_config
 from preftune.errors import ConfigError
 from preftune.losses import LOSSES
-from preftune.recipes import RECIPES, load_recipe, recipe_for_loss
+from preftune.recipes import RECIPES, load_recipe
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -34,9 +34,3 @@ def test_unknown_recipe_is_one_line_naming_the_known_ones():
     with pytest.raises(ConfigError) as err:
         load_config("recipe:dpo2")
     assert "unknown recipe" in str(err.value) and "sigmoid" in str(err.value)
-
-
-def test_recipe_for_loss_maps_the_rpo_mixture():
-    assert recipe_for_loss("sigmoid").name == "sigmoid"
-    assert recipe_for_loss("sigmoid", [["sigmoid", 1.0], ["sft", 0.2]]).name == "rpo"
-    assert recipe_for_loss("hinge") is None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .losses import LOSSES
 from .recipes import load_recipe
 
 __all__ = ["Advice", "advise", "memory_estimate_gb", "peak_memory_gb", "epochs_for", "pair_tokens",
@@ -134,9 +135,10 @@ def memory_estimate_gb(params: int, *, lora: bool, reference: bool) -> float:
 
 
 def advise(stats: dict, *, params: int, memory_gb: float | None, lora: bool, shape: dict | None = None,
-           max_length: int = 512, max_prompt_length: int = 256) -> Advice:
+           max_length: int | None = None, max_prompt_length: int | None = None) -> Advice:
     """`stats` from data.inspect.inspect_records; `params` the model's parameter count; `shape`
-    the model's {"layers", "hidden"} (no memory figure without it); lengths are the data settings."""
+    the model's {"layers", "hidden"} (no memory figure without it), which needs the run's
+    data.max_length and data.max_prompt_length."""
     reasons, warnings, overrides = [], [], []
     n = stats["records"]
     with_ref = memory_estimate_gb(params, lora=lora, reference=True)
@@ -181,7 +183,7 @@ def advise(stats: dict, *, params: int, memory_gb: float | None, lora: bool, sha
 
 
 def _with_numbers(a: Advice, stats: dict, *, params: int, memory_gb: float | None, lora: bool, shape: dict | None,
-                  max_length: int, max_prompt_length: int) -> Advice:
+                  max_length: int | None, max_prompt_length: int | None) -> Advice:
     """The recipe's settings for the chosen method, epochs for the data size, the expected memory."""
     recipe = load_recipe(a.loss)
     a.recipe = recipe.name
@@ -199,10 +201,12 @@ def _with_numbers(a: Advice, stats: dict, *, params: int, memory_gb: float | Non
                   "steps": epochs * max(1, math.ceil(stats["records"] / batch)), "lora": lora,
                   "lora_r": recipe.get("model.lora_r", 16),
                   "lora_target_modules": recipe.get("model.lora_target_modules", ["q_proj", "v_proj"])}
-    extra = [o for o in a.overrides if not o.startswith("loss.name=")]
-    a.overrides = [f"train.epochs={epochs}", *([f"train.lr={lr:g}", "model.lora=false"] if not lora else []), *extra]
+    a.overrides = [f"train.epochs={epochs}", *([f"train.lr={lr:g}", "model.lora=false"] if not lora else []),
+                   *a.overrides]
     if shape:
-        needs_reference = a.loss not in ("simpo", "orpo")
+        if max_length is None or max_prompt_length is None:
+            raise ValueError("a memory figure (shape) needs max_length and max_prompt_length")
+        needs_reference = LOSSES[a.loss].needs_reference
         tokens = pair_tokens(stats, max_length=max_length, max_prompt_length=max_prompt_length) * batch
         plain = peak_memory_gb(params, lora=lora, reference=needs_reference, tokens=tokens, **shape)
         ckpt = peak_memory_gb(params, lora=lora, reference=needs_reference, tokens=tokens, checkpointing=True, **shape)

@@ -421,7 +421,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults, then the YAML file, then `section.key=value` overrides; validated at the end."""
     cfg, origin = Config(), {}
     if path is not None:
-        path = recipe_path(path) if str(path).startswith(RECIPE_PREFIX) else Path(path)
+        path = recipe_path(str(path)) if str(path).startswith(RECIPE_PREFIX) else Path(path)
         if not path.exists():
             raise ConfigError(str(path), "<file>", "no such config file")
         try:

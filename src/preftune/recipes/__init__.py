@@ -16,13 +16,14 @@ measured runs used (tuned: false), and say so.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..safeio import load_yaml
 
-__all__ = ["RECIPE_DIR", "RECIPES", "Recipe", "load_recipe", "recipe_path", "recipe_for_loss", "PREFIX"]
+__all__ = ["RECIPE_DIR", "RECIPES", "Recipe", "load_recipe", "recipe_path", "PREFIX"]
 
 RECIPE_DIR = Path(__file__).resolve().parent
 RECIPES = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
@@ -42,24 +43,9 @@ class Recipe:
         return self.settings.get(section, {}).get(name, default)
 
     def overrides(self) -> list[str]:
-        """The recipe as `section.key=value` words (lists in YAML flow style)."""
-        out = []
-        for section, values in self.settings.items():
-            for key, value in values.items():
-                if isinstance(value, bool):
-                    text = str(value).lower()
-                elif isinstance(value, list):
-                    text = "[" + ", ".join(_flow(v) for v in value) + "]"
-                else:
-                    text = str(value)
-                out.append(f"{section}.{key}={text}")
-        return out
-
-
-def _flow(value) -> str:
-    if isinstance(value, list):
-        return "[" + ", ".join(_flow(v) for v in value) + "]"
-    return str(value)
+        """The recipe as `section.key=value` words (JSON values: YAML reads them back unchanged)."""
+        return [f"{section}.{key}={json.dumps(value)}" for section, values in self.settings.items()
+                for key, value in values.items()]
 
 
 def recipe_path(ref: str) -> Path:
@@ -75,10 +61,3 @@ def load_recipe(name: str) -> Recipe:
     data = load_yaml(path) or {}
     meta = data.pop("recipe", {})
     return Recipe(name=path.stem, settings=data, meta=meta, path=path)
-
-
-def recipe_for_loss(loss: str, mix: list | None = None) -> Recipe | None:
-    """The recipe of a loss name (a mixture of sigmoid and sft is `rpo`); None when none exists."""
-    if mix and {t[0] for t in mix if isinstance(t, list) and t} == {"sigmoid", "sft"}:
-        return load_recipe("rpo")
-    return load_recipe(loss) if loss in RECIPES else None
