@@ -28,7 +28,22 @@ def test_margin_explosion():
 
 def test_both_logps_falling():
     rows = _rows(20, **{**HEALTHY, "logps__chosen": lambda i: -50 - 1.0 * i, "logps__rejected": lambda i: -60 - 2 * i})
-    assert "both_logps_falling" in health_checks(rows, beta=0.1)
+    assert "both_logps_falling" in health_checks(rows, beta=0.1)  # no log-ratios (simpo, orpo): the raw logps
+
+
+def test_both_logps_falling_reads_the_log_ratios_of_the_same_pairs_when_there_is_a_reference():
+    """DPO on HH (benchmarks/quality, lr 5e-4): steps 41-50 drew pairs with longer chosen replies
+    (45.5 against 34.2 tokens in steps 1-10), so the raw logps fell 30 nats between windows while
+    the policy - reference log-ratios of the same pairs were -2.8 / -3.6 nats; the old check fired."""
+    batches = _rows(100, **{**HEALTHY, "logps__chosen": lambda i: -94 - 30 * (40 <= i < 50),
+                            "logps__rejected": lambda i: -127 - 6 * (40 <= i < 50),
+                            "logratios__chosen": lambda i: -0.06 * min(i, 45), "logratios__rejected": lambda i: -0.08 * min(i, 45)})
+    assert "both_logps_falling" not in health_checks(batches[:50], beta=0.1)  # -2.7 / -3.6: not below -5
+    falling = _rows(30, **{**HEALTHY, "logratios__chosen": lambda i: -0.3 * i, "logratios__rejected": lambda i: -0.4 * i})
+    assert "both_logps_falling" in health_checks(falling, beta=0.1)  # -7.4 / -9.8 over the last window
+    assert "both_logps_falling" not in health_checks(falling[:15], beta=0.1)  # -2.9 / -3.8
+    rising = _rows(30, **{**HEALTHY, "logratios__chosen": lambda i: 0.1 * i, "logratios__rejected": lambda i: -0.5 * i})
+    assert "both_logps_falling" not in health_checks(rising, beta=0.1)  # only the rejected side falls: DPO working
 
 
 def test_margin_stuck_like_chosen_equals_rejected():
@@ -58,7 +73,10 @@ def test_step_metrics_paired_hand_values():
     row = step_metrics(parts, paired=True)
     assert abs(row["rewards/margins"] - 0.1) < 1e-7
     assert row["rewards/accuracies"] == 0.5 and row["logps/chosen"] == -15.0 and row["lengths/chosen"] == 4.0
-    assert row["orpo/log_odds_ratio"] == 1.5
+    assert row["orpo/log_odds_ratio"] == 1.5 and "logratios/chosen" not in row  # reference-free: none
+    row = step_metrics({**parts, "logratio_chosen": torch.tensor([-1.0, -3.0]),
+                        "logratio_rejected": torch.tensor([-2.0, -6.0])}, paired=True)
+    assert (row["logratios/chosen"], row["logratios/rejected"]) == (-2.0, -4.0) and "logratio_chosen" not in row
 
 
 def test_step_metrics_unpaired_split_by_label():
@@ -69,6 +87,8 @@ def test_step_metrics_unpaired_split_by_label():
     assert abs(row["rewards/chosen"] - 0.2) < 1e-7 and abs(row["rewards/rejected"] + 0.2) < 1e-7
     assert abs(row["rewards/margins"] - 0.4) < 1e-7 and row["kl"] == 0.5
     assert (row["examples/desirable"], row["examples/undesirable"]) == (2, 1)
+    row = step_metrics({**parts, "logratio": torch.tensor([-1.0, -5.0, -3.0])}, paired=False)
+    assert (row["logratios/chosen"], row["logratios/rejected"]) == (-2.0, -5.0)  # desirable / undesirable
 
 
 def _probe_rows(n, **probes):
@@ -92,6 +112,15 @@ def test_length_drift_compares_samples_with_the_reference_length():
     assert "length_drift" in health_checks(rows, beta=0.1)  # 58 > 1.5 * 20
     steady = _probe_rows(20, probe__sample_length=lambda i: 21.0, probe__reference_length=lambda i: 20.0)
     assert "length_drift" not in health_checks(steady, beta=0.1)
+
+
+def test_length_collapse_flags_samples_cut_short():
+    # ORPO on TruthfulQA (benchmarks/quality): samples 11.5 tokens against the reference's 44.3, unflagged before
+    rows = _probe_rows(20, probe__sample_length=lambda i: 44.0 - 1.7 * i, probe__reference_length=lambda i: 44.3)
+    assert "length_collapse" in health_checks(rows, beta=0.1)  # 11.7 < 0.5 * 44.3
+    assert "length_collapse" not in health_checks(rows[:10], beta=0.1)  # 28.7 >= 22.15
+    assert "length_collapse" not in health_checks(rows, beta=0.1, length_shrink=0.2)
+    assert "length_drift" not in health_checks(rows, beta=0.1)
 
 
 def test_eval_regressing_fires_when_held_out_accuracy_falls_from_its_best():
@@ -121,7 +150,8 @@ def test_the_registry_runs_every_check_and_refuses_duplicates_and_unknown_thresh
     from preftune.diagnostics import HEALTH_CHECKS, health_check
 
     assert set(HEALTH_CHECKS) == {"nonfinite", "margin_explosion", "both_logps_falling", "margin_stuck",
-                                  "accuracy_saturated", "kl_drift", "length_drift", "eval_regressing"}
+                                  "accuracy_saturated", "kl_drift", "length_drift", "length_collapse",
+                                  "eval_regressing"}
     assert all(check.summary for check in HEALTH_CHECKS.values())
     with pytest.raises(ValueError, match="twice"):
         health_check("kl_drift", "kl_max")(lambda history, t, **_: False)

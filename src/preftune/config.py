@@ -270,6 +270,7 @@ def _range_problems(cfg: Config):
         ("diagnostics.probe_prompts", c.diagnostics.probe_prompts >= 1, "must be >= 1"),
         ("diagnostics.probe_eval_pairs", c.diagnostics.probe_eval_pairs >= 0, "must be >= 0"),
         ("diagnostics.length_growth", c.diagnostics.length_growth > 1, "must be > 1"),
+        ("diagnostics.length_shrink", 0 < c.diagnostics.length_shrink < 1, "must be in (0, 1)"),
     ]
     for key, ok, problem in checks:
         if not ok:

@@ -66,7 +66,10 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool 
             "lengths/rejected": _mean(parts["rejected_lengths"]),
         }
         standard = {"losses", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected",
-                    "chosen_lengths", "rejected_lengths"}
+                    "chosen_lengths", "rejected_lengths", "logratio_chosen", "logratio_rejected"}
+        if "logratio_chosen" in parts:  # losses with a reference: policy - reference logp, same pairs
+            row["logratios/chosen"] = _mean(parts["logratio_chosen"])
+            row["logratios/rejected"] = _mean(parts["logratio_rejected"])
         if reward_model:  # a reward model's "log-probs" are its scores; the log-prob checks must not read them
             row["scores/chosen"], row["scores/rejected"] = row.pop("logps/chosen"), row.pop("logps/rejected")
     else:
@@ -84,7 +87,10 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool 
             "examples/desirable": int(good.sum()),
             "examples/undesirable": int((~good).sum()),
         }
-        standard = {"losses", "rewards", "labels", "policy", "lengths"}
+        if "logratio" in parts:
+            row["logratios/chosen"] = _mean(parts["logratio"][good])
+            row["logratios/rejected"] = _mean(parts["logratio"][~good])
+        standard = {"losses", "rewards", "labels", "policy", "lengths", "logratio"}
     row.update({k: _mean(v) for k, v in parts.items() if k not in standard})
     return row
 
@@ -114,6 +120,7 @@ THRESHOLDS: dict[str, Threshold] = {
     "window": Threshold(10, "steps averaged at the start and the end of the history by the window checks"),
     "kl_max": Threshold(10.0, "kl_drift: sampled KL(policy || reference) above this (nats per sample)"),
     "length_growth": Threshold(1.5, "length_drift: policy samples longer than this times the reference's"),
+    "length_shrink": Threshold(0.5, "length_collapse: policy samples shorter than this times the reference's"),
     "eval_drop": Threshold(0.05, "eval_regressing: held-out accuracy this far below its best probe"),
 }
 HEALTH_DEFAULTS = {name: th.default for name, th in THRESHOLDS.items()}
@@ -161,12 +168,17 @@ def _margin_explosion(history, t, *, beta, **_):
 
 @health_check("both_logps_falling", "logp_fall_nats", "window")
 def _both_logps_falling(history, t, **_):
-    """Chosen and rejected logps both fell by more than `logp_fall_nats` between the first and
-    the last window (the policy moves probability elsewhere)."""
+    """Chosen and rejected logps both fell by more than `logp_fall_nats` (the policy moves
+    probability elsewhere): over the last window, the mean policy - reference log-ratio of the
+    step's own pairs (0 at the start), when the loss has a reference; else (simpo, orpo) the mean
+    logps of the first window minus those of the last, which also moves with the batches' lengths."""
     w = int(t["window"])
+    tail = history[-w:]
+    if len(history) >= w and all("logratios/chosen" in r for r in tail):
+        return all(_window_mean(tail, k) < -t["logp_fall_nats"] for k in ("logratios/chosen", "logratios/rejected"))
     if len(history) < 2 * w:
         return False
-    head, tail = history[:w], history[-w:]
+    head = history[:w]
     return all(_window_mean(head, k) - _window_mean(tail, k) > t["logp_fall_nats"]
                for k in ("logps/chosen", "logps/rejected"))
 
@@ -200,6 +212,14 @@ def _length_drift(history, t, **_):
     (responses getting longer instead of better)."""
     lengths, ref = _probed(history, "probe/sample_length"), _probed(history, "probe/reference_length")
     return bool(lengths and ref) and ref[0] > 0 and lengths[-1] > t["length_growth"] * ref[0]
+
+
+@health_check("length_collapse", "length_shrink")
+def _length_collapse(history, t, **_):
+    """Probe: the latest mean sample length is below `length_shrink` times the reference's
+    (answers cut short: a policy that ends early to lower the rejected side's log-prob)."""
+    lengths, ref = _probed(history, "probe/sample_length"), _probed(history, "probe/reference_length")
+    return bool(lengths and ref) and ref[0] > 0 and lengths[-1] < t["length_shrink"] * ref[0]
 
 
 @health_check("eval_regressing", "eval_drop")

@@ -64,10 +64,13 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
         parts = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
                  "policy_chosen": first, "policy_rejected": second, "chosen_lengths": first_n,
                  "rejected_lengths": second_n}
+        if spec.needs_reference:  # policy - reference on the same pairs: what both_logps_falling reads
+            parts.update(logratio_chosen=first - ref_first, logratio_rejected=second - ref_second)
     else:
         out = spec.fn(first, ref_first, labels=batch["labels"], policy_kl_logps=second,
                       reference_kl_logps=ref_second, **kwargs)
-        parts = {"rewards": out.rewards, "labels": batch["labels"], "policy": first, "lengths": first_n}
+        parts = {"rewards": out.rewards, "labels": batch["labels"], "policy": first, "lengths": first_n,
+                 "logratio": first - ref_first}
     n = out.losses.size(0)
     extras = {k: v.expand(n) if v.dim() == 0 else v for k, v in out.metrics.items()}
     parts = {k: v.detach() for k, v in {"losses": out.losses, **parts, **extras}.items()}
