@@ -75,17 +75,41 @@ def test_every_shipped_config_validates():
 
 def test_help_lists_every_key():
     text = config_help()
-    assert "train.lr = 0.0" in text and "5e-5 with LoRA" in text and "loss.beta" in text and text.count("\n") >= 30
+    assert "train.lr = 0.0" in text and "the loss's recipe" in text and "loss.beta" in text and text.count("\n") >= 30
 
 
 def test_lr_default_depends_on_lora_and_dpo_is_sigmoid():
     from preftune.config import load_config
+    from preftune.recipes import load_recipe
 
-    assert load_config(None, []).train.lr == 5e-5
-    assert load_config(None, ["model.lora=false"]).train.lr == 5e-6
+    recipe_lr = load_recipe("sigmoid").get("train.lr")
+    assert load_config(None, []).train.lr == recipe_lr != 5e-5  # recipes/sigmoid.yaml, not the generic default
+    assert load_config(None, ["model.lora=false"]).train.lr == pytest.approx(recipe_lr / 10)  # full fine-tuning
+    assert load_config(None, ["loss.name=robust"]).train.lr == 5e-5  # no recipe: the generic LoRA default
     assert load_config(None, ["model.lora=false", "train.lr=1e-4"]).train.lr == 1e-4
     assert load_config(None, ["loss.name=dpo"]).loss.name == "sigmoid"
     assert load_config(None, ["loss.mix=[[dpo, 1.0], [sft, 0.2]]"]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
+
+
+def test_unset_loss_settings_come_from_the_loss_recipe_and_set_ones_stay(tmp_path):
+    from preftune.config import load_config, save_config
+    from preftune.recipes import load_recipe
+
+    r = load_recipe("simpo")
+    simpo = load_config(None, ["loss.name=simpo"])
+    assert (simpo.loss.beta, simpo.loss.simpo_gamma, simpo.train.lr) == (r.get("loss.beta"), r.get("loss.simpo_gamma"),
+                                                                         r.get("train.lr"))
+    assert simpo.loss.beta >= 1  # SimPO's scale (the paper's 2-2.5), not DPO's 0.1
+    assert load_config(None, ["loss.name=simpo", "loss.beta=1"]).loss.beta == 1.0
+    assert load_config(None, ["loss.name=cdpo"]).loss.label_smoothing == 0.1
+    assert load_config(None, ["loss.name=kto"]).loss.kto_auto_weights is True
+    assert load_config(None, ["loss.name=kto", "loss.desirable_weight=1.3"]).loss.kto_auto_weights is False
+    assert load_config(None, ["loss.mix=[[sigmoid, 1.0], [sft, 0.2]]"]).train.lr == load_recipe("rpo").get("train.lr")
+    assert load_config(None, ["loss.name=sigmoid", "train.batch_size=2"]).train.batch_size == 2
+    # a saved run's config sets every key: reloading it never takes a recipe's value
+    save_config(load_config(None, ["loss.name=simpo", "loss.beta=0.7", "train.lr=1e-5"]), tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert (again.loss.beta, again.train.lr) == (0.7, 1e-5)
 
 
 def test_every_pairing_mode_is_accepted_and_nothing_else():

@@ -22,7 +22,7 @@ from .diagnostics import CHECKS, THRESHOLDS
 from .errors import ConfigError, DataError
 from .losses import ALIASES, LOSSES  # the registry is the single source of loss names
 from .recipes import PREFIX as RECIPE_PREFIX
-from .recipes import recipe_path
+from .recipes import load_recipe, recipe_name, recipe_path
 from .safeio import load_yaml
 from .version import __version__
 
@@ -116,8 +116,9 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = _f(0.0, "peak learning rate; 0 = the default for the setup: 5e-5 with LoRA, 5e-6 for full "
-                        "fine-tuning (full updates move every weight, so they take a 10x smaller step)")
+    lr: float = _f(0.0, "peak learning rate; 0 = the default for the setup: the loss's recipe "
+                        "(preftune/recipes/<loss>.yaml) with LoRA and a tenth of it for full fine-tuning (full updates "
+                        "move every weight, so they take a 10x smaller step); 5e-5 / 5e-6 for a loss without a recipe")
     batch_size: int = _f(4, "pairs per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     epochs: int = _f(1, "passes over the training data")
@@ -438,22 +439,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, value = parse_override(text)
         section, _, name = key.partition(".")
         _apply(cfg, {section: {name: value}}, "command line", origin)
-    _resolve_defaults(cfg)
+    _resolve_defaults(cfg, origin)
     for key, problem in _range_problems(cfg):
         raise ConfigError(origin.get(key.split("[")[0], "defaults"), key, problem)
     return cfg
 
 
-LORA_LR, FULL_LR = 5e-5, 5e-6
+LORA_LR = 5e-5  # losses without a recipe (robust, hinge, sft, ...); full fine-tuning takes a tenth
 
 
-def _resolve_defaults(cfg: Config) -> None:
-    """Defaults that depend on other settings, written into the config (config.yaml shows them)."""
-    if cfg.train.lr == 0:
-        cfg.train.lr = LORA_LR if cfg.model.lora else FULL_LR
+def _resolve_defaults(cfg: Config, origin: dict) -> None:
+    """Defaults that depend on other settings, written into the config (config.yaml shows them).
+    The loss's recipe (preftune.recipes) gives the learning rate when none is set (a tenth of it
+    for full fine-tuning) and its loss settings the user did not set (simpo's beta 2, cdpo's
+    label smoothing, ...); batch, epochs and LoRA shape stay the user's (see `preftune advise`)."""
     cfg.loss.name = ALIASES.get(cfg.loss.name, cfg.loss.name)
     cfg.loss.mix = [[ALIASES.get(t[0], t[0]), *t[1:]] if isinstance(t, list) and t and isinstance(t[0], str) else t
                     for t in cfg.loss.mix]
+    name = recipe_name(cfg.loss.name, cfg.loss.mix)
+    recipe = load_recipe(name) if name else None
+    if recipe is not None:
+        types = {f.name: f.type for f in dataclasses.fields(cfg.loss)}
+        # weights the user gave by hand are not replaced by the recipe's automatic ones
+        mine = {"kto_auto_weights"} if {"loss.desirable_weight", "loss.undesirable_weight"} & set(origin) else set()
+        for key, value in recipe.settings.get("loss", {}).items():
+            if key not in ("name", "mix", *mine) and f"loss.{key}" not in origin:
+                setattr(cfg.loss, key, _coerce(value, types[key], str(recipe.path), f"loss.{key}"))
+                origin[f"loss.{key}"] = str(recipe.path)
+    if cfg.train.lr == 0:
+        lora_lr = recipe.get("train.lr", LORA_LR) if recipe is not None else LORA_LR
+        cfg.train.lr = lora_lr if cfg.model.lora else lora_lr / 10
 
 
 def _check_version(saved: str | None, path: Path) -> None:

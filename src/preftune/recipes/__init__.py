@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..safeio import load_yaml
 
-__all__ = ["RECIPE_DIR", "RECIPES", "Recipe", "load_recipe", "recipe_path", "PREFIX"]
+__all__ = ["RECIPE_DIR", "RECIPES", "Recipe", "load_recipe", "recipe_path", "recipe_name", "PREFIX"]
 
 RECIPE_DIR = Path(__file__).resolve().parent
 RECIPES = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
@@ -54,6 +54,15 @@ def recipe_path(ref: str) -> Path:
     if name not in RECIPES:
         raise ConfigError("command line", ref, f"unknown recipe; known: {', '.join(RECIPES)}")
     return RECIPE_DIR / f"{name}.yaml"
+
+
+def recipe_name(loss: str, mix: list) -> str | None:
+    """The recipe a loss setting runs with by default: the loss's own, `rpo` for the DPO + SFT mix,
+    None for losses without one (robust, hinge, sft, bt, grpo, other mixes)."""
+    if mix:
+        terms = sorted(t[0] for t in mix if isinstance(t, list) and t)
+        return "rpo" if terms == ["sft", "sigmoid"] else None
+    return loss if loss in RECIPES else None
 
 
 def load_recipe(name: str) -> Recipe:
