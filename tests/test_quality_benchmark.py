@@ -142,6 +142,10 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
     assert list(r)[:14] == list(_row("hh", "cdpo", 0.5, 0.7, 1.0))[:14]  # the outputs test's rows are shaped like these
     simpo = run.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
     assert simpo["gain_over_own_start"] == pytest.approx(0.15) and simpo["before_mean_logp_acc"] == 0.55
+    e.update({"kl": 3.0, "sample_length/policy/mean": 11.5, "sample_length/reference/mean": 44.3})  # ORPO on TQA
+    (tmp_path / "eval.json").write_text(json.dumps(e))
+    assert run.summarize({"name": "hh"}, "orpo", point, base)["flags"] == ["margin_explosion (step 7)",
+                                                                          "length_collapse (eval)"]  # 0.26 < 0.5
     failed = run.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
     assert failed == {"dataset": "hh", "method": "kto", "error": "hh kto train exited 3", "log": "l"}
 
@@ -228,3 +232,100 @@ def test_quick_run_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert run.main(args) == 0  # finished points are kept: nothing is trained or evaluated again
     assert (out / "truthfulqa" / "kto" / "point.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["truthfulqa kto"]["gain"] == results["truthfulqa kto"]["gain"]
+
+
+def _peer():
+    spec = importlib.util.spec_from_file_location("quality_peer_trl", SCRIPT.parent / "peer_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_trl_gets_preftunes_order_warmup_and_an_equal_time_step_count():
+    """TRL is handed preftune's epoch-0 order and warmup length; its equal-time run gets the steps
+    its measured per-step time fits into preftune's seconds, at least 1 and at most the epoch."""
+    import torch
+
+    from preftune.checkpoint import EpochSampler
+
+    peer = _peer()
+    order = peer.preftune_order(10, 0)
+    assert sorted(order) == list(range(10)) and order != list(range(10))
+    assert order == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    assert order == list(iter(EpochSampler(10, 0)))
+    assert (peer.warmup_steps(0.1, 100), peer.warmup_steps(0.1, 27), peer.warmup_steps(0.1, 9)) == (10, 2, 0)
+    assert peer.equal_time_steps(400.0, 14.9, 100) == 26  # 26 * 14.9 = 387 s <= 400 s
+    assert peer.equal_time_steps(400.0, 1.0, 100) == 100 and peer.equal_time_steps(5.0, 14.9, 100) == 1
+
+
+def _search():
+    spec = importlib.util.spec_from_file_location("quality_search", SCRIPT.parent / "search.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_point(tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from preftune.recipes import RECIPE_DIR
+
+    search = _search()
+    data = {"name": "truthfulqa", "train": "/d/train.jsonl[:160]", "dev": "/d/dev.jsonl[:168]", "train_pairs": 160}
+    val = search.validation_inputs(data, 120)
+    assert val["dev"] == "/d/train.jsonl[160:280]" and val["train"] == data["train"]  # never the dev file
+    rows = [{"lr": 1e-3, "beta": 0.1, "implicit_acc": 0.80, "kl": 12.0, "flags": ["kl_drift (eval)"]},
+            {"lr": 5e-4, "beta": 0.1, "implicit_acc": 0.70, "kl": 8.0, "flags": []},
+            {"lr": 5e-4, "beta": 0.3, "implicit_acc": 0.697, "kl": 3.0, "flags": []},  # within 0.005: lower KL wins
+            {"lr": 2e-4, "beta": 0.1, "implicit_acc": 0.60, "kl": 1.0, "flags": []},
+            {"lr": 2e-4, "beta": 0.3, "error": "train exited 1"}]
+    assert (search.choose(rows)["lr"], search.choose(rows)["beta"]) == (5e-4, 0.3)
+    assert search.choose(rows[:1]) is None and search.choose([]) is None
+    monkeypatch.setattr(search.quality, "RECIPES", tmp_path)
+    shutil.copy(RECIPE_DIR / "sigmoid.yaml", tmp_path / "sigmoid.yaml")
+    result = {"lrs": [2e-4, 5e-4, 1e-3], "betas": [0.1, 0.3], "train_pairs": 160, "val_pairs": 120, "model": "m",
+              "command": "search.py --method sigmoid", "rows": rows}
+    path = search.write_recipe("sigmoid", "truthfulqa", search.choose(rows), result)
+    written = yaml.safe_load(path.read_text())
+    assert written["train"]["lr"] == 5e-4 and written["loss"]["beta"] == 0.3 and written["recipe"]["tuned"] is True
+    assert written["recipe"]["evidence"][0]["chosen"] == {"lr": 5e-4, "beta": 0.3}
+    assert len(written["recipe"]["evidence"][0]["grid"]) == 4 and path.read_text().startswith("#")
+    cfg = load_config(path)  # still a config that loads, metadata skipped
+    assert (cfg.train.lr, cfg.loss.beta) == (5e-4, 0.3)
+
+
+def test_collect_mode_gathers_finished_points_and_trains_nothing(tmp_path):
+    run = _script()
+    calls = []
+
+    def make():
+        calls.append(1)
+        return {"value": 1}
+    assert run._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) is None and not calls
+    assert run._cached(tmp_path / "p.json", {"k": 1}, make) == {"key": {"k": 1}, "value": 1} and calls == [1]
+    assert run._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) == {"key": {"k": 1}, "value": 1}
+    assert run._cached(tmp_path / "p.json", {"k": 2}, make, finished_only=True) is None and calls == [1]  # other settings
+
+
+def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkeypatch):
+    """A run recorded both_logps_falling from raw logps of longer batches; replayed with the
+    log-ratios (rewards / beta for a run that predates them) it has no flag, and the note says so."""
+    from preftune.config import save_config
+
+    run = _script()
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(None, ["loss.beta=0.1"]), run_dir / "config.yaml")
+    rows = [{"step": i + 1, "loss": 0.69, "rewards/margins": 0.01, "rewards/accuracies": 0.6,
+             "logps/chosen": -94.0 - 30 * (i >= 40), "logps/rejected": -127.0 - 6 * (i >= 40),
+             "rewards/chosen": -0.006 * min(i, 45), "rewards/rejected": -0.008 * min(i, 45)} for i in range(50)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run.replay_health(Path("run"), "sigmoid") == {}  # log-ratios -2.7 / -3.6 nats: not both below -5
+    assert run.replay_health(Path("run"), "simpo") == {"both_logps_falling": 49}  # reference-free: raw logps (9 longer batches in the window)
+    for i, r in enumerate(rows):
+        r["rewards/chosen"], r["rewards/rejected"] = -0.03 * i, -0.04 * i  # log-ratios down to -14.7 / -19.6
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run.replay_health(Path("run"), "sigmoid") == {"both_logps_falling": 23}  # -5.25 / -7.0 over steps 14-23

@@ -37,9 +37,10 @@ lever), seed 0, and no held-out data in training (data.eval_path empty, probes o
 off: the dev pairs are never seen or used for selection). Every recipe and built-in setting runs
 one epoch today, at 4 or 8 pairs per step (KTO: 8 examples = 4 pairs' two sides), so each point
 sees each of its training pairs once: the methods get equal compute per pair, not equal steps.
-With probes off the run's own kl_drift and length_drift checks cannot fire; the same checks are
-applied to the evaluation's sampled KL and lengths with the run's thresholds (diagnostics.kl_max,
-length_growth) and reported as "kl_drift (eval)" and "length_drift (eval)". KL and lengths:
+With probes off the run's own kl_drift, length_drift and length_collapse checks cannot fire; the
+same checks are applied to the evaluation's sampled KL and lengths with the run's thresholds
+(diagnostics.kl_max, length_growth, length_shrink) and reported as "kl_drift (eval)",
+"length_drift (eval)" and "length_collapse (eval)". KL and lengths:
 `preftune eval --run` with eval.kl_prompts=16 held-out prompts x eval.kl_samples=2 samples x 48
 new tokens (policy and reference each; lengths are capped at 48 tokens). That is the cheapest
 honest KL: eval loads both models anyway, and the training probes would sample the same way
@@ -80,10 +81,11 @@ mean nothing.
 
 Writes results.json (a row per base evaluation and per point; settings; the acceptance checks of
 issue 18 computed from the numbers), results.md (the table and notes) and gain_vs_kl.png beside
-this file; with --quick into --out instead. The files committed beside it should come from one
-invocation over every method and data set (finished points cost nothing to collect again): a
-filtered invocation writes only its own rows. Issue 18 item 5 (TRL at equal steps / equal time)
-is not implemented here.
+this file; with --quick into --out instead. A filtered invocation writes only its own rows, so
+the committed files come from `--collect` over every method and data set (with the same
+--hh-pairs/--hh-dev/--tqa-pairs as the runs): it trains nothing and gathers the finished points,
+leaving out the ones not run. TRL at equal steps and equal time (issue 18 item 5) is
+peer_trl.py beside this file; the per-method search (item 2) is search.py.
 """
 
 from __future__ import annotations
@@ -237,13 +239,16 @@ def dataset_inputs(name: str, out: Path, s: dict) -> dict:
             "split": split}
 
 
-def _cached(path: Path, key: dict, make) -> dict:
-    """A finished step's record when its key (settings) is unchanged, else make it; failures are not kept."""
+def _cached(path: Path, key: dict, make, finished_only: bool = False) -> dict | None:
+    """A finished step's record when its key (settings) is unchanged, else make it (None with
+    `finished_only`); failures are not kept."""
     key = json.loads(json.dumps(key, default=str))  # as stored (a recipe's YAML may hold dates)
     if path.is_file():
         record = json.loads(path.read_text())
         if record.get("key") == key:
             return record
+    if finished_only:
+        return None
     record = {"key": key, **make()}
     if "error" not in record:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +262,7 @@ def _failed(step: str, code: int, log: Path) -> dict:
     return {"error": f"{step} exited {code}", "log": _rel(log)}
 
 
-def base_eval(data: dict, out: Path, s: dict, model: str) -> dict:
+def base_eval(data: dict, out: Path, s: dict, model: str, finished_only: bool = False) -> dict | None:
     """The base model on the dev pairs: log-prob accuracy (every method's baseline) and, under the
     reference-free simpo scorer, its mean-log-prob accuracy (simpo's and orpo's starting value)."""
     dest, log = out / "base" / f"{data['name']}.json", out / "logs" / f"{data['name']}-base.log"
@@ -273,18 +278,21 @@ def base_eval(data: dict, out: Path, s: dict, model: str) -> dict:
                 "logp_acc_ci95": e["accuracy/logp_ci95"], "mean_logp_acc": e["accuracy/implicit_reward"],
                 "mean_logp_acc_ci95": e["accuracy/implicit_reward_ci95"], "dev_pairs": e["pairs"],
                 "perplexity_chosen": e["perplexity/chosen"], "wall_s": wall, "eval_file": _rel(dest)}
-    return _cached(out / "points" / f"{data['name']}-base.json", key, make)
+    return _cached(out / "points" / f"{data['name']}-base.json", key, make, finished_only)
 
 
-def train_args(data: dict, method: str, run: Path, model: str) -> tuple[list[str], dict]:
+def train_args(data: dict, method: str, run: Path, model: str, extra: tuple = ()) -> tuple[list[str], dict]:
     """`preftune train` arguments: the recipe, then what the benchmark fixes over any recipe (the data,
-    the seed, no held-out data in training; the schedule stays the recipe's)."""
+    the seed, no held-out data in training; the schedule stays the recipe's), then `extra` overrides
+    (search.py's grid point: lr, beta)."""
     recipe_args, recipe = recipe_for(method, run.parent / "recipe.yaml")
     fixed = [f"model.name_or_path={model}", *data["settings"], f"data.train_path={data['train']}", "data.eval_path=",
              "train.seed=0", "train.keep_best=false", "diagnostics.probe_every=0", f"run.output_dir={run}",
              "run.overwrite=true"]
     if method in UNPAIRED:
         fixed.append("data.paired_to_unpaired=true")
+    if extra:
+        return ["train", *recipe_args, *fixed, *extra], {**recipe, "fixed_by_benchmark": fixed, "grid_point": list(extra)}
     return ["train", *recipe_args, *fixed], {**recipe, "fixed_by_benchmark": fixed}
 
 
@@ -293,26 +301,29 @@ def eval_args(run: Path, data: dict, dest: Path, s: dict) -> list[str]:
             f"eval.kl_samples={s['kl_samples']}", f"eval.max_new_tokens={s['max_new_tokens']}"]
 
 
-def run_point(data: dict, method: str, out: Path, s: dict, model: str) -> dict:
-    """Train one (data set, method) point and evaluate it on the dev pairs (cached by its settings)."""
-    root = out / data["name"] / method
+def run_point(data: dict, method: str, out: Path, s: dict, model: str, extra: tuple = (), name: str = "",
+              finished_only: bool = False) -> dict | None:
+    """Train one (data set, method) point and evaluate it on the dev pairs (cached by its settings).
+    `extra`/`name`: a grid point's overrides and its directory name under the method (search.py)."""
+    root = out / data["name"] / method / name if name else out / data["name"] / method
     run, dest = root / "run", root / "eval.json"
-    args, recipe = train_args(data, method, run, model)
+    args, recipe = train_args(data, method, run, model, extra)
     key = {"model": model, "train": _rel(data["train"]), "dev": _rel(data["dev"]), "split": data["split"],
            "recipe": {k: v for k, v in recipe.items() if k != "recipe_meta"},
            "eval": eval_args(Path("RUN"), {**data, "dev": _rel(data["dev"])}, Path("OUT"), s)}
 
     def make():
-        log = out / "logs" / f"{data['name']}-{method}-train.log"
+        tag = f"{data['name']}-{method}" + (f"-{name}" if name else "")
+        log = out / "logs" / f"{tag}-train.log"
         code, train_s = _preftune(args, log)
         if code:
             return _failed(f"{data['name']} {method} train", code, log)
-        log = out / "logs" / f"{data['name']}-{method}-eval.log"
+        log = out / "logs" / f"{tag}-eval.log"
         code, eval_s = _preftune(eval_args(run, data, dest, s), log)
         if code:
             return _failed(f"{data['name']} {method} eval", code, log)
         return {"train_s": train_s, "eval_s": eval_s, "recipe": recipe, "run": _rel(run), "eval_file": _rel(dest)}
-    return _cached(root / "point.json", key, make)
+    return _cached(root / "point.json", key, make, finished_only)
 
 
 def _resolved(run: Path) -> dict:
@@ -330,7 +341,32 @@ def _resolved(run: Path) -> dict:
             "grad_accum": c["train"]["grad_accum"], "epochs": c["train"]["epochs"], "max_steps": c["train"]["max_steps"],
             "warmup_ratio": c["train"]["warmup_ratio"], "lora_r": c["model"]["lora_r"],
             "lora_target_modules": c["model"]["lora_target_modules"],
-            "thresholds": {k: c["diagnostics"][k] for k in ("kl_max", "length_growth")}}
+            # length_shrink: runs trained before the length_collapse check have no such field (its default)
+            "thresholds": {"kl_max": c["diagnostics"]["kl_max"], "length_growth": c["diagnostics"]["length_growth"],
+                           "length_shrink": c["diagnostics"].get("length_shrink", 0.5)}}
+
+
+def replay_health(run: Path, method: str) -> dict[str, int]:
+    """{check: first step} of today's health checks replayed over the run's metrics.jsonl with its
+    own beta and thresholds, so that every row is flagged by the same checks whatever code trained
+    it. Runs from before `logratios/*` were logged get them back as rewards / beta, which is the
+    policy - reference log-ratio for every loss with a reference here (DPO family, KTO)."""
+    import yaml
+
+    from preftune.diagnostics import HEALTH_DEFAULTS, health_checks
+
+    c = yaml.safe_load((ROOT / run / "config.yaml").read_text())
+    beta, thresholds = c["loss"]["beta"], {k: c["diagnostics"].get(k, v) for k, v in HEALTH_DEFAULTS.items()}
+    rows = [json.loads(x) for x in (ROOT / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    if method not in REFERENCE_FREE:
+        for r in rows:
+            if "logratios/chosen" not in r and "rewards/chosen" in r:
+                r["logratios/chosen"], r["logratios/rejected"] = r["rewards/chosen"] / beta, r["rewards/rejected"] / beta
+    first: dict[str, int] = {}
+    for i in range(1, len(rows) + 1):
+        for name in health_checks(rows[:i], beta=beta, paired=method not in UNPAIRED, **thresholds):
+            first.setdefault(name, rows[i - 1].get("step", i))
+    return first
 
 
 def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
@@ -347,11 +383,15 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
     logp_gain, logp_gain_ci = newcombe(logp, logp_ci, base["logp_acc"], base["logp_acc_ci95"])
     pol, ref = e.get("sample_length/policy/mean"), e.get("sample_length/reference/mean")
     ratio = pol / ref if pol is not None and ref else None
-    flags = [f"{name} (step {step})" for name, step in (s.get("health") or {}).items()]
+    recorded = s.get("health") or {}
+    replayed = replay_health(Path(p["run"]), method) if (ROOT / p["run"] / "metrics.jsonl").is_file() else recorded
+    flags = [f"{name} (step {step})" for name, step in replayed.items()]
     if e.get("kl", 0.0) > cfg["thresholds"]["kl_max"]:
         flags.append("kl_drift (eval)")
     if ratio is not None and ratio > cfg["thresholds"]["length_growth"]:
         flags.append("length_drift (eval)")
+    if ratio is not None and ratio < cfg["thresholds"]["length_shrink"]:
+        flags.append("length_collapse (eval)")
     # the headline fields first: `preftune report --experiment` shows a row's first 14 scalar fields
     row.update({"recipe": p["recipe"]["source"], "before_logp_acc": base["logp_acc"], "implicit_acc": imp,
                 "implicit_acc_ci95": imp_ci, "gain": gain, "gain_ci95": gain_ci, "kl": e.get("kl"),
@@ -363,7 +403,8 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
                 "eval_s": p["eval_s"], "steps": s["steps"], "train_examples": s["data"]["pairs"],
                 "train_unit": "examples (each pair's two sides)" if method in UNPAIRED else "pairs",
                 "train_truncated": s["data"]["truncated"], "dev_pairs": e["pairs"], "dev_truncated": e["data_stats"]["truncated"],
-                "stopped_early": s.get("stopped_early"), "final_train_loss": (s.get("final") or {}).get("loss")})
+                "stopped_early": s.get("stopped_early"), "final_train_loss": (s.get("final") or {}).get("loss"),
+                "health_recorded_by_run": recorded})
     if method in REFERENCE_FREE:  # their reward's own starting point: the base model's mean-log-prob accuracy
         own, own_ci = newcombe(imp, imp_ci, base["mean_logp_acc"], base["mean_logp_acc_ci95"])
         row.update({"before_mean_logp_acc": base["mean_logp_acc"], "gain_over_own_start": own,
@@ -388,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="working directory (default runs/quality, or runs/quality-quick with --quick)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated subset of {','.join(DATASETS)}")
+    ap.add_argument("--collect", action="store_true", help="train nothing: write the outputs from the points already "
+                    "finished with these settings (the committed table gathers points run by several invocations)")
     for flag, key, what in (("--hh-pairs", "hh_pairs", "HH training pairs (the first N of 1,800)"),
                             ("--hh-dev", "hh_dev", "HH dev pairs (the first N of 200)"),
                             ("--tqa-pairs", "tqa_pairs", "TruthfulQA training pairs (the first N of the train side)"),
@@ -411,10 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     for name in datasets:
         data = dataset_inputs(name, out, s)
         data_info[name] = {k: (_rel(v) if k in ("train", "dev") else v) for k, v in data.items() if k != "name"}
-        bases[name] = base_eval(data, out, s, a.model)
+        base = base_eval(data, out, s, a.model, finished_only=a.collect)
+        if base is None:
+            print(f"{name}: no finished base evaluation with these settings; skipped (--collect)")
+            continue
+        bases[name] = base
         for method in methods:
+            point = run_point(data, method, out, s, a.model, finished_only=a.collect)
+            if point is None:
+                print(f"{name} {method}: not run with these settings; left out (--collect)")
+                continue
             print(f"{name} {method} ...", flush=True)
-            rows.append(summarize(data, method, run_point(data, method, out, s, a.model), bases[name]))
+            rows.append(summarize(data, method, point, bases[name]))
     meta = {"mode": mode, "model": a.model, "methods": methods, "datasets": datasets, **s, "data": data_info,
             "estimate": estimate, "elapsed_s": round(time.perf_counter() - t0, 1),
             "out": _rel(out)}
