@@ -16,12 +16,15 @@ measured runs used (tuned: false), and say so.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from ..errors import ConfigError
-from ..safeio import load_yaml
 
 __all__ = ["RECIPE_DIR", "RECIPES", "Recipe", "load_recipe", "recipe_path", "recipe_name", "PREFIX"]
 
@@ -66,7 +69,14 @@ def recipe_name(loss: str, mix: list) -> str | None:
 
 
 def load_recipe(name: str) -> Recipe:
-    path = recipe_path(name)
-    data = load_yaml(path) or {}
+    """A packaged recipe (a fresh copy: callers may change it). Every load_config reads one for
+    its defaults, so the parsed files are kept; they are this package's own, read without the
+    size cap that user files get (PREFTUNE_MAX_FILE_BYTES must not break config defaults)."""
+    return copy.deepcopy(_parsed(recipe_path(name)))
+
+
+@functools.cache
+def _parsed(path: Path) -> Recipe:
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     meta = data.pop("recipe", {})
     return Recipe(name=path.stem, settings=data, meta=meta, path=path)
