@@ -206,20 +206,26 @@ def _kl_drift(history, t, **_):
     return bool(kl) and kl[-1] > t["kl_max"]
 
 
+def _length_ratio(history: list[dict]) -> float | None:
+    """The latest probe's mean sample length over the reference's (measured once per run)."""
+    lengths, ref = _probed(history, "probe/sample_length"), _probed(history, "probe/reference_length")
+    return lengths[-1] / ref[0] if lengths and ref and ref[0] > 0 else None
+
+
 @health_check("length_drift", "length_growth")
 def _length_drift(history, t, **_):
     """Probe: the latest mean sample length exceeds `length_growth` times the reference's
     (responses getting longer instead of better)."""
-    lengths, ref = _probed(history, "probe/sample_length"), _probed(history, "probe/reference_length")
-    return bool(lengths and ref) and ref[0] > 0 and lengths[-1] > t["length_growth"] * ref[0]
+    ratio = _length_ratio(history)
+    return ratio is not None and ratio > t["length_growth"]
 
 
 @health_check("length_collapse", "length_shrink")
 def _length_collapse(history, t, **_):
     """Probe: the latest mean sample length is below `length_shrink` times the reference's
     (answers cut short: a policy that ends early to lower the rejected side's log-prob)."""
-    lengths, ref = _probed(history, "probe/sample_length"), _probed(history, "probe/reference_length")
-    return bool(lengths and ref) and ref[0] > 0 and lengths[-1] < t["length_shrink"] * ref[0]
+    ratio = _length_ratio(history)
+    return ratio is not None and ratio < t["length_shrink"]
 
 
 @health_check("eval_regressing", "eval_drop")
