@@ -341,9 +341,30 @@ def _resolved(run: Path) -> dict:
             "grad_accum": c["train"]["grad_accum"], "epochs": c["train"]["epochs"], "max_steps": c["train"]["max_steps"],
             "warmup_ratio": c["train"]["warmup_ratio"], "lora_r": c["model"]["lora_r"],
             "lora_target_modules": c["model"]["lora_target_modules"],
-            # length_shrink: runs trained before the length_collapse check have no such field (its default)
-            "thresholds": {"kl_max": c["diagnostics"]["kl_max"], "length_growth": c["diagnostics"]["length_growth"],
-                           "length_shrink": c["diagnostics"].get("length_shrink", 0.5)}}
+            "thresholds": {k: v for k, v in _thresholds(c).items() if k in SAMPLE_CHECK_THRESHOLDS}}
+
+
+# the probe checks that read sampled KL and lengths: applied to the evaluation's samples as "(eval)"
+SAMPLE_CHECKS = ("kl_drift", "length_drift", "length_collapse")
+SAMPLE_CHECK_THRESHOLDS = ("kl_max", "length_growth", "length_shrink")
+
+
+def _thresholds(c: dict) -> dict:
+    """The run's health thresholds from its config.yaml; a run trained before a threshold existed
+    gets its default."""
+    from preftune.diagnostics import HEALTH_DEFAULTS
+
+    return {k: c["diagnostics"].get(k, v) for k, v in HEALTH_DEFAULTS.items()}
+
+
+def eval_flags(e: dict, thresholds: dict) -> list[str]:
+    """The registered sample checks (kl_drift, length_drift, length_collapse) on the evaluation's
+    KL and sample lengths, as one probe row with the run's thresholds."""
+    from preftune.diagnostics import health_checks
+
+    probe = {"probe/kl": e.get("kl"), "probe/sample_length": e.get("sample_length/policy/mean"),
+             "probe/reference_length": e.get("sample_length/reference/mean")}
+    return [f"{name} (eval)" for name in health_checks([probe], beta=1.0, **thresholds) if name in SAMPLE_CHECKS]
 
 
 def replay_health(run: Path, method: str) -> dict[str, int]:
@@ -353,10 +374,10 @@ def replay_health(run: Path, method: str) -> dict[str, int]:
     policy - reference log-ratio for every loss with a reference here (DPO family, KTO)."""
     import yaml
 
-    from preftune.diagnostics import HEALTH_DEFAULTS, health_checks
+    from preftune.diagnostics import health_checks
 
     c = yaml.safe_load((ROOT / run / "config.yaml").read_text())
-    beta, thresholds = c["loss"]["beta"], {k: c["diagnostics"].get(k, v) for k, v in HEALTH_DEFAULTS.items()}
+    beta, thresholds = c["loss"]["beta"], _thresholds(c)
     rows = [json.loads(x) for x in (ROOT / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if method not in REFERENCE_FREE:
         for r in rows:
@@ -385,13 +406,7 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
     ratio = pol / ref if pol is not None and ref else None
     recorded = s.get("health") or {}
     replayed = replay_health(Path(p["run"]), method) if (ROOT / p["run"] / "metrics.jsonl").is_file() else recorded
-    flags = [f"{name} (step {step})" for name, step in replayed.items()]
-    if e.get("kl", 0.0) > cfg["thresholds"]["kl_max"]:
-        flags.append("kl_drift (eval)")
-    if ratio is not None and ratio > cfg["thresholds"]["length_growth"]:
-        flags.append("length_drift (eval)")
-    if ratio is not None and ratio < cfg["thresholds"]["length_shrink"]:
-        flags.append("length_collapse (eval)")
+    flags = [f"{name} (step {step})" for name, step in replayed.items()] + eval_flags(e, cfg["thresholds"])
     # the headline fields first: `preftune report --experiment` shows a row's first 14 scalar fields
     row.update({"recipe": p["recipe"]["source"], "before_logp_acc": base["logp_acc"], "implicit_acc": imp,
                 "implicit_acc_ci95": imp_ci, "gain": gain, "gain_ci95": gain_ci, "kl": e.get("kl"),
