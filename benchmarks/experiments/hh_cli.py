@@ -34,14 +34,18 @@ def require_hh() -> None:
         sys.exit(f"{HH}: the shared HH data is absent; nothing to measure")
 
 
-def preftune_logged(args: list[str], log: Path) -> tuple[int, float]:
-    """`python -m preftune ARGS` with this checkout's src first on the path (works from a git
-    worktree without its own .venv), its output to `log`: (exit code, wall seconds)."""
+def python_logged(args: list[str], log: Path) -> tuple[int, float]:
+    """`python ARGS` with this checkout's src first on the path (works from a git worktree
+    without its own .venv), offline, its output to `log`: (exit code, wall seconds)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with log.open("w") as f:
-        code = subprocess.run([sys.executable, "-m", "preftune", *args], stdout=f, stderr=subprocess.STDOUT,
-                              cwd=ROOT, env=env).returncode
+        code = subprocess.run([sys.executable, *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
     return code, round(time.perf_counter() - t0, 1)
+
+
+def preftune_logged(args: list[str], log: Path) -> tuple[int, float]:
+    """`python -m preftune ARGS` through python_logged."""
+    return python_logged(["-m", "preftune", *args], log)

@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -122,11 +120,7 @@ def worker(run: Path, steps: int, dest: Path) -> dict:
 def _trl(run: Path, steps: int, dest: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     log = dest / "train.log"
-    cmd = [sys.executable, str(Path(__file__)), "--worker", str(run), str(steps), str(dest)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": str(ROOT / "src")}
-    with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env).returncode
+    code, _ = quality.python_logged([str(Path(__file__)), "--worker", str(run), str(steps), str(dest)], log)
     if code:
         sys.exit(f"TRL worker failed ({code}): see {log}")
     return json.loads((dest / "worker.json").read_text())

@@ -102,7 +102,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
-from hh_cli import HH, HH_SETTINGS, preftune_logged  # noqa: E402 (the HH settings, paths, CLI runner)
+from hh_cli import HH, HH_SETTINGS, preftune_logged, python_logged  # noqa: E402,F401 (HH settings, paths, runners)
 
 sys.path.insert(0, str(HERE))
 from quality_outputs import acceptance, write_outputs  # noqa: E402,F401 (acceptance: for tests and readers)
