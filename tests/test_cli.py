@@ -167,3 +167,34 @@ def test_version_and_each_commands_settings_in_its_help(capsys):
         out = capsys.readouterr().out
         assert "settings (section.key=value):" in out
         assert all(x in out for x in has) and not any(x in out for x in lacks), argv
+
+
+def test_eval_before_training_leaves_the_reference_logps_for_the_eval_after(tmp_path, tiny_model_dir, monkeypatch):
+    import preftune.step as step_mod
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    held = write_jsonl(tmp_path / "held.jsonl", PAIRS[2:])
+    before = tmp_path / "before.json"
+    assert main(["eval", "--data", str(held), "--out", str(before), f"model.name_or_path={tiny_model_dir}",
+                 "eval.kl_prompts=0"]) == 0
+    assert json.loads(before.read_text())["reference_logps"] == "stored in the cache"
+    run_dir = tmp_path / "run"
+    assert main(["train", f"data.train_path={data}", f"run.output_dir={run_dir}", f"model.name_or_path={tiny_model_dir}",
+                 "train.lr=3e-2", "train.epochs=2", "model.lora_r=4"]) == 0
+    out = tmp_path / "e.json"
+    assert main(["eval", "--run", str(run_dir), "--data", str(held), "--out", str(out), "eval.kl_prompts=0",
+                 "eval.reuse_reference_logps=false"]) == 0
+    live = json.loads(out.read_text())
+    assert "reference_logps" not in live
+    # with the before-eval's file, no reference forward runs at all
+    calls = []
+    original = step_mod.completion_logps
+    monkeypatch.setattr(step_mod, "completion_logps", lambda model, batch: calls.append(model) or original(model, batch))
+    assert main(["eval", "--run", str(run_dir), "--data", str(held), "--out", str(out), "eval.kl_prompts=0"]) == 0
+    cached = json.loads(out.read_text())
+    assert cached["reference_logps"] == "read from cache"
+    assert cached["pairs"] == live["pairs"] == len(PAIRS) - 2 and len(calls) == 1  # one policy forward per batch
+    assert abs(cached["accuracy/implicit_reward"] - live["accuracy/implicit_reward"]) < 1e-9
+    for key in ("rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+        assert abs(cached[key] - live[key]) < 1e-5, key
+    assert abs(live["rewards/margins"]) > 1e-3  # the run moved: a zero margin would pass any comparison

@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
               "method": a.method, "dataset": a.dataset, "model": a.model, "lrs": lrs, "betas": betas,
               "train_pairs": a.pairs, "val_pairs": a.val, "validation": quality._rel(val["dev"]),
               "base_val_logp_acc": base.get("logp_acc"), "rows": rows,
+              # simpo/orpo's reward is the policy's mean log-prob: its start is the base's mean-log-prob accuracy
+              "base_val_mean_logp_acc": base.get("mean_logp_acc") if a.method in quality.REFERENCE_FREE else None,
               "chosen": None if chosen is None else {"lr": chosen["lr"], "beta": chosen["beta"],
                                                      "val_accuracy": chosen["implicit_acc"], "kl": chosen["kl"]},
               "elapsed_s": round(time.perf_counter() - t0, 1)}
@@ -161,8 +163,11 @@ def table(result: dict) -> str:
                                  f"lr {c['lr']:g}, beta {c['beta']:g} (validation accuracy {c['val_accuracy']:.3f}, "
                                  f"KL {c['kl']:.2f})")
                  + f". {result['train_pairs']} training pairs, {result['val_pairs']} validation pairs "
-                 f"({result['validation']}), base log-prob accuracy there {result['base_val_logp_acc']:.3f}; "
-                 f"command `{result['command']}`.")
+                 f"({result['validation']}), base log-prob accuracy there {result['base_val_logp_acc']:.3f}"
+                 + ("" if result.get("base_val_mean_logp_acc") is None else
+                    f", base mean-log-prob accuracy (this method's own start) {result['base_val_mean_logp_acc']:.3f}")
+                 + "; "
+                 + f"command `{result['command']}`.")
     return "\n".join(lines)
 
 

@@ -83,8 +83,11 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int) 
 
 def eval_worker(data: str, out: str, mode: str, length: int) -> None:
     """Held-out evaluation of the same pairs, timed around `evaluate_pairs` only (models loaded
-    first): the trained run (policy + adapters-off reference, packed rows as checked) and the base
-    model "before" (policy == reference, one forward per batch)."""
+    first), in the order a user runs them: the base model "before" (policy == reference, one
+    forward per batch; like `preftune eval` without --run it leaves its log-probs in the reference
+    cache), the trained run with a live adapters-off reference (policy + reference forwards), and
+    the trained run reading the reference log-probs from that cache (what `preftune eval --run`
+    does after a "before" eval: one forward per batch)."""
     import time
 
     from preftune.batches import exact_layout
@@ -93,9 +96,9 @@ def eval_worker(data: str, out: str, mode: str, length: int) -> None:
     from preftune.evaluate import evaluate_pairs
     from preftune.generate import run_models
     from preftune.losses import build_loss
-    from preftune.models import load_model, load_tokenizer, resolve_model_dir
+    from preftune.models import load_model, load_tokenizer, resolve_model_dir, weights_sha256
     from preftune.prepare import pair_collator, prepare_pairs
-    from preftune.refcache import load_or_build, path_for
+    from preftune.refcache import path_for, read, store
     from preftune.step import SameAsPolicy, loss_kwargs
 
     cfg = load_config(Path(out) / "config.yaml", ["eval.batch_size=4"])
@@ -103,27 +106,28 @@ def eval_worker(data: str, out: str, mode: str, length: int) -> None:
     tok, spec = load_tokenizer(model_dir), build_loss(cfg.loss.name)
     pairs, _ = prepare_pairs(data, cfg, tok)
     policy, reference = run_models(cfg, out, load_model(model_dir))
-    got = {}
-    for name, model, ref in (("eval_run", policy.eval(), reference), ("eval_before", load_model(model_dir).eval(),
-                                                                      SameAsPolicy())):
+    base = load_model(model_dir).eval()
+    ref_sha = json.loads((Path(out) / "reference.json").read_text())["weights_sha256"]
+    cache = path_for(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tok),
+                     data_sha256=file_digest(data), data_config=cfg.data)
+    kwargs = {"loss_kwargs": loss_kwargs(cfg, spec), "batch_size": 4, "pad_id": tok.pad_token_id}
+
+    def timed(name, model, ref, values=None, sink=None):
         checked, layout = exact_layout(cfg, spec, model, pairs[:4], tok.pad_token_id, model_dir)
         start = time.perf_counter()
-        evaluate_pairs(model, ref, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec), batch_size=4,
-                       pad_id=tok.pad_token_id, collate=pair_collator(checked, tok))
+        evaluate_pairs(model, ref, spec, pairs, collate=pair_collator(checked, tok, values), policy_logps=sink,
+                       **kwargs)
+        if sink is not None:
+            store(cache, sink)
         got[f"{name}_pairs_per_s"] = round(len(pairs) / (time.perf_counter() - start), 3)
         got[f"{name}_layout"] = layout["layout"]
-    if cfg.train.reference_cache:  # the run trained from cached reference log-probs: eval reads them too
-        checked, _ = exact_layout(cfg, spec, policy, pairs[:4], tok.pad_token_id, model_dir)
-        ref_sha = json.loads((Path(out) / "reference.json").read_text())["weights_sha256"]
-        cache = path_for(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tok),
-                         data_sha256=file_digest(data), data_config=cfg.data)
-        values, hit = load_or_build(cache, policy, reference, pairs, batch_size=4,
-                                    collate=pair_collator(checked, tok))  # not timed: training built it
-        start = time.perf_counter()
-        evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec), batch_size=4,
-                       pad_id=tok.pad_token_id, collate=pair_collator(checked, tok, values))
-        got["eval_run_cached_reference_pairs_per_s"] = round(len(pairs) / (time.perf_counter() - start), 3)
-        got["cache_hit"] = hit
+
+    got = {"base_is_the_recorded_reference": weights_sha256(base) == ref_sha}  # else the cache key would differ
+    timed("eval_before", base, SameAsPolicy(), sink={})
+    timed("eval_run", policy.eval(), reference)
+    values = read(cache, pairs)
+    got["cache_covers_the_pairs"] = values is not None
+    timed("eval_run_cached_reference", policy, reference, values=values)
     print("RESULT " + json.dumps(got))
 
 
@@ -140,8 +144,10 @@ def run_point(data: Path, mode: str, steps: int, batch: int, length: int) -> dic
 
 
 def eval_speed(a) -> None:
-    """For each length: train 2 steps (block attention), then `preftune eval` the same pairs with
-    the trained run and with the base model; pairs/s of each (eval.json beside this file)."""
+    """For each length: train 2 steps (block attention), then evaluate the same pairs with the base
+    model ("before", which leaves its log-probs in the reference cache), with the trained run and a
+    live reference, and with the trained run reading that cache; pairs/s of each (eval.json beside
+    this file)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -149,6 +149,9 @@ class EvalConfig:
     kl_prompts: int = _f(16, "held-out prompts sampled for the KL(policy || reference) estimate")
     kl_samples: int = _f(2, "samples per prompt for the KL estimate")
     max_new_tokens: int = _f(48, "tokens sampled per completion for the KL estimate")
+    reuse_reference_logps: bool = _f(True, "an eval without --run stores the base model's log-probs in the reference "
+                                           "cache (keyed by its weights); an eval of a run reads them from there "
+                                           "when they cover the pairs: one forward per pair, not two")
 
 
 # the health-check thresholds are owned by their registry (diagnostics.THRESHOLDS); the probe

@@ -22,10 +22,10 @@ from .errors import ConfigError
 from .generate import decode_completions, run_models, sample_completions
 from .logprobs import completion_logps
 from .losses import LOSSES, build_loss
-from .models import load_start, load_tokenizer, resolve_model_dir
+from .models import load_start, load_tokenizer, resolve_model_dir, weights_sha256
 from .prepare import load_data, pair_collator, prepare_pairs
 from .progress import progress
-from .refcache import load_or_build, path_for
+from .refcache import load_or_build, path_for, read, store
 from .rewards import build_reward
 from .safeio import atomic_write
 from .step import SameAsPolicy, loss_forward, loss_kwargs
@@ -98,6 +98,12 @@ def _gather(rows: list) -> list:
     return gather_object(rows) if PartialState().num_processes > 1 else rows
 
 
+def _is_main() -> bool:
+    from accelerate import PartialState  # see _shard
+
+    return PartialState().is_main_process
+
+
 def wilson(successes: float, n: int, z: float = 1.96) -> list[float]:
     """Wilson score 95% interval of a proportion (ties counted as half a success)."""
     if n == 0:
@@ -113,7 +119,7 @@ _EVAL_KEYS = ("accuracy/implicit_reward", "accuracy/logp", "rewards/margins", "r
 
 @torch.no_grad()
 def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_size: int, pad_id: int,
-                   collate=None, desc: str = "eval") -> dict:
+                   collate=None, desc: str = "eval", policy_logps: dict | None = None) -> dict:
     """Accuracy by implicit reward (margin > 0; an exact tie counts half) and by raw completion
     logp, each with a Wilson 95% interval, over held-out pairs. With `reference` a
     `step.SameAsPolicy` (a base model "before training") every margin is 0: implicit-reward
@@ -124,6 +130,7 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     are scored with the sigmoid spec; its "loss" is then DPO's and is not reported.
     Under several processes each scores its own share; per-pair values are gathered and summed
     with math.fsum, so the result is the same number for any process count (no pair twice).
+    `policy_logps`, when given, receives each pair's summed (chosen, rejected) policy log-probs by line.
     """
     collate = collate or (lambda chunk: collate_pairs(chunk, pad_id))
     scorer = spec if spec.paired else LOSSES["sigmoid"]
@@ -142,9 +149,12 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
         columns = ((margins > 0) + 0.5 * (margins == 0), (diff > 0) + 0.5 * (diff == 0), margins, parts["chosen_rewards"],
                    parts["rejected_rewards"], losses, parts["policy_chosen"], parts["policy_rejected"],
                    parts["chosen_lengths"])
-        rows += [tuple(v) for v in zip(*(c.float().tolist() for c in columns))]
+        chunk = mine[i: i + batch_size]
+        rows += [(*v, p.line) for v, p in zip(zip(*(c.float().tolist() for c in columns)), chunk)]
     model.train(was_training)
     rows = _gather(rows[:real])
+    if policy_logps is not None:
+        policy_logps.update({r[-1]: (r[6], r[7]) for r in rows})
     n = len(rows)
     sums = {key: math.fsum(r[k] for r in rows) for k, key in enumerate(_EVAL_KEYS)}
     result = {"pairs": n, **{k: v / n for k, v in sums.items() if k != "tokens/chosen"}}
@@ -305,10 +315,15 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code, revision=m.revision)
     base, _ = load_start(m, model_dir)  # with the run's SFT adapter merged, as training started
+    ref_sha = None  # the reference's weights: the key under which its log-probs are cached
     if run_dir is None:
         policy, reference = base, SameAsPolicy()  # "before training": one forward per pair
+        if cfg.eval.reuse_reference_logps:  # the weights a run started from them would record as its reference
+            ref_sha = weights_sha256(base)
     else:
         policy, reference = run_models(cfg, run_dir, base)
+        if spec.needs_reference:
+            ref_sha = json.loads((Path(run_dir) / "reference.json").read_text()).get("weights_sha256")
     policy.eval()
     results = {}
     for path, records in zip(paths, all_records):
@@ -316,15 +331,29 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
         # packed rows with prefix sharing where they are exact on this model, as in training
         checked, layout = exact_layout(cfg, spec if spec.paired else LOSSES["sigmoid"], policy,
                                        pairs[: max(cfg.eval.batch_size, 2)], tokenizer.pad_token_id, model_dir)
-        collate, cached = pair_collator(checked, tokenizer), None
-        if cfg.train.reference_cache and run_dir is not None and spec.needs_reference:
-            ref_sha = json.loads((Path(run_dir) / "reference.json").read_text())["weights_sha256"]
-            collate, cached = _cached_reference_collate(checked, path, pairs, policy, reference, tokenizer, ref_sha)
+        collate, note, own = pair_collator(checked, tokenizer), None, None
+        cache = None if ref_sha is None or file_digest(path) is None else \
+            path_for(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tokenizer),
+                     data_sha256=file_digest(path), data_config=cfg.data)
+        if cache is not None and run_dir is not None:
+            values = read(cache, pairs) if cfg.eval.reuse_reference_logps else None
+            if values is None and cfg.train.reference_cache:  # the run's own setting: compute them once and keep
+                values, hit = load_or_build(cache, policy, reference, pairs, batch_size=cfg.eval.batch_size,
+                                            collate=pair_collator(checked, tokenizer))
+                note = None if hit else "computed and cached"
+            if values is not None:
+                collate, note = pair_collator(checked, tokenizer, values), note or "read from cache"
+        elif cache is not None:
+            own = {}  # the base model's log-probs are the reference's for any run trained from it
         result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(), "layout": layout,
                   **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
-                                   batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, collate=collate)}
-        if cached is not None:
-            result["reference_logps"] = "read from cache" if cached else "computed and cached"
+                                   batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, collate=collate,
+                                   policy_logps=own)}
+        if own and _is_main():
+            store(cache, own)
+            note = "stored in the cache"
+        if note is not None:
+            result["reference_logps"] = note
         e = cfg.eval
         if e.kl_prompts:
             prompts = list({tuple(p.prompt_ids): p.prompt_ids for p in pairs}.values())[: e.kl_prompts]
@@ -332,16 +361,6 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
                                          max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, reward=source))
         results[path] = result
     return results[paths[0]] if len(paths) == 1 else results
-
-
-def _cached_reference_collate(cfg, path, pairs, policy, reference, tokenizer, ref_sha: str):
-    """Reference logps of the eval pairs from the same on-disk cache training uses (refcache.py):
-    the run's recorded reference hash, the tokenizer, the file's content and the settings."""
-    cache = path_for(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tokenizer),
-                     data_sha256=file_digest(path), data_config=cfg.data)
-    values, hit = load_or_build(cache, policy, reference, pairs, batch_size=cfg.eval.batch_size,
-                                collate=pair_collator(cfg, tokenizer))
-    return pair_collator(cfg, tokenizer, values), hit
 
 
 def format_eval(result: dict) -> str:

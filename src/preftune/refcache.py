@@ -28,7 +28,7 @@ from .progress import progress
 from .safeio import atomic_path
 from .sharding import is_fsdp
 
-__all__ = ["cache_key", "cache_path", "load_or_build", "data_settings", "path_for", "reference_cache"]
+__all__ = ["cache_key", "cache_path", "load_or_build", "data_settings", "path_for", "read", "reference_cache", "store"]
 
 def data_settings(d) -> dict:
     """The settings that change which tokens a pair has (DataConfig fields marked `tokens=True`;
@@ -70,30 +70,47 @@ def _compute(model, reference, pairs, *, batch_size: int, collate) -> dict[int, 
     return out
 
 
-def _read(path: Path, pairs) -> dict[int, tuple[float, float]] | None:
-    if path.is_file():
-        t = load_file(str(path))
-        cached = {int(line): (c, r) for line, (c, r) in zip(t["lines"].tolist(), t["logps"].tolist())}
-        if all(p.line in cached for p in pairs):
-            return cached
-    return None
+def _entries(path: Path) -> dict[int, tuple[float, float]]:
+    if not path.is_file():
+        return {}
+    t = load_file(str(path))
+    return {int(line): (c, r) for line, (c, r) in zip(t["lines"].tolist(), t["logps"].tolist())}
+
+
+def read(path: Path, pairs) -> dict[int, tuple[float, float]] | None:
+    """The cached logps keyed by line when the file covers every pair, else None."""
+    cached = _entries(path)
+    return cached if cached and all(p.line in cached for p in pairs) else None
+
+
+
+def _write(path: Path, values: dict[int, tuple[float, float]]) -> None:
+    lines = sorted(values)
+    with atomic_path(path) as tmp:
+        save_file({"lines": torch.tensor(lines, dtype=torch.long),
+                   "logps": torch.tensor([values[k] for k in lines], dtype=torch.float32)}, str(tmp))
+
+
+def store(path: Path, values: dict[int, tuple[float, float]]) -> None:
+    """Add these lines' logps to the file (lines already there keep their stored values): how an
+    evaluation of the base model leaves its log-probs for a later evaluation of a run trained from it."""
+    old = _entries(path)
+    if not all(line in old for line in values):
+        _write(path, {**values, **old})
 
 
 def load_or_build(path: Path, model, reference, pairs, *, batch_size: int, collate, build: bool = True,
                   write: bool = True) -> tuple[dict[int, tuple[float, float]], bool]:
     """The cached logps keyed by line, and whether they were read from disk. With `build`
     False (non-main processes) the file must exist; with `write` False they are computed, not saved."""
-    cached = _read(path, pairs)
+    cached = read(path, pairs)
     if cached is not None:
         return cached, True
     if not build:
         raise FileNotFoundError(path)
     values = _compute(model, reference, pairs, batch_size=batch_size, collate=collate)
     if write:
-        lines = sorted(values)
-        with atomic_path(path) as tmp:
-            save_file({"lines": torch.tensor(lines, dtype=torch.long),
-                       "logps": torch.tensor([values[k] for k in lines], dtype=torch.float32)}, str(tmp))
+        _write(path, values)
     return values, False
 
 
@@ -111,7 +128,7 @@ def reference_cache(cfg, data, model, reference, tokenizer, info: dict, fp: dict
     build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
                     collate=pair_collator(cfg, tokenizer))
     if is_fsdp(accelerator):  # a sharded model runs forwards on every rank together; the main one writes
-        cached = _read(path, data.examples)
+        cached = read(path, data.examples)
         accelerator.wait_for_everyone()  # every rank has looked before any rank writes: one decision
         values, hit = (cached, True) if cached is not None else build(write=accelerator.is_main_process)
     else:
