@@ -129,3 +129,7 @@ def test_evidence_lines_say_what_was_measured():
                    "no health flag"
     assert _evidence_line({"data": "D", "note": "rose", "health": ["kl_drift"]}) == "D, health: kl_drift"
     assert _evidence_line({"data": "D", "note": "rose"}) == "D, rose"
+    assert _evidence_line({"data": "D", "gain": "+0.1 [+0.0, +0.2]", "chosen": {"lr": 7e-4, "beta": 2.0},
+                           "grid": [{}, {}]}) == "D, gain +0.1 [+0.0, +0.2], chose lr 0.0007, beta 2.0"
+    assert _evidence_line({"data": "D", "grid": [{}, {}, {}]}) == \
+        "D, no point of 3 chosen (each raised a health flag or did not gain)"

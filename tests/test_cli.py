@@ -123,7 +123,9 @@ def test_overrides_after_several_data_files_are_not_taken_as_files(tmp_path, tin
     assert json.loads(out.read_text())["pairs"] == 8
 
 
-def test_eval_reuses_the_reference_cache_written_by_training(tmp_path, capsys, tiny_model_dir):
+def test_eval_reuses_the_reference_cache_written_by_training(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    # its own cache: a "before" eval elsewhere in the session may have stored these pairs' logps already
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     run_dir = tmp_path / "run"
     assert main(["train", f"data.train_path={data}", f"run.output_dir={run_dir}", f"model.name_or_path={tiny_model_dir}",
@@ -171,6 +173,8 @@ def test_version_and_each_commands_settings_in_its_help(capsys):
 
 def test_eval_before_training_leaves_the_reference_logps_for_the_eval_after(tmp_path, tiny_model_dir, monkeypatch):
     import preftune.step as step_mod
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))  # "stored", not found from another test
 
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     held = write_jsonl(tmp_path / "held.jsonl", PAIRS[2:])

@@ -263,6 +263,9 @@ def test_trackers_get_the_run_name_under_their_own_keyword():
 def test_reference_cache_equals_the_live_reference_and_is_reused(tmp_path, tiny_model_dir, monkeypatch, capsys):
     from preftune.models import AdaptersOffReference
 
+    # its own cache: a "before" eval elsewhere in the session may have stored these pairs' logps already
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+
     calls = []
     original = AdaptersOffReference.context
     monkeypatch.setattr(AdaptersOffReference, "context", lambda self: calls.append(1) or original(self))

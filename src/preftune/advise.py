@@ -87,6 +87,12 @@ def _evidence_line(e: dict) -> str:
                                ("base_avg_logp_accuracy", "avg_logp_accuracy", "average-log-prob accuracy {} -> {}")):
         if after in e:
             parts.append(words.format(e.get(base, "?"), e[after]))
+    if "gain" in e:
+        parts.append(f"gain {e['gain']}")
+    if isinstance(e.get("chosen"), dict):
+        parts.append("chose " + ", ".join(f"{k} {v}" for k, v in e["chosen"].items()))
+    elif "grid" in e:
+        parts.append(f"no point of {len(e['grid'])} chosen (each raised a health flag or did not gain)")
     if "kl" in e:
         parts.append(f"KL {e['kl']} nats")
     if e.get("health"):
