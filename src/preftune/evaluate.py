@@ -154,7 +154,8 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     model.train(was_training)
     rows = _gather(rows[:real])
     if policy_logps is not None:
-        policy_logps.update({r[-1]: (r[6], r[7]) for r in rows})
+        chosen, rejected = _EVAL_KEYS.index("logps/chosen"), _EVAL_KEYS.index("logps/rejected")
+        policy_logps.update({r[-1]: (r[chosen], r[rejected]) for r in rows})
     n = len(rows)
     sums = {key: math.fsum(r[k] for r in rows) for k, key in enumerate(_EVAL_KEYS)}
     result = {"pairs": n, **{k: v / n for k, v in sums.items() if k != "tokens/chosen"}}
@@ -331,18 +332,20 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
         # packed rows with prefix sharing where they are exact on this model, as in training
         checked, layout = exact_layout(cfg, spec if spec.paired else LOSSES["sigmoid"], policy,
                                        pairs[: max(cfg.eval.batch_size, 2)], tokenizer.pad_token_id, model_dir)
-        collate, note, own = pair_collator(checked, tokenizer), None, None
-        cache = None if ref_sha is None or file_digest(path) is None else \
-            path_for(reference_sha256=ref_sha, tokenizer_sha256=tokenizer_sha256(tokenizer),
-                     data_sha256=file_digest(path), data_config=cfg.data)
+        collate, note, own, values = pair_collator(checked, tokenizer), None, None, None
+        digest = file_digest(path) if ref_sha is not None else None
+        cache = None if digest is None else path_for(reference_sha256=ref_sha, data_sha256=digest,
+                                                     tokenizer_sha256=tokenizer_sha256(tokenizer), data_config=cfg.data)
         if cache is not None and run_dir is not None:
-            values = read(cache, pairs) if cfg.eval.reuse_reference_logps else None
-            if values is None and cfg.train.reference_cache:  # the run's own setting: compute them once and keep
+            if cfg.train.reference_cache:  # the run's own setting: read them, or compute them once and keep
                 values, hit = load_or_build(cache, policy, reference, pairs, batch_size=cfg.eval.batch_size,
-                                            collate=pair_collator(checked, tokenizer))
-                note = None if hit else "computed and cached"
+                                            collate=collate)
+                note = "read from cache" if hit else "computed and cached"
+            elif cfg.eval.reuse_reference_logps:
+                values = read(cache, pairs)
+                note = None if values is None else "read from cache"
             if values is not None:
-                collate, note = pair_collator(checked, tokenizer, values), note or "read from cache"
+                collate = pair_collator(checked, tokenizer, values)
         elif cache is not None:
             own = {}  # the base model's log-probs are the reference's for any run trained from it
         result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(), "layout": layout,

@@ -83,7 +83,6 @@ def read(path: Path, pairs) -> dict[int, tuple[float, float]] | None:
     return cached if cached and all(p.line in cached for p in pairs) else None
 
 
-
 def _write(path: Path, values: dict[int, tuple[float, float]]) -> None:
     lines = sorted(values)
     with atomic_path(path) as tmp:
