@@ -1,6 +1,8 @@
 """The cost curve of one training step against pair length: block attention (default), the dense
 (T, T) mask it replaced, block attention with gradient checkpointing, and QLoRA (the base in 4-bit
-NF4 through bitsandbytes, `model.load_in_4bit`) with and without gradient checkpointing.
+NF4 through bitsandbytes, `model.load_in_4bit`) with and without gradient checkpointing, and the
+peer: TRL's DPOTrainer (benchmarks/speed_vs_trl's worker) with checkpointing on (its default, `trl+gc`)
+and off (`trl`), on the same pairs in the same invocation.
 
     .venv/bin/python benchmarks/scaling/run.py [--lengths 256,1024,2048,4096] [--steps 2] [--batch 4]
 
@@ -10,8 +12,11 @@ counts with the default model's tokenizer, so `tokens per pair` = prompt + chose
 Every point is `preftune.train` in a fresh process (default model SmolLM2-135M-Instruct, fp32,
 LoRA r16 q/v, batch 4, packed rows with prefix sharing, live reference, lr 5e-4, file order);
 peak RSS is that process's ru_maxrss (it includes the model, about 1.3 GB). The dense route is
-today's route for models without SDPA attention (the block attention switched off). Writes
-results.json and cost.png beside this file. TRL is not run here (see benchmarks/speed_vs_trl).
+today's route for models without SDPA attention (the block attention switched off). TRL gets the
+same model, identical initial LoRA weights (seed 42), lr 5e-4 without warmup, file order, fp32 and
+`max_length` = length + 8 (nothing truncated); a TRL point records the ratio preftune (block) /
+TRL pairs/s of that length and the largest per-step loss difference, when both ran in this
+invocation. Writes results.json and cost.png beside this file.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 HH_TRAIN = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "train.jsonl.gz"
-MODES = ("block", "dense", "block+gc", "qlora", "qlora+gc")
+MODES = ("block", "dense", "block+gc", "qlora", "qlora+gc", "trl", "trl+gc")
 
 
 def _texts() -> list[str]:
@@ -37,16 +42,30 @@ def _texts() -> list[str]:
     return [r["chosen"] + r["rejected"] for r in rows]
 
 
-def make_pairs(path: Path, length: int, n: int) -> None:
-    """n pairs of `length` tokens (prompt length/2, chosen and rejected length/4), cut from HH text."""
+def make_pairs(path: Path, length: int, n: int, tok=None) -> None:
+    """n pairs of `length` tokens (prompt length/2, chosen and rejected length/4 with their EOS), cut
+    from HH text. Every piece starts at a word (a token that is a space and letters) and ends before
+    one, and no piece ends in whitespace: then the decoded text re-tokenizes to the same tokens and
+    nothing merges across the prompt/completion boundary, so every tool sees the same tokens (TRL
+    tokenizes prompt + completion together and moves a boundary where tokens merge)."""
     from preftune.models import load_tokenizer, resolve_model_dir
 
-    tok = load_tokenizer(resolve_model_dir("smollm2-135m-instruct"))
+    tok = tok or load_tokenizer(resolve_model_dir("smollm2-135m-instruct"))
     stream = [t for text in _texts()[: 400] for t in tok(text, add_special_tokens=False)["input_ids"]]
+    pieces = tok.convert_ids_to_tokens(stream)
+    word = [len(p) > 1 and p[0] == "Ġ" and p[1:].isalpha() for p in pieces]  # GPT-2 byte-level: Ġ = space
+    blank = [p.strip("ĠĊĉ") == "" for p in pieces]  # space, newline, tab only
+
+    def clean(i: int, size: int) -> int:
+        while not (word[i] and word[i + size] and not blank[i + size - 1]):
+            i = (i + 1) % (len(stream) - length)
+        return i
+
     rows, at = [], 0
     for _ in range(n):
         parts = []
         for size in (length // 2, length // 4 - 1, length // 4 - 1):  # -1: the EOS each completion gets
+            at = clean(at, size)
             parts.append(tok.decode(stream[at: at + size]))
             at = (at + size) % (len(stream) - length)
         rows.append({"prompt": parts[0], "chosen": parts[1], "rejected": parts[2]})
@@ -131,6 +150,31 @@ def eval_worker(data: str, out: str, mode: str, length: int) -> None:
     print("RESULT " + json.dumps(got))
 
 
+def trl_worker(data: str, mode: str, steps: int, batch: int, length: int) -> None:
+    """TRL's DPOTrainer on the same pairs (speed_vs_trl's worker: same model, same initial adapter)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_vs_trl", HERE.parent / "speed_vs_trl" / "run.py")
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    got = peer.worker_trl(Path(data), steps, batch, length + 8, gradient_checkpointing=mode == "trl+gc")
+    n = steps * batch
+    print("RESULT " + json.dumps({"pairs_per_s": round(n / got["elapsed_s"], 4), "elapsed_s": round(got["elapsed_s"], 2),
+                                  "peak_rss_mb": round(got["peak_rss_mb"], 1), "losses": got["losses"],
+                                  "gradient_checkpointing": mode == "trl+gc"}))
+
+
+def versus_trl(point: dict, results: list[dict]) -> dict:
+    """For a TRL point: preftune's (block) pairs/s over TRL's at the same length, and the largest
+    per-step loss difference, when the block point ran in the same invocation."""
+    ours = next((r for r in results if r["length"] == point["length"] and r["mode"] == "block"
+                 and r.get("command") == point.get("command") and "pairs_per_s" in r), None)
+    if ours is None or "pairs_per_s" not in point:
+        return {}
+    diff = max((abs(a - b) for a, b in zip(ours["losses"], point["losses"])), default=None)
+    return {"preftune_over_trl": round(ours["pairs_per_s"] / point["pairs_per_s"], 2), "loss_max_abs_diff": diff}
+
+
 def run_point(data: Path, mode: str, steps: int, batch: int, length: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -212,6 +256,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker == "eval":
         return eval_worker(a.data, a.out, a.worker, int(a.lengths))
+    if a.worker in ("trl", "trl+gc"):
+        return trl_worker(a.data, a.worker, a.steps, a.batch, int(a.lengths))
     if a.worker:
         return worker(a.data, a.out, a.worker, a.steps, a.batch, int(a.lengths))
     if a.eval_speed:
@@ -228,6 +274,8 @@ def main() -> None:
             for mode in a.modes.split(","):
                 point = {"length": length, "mode": mode, **run_point(data, mode, a.steps, a.batch, length),
                          "command": " ".join(sys.argv)}
+                if mode.startswith("trl"):
+                    point.update(versus_trl(point, saved["results"]))
                 print(json.dumps(point), flush=True)
                 saved["results"] = [r for r in saved["results"] if (r["length"], r["mode"]) != (length, mode)]
                 saved["results"] = sorted([*saved["results"], point], key=lambda r: (r["length"], MODES.index(r["mode"])))

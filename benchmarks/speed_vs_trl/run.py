@@ -50,7 +50,9 @@ def _model():
 
 # ---- workers (each in its own process) ------------------------------------------------------
 
-def worker_trl(data: Path, steps: int, batch: int, max_length: int) -> dict:
+def worker_trl(data: Path, steps: int, batch: int, max_length: int, gradient_checkpointing: bool = True) -> dict:
+    """TRL's DPOTrainer at its defaults (gradient checkpointing on) except fp32; benchmarks/scaling
+    also runs it with checkpointing off."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from trl import DPOConfig, DPOTrainer
@@ -64,7 +66,8 @@ def worker_trl(data: Path, steps: int, batch: int, max_length: int) -> dict:
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, learning_rate=LR, beta=BETA,
                      max_steps=steps, lr_scheduler_type="linear", warmup_steps=0, max_length=max_length,
                      bf16=False, logging_steps=1, save_strategy="no", report_to=[], seed=SEED, use_cpu=True,
-                     max_grad_norm=1.0, weight_decay=0.0, dataloader_num_workers=0, disable_tqdm=True)
+                     max_grad_norm=1.0, weight_decay=0.0, dataloader_num_workers=0, disable_tqdm=True,
+                     gradient_checkpointing=gradient_checkpointing)
     trainer = FileOrderDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer)
     start = time.perf_counter()
