@@ -182,6 +182,29 @@ def test_kto_auto_weights_and_eval_prompt_removal(tmp_path, tiny_model_dir):
     assert result.summary["loss_params"]["undesirable_weight"] == 2.0
 
 
+def test_kto_packed_rows_with_a_shared_prompt_train_exactly_like_padded_rows(tmp_path, tiny_model_dir):
+    """Each KTO example and its KL row (prompt i, completion i+1) share prompt i: packed with prefix
+    sharing the prompt is processed once. Per-step losses, grad norms and the KL anchor equal the
+    padded rows', and the layout the run used is the one it records."""
+    rows = [{"prompt": p["prompt"], "completion": p["chosen" if i % 3 else "rejected"], "label": i % 3 != 0}
+            for i, p in enumerate(PAIRS)]
+    unpaired = write_jsonl(tmp_path / "u.jsonl", rows)
+    runs = {}
+    for layout in ("packed", "padded"):
+        runs[layout] = train(_cfg(tmp_path, tiny_model_dir, "loss.name=kto", f"data.train_path={unpaired}",
+                                  f"data.layout={layout}", "train.batch_size=4", "train.epochs=3", name=layout))
+    packed, padded = (_metrics(runs[k].run_dir) for k in ("packed", "padded"))
+    assert runs["packed"].summary["layout"]["layout"] == "packed"
+    assert runs["packed"].summary["layout"]["prefix_sharing"] is True
+    assert runs["padded"].summary["layout"]["layout"] == "padded"
+    assert len(packed) == len(padded) >= 4
+    assert any(r["loss"] != packed[0]["loss"] for r in packed)  # it trained
+    for a, b in zip(packed, padded):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)
+
+
 def test_rpo_mixture_logs_each_term(tmp_path, tiny_model_dir):
     result = train(_cfg(tmp_path, tiny_model_dir, "loss.mix=[[sigmoid, 1.0], [sft, 0.2]]", "train.max_steps=2"))
     row = _metrics(result.run_dir)[0]

@@ -24,10 +24,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import EpochSampler
+from .data.tokenize import TokenizedPair
 from .errors import ConfigError
 from .layouts import choose_layout
-from .losses import LossSpec
-from .prepare import load_data, pair_collator, prepare_data
+from .losses import LOSSES, LossSpec
+from .prepare import load_data, pair_collator, prepare_data, unpaired_collator
 from .refcache import reference_cache
 
 __all__ = ["BatchSource", "OfflineSource", "EpochLoader", "exact_layout", "distinct_prompts"]
@@ -142,6 +143,13 @@ class OfflineSource:
 
     def layout(self, cfg, model, model_dir: str):
         examples = self.data.examples[: max(cfg.train.batch_size, 2)]
+        if not self.spec.paired:  # KTO: checked like pairs, on (prompt i, completion i, completion i+1) as packed
+            n = len(examples)
+            rows = [TokenizedPair(e.prompt_ids, e.completion_ids, examples[(i + 1) % n].completion_ids, e.source, e.line)
+                    for i, e in enumerate(examples)]
+            new, info = exact_layout(cfg, LOSSES["sigmoid"], model, rows, self.tokenizer.pad_token_id, model_dir)
+            self.collate, self.cfg, self.eval_collate = unpaired_collator(new, self.tokenizer), new, None
+            return new, info
         new, info = exact_layout(cfg, self.spec, model, examples, self.tokenizer.pad_token_id, model_dir)
         if new is not cfg:
             self.collate = pair_collator(new, self.tokenizer)

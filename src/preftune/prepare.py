@@ -16,13 +16,13 @@ from .data import (
     tokenize_records,
     tokenize_unpaired,
 )
-from .data.collate import attach_reference, collate_packed_pairs
+from .data.collate import attach_reference, collate_packed_pairs, collate_packed_unpaired
 from .data.sources import HH_ASSISTANT, hh_as_messages
 from .losses import LossSpec
 from .step import loss_kwargs
 
 __all__ = ["load_data", "prepare_pairs", "drop_eval_prompts", "kto_class_weights", "PreparedData",
-           "prepare_data", "pair_collator"]
+           "prepare_data", "pair_collator", "unpaired_collator"]
 
 
 def load_data(path: str, d, *, paired: bool = True, field: str = "file") -> list:
@@ -91,7 +91,7 @@ def prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) 
     else:
         examples, stats = tokenize_unpaired(records, tokenizer, max_length=d.max_length,
                                             max_prompt_length=d.max_prompt_length)
-        collate = partial(collate_unpaired, pad_id=tokenizer.pad_token_id)
+        collate = unpaired_collator(cfg, tokenizer)
     stats.dropped_eval_prompts = held_out_dropped
     eval_pairs = prepare_pairs(d.eval_path, cfg, tokenizer, eval_records)[0] if eval_records else None
     kwargs = loss_kwargs(cfg, spec)
@@ -111,3 +111,11 @@ def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):
     if reference_cache is None:
         return collate
     return lambda pairs: attach_reference(collate(pairs), pairs, reference_cache)
+
+
+def unpaired_collator(cfg: Config, tokenizer):
+    """The collate function for unpaired (KTO) micro-batches: packed (default; each example and its
+    KL row share the prompt) or padded rows."""
+    if cfg.data.layout == "packed":
+        return partial(collate_packed_unpaired, prefix_sharing=cfg.data.prefix_sharing)
+    return partial(collate_unpaired, pad_id=tokenizer.pad_token_id)

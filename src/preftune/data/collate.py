@@ -16,7 +16,7 @@ import torch
 from .tokenize import TokenizedExample, TokenizedPair
 
 __all__ = ["collate_pairs", "collate_unpaired", "collate_sequences", "collate_packed", "collate_packed_pairs",
-           "attach_reference"]
+           "collate_packed_unpaired", "attach_reference"]
 
 
 def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
@@ -107,6 +107,18 @@ def collate_packed_pairs(pairs: list[TokenizedPair], prefix_sharing: bool = True
     b = len(pairs)
     groups = [(p.prompt_ids, [(i, p.chosen_ids), (b + i, p.rejected_ids)]) for i, p in enumerate(pairs)]
     return collate_packed(groups, 2 * b, prefix_sharing)
+
+
+def collate_packed_unpaired(examples: list[TokenizedExample], prefix_sharing: bool = True) -> dict:
+    """Unpaired examples packed in one row, in `collate_unpaired`'s sequence order [examples...,
+    KL rows...]: example i and its KL row (prompt i with completion i+1 mod N) share prompt i, so
+    with prefix sharing the prompt is processed once for both. `labels` (N,) is bool."""
+    n = len(examples)
+    groups = [(e.prompt_ids, [(i, e.completion_ids), (n + i, examples[(i + 1) % n].completion_ids)])
+              for i, e in enumerate(examples)]
+    batch = collate_packed(groups, 2 * n, prefix_sharing)
+    batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return batch
 
 
 def attach_reference(batch: dict, pairs: list[TokenizedPair], cache: dict) -> dict:
