@@ -66,8 +66,8 @@ def test_epochs_aim_at_min_steps_and_stop_at_three():
     assert epochs_for(100, 4) == 2  # 25 steps a pass: 2 passes for 50
     assert epochs_for(10, 4) == MAX_EPOCHS == 3  # 3 steps a pass: capped, not 17 passes
     assert epochs_for(4 * MIN_STEPS, 4) == 1 and epochs_for(4 * MIN_STEPS - 4, 4) == 2
-    a = advise({**PAIRED, "records": 100}, params=P135M, memory_gb=None, lora=True)  # ipo recipe: batch 8
-    assert a.settings["epochs"] == 3 and a.settings["steps"] == 3 * 13 and "train.epochs=3" in a.overrides
+    a = advise({**PAIRED, "records": 100}, params=P135M, memory_gb=None, lora=True)  # ipo recipe: batch 4
+    assert a.settings["epochs"] == 2 and a.settings["steps"] == 2 * 25 and "train.epochs=2" in a.overrides
 
 
 def test_peak_memory_reproduces_the_scaling_benchmark_it_was_fitted_to():
@@ -93,6 +93,8 @@ def test_advice_states_memory_and_warns_when_it_does_not_fit():
     from preftune.advise import pair_tokens
 
     assert pair_tokens(stats, max_length=256, max_prompt_length=192) == 150 + 80 + 106  # rejected cut at 256-150
+    kto = {"kind": "unpaired", "prompt_tokens": {"p90": 150}, "completion_tokens": {"p90": 80}}
+    assert pair_tokens(kto, max_length=256, max_prompt_length=192) == 150 + 2 * 80  # its KL row shares the prompt
     a = advise(stats, params=P135M, memory_gb=None, lora=True, shape=SMOL, max_length=256, max_prompt_length=192)
     m = a.memory
     assert m["tokens_per_item"] == 336 and m["batch_size"] == 4

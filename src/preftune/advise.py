@@ -112,12 +112,12 @@ def epochs_for(records: int, batch_size: int) -> int:
 
 def pair_tokens(stats: dict, *, max_length: int, max_prompt_length: int) -> int:
     """Tokens one training item occupies in a packed micro-batch (90th percentiles, after the cut):
-    a pair shares its prompt (prompt + chosen + rejected); an unpaired example is prompt + completion,
-    twice for KTO's mismatched KL row."""
+    a pair shares its prompt (prompt + chosen + rejected); an unpaired (KTO) example shares its
+    prompt with its mismatched KL row (prompt + two completions)."""
     prompt = min(stats.get("prompt_tokens", {}).get("p90", 0), max_prompt_length)
     room = max(0, max_length - prompt)
     if stats.get("kind") == "unpaired":
-        return 2 * (prompt + min(stats.get("completion_tokens", {}).get("p90", 0), room))
+        return prompt + 2 * min(stats.get("completion_tokens", {}).get("p90", 0), room)
     return prompt + sum(min(stats.get(k, {}).get("p90", 0), room) for k in ("chosen_tokens", "rejected_tokens"))
 
 

@@ -154,7 +154,7 @@ class OfflineSource:
         if new is not cfg:
             self.collate = pair_collator(new, self.tokenizer)
         self.cfg = new
-        # held-out pairs in the layout just checked (unpaired losses: checked on nothing, so padded)
+        # held-out pairs in the layout just checked
         self.eval_collate = pair_collator(new, self.tokenizer) if self.spec.paired else None
         return new, info
 
