@@ -91,6 +91,25 @@ def test_step_metrics_unpaired_split_by_label():
     assert (row["logratios/chosen"], row["logratios/rejected"]) == (-2.0, -5.0)  # desirable / undesirable
 
 
+def test_an_unpaired_step_with_one_class_logs_no_other_side_and_raises_no_flag():
+    """A KTO micro-batch of desirable examples only (HH, step 66 of a 100-step run) logged NaN for
+    the undesirable side and its margin, and `nonfinite` fired on a healthy step."""
+    parts = {"losses": torch.tensor([0.4, 0.6]), "rewards": torch.tensor([0.3, 0.1]),
+             "labels": torch.tensor([True, True]), "policy": torch.tensor([-1.0, -3.0]),
+             "lengths": torch.tensor([2, 6]), "logratio": torch.tensor([-1.0, -3.0])}
+    row = step_metrics(parts, paired=False)
+    assert row["rewards/chosen"] == pytest.approx(0.2) and row["logratios/chosen"] == -2.0
+    assert not any(k.endswith("/rejected") for k in row) and "rewards/margins" not in row
+    assert all(math.isfinite(v) for v in row.values())
+    rows = _rows(12, **HEALTHY) + [{"step": 13, **row, "kl": 0.0}]
+    assert "nonfinite" not in health_checks(rows, beta=0.1, paired=False)
+    old = {**row, "rewards/rejected": float("nan"), "rewards/margins": float("nan"), "logps/rejected": float("nan")}
+    assert "nonfinite" not in health_checks(_rows(12, **HEALTHY) + [old], beta=0.1, paired=False)  # rows from before
+    assert "nonfinite" in health_checks(_rows(12, **HEALTHY) + [{**old, "loss": float("nan")}], beta=0.1, paired=False)
+    assert "nonfinite" in health_checks(_rows(12, **HEALTHY) + [{**row, "logps/chosen": float("inf")}], beta=0.1,
+                                        paired=False)
+
+
 def _probe_rows(n, **probes):
     """n healthy rows; every 5th carries the probe keys given as functions of the step index."""
     rows = _rows(n, **HEALTHY)

@@ -205,6 +205,18 @@ def test_kto_packed_rows_with_a_shared_prompt_train_exactly_like_padded_rows(tmp
         assert a["kl"] == pytest.approx(b["kl"], abs=1e-5)
 
 
+def test_kto_steps_of_one_class_log_only_their_side(tmp_path, tiny_model_dir, capsys):
+    labels = [True, True, False, False, True, False]
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": y} for p, y in zip(PAIRS, labels)]
+    unpaired = write_jsonl(tmp_path / "u.jsonl", rows)
+    result = train(_cfg(tmp_path, tiny_model_dir, "loss.name=kto", f"data.train_path={unpaired}", "train.shuffle=false",
+                        "train.batch_size=2", "train.log_every=1"))
+    got = _metrics(result.run_dir)
+    assert [(r["examples/desirable"], r["examples/undesirable"]) for r in got] == [(2, 0), (0, 2), (1, 1)]
+    assert "rewards/rejected" not in got[0] and "rewards/chosen" not in got[1] and "rewards/margins" in got[2]
+    assert not any(r["health"] for r in got) and "nonfinite" not in capsys.readouterr().out
+
+
 def test_rpo_mixture_logs_each_term(tmp_path, tiny_model_dir):
     result = train(_cfg(tmp_path, tiny_model_dir, "loss.mix=[[sigmoid, 1.0], [sft, 0.2]]", "train.max_steps=2"))
     row = _metrics(result.run_dir)[0]

@@ -74,22 +74,18 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool 
             row["scores/chosen"], row["scores/rejected"] = row.pop("logps/chosen"), row.pop("logps/rejected")
     else:
         good = parts["labels"].bool()
-        chosen, rejected = _mean(parts["rewards"][good]), _mean(parts["rewards"][~good])
-        row = {
-            "loss": _mean(parts["losses"]),
-            "rewards/chosen": chosen,
-            "rewards/rejected": rejected,
-            "rewards/margins": chosen - rejected,
-            "logps/chosen": _mean(parts["policy"][good]),
-            "logps/rejected": _mean(parts["policy"][~good]),
-            "lengths/chosen": _mean(parts["lengths"][good]),
-            "lengths/rejected": _mean(parts["lengths"][~good]),
-            "examples/desirable": int(good.sum()),
-            "examples/undesirable": int((~good).sum()),
-        }
-        if "logratio" in parts:
-            row["logratios/chosen"] = _mean(parts["logratio"][good])
-            row["logratios/rejected"] = _mean(parts["logratio"][~good])
+        row = {"loss": _mean(parts["losses"])}
+        # a step may hold one class only: the other side has no value that step (absent, not NaN)
+        for side, mask in (("chosen", good), ("rejected", ~good)):
+            if mask.any():
+                row[f"rewards/{side}"] = _mean(parts["rewards"][mask])
+                row[f"logps/{side}"] = _mean(parts["policy"][mask])
+                row[f"lengths/{side}"] = _mean(parts["lengths"][mask])
+                if "logratio" in parts:
+                    row[f"logratios/{side}"] = _mean(parts["logratio"][mask])
+        if good.any() and (~good).any():
+            row["rewards/margins"] = row["rewards/chosen"] - row["rewards/rejected"]
+        row.update({"examples/desirable": int(good.sum()), "examples/undesirable": int((~good).sum())})
         standard = {"losses", "rewards", "labels", "policy", "lengths", "logratio"}
     row.update({k: _mean(v) for k, v in parts.items() if k not in standard})
     return row
@@ -154,8 +150,14 @@ def _probed(history: list[dict], key: str) -> list[float]:
 
 @health_check("nonfinite")
 def _nonfinite(history, t, **_):
-    """A logged value of the last step is NaN or infinite."""
-    return any(isinstance(v, float) and not math.isfinite(v) for v in history[-1].values())
+    """A logged value of the last step is NaN or infinite. (Unpaired steps that hold one class only
+    log nothing for the other side; rows written before that logged NaN there, which is not a fault.)"""
+    row = history[-1]
+    empty = {"rejected": row.get("examples/undesirable") == 0, "chosen": row.get("examples/desirable") == 0}
+    undefined = {k for k in row if any(e and k.endswith("/" + side) for side, e in empty.items())}
+    if any(empty.values()):
+        undefined.add("rewards/margins")
+    return any(isinstance(v, float) and not math.isfinite(v) for k, v in row.items() if k not in undefined)
 
 
 @health_check("margin_explosion", "margin_explosion_nats")
@@ -174,7 +176,7 @@ def _both_logps_falling(history, t, **_):
     logps of the first window minus those of the last, which also moves with the batches' lengths."""
     w = int(t["window"])
     tail = history[-w:]
-    if len(history) >= w and all("logratios/chosen" in r for r in tail):
+    if len(history) >= w and all("logratios/chosen" in r or "logratios/rejected" in r for r in tail):
         return all(_window_mean(tail, k) < -t["logp_fall_nats"] for k in ("logratios/chosen", "logratios/rejected"))
     if len(history) < 2 * w:
         return False

@@ -373,9 +373,10 @@ class RunLog:
         # demonstrations (SFT) the NLL per token
         name, key = ("reward", "reward/mean") if run.spec.rollout else ("nll", "nll/token") if run.spec.supervised \
             else ("margin", "rewards/margins")
-        self.bar.set_postfix({"loss": f"{row['loss']:.4f}", name: f"{row[key]:.3f}"})
+        shown = f"{row[key]:.3f}" if key in row else "-"  # a KTO step of one class has no margin
+        self.bar.set_postfix({"loss": f"{row['loss']:.4f}", name: shown})
         if main and self.bar.disable and (step % 10 == 0 or step == run.total_steps):
-            print(f"step {step}/{run.total_steps} loss {row['loss']:.4f} {name} {row[key]:.3f}", flush=True)
+            print(f"step {step}/{run.total_steps} loss {row['loss']:.4f} {name} {shown}", flush=True)
         stop = next((f for f in row["health"] if f in self.dg.stop_on), None)
         if stop and main:
             print(f"stopping early: {stop} at step {step} (diagnostics.stop_on)", flush=True)
