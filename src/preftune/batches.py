@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import EpochSampler
-from .data.tokenize import TokenizedPair
+from .data.collate import kl_pairs
 from .errors import ConfigError
 from .layouts import choose_layout
 from .losses import LOSSES, LossSpec
@@ -144,10 +144,8 @@ class OfflineSource:
     def layout(self, cfg, model, model_dir: str):
         examples = self.data.examples[: max(cfg.train.batch_size, 2)]
         if not self.spec.paired:  # KTO: checked like pairs, on (prompt i, completion i, completion i+1) as packed
-            n = len(examples)
-            rows = [TokenizedPair(e.prompt_ids, e.completion_ids, examples[(i + 1) % n].completion_ids, e.source, e.line)
-                    for i, e in enumerate(examples)]
-            new, info = exact_layout(cfg, LOSSES["sigmoid"], model, rows, self.tokenizer.pad_token_id, model_dir)
+            new, info = exact_layout(cfg, LOSSES["sigmoid"], model, kl_pairs(examples), self.tokenizer.pad_token_id,
+                                     model_dir)
             self.collate, self.cfg, self.eval_collate = unpaired_collator(new, self.tokenizer), new, None
             return new, info
         new, info = exact_layout(cfg, self.spec, model, examples, self.tokenizer.pad_token_id, model_dir)

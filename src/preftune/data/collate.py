@@ -16,7 +16,7 @@ import torch
 from .tokenize import TokenizedExample, TokenizedPair
 
 __all__ = ["collate_pairs", "collate_unpaired", "collate_sequences", "collate_packed", "collate_packed_pairs",
-           "collate_packed_unpaired", "attach_reference"]
+           "collate_packed_unpaired", "kl_pairs", "attach_reference"]
 
 
 def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
@@ -39,15 +39,24 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict:
     return collate_sequences(prompts, completions, pad_id)
 
 
+def kl_pairs(examples: list[TokenizedExample]) -> list[TokenizedPair]:
+    """Each unpaired example as (prompt i, completion i, completion i+1 mod N): its own completion
+    and the mismatched one KTO uses to estimate KL(policy || reference). Collated like pairs, this
+    gives the unpaired row order [examples..., KL rows...]; the layout check reads the same rows."""
+    n = len(examples)
+    return [TokenizedPair(e.prompt_ids, e.completion_ids, examples[(i + 1) % n].completion_ids, e.source, e.line)
+            for i, e in enumerate(examples)]
+
+
+def _labelled(batch: dict, examples: list[TokenizedExample]) -> dict:
+    batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+    return batch
+
+
 def collate_unpaired(examples: list[TokenizedExample], pad_id: int) -> dict:
     """Rows 0..N-1: each example; rows N..2N-1: prompt i with completion i+1 (mod N), the
     mismatched pairs KTO uses to estimate KL(policy || reference). `labels` (N,) is bool."""
-    n = len(examples)
-    prompts = [e.prompt_ids for e in examples] * 2
-    completions = [e.completion_ids for e in examples] + [examples[(i + 1) % n].completion_ids for i in range(n)]
-    batch = collate_sequences(prompts, completions, pad_id)
-    batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
-    return batch
+    return _labelled(collate_pairs(kl_pairs(examples), pad_id), examples)
 
 
 def collate_packed(groups: list[tuple[list[int], list[tuple[int, list[int]]]]], n_seqs: int,
@@ -111,14 +120,9 @@ def collate_packed_pairs(pairs: list[TokenizedPair], prefix_sharing: bool = True
 
 def collate_packed_unpaired(examples: list[TokenizedExample], prefix_sharing: bool = True) -> dict:
     """Unpaired examples packed in one row, in `collate_unpaired`'s sequence order [examples...,
-    KL rows...]: example i and its KL row (prompt i with completion i+1 mod N) share prompt i, so
-    with prefix sharing the prompt is processed once for both. `labels` (N,) is bool."""
-    n = len(examples)
-    groups = [(e.prompt_ids, [(i, e.completion_ids), (n + i, examples[(i + 1) % n].completion_ids)])
-              for i, e in enumerate(examples)]
-    batch = collate_packed(groups, 2 * n, prefix_sharing)
-    batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
-    return batch
+    KL rows...]: example i and its KL row share prompt i, so with prefix sharing the prompt is
+    processed once for both. `labels` (N,) is bool."""
+    return _labelled(collate_packed_pairs(kl_pairs(examples), prefix_sharing), examples)
 
 
 def attach_reference(batch: dict, pairs: list[TokenizedPair], cache: dict) -> dict:
