@@ -202,3 +202,30 @@ def test_eval_before_training_leaves_the_reference_logps_for_the_eval_after(tmp_
     for key in ("rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen"):
         assert abs(cached[key] - live[key]) < 1e-5, key
     assert abs(live["rewards/margins"]) > 1e-3  # the run moved: a zero margin would pass any comparison
+
+
+def test_eval_of_a_run_keeps_its_live_reference_logps_for_the_next_eval(tmp_path, tiny_model_dir, monkeypatch):
+    """No "before" eval: the first eval of a run computes the reference live and stores it under the
+    reference's weights hash; the next eval on the file (this run's or any other run's from the same
+    base) reads it and takes one forward per batch, with the same numbers."""
+    import preftune.step as step_mod
+
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    held = write_jsonl(tmp_path / "held.jsonl", PAIRS[2:])
+    run_dir, out = tmp_path / "run", tmp_path / "e.json"
+    assert main(["train", f"data.train_path={data}", f"run.output_dir={run_dir}", f"model.name_or_path={tiny_model_dir}",
+                 "train.lr=3e-2", "train.epochs=2", "model.lora_r=4"]) == 0
+    calls = []
+    original = step_mod.completion_logps
+    monkeypatch.setattr(step_mod, "completion_logps", lambda model, batch: calls.append(model) or original(model, batch))
+    assert main(["eval", "--run", str(run_dir), "--data", str(held), "--out", str(out), "eval.kl_prompts=0"]) == 0
+    first = json.loads(out.read_text())
+    assert first["reference_logps"] == "computed and stored in the cache" and len(calls) == 2  # policy + reference
+    calls.clear()
+    assert main(["eval", "--run", str(run_dir), "--data", str(held), "--out", str(out), "eval.kl_prompts=0"]) == 0
+    second = json.loads(out.read_text())
+    assert second["reference_logps"] == "read from cache" and len(calls) == 1
+    assert abs(first["rewards/margins"]) > 1e-3  # the run moved: a zero margin would pass any comparison
+    for key in ("accuracy/implicit_reward", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+        assert second[key] == first[key], key  # the stored values are the live ones, bit for bit

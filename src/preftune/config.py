@@ -151,7 +151,8 @@ class EvalConfig:
     max_new_tokens: int = _f(48, "tokens sampled per completion for the KL estimate")
     reuse_reference_logps: bool = _f(True, "an eval without --run stores the base model's log-probs in the reference "
                                            "cache (keyed by its weights); an eval of a run reads them from there "
-                                           "when they cover the pairs: one forward per pair, not two")
+                                           "when they cover the pairs (one forward per pair, not two), else runs "
+                                           "its reference live and stores those for the next eval")
 
 
 # the health-check thresholds are owned by their registry (diagnostics.THRESHOLDS); the probe

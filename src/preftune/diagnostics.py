@@ -66,7 +66,8 @@ def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool 
             "lengths/rejected": _mean(parts["rejected_lengths"]),
         }
         standard = {"losses", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected",
-                    "chosen_lengths", "rejected_lengths", "logratio_chosen", "logratio_rejected"}
+                    "chosen_lengths", "rejected_lengths", "logratio_chosen", "logratio_rejected",
+                    "reference_chosen", "reference_rejected"}
         if "logratio_chosen" in parts:  # losses with a reference: policy - reference logp, same pairs
             row["logratios/chosen"] = _mean(parts["logratio_chosen"])
             row["logratios/rejected"] = _mean(parts["logratio_rejected"])

@@ -119,7 +119,8 @@ _EVAL_KEYS = ("accuracy/implicit_reward", "accuracy/logp", "rewards/margins", "r
 
 @torch.no_grad()
 def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_size: int, pad_id: int,
-                   collate=None, desc: str = "eval", policy_logps: dict | None = None) -> dict:
+                   collate=None, desc: str = "eval", policy_logps: dict | None = None,
+                   reference_logps: dict | None = None) -> dict:
     """Accuracy by implicit reward (margin > 0; an exact tie counts half) and by raw completion
     logp, each with a Wilson 95% interval, over held-out pairs. With `reference` a
     `step.SameAsPolicy` (a base model "before training") every margin is 0: implicit-reward
@@ -130,7 +131,8 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     are scored with the sigmoid spec; its "loss" is then DPO's and is not reported.
     Under several processes each scores its own share; per-pair values are gathered and summed
     with math.fsum, so the result is the same number for any process count (no pair twice).
-    `policy_logps`, when given, receives each pair's summed (chosen, rejected) policy log-probs by line.
+    `policy_logps`, when given, receives each pair's summed (chosen, rejected) policy log-probs by line;
+    `reference_logps` the reference's, where the loss has a reference (else it stays empty).
     """
     collate = collate or (lambda chunk: collate_pairs(chunk, pad_id))
     scorer = spec if spec.paired else LOSSES["sigmoid"]
@@ -149,6 +151,9 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
         columns = ((margins > 0) + 0.5 * (margins == 0), (diff > 0) + 0.5 * (diff == 0), margins, parts["chosen_rewards"],
                    parts["rejected_rewards"], losses, parts["policy_chosen"], parts["policy_rejected"],
                    parts["chosen_lengths"])
+        # after the summed columns and before the line: the reference's log-probs (NaN without one)
+        nan = torch.full_like(parts["policy_chosen"], math.nan)
+        columns += (parts.get("reference_chosen", nan), parts.get("reference_rejected", nan))
         chunk = mine[i: i + batch_size]
         rows += [(*v, p.line) for v, p in zip(zip(*(c.float().tolist() for c in columns)), chunk)]
     model.train(was_training)
@@ -156,6 +161,8 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     if policy_logps is not None:
         chosen, rejected = _EVAL_KEYS.index("logps/chosen"), _EVAL_KEYS.index("logps/rejected")
         policy_logps.update({r[-1]: (r[chosen], r[rejected]) for r in rows})
+    if reference_logps is not None:
+        reference_logps.update({r[-1]: (r[-3], r[-2]) for r in rows if not math.isnan(r[-3])})
     n = len(rows)
     sums = {key: math.fsum(r[k] for r in rows) for k, key in enumerate(_EVAL_KEYS)}
     result = {"pairs": n, **{k: v / n for k, v in sums.items() if k != "tokens/chosen"}}
@@ -332,7 +339,7 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
         # packed rows with prefix sharing where they are exact on this model, as in training
         checked, layout = exact_layout(cfg, spec if spec.paired else LOSSES["sigmoid"], policy,
                                        pairs[: max(cfg.eval.batch_size, 2)], tokenizer.pad_token_id, model_dir)
-        collate, note, own, values = pair_collator(checked, tokenizer), None, None, None
+        collate, note, own, values, live_reference = pair_collator(checked, tokenizer), None, None, None, None
         digest = file_digest(path) if ref_sha is not None else None
         cache = None if digest is None else path_for(reference_sha256=ref_sha, data_sha256=digest,
                                                      tokenizer_sha256=tokenizer_sha256(tokenizer), data_config=cfg.data)
@@ -344,6 +351,8 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
             elif cfg.eval.reuse_reference_logps:
                 values = read(cache, pairs)
                 note = None if values is None else "read from cache"
+                if values is None:  # computed live below, kept for the next eval on this file
+                    live_reference = {}
             if values is not None:
                 collate = pair_collator(checked, tokenizer, values)
         elif cache is not None:
@@ -351,10 +360,13 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
         result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(), "layout": layout,
                   **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
                                    batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, collate=collate,
-                                   policy_logps=own)}
+                                   policy_logps=own, reference_logps=live_reference)}
         if own and _is_main():
             store(cache, own)
             note = "stored in the cache"
+        if live_reference and _is_main():  # the reference of every run started from the same weights
+            store(cache, live_reference)
+            note = "computed and stored in the cache"
         if note is not None:
             result["reference_logps"] = note
         e = cfg.eval

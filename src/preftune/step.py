@@ -65,7 +65,8 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
                  "policy_chosen": first, "policy_rejected": second, "chosen_lengths": first_n,
                  "rejected_lengths": second_n}
         if spec.needs_reference:  # policy - reference on the same pairs: what both_logps_falling reads
-            parts.update(logratio_chosen=first - ref_first, logratio_rejected=second - ref_second)
+            parts.update(logratio_chosen=first - ref_first, logratio_rejected=second - ref_second,
+                         reference_chosen=ref_first, reference_rejected=ref_second)
     else:
         out = spec.fn(first, ref_first, labels=batch["labels"], policy_kl_logps=second,
                       reference_kl_logps=ref_second, **kwargs)
