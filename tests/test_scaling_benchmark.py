@@ -45,3 +45,26 @@ def test_trl_ratio_takes_the_block_point_of_the_same_invocation():
     assert got["preftune_over_trl"] == 3.0 and abs(got["loss_max_abs_diff"] - 3e-5) < 1e-9
     assert run.versus_trl({**trl, "length": 2048}, [older, block]) == {}  # a block point of another run: no ratio
     assert run.versus_trl({"length": 256, "mode": "trl", "error": "killed", "command": "now"}, [block]) == {}
+
+
+def test_cpu_attention_flops_count_the_keys_each_query_visits():
+    """torch's counter has no formula for the CPU SDPA kernels (it would count attention as 0); the
+    benchmark's counts 2 matmuls of 2*d FLOPs per visible (query, key) pair per head forward and
+    2.5 times that backward. Causal 5x5: 15 visible pairs; with a full mask: 25."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = _script()._cpu_attention_flops()
+    q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
+
+    def count(custom, **kw):
+        counter = FlopCounterMode(display=False, custom_mapping=custom)
+        with counter:
+            F.scaled_dot_product_attention(q, k, v, **kw).sum().backward()
+        return counter.get_total_flops()
+
+    per_pair = 2 * 2 * 2 * 4  # two matmuls, 2 FLOPs a multiply-add, 2 heads, d = 4
+    assert count(mapping, is_causal=True) == per_pair * 15 * 3.5  # forward 1 + backward 2.5
+    assert count(mapping, attn_mask=torch.ones(5, 5, dtype=torch.bool)) == per_pair * 25 * 3.5
+    assert count({}, is_causal=True) == 0  # what the benchmark would read without them

@@ -17,6 +17,15 @@ same model, identical initial LoRA weights (seed 42), lr 5e-4 without warmup, fi
 `max_length` = length + 8 (nothing truncated); a TRL point records the ratio preftune (block) /
 TRL pairs/s of that length and the largest per-step loss difference, when both ran in this
 invocation. Writes results.json and cost.png beside this file.
+
+    .venv/bin/python benchmarks/scaling/run.py --flops [--lengths 256,2048] [--modes block,trl+gc,trl]
+
+counts the floating-point operations of one training step of each tool on the same pairs
+(torch.utils.flop_counter: matmuls and attention, as executed — causal attention counts the
+keys it visits; elementwise work is not counted) and writes flops.json: the work ratio TRL /
+preftune bounds the speed ratio a tool can reach on equally efficient kernels, and achieved
+GFLOP/s says how efficiently each ran. preftune's step count is its 2-step run's minus its
+1-step run's, so loading and the layout check fall out (`gflop_setup` is what they did).
 """
 
 from __future__ import annotations
@@ -164,6 +173,91 @@ def trl_worker(data: str, mode: str, steps: int, batch: int, length: int) -> Non
                                   "gradient_checkpointing": mode == "trl+gc"}))
 
 
+def _cpu_attention_flops():
+    """FLOP formulas for the CPU SDPA kernels, which torch's counter leaves out: the standard
+    attention count (GQA aware), times the share of keys a causal query visits."""
+    import torch
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    def share(q_shape, k_shape, causal: bool) -> float:
+        sq, sk = q_shape[-2], k_shape[-2]
+        if not causal:
+            return 1.0
+        return sum(min(sk, sk - sq + i + 1) for i in range(sq)) / (sq * sk)  # top-left causal, as SDPA
+
+    def forward(query, key, value, dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs):
+        return int(sdpa_flop_count(query, key, value) * share(query, key, is_causal))
+
+    def backward(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *args,
+                 out_shape=None, **kwargs):
+        return int(sdpa_backward_flop_count(grad_out, query, key, value) * share(query, key, is_causal))
+
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+def flops_worker(data: str, out: str, mode: str, steps: int, batch: int, length: int) -> None:
+    """FLOPs of a whole `steps`-step run of one tool (the driver subtracts two runs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flops())
+    with counter:
+        if mode.startswith("trl"):
+            trl_worker(data, mode, steps, batch, length)
+        else:
+            worker(data, out, mode, steps, batch, length)
+    print("FLOPS " + json.dumps({"flops": counter.get_total_flops()}))
+
+
+def count_step_flops(data: Path, mode: str, batch: int, length: int) -> dict:
+    """One step's FLOPs: the 2-step run minus the 1-step run. TRL's runs do no model work outside
+    their steps (at 256 tokens its 2-step count is exactly twice its 1-step count, setup 0.0), so a
+    TRL point is its 1-step run: at 2048 tokens its 2-step run under the counter outgrew memory."""
+    got = {}
+    for steps in ((1,) if mode.startswith("trl") else (1, 2)):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            cmd = [sys.executable, __file__, "--worker", mode, "--flops", "--data", str(data), "--out", f"{tmp}/run",
+                   "--steps", str(steps), "--batch", str(batch), "--lengths", str(length)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
+        lines = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in proc.stdout.splitlines()
+                 if x.startswith(("RESULT ", "FLOPS "))}
+        if "FLOPS" not in lines:
+            return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300]}
+        got[steps] = {**lines.get("RESULT", {}), **lines["FLOPS"]}
+    last = got[max(got)]
+    step = last["flops"] - got[1]["flops"] if len(got) == 2 else got[1]["flops"]
+    return {"gflop_per_step": round(step / 1e9, 1), "gflop_per_pair": round(step / batch / 1e9, 2),
+            "gflop_setup": round((got[1]["flops"] - step) / 1e9, 1) if len(got) == 2 else None,
+            "losses": last.get("losses")}
+
+
+def flops(a) -> None:
+    """--flops: one step's work for each mode at each length (flops.json beside this file; a ratio
+    is taken against the block point of this invocation, else the saved one)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in [int(x) for x in a.lengths.split(",")]:
+            data = Path(tmp) / f"pairs-{length}.jsonl"
+            make_pairs(data, length, 2 * a.batch)
+            for mode in a.modes.split(","):
+                row = {"length": length, "mode": mode, **count_step_flops(data, mode, a.batch, length)}
+                dest = HERE / "flops.json"  # rows join (or replace the same point in) the saved ones as they finish
+                saved = json.loads(dest.read_text())["results"] if dest.is_file() else []
+                # counts do not vary from run to run: the block point may come from an earlier invocation
+                ours = next((r for r in [*rows, *saved] if r["length"] == length and r["mode"] == "block"
+                             and "gflop_per_step" in r), None)
+                if ours is not None and mode != "block" and "gflop_per_step" in row:
+                    row["work_over_preftune"] = round(row["gflop_per_step"] / ours["gflop_per_step"], 3)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                saved = [r for r in saved if (r["length"], r["mode"]) != (length, mode)] + [
+                    {**row, "command": " ".join(sys.argv)}]
+                saved.sort(key=lambda r: (r["length"], MODES.index(r["mode"])))
+                dest.write_text(json.dumps({"batch": a.batch, "results": saved}, indent=1) + "\n")
+
+
 def versus_trl(point: dict, results: list[dict]) -> dict:
     """For a TRL point: preftune's (block) pairs/s over TRL's at the same length, and the largest
     per-step loss difference, when the block point ran in the same invocation."""
@@ -253,7 +347,12 @@ def main() -> None:
     ap.add_argument("--reference-cache", action="store_true",
                     help="with --eval-speed: train with train.reference_cache=true; eval also from the cache "
                          "(writes eval_cached.json)")
+    ap.add_argument("--flops", action="store_true", help="count one step's FLOPs per tool (flops.json)")
     a = ap.parse_args()
+    if a.worker and a.flops:
+        return flops_worker(a.data, a.out, a.worker, a.steps, a.batch, int(a.lengths))
+    if a.flops:
+        return flops(a)
     if a.worker == "eval":
         return eval_worker(a.data, a.out, a.worker, int(a.lengths))
     if a.worker in ("trl", "trl+gc"):
