@@ -216,21 +216,14 @@ def count_step_flops(data: Path, mode: str, batch: int, length: int) -> dict:
     TRL point is its 1-step run: at 2048 tokens its 2-step run under the counter outgrew memory."""
     got = {}
     for steps in ((1,) if mode.startswith("trl") else (1, 2)):
-        with tempfile.TemporaryDirectory() as tmp:
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-            cmd = [sys.executable, __file__, "--worker", mode, "--flops", "--data", str(data), "--out", f"{tmp}/run",
-                   "--steps", str(steps), "--batch", str(batch), "--lengths", str(length)]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=7200)
-        lines = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in proc.stdout.splitlines()
-                 if x.startswith(("RESULT ", "FLOPS "))}
-        if "FLOPS" not in lines:
-            return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300]}
-        got[steps] = {**lines.get("RESULT", {}), **lines["FLOPS"]}
-    last = got[max(got)]
-    step = last["flops"] - got[1]["flops"] if len(got) == 2 else got[1]["flops"]
+        got[steps] = run_point(data, mode, steps, batch, length, flops=True, timeout=7200)
+        if "error" in got[steps]:
+            return got[steps]
+    one = got[1]["flops"]
+    step = got[2]["flops"] - one if 2 in got else one
     return {"gflop_per_step": round(step / 1e9, 1), "gflop_per_pair": round(step / batch / 1e9, 2),
-            "gflop_setup": round((got[1]["flops"] - step) / 1e9, 1) if len(got) == 2 else None,
-            "losses": last.get("losses")}
+            "gflop_setup": round((one - step) / 1e9, 1) if 2 in got else None,
+            "losses": got[max(got)].get("losses")}
 
 
 def flops(a) -> None:
@@ -252,9 +245,7 @@ def flops(a) -> None:
                     row["work_over_preftune"] = round(row["gflop_per_step"] / ours["gflop_per_step"], 3)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                saved = [r for r in saved if (r["length"], r["mode"]) != (length, mode)] + [
-                    {**row, "command": " ".join(sys.argv)}]
-                saved.sort(key=lambda r: (r["length"], MODES.index(r["mode"])))
+                saved = with_point(saved, {**row, "command": " ".join(sys.argv)})
                 dest.write_text(json.dumps({"batch": a.batch, "results": saved}, indent=1) + "\n")
 
 
@@ -269,16 +260,25 @@ def versus_trl(point: dict, results: list[dict]) -> dict:
     return {"preftune_over_trl": round(ours["pairs_per_s"] / point["pairs_per_s"], 2), "loss_max_abs_diff": diff}
 
 
-def run_point(data: Path, mode: str, steps: int, batch: int, length: int) -> dict:
+def with_point(results: list[dict], point: dict) -> list[dict]:
+    """`results` with `point` added, replacing the saved point of the same length and mode."""
+    kept = [r for r in results if (r["length"], r["mode"]) != (point["length"], point["mode"])]
+    return sorted([*kept, point], key=lambda r: (r["length"], MODES.index(r["mode"])))
+
+
+def run_point(data: Path, mode: str, steps: int, batch: int, length: int, *, flops: bool = False,
+              timeout: int = 3600) -> dict:
+    """One worker in a fresh process: its RESULT line, and with `flops` its FLOPS line merged in."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--out", f"{tmp}/run",
-               "--steps", str(steps), "--batch", str(batch), "--lengths", str(length)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
+               "--steps", str(steps), "--batch", str(batch), "--lengths", str(length), *(["--flops"] if flops else [])]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in proc.stdout.splitlines()
+             if x.startswith(("RESULT ", "FLOPS "))}
+    if "RESULT" not in lines or (flops and "FLOPS" not in lines):
         return {"error": (proc.stderr.strip().splitlines() or ["killed"])[-1][:300], "rc": proc.returncode}
-    return json.loads(line[len("RESULT "):])
+    return {**lines["RESULT"], **lines.get("FLOPS", {})}
 
 
 def eval_speed(a) -> None:
@@ -376,8 +376,7 @@ def main() -> None:
                 if mode.startswith("trl"):
                     point.update(versus_trl(point, saved["results"]))
                 print(json.dumps(point), flush=True)
-                saved["results"] = [r for r in saved["results"] if (r["length"], r["mode"]) != (length, mode)]
-                saved["results"] = sorted([*saved["results"], point], key=lambda r: (r["length"], MODES.index(r["mode"])))
+                saved["results"] = with_point(saved["results"], point)
                 dest.write_text(json.dumps(saved, indent=1) + "\n")
                 plot(saved["results"], HERE / "cost.png")
 

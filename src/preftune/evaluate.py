@@ -115,6 +115,7 @@ def wilson(successes: float, n: int, z: float = 1.96) -> list[float]:
 
 _EVAL_KEYS = ("accuracy/implicit_reward", "accuracy/logp", "rewards/margins", "rewards/chosen", "rewards/rejected",
               "loss", "logps/chosen", "logps/rejected", "tokens/chosen")
+_REFERENCE = len(_EVAL_KEYS)  # a row's reference (chosen, rejected) log-probs follow the summed columns
 
 
 @torch.no_grad()
@@ -151,7 +152,7 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
         columns = ((margins > 0) + 0.5 * (margins == 0), (diff > 0) + 0.5 * (diff == 0), margins, parts["chosen_rewards"],
                    parts["rejected_rewards"], losses, parts["policy_chosen"], parts["policy_rejected"],
                    parts["chosen_lengths"])
-        # after the summed columns and before the line: the reference's log-probs (NaN without one)
+        # after the summed columns (_REFERENCE on) and before the line: the reference's log-probs (NaN without one)
         nan = torch.full_like(parts["policy_chosen"], math.nan)
         columns += (parts.get("reference_chosen", nan), parts.get("reference_rejected", nan))
         chunk = mine[i: i + batch_size]
@@ -162,7 +163,7 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
         chosen, rejected = _EVAL_KEYS.index("logps/chosen"), _EVAL_KEYS.index("logps/rejected")
         policy_logps.update({r[-1]: (r[chosen], r[rejected]) for r in rows})
     if reference_logps is not None:
-        reference_logps.update({r[-1]: (r[-3], r[-2]) for r in rows if not math.isnan(r[-3])})
+        reference_logps.update({r[-1]: (r[_REFERENCE], r[_REFERENCE + 1]) for r in rows if not math.isnan(r[_REFERENCE])})
     n = len(rows)
     sums = {key: math.fsum(r[k] for r in rows) for k, key in enumerate(_EVAL_KEYS)}
     result = {"pairs": n, **{k: v / n for k, v in sums.items() if k != "tokens/chosen"}}
