@@ -52,12 +52,12 @@ def build_tokenizer():
     return fast
 
 
-def build_model(vocab_size: int, *, seed: int = 0, eos_id: int = 2, pad_id: int = 0):
+def build_model(vocab_size: int, *, seed: int = 0, eos_id: int = 2, pad_id: int = 0, hidden: int = 32):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=None)
     return LlamaForCausalLM(config)
@@ -75,6 +75,28 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def qlora_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny Llama at widths that bitsandbytes really blocks: every linear layer's inputs are a
+    multiple of its 64-value block (128, 256) and its outputs of 32 (k/v 64, q/o 128, mlp 256), the
+    shapes its AVX512-BF16 CPU path requires; the 32-wide tiny model is one partial block."""
+    path = tmp_path_factory.mktemp("qlora-llama")
+    model = build_model(len(tokenizer), eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, hidden=128)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _bitsandbytes_visible():
+    """A test that runs the CLI in-process hides bitsandbytes (qlora.hide_bitsandbytes) from the
+    whole pytest process; give it back so a later QLoRA test sees the package as installed."""
+    yield
+    from preftune.qlora import allow_bitsandbytes
+
+    allow_bitsandbytes()
 
 
 @pytest.fixture(autouse=True)

@@ -172,13 +172,13 @@ def _model_config(*overrides):
 
 
 @needs_bnb
-def test_load_in_4bit_quantizes_the_linear_layers_and_keeps_logps_close(tiny_model_dir):
-    import bitsandbytes as bnb
-
+def test_load_in_4bit_quantizes_the_linear_layers_and_keeps_logps_close(qlora_model_dir):
     from preftune.models import load_start
 
-    full, _ = load_start(_model_config(), str(tiny_model_dir))
-    quant, _ = load_start(_model_config("model.load_in_4bit=true"), str(tiny_model_dir))
+    full, _ = load_start(_model_config(), str(qlora_model_dir))
+    quant, _ = load_start(_model_config("model.load_in_4bit=true"), str(qlora_model_dir))
+    import bitsandbytes as bnb  # after load_start: an in-process CLI test may have hidden it until QLoRA asks
+
     layer = quant.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, bnb.nn.Linear4bit) and isinstance(layer.mlp.down_proj, bnb.nn.Linear4bit)
     assert layer.self_attn.q_proj.weight.dtype == torch.uint8 and layer.self_attn.q_proj.weight.quant_type == "nf4"
@@ -188,10 +188,10 @@ def test_load_in_4bit_quantizes_the_linear_layers_and_keeps_logps_close(tiny_mod
     with torch.no_grad():
         a = full(ids).logits.log_softmax(-1)
         b = quant(ids).logits.log_softmax(-1)
-    # a random 2-layer model: NF4 moves log-probs by ~5e-3 on average, 0.05 at most (the default
-    # model: benchmarks/qlora/results.json); identical would mean nothing was quantized
+    # a random 2-layer, 128-wide model: NF4 moves log-probs by ~0.026 on average, 0.13 at most (the
+    # default model: ~5e-3 and 0.05, benchmarks/qlora/results.json); identical would mean nothing was quantized
     diff = (a - b).abs()
-    assert 1e-4 < diff.mean().item() < 0.02 and diff.max().item() < 0.2, (diff.mean(), diff.max())
+    assert 1e-4 < diff.mean().item() < 0.05 and diff.max().item() < 0.3, (diff.mean(), diff.max())
 
 
 @needs_bnb

@@ -349,15 +349,16 @@ def test_gradient_checkpointing_keeps_every_step_identical(tmp_path, tiny_model_
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
-def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_reloads(tmp_path, tiny_model_dir):
+def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_reloads(tmp_path, qlora_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from preftune.data import collate_pairs, load_records, tokenize_records
     from preftune.logprobs import completion_logps, split_pairs
     from preftune.models import quantization_config
+    from preftune.qlora import keep_one_cpu_path
 
-    result = train(_cfg(tmp_path, tiny_model_dir, "model.load_in_4bit=true", "train.epochs=6", "train.batch_size=4",
+    result = train(_cfg(tmp_path, qlora_model_dir, "model.load_in_4bit=true", "train.epochs=6", "train.batch_size=4",
                         "loss.beta=0.5", f"data.eval_path={tmp_path / 'pairs.jsonl'}"))
     rows = _metrics(result.run_dir)
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # reference = the 4-bit base, adapters off
@@ -366,13 +367,23 @@ def test_qlora_trains_lora_on_a_4bit_base_and_the_adapter_reloads(tmp_path, tiny
     assert ref["strategy"] == "adapters_off" and ref["quantization"] == "4bit-nf4"
     assert result.summary["quantization"] == "4bit-nf4"
     # the adapter on the same 4-bit base, loaded with plain transformers + peft, gives the run's eval
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization_config(
+    base = AutoModelForCausalLM.from_pretrained(qlora_model_dir, quantization_config=quantization_config(
         "nf4", "float32", "cpu"))
     model = PeftModel.from_pretrained(base, result.run_dir / "model").eval()
     tok = AutoTokenizer.from_pretrained(result.run_dir / "model")
     pairs, _ = tokenize_records(load_records(tmp_path / "pairs.jsonl"), tok, max_length=64, max_prompt_length=32)
+    batch = collate_pairs(pairs, tok.pad_token_id)
     with torch.no_grad():
-        chosen, _ = split_pairs(completion_logps(model, collate_pairs(pairs, tok.pad_token_id))[0])
+        plain, _ = split_pairs(completion_logps(model, batch)[0])
+    # plain bitsandbytes on an AVX512-BF16 CPU runs eval-mode 4-bit matmuls in a bf16 layout (qlora.py):
+    # the same adapter to ~1e-3 nats on a ~42-nat sum there, exactly elsewhere
+    assert plain.mean().item() == pytest.approx(result.summary["eval"]["logps/chosen"], rel=1e-3)
+    fresh = AutoModelForCausalLM.from_pretrained(qlora_model_dir, quantization_config=quantization_config(
+        "nf4", "float32", "cpu"))
+    keep_one_cpu_path(fresh)  # what preftune does on load: then the run's figure to fp32 rounding
+    model = PeftModel.from_pretrained(fresh, result.run_dir / "model").eval()
+    with torch.no_grad():
+        chosen, _ = split_pairs(completion_logps(model, batch)[0])
     assert chosen.mean().item() == pytest.approx(result.summary["eval"]["logps/chosen"], abs=1e-4)
 
 

@@ -23,6 +23,7 @@ import torch
 from .attention import use_block_attention
 from .errors import ConfigError, DataError
 from .hashing import file_sha256
+from .qlora import allow_bitsandbytes, keep_one_cpu_path
 from .safeio import atomic_path, loads_json, read_capped
 from .zoo import ZOO, gguf_path
 
@@ -119,6 +120,7 @@ def quantization_config(quant_type: str, dtype: str, device: str):
     `dtype`. bitsandbytes is probed on `device` with one small quantize/dequantize before any
     weights load, so a device it does not support fails in one line that names the alternative."""
     alternative = "set model.load_in_4bit=false (LoRA on the full-precision model; model.dtype=bfloat16 halves it)"
+    allow_bitsandbytes()  # the CLI hides it from every run that did not ask for QLoRA
     try:
         import bitsandbytes.functional as bnbf  # deferred: only QLoRA runs need bitsandbytes
     except ImportError:
@@ -171,6 +173,8 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
     except (ValueError, ImportError) as err:  # unknown architecture or attention kernel, bad config: one line
         key = "model.attn_implementation" if extra and "attention" in str(err).lower() else "model.name_or_path"
         raise ConfigError(model_dir, key, str(err).splitlines()[0]) from None
+    if quantization is not None:
+        keep_one_cpu_path(model)  # no bf16 inference-only repacking on AVX512-BF16 CPUs (qlora.py says why)
     use_block_attention(model)  # SDPA models: packed rows attend by segments, not through a (T, T) mask
     return model
 

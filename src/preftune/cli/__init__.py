@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ..config import config_help
 from ..errors import PreftuneError
 from ..losses import ALIASES, LOSSES
+from ..qlora import hide_bitsandbytes
 from ..safeio import os_problem
 from ..version import __version__
 from .common import _DATA, _EVERYTHING, _TRAINING, _config_args, _is_override, _none
@@ -210,6 +211,7 @@ def _take_overrides(args, extra: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hide_bitsandbytes()  # peft would import it (and its CPU notice) in every run; QLoRA asks for it back
     _quiet_libraries()
 
     args, extra = _parser().parse_known_args(argv)
