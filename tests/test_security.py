@@ -90,3 +90,81 @@ def test_eval_run_refuses_a_pickle_adapter_without_the_opt_in(tmp_path, tiny_mod
     assert "model.allow_pickle_weights=true" in err[0]
     assert not marker.exists()
     assert json.loads((run / "summary.json").read_text())["steps"] == 1
+
+
+# ---- opt-ins come from the command line, never from a run directory's saved files ------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from conftest import PAIRS, write_jsonl  # noqa: E402
+
+
+def _exit(argv: list[str], capsys) -> tuple[int, list[str]]:
+    from preftune.cli import main
+
+    rc = main(argv)
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, tiny_model_dir):
+    """A finished run whose config.yaml was edited to opt in by itself: its base now ships pickle
+    weights only (allow_pickle_weights: true) or asks for its own code (trust_remote_code: true)."""
+    from transformers import AutoModelForCausalLM
+
+    from preftune.config import load_config
+    from preftune.train import train
+
+    root = tmp_path_factory.mktemp("planted")
+    pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
+    run = train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_path={pairs}",
+                                   "train.max_steps=1", "train.batch_size=4", "diagnostics.probe_every=0",
+                                   f"run.output_dir={root / 'run'}"])).run_dir
+    pickle_base = shutil.copytree(tiny_model_dir, root / "pickle-base")
+    (pickle_base / "model.safetensors").unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), pickle_base / "pytorch_model.bin")
+    remote_base = root / "remote-base"
+    shutil.copytree(tiny_model_dir, remote_base)
+    config = json.loads((remote_base / "config.json").read_text())
+    (remote_base / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+    runs = {}
+    for name, base, key in (("pickle", pickle_base, "allow_pickle_weights"), ("remote", remote_base, "trust_remote_code")):
+        d = shutil.copytree(run, root / name)
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        cfg["model"].update({"name_or_path": str(base), key: True})
+        (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+        runs[name] = d
+    return {**runs, "pairs": str(pairs), "root": root}
+
+
+@pytest.mark.parametrize("kind,key", [("pickle", "allow_pickle_weights"), ("remote", "trust_remote_code")])
+def test_a_run_s_config_cannot_opt_in_for_eval_export_or_bon(planted, kind, key, capsys, tmp_path):
+    run = str(planted[kind])
+    for argv in (["eval", "--run", run, "--data", planted["pairs"]],
+                 ["export", run, "--out", str(tmp_path / "x"), "--merge"],
+                 ["bon", planted["pairs"], "--policy", run, "--reward", "fn:conftest:length_reward",
+                  "--out", str(tmp_path / "b.jsonl"), "-n", "2", "online.max_new_tokens=2"]):
+        rc, err = _exit(argv, capsys)
+        assert rc == 2 and len(err) == 1 and f"model.{key}=true" in err[0], (argv[0], rc, err)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "b.jsonl").exists()
+    if kind == "pickle":  # the same opt-in given on the command line is honoured
+        rc, _ = _exit(["eval", "--run", run, "--data", planted["pairs"], f"model.{key}=true"], capsys)
+        assert rc == 0
+
+
+def test_resume_and_serve_of_a_planted_run_do_not_opt_in(planted, capsys):
+    from preftune.errors import ConfigError
+    from preftune.serve import load_chat_model
+
+    with pytest.raises(ConfigError, match="allow_pickle_weights=true"):
+        load_chat_model(str(planted["pickle"]))
+    unfinished = shutil.copytree(planted["pickle"], planted["root"] / "unfinished")
+    (unfinished / "summary.json").unlink()
+    shutil.rmtree(unfinished / "model")
+    rc, err = _exit(["resume", str(unfinished)], capsys)
+    assert rc == 2 and len(err) == 1 and "allow_pickle_weights=true" in err[0], err

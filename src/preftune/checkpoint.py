@@ -117,7 +117,7 @@ def save_checkpoint(run_dir: Path, *, step: int, snap: Snapshot, scheduler, stat
     root.mkdir(exist_ok=True)
     assert_finite(snap.trainable, f"checkpoint at step {step}")
     final = root / f"step-{step:08d}"
-    with atomic_path(final, directory=True) as tmp:
+    with atomic_path(final, directory=True, replace_dir=True) as tmp:
         save_file(snap.trainable, tmp / "trainable.safetensors")
         opt_tensors, opt_meta = snap.optimizer
         save_file(opt_tensors, tmp / "optimizer.safetensors")

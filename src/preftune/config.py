@@ -28,16 +28,18 @@ from .version import __version__
 
 __all__ = [
     "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
-    "Config", "load_config", "save_config", "config_to_dict", "fields_where", "run_name",
+    "Config", "load_config", "opt_in_keys", "save_config", "config_to_dict", "fields_where", "run_name",
 ]
 
 
-def _f(default: Any, help: str, *, resume: bool = True, tokens: bool = False):  # noqa: A002
-    """A dataclass field with a one-line help (mutable defaults are copied per instance) and two
+def _f(default: Any, help: str, *, resume: bool = True, tokens: bool = False, opt_in: bool = False):  # noqa: A002
+    """A dataclass field with a one-line help (mutable defaults are copied per instance) and the
     facts the rest of the package reads from here instead of keeping its own list:
     `resume=False`: changing it does not block resuming a checkpoint (checkpoint.fingerprint);
-    `tokens=True`: it changes which tokens a pair has (the reference-cache key, refcache.py)."""
-    meta = {"help": help, "resume": resume, "tokens": tokens}
+    `tokens=True`: it changes which tokens a pair has (the reference-cache key, refcache.py);
+    `opt_in=True`: a security opt-in, taken from the command line or the user's own config file,
+    never from a run directory's saved config.yaml (load_config(saved_run=True))."""
+    meta = {"help": help, "resume": resume, "tokens": tokens, "opt_in": opt_in}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -57,8 +59,10 @@ class ModelConfig:
     lora_alpha: int = _f(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
     lora_target_modules: list = _f(["q_proj", "v_proj"], "module names that receive adapters")
-    trust_remote_code: bool = _f(False, "run code shipped with a model repo (off unless you ask)")
-    allow_pickle_weights: bool = _f(False, "accept .bin (pickle) weights, loaded with weights_only=True")
+    trust_remote_code: bool = _f(False, "run code shipped with a model repo (off unless you ask; never taken "
+                                        "from a run directory's config.yaml)", opt_in=True)
+    allow_pickle_weights: bool = _f(False, "accept .bin (pickle) weights, loaded with weights_only=True (never "
+                                           "taken from a run directory's config.yaml)", opt_in=True)
     reference_name_or_path: str = _f("", "reference model, if not the starting weights (a frozen copy; iterative DPO)")
     adapter_name_or_path: str = _f("", "start from this PEFT (SFT) adapter; the reference is the SFT-adapted model")
     adapter_merge: bool = _f(True, "merge the SFT adapter and train a new LoRA on top (false: keep training "
@@ -423,8 +427,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then `section.key=value` overrides; validated at the end."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                saved_run: bool = False) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides; validated at the end.
+    `saved_run`: `path` is a run directory's own config.yaml (eval --run, export, resume, bon and
+    serve of a run, implicit:/rm: rewards): its security opt-ins (`_f(opt_in=True)`) are data that
+    anyone who can write the run directory controls, so they are reset to their defaults and only
+    the command line can set them."""
     cfg, origin = Config(), {}
     if path is not None:
         path = recipe_path(str(path)) if str(path).startswith(RECIPE_PREFIX) else Path(path)
@@ -439,6 +448,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             _check_version(data.pop("preftune_version", None), path)
             data.pop("recipe", None)  # a recipe's metadata (preftune.recipes), not settings
         _apply(cfg, data, str(path), origin)
+        if saved_run:
+            _drop_opt_ins(cfg, origin)
     for text in overrides or []:
         key, value = parse_override(text)
         section, _, name = key.partition(".")
@@ -447,6 +458,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, problem in _range_problems(cfg):
         raise ConfigError(origin.get(key.split("[")[0], "defaults"), key, problem)
     return cfg
+
+
+def opt_in_keys() -> tuple[str, ...]:
+    """The dotted keys marked `opt_in` (trust_remote_code, allow_pickle_weights, ...)."""
+    cfg = Config()
+    return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+                 for f in dataclasses.fields(getattr(cfg, s.name)) if f.metadata.get("opt_in"))
+
+
+def _drop_opt_ins(cfg: Config, origin: dict) -> None:
+    for section in dataclasses.fields(cfg):
+        target = getattr(cfg, section.name)
+        for f in dataclasses.fields(target):
+            if f.metadata.get("opt_in"):
+                setattr(target, f.name, f.default)
+                origin.pop(f"{section.name}.{f.name}", None)
 
 
 LORA_LR = 5e-5  # losses without a recipe (robust, hinge, sft, ...); full fine-tuning takes a tenth

@@ -33,11 +33,11 @@ import yaml
 
 from .config import Config, load_config, run_name
 from .data.sources import hub_dataset, hub_offline
-from .errors import ConfigError
+from .errors import ConfigError, PreftuneError
 from .losses import LOSSES
 from .models import load_start, load_tokenizer, resolve_model_dir, weights_sha256
 from .rundir import finished
-from .safeio import atomic_path, atomic_write
+from .safeio import atomic_path, atomic_write, read_capped
 from .version import __version__
 from .zoo import ZOO
 
@@ -74,8 +74,10 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def read_run(run_dir: str | Path) -> Run:
-    """The run in `run_dir`, or a one-line ConfigError naming the file that is missing or bad."""
+def read_run(run_dir: str | Path, opt_ins: list[str] = ()) -> Run:
+    """The run in `run_dir`, or a one-line ConfigError naming the file that is missing or bad.
+    `opt_ins`: `model.trust_remote_code=true` and the like from the command line; the run's own
+    config.yaml cannot give them (load_config(saved_run=True))."""
     path = Path(run_dir)
     if not path.is_dir():
         raise ConfigError(str(path), "RUN", "no such run directory")
@@ -95,7 +97,7 @@ def read_run(run_dir: str | Path) -> Run:
                           "directory (config.json)")
     if adapter and not (model / "adapter_model.safetensors").is_file():
         raise ConfigError(str(model / "adapter_model.safetensors"), "model", "missing: the adapter has no weights")
-    return Run(path, load_config(path / "config.yaml"), summary, _read_json(path / "data_stats.json"),
+    return Run(path, load_config(path / "config.yaml", list(opt_ins), saved_run=True), summary, _read_json(path / "data_stats.json"),
                _read_json(path / "reference.json"), adapter)
 
 
@@ -128,12 +130,26 @@ def _push(api, folder: Path, repo: str) -> str:
     return str(getattr(info, "commit_url", None) or info)
 
 
+def _is_export(folder: Path) -> bool:
+    """A directory an earlier `preftune export` wrote: its model card's metadata carries our tag."""
+    try:
+        text = read_capped(folder / "README.md", field="README.md", cap=1 << 20).decode("utf-8", "replace")
+        meta = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else None
+    except (PreftuneError, yaml.YAMLError, IndexError):
+        return False
+    return isinstance(meta, dict) and "preftune" in (meta.get("tags") or [])
+
+
 def _check_out(run: Run, out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ConfigError(str(out), "--out", "exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(str(out), "--out", "already exists and is not empty (pass --overwrite or choose "
-                          "another directory)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(str(out), "--out", "already exists and is not empty (pass --overwrite or choose "
+                              "another directory)")
+        if not _is_export(out):  # --overwrite replaces an earlier export, never someone's other directory
+            raise ConfigError(str(out), "--out", "is not an earlier preftune export (no model card tagged "
+                              "preftune), so --overwrite does not replace it; choose another directory")
     here, src = out.resolve(), run.path.resolve()
     if here == src or src in here.parents or here in src.parents:
         raise ConfigError(str(out), "--out", f"overlaps the run directory {run.path}; export outside it")
@@ -191,14 +207,14 @@ def _write_model(run: Run, tmp: Path, merge: bool) -> str:
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, overwrite: bool = False,
-               push_to_hub: str | None = None) -> ExportResult:
+               push_to_hub: str | None = None, opt_ins: list[str] = ()) -> ExportResult:
     """Export the finished run in `run_dir` to `out` (see the module docstring); with `push_to_hub`,
     upload `out` to that hub repo afterwards (checked first: offline or unreachable is an error
     before anything is written)."""
-    run, out = read_run(run_dir), Path(out)
+    run, out = read_run(run_dir, opt_ins), Path(out)
     _check_out(run, out, overwrite)
     api = _hub_api(push_to_hub) if push_to_hub else None
-    with atomic_path(out, directory=True) as tmp:
+    with atomic_path(out, directory=True, replace_dir=overwrite, field="--out") as tmp:
         kind = _write_model(run, tmp, merge)
         atomic_write(tmp / "README.md", model_card(run, kind))
     pushed = _push(api, out, push_to_hub) if api is not None else None

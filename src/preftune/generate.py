@@ -111,10 +111,10 @@ def load_policy(name_or_run: str, *, allow_pickle_weights: bool = False) -> tupl
     model, on the base model its config.yaml names) or of anything `model.name_or_path` takes."""
     run = Path(name_or_run)
     if (run / "config.yaml").is_file() and (run / "model").is_dir():
-        m = load_config(run / "config.yaml").model
-        base_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
-        model = load_run_policy(run, load_model(base_dir, allow_pickle_weights=m.allow_pickle_weights),
-                                allow_pickle_weights=m.allow_pickle_weights)
+        m = load_config(run / "config.yaml", saved_run=True).model  # the opt-in is the caller's, not the run's
+        base_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=allow_pickle_weights)
+        model = load_run_policy(run, load_model(base_dir, allow_pickle_weights=allow_pickle_weights),
+                                allow_pickle_weights=allow_pickle_weights)
         return model.eval(), load_tokenizer(base_dir)
     model_dir = resolve_model_dir(name_or_run, allow_pickle_weights=allow_pickle_weights)
     return load_model(model_dir, allow_pickle_weights=allow_pickle_weights).eval(), load_tokenizer(model_dir)

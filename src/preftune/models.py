@@ -56,7 +56,7 @@ def _convert_gguf(gguf: Path) -> Path:
         del config.quantization_config  # the marker that makes trainers refuse the model
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())  # every key matches; embeddings stay tied
-    with atomic_path(out, directory=True) as tmp:  # a killed conversion never leaves a half-written entry
+    with atomic_path(out, directory=True, replace_dir=True) as tmp:  # a killed conversion never leaves a half-written entry
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out

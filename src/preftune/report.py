@@ -342,8 +342,9 @@ def write_report(run_dirs: list[str], out: str | Path | None = None, *, png: boo
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(parts))
         if png:
-            for name, fig in figs:
-                fig.savefig(out.with_name(f"{out.stem}-{name}.png"), bbox_inches="tight")
+            for name, fig in figs:  # each PNG whole or not at all; a symlink there is replaced, not followed
+                with atomic_path(out.with_name(f"{out.stem}-{name}.png")) as png_tmp:
+                    fig.savefig(png_tmp, format="png", bbox_inches="tight")
         for _, fig in figs:
             _close(fig)
     return out

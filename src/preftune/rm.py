@@ -76,7 +76,7 @@ def export_reward_model(cfg: Config, run_dir: Path, tokenizer) -> Path:
     else:
         model = load_reward_start(cfg.model, str(trained), tokenizer.pad_token_id)
     dest = run_dir / "reward_model"
-    with atomic_path(dest, directory=True) as tmp:
+    with atomic_path(dest, directory=True, replace_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         # the lengths it trained at: `rm:` cuts long texts the same way (travels with an export)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
-__all__ = ["atomic_path", "atomic_write", "MAX_JSON_DEPTH", "max_file_bytes", "open_regular", "read_capped", "loads_json", "load_yaml",
+__all__ = ["atomic_path", "atomic_write", "check_output", "MAX_JSON_DEPTH", "max_file_bytes", "open_regular", "read_capped", "loads_json", "load_yaml",
            "os_problem", "check_text"]
 
 MAX_JSON_DEPTH = 64          # nesting of any JSON/YAML value we read (records, configs, run files)
@@ -221,13 +221,32 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_output(path: str | Path, field: str = "--out") -> Path:
+    """The one output rule of every verb: an output flag names a file. An existing directory there
+    (or a symlink to one) is refused, since writing "there" used to mean deleting it; an existing
+    file, or a symlink, is replaced whole in one rename (atomic_path), the link itself, never its
+    target. Call it before any work, so a long eval does not end in the refusal."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(str(path), field, "is an existing directory; name a file to write (nothing was "
+                          "written or deleted)")
+    return path
+
+
 @contextmanager
-def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
+def atomic_path(dest: str | Path, *, directory: bool = False, replace_dir: bool = False,
+                field: str = "output") -> Iterator[Path]:
     """A temp path beside `dest` (`.tmp-<pid>-<name>`, an empty directory if asked) to write into;
-    when the block ends normally it takes `dest`'s place in one rename (an existing directory at
-    `dest` is removed first), and when it raises the temp path is deleted. Readers never see a
-    half-written file or directory at `dest`. The one write-then-rename helper of the package."""
+    when the block ends normally it takes `dest`'s place in one rename, and when it raises the temp
+    path is deleted. Readers never see a half-written file or directory at `dest`. The one
+    write-then-rename helper of the package.
+
+    What may stand at `dest`: nothing, a file or a symlink (replaced, never followed), an empty
+    directory when writing a directory, and a non-empty directory only with `replace_dir` (a
+    directory the caller owns: a run's model/, a checkpoint, a conversion cache, an export the user
+    asked to overwrite). Anything else is a ConfigError naming `dest` and `field` before any writing."""
     dest = Path(dest)
+    _refuse_directory(dest, directory, replace_dir, field)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".tmp-{os.getpid()}-{dest.name}")
     _remove(tmp)
@@ -238,9 +257,22 @@ def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    _refuse_directory(dest, directory, replace_dir, field)  # nothing appeared there while we wrote
     if dest.is_dir() and not dest.is_symlink():
-        shutil.rmtree(dest)
+        shutil.rmtree(dest) if replace_dir else dest.rmdir()
     os.replace(tmp, dest)
+
+
+def _refuse_directory(dest: Path, directory: bool, replace_dir: bool, field: str) -> None:
+    if not dest.is_dir():
+        return
+    if not directory:
+        raise ConfigError(str(dest), field, "is an existing directory; name a file to write (nothing was "
+                          "written or deleted)")
+    if dest.is_symlink():
+        raise ConfigError(str(dest), field, "is a symlink to a directory; name a new directory")
+    if not replace_dir and any(dest.iterdir()):
+        raise ConfigError(str(dest), field, "already exists and is not empty; choose a new directory")
 
 
 def atomic_write(dest: str | Path, data: str | bytes) -> Path:

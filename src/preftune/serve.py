@@ -252,7 +252,7 @@ def load_chat_model(name_or_run: str, *, max_tokens_cap: int = 512) -> ChatModel
     """A run directory (its model/: adapter or full model) or anything `model.name_or_path` takes."""
     run = Path(name_or_run)
     if (run / "config.yaml").is_file() and (run / "model").is_dir():
-        cfg = load_config(run / "config.yaml")
+        cfg = load_config(run / "config.yaml", saved_run=True)
         base_dir = resolve_model_dir(cfg.model.name_or_path)
         model = load_run_policy(run, load_model(base_dir))
         return ChatModel(model, load_tokenizer(base_dir), run.name, max_tokens_cap)

@@ -92,7 +92,7 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 def _save_model(model, tokenizer, dest: Path, state_dict: dict | None = None) -> None:
     """No half-written model/ ever exists (safeio.atomic_path). `state_dict`: the full weights
     gathered from a sharded model (else the model's own)."""
-    with atomic_path(dest, directory=True) as tmp:
+    with atomic_path(dest, directory=True, replace_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
 

@@ -3,17 +3,28 @@ reads, printing once under a launcher, serving until Ctrl-C."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["_config_args", "_overrides", "_say_once", "_floats", "_serve", "_none", "_is_override", "_TRAINING", "_EVERYTHING", "_DATA"]
+__all__ = ["_output_file", "_config_args", "_overrides", "_say_once", "_floats", "_serve", "_none", "_is_override", "_TRAINING", "_EVERYTHING", "_DATA"]
 
 # the config sections each kind of command reads (their keys are listed from config.py, not here)
 _TRAINING = ("model", "data", "loss", "train", "eval", "diagnostics", "run")
 _EVERYTHING = (*_TRAINING, "online")
 _DATA = ("data", "model")
+
+
+def _output_file(text: str) -> str:
+    """argparse `type=` of every flag that names a file to write (safeio.check_output's rule, at
+    parse time: a directory there is refused before any model loads, in one line, exit 2)."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing directory; name a file to write (nothing was "
+                                         "written or deleted)")
+    return text
 
 
 def _config_args(p, config_help_text: str = "YAML config (only the keys that differ from the defaults)",

@@ -31,7 +31,7 @@ from ..prepare import load_data
 from ..report import write_report
 from ..serve import load_chat_model, make_server
 from ..zoo import ZOO, fetch, gguf_path
-from .common import _overrides, _serve
+from .common import _output_file, _overrides, _serve
 
 __all__ = ["_serve_args", "_serve_model", "_label_args", "_label", "_report_args", "_report", "_inspect_args", "_inspected", "_inspect", "_balance_args", "_balance", "_advise_args", "_advise", "_judgments_args", "_judgments", "_agree", "_build", "_sft_pairs_args", "_sft_pairs", "_score_args", "_score", "_validate_args", "_validate", "_models_list", "_models_fetch"]
 
@@ -54,7 +54,7 @@ def _serve_model(a) -> int:
 
 def _label_args(p):
     p.add_argument("pairs", help="prompt + response_a/response_b (or chosen/rejected, shown unlabeled)")
-    p.add_argument("--judgments", required=True, help="JSONL the judgments are appended to")
+    p.add_argument("--judgments", type=_output_file, required=True, help="JSONL the judgments are appended to")
     p.add_argument("--calibration", help="known-answer pairs (prompt/chosen/rejected) to mix in")
     p.add_argument("--calibration-rate", type=float, default=0.1)
     p.add_argument("--host", default="127.0.0.1")
@@ -73,7 +73,7 @@ def _report_args(p):
     p.add_argument("--experiment", action="append", default=[],
                    help="an experiment directory (results.json, PNGs, verdict.md), e.g. "
                         "benchmarks/experiments/dpo_vs_grpo; repeatable")
-    p.add_argument("--out", help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
+    p.add_argument("--out", type=_output_file, help="HTML path (default: FIRST_RUN/report.html); PNGs are written beside it")
     p.add_argument("--no-png", action="store_true", help="skip the PNG files")
 
 
@@ -111,7 +111,7 @@ def _inspect(a) -> int:
 
 def _balance_args(p):
     p.add_argument("path", help="preference file (any supported format)")
-    p.add_argument("--out", required=True, help="balanced pairs as JSONL (prompt, chosen, rejected)")
+    p.add_argument("--out", type=_output_file, required=True, help="balanced pairs as JSONL (prompt, chosen, rejected)")
     p.add_argument("--seed", type=int, default=0, help="which pairs of the larger group are dropped")
     _overrides(p, "data.* and model.* settings (lengths are tokens of the model's tokenizer)")
 
@@ -154,7 +154,7 @@ def _judgments_args(p, build: bool):
         p.add_argument("--judge", help="judge:URL[#model]: also ask this judge about every labelled pair (both "
                        "orders) and report its agreement and Cohen's kappa with the people's majority (needs --pairs)")
     if build:
-        p.add_argument("--out", required=True)
+        p.add_argument("--out", type=_output_file, required=True)
         p.add_argument("--min-votes", type=int, default=2)
         p.add_argument("--min-agreement", type=float, default=0.5, help="winner's share of all votes must exceed this")
         p.add_argument("--min-margin", type=int, default=1, help="winner's votes minus loser's")
@@ -189,7 +189,7 @@ def _build(a) -> int:
 
 def _sft_pairs_args(p):
     p.add_argument("path", help="prompt/response (or prompt/completion) file")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=_output_file, required=True)
     p.add_argument("--reward", help="keep a pair only where this reward source prefers the human response")
     _overrides(p, "model.* and online.* settings (sampling)")
 
@@ -202,7 +202,7 @@ def _sft_pairs(a) -> int:
 def _score_args(p):
     p.add_argument("path")
     p.add_argument("--reward", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=_output_file, required=True)
 
 
 def _score(a) -> int:

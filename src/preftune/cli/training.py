@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import load_config
+from ..config import load_config, opt_in_keys, parse_override
 from ..data.sources import write_jsonl
 from ..demo import DEMO_LR, run_demo
 from ..errors import ConfigError
@@ -24,7 +24,7 @@ from ..rm import SPLITS, run_train_rm
 from ..sft import run_sft
 from ..sweep import results_table, run_sweep
 from ..train import train
-from .common import _config_args, _floats, _is_override, _overrides, _say_once
+from .common import _config_args, _floats, _is_override, _output_file, _overrides, _say_once
 
 __all__ = ["_train", "run_summary", "_resume_args", "_resume", "_eval_args", "_eval", "_demo_args", "_demo", "_export_args", "_export", "_sweep_args", "_sweep", "_iterate", "_online", "_sft", "_train_rm_args", "_train_rm", "_grpo", "_arithmetic_args", "_arithmetic", "_synth_args", "_synth", "_bon_args", "_bon"]
 
@@ -73,7 +73,7 @@ def _resume(a) -> int:
     config = a.config or Path(a.run_dir) / "config.yaml"
     if not Path(config).is_file():
         raise ConfigError(str(a.run_dir), "config.yaml", "not found; pass -c CONFIG to start this run")
-    cfg = load_config(config, [*a.overrides, f"run.output_dir={a.run_dir}"])
+    cfg = load_config(config, [*a.overrides, f"run.output_dir={a.run_dir}"], saved_run=a.config is None)
     if LOSSES[cfg.loss.name].supervised:  # demonstrations (preftune sft)
         result = run_sft(cfg, resume=True, allow_config_change=a.allow_config_change)
     elif LOSSES[cfg.loss.name].reward_model:  # one reward model (an ensemble member resumes as one)
@@ -96,7 +96,7 @@ def _eval_args(p):
     p.add_argument("--reward", help="score fresh policy and reference samples with this reward source "
                    "(sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL)")
     p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
-    p.add_argument("--out", help="also write the JSON result here")
+    p.add_argument("--out", type=_output_file, help="also write the JSON result here")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     _overrides(p)
 
@@ -111,7 +111,8 @@ def _eval(a) -> int:
     is_override = [_is_override(x) and not Path(x).exists() for x in a.data]
     a.overrides += [x for x, o in zip(a.data, is_override) if o]
     a.data = [x for x, o in zip(a.data, is_override) if not o]
-    result = run_eval(load_config(config, a.overrides), run_dir=a.run, data_path=a.data, reward=a.reward)
+    result = run_eval(load_config(config, a.overrides, saved_run=a.config is None and a.run is not None),
+                      run_dir=a.run, data_path=a.data, reward=a.reward)
     if a.json:
         print(write_json(result, a.out))
     else:
@@ -142,10 +143,16 @@ def _export_args(p):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload --out to this Hugging Face repo (needs the "
                    "hub and a token; checked before anything is written)")
+    _overrides(p, f"only the opt-ins a run's saved config cannot give: {', '.join(k + '=true' for k in opt_in_keys())}")
 
 
 def _export(a) -> int:
-    result = export_run(a.run_dir, a.out, merge=a.merge, overwrite=a.overwrite, push_to_hub=a.push_to_hub)
+    for text in a.overrides:
+        if parse_override(text)[0] not in opt_in_keys():
+            raise ConfigError("command line", text.split("=")[0], "export takes only the opt-ins "
+                              f"{', '.join(opt_in_keys())}; the rest comes from the run's config.yaml")
+    result = export_run(a.run_dir, a.out, merge=a.merge, overwrite=a.overwrite, push_to_hub=a.push_to_hub,
+                        opt_ins=a.overrides)
     print(f"export: {result.out} ({result.kind}; model card: {result.out / 'README.md'})")
     if result.pushed:
         print(f"pushed: {result.pushed}")
@@ -272,7 +279,7 @@ def _arithmetic(a) -> int:
 def _synth_args(p):
     p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
     p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
-    p.add_argument("--out", required=True, help="JSONL: prompt, chosen, rejected, scores (and rationales)")
+    p.add_argument("--out", type=_output_file, required=True, help="JSONL: prompt, chosen, rejected, scores (and rationales)")
     _config_args(p, "YAML config", "section.key=value (model.name_or_path, online.samples_per_prompt...)")
 
 
@@ -288,12 +295,12 @@ def _bon_args(p):
     p.add_argument("--policy", help="model or finished run directory to sample from (default: model.name_or_path)")
     p.add_argument("-n", type=int, help="samples per prompt (default: online.samples_per_prompt; with --eval, its "
                    "largest n)")
-    p.add_argument("--out", help="JSONL: prompt, completion, score, n (the best of the n samples)")
+    p.add_argument("--out", type=_output_file, help="JSONL: prompt, completion, score, n (the best of the n samples)")
     p.add_argument("--keep-all", action="store_true", help="also write every candidate and its score per row")
-    p.add_argument("--pairs", help="JSONL preference pairs from the same candidates (online.pairing)")
+    p.add_argument("--pairs", type=_output_file, help="JSONL preference pairs from the same candidates (online.pairing)")
     p.add_argument("--eval", help="comma-separated n, e.g. 1,2,4,8: mean best-of-n reward from one set of samples, "
                    "with 95%% bootstrap intervals and the analytic KL bound")
-    p.add_argument("--eval-out", help="also write the JSON result here")
+    p.add_argument("--eval-out", type=_output_file, help="also write the JSON result here")
     _overrides(p, "section.key=value (model.*, online.* sampling, train.seed)")
 
 

@@ -52,7 +52,7 @@ def _merge(run_dir: Path, base_dir: str, dest: Path) -> None:
     model = load_run_policy(run_dir, load_model(base_dir))
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    with atomic_path(dest, directory=True) as tmp:
+    with atomic_path(dest, directory=True, replace_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(base_dir).save_pretrained(tmp)
 

@@ -103,7 +103,7 @@ def _trained_lengths(model_dir: Path) -> dict:
         return {"max_length": got["max_length"], "max_prompt_length": got["max_prompt_length"]}
     run_config = model_dir.parent / "config.yaml"
     if model_dir.name == "reward_model" and run_config.is_file():
-        d = load_config(run_config).data
+        d = load_config(run_config, saved_run=True).data
         return {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
     return {}
 
@@ -186,7 +186,7 @@ class ImplicitReward:
         run = Path(run_dir)
         if not (run / "config.yaml").is_file() or not (run / "model").is_dir():
             raise ConfigError(spec, "reward", f"{run_dir} is not a finished preftune run (config.yaml, model/)")
-        cfg = load_config(run / "config.yaml")
+        cfg = load_config(run / "config.yaml", saved_run=True)
         model_dir = resolve_model_dir(cfg.model.name_or_path)
         policy, reference = run_models(cfg, run, load_model(model_dir))
         return cls(spec, policy.eval(), reference, load_tokenizer(model_dir), cfg.loss.beta)
