@@ -372,3 +372,68 @@ def test_os_errors_anywhere_are_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(preftune.cli, "_run", full)
     assert main(["validate-data", "x.jsonl"]) == 2
     assert capsys.readouterr().err.strip() == "/data/run/metrics.jsonl: file: no space left on the device"
+
+
+# ---- a run directory's own files (issue 36): data, read with the same bounded, regular-file-only reader ----
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    from conftest import write_jsonl
+    from preftune.config import load_config
+    from preftune.train import train
+
+    root = tmp_path_factory.mktemp("hostile-run")
+    pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
+    run = train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_path={pairs}",
+                                   "train.max_steps=1", "train.batch_size=4", "diagnostics.probe_every=0",
+                                   f"run.output_dir={root / 'run'}"])).run_dir
+    return run, pairs
+
+
+def _replace(path: Path, make) -> None:
+    path.unlink(missing_ok=True)
+    make(path)
+
+
+def _unfinished(run: Path) -> None:
+    (run / "summary.json").unlink()
+
+
+RUN_FILES = {
+    "export-summary-fifo": (lambda r, d: (_replace(r / "summary.json", os.mkfifo),
+                                          ["export", str(r), "--out", str(d / "x")])[1], "summary.json: is a FIFO"),
+    "resume-summary-fifo": (lambda r, d: (_replace(r / "summary.json", os.mkfifo), ["resume", str(r)])[1],
+                            "summary.json: is a FIFO"),
+    "eval-reference-fifo": (lambda r, d: (_replace(r / "reference.json", os.mkfifo),
+                                          ["eval", "--run", str(r), "--data", str(_pairs(d))])[1],
+                            "reference.json: is a FIFO"),
+    "eval-reference-list": (lambda r, d: ((r / "reference.json").write_text("[]"),
+                                          ["eval", "--run", str(r), "--data", str(_pairs(d))])[1],
+                            "reference.json: expected a JSON object"),
+    "resume-lock-symlink": (lambda r, d: (_unfinished(r), (d / "victim.txt").write_text("keep me\n"),
+                                          os.symlink(d / "victim.txt", r / ".preftune.lock"),
+                                          ["resume", str(r)])[3], ".preftune.lock: cannot be used as the run's lock"),
+    "resume-lock-fifo": (lambda r, d: (_unfinished(r), os.mkfifo(r / ".preftune.lock"), ["resume", str(r)])[2],
+                         ".preftune.lock: is not a regular file"),
+    "rm-ensemble-not-a-list": (lambda r, d: ((d / "ens").mkdir(), (d / "ens" / "ensemble.json").write_text(
+        '{"members": 3}'), ["score", str(_pairs(d)), "--reward", f"rm:{d / 'ens'}", "--out", str(d / "o.jsonl")])[2],
+        "ensemble.json:1: members: expected a non-empty list"),
+    "rm-ensemble-escapes": (lambda r, d: ((d / "ens").mkdir(), (d / "ens" / "ensemble.json").write_text(
+        '{"members": ["../../etc"]}'), ["score", str(_pairs(d)), "--reward", f"rm:{d / 'ens'}", "--out",
+                                        str(d / "o.jsonl")])[2], "members: expected a non-empty list"),
+    "model-config-invalid-json": (lambda r, d: ((d / "m").mkdir(), (d / "m" / "config.json").write_text("{oops"),
+                                                (d / "m" / "model.safetensors").write_bytes(b""),
+                                                ["eval", "--data", str(_pairs(d)), f"model.name_or_path={d / 'm'}"])[3],
+                                  "config.json:1: config.json: invalid JSON"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN_FILES))
+def test_hostile_run_file(case, finished_run, tmp_path, capsys):
+    import shutil
+
+    make, expected = RUN_FILES[case]
+    run = shutil.copytree(finished_run[0], tmp_path / "run")
+    d = tmp_path / "w"
+    d.mkdir()
+    argv = make(run, d)
+    _run(argv, tmp_path, capsys, expected)

@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from .config import fields_where
 from .data.sources import split_path
-from .errors import ConfigError, NumericalError
+from .errors import ConfigError, DataError, NumericalError
 from .hashing import file_sha256
-from .safeio import atomic_path
+from .safeio import atomic_path, read_json
 from .sharding import full_tensors, gather_objects, rank_and_world, shard_like
 from .version import __version__
 
@@ -149,9 +149,9 @@ def _problem(path: Path) -> str | None:
     if not manifest.is_file():
         return "no manifest.json (the save did not finish)"
     try:
-        entries = json.loads(manifest.read_text())
-    except (ValueError, OSError):
-        return "manifest.json is not valid JSON"
+        entries = read_json(manifest)
+    except DataError as err:
+        return f"manifest.json: {err.problem}"
     if not isinstance(entries, dict):
         return "manifest.json is not an object"
     for name in FILES:
@@ -163,9 +163,9 @@ def _problem(path: Path) -> str | None:
         if file.stat().st_size != entry["size"] or file_sha256(file) != entry["sha256"]:
             return f"{name} does not match its sha256 in manifest.json"
     try:
-        state = json.loads((path / "state.json").read_text())
-    except ValueError:
-        return "state.json is not valid JSON"
+        state = read_json(path / "state.json")
+    except DataError as err:
+        return f"state.json: {err.problem}"
     if not (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ("step", "epoch", "batches_in_epoch"))
             and isinstance(state.get("fingerprint"), dict)):
         return "state.json lacks step/epoch/batches_in_epoch/fingerprint"
@@ -183,7 +183,7 @@ def find_checkpoint(run_dir: Path, log=print) -> Checkpoint | None:
     for path in sorted((p for p in root.iterdir() if p.name.startswith("step-")), reverse=True):
         problem = _problem(path)
         if problem is None:
-            return Checkpoint(path, json.loads((path / "state.json").read_text()))
+            return Checkpoint(path, read_json(path / "state.json"))
         log(f"skipping checkpoint {path}: {problem}")
     return None
 
@@ -236,10 +236,10 @@ def load_checkpoint(ckpt: Checkpoint, *, params: dict, optimizer, scheduler) -> 
         for name, p in params.items():
             p.copy_(shard_like(weights[name], p))
     _load_optimizer(optimizer, load_file(ckpt.path / "optimizer.safetensors"),
-                    json.loads((ckpt.path / "optimizer.json").read_text()))
-    scheduler.load_state_dict(json.loads((ckpt.path / "scheduler.json").read_text()))
+                    read_json(ckpt.path / "optimizer.json"))
+    scheduler.load_state_dict(read_json(ckpt.path / "scheduler.json"))
     rng_tensors = load_file(ckpt.path / "rng.safetensors")
-    rng = json.loads((ckpt.path / "rng.json").read_text())
+    rng = read_json(ckpt.path / "rng.json")
     mine = rng["ranks"][rank] if "ranks" in rng else rng  # older checkpoints held one process's RNG, at the top level
     torch.set_rng_state(rng_tensors.get(f"torch_cpu.{rank}", rng_tensors.get("torch_cpu")))
     if torch.cuda.is_available() and f"torch_cuda.{rank}" in rng_tensors:

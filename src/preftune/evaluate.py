@@ -18,7 +18,7 @@ from .batches import exact_layout
 from .checkpoint import file_digest, tokenizer_sha256
 from .data import collate_pairs, render
 from .data.collate import collate_sequences
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .generate import decode_completions, run_models, sample_completions
 from .logprobs import completion_logps
 from .losses import LOSSES, build_loss
@@ -27,7 +27,7 @@ from .prepare import load_data, pair_collator, prepare_pairs
 from .progress import progress
 from .refcache import load_or_build, path_for, read, store
 from .rewards import build_reward
-from .safeio import atomic_write
+from .safeio import atomic_write, read_json
 from .step import SameAsPolicy, loss_forward, loss_kwargs
 
 __all__ = ["reliability", "evaluate_pairs", "kl_estimate", "run_eval", "sample_metrics", "write_json", "wilson",
@@ -332,7 +332,10 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     else:
         policy, reference = run_models(cfg, run_dir, base)
         if spec.needs_reference:
-            ref_sha = json.loads((Path(run_dir) / "reference.json").read_text()).get("weights_sha256")
+            ref_info = read_json(Path(run_dir) / "reference.json")
+            if not isinstance(ref_info, dict):
+                raise DataError(Path(run_dir) / "reference.json", 1, "reference.json", "expected a JSON object")
+            ref_sha = ref_info.get("weights_sha256")
     policy.eval()
     results = {}
     for path, records in zip(paths, all_records):

@@ -33,11 +33,11 @@ import yaml
 
 from .config import Config, load_config, run_name
 from .data.sources import hub_dataset, hub_offline
-from .errors import ConfigError, PreftuneError
+from .errors import ConfigError, DataError, PreftuneError
 from .losses import LOSSES
 from .models import load_start, load_tokenizer, resolve_model_dir, weights_sha256
 from .rundir import finished
-from .safeio import atomic_path, atomic_write, read_capped
+from .safeio import atomic_path, atomic_write, read_capped, read_json
 from .version import __version__
 from .zoo import ZOO
 
@@ -68,9 +68,9 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(str(path), path.name, f"unreadable ({err})") from None
+        value = read_json(path)
+    except DataError as err:
+        raise ConfigError(str(path), path.name, f"unreadable ({err.problem})") from None
     return value if isinstance(value, dict) else {}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -90,13 +89,22 @@ def _hub_error(name: str, err: Exception) -> ConfigError:
     return ConfigError(name, "model.name_or_path", f"not a local model directory and cannot be fetched: {why}")
 
 
+def _config_json(path: Path):
+    """A model's config.json / tokenizer_config.json: a JSON object or a one-line DataError (an
+    invalid file used to be an internal error, exit 1)."""
+    value = loads_json(read_capped(path, field=path.name), path, field=path.name) if path.stat().st_size else {}
+    if not isinstance(value, dict):
+        raise DataError(path, 1, path.name, "expected a JSON object")
+    return value
+
+
 def _refuse_remote_code(model_dir: str, trust_remote_code: bool) -> None:
     """A local model whose config maps to its own code is refused unless the user opted in."""
     if trust_remote_code:
         return
     for name in ("config.json", "tokenizer_config.json"):
         path = Path(model_dir) / name
-        if path.is_file() and "auto_map" in json.loads(path.read_text() or "{}"):
+        if path.is_file() and "auto_map" in (_config_json(path) or {}):
             raise ConfigError(model_dir, "model.name_or_path", f"{name} asks to run code shipped with the model; "
                               "set model.trust_remote_code=true only if you trust it")
 

@@ -37,8 +37,8 @@ from .evaluate import wilson
 from .losses import LOSSES, build_loss
 from .models import load_reward_start, load_tokenizer, resolve_model_dir
 from .prepare import load_data
-from .rewards import SCORING_FILE, build_reward
-from .safeio import atomic_path, atomic_write
+from .rewards import SCORING_FILE, build_reward, read_ensemble
+from .safeio import atomic_path, atomic_write, read_json
 from .train import RunResult, check_output_dir, train
 
 __all__ = ["run_train_rm", "as_reward_records", "export_reward_model", "SPLITS"]
@@ -114,7 +114,7 @@ def ensemble_heldout(run_dir: Path, cfg: Config) -> dict:
     of the members' margins, and the fraction of pairs on which members disagree in sign."""
     records = load_data(cfg.data.eval_path, cfg.data)
     prompts = [r.prompt for r in records]
-    info = json.loads((run_dir / "ensemble.json").read_text())
+    info = read_ensemble(run_dir)
     margins = []  # per member, per pair
     for member in info["members"]:
         rm = build_reward(f"rm:{run_dir / member}")
@@ -164,7 +164,7 @@ def run_train_rm(cfg: Config, *, ensemble: int = 1, split: str = "disjoint", dis
             train=dataclasses.replace(cfg.train, seed=cfg.train.seed + k) if split == "seed" else cfg.train)
         done = (run_dir / f"member-{k}" / "reward_model").is_dir() and resume
         result = None if done else _train_one(member, tokenizer, resume=resume, allow_config_change=allow_config_change)
-        summary = result.summary if result else json.loads((run_dir / f"member-{k}" / "summary.json").read_text())
+        summary = result.summary if result else read_json(run_dir / f"member-{k}" / "summary.json")
         members.append(f"member-{k}/reward_model")
         evals.append(summary.get("eval"))
     atomic_write(run_dir / "ensemble.json", json.dumps(

@@ -19,11 +19,13 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+from .safeio import os_problem, read_capped, read_json
 
 __all__ = ["RunLock", "finished", "read_jsonl_tail_tolerant", "LOCK_NAME"]
 
@@ -32,15 +34,26 @@ LOCK_NAME = ".preftune.lock"
 
 def _holder(path: Path) -> str:
     try:
-        info = json.loads(path.read_text())
+        info = read_json(path)
         return f"pid {info['pid']} on {info['host']} since {info['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (DataError, KeyError, TypeError):
         return "another process"
 
 
 def _try_lock(path: Path):
-    """An open, exclusively locked file object, or None when someone else holds it."""
-    fh = open(path, "a+")
+    """An open, exclusively locked file object, or None when someone else holds it. The lock file is
+    never followed or opened if it is not a regular file: a symlink planted there would have had
+    us truncate its target, a FIFO would have hung us."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise ConfigError(str(path), LOCK_NAME, f"cannot be used as the run's lock file ({os_problem(err)}; "
+                          "a symlink is refused): remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(str(path), LOCK_NAME, "is not a regular file: remove it")
+    os.set_blocking(fd, True)
+    fh = os.fdopen(fd, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -115,9 +128,13 @@ class RunLock:
 
 def finished(run_dir: Path) -> dict | None:
     """The summary of a run that finished (summary.json is written last and parses), else None."""
+    path = Path(run_dir) / "summary.json"
+    if not os.path.lexists(path):
+        return None
+    raw = read_capped(path, field="summary.json")  # a FIFO or a device there is one line, not a hang
     try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
+        summary = json.loads(raw)
+    except ValueError:  # torn or never finished writing: not finished
         return None
     return summary if isinstance(summary, dict) and "steps" in summary else None
 

@@ -28,7 +28,7 @@ import yaml
 
 from .errors import ConfigError, DataError
 
-__all__ = ["atomic_path", "atomic_write", "check_output", "MAX_JSON_DEPTH", "max_file_bytes", "open_regular", "read_capped", "loads_json", "load_yaml",
+__all__ = ["atomic_path", "atomic_write", "check_output", "read_json", "MAX_JSON_DEPTH", "max_file_bytes", "open_regular", "read_capped", "loads_json", "load_yaml",
            "os_problem", "check_text"]
 
 MAX_JSON_DEPTH = 64          # nesting of any JSON/YAML value we read (records, configs, run files)
@@ -121,6 +121,14 @@ def loads_json(text: str | bytes, path: str | Path, line: int = 1, *, field: str
     if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise DataError(path, line, field, f"nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def read_json(path: str | Path, *, field: str | None = None):
+    """A JSON file we or the user wrote (a run's summary.json, reference.json, a manifest): regular
+    files only (a FIFO there is one line, not a hang), capped, strict; a DataError otherwise."""
+    path = Path(path)
+    field = field or path.name
+    return loads_json(read_capped(path, field=field), path, field=field)
 
 
 def check_text(value: str, path: str | Path, line: int, field: str) -> str:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from .evaluate import run_eval, write_json
-from .safeio import atomic_write
+from .safeio import atomic_write, read_json
 from .train import train
 
 __all__ = ["run_sweep", "results_table"]
@@ -37,14 +37,14 @@ def run_sweep(cfg, *, betas: list[float], lrs: list[float], warmups: list[float]
         point.run.output_dir, point.run.overwrite = str(run_dir), True
         eval_file = run_dir / "eval.json"
         if eval_file.is_file():
-            ev = json.loads(eval_file.read_text())
+            ev = read_json(eval_file)
             print(f"sweep: {run_dir.name} done before, kept")
         else:
             print(f"sweep: training {run_dir.name}", flush=True)
             train(point)
             ev = run_eval(point, run_dir=str(run_dir), data_path=held_out, reward=reward)
             write_json(ev, str(eval_file))
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_json(run_dir / "summary.json")
         rows.append({"run": run_dir.name, "beta": beta, "lr": lr, "warmup": warmup,
                      "accuracy": ev.get("accuracy/implicit_reward"), "margin": ev.get("rewards/margins"),
                      "kl": ev.get("kl"), "reward": ev.get("reward/policy", ev.get("rewards/margins")),

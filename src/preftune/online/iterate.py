@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..evaluate import kl_estimate
 from ..generate import load_run_policy, sample_texts
 from ..models import FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
-from ..safeio import atomic_path, atomic_write
+from ..safeio import atomic_path, atomic_write, read_json
 from ..train import train
 from .rollouts import generate_and_pair, load_prompts, reward_from_config
 
@@ -73,7 +73,7 @@ def _start_eval(root: Path, start, tokenizer, eval_prompts, reward, o, seed: int
     before = root / "round-0-eval.json"
     if not before.is_file():
         atomic_write(before, json.dumps(_round_eval(start, start, tokenizer, eval_prompts, reward, o, seed)))
-    row = {"round": 0, **json.loads(before.read_text())}
+    row = {"round": 0, **read_json(before)}
     print(f"round 0 (start): held-out reward {row['reward']:.3f}", flush=True)
     return row
 
@@ -110,7 +110,7 @@ def run_iterative(cfg, *, prompts: list | None = None, eval_prompts: list | None
         rd = root / f"round-{r}"
         done = rd / "eval.json"
         if done.is_file():  # finished before: keep it, continue from its policy
-            rounds.append(json.loads(done.read_text()))
+            rounds.append(read_json(done))
             print(f"round {r}: done before, kept", flush=True)
         else:
             rd.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ and combined with `ensemble(sources, weights, disagreement_penalty=...)` or
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,15 +31,15 @@ from ..data import render
 from ..data.collate import collate_sequences
 from ..data.tokenize import truncate
 from ..devices import place
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..generate import run_models
 from ..logprobs import completion_logps
 from ..models import load_model, load_tokenizer, resolve_model_dir
-from ..safeio import loads_json, read_capped
+from ..safeio import loads_json, read_capped, read_json
 from .judge import JudgeReward
 from .verifiable import arithmetic_reward
 
-__all__ = ["sentiment_scores", "RewardSource", "REWARD_KINDS", "build_reward", "Ensemble", "LengthPenalized", "FunctionReward",
+__all__ = ["sentiment_scores", "RewardSource", "REWARD_KINDS", "build_reward", "read_ensemble", "Ensemble", "LengthPenalized", "FunctionReward",
            "SCORING_FILE"]
 
 
@@ -262,9 +261,23 @@ def load_reward_models(spec: str, path: str):
     manifest = Path(path) / "ensemble.json"
     if not manifest.is_file():
         return RewardModel.load(spec, path)
-    info = json.loads(manifest.read_text())
+    info = read_ensemble(Path(path))
     members = [RewardModel.load(f"{spec}#{k}", str(Path(path) / m)) for k, m in enumerate(info["members"])]
     return Ensemble(spec, members, [1.0 / len(members)] * len(members), float(info.get("disagreement_penalty", 0.0)))
+
+
+def read_ensemble(run_dir: Path) -> dict:
+    """DIR/ensemble.json, checked: an object whose `members` are relative member directories."""
+    path = Path(run_dir) / "ensemble.json"
+    info = read_json(path)
+    members = info.get("members") if isinstance(info, dict) else None
+    if not (isinstance(members, list) and members and all(isinstance(m, str) and m and not Path(m).is_absolute()
+                                                           and ".." not in Path(m).parts for m in members)):
+        raise DataError(path, 1, "members", "expected a non-empty list of member directories inside the run")
+    penalty = info.get("disagreement_penalty", 0.0)
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
+        raise DataError(path, 1, "disagreement_penalty", "expected a number")
+    return info
 
 
 def _judge(spec: str, url: str, **settings):

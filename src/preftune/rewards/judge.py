@@ -33,7 +33,7 @@ from ..data.pairs import both_orders
 from ..errors import ConfigError
 from ..models import cache_root
 from ..progress import progress
-from ..safeio import atomic_write
+from ..safeio import atomic_write, read_json
 
 __all__ = ["JudgeClient", "JudgeReward", "SCORE_SCHEMA", "PAIRWISE_SCHEMA", "validate"]
 
@@ -127,7 +127,7 @@ class JudgeClient:
         path = self.cache_dir / f"{self._key(body)}.json"
         if path.is_file():
             self.stats["cache_hits"] += 1
-            return json.loads(path.read_text())
+            return read_json(path)
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats["retries"] += 1
