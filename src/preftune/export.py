@@ -176,7 +176,11 @@ def _merged(run: Run):
 
 
 def _copy_files(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """The run's model files, as regular files only: a symlink planted in model/ would otherwise
+    carry its target (any file the user can read) into the export and onto the hub."""
     for f in sorted(src.iterdir()):
+        if f.is_symlink():
+            raise ConfigError(str(f), "model", "is a symlink; an export copies only the run's own regular files")
         if f.is_file() and f.name not in skip:
             shutil.copyfile(f, dest / f.name)
 

@@ -293,7 +293,7 @@ def _experiment(path: str | Path) -> str:
     results_file = root / "results.json"
     if not results_file.is_file():
         raise ConfigError(str(root), "results.json", "not an experiment directory (no results.json)")
-    results = loads_json(read_capped(results_file), results_file)
+    results = loads_json(read_capped(results_file, follow_symlinks=False), results_file)
     if not isinstance(results, dict):
         raise DataError(str(results_file), 1, "results", f"expected an object, got {type(results).__name__}")
     rows = {k: v for k, v in results.items() if isinstance(v, dict)}
@@ -308,12 +308,13 @@ def _experiment(path: str | Path) -> str:
                   for name, v in rows.items()]
         parts.append("</table>")
     for png in sorted(root.glob("*.png")):
-        data = base64.b64encode(read_capped(png)).decode()
+        data = base64.b64encode(read_capped(png, field="png", follow_symlinks=False)).decode()
         parts.append(f'<figure><img alt="{html.escape(png.name)}" style="max-width:1000px" '
                      f'src="data:image/png;base64,{data}"></figure>')
     verdict = root / "verdict.md"
     if verdict.is_file():
-        parts.append(f"<pre>{html.escape(read_capped(verdict).decode('utf-8', 'replace'))}</pre>")
+        text = read_capped(verdict, field="verdict.md", follow_symlinks=False).decode("utf-8", "replace")
+        parts.append(f"<pre>{html.escape(text)}</pre>")
     return "\n".join(parts)
 
 

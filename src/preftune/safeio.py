@@ -50,12 +50,17 @@ def os_problem(err: OSError) -> str:
     return names.get(err.errno, err.strerror or type(err).__name__).lower()
 
 
-def open_regular(path: str | Path, *, field: str = "file"):
-    """Open `path` for binary reading if it is a regular file; anything else is one DataError."""
+def open_regular(path: str | Path, *, field: str = "file", follow_symlinks: bool = True):
+    """Open `path` for binary reading if it is a regular file; anything else is one DataError.
+    `follow_symlinks=False`: a symlink is refused too (files we embed or copy onward: a link planted
+    in a run directory must not carry its target into a report or an export)."""
     path = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags if follow_symlinks else flags | os.O_NOFOLLOW)
     except OSError as err:
+        if not follow_symlinks and err.errno == errno.ELOOP:
+            raise DataError(path, 0, field, "is a symlink; only regular files are read here") from None
         raise DataError(path, 0, field, os_problem(err)) from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
@@ -67,10 +72,11 @@ def open_regular(path: str | Path, *, field: str = "file"):
     return os.fdopen(fd, "rb")
 
 
-def read_capped(path: str | Path, *, field: str = "file", cap: int | None = None) -> bytes:
+def read_capped(path: str | Path, *, field: str = "file", cap: int | None = None,
+                follow_symlinks: bool = True) -> bytes:
     """The whole file, if it is regular and at most `cap` bytes (default `max_file_bytes()`)."""
     cap = cap or max_file_bytes()
-    with open_regular(path, field=field) as fh:
+    with open_regular(path, field=field, follow_symlinks=follow_symlinks) as fh:
         try:
             data = fh.read(cap + 1)
         except OSError as err:
