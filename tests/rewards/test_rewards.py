@@ -1,5 +1,7 @@
 """online/rewards.py: every reward source, the ensemble and length-penalty math, bad specs."""
 
+import re
+
 import pytest
 import torch
 
@@ -25,6 +27,32 @@ def test_function_source_and_its_errors():
         build_reward("fn:justaname")
     with pytest.raises(ConfigError, match="did you mean 'judge'"):
         build_reward("judgee:http://x")
+
+
+@pytest.mark.parametrize("spec,problem", [
+    ("fn:pty:spawn", "'pty' is part of Python's standard library"),
+    ("fn:os:system", "'os' is part of Python's standard library"),
+    ("fn:subprocess:run", "'subprocess' is part of Python's standard library"),
+    ("fn:os.path:join", "'os' is part of Python's standard library"),
+    ("fn:builtins:eval", "'builtins' is part of Python's standard library"),
+    ("fn:yaml:dump", "'yaml' is an installed package"),
+    ("fn:conftest:PairwiseJudge", "is not a plain Python function"),
+    ("fn:conftest:build_model", "does not take (prompts, completions)"),
+])
+def test_fn_imports_only_the_user_s_own_functions(spec, problem, monkeypatch):
+    """`fn:pty:spawn` ran a program named in the data (issue 36): the standard library is never a
+    reward module, installed packages need $PREFTUNE_FN_MODULES, and the attribute must be a plain
+    function of (prompts, completions)."""
+    monkeypatch.delenv("PREFTUNE_FN_MODULES", raising=False)
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        build_reward(spec)
+
+
+def test_an_installed_package_is_allowed_when_listed(monkeypatch):
+    monkeypatch.setenv("PREFTUNE_FN_MODULES", "yaml, other")
+    with pytest.raises(ConfigError, match="is not a plain Python function"):  # past the allowlist: yaml.dump is one
+        build_reward("fn:yaml:YAMLObject")
+    assert build_reward("fn:conftest:length_reward").score(["p"], ["ab"]) == [2.0]
 
 
 def test_ensemble_is_a_weighted_sum_less_the_disagreement_of_z_scores():

@@ -18,7 +18,11 @@ and combined with `ensemble(sources, weights, disagreement_penalty=...)` or
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,14 +78,48 @@ def _sentiment(_prompts, completions):
     return sentiment_scores(completions)
 
 
+FN_MODULES_ENV = "PREFTUNE_FN_MODULES"
+
+
+def _fn_module_allowed(spec: str, module: str) -> None:
+    """Which modules `fn:` may import (checked before anything is imported, since an import runs the
+    module): the user's own code (a top-level module found outside site-packages, e.g. beside the
+    config or on PYTHONPATH), and installed packages named in $PREFTUNE_FN_MODULES (comma-separated
+    top-level names). The standard library never: `fn:pty:spawn` ran a program named in the data,
+    and a spec can come from a run's saved config."""
+    top = module.split(".")[0]
+    allowed = {m.strip() for m in os.environ.get(FN_MODULES_ENV, "").split(",") if m.strip()}
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        raise ConfigError(spec, "reward", f"{top!r} is part of Python's standard library, not a reward module")
+    if top in allowed:
+        return
+    try:
+        found = importlib.util.find_spec(top)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(spec, "reward", f"cannot find module {top!r} ({err})") from None
+    if found is None:
+        raise ConfigError(spec, "reward", f"no module named {top!r}")
+    where = Path(found.origin or next(iter(found.submodule_search_locations or []), "")).resolve()
+    if any(part in ("site-packages", "dist-packages") for part in where.parts):
+        raise ConfigError(spec, "reward", f"{top!r} is an installed package; fn: imports your own modules, or "
+                          f"installed ones you list in ${FN_MODULES_ENV} (e.g. {FN_MODULES_ENV}={top})")
+
+
 def _callable(spec: str, arg: str) -> FunctionReward:
     module, _, func = arg.rpartition(":")
     if not module or not func:
         raise ConfigError(spec, "reward", "expected fn:package.module:function")
+    _fn_module_allowed(spec, module)
     try:
         fn = getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as err:
         raise ConfigError(spec, "reward", f"cannot import {func!r} from {module!r} ({err})") from None
+    if not inspect.isfunction(fn):  # a class, a builtin, a bound method of some object: not a reward function
+        raise ConfigError(spec, "reward", f"{func!r} is not a plain Python function (prompts, completions) -> scores")
+    try:
+        inspect.signature(fn).bind([], [])
+    except TypeError:
+        raise ConfigError(spec, "reward", f"{func!r} does not take (prompts, completions)") from None
     return FunctionReward(spec, fn)
 
 
