@@ -22,7 +22,7 @@ def test_defaults_file_and_overrides_in_order(tmp_path):
     ("trian:\n  lr: 1\n", "trian", "unknown section (did you mean 'train'?)"),
     ("loss:\n  beta: -0.1\n", "loss.beta", "must be > 0"),
     ("loss:\n  beta: 0\n", "loss.beta", "must be > 0"),
-    ("train:\n  lr: .nan\n", "train.lr", "must be a finite number > 0"),
+    ("train:\n  lr: .nan\n", "train.lr", "must be in (0, 1]"),
     ("train:\n  batch_size: two\n", "train.batch_size", "expected int, got str"),
     ("loss:\n  name: sigmod\n", "loss.name", "did you mean 'sigmoid'?"),
     ("data:\n  max_length: 64\n  max_prompt_length: 64\n", "data.max_prompt_length", "must be in [1,"),
@@ -143,3 +143,39 @@ def test_resume_and_cache_keys_come_from_field_metadata(tmp_path):
                                              "drop_overlong", "allow_degenerate", "allow_empty_completions",
                                              "hh_as_chat"}
     assert data_settings(load_config(None, ["data.hh_as_chat=true"]).data) != data_settings(base.data)
+
+
+def test_trackers_are_checked_with_the_config(monkeypatch):
+    """A typo used to fail as an internal error after the model loaded (exit 1, an empty run
+    directory left), and a tracker whose package is missing trained to the end logging nothing."""
+    with pytest.raises(ConfigError, match=r"train.report_to: unknown tracker 'tensorbord' \(did you mean "
+                                          r"'tensorboard'\?\); known: all, aim, tensorboard"):
+        load_config(None, ["train.report_to=[tensorbord]"])
+    from accelerate.utils import imports
+
+    monkeypatch.setattr(imports, "is_wandb_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"'wandb' is not installed \(pip install 'preftune\[wandb\]'\)"):
+        load_config(None, ["train.report_to=[wandb]"])
+    assert load_config(None, ["train.report_to=[tensorboard]"]).train.report_to == ["tensorboard"]
+
+
+@pytest.mark.parametrize("tracker", ["tensorbord", "wandb"])
+def test_a_bad_tracker_is_one_line_before_any_run_file(tracker, tmp_path, capsys, monkeypatch):
+    from accelerate.utils import imports
+
+    from conftest import PAIRS, write_jsonl
+    from preftune.cli import main
+
+    monkeypatch.setattr(imports, "is_wandb_available", lambda: False)  # as on a machine without it
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    rc = main(["train", f"data.train_path={data}", f"run.output_dir={tmp_path / 'run'}",
+               f"train.report_to=[{tracker}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "train.report_to" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_absurd_learning_rates_are_refused_with_the_config():
+    for lr in ("1e300", "2", "-1e-4", ".nan"):  # 0 means "the recipe's"
+        with pytest.raises(ConfigError, match=r"train.lr: must be in \(0, 1\]"):
+            load_config(None, [f"train.lr={lr}"])

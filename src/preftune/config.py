@@ -238,7 +238,7 @@ def _range_problems(cfg: Config):
     c = cfg
     checks = [
         ("loss.beta", c.loss.beta > 0 and math.isfinite(c.loss.beta), "must be > 0"),
-        ("train.lr", c.train.lr > 0 and math.isfinite(c.train.lr), "must be a finite number > 0"),
+        ("train.lr", 0 < c.train.lr <= 1, "must be in (0, 1] (an AdamW step moves each weight by about lr)"),
         ("train.batch_size", c.train.batch_size >= 1, "must be >= 1"),
         ("train.grad_accum", c.train.grad_accum >= 1, "must be >= 1"),
         ("train.epochs", c.train.epochs >= 1, "must be >= 1"),
@@ -347,6 +347,29 @@ def _number_problems(c: Config):
     yield from _shape_problems(c)
 
 
+# the pip extra that installs each tracker (pyproject.toml [project.optional-dependencies])
+TRACKER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _tracker_problems(report_to: list):
+    """Trackers are checked with the config, before any model loads or any run file is written: a
+    name Accelerate does not know (a typo used to fail as an internal error after loading the model,
+    leaving an empty run directory), or one whose package is missing (wandb used to train to the
+    end logging nothing). The names and availability checks are Accelerate's own."""
+    from accelerate.utils import LoggerType  # deferred: only configs that ask for trackers pay for accelerate
+    from accelerate.utils import imports as available
+
+    known = [t.value for t in LoggerType]
+    for name in report_to:
+        if name not in known:
+            yield "train.report_to", (f"unknown tracker {name!r}{_did_you_mean(name, known)}; known: "
+                                      f"{', '.join(known)}")
+        elif name != "all" and not getattr(available, f"is_{name}_available", lambda: True)():
+            extra = TRACKER_EXTRAS.get(name)
+            how = f"pip install 'preftune[{extra}]'" if extra else f"pip install {name.replace('_', '-')}"
+            yield "train.report_to", f"{name!r} is not installed ({how}), or leave it out of train.report_to"
+
+
 def _shape_problems(c: Config):
     strings = {"model.lora_target_modules": c.model.lora_target_modules, "train.report_to": c.train.report_to,
                "diagnostics.stop_on": c.diagnostics.stop_on}
@@ -355,6 +378,8 @@ def _shape_problems(c: Config):
         bad = [x for x in items if not isinstance(x, str) or not x]
         if bad or not isinstance(items, list):
             yield key, f"expected a list of names, got {value!r}"
+    if c.train.report_to and all(isinstance(x, str) and x for x in c.train.report_to):
+        yield from _tracker_problems(c.train.report_to)
     if c.model.load_in_4bit and not c.model.lora:
         yield "model.load_in_4bit", "4-bit weights are frozen: set model.lora=true (QLoRA) or model.load_in_4bit=false"
     if c.model.load_in_4bit and c.model.adapter_name_or_path:
