@@ -77,7 +77,7 @@ CONFIG_CASES = {
     "unknown-section": ("trian:\n  lr: 0.1\n", [], "{cfg}: trian: unknown section (did you mean 'train'?)"),
     "wrong-type": ("train:\n  batch_size: four\n", [], "{cfg}: train.batch_size: expected int, got str"),
     "beta-negative": ("loss:\n  beta: -0.1\n", [], "{cfg}: loss.beta: must be > 0"),
-    "lr-nan": ("train:\n  lr: .nan\n", [], "{cfg}: train.lr: must be in (0, 1]"),
+    "lr-nan": ("train:\n  lr: .nan\n", [], "{cfg}: train.lr: must be a number in (0, 3.4e+38]"),
     "label-smoothing-half": ("loss:\n  name: cdpo\n  label_smoothing: 0.5\n", [],
                              "{cfg}: loss.label_smoothing: must be in [0, 0.5)"),
     "prompt-longer-than-max": ("data:\n  max_length: 64\n  max_prompt_length: 80\n", [],

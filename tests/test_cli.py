@@ -83,6 +83,9 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys, tiny_model_dir):
                  "eval.kl_prompts=2"]) == 0
     before = json.loads(out.read_text())
     assert before["rewards/margins"] == 0 and before["kl"] == 0  # base model: policy == reference
+    # ... so it is not sampled (a toy eval spent minutes sampling a KL of 0), and the table says why
+    assert before["kl_samples"] == 0 and "sample_length/policy" not in before
+    assert "KL(policy || reference)    0 (policy == reference: 0 by definition, not sampled)" in capsys.readouterr().out
 
 
 def test_non_finite_training_exits_3_with_one_line(tmp_path, capsys, tiny_model_dir):

@@ -194,7 +194,7 @@ CONFIG_FILES = {
     "deep-nesting": ("train:\n  report_to: " + "[" * 100 + "]" * 100 + "\n", "nested deeper than"),
     "unclosed-quote": ('train:\n  lr: "0.1\n', "<yaml>: invalid YAML"),
     "python-tag": ("train:\n  lr: !!python/object:os.system ['true']\n", "<yaml>: invalid YAML"),
-    "lr-inf": ("train:\n  lr: .inf\n", "train.lr: must be in (0, 1]"),
+    "lr-inf": ("train:\n  lr: .inf\n", "train.lr: must be a number in (0, 3.4e+38]"),
     "beta-inf": ("loss:\n  beta: .inf\n", "loss.beta:"),
     "threshold-nan": ("diagnostics:\n  kl_max: .nan\n", "diagnostics.kl_max: must be a finite number"),
     "seed-negative": ("train:\n  seed: -1\n", "train.seed: must be >= 0"),

@@ -238,7 +238,8 @@ def _range_problems(cfg: Config):
     c = cfg
     checks = [
         ("loss.beta", c.loss.beta > 0 and math.isfinite(c.loss.beta), "must be > 0"),
-        ("train.lr", 0 < c.train.lr <= 1, "must be in (0, 1] (an AdamW step moves each weight by about lr)"),
+        ("train.lr", 0 < c.train.lr <= F32_MAX, f"must be a number in (0, {F32_MAX:.3g}] (float32: larger is inf "
+                                                "in the optimizer)"),
         ("train.batch_size", c.train.batch_size >= 1, "must be >= 1"),
         ("train.grad_accum", c.train.grad_accum >= 1, "must be >= 1"),
         ("train.epochs", c.train.epochs >= 1, "must be >= 1"),
@@ -346,6 +347,8 @@ def _number_problems(c: Config):
             yield key, "must be >= 0"
     yield from _shape_problems(c)
 
+
+F32_MAX = 3.4028234663852886e38  # the optimizer's arithmetic is float32: any larger lr is inf there
 
 # the pip extra that installs each tracker (pyproject.toml [project.optional-dependencies])
 TRACKER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}

@@ -374,7 +374,11 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
         if note is not None:
             result["reference_logps"] = note
         e = cfg.eval
-        if e.kl_prompts:
+        if e.kl_prompts and isinstance(reference, SameAsPolicy) and source is None:
+            # the base model against itself: KL is 0 by definition, and sampling it cost a toy eval minutes
+            result.update({"kl": 0.0, "kl_stderr": 0.0, "kl_samples": 0,
+                           "kl_note": "policy == reference: 0 by definition, not sampled"})
+        elif e.kl_prompts:
             prompts = list({tuple(p.prompt_ids): p.prompt_ids for p in pairs}.values())[: e.kl_prompts]
             result.update(sample_metrics(policy, reference, tokenizer, prompts, n=e.kl_samples,
                                          max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, reward=source))
@@ -397,7 +401,9 @@ def format_eval(result: dict) -> str:
              f"  implicit-reward accuracy   {implicit}",
              f"  log-prob accuracy          {acc('accuracy/logp')}",
              f"  margin {result['rewards/margins']:.4f}   chosen perplexity {result['perplexity/chosen']:.3f}"]
-    if "kl" in result:
+    if "kl_note" in result:
+        lines.append(f"  KL(policy || reference)    0 ({result['kl_note']})")
+    elif "kl" in result:
         lines.append(f"  KL(policy || reference)    {result['kl']:.3f} nats (+- {result['kl_stderr']:.3f}, "
                      f"{result['kl_samples']} samples)")
     if "win_rate" in result:
