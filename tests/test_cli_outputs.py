@@ -148,3 +148,20 @@ def test_atomic_path_keeps_directories_and_replaces_links_not_their_targets(tmp_
     with atomic_path(empty, directory=True) as tmp:
         (tmp / "f").write_text("1")
     assert (empty / "f").read_text() == "1"
+
+
+def test_written_files_take_the_umask_not_a_private_temp_file_s_mode(tmp_path):
+    """safetensors writes through a 0600 temp file: a run's adapter was readable by its owner only."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_path(tmp_path / "model", directory=True) as tmp:
+        save_file({"w": torch.zeros(2)}, tmp / "adapter_model.safetensors")
+        (tmp / "private.json").write_text("{}")
+        os.chmod(tmp / "private.json", 0o600)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("adapter_model.safetensors", "private.json"):
+        assert (tmp_path / "model" / f).stat().st_mode & 0o777 == 0o666 & ~mask

@@ -272,9 +272,26 @@ def atomic_path(dest: str | Path, *, directory: bool = False, replace_dir: bool 
         _remove(tmp)
         raise
     _refuse_directory(dest, directory, replace_dir, field)  # nothing appeared there while we wrote
+    _shareable(tmp)
     if dest.is_dir() and not dest.is_symlink():
         shutil.rmtree(dest) if replace_dir else dest.rmdir()
     os.replace(tmp, dest)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _shareable(root: Path) -> None:
+    """Files as the user's umask makes them (0644 under the usual 022), not 0600: libraries that
+    write through a private temp file (safetensors, huggingface_hub) left a run's weights readable
+    by their owner only, so a model folder could not be shared or served by another account."""
+    mode = 0o666 & ~_umask()
+    for path in [root, *(root.rglob("*") if root.is_dir() and not root.is_symlink() else ())]:
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
 
 
 def _refuse_directory(dest: Path, directory: bool, replace_dir: bool, field: str) -> None:
