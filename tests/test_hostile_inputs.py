@@ -177,6 +177,31 @@ def test_whole_file_cap_for_json_and_csv(tmp_path, capsys, monkeypatch):
         _run(["validate-data", str(tmp_path / name)], tmp_path, capsys, f"{tmp_path / name}:0: file: larger than 64 bytes")
 
 
+def _parquet(path: Path, rows: int, width: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # one value per column, repeated: dictionary-encoded and compressed, a few KB on disk
+    pq.write_table(pa.table({k: [c * width] * rows for k, c in (("prompt", "p"), ("chosen", "c"), ("rejected", "r"))}),
+                   path)
+
+
+@pytest.mark.parametrize("name,make,expected", [
+    # 4 MB of JSON in a few KB of gzip, under a 1 MB cap on what a file may expand to
+    ("bomb.json.gz", lambda p: p.write_bytes(gzip.compress(("[" + ",".join([GOOD] * 60_000) + "]").encode())),
+     ":1: gzip: expands past 1048576 bytes"),
+    ("bomb.csv.gz", lambda p: p.write_bytes(gzip.compress(b"prompt,chosen,rejected\n" + b"p,a,b\n" * 400_000)),
+     "gzip: expands past 1048576 bytes"),
+    ("blank.jsonl.gz", lambda p: p.write_bytes(gzip.compress(b"\n" * 3_000_000)), "gzip: expands past 1048576 bytes"),
+    ("bomb.parquet", lambda p: _parquet(p, 2_000, 1_000), ":257: parquet: expands past 1048576 bytes (2000 rows"),
+])
+def test_compressed_files_are_capped_on_what_they_expand_to(name, make, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PREFTUNE_MAX_FILE_BYTES", str(1 << 20))
+    make(tmp_path / name)
+    assert (tmp_path / name).stat().st_size < 200_000
+    _run(["validate-data", str(tmp_path / name)], tmp_path, capsys, expected)
+
+
 # ---- configuration files ----
 CONFIG_FILES = {
     "duplicate-section": ("train:\n  lr: 0.1\ntrain:\n  lr: 0.2\n", ":3: <yaml>: invalid YAML: duplicate key 'train'"),
@@ -394,6 +419,18 @@ def _replace(path: Path, make) -> None:
     make(path)
 
 
+def _model_dir(run: Path, d: Path, config: dict) -> None:
+    """d/m: a model directory with the run's tokenizer, an empty weights file and this config."""
+    import shutil
+
+    (d / "m").mkdir()
+    for f in (run / "model").glob("tok*"):
+        shutil.copy(f, d / "m" / f.name)
+    (d / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                     "num_attention_heads": 4, **config}))
+    (d / "m" / "model.safetensors").write_bytes(b"")
+
+
 def _unfinished(run: Path) -> None:
     (run / "summary.json").unlink()
 
@@ -429,6 +466,13 @@ RUN_FILES = {
                                                     os.symlink(d / "secret.txt", d / "exp" / "plot.png"),
                                                     ["report", "--experiment", str(d / "exp"), "--out",
                                                      str(d / "r.html"), "--no-png"])[4], "plot.png:0: png: is a symlink"),
+    "model-config-100k-layers": (lambda r, d: (_model_dir(r, d, {"num_hidden_layers": 100_000, "hidden_size": 576,
+                                                                  "intermediate_size": 1536, "vocab_size": 49152}),
+                                               ["eval", "--data", str(_pairs(d)), f"model.name_or_path={d / 'm'}"])[1],
+                                 "config.json: model.name_or_path: declares about 3.98e+11 parameters"),
+    "model-without-tokenizer": (lambda r, d: (_model_dir(r, d, {}), [p.unlink() for p in (d / "m").glob("tok*")],
+                                              ["eval", "--data", str(_pairs(d)), f"model.name_or_path={d / 'm'}"])[2],
+                                "model.name_or_path: no usable tokenizer"),
     "model-config-invalid-json": (lambda r, d: ((d / "m").mkdir(), (d / "m" / "config.json").write_text("{oops"),
                                                 (d / "m" / "model.safetensors").write_bytes(b""),
                                                 ["eval", "--data", str(_pairs(d)), f"model.name_or_path={d / 'm'}"])[3],

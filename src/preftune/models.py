@@ -117,6 +117,9 @@ def load_tokenizer(model_dir: str, *, trust_remote_code: bool = False, revision:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, revision=revision or None)
     except OSError as err:
         raise _hub_error(model_dir, err) from None
+    except (ValueError, KeyError, TypeError) as err:  # no or broken tokenizer files: transformers' own words, one line
+        raise ConfigError(model_dir, "model.name_or_path", f"no usable tokenizer: {str(err).splitlines()[0][:200]}") \
+            from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked everywhere; any id will do
     return tok
@@ -151,6 +154,39 @@ def quantization_config(quant_type: str, dtype: str, device: str):
                               bnb_4bit_compute_dtype=_DTYPES[dtype])
 
 
+def _declared_size(model_dir: str, dtype: str) -> tuple[int, int] | None:
+    """(parameters, bytes) a local model's config.json declares, from its shape alone (embeddings plus
+    attention and MLP per layer, a lower bound for MoE), or None when it does not say."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    cfg = _config_json(path)
+    c = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    dims = [c.get(k) for k in ("num_hidden_layers", "hidden_size")]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in dims):
+        return None
+    layers, hidden = dims
+    inner, vocab = c.get("intermediate_size"), c.get("vocab_size")
+    inner = inner if isinstance(inner, int) and inner > 0 else 4 * hidden
+    vocab = vocab if isinstance(vocab, int) and vocab > 0 else 0
+    params = vocab * hidden * (1 if cfg.get("tie_word_embeddings", True) else 2) + layers * (4 * hidden * hidden
+                                                                                           + 3 * hidden * inner)
+    return params, params * torch.finfo(_DTYPES[dtype]).bits // 8
+
+
+def _refuse_oversized(model_dir: str, dtype: str) -> None:
+    """A config.json that declares more than this machine's memory is refused before anything is
+    allocated (one declaring 100k layers used to allocate for a minute before failing)."""
+    import psutil  # deferred: accelerate's dependency, only needed here
+
+    size = _declared_size(model_dir, dtype)
+    memory = psutil.virtual_memory().total
+    if size is not None and size[1] > memory:
+        raise ConfigError(str(Path(model_dir) / "config.json"), "model.name_or_path", f"declares about {size[0]:.3g} "
+                          f"parameters ({size[1] / 2**30:.1f} GiB in {dtype}), more than this machine's "
+                          f"{memory / 2**30:.1f} GiB of memory")
+
+
 def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                allow_pickle_weights: bool = False, revision: str | None = None, attn_implementation: str | None = None,
                empty: bool = False, quantization=None):
@@ -160,6 +196,8 @@ def load_model(model_dir: str, *, dtype: str = "float32", trust_remote_code: boo
     from transformers import AutoConfig, AutoModelForCausalLM  # deferred: ~1 s to import
 
     _refuse_remote_code(model_dir, trust_remote_code)
+    if not empty:
+        _refuse_oversized(model_dir, dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if quantization is not None:
         extra["quantization_config"] = quantization

@@ -18,7 +18,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import DataError
-from ..safeio import atomic_write, check_text, loads_json, open_regular, os_problem, read_capped
+from ..safeio import (
+    atomic_write,
+    check_text,
+    loads_json,
+    max_file_bytes,
+    open_regular,
+    os_problem,
+    read_capped,
+)
 from .records import PreferenceRecord, UnpairedRecord
 
 __all__ = ["load_records", "mapped_rows", "no_records", "read_rows", "read_table", "read_jsonl_rows", "text_field", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT", "hub_dataset", "hub_offline"]
@@ -35,8 +43,10 @@ def _open_binary(path: Path):
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) with decompression and OS failures turned into one DataError."""
-    lineno = 0
+    """(line number, raw line) with decompression and OS failures turned into one DataError. A
+    compressed file is capped on what it expands to (PREFTUNE_MAX_FILE_BYTES), not on what it
+    weighs: a 205 KB .json.gz of 200 MB, or a .jsonl.gz of endless blank lines, used to run on."""
+    lineno, expanded, cap = 0, 0, max_file_bytes() if path.suffix == ".gz" else None
     with _open_binary(path) as fh:
         while True:
             try:
@@ -49,6 +59,10 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             if not raw:
                 return
             lineno += 1
+            expanded += len(raw)
+            if cap is not None and expanded > cap:
+                raise DataError(path, lineno, "gzip", f"expands past {cap} bytes (PREFTUNE_MAX_FILE_BYTES raises "
+                                "the cap)")
             if len(raw) > MAX_LINE_BYTES:
                 raise DataError(path, lineno, "line", f"longer than {MAX_LINE_BYTES} bytes")
             yield lineno, raw
@@ -101,13 +115,46 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    import pyarrow.parquet as pq  # optional: only Parquet input needs it
+    """Rows of a Parquet file, capped on what they expand to (PREFTUNE_MAX_FILE_BYTES): columnar
+    encoding let a 13 KB file hold 100 MB of text (one value, dictionary-encoded and repeated).
+    Text columns are read as dictionaries, and each batch's decoded size is counted from them
+    before any row is built."""
+    import pyarrow as pa  # optional: only Parquet input needs it
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
+    cap, expanded = max_file_bytes(), 0
     try:
-        table = pq.read_table(path)
+        with open_regular(path, field="parquet") as fh:  # a FIFO or device: one line, not a hang
+            pf = pq.ParquetFile(fh)
+            meta = pf.metadata
+            stored = sum(meta.row_group(g).column(c).total_uncompressed_size
+                         for g in range(meta.num_row_groups) for c in range(meta.num_columns))
+            if stored > cap:
+                raise DataError(path, 1, "parquet", f"decompresses to {stored} bytes, past {cap} "
+                                "(PREFTUNE_MAX_FILE_BYTES raises the cap)")
+            text = [f.name for f in pf.schema_arrow if pa.types.is_string(f.type) or pa.types.is_binary(f.type)
+                    or pa.types.is_large_string(f.type)]
+            fh.seek(0)
+            table = pq.ParquetFile(fh, read_dictionary=text).read()
+    except DataError:
+        raise
     except Exception as err:  # pyarrow raises several types for a corrupt file
         raise DataError(path, 1, "parquet", f"unreadable: {str(err).splitlines()[0]}") from None
-    yield from enumerate(table.to_pylist(), start=1)
+    line = 0
+    for batch in table.to_batches(max_chunksize=256):
+        for col in batch.columns:
+            if pa.types.is_dictionary(col.type):
+                lengths = pc.binary_length(col.dictionary)
+                expanded += pc.sum(pc.take(lengths, col.indices)).as_py() or 0
+            else:
+                expanded += col.nbytes
+        if expanded > cap:
+            raise DataError(path, line + 1, "parquet", f"expands past {cap} bytes ({meta.num_rows} rows x "
+                            f"{meta.num_columns} columns; PREFTUNE_MAX_FILE_BYTES raises the cap)")
+        for row in batch.to_pylist():
+            line += 1
+            yield line, row
 
 
 def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict]]:
