@@ -212,3 +212,111 @@ def test_a_redirect_to_another_origin_never_carries_the_api_key(tmp_path, monkey
         for s in (server, thief):
             s.shutdown()
             s.server_close()
+
+
+# ---- hostile peers (issue 36): bounded time and size, secrets never printed ----------------------
+
+def _raw_peer(behaviour):
+    """A loopback TCP peer that reads the request and then runs `behaviour(conn)`."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            threading.Thread(target=behaviour, args=(conn, stop), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1", lambda: (stop.set(), listener.close())
+
+
+def _drip(conn, stop):
+    """A valid status line and headers, then one byte of body every 0.2 s, for ever."""
+    try:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.wait(0.2):
+            conn.sendall(b" ")
+    except OSError:
+        pass
+
+
+def _huge(conn, stop):
+    body = b'{"choices": [{"message": {"content": "' + b"x" * (3 << 20) + b'"}}]}'
+    try:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    except OSError:
+        pass
+
+
+def test_a_drip_feeding_judge_ends_within_its_timeout(tmp_path):
+    """A socket timeout never trips on a peer that sends a byte every 0.2 s (it stalled a call for
+    46 s and then crashed with IncompleteRead); timeout_s now bounds the whole exchange."""
+    url, close = _raw_peer(_drip)
+    try:
+        judge = JudgeReward("judge", JudgeClient(url, "m", cache_dir=tmp_path, timeout_s=0.5, retries=1,
+                                                  backoff_s=0.01))
+        start = time.monotonic()
+        assert math.isnan(judge.score(["p"], ["c"])[0])
+        assert time.monotonic() - start < 3 and judge.client.stats["calls"] == 2
+        assert judge.client.last_problem == "no complete reply within 0.5 s"
+    finally:
+        close()
+
+
+def test_a_huge_judge_reply_is_not_read_whole_and_the_cli_says_so_in_one_line(tmp_path, capsys):
+    from preftune.cli import main
+
+    url, close = _raw_peer(_huge)
+    try:
+        data = tmp_path / "c.jsonl"
+        data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+        rc = main(["score", str(data), "--reward", f"judge:{url}", "--out", str(tmp_path / "o.jsonl")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "reply larger than 1048576 bytes" in err[-1], err
+        assert url.split("/v1")[0].split("//")[1] in err[-1] and not (tmp_path / "o.jsonl").exists()
+    finally:
+        close()
+
+
+@pytest.mark.parametrize("url,problem", [
+    ("http://user:s3cret@127.0.0.1:9/v1", "credentials in the URL are refused"),
+    ("http://[::1/v1", "not a valid URL"),
+    ("http://127.0.0.1:99999/v1", "not a valid URL"),
+    ("http:///v1", "the URL names no host"),
+])
+def test_bad_judge_urls_are_one_line_and_never_echo_a_password(url, problem, capsys, tmp_path):
+    from preftune.cli import main
+
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    rc = main(["score", str(data), "--reward", f"judge:{url}", "--out", str(tmp_path / "o.jsonl")])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and problem in err[0], err
+    assert "s3cret" not in captured.err + captured.out
+
+
+def test_an_api_key_with_a_line_break_is_refused_without_printing_it(tmp_path, monkeypatch, capsys):
+    from preftune.cli import main
+
+    fake = _Fake(["ok"])
+    monkeypatch.setenv("PREFTUNE_JUDGE_API_KEY", "sk-abc\r\nX-Injected: 1")
+    try:
+        data = tmp_path / "c.jsonl"
+        data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+        rc = main(["score", str(data), "--reward", f"judge:{fake.url}", "--out", str(tmp_path / "o.jsonl")])
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "$PREFTUNE_JUDGE_API_KEY" in err[0] and "control character" in err[0]
+        assert "sk-abc" not in captured.err + captured.out and not fake.seen
+    finally:
+        fake.close()

@@ -36,8 +36,13 @@ def run_score(path: str, reward_spec: str, out: str) -> dict:
     for k, (_, row) in enumerate(rows):
         extra = {"score": scored[sides[0]][k]} if len(sides) == 1 else {f"score_{s}": scored[s][k] for s in sides}
         result.append({**row, **extra})
-    write_jsonl(out, result)
     failed = sum(not math.isfinite(v[k]) for v in scored.values() for k in range(len(rows)))
+    if failed and failed == len(rows) * len(sides):  # nothing to write: say why, in one line, before writing
+        client = getattr(reward, "client", None)
+        why = f" (last: {client.last_problem})" if getattr(client, "last_problem", "") else ""
+        raise ConfigError(getattr(reward, "peer", reward.name), "reward", f"no usable score for any of {failed} "
+                          f"texts{why}")
+    write_jsonl(out, result)
     return {"records": len(rows), "scored_columns": [f"score_{s}" if len(sides) > 1 else "score" for s in sides],
             "failed": failed, "reward": reward.name, "out": out}
 

@@ -18,10 +18,13 @@ written anywhere (not in the cache key, not in files, not in errors).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import math
 import os
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -65,6 +68,22 @@ class _Malformed(ValueError):
     pass
 
 
+MAX_REPLY_BYTES = 1 << 20  # a verdict is a few hundred bytes; a 300 MB reply was read whole
+
+
+def _masked(url: str) -> str:
+    """The URL without any user:password@ part, for messages."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.username is None and parts.password is None:
+            return url
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit((parts.scheme, "***@" + netloc, parts.path, parts.query, parts.fragment))
+    except ValueError:
+        return url.split("@")[-1] if "@" in url else url
+
+
 def validate(obj, schema: dict) -> dict:
     """Strict check of a reply against the small schemas above (no extra keys, types, enums, ranges)."""
     if not isinstance(obj, dict):
@@ -99,10 +118,22 @@ class JudgeClient:
     max_tokens: int = 96
     cache_dir: Path | None = None
     stats: dict = field(default_factory=lambda: {"calls": 0, "cache_hits": 0, "retries": 0, "failures": 0})
+    last_problem: str = ""            # why the last failed try failed, for the one-line error
 
     def __post_init__(self):
+        shown = _masked(self.base_url)
         if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(self.base_url, "judge", "expected an http(s):// URL of an OpenAI-compatible API")
+            raise ConfigError(shown, "judge", "expected an http(s):// URL of an OpenAI-compatible API")
+        try:
+            parts = urllib.parse.urlsplit(self.base_url)
+            _ = parts.port  # a port out of range or not a number raises here
+        except ValueError as err:
+            raise ConfigError(shown, "judge", f"not a valid URL ({err})") from None
+        if not parts.hostname:
+            raise ConfigError(shown, "judge", "the URL names no host")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(shown, "judge", f"credentials in the URL are refused (they would reach logs and "
+                              f"caches); put the key in ${self.api_key_env}")
         if self.cache_dir is None:
             self.cache_dir = cache_root() / "judge"
 
@@ -111,13 +142,42 @@ class JudgeClient:
 
     def _post(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env)
+        key = (os.environ.get(self.api_key_env) or "").strip()
+        if key and any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+            raise ConfigError(f"${self.api_key_env}", "judge", "the API key holds a control character (a line "
+                              "break?); fix the variable (the key itself is never printed)")
         if key:
             headers["Authorization"] = f"Bearer {key}"
         req = urllib.request.Request(self.base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
                                      headers=headers, method="POST")
-        with _OPENER.open(req, timeout=self.timeout_s) as resp:  # the URL is the user's; redirects stay on it
-            return json.loads(resp.read().decode())
+        # timeout_s bounds the whole exchange, not each read: a peer that sends a byte every 2 s never
+        # trips a socket timeout, so a watchdog shuts the connection down at the deadline
+        conns, fired = [], threading.Event()
+
+        def expire():
+            fired.set()
+            for sock in conns:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(self.timeout_s, expire)
+        watchdog.start()
+        try:
+            with _opener(conns).open(req, timeout=self.timeout_s) as resp:  # redirects stay on the user's origin
+                data = resp.read(MAX_REPLY_BYTES + 1)
+        except (OSError, http.client.HTTPException) as err:
+            if fired.is_set():
+                raise TimeoutError(f"no complete reply within {self.timeout_s:g} s") from None
+            raise err if isinstance(err, OSError) else OSError(f"broken reply ({type(err).__name__})") from None
+        finally:
+            watchdog.cancel()
+        if fired.is_set():  # the shutdown may also surface as a short read
+            raise TimeoutError(f"no complete reply within {self.timeout_s:g} s")
+        if len(data) > MAX_REPLY_BYTES:
+            raise _Malformed(f"reply larger than {MAX_REPLY_BYTES} bytes")
+        return json.loads(data.decode())
 
     def ask(self, messages: list[dict], schema: dict) -> dict | None:
         """The validated JSON reply, or None after the last retry (counted in stats)."""
@@ -138,11 +198,13 @@ class JudgeClient:
                 content = reply["choices"][0]["message"]["content"]
                 verdict = validate(json.loads(content), schema)
             except urllib.error.HTTPError as err:
+                self.last_problem = f"HTTP {err.code}"
                 if err.code not in (408, 429) and err.code < 500:
                     break  # a client error does not get better by asking again
                 continue
-            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, TypeError,
-                    json.JSONDecodeError, _Malformed):
+            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, TypeError, UnicodeDecodeError,
+                    json.JSONDecodeError, _Malformed) as err:
+                self.last_problem = (str(err).splitlines() or [type(err).__name__])[0][:200]
                 continue
             atomic_write(path, json.dumps(verdict))
             return verdict
@@ -162,8 +224,37 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-# TLS certificates are always verified (the default context); there is no switch to turn that off
-_OPENER = urllib.request.build_opener(_SameOriginRedirects(), urllib.request.HTTPSHandler(context=ssl.create_default_context()))
+class _Tracked(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """http(s) handlers that hand the socket of each connection they open to `conns` (the deadline's
+    watchdog shuts them down). TLS certificates are always verified (the default context); there is no
+    switch to turn that off."""
+
+    def __init__(self, conns: list):
+        urllib.request.HTTPHandler.__init__(self)
+        urllib.request.HTTPSHandler.__init__(self, context=ssl.create_default_context())
+        self.conns = conns
+
+    def _make(self, cls):
+        def make(host, **kw):
+            conn = cls(host, **kw)
+            connect = conn.connect
+
+            def tracked():  # the socket itself: the connection drops it (sock = None) once headers are read
+                connect()
+                self.conns.append(conn.sock)
+            conn.connect = tracked
+            return conn
+        return make
+
+    def http_open(self, req):
+        return self.do_open(self._make(http.client.HTTPConnection), req)
+
+    def https_open(self, req):
+        return self.do_open(self._make(http.client.HTTPSConnection), req, context=self._context)
+
+
+def _opener(conns: list):
+    return urllib.request.build_opener(_SameOriginRedirects(), _Tracked(conns))
 
 
 @dataclass
@@ -180,12 +271,19 @@ class JudgeReward:
         return cls(spec, JudgeClient(url, model or os.environ.get("PREFTUNE_JUDGE_MODEL", "judge"), **settings))
 
     def score(self, prompts, completions):
+        """Scores, NaN where every try failed (counted in stats, never raised: an online round skips
+        them; `preftune score` stops when none was answered)."""
         out, self.last_rationales = [], []
         for p, c in progress(zip(prompts, completions), total=len(completions), desc="judge", unit="calls"):
             verdict = self.client.ask(_score_messages(p, c), SCORE_SCHEMA)
             out.append(float(verdict["score"]) if verdict else math.nan)
             self.last_rationales.append(verdict.get("rationale", "") if verdict else None)
         return out
+
+    @property
+    def peer(self) -> str:
+        """The judge's URL as messages show it (no credentials), and why its last failed try failed."""
+        return _masked(self.client.base_url)
 
     def compare(self, prompt: str, a: str, b: str) -> float:
         """P(a is better than b) from both orders (tie = 0.5), or NaN if either order failed."""
