@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "preftune"
 # lowest layer first; a module may import its own layer or any lower one
 LAYERS = {
     0: ["errors", "hashing", "version", "safeio", "devices", "progress", "attention", "losses", "logprobs",
-        "diagnostics", "sharding", "qlora"],
+        "diagnostics", "sharding", "qlora", "envvars"],
     1: ["data", "models", "zoo", "config", "recipes", "rundir", "layouts", "httpguard"],
     2: ["step", "generate", "rewards", "prepare"],
     3: ["evaluate", "probe", "refcache", "checkpoint", "batches"],

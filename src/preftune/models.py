@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 
 from .attention import use_block_attention
+from .envvars import env
 from .errors import ConfigError, DataError
 from .hashing import file_sha256
 from .qlora import allow_bitsandbytes, keep_one_cpu_path
@@ -37,7 +38,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
+    return env("PREFTUNE_CACHE")  # validated: set but empty used to mean the working directory
 
 
 def _convert_gguf(gguf: Path) -> Path:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from .envvars import env
 from .errors import ConfigError, DataError
 
 __all__ = ["atomic_path", "atomic_write", "check_output", "read_json", "MAX_JSON_DEPTH", "max_file_bytes", "open_regular", "read_capped", "loads_json", "load_yaml",
@@ -33,13 +34,12 @@ __all__ = ["atomic_path", "atomic_write", "check_output", "read_json", "MAX_JSON
 
 MAX_JSON_DEPTH = 64          # nesting of any JSON/YAML value we read (records, configs, run files)
 MAX_YAML_NODES = 100_000     # nodes after alias expansion
-_DEFAULT_MAX_FILE_BYTES = 1 << 30
 
 
 def max_file_bytes() -> int:
-    """The whole-file cap; `PREFTUNE_MAX_FILE_BYTES` overrides it (a positive integer)."""
-    raw = os.environ.get("PREFTUNE_MAX_FILE_BYTES", "")
-    return int(raw) if raw.isdigit() and int(raw) > 0 else _DEFAULT_MAX_FILE_BYTES
+    """The whole-file cap; `PREFTUNE_MAX_FILE_BYTES` overrides it (a positive integer; anything
+    else is one line naming the variable, envvars.py)."""
+    return env("PREFTUNE_MAX_FILE_BYTES")
 
 
 def os_problem(err: OSError) -> str:

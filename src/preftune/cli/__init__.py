@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import config_help
+from ..envvars import check_environment
 from ..errors import PreftuneError
 from ..losses import ALIASES, LOSSES
 from ..qlora import hide_bitsandbytes
@@ -80,7 +81,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """Usage errors are one stderr line and exit 2, like every other bad input."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(2, _one_line(f"{self.prog}: {message} (see {self.prog} --help)") + "\n")
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
     _take_overrides(args, extra)
     try:
+        check_environment()  # every PREFTUNE_* variable that is set, before any work (envvars.py)
         return _run(args)
     except PreftuneError as err:
         print(_one_line(str(err)), file=sys.stderr)
@@ -230,9 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         return _last_resort(err)
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0, 32), 127, *range(0x80, 0xA0))}
+_CONTROL.update({ord("\n"): " ", ord("\t"): " "})
+
+
 def _one_line(text: str) -> str:
-    """A message that names user data may carry its newlines; the terminal gets one line."""
-    return " ".join(text.split("\n")) if "\n" in text else text
+    """A message that names user data may carry its newlines and control characters (an ANSI
+    escape in a key or a file name reached the terminal raw): the terminal gets one line, with
+    every control character shown as \\xNN."""
+    return text.translate(_CONTROL)
 
 
 def _last_resort(err: Exception) -> int:
@@ -246,8 +254,8 @@ def _last_resort(err: Exception) -> int:
         print(f"preftune: input: too large or too deeply nested to process ({type(err).__name__})", file=sys.stderr)
         return 2
     message = (str(err).splitlines() or [""])[0][:300]
-    print(f"preftune: internal error: {type(err).__name__}: {message} (rerun with --debug for the traceback)",
-          file=sys.stderr)
+    print(_one_line(f"preftune: internal error: {type(err).__name__}: {message} (rerun with --debug for the "
+                    "traceback)"), file=sys.stderr)
     return 1
 
 

@@ -4,18 +4,40 @@ reads, printing once under a launcher, serving until Ctrl-C."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from pathlib import Path
 
 from ..errors import ConfigError
 
-__all__ = ["_output_file", "_config_args", "_overrides", "_say_once", "_floats", "_serve", "_none", "_is_override", "_TRAINING", "_EVERYTHING", "_DATA"]
+__all__ = ["_number", "_output_file", "_config_args", "_overrides", "_say_once", "_floats", "_serve", "_none", "_is_override", "_TRAINING", "_EVERYTHING", "_DATA"]
 
 # the config sections each kind of command reads (their keys are listed from config.py, not here)
 _TRAINING = ("model", "data", "loss", "train", "eval", "diagnostics", "run")
 _EVERYTHING = (*_TRAINING, "online")
 _DATA = ("data", "model")
+
+
+def _number(kind: type, lo: float, hi: float, *, lo_open: bool = False):
+    """argparse `type=` of every numeric flag: `kind` (int or float) within [lo, hi] (or (lo, hi]
+    with `lo_open`), finite. One path for all of them, so nan, inf, negatives and huge values are
+    one line and exit 2 on every verb (they were exit 0, 1 or 3, or unbounded memory). The range is
+    kept on the function (`.range`) for --help and tests."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(value) and (lo < value if lo_open else lo <= value) and value <= hi):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: expected {kind.__name__} in "
+                                             f"{'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        return value
+
+    parse.range = (kind, lo, hi, lo_open)
+    parse.__name__ = f"{kind.__name__} in range"
+    return parse
 
 
 def _output_file(text: str) -> str:

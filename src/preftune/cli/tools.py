@@ -4,7 +4,6 @@ balance-length, score, advise, validate-data, models list|fetch."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..advise import advise
@@ -12,6 +11,7 @@ from ..config import load_config
 from ..data.balance import balance_length
 from ..data.inspect import format_inspection, inspect_records
 from ..data.sources import is_unpaired_file, write_jsonl
+from ..envvars import env
 from ..errors import ConfigError
 from ..label import (
     LabelStore,
@@ -31,7 +31,7 @@ from ..prepare import load_data
 from ..report import write_report
 from ..serve import load_chat_model, make_server
 from ..zoo import ZOO, fetch, gguf_path
-from .common import _output_file, _overrides, _serve
+from .common import _number, _output_file, _overrides, _serve
 
 __all__ = ["_serve_args", "_serve_model", "_label_args", "_label", "_report_args", "_report", "_inspect_args", "_inspected", "_inspect", "_balance_args", "_balance", "_advise_args", "_advise", "_judgments_args", "_judgments", "_agree", "_build", "_sft_pairs_args", "_sft_pairs", "_score_args", "_score", "_validate_args", "_validate", "_models_list", "_models_fetch"]
 
@@ -40,15 +40,18 @@ __all__ = ["_serve_args", "_serve_model", "_label_args", "_label", "_report_args
 def _serve_args(p):
     p.add_argument("model", help="run directory, local HF dir, .gguf, hub id, or smollm2-135m-instruct")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-tokens-cap", type=int, default=512)
-    p.add_argument("--api-key", default=os.environ.get("PREFTUNE_SERVE_API_KEY"),
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
+    p.add_argument("--max-tokens-cap", type=_number(int, 1, 1 << 16), default=512)
+    p.add_argument("--api-key",
                    help="require Authorization: Bearer KEY (default: $PREFTUNE_SERVE_API_KEY; none = open on localhost)")
 
 
 def _serve_model(a) -> int:
+    key = (a.api_key or "").strip() or env("PREFTUNE_SERVE_API_KEY")  # checked: no control characters
+    if key and any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        raise ConfigError("command line", "--api-key", "holds a control character (the key is not printed)")
     chat = load_chat_model(a.model, max_tokens_cap=a.max_tokens_cap)
-    return _serve(lambda: make_server(chat, a.host, a.port, api_key=a.api_key), a.host, a.port,
+    return _serve(lambda: make_server(chat, a.host, a.port, api_key=key), a.host, a.port,
                   f"serving {a.model} at http://{{}}/v1")
 
 
@@ -56,9 +59,9 @@ def _label_args(p):
     p.add_argument("pairs", help="prompt + response_a/response_b (or chosen/rejected, shown unlabeled)")
     p.add_argument("--judgments", type=_output_file, required=True, help="JSONL the judgments are appended to")
     p.add_argument("--calibration", help="known-answer pairs (prompt/chosen/rejected) to mix in")
-    p.add_argument("--calibration-rate", type=float, default=0.1)
+    p.add_argument("--calibration-rate", type=_number(float, 0, 0.99), default=0.1)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8765)
 
 
 def _label(a) -> int:
@@ -112,7 +115,7 @@ def _inspect(a) -> int:
 def _balance_args(p):
     p.add_argument("path", help="preference file (any supported format)")
     p.add_argument("--out", type=_output_file, required=True, help="balanced pairs as JSONL (prompt, chosen, rejected)")
-    p.add_argument("--seed", type=int, default=0, help="which pairs of the larger group are dropped")
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="which pairs of the larger group are dropped")
     _overrides(p, "data.* and model.* settings (lengths are tokens of the model's tokenizer)")
 
 
@@ -132,7 +135,7 @@ def _balance(a) -> int:
 
 def _advise_args(p):
     p.add_argument("path")
-    p.add_argument("--memory-gb", type=float, help="memory available for training (default: no limit)")
+    p.add_argument("--memory-gb", type=_number(float, 0, 1e6, lo_open=True), help="memory available for training (default: no limit)")
     p.add_argument("--json", action="store_true", help="print the advice (settings, memory, evidence) as JSON")
     _overrides(p, "data.* and model.* settings (model.lora decides the reference cost)")
 
@@ -155,9 +158,9 @@ def _judgments_args(p, build: bool):
                        "orders) and report its agreement and Cohen's kappa with the people's majority (needs --pairs)")
     if build:
         p.add_argument("--out", type=_output_file, required=True)
-        p.add_argument("--min-votes", type=int, default=2)
-        p.add_argument("--min-agreement", type=float, default=0.5, help="winner's share of all votes must exceed this")
-        p.add_argument("--min-margin", type=int, default=1, help="winner's votes minus loser's")
+        p.add_argument("--min-votes", type=_number(int, 1, 10**6), default=2)
+        p.add_argument("--min-agreement", type=_number(float, 0, 0.99), default=0.5, help="winner's share of all votes must exceed this")
+        p.add_argument("--min-margin", type=_number(int, 0, 10**6), default=1, help="winner's votes minus loser's")
 
 
 def _judgments(a):

@@ -24,7 +24,7 @@ from ..rm import SPLITS, run_train_rm
 from ..sft import run_sft
 from ..sweep import results_table, run_sweep
 from ..train import train
-from .common import _config_args, _floats, _is_override, _output_file, _overrides, _say_once
+from .common import _config_args, _floats, _is_override, _number, _output_file, _overrides, _say_once
 
 __all__ = ["_train", "run_summary", "_resume_args", "_resume", "_eval_args", "_eval", "_demo_args", "_demo", "_export_args", "_export", "_sweep_args", "_sweep", "_iterate", "_online", "_sft", "_train_rm_args", "_train_rm", "_grpo", "_arithmetic_args", "_arithmetic", "_synth_args", "_synth", "_bon_args", "_bon"]
 
@@ -209,10 +209,10 @@ def _sft(a) -> int:
 def _train_rm_args(p):
     _config_args(p, "YAML config (data.*, model.*, train.*; loss.rm_margin, loss.rm_center_coef)",
                  "section.key=value, e.g. data.train_path=pairs.jsonl data.eval_path=held.jsonl")
-    p.add_argument("--ensemble", type=int, default=1, help="train K members (RUN/member-<k>); rm:RUN is their mean")
+    p.add_argument("--ensemble", type=_number(int, 1, 64), default=1, help="train K members (RUN/member-<k>); rm:RUN is their mean")
     p.add_argument("--split", choices=SPLITS, default="disjoint",
                    help="members train on disjoint slices of the file, or on all of it with different seeds")
-    p.add_argument("--disagreement-penalty", type=float, default=0.0,
+    p.add_argument("--disagreement-penalty", type=_number(float, 0, 1e6), default=0.0,
                    help="rm:RUN of an ensemble scores mean - this x the members' spread (saved in ensemble.json)")
 
 
@@ -254,11 +254,11 @@ def _grpo(a) -> int:
 
 def _arithmetic_args(p):
     p.add_argument("out_dir", help="writes train.jsonl and heldout.jsonl (prompt, answer) here")
-    p.add_argument("--train", type=int, default=256, help="training problems")
-    p.add_argument("--heldout", type=int, default=64, help="held-out problems (disjoint by construction)")
+    p.add_argument("--train", type=_number(int, 1, 10**6), default=256, help="training problems")
+    p.add_argument("--heldout", type=_number(int, 1, 10**6), default=64, help="held-out problems (disjoint by construction)")
     p.add_argument("--ops", default="+-", help="operators among + - * (default: +-)")
-    p.add_argument("--max-operand", type=int, default=30, help="operands in [2, N]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-operand", type=_number(int, 2, 10**9), default=30, help="operands in [2, N]")
+    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
 
 
 def _arithmetic(a) -> int:
@@ -293,7 +293,7 @@ def _bon_args(p):
     p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
     p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
     p.add_argument("--policy", help="model or finished run directory to sample from (default: model.name_or_path)")
-    p.add_argument("-n", type=int, help="samples per prompt (default: online.samples_per_prompt; with --eval, its "
+    p.add_argument("-n", type=_number(int, 1, 4096), help="samples per prompt (default: online.samples_per_prompt; with --eval, its "
                    "largest n)")
     p.add_argument("--out", type=_output_file, help="JSONL: prompt, completion, score, n (the best of the n samples)")
     p.add_argument("--keep-all", action="store_true", help="also write every candidate and its score per row")

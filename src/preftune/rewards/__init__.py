@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import inspect
 import math
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from ..data import render
 from ..data.collate import collate_sequences
 from ..data.tokenize import truncate
 from ..devices import place
+from ..envvars import env
 from ..errors import ConfigError, DataError
 from ..generate import run_models
 from ..logprobs import completion_logps
@@ -88,7 +88,7 @@ def _fn_module_allowed(spec: str, module: str) -> None:
     top-level names). The standard library never: `fn:pty:spawn` ran a program named in the data,
     and a spec can come from a run's saved config."""
     top = module.split(".")[0]
-    allowed = {m.strip() for m in os.environ.get(FN_MODULES_ENV, "").split(",") if m.strip()}
+    allowed = set(env(FN_MODULES_ENV))
     if top in sys.stdlib_module_names or top in sys.builtin_module_names:
         raise ConfigError(spec, "reward", f"{top!r} is part of Python's standard library, not a reward module")
     if top in allowed:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.pairs import both_orders
+from ..envvars import env
 from ..errors import ConfigError
 from ..models import cache_root
 from ..progress import progress
@@ -268,7 +269,7 @@ class JudgeReward:
     @classmethod
     def from_spec(cls, spec: str, arg: str, **settings) -> JudgeReward:
         url, _, model = arg.partition("#")
-        return cls(spec, JudgeClient(url, model or os.environ.get("PREFTUNE_JUDGE_MODEL", "judge"), **settings))
+        return cls(spec, JudgeClient(url, model or env("PREFTUNE_JUDGE_MODEL"), **settings))
 
     def score(self, prompts, completions):
         """Scores, NaN where every try failed (counted in stats, never raised: an online round skips
