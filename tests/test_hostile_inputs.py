@@ -334,7 +334,7 @@ VERBS = {
     "sweep-bad-beta": (lambda d: ["sweep", "--beta", "abc", "--lr", "1e-4"], "--beta: expected comma-separated numbers"),
     "eval-no-data": (lambda d: ["eval"], "the following arguments are required: --data"),
     "build-bad-votes": (lambda d: ["data", "build", "j", "--pairs", "p", "--out", "o", "--min-votes", "x"],
-                        "argument --min-votes: invalid int value"),
+                        "argument --min-votes: expected a whole number, got 'x'"),
     "eval-run-missing": (lambda d: ["eval", "--run", str(d / "nope"), "--data", str(_pairs(d))],
                          "config.yaml: not a run directory"),
     "resume-no-config": (lambda d: ["resume", str(d)], "config.yaml: not found"),

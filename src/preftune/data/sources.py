@@ -120,8 +120,8 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     Text columns are read as dictionaries, and each batch's decoded size is counted from them
     before any row is built."""
     import pyarrow as pa  # optional: only Parquet input needs it
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc  # optional, as above
+    import pyarrow.parquet as pq  # optional, as above
 
     cap, expanded = max_file_bytes(), 0
     try:
