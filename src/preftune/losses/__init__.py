@@ -10,15 +10,21 @@ Config validation, `--help`, error messages and the contract tests are all gener
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .dpo import cdpo_loss, hinge_loss, ipo_loss, robust_dpo_loss, sigmoid_dpo_loss
-from .grpo import RolloutLossOutput, group_advantages, grpo_loss
-from .kto import kto_loss
-from .reference_free import nll_loss, orpo_loss, sft_loss, simpo_loss
-from .reward import bradley_terry_loss
 from .types import LossOutput, SupervisedLossOutput, UnpairedLossOutput
+
+_LAZY = {"RolloutLossOutput": "grpo", "group_advantages": "grpo"}
+
+
+def __getattr__(name: str):
+    """PEP 562: the GRPO helpers re-exported here load their module (and torch) on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["LOSSES", "ALIASES", "LossSpec", "LossOutput", "UnpairedLossOutput", "SupervisedLossOutput", "RolloutLossOutput", "register_loss",
            "build_loss", "group_advantages"]
@@ -27,7 +33,7 @@ __all__ = ["LOSSES", "ALIASES", "LossSpec", "LossOutput", "UnpairedLossOutput", 
 @dataclass(frozen=True)
 class LossSpec:
     name: str
-    fn: Callable
+    impl: Callable | str   # the loss function, or "module:function" of this package, imported on first use
     needs_reference: bool  # the loop loads/runs a reference only when this is true
     paired: bool           # paired (prompt, chosen, rejected) vs unpaired (prompt, completion, label)
     params: tuple          # LossConfig fields passed as keyword arguments
@@ -37,12 +43,21 @@ class LossSpec:
     supervised: bool = False  # NLL of demonstrations (prompt, completion): `preftune sft`; not paired
     reward_model: bool = False  # paired, on the scores of a sequence-classification head: `preftune train-rm`
 
+    @property
+    def fn(self) -> Callable:
+        """The loss function. The registry names its module instead of importing it, so that what only
+        reads the registry (config validation, `preftune --help`) does not import torch (1.2 s)."""
+        if callable(self.impl):
+            return self.impl
+        module, _, func = self.impl.partition(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), func)
+
 
 LOSSES: dict[str, LossSpec] = {}
 ALIASES: dict[str, str] = {"dpo": "sigmoid"}  # other names users know a loss by; resolved in config
 
 
-def register_loss(name: str, fn: Callable, *, needs_reference: bool, paired: bool, summary: str,
+def register_loss(name: str, fn: Callable | str, *, needs_reference: bool, paired: bool, summary: str,
                   params: tuple = ("beta",), needs_lengths: bool = False, rollout: bool = False,
                   supervised: bool = False, reward_model: bool = False) -> LossSpec:
     """Add a loss to the registry; a second registration of the same name is an error."""
@@ -81,30 +96,30 @@ def build_loss(name: str, mix: list | None = None) -> LossSpec:
                     f"mixture {label}")
 
 
-register_loss("sigmoid", sigmoid_dpo_loss, needs_reference=True, paired=True,
+register_loss("sigmoid", "dpo:sigmoid_dpo_loss", needs_reference=True, paired=True,
               summary="DPO: -log sigmoid(beta * Delta) (Rafailov et al. 2023)")
-register_loss("cdpo", cdpo_loss, needs_reference=True, paired=True, params=("beta", "label_smoothing"),
+register_loss("cdpo", "dpo:cdpo_loss", needs_reference=True, paired=True, params=("beta", "label_smoothing"),
               summary="conservative DPO with label smoothing eps (Mitchell 2023)")
-register_loss("robust", robust_dpo_loss, needs_reference=True, paired=True, params=("beta", "label_smoothing"),
+register_loss("robust", "dpo:robust_dpo_loss", needs_reference=True, paired=True, params=("beta", "label_smoothing"),
               summary="robust DPO, unbiased under label noise eps (Chowdhury et al. 2024)")
-register_loss("hinge", hinge_loss, needs_reference=True, paired=True,
+register_loss("hinge", "dpo:hinge_loss", needs_reference=True, paired=True,
               summary="SLiC/RSO hinge relu(1 - beta * Delta)")
-register_loss("ipo", ipo_loss, needs_reference=True, paired=True, params=("beta", "ipo_length_normalize"),
+register_loss("ipo", "dpo:ipo_loss", needs_reference=True, paired=True, params=("beta", "ipo_length_normalize"),
               needs_lengths=True, summary="IPO (h - 1/(2 beta))^2 (Azar et al. 2023)")
-register_loss("simpo", simpo_loss, needs_reference=False, paired=True, params=("beta", "simpo_gamma"),
+register_loss("simpo", "reference_free:simpo_loss", needs_reference=False, paired=True, params=("beta", "simpo_gamma"),
               needs_lengths=True, summary="SimPO, length-normalized, no reference (Meng et al. 2024)")
-register_loss("orpo", orpo_loss, needs_reference=False, paired=True, needs_lengths=True,
+register_loss("orpo", "reference_free:orpo_loss", needs_reference=False, paired=True, needs_lengths=True,
               summary="ORPO: NLL + beta * odds-ratio term, no reference (Hong et al. 2024)")
-register_loss("sft", sft_loss, needs_reference=False, paired=True, params=(), needs_lengths=True,
+register_loss("sft", "reference_free:sft_loss", needs_reference=False, paired=True, params=(), needs_lengths=True,
               summary="NLL of the chosen completion (the RPO term when mixed)")
-register_loss("kto", kto_loss, needs_reference=True, paired=False,
+register_loss("kto", "kto:kto_loss", needs_reference=True, paired=False,
               params=("beta", "desirable_weight", "undesirable_weight"),
               summary="KTO on unpaired (prompt, completion, label) data (Ethayarajh et al. 2024)")
-register_loss("grpo", grpo_loss, needs_reference=True, paired=False, rollout=True,
+register_loss("grpo", "grpo:grpo_loss", needs_reference=True, paired=False, rollout=True,
               params=("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level"),
               summary="GRPO: clipped ratio x group advantage + k3 KL, online (Shao et al. 2024); preftune grpo")
-register_loss("nll", nll_loss, needs_reference=False, paired=False, params=(), supervised=True,
+register_loss("nll", "reference_free:nll_loss", needs_reference=False, paired=False, params=(), supervised=True,
               summary="SFT: token-mean NLL of the completion tokens of demonstrations; preftune sft")
-register_loss("bt", bradley_terry_loss, needs_reference=False, paired=True, reward_model=True,
+register_loss("bt", "reward:bradley_terry_loss", needs_reference=False, paired=True, reward_model=True,
               params=("rm_margin", "rm_center_coef"),
               summary="reward model: Bradley-Terry -log sigmoid(r_c - r_r - margin) + centering; preftune train-rm")

@@ -7,9 +7,10 @@ tensors a loss wants logged (ORPO log-odds, KTO's KL anchor), already detached.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+if TYPE_CHECKING:  # annotations only: the registry (and the CLI's --help) must not pay torch's import
+    import torch
 
 __all__ = ["LossOutput", "UnpairedLossOutput", "SupervisedLossOutput"]
 
