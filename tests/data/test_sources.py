@@ -177,3 +177,41 @@ def test_hub_dataset_rows_are_read_through_datasets(monkeypatch):
         load_records("org/missing", field="data.train_path")
     assert str(info.value).startswith("org/missing:0: data.train_path: not a local file, and the hub dataset "
                                       "'org/missing' (split 'train') cannot be loaded: Couldn't reach")
+
+
+def test_a_missing_column_lists_the_columns_found_and_the_column_map_to_use(tmp_path):
+    """`chosen: missing` alone left users guessing which names are expected (issue 33)."""
+    import pytest
+
+    from preftune.data import load_records
+    from preftune.errors import DataError
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "p", "chosen_response": " a", "rejected_response": " b"}\n')
+    with pytest.raises(DataError) as err:
+        load_records(path)
+    assert str(err.value) == (f"{path}:1: chosen: missing (the record has: prompt, chosen_response, "
+                              "rejected_response; map a column with data.column_map='{chosen_response: chosen}')")
+
+
+def test_a_saved_dataset_dict_is_read_by_split(tmp_path):
+    """A `save_to_disk` DatasetDict folder was refused; DIR:SPLIT reads one split, DIR alone one
+    with a single split, and anything else names the splits there are."""
+    import datasets
+    import pytest
+
+    from preftune.data import load_records
+    from preftune.errors import DataError
+
+    rows = {"prompt": ["p1", "p2"], "chosen": [" a", " c"], "rejected": [" b", " d"]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict({k: v[:1] for k, v in rows.items()})}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    assert [r.prompt for r in load_records(f"{tmp_path / 'dd'}:train")] == ["p1", "p2"]
+    assert [r.prompt for r in load_records(f"{tmp_path / 'dd'}:test")] == ["p1"]
+    with pytest.raises(DataError, match=r"holds several splits: train, test; name one as .*dd:SPLIT"):
+        load_records(tmp_path / "dd")
+    with pytest.raises(DataError, match=r"has no split 'dev': train, test"):
+        load_records(f"{tmp_path / 'dd'}:dev")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "one"))
+    assert len(load_records(tmp_path / "one")) == 2

@@ -23,7 +23,8 @@ def test_score_bad_file_is_one_line_and_writes_nothing(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "p", "completion": "x"}, {"prompt": "q"}])
     out = tmp_path / "o.jsonl"
     assert main(["score", str(bad), "--reward", "fn:conftest:length_reward", "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip() == f"{bad}:2: completion: missing or not a string"
+    assert capsys.readouterr().err.strip() == (f"{bad}:2: completion: missing (the record has: prompt; map a column "
+                                               "with data.column_map='{YOUR_COLUMN: completion}')")
     assert not out.exists()
 
 

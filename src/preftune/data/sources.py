@@ -8,6 +8,7 @@ problem is a `DataError` naming path, line and field, raised before any model is
 from __future__ import annotations
 
 import csv
+import difflib
 import gzip
 import io
 import json
@@ -157,7 +158,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
             yield line, row
 
 
-def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_hf_dir(path: Path, split: str | None = None) -> Iterator[tuple[int, dict]]:
+    """A `save_to_disk` folder: a Dataset, or a DatasetDict read as DIR:SPLIT (or DIR alone when it
+    holds one split)."""
     import datasets  # optional: only saved HF dataset dirs need it
 
     try:
@@ -165,7 +168,14 @@ def _read_hf_dir(path: Path) -> Iterator[tuple[int, dict]]:
     except Exception as err:
         raise DataError(path, 1, "dataset", f"not a saved HF dataset: {str(err).splitlines()[0]}") from None
     if isinstance(ds, datasets.DatasetDict):
-        raise DataError(path, 1, "dataset", f"has splits {list(ds)}; point at one split's directory")
+        if split is None and len(ds) == 1:
+            split = next(iter(ds))
+        if split not in ds:
+            wanted = f"has no split {split!r}" if split else "holds several splits"
+            raise DataError(path, 1, "dataset", f"{wanted}: {', '.join(ds)}; name one as {path}:SPLIT")
+        ds = ds[split]
+    elif split is not None:
+        raise DataError(path, 1, "dataset", f"is one Dataset, not a DatasetDict with splits; drop ':{split}'")
     yield from enumerate(ds, start=1)
 
 
@@ -219,6 +229,8 @@ def read_jsonl_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
 def text_field(file, line: int, row, key: str, *, empty_ok: bool = False) -> str:
     """`row[key]` as a string, or a one-line DataError naming file, line and field."""
     value = row.get(key) if isinstance(row, dict) else None
+    if isinstance(row, dict) and key not in row:
+        raise DataError(str(file), line, key, missing(row, key))
     if not isinstance(value, str) or (not empty_ok and not value.strip()):
         raise DataError(str(file), line, key, "missing or not a string" if empty_ok
                         else "missing or not a non-empty string")
@@ -248,6 +260,9 @@ def read_rows(path: str | Path, *, field: str = "file") -> Iterator[tuple[int, d
     if (hub := hub_dataset(path)) is not None:
         return _read_hub(str(path), *hub, field)
     path = Path(path)
+    base, colon, split = str(path).rpartition(":")
+    if not path.exists() and colon and split and Path(base).is_dir():  # DIR:SPLIT of a saved DatasetDict
+        return _read_hf_dir(Path(base), split)
     if not path.exists():
         raise DataError(path, 0, "file", "no such file or directory" if not path.is_symlink() else "a dangling symlink")
     if path.is_dir():
@@ -263,9 +278,25 @@ def read_rows(path: str | Path, *, field: str = "file") -> Iterator[tuple[int, d
 
 # ---- format adapters: row -> (prompt, chosen, rejected) ------------------------------------
 
+_KNOWN_COLUMNS = {"prompt", "chosen", "rejected", "completion", "response", "label", "messages", "answer", "id"}
+
+
+def missing(row, key: str) -> str:
+    """"missing", with the columns the record does have and the column map that would use one of
+    them (`chosen: missing` alone left users guessing which names we expect)."""
+    if not isinstance(row, dict) or not row:
+        return "missing"
+    cols = [str(c) for c in row]
+    shown = ", ".join(cols[:10]) + (", ..." if len(cols) > 10 else "")
+    free = [c for c in cols if c not in _KNOWN_COLUMNS]  # a column we read already is not the one to map
+    near = difflib.get_close_matches(key, free, n=1, cutoff=0.4) or [c for c in free if key in c.lower()][:1]
+    source = near[0] if near else "YOUR_COLUMN"
+    return f"missing (the record has: {shown}; map a column with data.column_map='{{{source}: {key}}}')"
+
+
 def _text(row: dict, key: str, where: tuple, *, allow_empty: bool = False) -> str:
     if key not in row:
-        raise DataError(*where, key, "missing")
+        raise DataError(*where, key, missing(row, key))
     value = row[key]
     if value is None:
         raise DataError(*where, key, "is null")
@@ -279,7 +310,7 @@ def _text(row: dict, key: str, where: tuple, *, allow_empty: bool = False) -> st
 
 def _messages(row: dict, key: str, where: tuple) -> list:
     if key not in row:
-        raise DataError(*where, key, "missing")
+        raise DataError(*where, key, missing(row, key))
     value = row[key]
     if not isinstance(value, list) or not value:
         got = "an empty list" if value == [] else type(value).__name__
@@ -378,7 +409,7 @@ def _truthfulqa(row: dict, where: tuple, allow_empty: bool):
 
 def _label(row: dict, where: tuple) -> bool:
     if "label" not in row:
-        raise DataError(*where, "label", "missing")
+        raise DataError(*where, "label", missing(row, "label"))
     value = row["label"]
     if isinstance(value, str) and value.strip().lower() in {"true", "false", "1", "0"}:
         return value.strip().lower() in {"true", "1"}  # CSV cells are strings
