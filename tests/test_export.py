@@ -197,3 +197,29 @@ def test_a_failed_export_leaves_nothing(lora_run, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export_run(lora_run, tmp_path / "out", merge=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_default_model_export_names_a_base_other_tools_can_load(lora_run, tmp_path):
+    """The adapter of a run on the packaged default model named `smollm2-135m-instruct` as its base,
+    which only preftune can load; the card was PEFT's placeholder. Now: the hub id the GGUF was
+    quantized from, valid hub metadata (huggingface_hub parses it), the quantization difference
+    said in words, and files readable by all (0644 under the usual umask)."""
+    from huggingface_hub import ModelCard
+
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["name_or_path"] = "smollm2-135m-instruct"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert export_run(run, out).kind == "adapter"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = ModelCard((out / "README.md").read_text())
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    assert card.data.base_model_relation == "adapter" and card.data.library_name == "peft"
+    assert "export with `--merge`" in card.text and "from_pretrained(\"HuggingFaceTB/SmolLM2-135M-Instruct\")" in card.text
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~mask for f in out.iterdir()}

@@ -204,7 +204,10 @@ def _write_model(run: Run, tmp: Path, merge: bool) -> str:
         return "merged"
     _copy_files(model_dir, tmp, skip=("README.md",))
     config = json.loads((tmp / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = run.cfg.model.name_or_path  # as the user wrote it, not the loaded dir
+    # as the user wrote it, not the loaded dir; a packaged model by the hub id its GGUF came from, which
+    # other tools can load (the card says how the weights differ)
+    config["base_model_name_or_path"] = _hub_base(run.cfg.model.name_or_path) if run.cfg.model.name_or_path in ZOO \
+        else run.cfg.model.name_or_path
     config["revision"] = run.cfg.model.revision or None
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return "adapter"
@@ -255,25 +258,43 @@ def _num(value) -> str:
     return text if any(c in text for c in ".en") else f"{text}.0"  # 1.0, not 1: a float stays one
 
 
+def _hub_base(name: str) -> str | None:
+    """The base model as a hub id, when there is one: a hub id itself, or the model a packaged GGUF
+    was quantized from (its weights differ by the quantization: the card says so)."""
+    if name in ZOO:
+        return ZOO[name].hub_id or None
+    return name if hub_dataset(name) and ":" not in name else None  # a hub id has a dataset id's shape
+
+
 def _front_matter(run: Run, kind: str) -> str:
-    """The hub's metadata block (YAML, dumped safely: values from the config stay data)."""
-    cfg = run.cfg
-    meta = {"library_name": "peft" if kind == "adapter" else "transformers",
-            "tags": ["preftune", cfg.loss.name, *(["lora"] if cfg.model.lora else [])]}
-    if hub_dataset(cfg.model.name_or_path) and ":" not in cfg.model.name_or_path:  # same id shape as datasets
-        meta["base_model"] = cfg.model.name_or_path
-    datasets = [hub[0] for p in (cfg.data.train_path, cfg.data.eval_path) if p and (hub := hub_dataset(p))]
-    if datasets:
-        meta["datasets"] = sorted(set(datasets))
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+    """The hub's metadata block, built and checked by huggingface_hub's ModelCardData (so its keys
+    are the ones the hub reads); values from the config stay data."""
+    from huggingface_hub import ModelCardData  # deferred: only exports write cards
+
+    cfg, base = run.cfg, _hub_base(run.cfg.model.name_or_path)
+    datasets = sorted({hub[0] for p in (cfg.data.train_path, cfg.data.eval_path) if p and (hub := hub_dataset(p))})
+    relation = {"adapter": "adapter", "merged": "finetune", "full": "finetune"}.get(kind)
+    licence = ZOO[cfg.model.name_or_path].hub_licence if cfg.model.name_or_path in ZOO else None
+    data = ModelCardData(library_name="peft" if kind == "adapter" else "transformers", base_model=base,
+                         base_model_relation=relation if base else None, datasets=datasets or None,
+                         license=licence or None,
+                         tags=["preftune", cfg.loss.name, *(["lora"] if cfg.model.lora else []), *(
+                             ["reward-model"] if kind == "reward model" else [])])
+    return "---\n" + data.to_yaml() + "\n---\n"
 
 
 def _base_lines(run: Run, kind: str) -> list[str]:
     m = run.cfg.model
     lines = [f"- Base model: {_code(m.name_or_path)}" + (f" (revision {_code(m.revision)})" if m.revision else "")]
     if m.name_or_path in ZOO:
-        lines.append(f"  (preftune's packaged {_code(ZOO[m.name_or_path].gguf)}, dequantized to float32; "
-                     "`preftune export --merge` gives a model that needs no preftune)")
+        entry = ZOO[m.name_or_path]
+        lines.append(f"  (preftune's packaged {_code(entry.gguf)}, dequantized to float32"
+                     + (f", quantized from {_code(entry.hub_id)}" if entry.hub_id else "") + ")")
+        if kind == "adapter":
+            lines.append(f"- The adapter was trained on those dequantized weights. On {_code(entry.hub_id)} itself "
+                         "it loads and runs, but the base differs by the quantization: for the exact model, "
+                         "export with `--merge` (a plain transformers model), or load the base in preftune "
+                         f"(`model.name_or_path={m.name_or_path}`)")
     if m.adapter_name_or_path:
         how = "merged into the base before training" if m.adapter_merge else "trained further as the policy"
         lines.append(f"- Started from the SFT adapter {_code(m.adapter_name_or_path)} ({how})")
@@ -376,7 +397,7 @@ def model_card(run: Run, kind: str) -> str:
              f"Preference-tuned with preftune {__version__} (loss {_code(s.get('loss', run.cfg.loss.name))}); "
              f"trained by preftune {s.get('preftune_version', 'unknown')}, exported with `preftune export`.", "",
              "## Model", *_base_lines(run, kind), "", "## Use",
-             *_usage(kind, run.cfg.model.name_or_path), "",
+             *_usage(kind, _hub_base(run.cfg.model.name_or_path) or run.cfg.model.name_or_path), "",
              "## Data", *_data_lines(run), "", "## Training", *_training_lines(run), "",
              "## Held-out evaluation", *_eval_lines(run), "", "## Health checks", *_health_lines(run), ""]
     return "\n".join(parts)

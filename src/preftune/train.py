@@ -95,6 +95,11 @@ def _save_model(model, tokenizer, dest: Path, state_dict: dict | None = None) ->
     with atomic_path(dest, directory=True, replace_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         tokenizer.save_pretrained(tmp)
+        # PEFT writes a placeholder card naming the local cache directory as the base model; the
+        # card to share is the one `preftune export` writes from the run's files
+        (tmp / "README.md").write_text("# A preftune run's model\n\nThis is the training run's own model directory. "
+                                       "`preftune export RUN --out DIR` writes it with a model card (base model, "
+                                       "data, loss, settings, held-out figures) ready to share or push.\n")
 
 
 def peak_rss_mb() -> float:

