@@ -266,3 +266,11 @@ def test_reward_model_and_sft_runs_get_calibration_and_nll_plots(tmp_path):
     assert "<b>x</b>" not in page
     plain = write_report([str(_fake_run(tmp_path / "plain"))], tmp_path / "o2" / "report.html").read_text()
     assert 'id="plot-calibration"' not in plain and 'id="plot-nll"' not in plain
+
+
+def test_a_run_named_with_math_markup_is_drawn_as_text(tmp_path):
+    """Matplotlib parsed `$...$` in a run's name (from its directory) as mathtext: `$x^$` was a
+    parse error and the report an internal error (exit 1)."""
+    run = _fake_run(tmp_path / "$x^$ run")
+    out = write_report([str(run)], tmp_path / "r.html")
+    assert "$x^$ run" in out.read_text()

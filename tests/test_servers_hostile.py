@@ -238,3 +238,30 @@ def test_a_small_schema_within_the_caps_still_answers(chat_server):
     body = _chat(**_schema({"score": {"type": "integer", "minimum": 1, "maximum": 10}}))
     status, reply = _raw(port, _req("POST", "/v1/chat/completions", port, headers=J, body=body))
     assert status == 200 and 1 <= json.loads(json.loads(reply)["choices"][0]["message"]["content"])["score"] <= 10
+
+
+def test_bearer_scheme_is_case_insensitive_and_a_non_ascii_key_is_answered(chat_server):
+    """RFC 9110: the auth scheme is case-insensitive ('bearer KEY' was refused); a header with
+    non-ASCII bytes made compare_digest raise, and the client got no response at all."""
+    port = chat_server[1]
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert _raw(port, _req("GET", "/v1/models", port, headers={"Authorization": f"{scheme} sk-local"}))[0] == 200
+    raw = _req("GET", "/v1/models", port).replace(b"Connection: close", "Authorization: Bearer sk-é\r\nConnection: close"
+                                                                            .encode("latin-1"))
+    assert _raw(port, raw)[0] == 401
+
+
+def test_the_label_server_answers_a_non_ascii_token_and_drops_a_stalled_client(label_server):
+    port, token, path = label_server
+    before = path.read_bytes() if path.exists() else b""
+    raw = _req("POST", "/api/judge", port, headers={**J, "X-Preftune-Token": "x"}, body=b"{}")
+    raw = raw.replace(b"X-Preftune-Token: x", "X-Preftune-Token: é".encode("latin-1"))
+    assert _raw(port, raw)[0] == 403
+    assert (path.read_bytes() if path.exists() else b"") == before
+    # a stalled client is dropped after the handler's timeout (30 s; stdlib applies it to the socket)
+    handler = make_label_server(LabelStore([LabelItem("p", "q", "a", "b", False)], path.with_name("other.jsonl")),
+                                "127.0.0.1", 0)
+    try:
+        assert handler.RequestHandlerClass.timeout == 30
+    finally:
+        handler.server_close()

@@ -123,6 +123,8 @@ def check_bearer(handler, api_key: str | None) -> None:
     if not api_key:
         return
     got = handler.headers.get("Authorization") or ""
-    token = got[7:] if got.startswith("Bearer ") else ""
-    if not hmac.compare_digest(token.encode(), api_key.encode()):
+    scheme, _, token = got.strip().partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""  # the scheme is case-insensitive (RFC 9110)
+    # bytes, not str: compare_digest raises on a non-ASCII str, which left the client with no answer
+    if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), api_key.encode()):
         raise Refused(401, "missing or wrong API key (Authorization: Bearer KEY)")

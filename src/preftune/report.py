@@ -116,6 +116,8 @@ def _figure(title: str):
     import matplotlib  # plotting loads only when a report is drawn
 
     matplotlib.use("Agg")
+    # run names and keys are text, never math markup: a run named `$x^$` was a mathtext parse error (exit 1)
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt  # see _figure
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=100)

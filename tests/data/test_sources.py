@@ -215,3 +215,25 @@ def test_a_saved_dataset_dict_is_read_by_split(tmp_path):
         load_records(f"{tmp_path / 'dd'}:dev")
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "one"))
     assert len(load_records(tmp_path / "one")) == 2
+
+
+def test_a_chat_template_that_refuses_a_record_is_one_line_naming_it(tokenizer):
+    """Mistral's and Gemma's templates `raise_exception` on roles they do not take: that was an
+    internal error (exit 1); it names the record and its roles."""
+    import copy
+
+    import pytest
+
+    from preftune.data import tokenize_records
+    from preftune.data.records import PreferenceRecord
+    from preftune.errors import DataError
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    record = PreferenceRecord([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}],
+                              [{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}],
+                              "d.jsonl", 7)
+    with pytest.raises(DataError, match=r"^d.jsonl:7: prompt: the model's chat template refused this record "
+                                        r"\(roles system, user\): System role not supported$"):
+        tokenize_records([record], tok, max_length=64, max_prompt_length=32)

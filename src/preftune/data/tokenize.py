@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DataError
 from .records import PreferenceRecord, Text, UnpairedRecord
-from .render import completion_ids, conversation_ids, prompt_ids, prompt_text
+from .render import as_messages, completion_ids, conversation_ids, prompt_ids, prompt_text
 
 __all__ = ["TokenizedPair", "TokenizedExample", "TokenizeStats", "tokenize_records", "tokenize_unpaired", "truncate",
            "render_prompt"]
@@ -71,10 +71,19 @@ def render_prompt(tokenizer, prompt: Text) -> str:
 
 
 def _encode(tokenizer, prompt: Text, completions: list, where: tuple, names: tuple, eos: int):
-    """Prompt ids and completion ids ending in EOS, through the one rendering (data/render.py)."""
-    sides = [completion_ids(tokenizer, prompt, c, eos=eos, where=where, name=name)
-             for name, c in zip(names, completions)]
-    return prompt_ids(tokenizer, prompt), sides
+    """Prompt ids and completion ids ending in EOS, through the one rendering (data/render.py). A
+    chat template that refuses a record (Mistral's and Gemma's `raise_exception` on roles they do
+    not take) is a DataError naming the record and its roles, not an internal error."""
+    try:
+        sides = [completion_ids(tokenizer, prompt, c, eos=eos, where=where, name=name)
+                 for name, c in zip(names, completions)]
+        return prompt_ids(tokenizer, prompt), sides
+    except Exception as err:
+        if not any(c.__module__.startswith("jinja2") for c in type(err).__mro__):
+            raise
+        roles = [m.get("role") for m in as_messages(prompt) if isinstance(m, dict)]
+        raise DataError(*where, "prompt", f"the model's chat template refused this record (roles "
+                        f"{', '.join(map(str, roles))}): {str(err).splitlines()[0][:200]}") from None
 
 
 def _split_differs(tokenizer, prompt: Text, completion: Text, *, p_ids: list, c_ids: list, eos: int) -> bool:

@@ -216,6 +216,8 @@ def make_label_server(store: LabelStore, host: str = "127.0.0.1", port: int = 87
     page = _PAGE.replace("@TOKEN@", token)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 30  # a client that stalls mid-request is disconnected, not held open for ever
+
         def log_message(self, *a):
             pass
 
@@ -251,7 +253,8 @@ def make_label_server(store: LabelStore, host: str = "127.0.0.1", port: int = 87
                 if urlparse(self.path).path != "/api/judge":
                     raise Refused(404, "not found")
                 check_post(self)
-                if not hmac.compare_digest(self.headers.get("X-Preftune-Token") or "", token):
+                got = (self.headers.get("X-Preftune-Token") or "").encode("utf-8", "surrogateescape")
+                if not hmac.compare_digest(got, token.encode()):  # bytes: a non-ASCII header got no answer at all
                     raise Refused(403, "missing or wrong session token (reload the page)")
                 body = parse_json(read_body(self, 1 << 16))
                 if not isinstance(body, dict):
