@@ -219,3 +219,34 @@ def test_resume_with_changed_beta(checkpointed_run, capsys):
     capsys.readouterr()
     _assert_one_line_exit_2(capsys, ["resume", str(checkpointed_run), "loss.beta=0.5"], str(checkpointed_run),
                             [checkpointed_run])
+
+
+@pytest.mark.parametrize("edit", ["optimizer-key", "scheduler-shape", "rng-shape"])
+def test_resume_of_an_edited_and_rehashed_checkpoint(edit, checkpointed_run, capsys):
+    """The manifest's sha256s prove a file is the one written, not that it fits: a checkpoint edited
+    and re-hashed (a renamed optimizer key) was an internal error, exit 1."""
+    import hashlib
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    newest = sorted((checkpointed_run / "checkpoints").glob("step-*"))[-1]
+    if edit == "optimizer-key":
+        tensors = load_file(newest / "optimizer.safetensors")
+        key = sorted(tensors)[0]
+        tensors["bogus"] = tensors.pop(key)
+        save_file(tensors, newest / "optimizer.safetensors")
+        name = "optimizer.safetensors"
+    elif edit == "scheduler-shape":
+        (newest / "scheduler.json").write_text("[1, 2]")
+        name = "scheduler.json"
+    else:
+        (newest / "rng.json").write_text('{"ranks": []}')
+        name = "rng.json"
+    manifest = _json.loads((newest / "manifest.json").read_text())
+    data = (newest / name).read_bytes()
+    manifest[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (newest / "manifest.json").write_text(_json.dumps(manifest))
+    rc = main(["resume", str(checkpointed_run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"{newest / name}: checkpoint: does not fit" in err[0], err

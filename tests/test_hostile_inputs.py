@@ -218,6 +218,8 @@ CONFIG_FILES = {
     "section-is-list": ("train: [1, 2]\n", "train: expected a mapping"),
     "deep-nesting": ("train:\n  report_to: " + "[" * 100 + "]" * 100 + "\n", "nested deeper than"),
     "unclosed-quote": ('train:\n  lr: "0.1\n', "<yaml>: invalid YAML"),
+    "list-as-key": ("? [a, b]\n: 1\n", ":1: <yaml>: invalid YAML: a list used as a key"),
+    "list-as-key-in-section": ("train:\n  ? [a]\n  : 1\n", ":2: <yaml>: invalid YAML: a list used as a key"),
     "python-tag": ("train:\n  lr: !!python/object:os.system ['true']\n", "<yaml>: invalid YAML"),
     "lr-inf": ("train:\n  lr: .inf\n", "train.lr: must be a number in (0, 3.4e+38]"),
     "beta-inf": ("loss:\n  beta: .inf\n", "loss.beta:"),

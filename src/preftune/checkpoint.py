@@ -235,17 +235,26 @@ def load_checkpoint(ckpt: Checkpoint, *, params: dict, optimizer, scheduler) -> 
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(shard_like(weights[name], p))
-    _load_optimizer(optimizer, load_file(ckpt.path / "optimizer.safetensors"),
-                    read_json(ckpt.path / "optimizer.json"))
-    scheduler.load_state_dict(read_json(ckpt.path / "scheduler.json"))
-    rng_tensors = load_file(ckpt.path / "rng.safetensors")
-    rng = read_json(ckpt.path / "rng.json")
-    mine = rng["ranks"][rank] if "ranks" in rng else rng  # older checkpoints held one process's RNG, at the top level
-    torch.set_rng_state(rng_tensors.get(f"torch_cpu.{rank}", rng_tensors.get("torch_cpu")))
-    if torch.cuda.is_available() and f"torch_cuda.{rank}" in rng_tensors:
-        torch.cuda.set_rng_state(rng_tensors[f"torch_cuda.{rank}"])
-    random.setstate((mine["python"][0], tuple(mine["python"][1]), mine["python"][2]))
-    np.random.set_state((mine["numpy"][0], np.array(mine["numpy"][1], dtype=np.uint32), *mine["numpy"][2:]))
+    # the manifest's sha256s only say the files are the ones written: a checkpoint edited and re-hashed
+    # (a renamed optimizer key, a scheduler state of another shape) is one line naming it, not exit 1
+    where = "optimizer.safetensors"
+    try:
+        _load_optimizer(optimizer, load_file(ckpt.path / where), read_json(ckpt.path / "optimizer.json"))
+        where = "scheduler.json"
+        scheduler.load_state_dict(read_json(ckpt.path / where))
+        where = "rng.json"
+        rng_tensors = load_file(ckpt.path / "rng.safetensors")
+        rng = read_json(ckpt.path / where)
+        mine = rng["ranks"][rank] if "ranks" in rng else rng  # older checkpoints held one process's RNG, at the top
+        torch.set_rng_state(rng_tensors.get(f"torch_cpu.{rank}", rng_tensors.get("torch_cpu")))
+        if torch.cuda.is_available() and f"torch_cuda.{rank}" in rng_tensors:
+            torch.cuda.set_rng_state(rng_tensors[f"torch_cuda.{rank}"])
+        random.setstate((mine["python"][0], tuple(mine["python"][1]), mine["python"][2]))
+        np.random.set_state((mine["numpy"][0], np.array(mine["numpy"][1], dtype=np.uint32), *mine["numpy"][2:]))
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, RuntimeError) as err:
+        raise ConfigError(str(ckpt.path / where), "checkpoint", f"does not fit this run's optimizer and schedule "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else 'malformed'}); "
+                          "was it edited? resume from an earlier checkpoint or start a new run") from None
 
 
 # ---- exact resume: data order and what a checkpoint must agree with ----

@@ -154,6 +154,9 @@ class _StrictLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (list, dict, set)):  # `? [a, b]`: SafeLoader's own check comes too late for `in`
+                raise yaml.constructor.ConstructorError(None, None, f"a {type(key).__name__} used as a key",
+                                                        key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
