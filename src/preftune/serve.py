@@ -37,6 +37,8 @@ __all__ = ["ChatModel", "make_server", "load_chat_model"]
 MAX_BODY = 1 << 20
 MAX_SCHEMA_PROPERTIES = 16
 MAX_SCHEMA_OPTIONS = 128   # values scored for one schema (each is one forward pass)
+MAX_SCHEMA_WORK = 1 << 16  # tokens all of a schema's forward passes may process together
+STRING_TOKENS = 32         # what a string property may generate
 
 
 class BadRequest(ValueError):
@@ -105,6 +107,36 @@ class ChatModel:
             text += options[max(range(len(options)), key=scores.__getitem__)]
         return text + "}"
 
+    def _check_schema_budget(self, ids: list[int], schema: dict, context: int | None) -> None:
+        """A schema's answer counts against the context and --max-tokens-cap like max_tokens does, and
+        the forward passes that score its values against MAX_SCHEMA_WORK tokens: long enum values or
+        keys escaped both (one request held the generation lock 85 s while another waited)."""
+        props = schema.get("properties")
+        if schema.get("type") != "object" or not isinstance(props, dict) or not props:
+            raise BadRequest("json_schema: only flat object schemas with properties are supported")
+        _check_schema_cost(props)
+        n = lambda text: len(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+        out, work = 1, 0
+        for key, rule in props.items():
+            out += n(json.dumps(key) + ": ") + 1
+            if "enum" in rule or rule.get("type") == "integer":
+                options = ([json.dumps(v) for v in rule["enum"]] if "enum" in rule
+                           else [str(v) for v in range(rule["minimum"], rule["maximum"] + 1)])
+                lengths = [n(o) for o in options]
+                work += sum(len(ids) + out + k for k in lengths)  # each value is one forward over the context
+                out += max(lengths)
+            else:
+                work += len(ids) + out + STRING_TOKENS
+                out += STRING_TOKENS
+        if out > self.cap:
+            raise BadRequest(f"json_schema: its answer may take {out} tokens, over this server's cap of {self.cap}")
+        if context and len(ids) + out > context:
+            raise BadRequest(f"prompt ({len(ids)} tokens) + the schema's answer ({out}) exceeds the model's "
+                             f"context of {context} tokens")
+        if work > MAX_SCHEMA_WORK:
+            raise BadRequest(f"json_schema: scoring its values would process about {work} tokens (at most "
+                             f"{MAX_SCHEMA_WORK}); shorten the prompt or narrow the schema")
+
     def chat(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object")
@@ -130,11 +162,14 @@ class ChatModel:
         fmt = body.get("response_format") or {}
         if not isinstance(fmt, dict):
             raise BadRequest("response_format must be an object")
+        schema = None
+        if fmt.get("type") == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequest("response_format.json_schema.schema must be an object")
+            self._check_schema_budget(ids, schema, context)  # before the lock: a refused request holds nothing
         with self.lock:
-            if fmt.get("type") == "json_schema":
-                schema = (fmt.get("json_schema") or {}).get("schema")
-                if not isinstance(schema, dict):
-                    raise BadRequest("response_format.json_schema.schema must be an object")
+            if schema is not None:
                 content, finish = self._constrained(ids, schema), "stop"
                 n_new = len(self.tokenizer(content, add_special_tokens=False)["input_ids"])
             else:
