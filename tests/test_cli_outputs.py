@@ -165,3 +165,28 @@ def test_written_files_take_the_umask_not_a_private_temp_file_s_mode(tmp_path):
     os.umask(mask)
     for f in ("adapter_model.safetensors", "private.json"):
         assert (tmp_path / "model" / f).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("err", [OSError(28, "No space left on device"),
+                                 RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                                              "message: \"No space left on device\" })")])
+def test_a_full_disk_names_the_file_and_leaves_no_temp(err, tmp_path):
+    """Disk full inside safetensors/torch was exit 1 with no file named."""
+    with pytest.raises(ConfigError, match=r"model: output: not written: no space left on the device"):
+        with atomic_path(tmp_path / "model", directory=True) as tmp:
+            (tmp / "part").write_text("half")
+            raise err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_removes_the_temp_file_being_written(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time\nfrom preftune.cli import _exit_on_sigterm\nfrom preftune.safeio import atomic_path\n"
+              "_exit_on_sigterm()\n"
+              f"with atomic_path({str(tmp_path / 'out.json')!r}) as tmp:\n"
+              "    tmp.write_text('half')\n    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(10)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert list(tmp_path.iterdir()) == []

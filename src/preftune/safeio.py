@@ -271,14 +271,33 @@ def atomic_path(dest: str | Path, *, directory: bool = False, replace_dir: bool 
         tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         _remove(tmp)
+        problem = _write_problem(err)
+        if problem:  # disk full inside safetensors or torch was exit 1 with no file named
+            raise ConfigError(str(dest), field, f"not written: {problem}") from None
         raise
     _refuse_directory(dest, directory, replace_dir, field)  # nothing appeared there while we wrote
     _shareable(tmp)
     if dest.is_dir() and not dest.is_symlink():
         shutil.rmtree(dest) if replace_dir else dest.rmdir()
     os.replace(tmp, dest)
+
+
+_WRITE_FAILURES = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+                   "read-only file system": errno.EROFS, "file too large": errno.EFBIG}
+
+
+def _write_problem(err: BaseException) -> str | None:
+    """What the file system said, for a write that failed because of it: an OSError, or a library's
+    own error carrying the OS's words (safetensors and torch wrap ENOSPC in their exceptions)."""
+    if isinstance(err, OSError) and err.errno in (*_WRITE_FAILURES.values(), errno.EACCES, errno.EIO):
+        return os_problem(err)
+    text = str(err).lower()
+    for words, code in _WRITE_FAILURES.items():
+        if isinstance(err, Exception) and words in text:
+            return os_problem(OSError(code, words))
+    return None
 
 
 def _umask() -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -226,8 +228,19 @@ def _take_overrides(args, extra: list[str]) -> None:
         args.overrides = [*args.overrides, *extra]
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a scheduler's kill, `timeout`) ends the run through Python, so every atomic write in
+    progress deletes its temporary file or directory instead of leaving it behind; exit 143."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _exit_on_sigterm()
     hide_bitsandbytes()  # peft would import it (and its CPU notice) in every run; QLoRA asks for it back
 
     args, extra = _parser().parse_known_args(_hf_names(list(sys.argv[1:] if argv is None else argv)))
