@@ -59,7 +59,8 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "preftune", "validate-data", str(data)], capture_output=True,
                           text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"{data}:2: rejected: missing"
+    assert proc.stderr.strip() == (f"{data}:2: rejected: missing (the record has: prompt, chosen; map a column with "
+                                   "data.column_map='{YOUR_COLUMN: rejected}')")
 
 
 def test_train_then_eval_through_the_cli(tmp_path, capsys, tiny_model_dir):

@@ -12,6 +12,7 @@ import yaml
 from conftest import PAIRS, write_jsonl
 from preftune.cli import main
 from preftune.config import load_config
+from preftune.errors import ConfigError
 from preftune.export import _code, export_run
 from preftune.train import train
 from preftune.version import __version__
@@ -194,7 +195,7 @@ def test_a_failed_export_leaves_nothing(lora_run, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "model_card", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(ConfigError, match=r"out: --out: not written: no space left on the device"):
         export_run(lora_run, tmp_path / "out", merge=True)
     assert list(tmp_path.iterdir()) == []
 

@@ -492,7 +492,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.exists():
             raise ConfigError(str(path), "<file>", "no such config file")
         try:
-            data = load_yaml(path) or {}
+            data = load_yaml(path, follow_symlinks=not saved_run) or {}  # a run's own file is never a link
         except DataError as err:
             where = f"{path}:{err.line}" if err.line else str(path)
             raise ConfigError(where, err.field, err.problem) from None

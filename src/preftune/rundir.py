@@ -131,7 +131,7 @@ def finished(run_dir: Path) -> dict | None:
     path = Path(run_dir) / "summary.json"
     if not os.path.lexists(path):
         return None
-    raw = read_capped(path, field="summary.json")  # a FIFO or a device there is one line, not a hang
+    raw = read_capped(path, field="summary.json", follow_symlinks=False)  # a FIFO, device or link: one line
     try:
         summary = json.loads(raw)
     except ValueError:  # torn or never finished writing: not finished

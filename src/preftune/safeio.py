@@ -131,10 +131,11 @@ def loads_json(text: str | bytes, path: str | Path, line: int = 1, *, field: str
 
 def read_json(path: str | Path, *, field: str | None = None):
     """A JSON file we or the user wrote (a run's summary.json, reference.json, a manifest): regular
-    files only (a FIFO there is one line, not a hang), capped, strict; a DataError otherwise."""
+    files only, not followed through a symlink (a FIFO there is one line, not a hang; a link planted
+    in a run directory is not read through), capped, strict; a DataError otherwise."""
     path = Path(path)
     field = field or path.name
-    return loads_json(read_capped(path, field=field), path, field=field)
+    return loads_json(read_capped(path, field=field, follow_symlinks=False), path, field=field)
 
 
 def check_text(value: str, path: str | Path, line: int, field: str) -> str:
@@ -188,9 +189,9 @@ def _expanded_size(root) -> int:
     return size(root)
 
 
-def load_yaml(path: str | Path, *, field: str = "<yaml>"):
+def load_yaml(path: str | Path, *, field: str = "<yaml>", follow_symlinks: bool = True):
     """A YAML file's value (SafeLoader), or a DataError naming the file and line."""
-    raw = read_capped(path, field="<file>")
+    raw = read_capped(path, field="<file>", follow_symlinks=follow_symlinks)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -320,3 +320,20 @@ def test_an_api_key_with_a_line_break_is_refused_without_printing_it(tmp_path, m
         assert "sk-abc" not in captured.err + captured.out and not fake.seen
     finally:
         fake.close()
+
+
+def test_preftune_score_against_a_drip_feeding_judge_is_one_line_in_bounded_time(tmp_path, capsys):
+    from preftune.cli import main
+
+    url, close = _raw_peer(_drip)
+    try:
+        data = tmp_path / "c.jsonl"
+        data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+        start = time.monotonic()
+        rc = main(["score", str(data), "--reward", f"judge:{url}", "--out", str(tmp_path / "o.jsonl"),
+                   "online.judge_timeout_s=0.5", "online.judge_retries=1", "online.judge_backoff_s=0.01"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "no complete reply within 0.5 s" in err[0], err
+        assert time.monotonic() - start < 5 and not (tmp_path / "o.jsonl").exists()
+    finally:
+        close()

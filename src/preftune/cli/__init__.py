@@ -45,7 +45,7 @@ from .args import (
     _train_rm_args,
     _validate_args,
 )
-from .common import _DATA, _EVERYTHING, _TRAINING, _config_args, _is_override, _none
+from .common import _DATA, _EVERYTHING, _TRAINING, _config_args, _is_override, _none, _output_file
 
 __all__ = ["main", "COMMANDS", "run_summary"]
 
@@ -144,6 +144,10 @@ def _add(sub, command: Command) -> None:
     p = sub.add_parser(command.name, help=command.help, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     command.args(p)
+    for action in p._actions:  # the one output rule, said where each output flag is described
+        if action.type is _output_file:
+            action.help = (action.help + "; " if action.help else "") + "an existing file is replaced whole, a " \
+                "directory refused"
     if command.sub:
         inner = p.add_subparsers(dest=f"{command.name}_command", required=True)
         for c in command.sub:

@@ -167,6 +167,7 @@ def _score_args(p):
     p.add_argument("path")
     p.add_argument("--reward", required=True)
     p.add_argument("--out", type=_output_file, required=True)
+    _overrides(p, "online.judge_timeout_s / judge_retries / judge_backoff_s for a judge:URL reward")
 
 
 def _validate_args(p):

@@ -135,7 +135,9 @@ def _sft_pairs(a) -> int:
 
 
 def _score(a) -> int:
-    print(json.dumps(run_score(a.path, a.reward, a.out)))
+    o = load_config(None, a.overrides).online
+    judge = {"timeout_s": o.judge_timeout_s, "retries": o.judge_retries, "backoff_s": o.judge_backoff_s}
+    print(json.dumps(run_score(a.path, a.reward, a.out, judge=judge)))
     return 0
 
 

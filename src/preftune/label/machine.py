@@ -24,13 +24,13 @@ __all__ = ["run_score", "run_sft_pairs", "judge_labels"]
 _LABEL = {"first": "a", "second": "b", "tie": "tie"}  # verdict on (a, b) -> the original response
 
 
-def run_score(path: str, reward_spec: str, out: str) -> dict:
+def run_score(path: str, reward_spec: str, out: str, *, judge: dict | None = None) -> dict:
     file, rows = read_table(path)
     first = rows[0][1] if isinstance(rows[0][1], dict) else {}
     sides = ["chosen", "rejected"] if "chosen" in first else ["completion" if "completion" in first else "response"]
     prompts = [text_field(file, line, row, "prompt", empty_ok=True) for line, row in rows]
     texts = {s: [text_field(file, line, row, s, empty_ok=True) for line, row in rows] for s in sides}  # validated before scoring
-    reward = build_reward(reward_spec)
+    reward = build_reward(reward_spec, judge=judge)  # judge: JudgeClient settings for a judge:URL source
     scored = {s: reward.score(prompts, texts[s]) for s in sides}
     result = []
     for k, (_, row) in enumerate(rows):
