@@ -467,3 +467,31 @@ def test_keep_best_survives_a_resume_and_is_refused_without_probes(tmp_path, tin
         load_config(None, ["train.keep_best=true", "diagnostics.probe_every=0"])
     with pytest.raises(ConfigError, match="data.eval_path"):
         train(_cfg(tmp_path, tiny_model_dir, "train.keep_best=true", name="noeval"))
+
+
+def test_a_full_disk_while_logging_names_metrics_jsonl(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A write error on metrics.jsonl was exit 1 with no file named."""
+    import errno
+
+    from preftune.cli import main
+    from preftune.train import RunLog
+
+    real = RunLog.record
+
+    def full(self, row):
+        class Full:
+            def write(self, _text):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            def close(self):
+                pass
+        self.metrics = Full()
+        return real(self, row)
+
+    monkeypatch.setattr(RunLog, "record", full)
+    data = write_jsonl(tmp_path / "p.jsonl", PAIRS)
+    rc = main(["train", f"data.train_path={data}", f"model.name_or_path={tiny_model_dir}", "train.max_steps=1",
+               f"run.output_dir={tmp_path / 'run'}", "diagnostics.probe_every=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"{tmp_path / 'run' / 'metrics.jsonl'}: metrics.jsonl: "
+                                                           "not written: no space left on the device"), err

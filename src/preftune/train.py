@@ -56,7 +56,7 @@ from .models import (
 )
 from .probe import probe_baseline, run_probe
 from .rundir import RunLock, finished, read_jsonl_tail_tolerant
-from .safeio import atomic_path, atomic_write
+from .safeio import atomic_path, atomic_write, os_problem
 from .sharding import (
     enable_fsdp_on_cpu,
     full_model_state,
@@ -350,11 +350,21 @@ class RunLog:
                             init_kwargs=tracker_kwargs(t.report_to, run_name(cfg)))
         self.metrics = open(self.run_dir / "metrics.jsonl", "w") if self.main else None
         for row in run.history if self.main else []:  # a resumed run keeps the rows up to its checkpoint, bit for bit
-            self.metrics.write(json.dumps(row) + "\n")
+            self._append(row)
         self.flagged = {f for r in run.history for f in r.get("health", [])}
         # a live bar on a terminal; a plain line every 10 steps in logs (CI, pipes)
         self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not self.main or not sys.stderr.isatty(),
                         desc=run.spec.name)
+
+    def _append(self, row: dict, *, flush: bool = False) -> None:
+        """One metrics.jsonl line; a full disk names the file (it was exit 1 naming nothing)."""
+        try:
+            self.metrics.write(json.dumps(row) + "\n")
+            if flush:
+                self.metrics.flush()
+        except OSError as err:
+            raise ConfigError(str(self.run_dir / "metrics.jsonl"), "metrics.jsonl", f"not written: {os_problem(err)}; "
+                              "the newest checkpoint (if any) resumes the run") from None
 
     def record(self, row: dict) -> str | None:
         """Append one step's row (health checks added); returns the stop_on check that fired, if any."""
@@ -369,8 +379,7 @@ class RunLog:
             if main:
                 print(f"health: {flag} at step {step} (see preftune.diagnostics.health_checks)", flush=True)
         if main and step % self.t.log_every == 0:
-            self.metrics.write(json.dumps(row) + "\n")
-            self.metrics.flush()
+            self._append(row, flush=True)
         if self.t.report_to and step % self.t.log_every == 0:
             run.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         self.bar.update(1)
