@@ -21,7 +21,7 @@ LAYERS = {
     3: ["evaluate", "probe", "refcache", "checkpoint", "batches"],
     4: ["train"],
     5: ["online", "sft", "rm"],
-    6: ["demo", "sweep", "serve", "label", "report", "advise", "export"],
+    6: ["demo", "sweep", "serve", "label", "report", "advise", "export", "api"],
     7: ["cli", "__main__", ""],  # "" is the package itself (its __init__ re-exports the entry points)
 }
 LEVEL = {name: level for level, names in LAYERS.items() for name in names}
