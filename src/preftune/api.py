@@ -12,6 +12,7 @@ is one save of the model (about 2 s for the 135M default on this CPU) and of the
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 from .config import Config, load_config
@@ -46,8 +47,6 @@ def _config(config) -> Config:
 
 
 def _yaml_value(value) -> str:
-    import json
-
     return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
 
 
@@ -69,8 +68,6 @@ def _stage_model(model, tokenizer) -> str:
 
 def _stage_dataset(dataset, field: str) -> str:
     """A `datasets.Dataset` (or a list of dicts) as a JSONL file in the cache, keyed by its content."""
-    import json
-
     if hasattr(dataset, "to_list"):
         rows = dataset.to_list()
     elif isinstance(dataset, list) and all(isinstance(r, dict) for r in dataset):
