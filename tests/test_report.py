@@ -274,3 +274,33 @@ def test_a_run_named_with_math_markup_is_drawn_as_text(tmp_path):
     run = _fake_run(tmp_path / "$x^$ run")
     out = write_report([str(run)], tmp_path / "r.html")
     assert "$x^$ run" in out.read_text()
+
+
+def test_ema_is_tensorboards_debiased_average():
+    """weight 0.6: 1.0, (0.6*0.4 + 0)/(1 - 0.6**2) = 0.375, (0.6*0.24)/(1 - 0.6**3) = 0.18367"""
+    from preftune.report import ema
+
+    assert ema([1.0, 0.0, 0.0]) == pytest.approx([1.0, 0.375, 0.183673], abs=1e-6)
+    assert ema([2.0] * 4) == pytest.approx([2.0] * 4)
+
+
+def test_a_short_run_draws_markers_smoothing_and_eval_figures(tmp_path):
+    """An 8-step run has one probe point (its KL, length and held-out accuracy plots were empty
+    axes) and an eval.json: single points are markers, per-step series a faint raw line under an
+    EMA stated on the axis, eval figures stars at the last step."""
+    from preftune.report import _figures, read_run
+
+    run = _fake_run(tmp_path / "r")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][:8]
+    rows[-1].update({"probe/kl": 0.4, "probe/sample_length": 21.0, "probe/reference_length": 20.0,
+                     "probe/eval_accuracy": 0.6})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "eval.json").write_text(json.dumps({"kl": 0.5, "accuracy/implicit_reward": 0.75}))
+    figs = dict(_figures([read_run(str(run))]))
+    kl = figs["kl"].axes[0]
+    assert [ln.get_marker() for ln in kl.lines] == ["o", "*"]  # the probe point, the eval's KL
+    assert [ln.get_ydata()[0] for ln in kl.lines] == [0.4, 0.5]
+    loss = figs["loss_margin"].axes[0]
+    assert "EMA 0.6" in loss.get_ylabel() and len(loss.lines) == 2 and loss.lines[0].get_alpha() == 0.25
+    stars = [ln for ln in figs["accuracy"].axes[0].lines if ln.get_marker() == "*"]
+    assert sorted(ln.get_ydata()[0] for ln in stars) == [0.7, 0.75]  # summary.json's eval and eval.json's

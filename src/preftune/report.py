@@ -131,38 +131,81 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _lines(runs, title, keys, ylabel, styles=("-", "--", ":")):
-    """One line per (run, key); None when no run has any of the keys."""
+SMOOTHING = 0.6  # TensorBoard's default EMA weight; the axis label says it when a line is smoothed
+_SMOOTH_FROM = 5  # points: shorter series are drawn as they are
+
+
+def ema(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average with TensorBoard's debiasing (the first points are not pulled to 0)."""
+    out, last, norm = [], 0.0, 0.0
+    for v in values:
+        last, norm = weight * last + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(last / norm)
+    return out
+
+
+def _plot(ax, x, y, style, color, label) -> bool:
+    """A series as people read it: one point is a marker (an empty axis before), a few are a line
+    with markers, a long per-step series is a faint raw line under its EMA. True if smoothed."""
+    if len(x) == 1:
+        ax.plot(x, y, "o", color=color, label=label, ms=6)
+        return False
+    if len(x) < _SMOOTH_FROM:
+        ax.plot(x, y, style, color=color, label=label, lw=1.5, marker="o", ms=3)
+        return False
+    ax.plot(x, y, style, color=color, lw=1, alpha=0.25)
+    ax.plot(x, ema(y), style, color=color, label=label, lw=1.6)
+    return True
+
+
+def _lines(runs, title, keys, ylabel, styles=("-", "--", ":"), evals: tuple = ()):
+    """One line per (run, key); None when no run has any of the keys. `evals`: (key in eval
+    results, label) drawn as a star at the run's last step, for each eval of the run that has it."""
     fig, ax = _figure(title)
-    drawn = 0
+    drawn, smoothed = 0, False
     for i, run in enumerate(runs):
+        color = COLORS[i % len(COLORS)]
         for key, style in zip(keys, styles):
             x, y = _series(run.rows, key)
             if x:
-                ax.plot(x, y, style, color=COLORS[i % len(COLORS)], label=f"{run.name}: {key}", lw=1.5)
+                smoothed |= _plot(ax, x, y, style, color, f"{run.name}: {key}")
                 drawn += 1
+        last = run.rows[-1]["step"] if run.rows and isinstance(run.rows[-1].get("step"), (int, float)) else 0
+        for source, result in _eval_results(run):
+            for key, label in evals:
+                if _number(result.get(key)) and result.get(key) is not None:
+                    ax.plot([last], [result[key]], "*", color=color, ms=11, label=f"{run.name}: {label} ({source})")
+                    drawn += 1
     if not drawn:
         _close(fig)
         return None
     ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel + (f" (EMA {SMOOTHING:g}; raw faint)" if smoothed else ""))
     ax.legend(fontsize=7, loc="best")
     return fig
+
+
+def _eval_results(run) -> list[tuple[str, dict]]:
+    """(name, result) of the run's held-out evaluations: summary.json's, then each eval*.json."""
+    out = [("summary", run.summary["eval"])] if isinstance(run.summary.get("eval"), dict) else []
+    return out + [(name, ev) for name, ev in run.evals.items() if isinstance(ev, dict)]
 
 
 def _loss_margin(runs):
     fig, ax = _figure("loss (solid, left) and reward margin (dashed, right)")
     right = ax.twinx()
+    smoothed = False
     for i, run in enumerate(runs):
         c = COLORS[i % len(COLORS)]
-        ax.plot(*_series(run.rows, "loss"), "-", color=c, lw=1.5, label=f"{run.name}: loss")
-        right.plot(*_series(run.rows, "rewards/margins"), "--", color=c, lw=1.5, label=f"{run.name}: margin")
+        smoothed |= _plot(ax, *_series(run.rows, "loss"), "-", c, f"{run.name}: loss")
+        _plot(right, *_series(run.rows, "rewards/margins"), "--", c, f"{run.name}: margin")
         for flag, step in (run.summary.get("health") or {}).items():
             ax.axvline(step, color=c, alpha=0.4, lw=1)
             ax.annotate(flag, (step, ax.get_ylim()[1]), fontsize=7, rotation=90, va="top", color=c)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    right.set_ylabel("rewards/margins")
+    note = f" (EMA {SMOOTHING:g}; raw faint)" if smoothed else ""
+    ax.set_ylabel("loss" + note)
+    right.set_ylabel("rewards/margins" + note)
     ax.legend(fontsize=7, loc="upper left")
     right.legend(fontsize=7, loc="upper right")
     return fig
@@ -221,9 +264,11 @@ def _figures(runs) -> list[tuple[str, object]]:
             ("rewards", _lines(runs, "implicit rewards", ["rewards/chosen", "rewards/rejected"], "reward")),
             ("logps", _lines(runs, "log-probs of chosen (solid) and rejected (dashed)",
                              ["logps/chosen", "logps/rejected"], "logp (nats)")),
-            ("accuracy", _lines(runs, "reward accuracy (train, held-out probe)",
-                                ["rewards/accuracies", "probe/eval_accuracy"], "accuracy")),
-            ("kl", _lines(runs, "KL(policy || reference) on samples", ["probe/kl"], "nats per sample")),
+            ("accuracy", _lines(runs, "reward accuracy (train, held-out probe; stars: held-out eval)",
+                                ["rewards/accuracies", "probe/eval_accuracy"], "accuracy",
+                                evals=(("accuracy/implicit_reward", "held-out"),))),
+            ("kl", _lines(runs, "KL(policy || reference) on samples (stars: eval)", ["probe/kl"], "nats per sample",
+                          evals=(("kl", "eval KL"),))),
             ("lengths", _lines(runs, "lengths: samples (solid), reference samples (dashed), chosen data (dotted)",
                                ["probe/sample_length", "probe/reference_length", "lengths/chosen"], "tokens")),
             ("rollouts", _lines(runs, "GRPO: mean reward of each step's sampled groups", ["reward/mean"], "reward")),
