@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean gemma
+.PHONY: demo test lint install clean gemma docs docs-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,8 +32,18 @@ gemma: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
-	$(BIN)/python -m pytest -q
+# the docs site: reference pages regenerated from the code, then built with warnings as errors
+docs: $(STAMP)
+	$(BIN)/python docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
+
+# what CI runs: the committed reference pages must equal what the code generates, and the site builds
+docs-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python docs/generate.py --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
+
+test: lint docs-check
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs site .pytest_cache .ruff_cache

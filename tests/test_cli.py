@@ -266,13 +266,3 @@ def test_hugging_face_names_are_aliases_of_our_keys(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"train.learning_rate: unknown key \(did you mean train.lr\? "
                                           r"Hugging Face's learning_rate\)"):
         load_config(None, ["train.learning_rate=5e-5"])
-
-
-def test_the_readme_alias_table_is_the_alias_registry():
-    from pathlib import Path
-
-    from preftune.config import HF_ALIASES
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme.split("| Hugging Face / TRL | preftune |\n|---|---|\n")[1].split("\n\n")[0]
-    assert {line.split("`")[1]: line.split("`")[3] for line in table.splitlines()} == HF_ALIASES

@@ -1,0 +1,121 @@
+"""Write docs/reference/*.md from the code's own registries and parser, so the reference cannot
+drift: every config key (type, default, help), every verb and flag, every loss, data format,
+reward kind, health check and Hugging Face alias. `make docs` runs it before `mkdocs build
+--strict`; tests/test_docs.py fails when the committed pages differ from what this writes.
+
+    python docs/generate.py          # rewrite the pages
+    python docs/generate.py --check  # exit 1 if a page is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+REFERENCE = Path(__file__).resolve().parent / "reference"
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def config_page() -> str:
+    from preftune.config import Config
+
+    lines = ["# Configuration reference", "",
+             "Generated from `preftune.config` (`python docs/generate.py`). Every key is set in a YAML file",
+             "(`-c FILE`, only the keys that differ) or on the command line as `section.key=value`.", ""]
+    for section in dataclasses.fields(Config):
+        lines += [f"## `{section.name}`", "", "| key | type | default | what it does |", "|---|---|---|---|"]
+        for f in dataclasses.fields(section.default_factory()):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            lines.append(f"| `{section.name}.{f.name}` | {_cell(kind)} | `{_cell(repr(default))}` | "
+                         f"{_cell(f.metadata.get('help', ''))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _walk(parser, path):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, [*path, name])
+            return
+    yield path, parser
+
+
+def cli_page() -> str:
+    from preftune.cli import COMMANDS, _parser
+
+    helps = {c.name: c.help for c in COMMANDS} | {f"{c.name} {s.name}": s.help for c in COMMANDS for s in c.sub}
+    lines = ["# Command-line reference", "", "Generated from the parser (`python docs/generate.py`); "
+             "`preftune VERB --help` prints the same, with the settings each verb reads.", ""]
+    for path, parser in _walk(_parser(), []):
+        if not path:
+            continue
+        verb = " ".join(path)
+        lines += [f"## `preftune {verb}`", "", _cell(helps.get(verb, "")), "", "| argument | what it takes |", "|---|---|"]
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            name = ", ".join(action.option_strings) or action.dest
+            what = action.help or ""
+            if action.choices and not isinstance(action, argparse._SubParsersAction):
+                what += f" (one of: {', '.join(map(str, action.choices))})"
+            rng = getattr(action.type, "range", None)
+            if rng:
+                kind, lo, hi, lo_open = rng
+                what += f" ({kind.__name__} in {'(' if lo_open else '['}{lo:g}, {hi:g}])"
+            lines.append(f"| `{_cell(name)}` | {_cell(what)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def registries_page() -> str:
+    from preftune.config import HF_ALIASES
+    from preftune.data.sources import FORMATS, UNPAIRED_FORMATS
+    from preftune.diagnostics import CHECKS
+    from preftune.envvars import ENV
+    from preftune.losses import ALIASES, LOSSES
+    from preftune.rewards import REWARD_KINDS
+
+    lines = ["# Registries", "", "Every closed list, generated from the registry that owns it "
+             "(`python docs/generate.py`).", "", "## Losses (`loss.name`)", "", "| name | what it is |", "|---|---|"]
+    lines += [f"| `{name}` | {_cell(spec.summary)} |" for name, spec in sorted(LOSSES.items())]
+    lines += [f"| `{alias}` | the same as `{name}` |" for alias, name in sorted(ALIASES.items())]
+    lines += ["", "## Data formats (`data.format`)", "", ", ".join(f"`{f}`" for f in [*FORMATS, *UNPAIRED_FORMATS]),
+              "", "## Reward sources (`online.reward`, `--reward`)", "",
+              ", ".join(f"`{k}`" for k in REWARD_KINDS), "", "## Health checks (`diagnostics.stop_on`)", "",
+              ", ".join(f"`{c}`" for c in CHECKS), "", "## Environment variables", "",
+              "| variable | what it sets |", "|---|---|"]
+    lines += [f"| `{v.name}` | {_cell(v.help)} |" for v in ENV.values()]
+    lines += ["", "## Hugging Face / TRL names (aliases)", "", "| Hugging Face / TRL | preftune |", "|---|---|"]
+    lines += [f"| `{k}` | `{v}` |" for k, v in sorted(HF_ALIASES.items())]
+    return "\n".join(lines) + "\n"
+
+
+PAGES = {"config.md": config_page, "cli.md": cli_page, "registries.md": registries_page}
+
+
+def main(argv: list[str]) -> int:
+    stale = []
+    for name, make in PAGES.items():
+        text = make().rstrip() + "\n"
+        path = REFERENCE / name
+        if "--check" in argv:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(name)
+        else:
+            REFERENCE.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if stale:
+        print(f"stale: {', '.join(stale)} (run python docs/generate.py)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+"""The docs cannot drift: the reference pages equal what the code generates, every registered
+loss, format, reward source, health check and verb is documented, the README is a front door
+(≤ 12 KB) whose links resolve."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generate():
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_reference_pages_are_what_the_code_generates():
+    gen = _generate()
+    for name, make in gen.PAGES.items():
+        assert (ROOT / "docs" / "reference" / name).read_text() == make().rstrip() + "\n", \
+            f"docs/reference/{name} is stale: run python docs/generate.py"
+
+
+def test_every_registered_name_and_verb_is_in_the_docs():
+    from preftune.cli import _parser
+    from preftune.config import Config
+    from preftune.data.sources import FORMATS
+    from preftune.diagnostics import CHECKS
+    from preftune.losses import LOSSES
+    from preftune.rewards import REWARD_KINDS
+
+    gen = _generate()
+    registries, cli, config = gen.registries_page(), gen.cli_page(), gen.config_page()
+    for name in [*LOSSES, *FORMATS, *REWARD_KINDS, *CHECKS]:
+        assert f"`{name}`" in registries, name
+    for path, _ in gen._walk(_parser(), []):
+        if path:
+            assert f"## `preftune {' '.join(path)}`" in cli, path
+    import dataclasses
+
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f"`{section.name}.{f.name}`" in config
+
+
+def test_the_readme_is_a_front_door_whose_links_resolve():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12 * 1024
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
+    assert links and all((ROOT / link).exists() for link in links if not link.startswith("http")), links
