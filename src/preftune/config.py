@@ -150,7 +150,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = _f(8, "pairs per evaluation batch")
-    kl_prompts: int = _f(16, "held-out prompts sampled for the KL(policy || reference) estimate")
+    kl_prompts: int = _f(-1, "held-out prompts sampled for the KL(policy || reference) estimate (-1: half the "
+                             "held-out prompts, 4 to 16, so a toy eval is not mostly sampling; 0: none)")
     kl_samples: int = _f(2, "samples per prompt for the KL estimate")
     max_new_tokens: int = _f(48, "tokens sampled per completion for the KL estimate")
     reuse_reference_logps: bool = _f(True, "an eval without --run stores the base model's log-probs in the reference "
@@ -165,7 +166,8 @@ DiagnosticsConfig = dataclasses.make_dataclass("DiagnosticsConfig", [
     *((name, type(th.default), _f(th.default, th.help)) for name, th in THRESHOLDS.items()),
     ("probe_every", int, _f(25, "every N steps (and at the last) sample from the policy for KL and lengths, and "
                                 "score eval pairs (0 = never)")),
-    ("probe_prompts", int, _f(8, "prompts sampled per probe (eval prompts if data.eval_path is set, else train)")),
+    ("probe_prompts", int, _f(-1, "prompts sampled per probe (eval prompts if data.eval_path is set, else train; "
+                                  "-1: 8, or for a run under 16 steps a quarter of its steps, at least 2)")),
     ("probe_eval_pairs", int, _f(64, "held-out pairs scored per probe (the first N of data.eval_path)")),
     ("stop_on", list, _f([], "health checks that end training early, e.g. [kl_drift, eval_regressing]")),
 ])
@@ -260,7 +262,7 @@ def _range_problems(cfg: Config):
          f"must be in [1, data.max_length={c.data.max_length}) so every completion keeps a token"),
         ("data.max_records", c.data.max_records >= 0, "must be >= 0"),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
-        ("eval.kl_prompts", c.eval.kl_prompts >= 0, "must be >= 0"),
+        ("eval.kl_prompts", c.eval.kl_prompts >= -1, "must be >= 0, or -1 (sized by the held-out set)"),
         ("eval.kl_samples", c.eval.kl_samples >= 1, "must be >= 1"),
         ("eval.max_new_tokens", c.eval.max_new_tokens >= 1, "must be >= 1"),
         ("diagnostics.window", c.diagnostics.window >= 1, "must be >= 1"),
@@ -277,7 +279,8 @@ def _range_problems(cfg: Config):
         ("online.eval_samples", c.online.eval_samples >= 1, "must be >= 1"),
         ("online.grpo_iterations", c.online.grpo_iterations >= 1, "must be >= 1"),
         ("diagnostics.probe_every", c.diagnostics.probe_every >= 0, "must be >= 0"),
-        ("diagnostics.probe_prompts", c.diagnostics.probe_prompts >= 1, "must be >= 1"),
+        ("diagnostics.probe_prompts", c.diagnostics.probe_prompts == -1 or c.diagnostics.probe_prompts >= 1,
+         "must be >= 1, or -1 (sized by the run)"),
         ("diagnostics.probe_eval_pairs", c.diagnostics.probe_eval_pairs >= 0, "must be >= 0"),
         ("diagnostics.length_growth", c.diagnostics.length_growth > 1, "must be > 1"),
         ("diagnostics.length_shrink", 0 < c.diagnostics.length_shrink < 1, "must be in (0, 1)"),

@@ -414,7 +414,8 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
     baseline = run.ckpt.state.get("probe_reference_length") if run.ckpt is not None else None
     probing = bool(cfg.diagnostics.probe_every) and not spec.reward_model  # a reward model cannot sample
     if baseline is None and probing:
-        baseline = probe_baseline(unwrapped, run.reference, run.tokenizer, run.source, cfg, run.history)
+        baseline = probe_baseline(unwrapped, run.reference, run.tokenizer, run.source, cfg, run.history,
+                                  run.total_steps)
     run.start, run.pairs = time.perf_counter(), 0
     model.train()
     for epoch in range(run.epoch0, run.epochs):
@@ -451,7 +452,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
             if probing and (run.step % cfg.diagnostics.probe_every == 0
                                                 or run.step == run.total_steps):
                 row.update(run_probe(unwrapped, run.reference, run.tokenizer, run.source, spec, cfg, run.step,
-                                     baseline))
+                                     baseline, run.total_steps))
                 _keep_if_best(run, row, unwrapped)
             stop = log.record(row)
             if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < run.total_steps:
