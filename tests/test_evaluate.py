@@ -120,3 +120,29 @@ def test_progress_is_silent_when_short_and_reports_in_logs_when_long(capsys, mon
     assert len(list(pg.progress(range(5), total=10, desc="eval", unit="pairs", weights=[2] * 5))) == 5
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("eval: 4/10 pairs") and lines[-1].startswith("eval: 10/10 pairs")
+
+
+def test_kl_estimate_reports_a_95_percent_interval(monkeypatch):
+    """k1 = mean of log pi/pi_ref over samples: unbiased, so near 0 it can be negative; the
+    interval (mean +- 1.96 standard errors) says how far to trust the sign."""
+    import contextlib
+
+    import torch
+
+    import preftune.evaluate as ev
+
+    class Ref:
+        def context(self):
+            return contextlib.nullcontext()
+
+        def forward_model(self, model):
+            return model
+
+    policy = torch.tensor([0.5, -0.1, 0.2, 0.2])
+    answers = iter([(policy, None), (torch.zeros(4), None)])  # the policy's logps, then the reference's
+    monkeypatch.setattr(ev, "completion_logps", lambda model, batch: next(answers))
+    monkeypatch.setattr(ev, "collate_sequences", lambda prompts, completions, pad: None)
+    out = ev.kl_estimate(torch.nn.Linear(1, 1), Ref(), [([1], [2])] * 4, pad_id=0)
+    se = policy.std().item() / 2
+    assert out["kl"] == pytest.approx(0.2) and out["kl_stderr"] == pytest.approx(se)
+    assert out["kl_ci95"] == pytest.approx([0.2 - 1.96 * se, 0.2 + 1.96 * se])

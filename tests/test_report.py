@@ -304,3 +304,13 @@ def test_a_short_run_draws_markers_smoothing_and_eval_figures(tmp_path):
     assert "EMA 0.6" in loss.get_ylabel() and len(loss.lines) == 2 and loss.lines[0].get_alpha() == 0.25
     stars = [ln for ln in figs["accuracy"].axes[0].lines if ln.get_marker() == "*"]
     assert sorted(ln.get_ydata()[0] for ln in stars) == [0.7, 0.75]  # summary.json's eval and eval.json's
+
+
+def test_the_summary_table_shows_the_eval_s_kl_with_its_error_and_says_where_it_is_from(tmp_path):
+    """The table showed the last probe's KL (-0.067 on a toy run) while eval.json said otherwise."""
+    run = _fake_run(tmp_path / "r")
+    page = write_report([str(run)], tmp_path / "a.html").read_text()
+    assert "8 (probe, step 40)" in page  # no eval with a KL: the probe's, marked as such
+    (run / "eval.json").write_text(json.dumps({"kl": 0.41, "kl_stderr": 0.12, "kl_samples": 8}))
+    page = write_report([str(run)], tmp_path / "b.html").read_text()
+    assert "0.41 ± 0.12 (eval.json, 8 samples)" in page

@@ -223,8 +223,9 @@ def kl_estimate(model, reference, samples, *, pad_id: int, batch_size: int = 16)
     model.train(was_training)
     d = torch.cat(diffs) if diffs else torch.zeros(0)
     n = d.numel()
-    return {"kl": d.mean().item() if n else 0.0,
-            "kl_stderr": (d.std().item() / math.sqrt(n)) if n > 1 else 0.0, "kl_samples": n}
+    mean, se = (d.mean().item() if n else 0.0), ((d.std().item() / math.sqrt(n)) if n > 1 else 0.0)
+    # the estimator is unbiased, so near 0 it can come out negative: the interval says how far to trust it
+    return {"kl": mean, "kl_stderr": se, "kl_ci95": [mean - 1.96 * se, mean + 1.96 * se], "kl_samples": n}
 
 
 def heldout_reward(policy, reference, tokenizer, prompts: list, prompt_ids: list[list[int]], reward, *, n: int,
@@ -412,7 +413,8 @@ def format_eval(result: dict) -> str:
     if "kl_note" in result:
         lines.append(f"  KL(policy || reference)    0 ({result['kl_note']})")
     elif "kl" in result:
-        lines.append(f"  KL(policy || reference)    {result['kl']:.3f} nats (+- {result['kl_stderr']:.3f}, "
+        lo, hi = result.get("kl_ci95") or (result["kl"], result["kl"])
+        lines.append(f"  KL(policy || reference)    {result['kl']:.3f} nats [{lo:.3f}, {hi:.3f}] (95%, "
                      f"{result['kl_samples']} samples)")
     if "win_rate" in result:
         lines.append(f"  win rate vs reference      {result['win_rate']:.3f} ({result['reward/source']})")

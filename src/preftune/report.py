@@ -294,15 +294,26 @@ td,th{border:1px solid #ccc;padding:0.2em 0.6em;text-align:right}pre{background:
 font-size:0.8em;overflow:auto}.flag{color:#b00020;font-weight:bold}.ok{color:#2a7}"""
 
 
+def _kl_cell(run) -> str | None:
+    """The run's KL as its evaluation measured it (the same figure as eval.json, with its standard
+    error), else the last in-training probe's, marked as such: the table showed the probe's while
+    eval.json said otherwise, with no way to tell which was which."""
+    for name, ev in reversed(run.evals.items()):
+        if isinstance(ev, dict) and _number(ev.get("kl")) and ev.get("kl") is not None and ev.get("kl_samples"):
+            se = ev.get("kl_stderr") if _number(ev.get("kl_stderr")) and ev.get("kl_stderr") is not None else 0.0
+            return f"{ev['kl']:.3g} ± {se:.2g} ({name}, {ev['kl_samples']} samples)"
+    kl = [r["probe/kl"] for r in run.rows if _number(r.get("probe/kl")) and r.get("probe/kl") is not None]
+    return f"{kl[-1]:.3g} (probe, step {[r['step'] for r in run.rows if 'probe/kl' in r][-1]})" if kl else None
+
+
 def _table(runs) -> str:
-    keys = ["steps", "loss", "rewards/margins", "rewards/accuracies", "probe/kl", "eval accuracy",
+    keys = ["steps", "loss", "rewards/margins", "rewards/accuracies", "KL (nats)", "eval accuracy",
             "held-out reward gain", "elapsed_s"]
     out = ["<table><tr><th>run</th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr>"]
     for run in runs:
         final = run.summary.get("final") or (run.rows[-1] if run.rows else {})
-        kl = [r["probe/kl"] for r in run.rows if "probe/kl" in r]
         values = [run.summary.get("steps", len(run.rows)), final.get("loss"), final.get("rewards/margins"),
-                  final.get("rewards/accuracies"), kl[-1] if kl else None,
+                  final.get("rewards/accuracies"), _kl_cell(run),
                   (run.summary.get("eval") or {}).get("accuracy/implicit_reward"),
                   (run.summary.get("eval") or {}).get("reward/gain"), run.summary.get("elapsed_s")]
         cells = "".join(f"<td>{v:.4g}</td>" if isinstance(v, float)
