@@ -112,6 +112,18 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def one_step_run(root: Path, model_dir) -> tuple[Path, Path]:
+    """A finished one-step DPO run on PAIRS with `model_dir` under `root`: (run directory, pairs file)."""
+    from preftune.config import load_config
+    from preftune.train import train
+
+    pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
+    run = train(load_config(None, [f"model.name_or_path={model_dir}", f"data.train_path={pairs}",
+                                   "train.max_steps=1", "train.batch_size=4", "diagnostics.probe_every=0",
+                                   f"run.output_dir={root / 'run'}"])).run_dir
+    return run, pairs
+
+
 PAIRS = [
     {"prompt": "The movie was", "chosen": " great and wonderful.", "rejected": " slow and boring."},
     {"prompt": "I hated", "chosen": " nothing about it.", "rejected": " the ending."},

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PAIRS, write_jsonl
+from conftest import PAIRS, one_step_run, write_jsonl
 from preftune.cli import _parser, main
 from preftune.cli.common import _output_file
-from preftune.config import load_config
 from preftune.errors import ConfigError
 from preftune.safeio import atomic_path, atomic_write
-from preftune.train import train
 
 FN = "fn:conftest:length_reward"
 SAMPLING = ["online.max_new_tokens=2", "online.samples_per_prompt=2"]
@@ -28,10 +26,7 @@ SAMPLING = ["online.max_new_tokens=2", "online.samples_per_prompt=2"]
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("outputs")
-    pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
-    run = train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_path={pairs}",
-                                   "train.max_steps=1", "train.batch_size=4", "diagnostics.probe_every=0",
-                                   f"run.output_dir={root / 'run'}"])).run_dir
+    run, pairs = one_step_run(root, tiny_model_dir)
     items = write_jsonl(root / "items.jsonl", [{"id": "p1", "prompt": "q", "response_a": "a", "response_b": "b"}])
     judgments = write_jsonl(root / "j.jsonl", [{"annotator": x, "pair_id": "p1", "preferred": "a", "left": "a",
                                                 "calibration": False} for x in ("x", "y")])

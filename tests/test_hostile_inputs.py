@@ -404,16 +404,9 @@ def test_os_errors_anywhere_are_one_line_exit_2(monkeypatch, capsys):
 # ---- a run directory's own files (issue 36): data, read with the same bounded, regular-file-only reader ----
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir):
-    from conftest import write_jsonl
-    from preftune.config import load_config
-    from preftune.train import train
+    from conftest import one_step_run
 
-    root = tmp_path_factory.mktemp("hostile-run")
-    pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
-    run = train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_path={pairs}",
-                                   "train.max_steps=1", "train.batch_size=4", "diagnostics.probe_every=0",
-                                   f"run.output_dir={root / 'run'}"])).run_dir
-    return run, pairs
+    return one_step_run(tmp_path_factory.mktemp("hostile-run"), tiny_model_dir)
 
 
 def _replace(path: Path, make) -> None:

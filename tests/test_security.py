@@ -101,8 +101,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from conftest import PAIRS, write_jsonl  # noqa: E402
-
 
 def _exit(argv: list[str], capsys) -> tuple[int, list[str]]:
     from preftune.cli import main
@@ -117,14 +115,10 @@ def planted(tmp_path_factory, tiny_model_dir):
     weights only (allow_pickle_weights: true) or asks for its own code (trust_remote_code: true)."""
     from transformers import AutoModelForCausalLM
 
-    from preftune.config import load_config
-    from preftune.train import train
+    from conftest import one_step_run
 
     root = tmp_path_factory.mktemp("planted")
-    pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
-    run = train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_path={pairs}",
-                                   "train.max_steps=1", "train.batch_size=4", "diagnostics.probe_every=0",
-                                   f"run.output_dir={root / 'run'}"])).run_dir
+    run, pairs = one_step_run(root, tiny_model_dir)
     pickle_base = shutil.copytree(tiny_model_dir, root / "pickle-base")
     (pickle_base / "model.safetensors").unlink()
     torch.save(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict(), pickle_base / "pytorch_model.bin")
