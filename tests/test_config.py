@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,45 @@ def test_absurd_learning_rates_are_refused_with_the_config():
     for lr in ("1e300", "1e39", "-1e-4", ".nan", ".inf"):  # 0 means "the recipe's"
         with pytest.raises(ConfigError, match=r"train.lr: must be a number in \(0, 3.4e\+38\]"):
             load_config(None, [f"train.lr={lr}"])
+
+
+def _other_value(f):
+    import dataclasses
+
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, bool):
+        return str(not default).lower()
+    return str(round(default + 0.1, 4))
+
+
+def _inapplicable_cases():
+    import dataclasses
+
+    from preftune.config import LossConfig
+    from preftune.losses import LOSSES
+
+    for name, spec in sorted(LOSSES.items()):
+        for f in dataclasses.fields(LossConfig):
+            if f.name not in ("name", "mix", "beta", *spec.params, *spec.uses):
+                yield name, f
+
+
+@pytest.mark.parametrize("loss,field", list(_inapplicable_cases()), ids=lambda x: getattr(x, "name", x))
+def test_a_setting_the_loss_does_not_use_is_refused(loss, field):
+    """loss.label_smoothing with ipo, loss.simpo_gamma with sigmoid... trained as if unset (issue 38)."""
+    expected = f"command line: loss.{field.name}: '{loss}' does not use it (its settings: "
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(None, [f"loss.name={loss}", f"loss.{field.name}={_other_value(field)}"])
+
+
+def test_settings_a_loss_uses_and_saved_configs_still_load(tmp_path):
+    from preftune.config import LOSSES
+
+    assert len(list(_inapplicable_cases())) >= 100  # every loss x every setting it does not read
+    load_config(None, ["loss.name=cdpo", "loss.label_smoothing=0.2"])
+    load_config(None, ["loss.name=kto", "loss.kto_auto_weights=true"])
+    load_config(None, ["loss.mix=[[sigmoid, 1.0], [simpo, 0.5]]", "loss.simpo_gamma=1.0"])  # a mix takes its terms'
+    for name in LOSSES:  # a saved config holds every key at its resolved value
+        saved = tmp_path / f"{name}.yaml"
+        save_config(load_config(None, [f"loss.name={name}"]), saved)
+        assert load_config(saved).loss.name == name

@@ -20,7 +20,7 @@ from .data.pairs import JUDGE_MODES, PAIRINGS
 from .data.sources import FORMATS, UNPAIRED_FORMATS
 from .diagnostics import CHECKS, THRESHOLDS
 from .errors import ConfigError, DataError
-from .losses import ALIASES, LOSSES  # the registry is the single source of loss names
+from .losses import ALIASES, LOSSES, build_loss  # the registry is the single source of loss names
 from .recipes import PREFIX as RECIPE_PREFIX
 from .recipes import load_recipe, recipe_name, recipe_path
 from .safeio import load_yaml
@@ -512,6 +512,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     _resolve_defaults(cfg, origin)
     for key, problem in _range_problems(cfg):
         raise ConfigError(origin.get(key.split("[")[0], "defaults"), key, problem)
+    for key, problem in _inapplicable(cfg, origin):  # after the ranges: a value must be valid before it is unused
+        raise ConfigError(origin[key], key, problem)
     return cfg
 
 
@@ -520,6 +522,26 @@ def opt_in_keys() -> tuple[str, ...]:
     cfg = Config()
     return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
                  for f in dataclasses.fields(getattr(cfg, s.name)) if f.metadata.get("opt_in"))
+
+
+def _inapplicable(cfg: Config, origin: dict):
+    """A loss setting given for a loss that does not read it (loss.label_smoothing with ipo,
+    loss.simpo_gamma with sigmoid) was a silent no-op: refused, naming the settings the loss takes.
+    Only values that differ from the default count, so a saved config.yaml (every key written)
+    loads as before; beta stays open to every loss (eval and the health checks scale by it)."""
+    try:
+        spec = build_loss(cfg.loss.name, cfg.loss.mix)
+    except (KeyError, ValueError, TypeError):
+        return  # an unknown loss or a bad mix: its own check says so
+    takes = (*spec.params, *spec.uses)
+    for f in dataclasses.fields(cfg.loss):
+        key = f"loss.{f.name}"
+        if f.name in ("name", "mix", "beta", *takes) or key not in origin:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(cfg.loss, f.name) != default:
+            yield key, (f"{spec.name!r} does not use it (its settings: "
+                        f"{', '.join(p for p in takes if p != 'beta') or 'none besides loss.beta'}); remove it")
 
 
 def _drop_opt_ins(cfg: Config, origin: dict) -> None:

@@ -42,6 +42,7 @@ class LossSpec:
     rollout: bool = False  # per-token loss on sampled completions with advantages (GRPO); not paired
     supervised: bool = False  # NLL of demonstrations (prompt, completion): `preftune sft`; not paired
     reward_model: bool = False  # paired, on the scores of a sequence-classification head: `preftune train-rm`
+    uses: tuple = ()       # loss settings its batch source reads besides `params` (KTO's kto_auto_weights)
 
     @property
     def fn(self) -> Callable:
@@ -59,12 +60,12 @@ ALIASES: dict[str, str] = {"dpo": "sigmoid"}  # other names users know a loss by
 
 def register_loss(name: str, fn: Callable | str, *, needs_reference: bool, paired: bool, summary: str,
                   params: tuple = ("beta",), needs_lengths: bool = False, rollout: bool = False,
-                  supervised: bool = False, reward_model: bool = False) -> LossSpec:
+                  supervised: bool = False, reward_model: bool = False, uses: tuple = ()) -> LossSpec:
     """Add a loss to the registry; a second registration of the same name is an error."""
     if name in LOSSES:
         raise ValueError(f"loss {name!r} is already registered")
     LOSSES[name] = spec = LossSpec(name, fn, needs_reference, paired, tuple(params), needs_lengths, summary,
-                                          rollout, supervised, reward_model)
+                                          rollout, supervised, reward_model, tuple(uses))
     return spec
 
 
@@ -113,7 +114,7 @@ register_loss("orpo", "reference_free:orpo_loss", needs_reference=False, paired=
 register_loss("sft", "reference_free:sft_loss", needs_reference=False, paired=True, params=(), needs_lengths=True,
               summary="NLL of the chosen completion (the RPO term when mixed)")
 register_loss("kto", "kto:kto_loss", needs_reference=True, paired=False,
-              params=("beta", "desirable_weight", "undesirable_weight"),
+              params=("beta", "desirable_weight", "undesirable_weight"), uses=("kto_auto_weights",),
               summary="KTO on unpaired (prompt, completion, label) data (Ethayarajh et al. 2024)")
 register_loss("grpo", "grpo:grpo_loss", needs_reference=True, paired=False, rollout=True,
               params=("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level"),
