@@ -79,8 +79,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet, a saved HF dataset dir, or a hub "
-                             "dataset org/name[:split] (needs the hub)")
+    train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet, a saved HF dataset dir (DIR or "
+                             "DIR:SPLIT), or a hub dataset org/name[:config][:split] (needs the hub)")
+    revision: str = _f("", "hub datasets: the branch, tag or commit to read (empty: the default branch)", resume=False)
     eval_path: str = _f("", "held-out data in the same forms (optional)", resume=False)
     format: str = _f("auto", "auto | " + " | ".join([*FORMATS, *UNPAIRED_FORMATS]), tokens=True)
     column_map: dict = _f({}, "rename source columns to prompt/chosen/rejected, e.g. {question: prompt}", tokens=True)

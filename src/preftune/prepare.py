@@ -34,7 +34,7 @@ def load_data(path: str, d, *, paired: bool = True, field: str = "file") -> list
     convert = not paired and d.paired_to_unpaired
     records = load_records(path, fmt=d.format, column_map=d.column_map, max_records=d.max_records,
                            allow_degenerate=d.allow_degenerate, allow_empty_completions=d.allow_empty_completions,
-                           paired=paired or convert, field=field)
+                           paired=paired or convert, field=field, revision=d.revision)
     # pairs read for KTO (`convert`) are still pairs here: they get the same chat turns as for paired losses
     if d.hh_as_chat and (paired or convert) and records and isinstance(records[0].prompt, str) \
             and HH_ASSISTANT in records[0].prompt:

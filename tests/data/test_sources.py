@@ -143,13 +143,38 @@ def test_hub_dataset_ids_are_told_apart_from_local_paths(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
-    assert hub_dataset("org/prefs") == ("org/prefs", "train")
-    assert hub_dataset("org/prefs:test") == ("org/prefs", "test")
+    assert hub_dataset("org/prefs") == ("org/prefs", "train", None)
+    assert hub_dataset("org/prefs:test") == ("org/prefs", "test", None)
+    assert hub_dataset("org/prefs:harmless:test") == ("org/prefs", "test", "harmless")  # a subset (config) too
     for local in ("org/prefs.jsonl", "org/prefs.csv.gz", "data/prefs", "a/b/c", "prefs", "/abs/x", "./org/x"):
         assert hub_dataset(local) is None, local
     with pytest.raises(DataError) as info:  # a mistyped local file keeps its local error
         load_records("org/prefs.jsonl")
     assert str(info.value) == "org/prefs.jsonl:0: file: no such file or directory"
+
+
+def test_a_hub_subset_and_revision_reach_datasets(monkeypatch):
+    """Hub datasets took no subset (config name) or revision (issue 33): org/name:config:split and
+    data.revision are passed to datasets.load_dataset."""
+    import datasets
+
+    from preftune.config import load_config
+    from preftune.prepare import load_data
+
+    seen = {}
+
+    def fake(name, config=None, *, split, revision=None):
+        seen.update(name=name, config=config, split=split, revision=revision)
+        return [{"prompt": "p", "chosen": " a", "rejected": " b"}]
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    records = load_data("org/prefs:harmless:test", load_config(None, ["data.revision=v1.2"]).data)
+    assert len(records) == 1 and seen == {"name": "org/prefs", "config": "harmless", "split": "test", "revision": "v1.2"}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"the hub dataset 'org/prefs' \(config 'harmless', split 'test', revision "
+                                        r"'v1.2'\) is not fetched"):
+        load_data("org/prefs:harmless:test", load_config(None, ["data.revision=v1.2"]).data)
 
 
 def test_hub_dataset_offline_is_one_line_naming_path_and_setting():
@@ -163,7 +188,7 @@ def test_hub_dataset_rows_are_read_through_datasets(monkeypatch):
 
     calls = []
 
-    def fake_load(name, split):
+    def fake_load(name, config=None, *, split, revision=None):
         calls.append((name, split))
         if name == "org/missing":
             raise ConnectionError("Couldn't reach 'org/missing' on the Hub (LocalEntryNotFoundError)")

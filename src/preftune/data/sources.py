@@ -179,7 +179,7 @@ def _read_hf_dir(path: Path, split: str | None = None) -> Iterator[tuple[int, di
     yield from enumerate(ds, start=1)
 
 
-_HUB_ID = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<split>[\w.-]+))?$")
+_HUB_ID = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<a>[\w.-]+))?(?::(?P<b>[\w.-]+))?$")
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz")
 
 
@@ -188,31 +188,38 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def hub_dataset(path: str | Path) -> tuple[str, str] | None:
-    """(dataset id, split) when `path` is a hub dataset, `org/name` or `org/name:split` (default
-    train), and not a local path: nothing by that name exists, its first part is not a local
-    directory and it has no data-file extension (a mistyped `data/x.jsonl` stays a missing file)."""
+def hub_dataset(path: str | Path) -> tuple[str, str, str | None] | None:
+    """(dataset id, split, config) when `path` is a hub dataset, `org/name`, `org/name:split` or
+    `org/name:config:split` (split train by default, the dataset's default config), and not a local
+    path: nothing by that name exists, its first part is not a local directory and it has no
+    data-file extension (a mistyped `data/x.jsonl` stays a missing file)."""
     text = str(path)
     match = _HUB_ID.match(text)
     if match is None or Path(text).exists() or Path(text.split("/")[0]).exists() \
             or match["name"].lower().endswith(_DATA_SUFFIXES):
         return None
-    return match["name"], match["split"] or "train"
+    if match["b"]:
+        return match["name"], match["b"], match["a"]
+    return match["name"], match["a"] or "train", None
 
 
-def _read_hub(path: str, name: str, split: str, field: str) -> Iterator[tuple[int, dict]]:
-    """Rows of a hub dataset split (record indices as lines); offline or unreachable: one DataError."""
+def _read_hub(path: str, name: str, split: str, config: str | None, field: str,
+              revision: str = "") -> Iterator[tuple[int, dict]]:
+    """Rows of a hub dataset split (record indices as lines), at `revision` (data.revision) when
+    given; offline or unreachable: one DataError."""
+    what = f"{name!r} (" + ", ".join(x for x in (f"config {config!r}" if config else "", f"split {split!r}",
+                                                 f"revision {revision!r}" if revision else "") if x) + ")"
     if hub_offline():
-        raise DataError(path, 0, field, "not a local file, and HF_HUB_OFFLINE is set, so the hub dataset "
-                        f"{name!r} is not fetched; unset it, or save the data locally and point at the file")
+        raise DataError(path, 0, field, f"not a local file, and HF_HUB_OFFLINE is set, so the hub dataset {what} "
+                        "is not fetched; unset it, or save the data locally and point at the file")
     import datasets  # optional: only hub datasets (and saved dataset dirs) need it
 
     try:
-        ds = datasets.load_dataset(name, split=split)
-    except Exception as err:  # noqa: BLE001 - network, unknown repo or split, gated: one line each
+        ds = datasets.load_dataset(name, config, split=split, revision=revision or None)
+    except Exception as err:  # noqa: BLE001 - network, unknown repo, config or split, gated: one line each
         detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise DataError(path, 0, field, f"not a local file, and the hub dataset {name!r} (split {split!r}) "
-                        f"cannot be loaded: {detail}") from None
+        raise DataError(path, 0, field, f"not a local file, and the hub dataset {what} cannot be loaded: "
+                        f"{detail}") from None
     return enumerate(ds, start=1)
 
 
@@ -254,11 +261,11 @@ def read_table(path: str, *, required: tuple[str, ...] = (), empty_ok: bool = Fa
     return file, rows
 
 
-def read_rows(path: str | Path, *, field: str = "file") -> Iterator[tuple[int, dict]]:
+def read_rows(path: str | Path, *, field: str = "file", revision: str = "") -> Iterator[tuple[int, dict]]:
     """(line, row) of a local data file or dataset dir, or of a hub dataset (`org/name[:split]`,
     see hub_dataset); `field` is the setting a hub error names (e.g. data.train_path)."""
     if (hub := hub_dataset(path)) is not None:
-        return _read_hub(str(path), *hub, field)
+        return _read_hub(str(path), *hub, field, revision)
     path = Path(path)
     base, colon, split = str(path).rpartition(":")
     if not path.exists() and colon and split and Path(base).is_dir():  # DIR:SPLIT of a saved DatasetDict
@@ -482,7 +489,8 @@ def split_path(path: str | Path) -> tuple[Path, slice]:
 
 def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None,
                  max_records: int = 0, allow_degenerate: bool = False,
-                 allow_empty_completions: bool = False, paired: bool = True, field: str = "file") -> list:
+                 allow_empty_completions: bool = False, paired: bool = True, field: str = "file",
+                 revision: str = "") -> list:
     """Read, validate and normalize a data file into `PreferenceRecord`s (or `UnpairedRecord`s).
 
     `path` may end in a record slice, `data.csv[:500]`. One format per file (detected from the
@@ -491,10 +499,10 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
     chosen/rejected is an error unless `allow_degenerate`; an empty completion is an error
     unless `allow_empty_completions` (real HH-RLHF train has four empty replies among 1,800
     pairs). A file (or slice) with no records is an error. `path` may also be a hub dataset,
-    `org/name[:split]` (read_rows); `field` is the setting a hub error names.
+    `org/name[:config][:split]` at `revision` (read_rows); `field` is the setting a hub error names.
     """
     records, first_shape, adapter = [], None, None
-    for where, row in mapped_rows(path, column_map=column_map, field=field):
+    for where, row in mapped_rows(path, column_map=column_map, field=field, revision=revision):
         line = where[1]
         if adapter is None:
             name = _detect(row) if fmt == "auto" else fmt
@@ -525,14 +533,15 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
     return records
 
 
-def mapped_rows(path: str | Path, *, column_map: dict | None = None, field: str = "file") -> Iterator[tuple]:
+def mapped_rows(path: str | Path, *, column_map: dict | None = None, field: str = "file",
+                revision: str = "") -> Iterator[tuple]:
     """((file, line), row) for every record of `path` (a file, a `file[a:b]` slice or a hub id,
     see read_rows), each an object with its columns renamed by `column_map`; anything else is an
     error naming its line. What every record loader (preferences here, demonstrations in demos.py)
     reads through."""
     file, part = split_path(path)
     column_map = column_map or {}
-    rows = read_rows(file, field=field)
+    rows = read_rows(file, field=field, revision=revision)
     for line, row in (list(rows)[part] if part != slice(None) else rows):
         where = (str(file), line)
         if not isinstance(row, dict):
