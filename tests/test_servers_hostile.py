@@ -204,6 +204,8 @@ SERVE_CASES = {
     "schema-float-bounds": (lambda p: _req("POST", "/v1/chat/completions", p, headers=J,
                                            body=_chat(**_schema({"s": {"type": "integer", "minimum": 0.5,
                                                                        "maximum": 1e9}}))), 400),
+    "schema-int-unbounded": (lambda p: _req("POST", "/v1/chat/completions", p, headers=J,
+                                            body=_chat(**_schema({"s": {"type": "integer"}}))), 400),
     "schema-long-enum-values": (lambda p: _req("POST", "/v1/chat/completions", p, headers=J,
                                                body=_chat(**_schema({"w": {"enum": ["word " * 400, "b"]}}))), 400),
     "schema-long-key": (lambda p: _req("POST", "/v1/chat/completions", p, headers=J,

@@ -521,8 +521,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def opt_in_keys() -> tuple[str, ...]:
     """The dotted keys marked `opt_in` (trust_remote_code, allow_pickle_weights, ...)."""
     cfg = Config()
-    return tuple(f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
-                 for f in dataclasses.fields(getattr(cfg, s.name)) if f.metadata.get("opt_in"))
+    return tuple(f"{s.name}.{k}" for s in dataclasses.fields(cfg) for k in fields_where(getattr(cfg, s.name), "opt_in"))
 
 
 def _inapplicable(cfg: Config, origin: dict):
@@ -546,12 +545,10 @@ def _inapplicable(cfg: Config, origin: dict):
 
 
 def _drop_opt_ins(cfg: Config, origin: dict) -> None:
-    for section in dataclasses.fields(cfg):
-        target = getattr(cfg, section.name)
-        for f in dataclasses.fields(target):
-            if f.metadata.get("opt_in"):
-                setattr(target, f.name, f.default)
-                origin.pop(f"{section.name}.{f.name}", None)
+    for key in opt_in_keys():
+        section, _, name = key.partition(".")
+        setattr(getattr(cfg, section), name, getattr(getattr(Config(), section), name))
+        origin.pop(key, None)
 
 
 LORA_LR = 5e-5  # losses without a recipe (robust, hinge, sft, ...); full fine-tuning takes a tenth

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["EnvVar", "ENV", "env", "check_environment"]
+__all__ = ["EnvVar", "ENV", "env", "check_environment", "has_control_characters"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,12 @@ ENV = {v.name: v for v in (
 )}
 
 
+def has_control_characters(text: str) -> bool:
+    """A secret or header value with a line break (or any C0 control, DEL) would split an HTTP header
+    or a log line: callers refuse it without printing it."""
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in text)
+
+
 def _parse(var: EnvVar, raw: str):
     where = f"${var.name}"
     if var.kind == "bytes":
@@ -57,7 +63,7 @@ def _parse(var: EnvVar, raw: str):
         if bad:
             raise ConfigError(where, "environment", f"expected comma-separated module names, got {bad[0][:40]!r}")
         return names
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in raw.strip()):
+    if has_control_characters(raw.strip()):
         shown = "(the value is not printed)" if var.kind == "secret" else repr(raw[:40])
         raise ConfigError(where, "environment", f"holds a control character (a line break?) {shown}")
     return raw.strip() or var.default

@@ -206,8 +206,7 @@ def _write_model(run: Run, tmp: Path, merge: bool) -> str:
     config = json.loads((tmp / "adapter_config.json").read_text())
     # as the user wrote it, not the loaded dir; a packaged model by the hub id its GGUF came from, which
     # other tools can load (the card says how the weights differ)
-    config["base_model_name_or_path"] = _hub_base(run.cfg.model.name_or_path) if run.cfg.model.name_or_path in ZOO \
-        else run.cfg.model.name_or_path
+    config["base_model_name_or_path"] = _hub_base(run.cfg.model.name_or_path) or run.cfg.model.name_or_path
     config["revision"] = run.cfg.model.revision or None
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return "adapter"

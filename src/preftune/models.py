@@ -162,9 +162,8 @@ def _declared_size(model_dir: str, dtype: str) -> tuple[int, int] | None:
     if not path.is_file():
         return None
     cfg = _config_json(path)
-    c = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    dims = [c.get(k) for k in ("num_hidden_layers", "hidden_size")]
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in dims):
+    c = _text_part(cfg)
+    if (dims := _layers_hidden(c)) is None:
         return None
     layers, hidden = dims
     inner, vocab = c.get("intermediate_size"), c.get("vocab_size")
@@ -173,6 +172,17 @@ def _declared_size(model_dir: str, dtype: str) -> tuple[int, int] | None:
     params = vocab * hidden * (1 if cfg.get("tie_word_embeddings", True) else 2) + layers * (4 * hidden * hidden
                                                                                            + 3 * hidden * inner)
     return params, params * torch.finfo(_DTYPES[dtype]).bits // 8
+
+
+def _text_part(cfg: dict) -> dict:
+    """A model config's language-model part (a multimodal config's text_config)."""
+    return cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
+
+
+def _layers_hidden(c: dict) -> tuple[int, int] | None:
+    """(num_hidden_layers, hidden_size) when both are positive integers."""
+    dims = (c.get("num_hidden_layers"), c.get("hidden_size"))
+    return dims if all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in dims) else None
 
 
 def _refuse_oversized(model_dir: str, dtype: str) -> None:
@@ -366,11 +376,8 @@ def model_shape(model_dir: str) -> dict | None:
         cfg = loads_json(read_capped(path, field="config.json", cap=1 << 20), path, field="config.json")
     except (OSError, DataError):
         return None
-    cfg = (cfg.get("text_config") or cfg) if isinstance(cfg, dict) else {}
-    layers, hidden = cfg.get("num_hidden_layers"), cfg.get("hidden_size")
-    if isinstance(layers, int) and isinstance(hidden, int) and layers > 0 and hidden > 0:
-        return {"layers": layers, "hidden": hidden}
-    return None
+    dims = _layers_hidden(_text_part(cfg)) if isinstance(cfg, dict) else None
+    return {"layers": dims[0], "hidden": dims[1]} if dims else None
 
 
 def count_parameters(model_dir: str) -> int:

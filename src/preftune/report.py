@@ -39,6 +39,11 @@ def _number(value) -> bool:
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
+def _present(value) -> bool:
+    """A number that is there (`_number` also admits a missing value)."""
+    return value is not None and _number(value)
+
+
 _PLOTTED = ("loss", "rewards/margins", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "probe/kl", "probe/eval_accuracy", "probe/sample_length", "probe/reference_length",
             "lengths/chosen", "reward/mean", "step")
@@ -173,7 +178,7 @@ def _lines(runs, title, keys, ylabel, styles=("-", "--", ":"), evals: tuple = ()
         last = run.rows[-1]["step"] if run.rows and isinstance(run.rows[-1].get("step"), (int, float)) else 0
         for source, result in _eval_results(run):
             for key, label in evals:
-                if _number(result.get(key)) and result.get(key) is not None:
+                if _present(result.get(key)):
                     ax.plot([last], [result[key]], "*", color=color, ms=11, label=f"{run.name}: {label} ({source})")
                     drawn += 1
     if not drawn:
@@ -236,7 +241,7 @@ def _reliability(runs):
     for i, run in enumerate(runs):
         cal = ((run.summary.get("eval") or {}).get("calibration") or {})
         bins = [b for b in cal.get("bins") or [] if isinstance(b, dict)
-                and all(_number(b.get(k)) and b.get(k) is not None for k in ("confidence", "accuracy", "pairs"))]
+                and all(_present(b.get(k)) for k in ("confidence", "accuracy", "pairs"))]
         if bins:
             ece = cal.get("ece") if _number(cal.get("ece")) else float("nan")
             ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins],
@@ -299,11 +304,11 @@ def _kl_cell(run) -> str | None:
     error), else the last in-training probe's, marked as such: the table showed the probe's while
     eval.json said otherwise, with no way to tell which was which."""
     for name, ev in reversed(run.evals.items()):
-        if isinstance(ev, dict) and _number(ev.get("kl")) and ev.get("kl") is not None and ev.get("kl_samples"):
-            se = ev.get("kl_stderr") if _number(ev.get("kl_stderr")) and ev.get("kl_stderr") is not None else 0.0
+        if isinstance(ev, dict) and _present(ev.get("kl")) and ev.get("kl_samples"):
+            se = ev.get("kl_stderr") if _present(ev.get("kl_stderr")) else 0.0
             return f"{ev['kl']:.3g} ± {se:.2g} ({name}, {ev['kl_samples']} samples)"
-    kl = [r["probe/kl"] for r in run.rows if _number(r.get("probe/kl")) and r.get("probe/kl") is not None]
-    return f"{kl[-1]:.3g} (probe, step {[r['step'] for r in run.rows if 'probe/kl' in r][-1]})" if kl else None
+    probes = [r for r in run.rows if _present(r.get("probe/kl"))]
+    return f"{probes[-1]['probe/kl']:.3g} (probe, step {probes[-1]['step']})" if probes else None
 
 
 def _table(runs) -> str:

@@ -245,9 +245,7 @@ def check_output(path: str | Path, field: str = "--out") -> Path:
     file, or a symlink, is replaced whole in one rename (atomic_path), the link itself, never its
     target. Call it before any work, so a long eval does not end in the refusal."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(str(path), field, "is an existing directory; name a file to write (nothing was "
-                          "written or deleted)")
+    _refuse_directory(path, False, False, field)  # the rule atomic_path applies again when it writes
     return path
 
 

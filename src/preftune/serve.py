@@ -83,25 +83,18 @@ class ChatModel:
         return torch.log_softmax(logits, -1).gather(1, ids[0, len(context):, None]).sum().item()
 
     def _constrained(self, ids: list[int], schema: dict) -> str:
-        """Flat JSON object following `schema`'s properties in order."""
-        tok, props = self.tokenizer, schema.get("properties")
-        if schema.get("type") != "object" or not isinstance(props, dict) or not props:
-            raise BadRequest("json_schema: only flat object schemas with properties are supported")
-        _check_schema_cost(props)
+        """Flat JSON object following `schema`'s properties in order (checked by _check_schema_budget)."""
+        tok = self.tokenizer
         text = "{"
-        for i, (key, rule) in enumerate(props.items()):
+        for i, (key, rule) in enumerate(schema["properties"].items()):
             text += ("" if i == 0 else ", ") + json.dumps(key) + ": "
-            if "enum" in rule:
-                options = [json.dumps(v) for v in rule["enum"]]
-            elif rule.get("type") == "integer" and "minimum" in rule and "maximum" in rule:
-                options = [str(v) for v in range(rule["minimum"], rule["maximum"] + 1)]
-            elif rule.get("type") == "string":
+            options = _options(key, rule)
+            if options is None:  # a string property
                 context = ids + tok(text + '"', add_special_tokens=False)["input_ids"]
-                _, value = self._generate(context, max_tokens=32, temperature=0.0, top_p=1.0, seed=None, stop_at='"')
+                _, value = self._generate(context, max_tokens=STRING_TOKENS, temperature=0.0, top_p=1.0, seed=None,
+                                          stop_at='"')
                 text += json.dumps(value.split("\n")[0].strip())
                 continue
-            else:
-                raise BadRequest(f"json_schema: property {key!r} needs an enum, bounded integer or string type")
             context = ids + tok(text, add_special_tokens=False)["input_ids"]
             scores = [self._logp(context, tok(o, add_special_tokens=False)["input_ids"]) for o in options]
             text += options[max(range(len(options)), key=scores.__getitem__)]
@@ -119,9 +112,8 @@ class ChatModel:
         out, work = 1, 0
         for key, rule in props.items():
             out += n(json.dumps(key) + ": ") + 1
-            if "enum" in rule or rule.get("type") == "integer":
-                options = ([json.dumps(v) for v in rule["enum"]] if "enum" in rule
-                           else [str(v) for v in range(rule["minimum"], rule["maximum"] + 1)])
+            options = _options(key, rule)
+            if options is not None:
                 lengths = [n(o) for o in options]
                 work += sum(len(ids) + out + k for k in lengths)  # each value is one forward over the context
                 out += max(lengths)
@@ -193,6 +185,18 @@ def _context_length(model) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _options(key: str, rule: dict) -> list[str] | None:
+    """The JSON texts a property may take (an enum, a bounded integer), None for a string property;
+    anything else is a 400. The one reading of a rule, for the budget and for decoding alike."""
+    if "enum" in rule:
+        return [json.dumps(v) for v in rule["enum"]]
+    if rule.get("type") == "integer" and "minimum" in rule and "maximum" in rule:
+        return [str(v) for v in range(rule["minimum"], rule["maximum"] + 1)]
+    if rule.get("type") == "string":
+        return None
+    raise BadRequest(f"json_schema: property {key!r} needs an enum, bounded integer or string type")
 
 
 def _check_schema_cost(props: dict) -> None:

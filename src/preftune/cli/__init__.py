@@ -187,11 +187,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def _hf_names(argv: list[str]) -> list[str]:
+def _hf_names(argv: list[str], parser: argparse.ArgumentParser | None = None) -> list[str]:
     """`--learning_rate 5e-5` / `--learning_rate=5e-5` (Hugging Face TrainingArguments and TRL names,
     config.HF_ALIASES) become `train.lr=5e-5` for commands that take settings; a flag alone
     (`--bf16`) is `=true`. A command's own option of the same name (data arithmetic's --seed) wins."""
-    parser, out, i = _parser(), [], 0
+    parser, out, i = parser or _parser(), [], 0
     sub = _subparser(parser, argv)
     if sub is None or not any(a.dest == "overrides" for a in sub._actions):
         return argv
@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     _exit_on_sigterm()
     hide_bitsandbytes()  # peft would import it (and its CPU notice) in every run; QLoRA asks for it back
 
-    args, extra = _parser().parse_known_args(_hf_names(list(sys.argv[1:] if argv is None else argv)))
+    parser = _parser()  # built once: it lists every setting of every command
+    args, extra = parser.parse_known_args(_hf_names(list(sys.argv[1:] if argv is None else argv), parser))
     _take_overrides(args, extra)
     _quiet_libraries()  # after parsing: --help and usage errors never import transformers
     try:

@@ -7,9 +7,9 @@ import argparse
 import math
 import os
 import re
-from pathlib import Path
 
 from ..errors import ConfigError
+from ..safeio import check_output
 
 __all__ = ["_number", "_output_file", "_config_args", "_overrides", "_say_once", "_floats", "_serve", "_none", "_is_override", "_TRAINING", "_EVERYTHING", "_DATA"]
 
@@ -43,9 +43,10 @@ def _number(kind: type, lo: float, hi: float, *, lo_open: bool = False):
 def _output_file(text: str) -> str:
     """argparse `type=` of every flag that names a file to write (safeio.check_output's rule, at
     parse time: a directory there is refused before any model loads, in one line, exit 2)."""
-    if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is an existing directory; name a file to write (nothing was "
-                                         "written or deleted)")
+    try:
+        check_output(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(f"{text} {err.problem}") from None
     return text
 
 

@@ -11,7 +11,7 @@ from ..config import load_config
 from ..data.balance import balance_length
 from ..data.inspect import format_inspection, inspect_records
 from ..data.sources import is_unpaired_file, write_jsonl
-from ..envvars import env
+from ..envvars import env, has_control_characters
 from ..errors import ConfigError
 from ..label import (
     LabelStore,
@@ -27,6 +27,7 @@ from ..label import (
     run_sft_pairs,
 )
 from ..models import cache_root, count_parameters, load_tokenizer, model_shape, resolve_model_dir
+from ..online.rollouts import judge_settings
 from ..prepare import load_data
 from ..report import write_report
 from ..serve import load_chat_model, make_server
@@ -39,7 +40,7 @@ __all__ = ["_serve_model", "_label", "_report", "_inspected", "_inspect", "_bala
 
 def _serve_model(a) -> int:
     key = (a.api_key or "").strip() or env("PREFTUNE_SERVE_API_KEY")  # checked: no control characters
-    if key and any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+    if key and has_control_characters(key):
         raise ConfigError("command line", "--api-key", "holds a control character (the key is not printed)")
     chat = load_chat_model(a.model, max_tokens_cap=a.max_tokens_cap)
     return _serve(lambda: make_server(chat, a.host, a.port, api_key=key), a.host, a.port,
@@ -135,8 +136,7 @@ def _sft_pairs(a) -> int:
 
 
 def _score(a) -> int:
-    o = load_config(None, a.overrides).online
-    judge = {"timeout_s": o.judge_timeout_s, "retries": o.judge_retries, "backoff_s": o.judge_backoff_s}
+    judge = judge_settings(load_config(None, a.overrides).online)
     print(json.dumps(run_score(a.path, a.reward, a.out, judge=judge)))
     return 0
 

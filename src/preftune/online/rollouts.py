@@ -24,7 +24,7 @@ from ..generate import sample_texts
 from ..rewards import build_reward
 from ..safeio import read_capped
 
-__all__ = ["load_prompts", "generate_and_pair", "sample_and_score", "pair_scored", "judge_pairs", "reward_from_config"]
+__all__ = ["load_prompts", "generate_and_pair", "sample_and_score", "pair_scored", "judge_pairs", "reward_from_config", "judge_settings"]
 
 
 def load_prompts(path: str) -> list:
@@ -111,12 +111,16 @@ def _conversational(prompt, rows: list[dict]) -> list[dict]:
     return rows
 
 
+def judge_settings(o) -> dict:
+    """JudgeClient settings from `online.judge_*`, for any reward that may be a judge:URL."""
+    return {"timeout_s": o.judge_timeout_s, "retries": o.judge_retries, "backoff_s": o.judge_backoff_s}
+
+
 def reward_from_config(o):
     """The reward source `online.*` names (an ensemble when `online.reward_ensemble` is set)."""
     spec = ({"ensemble": o.reward_ensemble, "disagreement_penalty": o.disagreement_penalty}
             if o.reward_ensemble else o.reward)
-    judge = {"timeout_s": o.judge_timeout_s, "retries": o.judge_retries, "backoff_s": o.judge_backoff_s}
-    reward = build_reward(spec, length_penalty=o.length_penalty, judge=judge)
+    reward = build_reward(spec, length_penalty=o.length_penalty, judge=judge_settings(o))
     if o.judge_mode == "pairwise" and not hasattr(reward, "verdict"):
         raise ConfigError(reward.name, "online.judge_mode", "pairwise needs one judge:URL reward (no ensemble, "
                           "no length penalty): verdicts compare two samples and have no score to combine")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.pairs import both_orders
-from ..envvars import env
+from ..envvars import env, has_control_characters
 from ..errors import ConfigError
 from ..models import cache_root
 from ..progress import progress
@@ -144,7 +144,7 @@ class JudgeClient:
     def _post(self, body: dict) -> dict:
         headers = {"Content-Type": "application/json"}
         key = (os.environ.get(self.api_key_env) or "").strip()
-        if key and any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        if has_control_characters(key):
             raise ConfigError(f"${self.api_key_env}", "judge", "the API key holds a control character (a line "
                               "break?); fix the variable (the key itself is never printed)")
         if key:
