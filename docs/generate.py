@@ -76,11 +76,11 @@ def cli_page() -> str:
 
 def registries_page() -> str:
     from preftune.config import HF_ALIASES
+    from preftune.core.diagnostics import CHECKS
+    from preftune.core.losses import ALIASES, LOSSES
     from preftune.data.sources import FORMATS, UNPAIRED_FORMATS
-    from preftune.diagnostics import CHECKS
-    from preftune.envvars import ENV
-    from preftune.losses import ALIASES, LOSSES
-    from preftune.rewards import REWARD_KINDS
+    from preftune.models.rewards import REWARD_KINDS
+    from preftune.utils.envvars import ENV
 
     lines = ["# Registries", "", "Every closed list, generated from the registry that owns it "
              "(`python docs/generate.py`).", "", "## Losses (`loss.name`)", "", "| name | what it is |", "|---|---|"]

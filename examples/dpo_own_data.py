@@ -9,8 +9,8 @@ import json
 from _common import MODEL, OUT, PAIRS, STEPS
 
 from preftune import load_config, train
-from preftune.evaluate import run_eval
-from preftune.export import export_run
+from preftune.apps.eval import run_eval
+from preftune.apps.export import export_run
 
 OUT.mkdir(parents=True, exist_ok=True)
 data, held = OUT / "pairs.jsonl", OUT / "heldout.jsonl"

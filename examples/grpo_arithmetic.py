@@ -7,8 +7,8 @@ import json
 from _common import MODEL, OUT, STEPS
 
 from preftune import load_config
-from preftune.online.grpo import run_grpo
-from preftune.rewards.verifiable import arithmetic_problems
+from preftune.models.rewards.verifiable import arithmetic_problems
+from preftune.runs.online.grpo import run_grpo
 
 OUT.mkdir(parents=True, exist_ok=True)
 train_file, held_file = OUT / "arith-train.jsonl", OUT / "arith-heldout.jsonl"

@@ -8,7 +8,7 @@ from _common import MODEL, OUT, PAIRS, STEPS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import preftune
-from preftune.models import resolve_model_dir
+from preftune.models.loading import resolve_model_dir
 
 path = resolve_model_dir(MODEL)  # the packaged default is converted once into a model directory
 model = AutoModelForCausalLM.from_pretrained(path)

@@ -8,7 +8,7 @@ import json
 from _common import MODEL, OUT, PAIRS, STEPS
 
 from preftune import load_config, train
-from preftune.sft import run_sft
+from preftune.runs.sft import run_sft
 
 OUT.mkdir(parents=True, exist_ok=True)
 demos, pairs = OUT / "demos.jsonl", OUT / "pairs.jsonl"

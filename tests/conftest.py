@@ -94,7 +94,7 @@ def _bitsandbytes_visible():
     """A test that runs the CLI in-process hides bitsandbytes (qlora.hide_bitsandbytes) from the
     whole pytest process; give it back so a later QLoRA test sees the package as installed."""
     yield
-    from preftune.qlora import allow_bitsandbytes
+    from preftune.models.qlora import allow_bitsandbytes
 
     allow_bitsandbytes()
 
@@ -115,7 +115,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def one_step_run(root: Path, model_dir) -> tuple[Path, Path]:
     """A finished one-step DPO run on PAIRS with `model_dir` under `root`: (run directory, pairs file)."""
     from preftune.config import load_config
-    from preftune.train import train
+    from preftune.training.train import train
 
     pairs = write_jsonl(root / "pairs.jsonl", PAIRS)
     run = train(load_config(None, [f"model.name_or_path={model_dir}", f"data.train_path={pairs}",
@@ -319,7 +319,7 @@ def interrupt_after_checkpoint(monkeypatch, step: int, run) -> None:
     checkpoint of `step` (an in-process stand-in for a kill between two steps)."""
     import sys
 
-    train_module = sys.modules["preftune.train"]
+    train_module = sys.modules["preftune.training.train"]
     real = train_module.save_checkpoint
 
     class Stop(Exception):

@@ -63,9 +63,9 @@ def arch_dirs(tmp_path_factory, tokenizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_layouts_agree_with_single_sequences(arch, arch_dirs, tokenizer):
     from preftune.config import load_config
-    from preftune.layouts import check_layouts, choose_layout
-    from preftune.models import load_model
-    from preftune.prepare import prepare_pairs
+    from preftune.data.layouts import check_layouts, choose_layout
+    from preftune.data.prepare import prepare_pairs
+    from preftune.models.loading import load_model
 
     model = load_model(str(arch_dirs[arch])).eval()
     assert model.config.model_type == arch
@@ -94,11 +94,11 @@ def test_lora_all_linear_dpo_and_plain_peft_reload(arch, arch_dirs, tmp_path, to
     from transformers import AutoModelForCausalLM
 
     from preftune.config import load_config
-    from preftune.evaluate import evaluate_pairs
-    from preftune.losses import LOSSES
-    from preftune.models import AdaptersOffReference
-    from preftune.prepare import prepare_pairs
-    from preftune.train import train
+    from preftune.core.losses import LOSSES
+    from preftune.data.prepare import prepare_pairs
+    from preftune.models.loading import AdaptersOffReference
+    from preftune.training.evaluate import evaluate_pairs
+    from preftune.training.train import train
 
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     cfg = load_config(None, [f"model.name_or_path={arch_dirs[arch]}", f"data.train_path={data}",
@@ -125,10 +125,10 @@ def test_lora_all_linear_dpo_and_plain_peft_reload(arch, arch_dirs, tmp_path, to
 def test_a_model_that_ignores_the_packed_mask_falls_back_and_says_so_once(arch_dirs, tokenizer, monkeypatch, tmp_path, capsys):
     """What the windowed mask fixed is the detector's job elsewhere: with the window left out of
     the packed mask (as before), mistral's packed numbers are off and training falls back."""
-    import preftune.attention as at
-    import preftune.logprobs as lp
+    import preftune.core.attention as at
+    import preftune.core.logprobs as lp
     from preftune.config import load_config
-    from preftune.train import train
+    from preftune.training.train import train
 
     plain = lambda model, batch, dtype: torch.zeros(lp.dense_mask(batch).shape, dtype=dtype).masked_fill(  # noqa: E731
         ~lp.dense_mask(batch), torch.finfo(dtype).min)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from preftune.config import config_help, load_config, save_config
-from preftune.errors import ConfigError
+from preftune.utils.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_help_lists_every_key():
 
 def test_lr_default_depends_on_lora_and_dpo_is_sigmoid():
     from preftune.config import load_config
-    from preftune.recipes import load_recipe
+    from preftune.core.recipes import load_recipe
 
     recipe_lr = load_recipe("sigmoid").get("train.lr")
     assert load_config(None, []).train.lr == recipe_lr != 5e-5  # recipes/sigmoid.yaml, not the generic default
@@ -94,7 +94,7 @@ def test_lr_default_depends_on_lora_and_dpo_is_sigmoid():
 
 def test_unset_loss_settings_come_from_the_loss_recipe_and_set_ones_stay(tmp_path):
     from preftune.config import load_config, save_config
-    from preftune.recipes import load_recipe
+    from preftune.core.recipes import load_recipe
 
     r = load_recipe("simpo")
     simpo = load_config(None, ["loss.name=simpo"])
@@ -125,9 +125,9 @@ def test_every_pairing_mode_is_accepted_and_nothing_else():
 def test_resume_and_cache_keys_come_from_field_metadata(tmp_path):
     """Changing a `resume=False` setting keeps a checkpoint resumable; anything else does not.
     Changing a `tokens=True` setting changes the reference-cache key; anything else does not."""
-    from preftune.checkpoint import fingerprint
     from preftune.config import fields_where
-    from preftune.refcache import data_settings
+    from preftune.data.refcache import data_settings
+    from preftune.training.checkpoint import fingerprint
 
     class Tok:
         def get_vocab(self):
@@ -195,7 +195,7 @@ def _inapplicable_cases():
     import dataclasses
 
     from preftune.config import LossConfig
-    from preftune.losses import LOSSES
+    from preftune.core.losses import LOSSES
 
     for name, spec in sorted(LOSSES.items()):
         for f in dataclasses.fields(LossConfig):

@@ -26,10 +26,10 @@ def test_the_committed_reference_pages_are_what_the_code_generates():
 def test_every_registered_name_and_verb_is_in_the_docs():
     from preftune.cli import _parser
     from preftune.config import Config
+    from preftune.core.diagnostics import CHECKS
+    from preftune.core.losses import LOSSES
     from preftune.data.sources import FORMATS
-    from preftune.diagnostics import CHECKS
-    from preftune.losses import LOSSES
-    from preftune.rewards import REWARD_KINDS
+    from preftune.models.rewards import REWARD_KINDS
 
     gen = _generate()
     registries, cli, config = gen.registries_page(), gen.cli_page(), gen.config_page()

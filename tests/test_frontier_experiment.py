@@ -7,8 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from preftune.apps.report import write_report
 from preftune.cli import main
-from preftune.report import write_report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "frontier" / "run.py"
 

@@ -12,16 +12,17 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "preftune"
 
-# lowest layer first; a module may import its own layer or any lower one
+# lowest layer first; a module may import its own layer or any lower one. The keys are the
+# sub-packages of src/preftune (and config.py, which sits beside data: it reads data's registries of
+# formats and pairings, and the file -> micro-batch path reads the Config).
 LAYERS = {
-    0: ["errors", "hashing", "version", "safeio", "devices", "progress", "attention", "losses", "logprobs",
-        "diagnostics", "sharding", "qlora", "envvars"],
-    1: ["data", "models", "zoo", "config", "recipes", "rundir", "layouts", "httpguard"],
-    2: ["step", "generate", "rewards", "prepare"],
-    3: ["evaluate", "probe", "refcache", "checkpoint", "batches"],
-    4: ["train"],
-    5: ["online", "sft", "rm"],
-    6: ["demo", "sweep", "serve", "label", "report", "advise", "export", "api"],
+    0: ["utils"],             # errors, safe IO, environment, progress, devices, sharding, version
+    1: ["core"],              # losses, recipes, log-probs, attention, the loss step, health checks, statistics
+    2: ["config", "data"],    # settings; file -> records -> tokens -> micro-batches (and reference log-probs)
+    3: ["models"],            # loading, sampling, reward sources
+    4: ["training"],          # the one loop, checkpoints, in-loop evaluation, probes
+    5: ["runs"],              # online/iterative DPO, GRPO, best-of-N, SFT, reward models
+    6: ["apps"],              # demo, sweep, serve, label, report, advise, export, eval, the Python API
     7: ["cli", "__main__", ""],  # "" is the package itself (its __init__ re-exports the entry points)
 }
 LEVEL = {name: level for level, names in LAYERS.items() for name in names}
@@ -147,15 +148,19 @@ def test_function_level_imports_only_defer_third_party_dependencies_and_say_why(
 def test_the_checks_see_an_upward_and_a_hidden_import(tmp_path):
     """The graph checks can fail: a fake package with a function-level upward import trips both."""
     pkg = tmp_path / "preftune"
-    pkg.mkdir()
+    for sub in ("utils", "training"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
-    (pkg / "errors.py").write_text("def f():\n    from .train import x\n")
-    (pkg / "train.py").write_text("from .errors import f\nx = 1\n")
+    (pkg / "utils" / "errors.py").write_text("def f():\n    from ..training.train import x\n")
+    (pkg / "training" / "train.py").write_text("from ..utils.errors import f\nx = 1\n")
     modules, graph = _graph(pkg)
     edges = {m: {t for t, *_ in imps if t in modules and t != m} for m, imps in graph.items()}
-    assert _cycles(edges) == [["preftune.errors", "preftune.train"]]
+    assert [sorted(c) for c in _cycles(edges)] == [["preftune.training.train", "preftune.utils.errors"]]
     found = _function_level((modules, graph))
-    assert [(m, t, ours) for m, _, t, ours, _ in found] == [("preftune.errors", "preftune.train", True)]
+    assert [(m, t, ours) for m, _, t, ours, _ in found] == [("preftune.utils.errors", "preftune.training.train", True)]
+    upward = [(m, t) for m, imps in graph.items() for t, *_ in imps if t in modules and _layer(t) > _layer(m)]
+    assert upward == [("preftune.utils.errors", "preftune.training.train")]
 
 
 @pytest.mark.parametrize("level", sorted(LAYERS))

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
+from preftune.apps.report import write_report
 from preftune.config import load_config
+from preftune.core.stats import wilson
 from preftune.data.sources import load_records
-from preftune.evaluate import wilson
-from preftune.report import write_report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
 TQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.visible.csv"
@@ -246,7 +246,7 @@ def test_peer_trl_gets_preftunes_order_warmup_and_an_equal_time_step_count():
     its measured per-step time fits into preftune's seconds, at least 1 and at most the epoch."""
     import torch
 
-    from preftune.checkpoint import EpochSampler
+    from preftune.data.order import EpochSampler
 
     peer = _peer()
     order = peer.preftune_order(10, 0)
@@ -270,7 +270,7 @@ def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_po
 
     import yaml
 
-    from preftune.recipes import RECIPE_DIR
+    from preftune.core.recipes import RECIPE_DIR
 
     search = _search()
     data = {"name": "truthfulqa", "train": "/d/train.jsonl[:160]", "dev": "/d/dev.jsonl[:168]", "train_pairs": 160}

@@ -152,8 +152,8 @@ def test_a_run_s_config_cannot_opt_in_for_eval_export_or_bon(planted, kind, key,
 
 
 def test_resume_and_serve_of_a_planted_run_do_not_opt_in(planted, capsys):
-    from preftune.errors import ConfigError
-    from preftune.serve import load_chat_model
+    from preftune.apps.serve import load_chat_model
+    from preftune.utils.errors import ConfigError
 
     with pytest.raises(ConfigError, match="allow_pickle_weights=true"):
         load_chat_model(str(planted["pickle"]))

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from conftest import build_model
-from preftune.label import LabelItem, LabelStore, make_label_server
-from preftune.serve import ChatModel, make_server
+from preftune.apps.label import LabelItem, LabelStore, make_label_server
+from preftune.apps.serve import ChatModel, make_server
 
 
 def _raw(port: int, data: bytes, *, shut: bool = False, timeout: float = 10.0) -> tuple[int, bytes]:

@@ -48,8 +48,8 @@ def main() -> None:
 
     from preftune.config import load_config
     from preftune.data import collate_pairs
-    from preftune.models import load_start, load_tokenizer, resolve_model_dir
-    from preftune.prepare import prepare_pairs
+    from preftune.data.prepare import prepare_pairs
+    from preftune.models.loading import load_start, load_tokenizer, resolve_model_dir
 
     torch.set_num_threads(2)
     cfg = load_config(None, [f"data.train_path={HH_DEV}", f"data.max_records={a.pairs}",

@@ -61,7 +61,7 @@ def equal_time_steps(budget_s: float, trl_s_per_step: float, max_steps: int) -> 
 
 def preftune_order(n: int, seed: int) -> list[int]:
     """The order preftune's first epoch visits n examples (checkpoint.EpochSampler)."""
-    from preftune.checkpoint import EpochSampler
+    from preftune.data.order import EpochSampler
 
     sampler = EpochSampler(n, seed)
     sampler.position(0)
@@ -78,8 +78,8 @@ def worker(run: Path, steps: int, dest: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from preftune.config import load_config
-    from preftune.models import apply_lora, load_model, load_tokenizer, resolve_model_dir
-    from preftune.prepare import prepare_pairs
+    from preftune.data.prepare import prepare_pairs
+    from preftune.models.loading import apply_lora, load_model, load_tokenizer, resolve_model_dir
 
     class PreTokenized(DPOTrainer):
         def _prepare_dataset(self, dataset, *args, **kwargs):  # already preftune's token ids

@@ -330,7 +330,7 @@ def _resolved(run: Path) -> dict:
     """What the run actually trained with, from its config.yaml."""
     import yaml
 
-    from preftune.losses import build_loss
+    from preftune.core.losses import build_loss
 
     c = yaml.safe_load((ROOT / run / "config.yaml").read_text())
     spec = build_loss(c["loss"]["name"], c["loss"]["mix"])  # the settings this loss reads, not every loss's
@@ -352,7 +352,7 @@ SAMPLE_CHECK_THRESHOLDS = ("kl_max", "length_growth", "length_shrink")
 def _thresholds(c: dict) -> dict:
     """The run's health thresholds from its config.yaml; a run trained before a threshold existed
     gets its default."""
-    from preftune.diagnostics import HEALTH_DEFAULTS
+    from preftune.core.diagnostics import HEALTH_DEFAULTS
 
     return {k: c["diagnostics"].get(k, v) for k, v in HEALTH_DEFAULTS.items()}
 
@@ -360,7 +360,7 @@ def _thresholds(c: dict) -> dict:
 def eval_flags(e: dict, thresholds: dict) -> list[str]:
     """The registered sample checks (kl_drift, length_drift, length_collapse) on the evaluation's
     KL and sample lengths, as one probe row with the run's thresholds."""
-    from preftune.diagnostics import health_checks
+    from preftune.core.diagnostics import health_checks
 
     probe = {"probe/kl": e.get("kl"), "probe/sample_length": e.get("sample_length/policy/mean"),
              "probe/reference_length": e.get("sample_length/reference/mean")}
@@ -374,7 +374,7 @@ def replay_health(run: Path, method: str) -> dict[str, int]:
     policy - reference log-ratio for every loss with a reference here (DPO family, KTO)."""
     import yaml
 
-    from preftune.diagnostics import health_checks
+    from preftune.core.diagnostics import health_checks
 
     c = yaml.safe_load((ROOT / run / "config.yaml").read_text())
     beta, thresholds = c["loss"]["beta"], _thresholds(c)

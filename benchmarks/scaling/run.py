@@ -9,7 +9,7 @@ and off (`trl`), on the same pairs in the same invocation.
 Pairs are synthetic and built from the shared HH-RLHF harmless text (absent: the benchmark says
 so and stops): a prompt of half the length and two completions of a quarter each, cut to token
 counts with the default model's tokenizer, so `tokens per pair` = prompt + chosen + rejected.
-Every point is `preftune.train` in a fresh process (default model SmolLM2-135M-Instruct, fp32,
+Every point is `preftune.training.train` in a fresh process (default model SmolLM2-135M-Instruct, fp32,
 LoRA r16 q/v, batch 4, packed rows with prefix sharing, live reference, lr 5e-4, file order);
 peak RSS is that process's ru_maxrss (it includes the model, about 1.3 GB). The dense route is
 today's route for models without SDPA attention (the block attention switched off). TRL gets the
@@ -57,7 +57,7 @@ def make_pairs(path: Path, length: int, n: int, tok=None) -> None:
     one, and no piece ends in whitespace: then the decoded text re-tokenizes to the same tokens and
     nothing merges across the prompt/completion boundary, so every tool sees the same tokens (TRL
     tokenizes prompt + completion together and moves a boundary where tokens merge)."""
-    from preftune.models import load_tokenizer, resolve_model_dir
+    from preftune.models.loading import load_tokenizer, resolve_model_dir
 
     tok = tok or load_tokenizer(resolve_model_dir("smollm2-135m-instruct"))
     stream = [t for text in _texts()[: 400] for t in tok(text, add_special_tokens=False)["input_ids"]]
@@ -82,14 +82,14 @@ def make_pairs(path: Path, length: int, n: int, tok=None) -> None:
 
 
 def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int) -> None:
-    import preftune.models
+    import preftune.models.loading
     from preftune.config import load_config
-    from preftune.models import load_tokenizer, resolve_model_dir
-    from preftune.prepare import prepare_pairs
-    from preftune.train import train
+    from preftune.data.prepare import prepare_pairs
+    from preftune.models.loading import load_tokenizer, resolve_model_dir
+    from preftune.training.train import train
 
     if mode == "dense":
-        preftune.models.use_block_attention = lambda model: False
+        preftune.models.loading.use_block_attention = lambda model: False
     cfg = load_config(None, [f"data.train_path={data}", f"run.output_dir={out}", f"train.max_steps={steps}",
                              f"train.batch_size={batch}", "train.lr=5e-4", "train.shuffle=false",
                              f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}",
@@ -118,16 +118,16 @@ def eval_worker(data: str, out: str, mode: str, length: int) -> None:
     does after a "before" eval: one forward per batch)."""
     import time
 
-    from preftune.batches import exact_layout
-    from preftune.checkpoint import file_digest, tokenizer_sha256
     from preftune.config import load_config
-    from preftune.evaluate import evaluate_pairs
-    from preftune.generate import run_models
-    from preftune.losses import build_loss
-    from preftune.models import load_model, load_tokenizer, resolve_model_dir, weights_sha256
-    from preftune.prepare import pair_collator, prepare_pairs
-    from preftune.refcache import path_for, read, store
-    from preftune.step import SameAsPolicy, loss_kwargs
+    from preftune.core.losses import build_loss
+    from preftune.core.step import SameAsPolicy, loss_kwargs
+    from preftune.data.batches import exact_layout
+    from preftune.data.prepare import pair_collator, prepare_pairs
+    from preftune.data.refcache import path_for, read, store
+    from preftune.models.generate import run_models
+    from preftune.models.loading import load_model, load_tokenizer, resolve_model_dir, weights_sha256
+    from preftune.training.checkpoint import file_digest, tokenizer_sha256
+    from preftune.training.evaluate import evaluate_pairs
 
     cfg = load_config(Path(out) / "config.yaml", ["eval.batch_size=4"])
     model_dir = resolve_model_dir(cfg.model.name_or_path)

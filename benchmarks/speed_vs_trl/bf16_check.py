@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import _model, _select_pairs  # noqa: E402
 
+from preftune.core.logprobs import autocast, completion_logps, fp32_lm_head  # noqa: E402
 from preftune.data import load_records  # noqa: E402
 from preftune.data.collate import collate_packed_pairs  # noqa: E402
 from preftune.data.tokenize import tokenize_records  # noqa: E402
-from preftune.logprobs import autocast, completion_logps, fp32_lm_head  # noqa: E402
 
 
 def main():

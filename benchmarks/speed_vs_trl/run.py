@@ -40,7 +40,7 @@ def _peak_rss_mb() -> float:
 def _model():
     from accelerate.utils import set_seed
 
-    from preftune.models import apply_lora, load_model, load_tokenizer, resolve_model_dir
+    from preftune.models.loading import apply_lora, load_model, load_tokenizer, resolve_model_dir
 
     model_dir = resolve_model_dir("smollm2-135m-instruct")
     set_seed(SEED)
@@ -80,7 +80,7 @@ def worker_trl(data: Path, steps: int, batch: int, max_length: int, gradient_che
 
 def worker_preftune(data: Path, steps: int, batch: int, max_length: int) -> dict:
     from preftune.config import load_config
-    from preftune.train import train
+    from preftune.training.train import train
 
     out = tempfile.mkdtemp()
     cfg = load_config(None, [f"data.train_path={data}", "data.format=standard", f"data.max_length={max_length}",
@@ -145,7 +145,7 @@ def _useful_gflop_per_pair(lengths, model_dir: str) -> float:
     once (no padding, prompt once), LM head only at completion tokens, causal attention."""
     from transformers import AutoConfig
 
-    from preftune.models import count_parameters
+    from preftune.models.loading import count_parameters
 
     c = AutoConfig.from_pretrained(model_dir)
     n_linear = count_parameters(model_dir) - c.vocab_size * c.hidden_size  # without the (tied) embedding
@@ -203,7 +203,7 @@ def main() -> int:
     logp_diff = max(abs(x - y) for x, y in zip(runs["preftune"][0]["logps_chosen"], runs["trl"][0]["logps_chosen"])
                     if y is not None)
     peak = _matmul_peak_gflops()
-    from preftune.models import resolve_model_dir
+    from preftune.models.loading import resolve_model_dir
 
     per_pair = _useful_gflop_per_pair(lengths, resolve_model_dir("smollm2-135m-instruct"))
     med = {tool: statistics.median(r["pairs_per_s"] for r in rs) for tool, rs in runs.items()}

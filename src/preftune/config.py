@@ -16,15 +16,15 @@ from typing import Any
 
 import yaml
 
+from .core.diagnostics import CHECKS, THRESHOLDS
+from .core.losses import ALIASES, LOSSES, build_loss  # the registry is the single source of loss names
+from .core.recipes import PREFIX as RECIPE_PREFIX
+from .core.recipes import load_recipe, recipe_name, recipe_path
 from .data.pairs import JUDGE_MODES, PAIRINGS
 from .data.sources import FORMATS, UNPAIRED_FORMATS
-from .diagnostics import CHECKS, THRESHOLDS
-from .errors import ConfigError, DataError
-from .losses import ALIASES, LOSSES, build_loss  # the registry is the single source of loss names
-from .recipes import PREFIX as RECIPE_PREFIX
-from .recipes import load_recipe, recipe_name, recipe_path
-from .safeio import load_yaml
-from .version import __version__
+from .utils.errors import ConfigError, DataError
+from .utils.safeio import load_yaml
+from .utils.version import __version__
 
 __all__ = [
     "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
@@ -100,7 +100,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _f("sigmoid", "loss from the registry (preftune.losses.LOSSES)")
+    name: str = _f("sigmoid", "loss from the registry (preftune.core.losses.LOSSES)")
     beta: float = _f(0.1, "inverse temperature of the implicit reward (ORPO: lambda), > 0")
     mix: list = _f([], "weighted sum of paired losses, e.g. [[sigmoid, 1.0], [sft, 0.2]] (RPO); overrides name")
     label_smoothing: float = _f(0.0, "cdpo/robust: assumed label-flip rate eps, in [0, 0.5)")
@@ -502,7 +502,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(where, err.field, err.problem) from None
         if isinstance(data, dict):
             _check_version(data.pop("preftune_version", None), path)
-            data.pop("recipe", None)  # a recipe's metadata (preftune.recipes), not settings
+            data.pop("recipe", None)  # a recipe's metadata (preftune.core.recipes), not settings
         _apply(cfg, data, str(path), origin)
         if saved_run:
             _drop_opt_ins(cfg, origin)
@@ -556,7 +556,7 @@ LORA_LR = 5e-5  # losses without a recipe (robust, hinge, sft, ...); full fine-t
 
 def _resolve_defaults(cfg: Config, origin: dict) -> None:
     """Defaults that depend on other settings, written into the config (config.yaml shows them).
-    The loss's recipe (preftune.recipes) gives the learning rate when none is set (a tenth of it
+    The loss's recipe (preftune.core.recipes) gives the learning rate when none is set (a tenth of it
     for full fine-tuning) and its loss settings the user did not set (simpo's beta 2, cdpo's
     label smoothing, ...); batch, epochs and LoRA shape stay the user's (see `preftune advise`)."""
     cfg.loss.name = ALIASES.get(cfg.loss.name, cfg.loss.name)

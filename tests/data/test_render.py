@@ -14,7 +14,7 @@ import pytest
 from preftune.data import render
 from preftune.data.records import PreferenceRecord
 from preftune.data.tokenize import tokenize_records
-from preftune.errors import DataError
+from preftune.utils.errors import DataError
 
 LLAMA3 = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
@@ -126,10 +126,10 @@ def test_a_model_without_a_template_renders_messages_plainly(tokenizer):
 
 
 def test_online_generation_and_serve_see_the_training_rendering(bos_tokenizer, monkeypatch):
-    import preftune.generate
+    import preftune.models.generate
+    from preftune.apps.serve import ChatModel
     from preftune.config import OnlineConfig
-    from preftune.online.rollouts import generate_and_pair
-    from preftune.serve import ChatModel
+    from preftune.runs.online.rollouts import generate_and_pair
 
     seen = []
 
@@ -138,7 +138,7 @@ def test_online_generation_and_serve_see_the_training_rendering(bos_tokenizer, m
         return [(p, bos_tokenizer(f" answer {i}", add_special_tokens=False)["input_ids"] + [bos_tokenizer.eos_token_id])
                 for p in prompts for i in range(n)]
 
-    monkeypatch.setattr(preftune.generate, "sample_completions", fake_sample)
+    monkeypatch.setattr(preftune.models.generate, "sample_completions", fake_sample)
 
     class Length:
         def score(self, prompts, completions):
@@ -175,7 +175,7 @@ def test_data_inspect_flags_a_file_rendered_with_another_template(bos_tokenizer,
 
 def test_hh_transcripts_as_chat(bos_tokenizer, tmp_path):
     from preftune.config import load_config
-    from preftune.prepare import load_data, prepare_pairs
+    from preftune.data.prepare import load_data, prepare_pairs
 
     row = {"chosen": "\n\nHuman: The movie?\n\nAssistant: slow\n\nHuman: And the acting?\n\nAssistant: great acting",
            "rejected": "\n\nHuman: The movie?\n\nAssistant: slow\n\nHuman: And the acting?\n\nAssistant: boring"}
@@ -207,8 +207,8 @@ def test_hh_transcripts_as_chat_for_kto_from_pairs(bos_tokenizer, tmp_path):
     """KTO reading HH pairs (`data.paired_to_unpaired=true`) renders the same chat turns as the
     paired losses: both sides of the pair become unpaired examples with the pair's message prompt."""
     from preftune.config import load_config
+    from preftune.data.prepare import load_data, prepare_pairs
     from preftune.data.tokenize import tokenize_unpaired
-    from preftune.prepare import load_data, prepare_pairs
 
     row = {"chosen": "\n\nHuman: The movie?\n\nAssistant: great acting",
            "rejected": "\n\nHuman: The movie?\n\nAssistant: boring"}

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import HH_DEV, HH_TRAIN, PAIRS, needs_shared, write_jsonl
 from preftune.data.sources import load_records
-from preftune.errors import DataError
+from preftune.utils.errors import DataError
 
 
 def _err(tmp_path, rows, name="d.jsonl", **kw) -> DataError:
@@ -159,7 +159,7 @@ def test_a_hub_subset_and_revision_reach_datasets(monkeypatch):
     import datasets
 
     from preftune.config import load_config
-    from preftune.prepare import load_data
+    from preftune.data.prepare import load_data
 
     seen = {}
 
@@ -209,7 +209,7 @@ def test_a_missing_column_lists_the_columns_found_and_the_column_map_to_use(tmp_
     import pytest
 
     from preftune.data import load_records
-    from preftune.errors import DataError
+    from preftune.utils.errors import DataError
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "p", "chosen_response": " a", "rejected_response": " b"}\n')
@@ -226,7 +226,7 @@ def test_a_saved_dataset_dict_is_read_by_split(tmp_path):
     import pytest
 
     from preftune.data import load_records
-    from preftune.errors import DataError
+    from preftune.utils.errors import DataError
 
     rows = {"prompt": ["p1", "p2"], "chosen": [" a", " c"], "rejected": [" b", " d"]}
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
@@ -251,7 +251,7 @@ def test_a_chat_template_that_refuses_a_record_is_one_line_naming_it(tokenizer):
 
     from preftune.data import tokenize_records
     from preftune.data.records import PreferenceRecord
-    from preftune.errors import DataError
+    from preftune.utils.errors import DataError
 
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"

@@ -2,7 +2,7 @@ import pytest
 
 from preftune.data.records import PreferenceRecord
 from preftune.data.tokenize import tokenize_records
-from preftune.errors import DataError
+from preftune.utils.errors import DataError
 
 
 def rec(prompt, chosen, rejected, line=1):

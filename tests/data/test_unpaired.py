@@ -10,7 +10,7 @@ from preftune.data import collate_unpaired, load_records, to_unpaired, tokenize_
 from preftune.data.records import UnpairedRecord
 from preftune.data.sources import split_path
 from preftune.data.tokenize import TokenizedExample
-from preftune.errors import DataError
+from preftune.utils.errors import DataError
 
 TRUTH = SHARED / "data" / "truthfulqa"
 

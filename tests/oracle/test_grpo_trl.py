@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune.losses import group_advantages
-from preftune.losses.grpo import grpo_loss
+from preftune.core.losses import group_advantages
+from preftune.core.losses.grpo import grpo_loss
 
 trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.oracle

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from preftune.losses import LOSSES
+from preftune.core.losses import LOSSES
 
 trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.oracle
@@ -116,7 +116,7 @@ def test_cdpo_is_trl_0_28_sigmoid_with_smoothing_not_trl_1_16():
 def test_rpo_mixture_matches_trl_sigmoid_plus_sft_for_equal_lengths():
     """TRL's sft term is the batch token-mean NLL; ours is per-sequence mean, then the batch mean:
     equal when every chosen completion has the same length."""
-    from preftune.losses import build_loss
+    from preftune.core.losses import build_loss
 
     (pc, pr, rc, rr), _ = _random(seed=5)
     lengths = torch.full((2 * pc.numel(),), 4)

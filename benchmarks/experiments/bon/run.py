@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--out", default="runs/bon")
     a = ap.parse_args()
-    from preftune.demo import demo_prompts
+    from preftune.apps.demo import demo_prompts
 
     train, held_out = demo_prompts()
     prompts = (held_out + train)[: a.prompts]

@@ -44,8 +44,8 @@ METHODS = ("offline_dpo", "iterative_dpo", "grpo")
 
 def _measure(policy, reference, tokenizer, heldout: list) -> dict:
     from preftune.data import render
-    from preftune.evaluate import heldout_reward
-    from preftune.rewards import build_reward
+    from preftune.models.rewards import build_reward
+    from preftune.training.evaluate import heldout_reward
 
     prompts = [r["prompt"] for r in heldout]
     ids = [render.prompt_ids(tokenizer, p) for p in prompts]
@@ -57,8 +57,8 @@ def worker(method: str, out: Path) -> None:
     import torch
 
     from preftune.config import load_config
-    from preftune.generate import load_run_policy
-    from preftune.models import (
+    from preftune.models.generate import load_run_policy
+    from preftune.models.loading import (
         AdaptersOffReference,
         FrozenCopyReference,
         load_model,
@@ -73,7 +73,7 @@ def worker(method: str, out: Path) -> None:
     t0 = time.perf_counter()
     extra = {}
     if method == "grpo":
-        from preftune.online.grpo import run_grpo
+        from preftune.runs.online.grpo import run_grpo
 
         cfg = load_config(None, [*COMMON, *GRPO, f"online.prompts_path={out / 'train.jsonl'}",
                                  f"run.output_dir={out / method}", "run.overwrite=true"])
@@ -85,7 +85,7 @@ def worker(method: str, out: Path) -> None:
         extra = {"steps": result.steps, "train_reward_by_step": [round(r["reward/mean"], 4) for r in rows],
                  "health": result.summary["health"], "probe_kl": [r["probe/kl"] for r in rows if "probe/kl" in r]}
     else:
-        from preftune.online.iterate import run_iterative
+        from preftune.runs.online.iterate import run_iterative
 
         prompts = out / ("train_160.jsonl" if method == "offline_dpo" else "train_53.jsonl")
         rounds = 1 if method == "offline_dpo" else 3
@@ -139,7 +139,7 @@ def main() -> None:
     out = ROOT / a.out
     if a.worker:
         return worker(a.worker, out)
-    from preftune.rewards.verifiable import arithmetic_problems
+    from preftune.models.rewards.verifiable import arithmetic_problems
 
     out.mkdir(parents=True, exist_ok=True)
     train = arithmetic_problems(256, split="train", seed=0)

@@ -4,7 +4,7 @@
     PYTHONPATH=src python benchmarks/experiments/frontier/run.py --small   # the reduced grid (~30 min on 2 cores)
     PYTHONPATH=src python benchmarks/experiments/frontier/run.py --quick --model TINY_DIR   # smoke test
 
-Task: the demo's (preftune.demo): `demo_prompts()` gives 96 train and 24 held-out movie-review
+Task: the demo's (preftune.apps.demo): `demo_prompts()` gives 96 train and 24 held-out movie-review
 openings; the reward is `sentiment` (VADER compound score in [-1, 1]). Start (= reference, KL 0):
 the default model (SmolLM2-135M-Instruct) unless `--model`. Training recipe for every trained
 point, as benchmarks/experiments/iterative_sentiment/run.sh: LoRA r16 on q/k/v/o, lr 5e-4, 2 epochs,
@@ -126,7 +126,7 @@ def _cached(path: Path, make) -> dict:
 
 def _read_eval(dest: Path, s: dict) -> dict:
     """The frontier's numbers from an eval result (`preftune eval --out`, or a sweep point's eval.json)."""
-    from preftune.evaluate import bootstrap_ci
+    from preftune.core.stats import bootstrap_ci
 
     e = json.loads(dest.read_text())
     per_prompt = e.get("per_prompt") or []
@@ -154,7 +154,7 @@ def _eval_overrides(s: dict) -> list[str]:
 
 
 def write_inputs(out: Path, s: dict) -> None:
-    from preftune.demo import demo_prompts
+    from preftune.apps.demo import demo_prompts
 
     train, held = demo_prompts()
     train, held = train[: s["train_prompts"]], held[: s["heldout_prompts"]]

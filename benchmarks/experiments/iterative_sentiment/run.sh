@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../../.."
 OUT=${OUT:-runs/iterative_sentiment}
 mkdir -p "$OUT"
 .venv/bin/python -c "
-from preftune.demo import demo_prompts
+from preftune.apps.demo import demo_prompts
 train, held = demo_prompts()
 open('$OUT/train_prompts.txt', 'w').write('\n'.join(train) + '\n')
 open('$OUT/heldout_prompts.txt', 'w').write('\n'.join(held) + '\n')"

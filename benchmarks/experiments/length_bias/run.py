@@ -43,9 +43,9 @@ def biased_file(dest: Path, *, longer: int, shorter: int, seed: int) -> dict:
     """`longer` chosen-longer and `shorter` chosen-shorter HH pairs (token counts of the default
     model's tokenizer, whole completions), in a seeded order; the raw HH lines are kept."""
     from preftune.config import load_config
+    from preftune.data.prepare import load_data
     from preftune.data.tokenize import tokenize_records
-    from preftune.models import load_tokenizer, resolve_model_dir
-    from preftune.prepare import load_data
+    from preftune.models.loading import load_tokenizer, resolve_model_dir
 
     cfg = load_config(None, ["data.hh_as_chat=true", "data.allow_empty_completions=true"])
     records = load_data(str(HH / "train.jsonl.gz"), cfg.data)

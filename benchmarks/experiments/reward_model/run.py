@@ -76,7 +76,7 @@ def main() -> None:
         # the members of an earlier invocation on the same pairs: only the held-out scoring through
         # `rm:` is redone (with this checkout's scoring code); training wall time from results.json
         from preftune.config import load_config
-        from preftune.rm import ensemble_heldout
+        from preftune.runs.rm import ensemble_heldout
 
         secs = previous["ensemble"]["train_s"]
         cfg = load_config(out / "ensemble" / "member-0" / "config.yaml", [f"data.eval_path={dev}"])

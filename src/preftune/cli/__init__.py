@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import HF_ALIASES, config_help
-from ..envvars import check_environment
-from ..errors import PreftuneError
-from ..losses import ALIASES, LOSSES
-from ..qlora import hide_bitsandbytes
-from ..safeio import os_problem
-from ..version import __version__
+from ..core.losses import ALIASES, LOSSES
+from ..models.qlora import hide_bitsandbytes
+from ..utils.envvars import check_environment
+from ..utils.errors import PreftuneError
+from ..utils.safeio import os_problem
+from ..utils.version import __version__
 from .args import (
     _advise_args,
     _arithmetic_args,

@@ -8,8 +8,8 @@ import math
 import os
 import re
 
-from ..errors import ConfigError
-from ..safeio import check_output
+from ..utils.errors import ConfigError
+from ..utils.safeio import check_output
 
 __all__ = ["_number", "_output_file", "_config_args", "_overrides", "_say_once", "_floats", "_serve", "_none", "_is_override", "_TRAINING", "_EVERYTHING", "_DATA"]
 

@@ -6,14 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..advise import advise
-from ..config import load_config
-from ..data.balance import balance_length
-from ..data.inspect import format_inspection, inspect_records
-from ..data.sources import is_unpaired_file, write_jsonl
-from ..envvars import env, has_control_characters
-from ..errors import ConfigError
-from ..label import (
+from ..apps.advise import advise
+from ..apps.label import (
     LabelStore,
     agreement_report,
     build_from_judgments,
@@ -26,12 +20,18 @@ from ..label import (
     run_score,
     run_sft_pairs,
 )
-from ..models import cache_root, count_parameters, load_tokenizer, model_shape, resolve_model_dir
-from ..online.rollouts import judge_settings
-from ..prepare import load_data
-from ..report import write_report
-from ..serve import load_chat_model, make_server
-from ..zoo import ZOO, fetch, gguf_path
+from ..apps.report import write_report
+from ..apps.serve import load_chat_model, make_server
+from ..config import load_config
+from ..data.balance import balance_length
+from ..data.inspect import format_inspection, inspect_records
+from ..data.prepare import load_data
+from ..data.sources import is_unpaired_file, write_jsonl
+from ..models.loading import count_parameters, load_tokenizer, model_shape, resolve_model_dir
+from ..models.zoo import ZOO, fetch, gguf_path
+from ..runs.online.rollouts import judge_settings
+from ..utils.envvars import cache_root, env, has_control_characters
+from ..utils.errors import ConfigError
 from .common import _serve
 
 __all__ = ["_serve_model", "_label", "_report", "_inspected", "_inspect", "_balance", "_advise", "_judgments", "_agree", "_build", "_sft_pairs", "_score", "_validate", "_models_list", "_models_fetch"]

@@ -7,23 +7,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..apps.demo import DEMO_LR, run_demo
+from ..apps.eval import format_eval, run_eval
+from ..apps.export import export_run
+from ..apps.report import plot_sweep
+from ..apps.sweep import results_table, run_sweep
 from ..config import load_config, opt_in_keys, parse_override
+from ..core.losses import LOSSES
 from ..data.sources import write_jsonl
-from ..demo import DEMO_LR, run_demo
-from ..errors import ConfigError
-from ..evaluate import format_eval, run_eval, write_json
-from ..export import export_run
-from ..losses import LOSSES
-from ..online.bon import format_bon, run_bon
-from ..online.grpo import run_grpo
-from ..online.iterate import run_iterative, run_synth
-from ..online.source import run_online
-from ..report import plot_sweep
-from ..rewards.verifiable import arithmetic_problems
-from ..rm import run_train_rm
-from ..sft import run_sft
-from ..sweep import results_table, run_sweep
-from ..train import train
+from ..models.rewards.verifiable import arithmetic_problems
+from ..runs.online.bon import format_bon, run_bon
+from ..runs.online.grpo import run_grpo
+from ..runs.online.iterate import run_iterative, run_synth
+from ..runs.online.source import run_online
+from ..runs.rm import run_train_rm
+from ..runs.sft import run_sft
+from ..training.train import train
+from ..utils.errors import ConfigError
+from ..utils.safeio import write_json
 from .common import _floats, _is_override, _say_once
 
 __all__ = ["_train", "run_summary", "_resume", "_eval", "_demo", "_export", "_sweep", "_iterate", "_online", "_sft", "_train_rm", "_grpo", "_arithmetic", "_synth", "_bon"]

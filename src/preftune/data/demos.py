@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DataError
+from ..utils.errors import DataError
 from .records import UnpairedRecord
 from .sources import _messages, _text, mapped_rows, no_records, read_rows, split_path
 

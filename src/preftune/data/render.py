@@ -27,7 +27,7 @@ Policy (decided once, here):
 
 from __future__ import annotations
 
-from ..errors import DataError
+from ..utils.errors import DataError
 from .records import Text
 
 __all__ = ["plain_text", "completion_for", "PLAIN_TEMPLATE", "special_prefix", "text_ids", "prompt_text", "prompt_ids", "completion_text",

@@ -18,8 +18,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ..errors import DataError
-from ..safeio import (
+from ..utils.errors import DataError
+from ..utils.safeio import (
     atomic_write,
     check_text,
     loads_json,

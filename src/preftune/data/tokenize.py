@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import DataError
+from ..utils.errors import DataError
 from .records import PreferenceRecord, Text, UnpairedRecord
 from .render import as_messages, completion_ids, conversation_ids, prompt_ids, prompt_text
 

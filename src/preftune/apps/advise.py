@@ -1,0 +1,225 @@
+"""`preftune advise FILE`: which method to run, from the data's shape and size and the memory budget.
+
+Rules, in order (each recommendation says which fired and why):
+  unpaired data (prompt, completion, label)     -> kto (no pairs to compare)
+  no room for a reference model                 -> simpo or orpo (reference-free)
+  fewer than ~1,000 pairs                       -> ipo (a bounded target: DPO's margin grows without
+                                                   limit on small, separable data and overfits)
+  otherwise                                     -> sigmoid (DPO)
+plus warnings for length bias, duplicates and truncation.
+
+Then numbers, from the method's recipe (preftune.core.recipes: lr, beta, batch, LoRA rank and targets,
+and how confident the recipe is, with the figures it reached), epochs from the data size
+(`epochs_for`), and the expected peak memory (`peak_memory_gb`) for the data's token lengths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..core.losses import LOSSES
+from ..core.recipes import load_recipe
+
+__all__ = ["Advice", "advise", "memory_estimate_gb", "peak_memory_gb", "epochs_for", "pair_tokens",
+           "SMALL_DATA_PAIRS", "MIN_STEPS", "MAX_EPOCHS"]
+
+SMALL_DATA_PAIRS = 1000
+LENGTH_BIAS = 0.6  # chosen longer in more than this fraction of pairs
+# Epochs: enough passes for about MIN_STEPS optimizer steps (the measured runs behind the recipes
+# gained from 40-100 steps), never more than MAX_EPOCHS (the drift checks fired within one epoch
+# of 612 TruthfulQA pairs at lr 5e-4: repeating small data overfits first).
+MIN_STEPS, MAX_EPOCHS = 50, 3
+# Peak memory. Activations per token of a micro-batch, per decoder layer and hidden unit, and the
+# process's fixed cost beyond the weights: fitted to benchmarks/scaling/results.json (SmolLM2-135M,
+# 30 layers x 576, LoRA q/v, batch 4, CPU peak RSS, packed rows with block attention): 3.31 GB at
+# 256 tokens per pair and 9.00 GB at 1024 give 107 bytes (no gradient checkpointing); with
+# checkpointing 1.77 GB and 3.93 GB give 41 bytes. What is left beyond the weights (python, torch,
+# tokenizer, buffers the allocator keeps) is about 0.9 GB, 0.5 GB with checkpointing. One model was
+# measured: treat the figure as +-30%.
+ACT_BYTES = {False: 107.0, True: 41.0}
+RUNTIME_GB = {False: 0.9, True: 0.5}
+
+
+@dataclass
+class Advice:
+    loss: str
+    reasons: list[str]
+    overrides: list[str]
+    warnings: list[str] = field(default_factory=list)
+    recipe: str = ""  # the recipe the numbers come from (`-c recipe:NAME`)
+    settings: dict = field(default_factory=dict)  # the numbers, by name
+    memory: dict = field(default_factory=dict)  # expected peak memory (GB) and its parts
+    confidence: str = ""
+    evidence: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def text(self) -> str:
+        lines = [f"recommended: loss.name={self.loss}"] + [f"  because {r}" for r in self.reasons]
+        s = self.settings
+        if s:
+            lora = f"LoRA r{s['lora_r']} on {','.join(map(str, s['lora_target_modules']))}" if s["lora"] else \
+                "full fine-tuning"
+            lines.append(f"  settings: lr {s['lr']:g}, beta {s['beta']:g}, {s['epochs']} epoch(s) = {s['steps']} "
+                         f"steps of {s['batch_size']}, {lora}")
+        if self.memory:
+            m = self.memory
+            lines.append(f"  expected peak memory: ~{m['peak_gb']:.1f} GB (weights, optimizer and runtime {m['fixed_gb']:.1f}, "
+                         f"activations {m['activations_gb']:.1f} for {m['batch_size']} x ~{m['tokens_per_item']} tokens); "
+                         f"with model.gradient_checkpointing=true ~{m['peak_gb_checkpointing']:.1f} GB (+-30%)")
+        if self.recipe or self.overrides:
+            head = [f"preftune train -c recipe:{self.recipe}"] if self.recipe else []
+            lines.append("  start from: " + " ".join([*head, *self.overrides]))
+        if self.confidence:
+            lines.append(f"  confidence: {self.confidence}")
+        for e in self.evidence:
+            lines.append(f"    measured: {_evidence_line(e)}")
+        lines += [f"  warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _evidence_line(e: dict) -> str:
+    parts = [str(e.get("data", "?"))]
+    for base, after, words in (("base_logp_accuracy", "implicit_accuracy", "base model's log-prob accuracy {} -> "
+                                "trained implicit-reward accuracy {}"),
+                               ("base_avg_logp_accuracy", "avg_logp_accuracy", "average-log-prob accuracy {} -> {}")):
+        if after in e:
+            parts.append(words.format(e.get(base, "?"), e[after]))
+    if "gain" in e:
+        parts.append(f"gain {e['gain']}")
+    if isinstance(e.get("chosen"), dict):
+        parts.append("chose " + ", ".join(f"{k} {v}" for k, v in e["chosen"].items()))
+    elif "grid" in e:
+        parts.append(f"no point of {len(e['grid'])} chosen (each raised a health flag or did not gain)")
+    if "kl" in e:
+        parts.append(f"KL {e['kl']} nats")
+    if e.get("health"):
+        parts.append("health: " + "; ".join(map(str, e["health"])))
+    elif "health" in e:
+        parts.append("no health flag")
+    if len(parts) == 1 and e.get("note"):
+        parts.append(str(e["note"]))
+    return ", ".join(parts)
+
+
+def epochs_for(records: int, batch_size: int) -> int:
+    """Passes over `records` examples for about MIN_STEPS optimizer steps, between 1 and MAX_EPOCHS."""
+    steps_per_epoch = max(1, math.ceil(records / batch_size))
+    return max(1, min(MAX_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
+
+
+def pair_tokens(stats: dict, *, max_length: int, max_prompt_length: int) -> int:
+    """Tokens one training item occupies in a packed micro-batch (90th percentiles, after the cut):
+    a pair shares its prompt (prompt + chosen + rejected); an unpaired (KTO) example shares its
+    prompt with its mismatched KL row (prompt + two completions)."""
+    prompt = min(stats.get("prompt_tokens", {}).get("p90", 0), max_prompt_length)
+    room = max(0, max_length - prompt)
+    if stats.get("kind") == "unpaired":
+        return prompt + 2 * min(stats.get("completion_tokens", {}).get("p90", 0), room)
+    return prompt + sum(min(stats.get(k, {}).get("p90", 0), room) for k in ("chosen_tokens", "rejected_tokens"))
+
+
+def peak_memory_gb(params: int, *, lora: bool, reference: bool, layers: int, hidden: int, tokens: int,
+                   checkpointing: bool = False) -> dict:
+    """Expected peak training memory: weights/gradients/optimizer (memory_estimate_gb), the
+    activations of `tokens` tokens in a micro-batch, and the process's fixed cost."""
+    fixed = memory_estimate_gb(params, lora=lora, reference=reference) + RUNTIME_GB[checkpointing]
+    acts = tokens * layers * hidden * ACT_BYTES[checkpointing] / 2**30
+    return {"fixed_gb": fixed, "activations_gb": acts, "peak_gb": fixed + acts}
+
+
+def memory_estimate_gb(params: int, *, lora: bool, reference: bool) -> float:
+    """fp32 training memory before activations: weights (4 B/param), and for full fine-tuning
+    gradients (4) and AdamW moments (8); a frozen reference copy adds 4 more. LoRA's reference is
+    the same weights with adapters off, so it costs nothing."""
+    per_param = 4 if lora else 16
+    if reference and not lora:
+        per_param += 4
+    return params * per_param / 2**30
+
+
+def advise(stats: dict, *, params: int, memory_gb: float | None, lora: bool, shape: dict | None = None,
+           max_length: int | None = None, max_prompt_length: int | None = None) -> Advice:
+    """`stats` from data.inspect.inspect_records; `params` the model's parameter count; `shape`
+    the model's {"layers", "hidden"} (no memory figure without it), which needs the run's
+    data.max_length and data.max_prompt_length."""
+    reasons, warnings, overrides = [], [], []
+    n = stats["records"]
+    with_ref = memory_estimate_gb(params, lora=lora, reference=True)
+    without_ref = memory_estimate_gb(params, lora=lora, reference=False)
+    if stats["kind"] == "unpaired":
+        loss = "kto"
+        reasons.append(f"the data is unpaired ({stats['desirable']} desirable / {stats['undesirable']} undesirable "
+                       "examples): KTO learns from single labelled completions")
+        frac = stats["desirable_fraction"]
+        if not 0.4 <= frac <= 0.6:
+            overrides.append("loss.kto_auto_weights=true")
+            reasons.append(f"labels are imbalanced ({frac:.0%} desirable): weight the classes equally")
+    elif memory_gb is not None and with_ref > memory_gb >= without_ref:
+        loss = "simpo"
+        reasons.append(f"a reference copy does not fit: about {with_ref:.1f} GB with it vs {memory_gb:g} GB "
+                       f"available ({without_ref:.1f} GB without); SimPO and ORPO need no reference "
+                       "(or use LoRA: its reference is the same weights with adapters off)")
+    elif n < SMALL_DATA_PAIRS:
+        loss = "ipo"
+        reasons.append(f"{n} pairs is a small set (< {SMALL_DATA_PAIRS}): DPO's loss keeps pushing margins "
+                       "on separable pairs and overfits; IPO regresses the margin to a fixed target")
+    else:
+        loss = "sigmoid"
+        reasons.append(f"{n} preference pairs: standard DPO (sigmoid loss) is the well-tested default")
+    if memory_gb is not None and without_ref > memory_gb:
+        warnings.append(f"even without a reference, training needs about {without_ref:.1f} GB > {memory_gb:g} GB: "
+                        "use LoRA (model.lora=true) or a smaller model")
+    bias = stats.get("length_bias", {}).get("chosen_longer")
+    if bias is not None and bias > LENGTH_BIAS:
+        warnings.append(f"chosen is longer in {bias:.0%} of pairs: DPO will learn 'longer is better'; watch "
+                        "length_drift, or consider simpo (length-normalised reward)")
+    for key, what in (("identical_pairs", "identical chosen/rejected pairs teach nothing"),
+                      ("duplicate_pairs", "duplicate pairs weigh some examples twice")):
+        if stats.get(key):
+            warnings.append(f"{stats[key]} {what}")
+    truncated = stats.get("truncated")
+    cut = truncated.get("pairs") if isinstance(truncated, dict) else truncated
+    if cut and cut > 0.05 * n:
+        warnings.append(f"{cut} of {n} records are truncated at the configured lengths: raise data.max_length")
+    return _with_numbers(Advice(loss, reasons, overrides, warnings), stats, params=params, memory_gb=memory_gb,
+                         lora=lora, shape=shape, max_length=max_length, max_prompt_length=max_prompt_length)
+
+
+def _with_numbers(a: Advice, stats: dict, *, params: int, memory_gb: float | None, lora: bool, shape: dict | None,
+                  max_length: int | None, max_prompt_length: int | None) -> Advice:
+    """The recipe's settings for the chosen method, epochs for the data size, the expected memory."""
+    recipe = load_recipe(a.loss)
+    a.recipe = recipe.name
+    a.confidence = str(recipe.meta.get("confidence", "")).strip()
+    if not recipe.meta.get("tuned"):
+        a.confidence = a.confidence or "low: the recipe was not tuned"
+    a.evidence = list(recipe.meta.get("evidence") or [])
+    batch = int(recipe.get("train.batch_size", 4))
+    epochs = epochs_for(stats["records"], batch)
+    lr = float(recipe.get("train.lr"))
+    if not lora:  # the recipes are LoRA's; full updates move every weight: the project's 10x smaller step
+        lr /= 10
+        a.reasons.append(f"full fine-tuning: lr {lr:g}, 10x below the recipe's LoRA rate")
+    a.settings = {"lr": lr, "beta": float(recipe.get("loss.beta", 0.1)), "epochs": epochs, "batch_size": batch,
+                  "steps": epochs * max(1, math.ceil(stats["records"] / batch)), "lora": lora,
+                  "lora_r": recipe.get("model.lora_r", 16),
+                  "lora_target_modules": recipe.get("model.lora_target_modules", ["q_proj", "v_proj"])}
+    a.overrides = [f"train.epochs={epochs}", *([f"train.lr={lr:g}", "model.lora=false"] if not lora else []),
+                   *a.overrides]
+    if shape:
+        if max_length is None or max_prompt_length is None:
+            raise ValueError("a memory figure (shape) needs max_length and max_prompt_length")
+        needs_reference = LOSSES[a.loss].needs_reference
+        tokens = pair_tokens(stats, max_length=max_length, max_prompt_length=max_prompt_length) * batch
+        plain = peak_memory_gb(params, lora=lora, reference=needs_reference, tokens=tokens, **shape)
+        ckpt = peak_memory_gb(params, lora=lora, reference=needs_reference, tokens=tokens, checkpointing=True, **shape)
+        a.memory = {**plain, "peak_gb_checkpointing": ckpt["peak_gb"], "batch_size": batch,
+                    "tokens_per_item": tokens // batch}
+        if memory_gb is not None and plain["peak_gb"] > memory_gb:
+            fix = ("add model.gradient_checkpointing=true" if ckpt["peak_gb"] <= memory_gb else
+                   "lower train.batch_size (raise train.grad_accum to keep the batch) or data.max_length")
+            a.warnings.append(f"the expected peak (~{plain['peak_gb']:.1f} GB) exceeds {memory_gb:g} GB: {fix}")
+    return a

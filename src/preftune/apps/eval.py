@@ -1,0 +1,129 @@
+"""`preftune eval`: held-out accuracy, margins and KL of a finished run, or of the base model.
+
+With a run, policy = the run's model and reference = what it trained against; with no run, the
+base model itself ("before": policy == reference, so implicit-reward accuracy is undefined and
+only raw log-prob accuracy is meaningful). The measurements are training/evaluate.py's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.losses import LOSSES, build_loss
+from ..core.step import SameAsPolicy, loss_kwargs
+from ..data.batches import exact_layout
+from ..data.prepare import load_data, pair_collator, prepare_pairs
+from ..data.refcache import load_or_build, path_for, read, store
+from ..models.generate import run_models
+from ..models.loading import load_start, load_tokenizer, resolve_model_dir, weights_sha256
+from ..models.rewards import build_reward
+from ..training.checkpoint import file_digest, tokenizer_sha256
+from ..training.evaluate import evaluate_pairs, is_main, kl_prompt_count, sample_metrics
+from ..utils.errors import ConfigError, DataError
+from ..utils.safeio import read_json
+
+__all__ = ["run_eval", "format_eval"]
+
+
+def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: str | None = None) -> dict:
+    """Evaluate the run's policy (or the base model when `run_dir` is None) on one held-out
+    file, or on several (then the result maps each path to its own result)."""
+    paths = [data_path] if isinstance(data_path, str) else list(data_path)
+    m, spec = cfg.model, build_loss(cfg.loss.name, cfg.loss.mix)
+    if spec.reward_model:
+        raise ConfigError(str(run_dir), "loss.name", "this is a reward model (train-rm): its held-out accuracy is in "
+                          "summary.json; score files with it through rm:RUN (preftune score, eval --reward)")
+    all_records = [load_data(p, cfg.data) for p in paths]  # bad data fails here, before any weights load
+    source = None
+    if reward:
+        source = build_reward(reward)
+    model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    base, _ = load_start(m, model_dir)  # with the run's SFT adapter merged, as training started
+    ref_sha = None  # the reference's weights: the key under which its log-probs are cached
+    if run_dir is None:
+        policy, reference = base, SameAsPolicy()  # "before training": one forward per pair
+        if cfg.eval.reuse_reference_logps:  # the weights a run started from them would record as its reference
+            ref_sha = weights_sha256(base)
+    else:
+        policy, reference = run_models(cfg, run_dir, base)
+        if spec.needs_reference:
+            ref_info = read_json(Path(run_dir) / "reference.json")
+            if not isinstance(ref_info, dict):
+                raise DataError(Path(run_dir) / "reference.json", 1, "reference.json", "expected a JSON object")
+            ref_sha = ref_info.get("weights_sha256")
+    policy.eval()
+    results = {}
+    for path, records in zip(paths, all_records):
+        pairs, stats = prepare_pairs(path, cfg, tokenizer, records)
+        # packed rows with prefix sharing where they are exact on this model, as in training
+        checked, layout = exact_layout(cfg, spec if spec.paired else LOSSES["sigmoid"], policy,
+                                       pairs[: max(cfg.eval.batch_size, 2)], tokenizer.pad_token_id, model_dir)
+        collate, note, own, values, live_reference = pair_collator(checked, tokenizer), None, None, None, None
+        digest = file_digest(path) if ref_sha is not None else None
+        cache = None if digest is None else path_for(reference_sha256=ref_sha, data_sha256=digest,
+                                                     tokenizer_sha256=tokenizer_sha256(tokenizer), data_config=cfg.data)
+        if cache is not None and run_dir is not None:
+            if cfg.train.reference_cache:  # the run's own setting: read them, or compute them once and keep
+                values, hit = load_or_build(cache, policy, reference, pairs, batch_size=cfg.eval.batch_size,
+                                            collate=collate)
+                note = "read from cache" if hit else "computed and cached"
+            elif cfg.eval.reuse_reference_logps:
+                values = read(cache, pairs)
+                note = None if values is None else "read from cache"
+                if values is None:  # computed live below, kept for the next eval on this file
+                    live_reference = {}
+            if values is not None:
+                collate = pair_collator(checked, tokenizer, values)
+        elif cache is not None:
+            own = {}  # the base model's log-probs are the reference's for any run trained from it
+        result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(), "layout": layout,
+                  **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
+                                   batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, collate=collate,
+                                   policy_logps=own, reference_logps=live_reference)}
+        if own and is_main():
+            store(cache, own)
+            note = "stored in the cache"
+        if live_reference and is_main():  # the reference of every run started from the same weights
+            store(cache, live_reference)
+            note = "computed and stored in the cache"
+        if note is not None:
+            result["reference_logps"] = note
+        e = cfg.eval
+        if e.kl_prompts and isinstance(reference, SameAsPolicy) and source is None:
+            # the base model against itself: KL is 0 by definition, and sampling it cost a toy eval minutes
+            result.update({"kl": 0.0, "kl_stderr": 0.0, "kl_samples": 0,
+                           "kl_note": "policy == reference: 0 by definition, not sampled"})
+        elif e.kl_prompts:
+            unique = list({tuple(p.prompt_ids): p.prompt_ids for p in pairs}.values())
+            prompts = unique[: kl_prompt_count(e.kl_prompts, len(unique))]
+            result.update(sample_metrics(policy, reference, tokenizer, prompts, n=e.kl_samples,
+                                         max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, reward=source))
+        results[path] = result
+    return results[paths[0]] if len(paths) == 1 else results
+
+
+def format_eval(result: dict) -> str:
+    """A compact table of one evaluation (or of each file of several)."""
+    if "pairs" not in result:  # several files: path -> result
+        return "\n\n".join(format_eval(r) for r in result.values())
+
+    def acc(key):
+        lo, hi = result[f"{key}_ci95"]
+        return f"{result[key]:.3f}  [{lo:.3f}, {hi:.3f}]"
+
+    implicit = "undefined (policy == reference)" if result.get("accuracy/implicit_reward_undefined") \
+        else acc("accuracy/implicit_reward")
+    lines = [f"{result['data']}: {result['pairs']} pairs, {result['run']}",
+             f"  implicit-reward accuracy   {implicit}",
+             f"  log-prob accuracy          {acc('accuracy/logp')}",
+             f"  margin {result['rewards/margins']:.4f}   chosen perplexity {result['perplexity/chosen']:.3f}"]
+    if "kl_note" in result:
+        lines.append(f"  KL(policy || reference)    0 ({result['kl_note']})")
+    elif "kl" in result:
+        lo, hi = result.get("kl_ci95") or (result["kl"], result["kl"])
+        lines.append(f"  KL(policy || reference)    {result['kl']:.3f} nats [{lo:.3f}, {hi:.3f}] (95%, "
+                     f"{result['kl_samples']} samples)")
+    if "win_rate" in result:
+        lines.append(f"  win rate vs reference      {result['win_rate']:.3f} ({result['reward/source']})")
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Per-sequence summed completion log-probs and token counts: the one place they are computed.
+
+Training, evaluation, reference scoring and the demo all call `completion_logps`. Chosen and
+rejected rows travel in one batch (see data/collate.py), so they share one forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..utils.devices import place
+from .attention import uses_block_attention
+
+__all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
+           "sequence_scores", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
+
+
+class _FP32Head(torch.nn.Linear):
+    """The LM head run in float32 even inside a bf16 autocast region: logits and log-softmax
+    over a 50k vocabulary are where bf16's 8-bit mantissa costs the most."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def fp32_lm_head(model) -> None:
+    """Make `model`'s output projection compute in float32 (class swap: same parameters and
+    state-dict keys, so saving and loading are unchanged)."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        head.__class__ = _FP32Head
+
+
+def autocast(device_type: str, enabled: bool):
+    """bf16 autocast for the transformer body when `enabled` (see fp32_lm_head for the head)."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum log p(target) over masked positions of each row.
+
+    logits (N, K, V) predict targets (N, K); mask (N, K) marks completion tokens.
+    Returns logps (N,) float32 and token counts (N,) long. Only masked positions go through the
+    log-softmax (float32), so prompt and padding positions cost nothing here.
+    """
+    mask = mask.bool()
+    selected = logits[mask].float()                                     # (M, V)
+    token_logps = -F.cross_entropy(selected, targets[mask], reduction="none")  # (M,)
+    rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    logps = torch.zeros(mask.size(0), dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
+    return logps, mask.sum(dim=1)
+
+
+def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward `batch` (input_ids, attention_mask, completion_mask of shape (N, T)).
+
+    Position t predicts token t+1, so the LM head is asked only for positions from the first
+    completion token of the batch minus one (`logits_to_keep`): prompt positions before it
+    never reach the (N, K, V) logits. Returns summed completion logps (N,) and counts (N,).
+    """
+    batch = place(batch, model)  # collators build on the CPU; the model may live elsewhere
+    if "seq_index" in batch:
+        return _packed_logps(model, batch)
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))  # earliest completion token
+    keep = torch.arange(first - 1, input_ids.size(1) - 1, device=input_ids.device)  # (K,)
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
+    return sequence_logps(out.logits, input_ids[:, keep + 1], completion_mask[:, keep + 1])
+
+
+def sequence_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model scores of padded rows (collate_pairs/collate_sequences): the model's own
+    sequence-classification head, pooled where the model pools (the last non-pad token), so
+    training and scoring (rewards.RewardModel) read the same position. Returns scores (N,)
+    float32 and completion token counts (N,). Packed rows are not supported (the head pools
+    one sequence per row)."""
+    batch = place(batch, model)
+    if "seq_index" in batch:
+        raise ValueError("reward-model scores need padded rows (data.layout=padded)")
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return out.logits[:, 0].float(), batch["completion_mask"].sum(dim=1)
+
+
+def completion_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of padded rows (collate_sequences): (N, K) log p of each completion
+    token and the (N, K) mask that marks them, K the positions from the batch's first completion
+    token on (as in `completion_logps`, the LM head never sees earlier positions). Rollout losses
+    (GRPO) need tokens, not sums; summing the masked values gives `completion_logps` exactly."""
+    batch = place(batch, model)
+    if "seq_index" in batch:  # packed (GRPO: a group's prompt once, its completions after it)
+        return _unflatten(_packed_token_logps(model, batch), batch["seq_index"], int(batch["n_seqs"]))
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))
+    keep = torch.arange(first - 1, input_ids.size(1) - 1, device=input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
+    targets, mask = input_ids[:, keep + 1], completion_mask[:, keep + 1].bool()
+    logits = out.logits.float()
+    token = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return token.view(targets.shape) * mask, mask
+
+
+def _unflatten(token_logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values of a packed row -> (n, K) rows and their mask. Each sequence's tokens
+    are contiguous and in order in the row; sequences appear in index order (collate_packed with
+    indices assigned in row order, as the GRPO source does)."""
+    if seq.numel() and bool((seq[1:] < seq[:-1]).any()):
+        raise ValueError("packed sequences must appear in index order for per-token log-probs")
+    counts = torch.bincount(seq, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    col = torch.arange(seq.numel(), device=seq.device) - starts[seq]
+    width = int(counts.max()) if n else 0
+    out = torch.zeros((n, width), dtype=token_logps.dtype, device=token_logps.device).index_put((seq, col), token_logps)
+    mask = torch.zeros((n, width), dtype=torch.bool, device=seq.device).index_put((seq, col), torch.ones_like(seq, dtype=torch.bool))
+    return out, mask
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of a model that has sliding-window layers, else None."""
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def dense_mask(batch: dict) -> torch.Tensor:
+    """The (1, 1, T, T) bool mask (True = attend) that a packed batch's segments stand for: what
+    a model without block attention is given (logprobs.packed_attention_mask)."""
+    pos = batch["position_ids"][0]
+    t = pos.numel()
+    mask = torch.zeros((t, t), dtype=torch.bool, device=pos.device)
+    for q0, q1, ranges in batch["segments"]:
+        for a, b in ranges:
+            mask[q0:q1, a:b] = pos[a:b][None, :] <= pos[q0:q1][:, None]
+    return mask[None, None]
+
+
+def packed_attention_mask(model, batch: dict, dtype: torch.dtype):
+    """The additive 4D mask of a packed row, as the model's own attention expects it.
+
+    A custom 4D mask replaces the model's mask construction, so a sliding window must be built
+    into it: a key more than `window - 1` positions behind the query (by position ids, which
+    restart per sequence and continue from the prompt under prefix sharing) is masked on
+    sliding layers. Models that mix layer types (Gemma 2/3, Qwen 2/3) take one mask per type.
+    """
+    mask = dense_mask(batch)  # (1, 1, T, T) bool: same sequence and causal
+    additive = lambda m: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)  # noqa: E731
+    config = getattr(model, "config", None)
+    window = sliding_window(config)
+    if window is None:
+        return additive(mask)
+    pos = batch["position_ids"][0]                                          # (T,)
+    windowed = mask & ((pos[:, None] - pos[None, :]) < window)[None, None]  # (1, 1, T, T)
+    types = set(getattr(config, "layer_types", None) or [])
+    if types and types <= {"full_attention", "sliding_attention"}:
+        return {"full_attention": additive(mask), "sliding_attention": additive(windowed)}
+    return additive(windowed)
+
+
+def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A packed row (data/collate.collate_packed): summed completion logps and counts per sequence."""
+    token_logps = _packed_token_logps(model, batch)
+    n, seq = int(batch["n_seqs"]), batch["seq_index"]
+    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
+    return logps, torch.bincount(seq, minlength=n)
+
+
+def _packed_token_logps(model, batch: dict) -> torch.Tensor:
+    """log p of every completion token of a packed row, flat in row order: the LM head runs only
+    at `keep`, the positions that predict completion tokens, so no prompt position reaches it."""
+    if uses_block_attention(model):  # segments, no (T, T) mask (attention.py)
+        # a 4D placeholder: transformers passes a prepared 4D mask through instead of building one
+        placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch["input_ids"].device)
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=placeholder,
+                    packed_segments=(batch["segments"], batch["position_ids"][0]), logits_to_keep=batch["keep"],
+                    use_cache=False)
+    else:
+        dtype = next(p for p in model.parameters()).dtype
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                    attention_mask=packed_attention_mask(model, batch, dtype), logits_to_keep=batch["keep"],
+                    use_cache=False)
+    return -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
+
+
+def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, ...) -> chosen (B, ...), rejected (B, ...)."""
+    return x.chunk(2, dim=0)

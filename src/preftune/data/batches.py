@@ -1,0 +1,175 @@
+"""Where train()'s micro-batches come from: a batch source.
+
+The loop in train.py asks a source for its data statistics, the loss's settings, held-out pairs
+and probe prompts, starts it once the model sits on its device, then draws micro-batches epoch by
+epoch (`batches(epoch, skip)`, where `skip` micro-batches of that epoch were trained before a
+resume). Two sources exist:
+
+- `OfflineSource` (here): a preference file, tokenized once, shuffled per epoch by (seed, epoch)
+  alone, with cached reference log-probs when asked.
+- `online.source.OnlineSource`: each micro-batch is sampled from the current policy, scored by a
+  reward source and paired (online DPO); micro-batch i depends only on (seed, i) and the weights.
+
+Both are deterministic functions of the seed, the position and the weights, which is what makes
+a resumed run bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..core.losses import LOSSES, LossSpec
+from ..utils.errors import ConfigError
+from .collate import kl_pairs
+from .layouts import choose_layout
+from .order import EpochSampler
+from .prepare import load_data, pair_collator, prepare_data, unpaired_collator
+from .refcache import reference_cache
+
+__all__ = ["BatchSource", "OfflineSource", "EpochLoader", "exact_layout", "distinct_prompts"]
+
+
+class BatchSource(Protocol):
+    stats: dict  # data_stats.json (and the summary's "data")
+    kwargs: dict  # the loss's settings
+    eval_pairs: list | None  # held-out tokenized pairs, or None
+    eval_collate: object  # how probes and the final evaluation collate them (None: padded rows)
+    identity: dict  # what a checkpoint must agree with besides the config (fingerprint keys)
+
+    def prepare(self, tokenizer) -> None:
+        """Tokenize (no model yet): errors in the data surface before any weights load."""
+
+    def layout(self, cfg, model, model_dir: str) -> tuple[object, dict]:
+        """The config with the exact layout for this model, and what was checked."""
+
+    def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int | None:
+        """Ready to draw; returns micro-batches per epoch (None: unbounded, the run needs max_steps)."""
+
+    def batches(self, epoch: int, skip: int) -> Iterator[dict]: ...
+
+    def probe_prompts(self, n: int) -> list[list[int]]: ...
+
+    def step_metrics(self) -> dict:
+        """Metrics of the source itself for the optimizer step just taken (online counts)."""
+
+    def describe(self) -> str:
+        """The one `data: ...` line printed at the start."""
+
+
+def distinct_prompts(examples, n: int) -> list[list[int]]:
+    """The first `n` distinct prompts (token ids) of tokenized examples, in file order."""
+    seen, prompts = set(), []
+    for ex in examples:
+        key = tuple(ex.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(ex.prompt_ids)
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+def exact_layout(cfg, spec: LossSpec, model, examples, pad_id: int, model_dir: str):
+    """The configured layout if it is exact on this model, else the exact one it falls back to
+    (said once, recorded in data_stats.json and summary.json); a copy of `cfg` says which."""
+    d = cfg.data
+    if spec.reward_model and d.layout != "padded":  # the score head pools one sequence per row
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, layout="padded", prefix_sharing=False))
+        return cfg, {"layout": "padded", "prefix_sharing": False, "reason": "reward model"}
+    if not spec.paired or d.layout == "padded":
+        return cfg, {"layout": d.layout, "prefix_sharing": d.prefix_sharing}
+    layout, sharing, deltas = choose_layout(model, examples, pad_id, layout=d.layout, prefix_sharing=d.prefix_sharing,
+                                            max_length=d.max_length, name=model_dir)
+    info = {"layout": layout, "prefix_sharing": sharing, "checked": deltas}
+    if (layout, sharing) == (d.layout, d.prefix_sharing):
+        return cfg, info
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, layout=layout, prefix_sharing=sharing)), info
+
+
+class EpochLoader:
+    """Micro-batches of a fixed list of examples, shuffled per epoch by (seed, epoch) alone, that
+    a resumed run re-enters at any position (`epoch(e, skip)`): what every file-backed source
+    (preference files here, demonstrations in sft.py) draws from."""
+
+    def __init__(self, examples: list, collate, t, accelerator):
+        self.sampler = EpochSampler(len(examples), t.seed if t.shuffle else None)
+        # its own generator: each new iterator draws a seed, which must not consume the global RNG
+        # that dropout uses (a resumed run creates one more iterator than an uninterrupted one)
+        loader = DataLoader(examples, batch_size=t.batch_size, sampler=self.sampler, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(t.seed))
+        self.loader, self.batch_size, self.processes = accelerator.prepare(loader), t.batch_size, \
+            accelerator.num_processes
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[dict]:
+        """Epoch `epoch` from its micro-batch `skip` on."""
+        self.sampler.position(epoch, skip=skip * self.batch_size * self.processes)
+        return iter(self.loader)
+
+
+class OfflineSource:
+    """A preference (or unpaired) file: validated at `load`, tokenized at `prepare`."""
+
+    def __init__(self, cfg, spec: LossSpec, records: list, eval_records: list | None):
+        self.cfg, self.spec, self.records, self.eval_records = cfg, spec, records, eval_records
+        self.identity: dict = {}  # the file's hash is in checkpoint.fingerprint already
+
+    @classmethod
+    def load(cls, cfg, spec: LossSpec) -> OfflineSource:
+        if not cfg.data.train_path:
+            raise ConfigError("defaults", "data.train_path", "is required")
+        records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired, field="data.train_path")
+        eval_records = load_data(cfg.data.eval_path, cfg.data, field="data.eval_path") \
+            if cfg.data.eval_path else None  # always pairs
+        return cls(cfg, spec, records, eval_records)
+
+    def prepare(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.data = prepare_data(self.cfg, self.spec, tokenizer, self.records, self.eval_records)
+        self.kwargs, self.eval_pairs, self.collate = self.data.kwargs, self.data.eval_pairs, self.data.collate
+        self.stats = self.data.stats.as_dict()
+
+    def describe(self) -> str:
+        s = self.data.stats
+        return (f"{s.pairs} {'pairs' if self.spec.paired else 'examples'}, {s.truncated} truncated, {s.dropped} "
+                f"dropped (lines {s.truncated_lines or '-'}), {s.dropped_eval_prompts} dropped as eval prompts")
+
+    def layout(self, cfg, model, model_dir: str):
+        examples = self.data.examples[: max(cfg.train.batch_size, 2)]
+        if not self.spec.paired:  # KTO: checked like pairs, on (prompt i, completion i, completion i+1) as packed
+            new, info = exact_layout(cfg, LOSSES["sigmoid"], model, kl_pairs(examples), self.tokenizer.pad_token_id,
+                                     model_dir)
+            self.collate, self.cfg, self.eval_collate = unpaired_collator(new, self.tokenizer), new, None
+            return new, info
+        new, info = exact_layout(cfg, self.spec, model, examples, self.tokenizer.pad_token_id, model_dir)
+        if new is not cfg:
+            self.collate = pair_collator(new, self.tokenizer)
+        self.cfg = new
+        # held-out pairs in the layout just checked
+        self.eval_collate = pair_collator(new, self.tokenizer) if self.spec.paired else None
+        return new, info
+
+    def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int:
+        t = cfg.train
+        if t.reference_cache and self.spec.needs_reference and self.spec.paired:
+            cached = reference_cache(cfg, self.data, model, reference, self.tokenizer, reference_info, fp,
+                                     accelerator)
+            self.collate = pair_collator(cfg, self.tokenizer, cached)
+        self.loader = EpochLoader(self.data.examples, self.collate, t, accelerator)
+        return len(self.loader)
+
+    def batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        return self.loader.epoch(epoch, skip)
+
+    def probe_prompts(self, n: int) -> list[list[int]]:
+        return distinct_prompts(self.eval_pairs or self.data.examples, n)
+
+    def step_metrics(self) -> dict:
+        return {}

@@ -1,0 +1,1 @@
+"""Models: loading (local, zoo, hub, GGUF, QLoRA), sampling, and reward sources that score text."""

@@ -1,0 +1,237 @@
+"""GRPO as a batch source of train()'s one loop (Shao et al. 2024, arXiv 2402.03300).
+
+Micro-batch i draws `online.prompts_per_step` prompts with a generator seeded by (train.seed, i,
+process), samples a group of G = `online.samples_per_prompt` completions per prompt from the
+policy as it is at that moment (seed (train.seed, i, attempt)), scores every completion with the
+reward source, and turns each group's rewards into advantages (losses/grpo.group_advantages).
+The rows are the sampled token ids themselves (never re-tokenized text); where exact on the model
+(the layout check every source runs) a group is packed as one block [prompt, c_1, ..., c_G] with
+the prompt processed once, else right-padded rows; the loss (losses/grpo.grpo_loss) runs on their
+per-token log-probs. One optimisation pass per batch of
+samples: the sampling policy is the current one, so the policy ratio is 1 at the gradient.
+
+Like the online DPO source, micro-batch i depends only on its position and the weights, so a
+resumed run is bit-identical to an uninterrupted one. A group with a reward that failed (NaN:
+a judge that did not answer, a prompt the verifier does not know) is dropped and counted; when a
+draw keeps no group, the next attempt draws other prompts, and after MAX_ATTEMPTS the run stops
+with one line. Groups whose completions all scored the same keep advantage 0 (no policy-gradient
+signal; `groups/zero_variance` is their share).
+
+`evaluate` (the run's held-out measure, summary["eval"]): on `online.eval_prompts_path`, policy
+and reference each sample `online.eval_samples` completions per prompt with the same seed; their
+mean rewards (for a 0/1 verifier: accuracy), the gain with a 95% bootstrap interval over prompts,
+KL(policy || reference) on the policy's samples and sample lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ...data.batches import exact_layout
+from ...data import render
+from ...data.collate import collate_packed, collate_sequences
+from ...data.records import PreferenceRecord
+from ...data.tokenize import tokenize_records
+from ...utils.devices import place
+from ...utils.errors import ConfigError
+from ...training.evaluate import heldout_reward
+from ...models.generate import decode_completions, sample_completions
+from ...core.logprobs import completion_token_logps
+from ...core.losses import LOSSES, LossSpec, build_loss, group_advantages
+from ...utils.safeio import atomic_path
+from ...core.step import loss_kwargs
+from ...training.train import RunResult, train
+from .rollouts import load_prompts, reward_from_config
+
+__all__ = ["GRPOSource", "MAX_ATTEMPTS", "run_grpo"]
+
+MAX_ATTEMPTS = 8
+
+
+class GRPOSource:
+    """Groups of completions sampled from the current policy, scored, with group advantages."""
+
+    rollout = True  # train() refuses a rollout loss (grpo) on any other source
+
+    def __init__(self, cfg, spec: LossSpec, prompts: list, reward, eval_prompts: list | None = None):
+        if not spec.rollout:
+            raise ConfigError("defaults", "loss.name", f"preftune grpo trains the grpo loss, not {spec.name!r}")
+        if not cfg.train.max_steps:
+            raise ConfigError("defaults", "train.max_steps", "grpo needs a number of steps (> 0)")
+        self.cfg, self.spec, self.prompts, self.reward = cfg, spec, prompts, reward
+        self.eval_prompts = eval_prompts
+        digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
+        self.identity = {"online.prompts_sha256": digest, "online.reward_name": reward.name,
+                         **{f"online.{k}": v for k, v in vars(cfg.online).items()
+                            if k not in {"eval_prompts_path", "eval_samples", "rounds", "refresh_reference"}}}
+        self.stats = {"source": "grpo", "prompts": len(prompts), "reward": reward.name,
+                      "eval_prompts": len(eval_prompts) if eval_prompts else 0}
+        self.kwargs = loss_kwargs(cfg, spec)
+        self.eval_pairs, self.eval_collate = None, None
+        self._counts: list[dict] = []
+        self._held, self._rows = None, []  # (sample index, batch) reused across the mu passes
+
+    def prepare(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        keep = self.cfg.data.max_prompt_length  # longer prompts keep their last tokens, as pairs do
+        self.prompt_ids = [render.prompt_ids(tokenizer, p)[-keep:] for p in self.prompts]
+        self.eval_ids = [render.prompt_ids(tokenizer, p)[-keep:] for p in self.eval_prompts or []]
+
+    def describe(self) -> str:
+        o = self.cfg.online
+        return (f"grpo, {len(self.prompts)} prompts, {o.prompts_per_step} per micro-batch x "
+                f"{o.samples_per_prompt} samples, reward {self.reward.name}")
+
+    def layout(self, cfg, model, model_dir: str):
+        """Packed with prefix sharing where that is exact on this model (checked like every
+        source, on stand-in pairs of the first prompts): a group is one block [prompt, c_1, ...,
+        c_G], its prompt processed once for G completions. Else right-padded rows."""
+        records = [PreferenceRecord(p, " 12", " 7 + 5 = 12", "layout check", i + 1)
+                   for i, p in enumerate(self.prompts[: max(2, min(len(self.prompts), 4))])]
+        examples, _ = tokenize_records(records, self.tokenizer, max_length=cfg.data.max_length,
+                                       max_prompt_length=cfg.data.max_prompt_length, drop_overlong=True,
+                                       allow_degenerate=True)
+        new, info = exact_layout(cfg, LOSSES["sigmoid"], model, examples, self.tokenizer.pad_token_id, model_dir) \
+            if examples else (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout="padded")),
+                              {"layout": "padded", "prefix_sharing": False})
+        self.cfg = new
+        return new, info
+
+    def _collate(self, rows: list, g: int) -> dict:
+        """Rows (prompt_ids, completion_ids), G per group, as one batch in the checked layout;
+        sequence k*G + j is completion j of group k in both."""
+        d = self.cfg.data
+        if d.layout == "packed":
+            groups = [(rows[k][0], [(k + j, rows[k + j][1]) for j in range(g)]) for k in range(0, len(rows), g)]
+            return collate_packed(groups, len(rows), d.prefix_sharing)
+        return collate_sequences([p for p, _ in rows], [c for _, c in rows], self.tokenizer.pad_token_id)
+
+    def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> None:
+        self.model, self.reference, self.rank = model, reference, accelerator.process_index
+        return None  # unbounded: train.max_steps is the length of the run
+
+    def batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        index = skip
+        while True:
+            yield self._micro_batch(index)
+            index += 1
+
+    def _micro_batch(self, index: int) -> dict:
+        """Micro-batch `index` is pass `index % mu` over batch of samples `index // mu`."""
+        mu = self.cfg.online.grpo_iterations
+        sample, step_in = divmod(index, mu)
+        if mu == 1:
+            return self._sample(sample)
+        if self._held is not None and self._held[0] == sample:
+            return self._held[1]
+        if step_in:  # resumed between two passes over one batch of samples: the saved samples
+            batch = place(self._read_rollout(sample), self.model)
+        else:
+            batch = self._sample(sample)
+            was_training = self.model.training
+            self.model.eval()  # the sampling policy's log-probs, without dropout: what later passes clip against
+            with torch.no_grad():
+                batch["old_logps"] = completion_token_logps(self.model, batch)[0]
+            self.model.train(was_training)
+            self._write_rollout(sample, batch)
+        self._held = (sample, batch)
+        return batch
+
+    def _rollout_path(self, sample: int):
+        return Path(self.cfg.run.output_dir) / "rollouts" / f"sample-{sample:08d}-rank{self.rank}.safetensors"
+
+    def _write_rollout(self, sample: int, batch: dict) -> None:
+        """What later passes over this batch of samples need, should the run be resumed between
+        them (safetensors, written whole or not at all): the rows' tokens, rewards, old log-probs."""
+        rows = self._rows
+        tensors = {"prompt_ids": torch.tensor([t for p, _ in rows for t in p], dtype=torch.int64),
+                   "prompt_lengths": torch.tensor([len(p) for p, _ in rows], dtype=torch.int64),
+                   "completion_ids": torch.tensor([t for _, c in rows for t in c], dtype=torch.int64),
+                   "completion_lengths": torch.tensor([len(c) for _, c in rows], dtype=torch.int64),
+                   "rewards": batch["rewards"].cpu(), "old_logps": batch["old_logps"].cpu().contiguous()}
+        path = self._rollout_path(sample)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
+
+    def _read_rollout(self, sample: int) -> dict:
+        path = self._rollout_path(sample)
+        if not path.is_file():
+            raise ConfigError(str(path), "resume", "the samples this pass trains on are missing; resume from an "
+                              "earlier checkpoint (online.grpo_iterations > 1 keeps them in rollouts/)")
+        t = load_file(str(path))
+        prompts = torch.split(t["prompt_ids"], t["prompt_lengths"].tolist())
+        completions = torch.split(t["completion_ids"], t["completion_lengths"].tolist())
+        rows = [(p.tolist(), c.tolist()) for p, c in zip(prompts, completions)]
+        return self._batch(rows, t["rewards"], old_logps=t["old_logps"])
+
+    def _batch(self, rows: list, rewards: torch.Tensor, old_logps: torch.Tensor | None = None) -> dict:
+        g, o = self.cfg.online.samples_per_prompt, self.cfg.online
+        self._rows = rows
+        batch = self._collate(rows, g)
+        batch["rewards"] = rewards
+        batch["advantages"] = group_advantages(rewards, g, scale=o.scale_rewards)
+        batch["group_std"] = rewards.view(-1, g).std(dim=1).repeat_interleave(g)
+        if old_logps is not None:
+            batch["old_logps"] = old_logps
+        return batch
+
+    def _sample(self, index: int) -> dict:
+        o, seed, g = self.cfg.online, self.cfg.train.seed, self.cfg.online.samples_per_prompt
+        draw = random.Random(f"{seed}/{index}/{self.rank}")
+        for attempt in range(MAX_ATTEMPTS):
+            picks = draw.sample(range(len(self.prompts)), min(o.prompts_per_step, len(self.prompts)))
+            samples = sample_completions(self.model, self.tokenizer, [self.prompt_ids[k] for k in picks], n=g,
+                                         max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
+                                         top_k=o.top_k, seed=seed + 100_003 * index + 1_009 * attempt + self.rank)
+            texts = decode_completions(self.tokenizer, samples)
+            plain = [render.plain_text(self.prompts[k]) for k in picks for _ in range(g)]
+            rewards = torch.tensor(self.reward.score(plain, texts), dtype=torch.float32).view(-1, g)
+            ok = torch.isfinite(rewards).all(dim=1)  # a group with a failed score is dropped whole
+            self._counts.append({"samples": len(texts), "groups_failed": int((~ok).sum()),
+                                 "reward_mean": rewards[ok].mean().item() if ok.any() else math.nan})
+            if ok.any():
+                rows = [s for k, keep in enumerate(ok.tolist()) if keep for s in samples[k * g:(k + 1) * g]]
+                return place(self._batch(rows, rewards[ok].reshape(-1)), self.model)
+        raise ConfigError(self.reward.name, "online.reward", f"{MAX_ATTEMPTS} draws of {o.prompts_per_step} prompts "
+                          "gave no group with every score finite; check the reward source")
+
+    def probe_prompts(self, n: int) -> list[list[int]]:
+        ids = self.eval_ids or self.prompt_ids
+        return list({tuple(p): p for p in ids}.values())[:n]
+
+    def step_metrics(self) -> dict:
+        """Sample counts summed over the step's draws (every attempt)."""
+        counts, self._counts = self._counts, []
+        if not counts:
+            return {}
+        return {"online/samples": sum(c["samples"] for c in counts),
+                "online/groups_failed": sum(c["groups_failed"] for c in counts), "online/draws": len(counts)}
+
+    def evaluate(self, model, reference) -> dict | None:
+        """Held-out reward of the policy against the reference on the same prompts and seeds."""
+        if not self.eval_ids:
+            return None
+        o = self.cfg.online
+        return heldout_reward(model, reference, self.tokenizer, self.eval_prompts, self.eval_ids, self.reward,
+                              n=o.eval_samples, max_new_tokens=o.max_new_tokens, seed=self.cfg.train.seed + 7,
+                              temperature=o.temperature, top_p=o.top_p, top_k=o.top_k)
+
+
+def run_grpo(cfg, *, resume: bool = False, allow_config_change: bool = False) -> RunResult:
+    """`preftune grpo` (and `preftune resume` of a GRPO run): train() on a GRPOSource."""
+    if not cfg.online.prompts_path:
+        raise ConfigError("defaults", "online.prompts_path", "is required")
+    spec = build_loss(cfg.loss.name)
+    eval_prompts = load_prompts(cfg.online.eval_prompts_path) if cfg.online.eval_prompts_path else None
+    source = GRPOSource(cfg, spec, load_prompts(cfg.online.prompts_path), reward_from_config(cfg.online), eval_prompts)
+    return train(cfg, resume=resume, allow_config_change=allow_config_change, source=source)

@@ -1,0 +1,137 @@
+"""advise.py: each rule fires on the data shape it is for, and says why."""
+
+from preftune.apps.advise import advise, memory_estimate_gb
+
+PAIRED = {"kind": "paired", "records": 5000, "length_bias": {"chosen_longer": 0.5}, "identical_pairs": 0,
+          "duplicate_pairs": 0, "truncated": {"pairs": 0}}
+P135M = 135_000_000
+
+
+def test_large_paired_data_gets_dpo():
+    a = advise(PAIRED, params=P135M, memory_gb=None, lora=True)
+    assert a.loss == "sigmoid" and a.warnings == [] and "5000 preference pairs" in a.reasons[0]
+
+
+def test_small_paired_data_gets_ipo():
+    a = advise({**PAIRED, "records": 300}, params=P135M, memory_gb=None, lora=True)
+    assert a.loss == "ipo" and "300 pairs" in a.reasons[0]
+
+
+def test_unpaired_data_gets_kto_with_class_weights_when_imbalanced():
+    stats = {"kind": "unpaired", "records": 1000, "desirable": 200, "undesirable": 800, "desirable_fraction": 0.2}
+    a = advise(stats, params=P135M, memory_gb=None, lora=True)
+    assert a.loss == "kto" and "loss.kto_auto_weights=true" in a.overrides
+
+
+def test_no_room_for_a_reference_gets_reference_free():
+    # full fine-tuning: 16 B/param without a reference, 20 with one
+    without, with_ref = memory_estimate_gb(P135M, lora=False, reference=False), memory_estimate_gb(
+        P135M, lora=False, reference=True)
+    assert with_ref / without == 20 / 16
+    budget = (without + with_ref) / 2
+    a = advise(PAIRED, params=P135M, memory_gb=budget, lora=False)
+    assert a.loss == "simpo" and "reference" in a.reasons[0]
+    assert advise(PAIRED, params=P135M, memory_gb=budget, lora=True).loss == "sigmoid"  # LoRA's reference is free
+
+
+def test_warnings_for_length_bias_duplicates_and_truncation():
+    stats = {**PAIRED, "length_bias": {"chosen_longer": 0.8}, "duplicate_pairs": 12, "truncated": {"pairs": 900}}
+    text = advise(stats, params=P135M, memory_gb=None, lora=True).text()
+    assert "80% of pairs" in text and "12 duplicate pairs" in text and "900 of 5000 records are truncated" in text
+
+
+# ---- numbers: the recipe's settings, epochs for the data size, expected memory ----------------
+
+SMOL = {"layers": 30, "hidden": 576}
+
+
+def test_the_numbers_come_from_the_methods_recipe():
+    from preftune.core.recipes import load_recipe
+
+    for stats, loss in ((PAIRED, "sigmoid"), ({**PAIRED, "records": 300}, "ipo")):
+        a = advise(stats, params=P135M, memory_gb=None, lora=True)
+        r = load_recipe(loss)
+        assert a.recipe == loss and a.settings["lr"] == r.get("train.lr")
+        assert a.settings["beta"] == r.get("loss.beta") and a.settings["batch_size"] == r.get("train.batch_size")
+        assert a.settings["lora_r"] == r.get("model.lora_r") and a.confidence.startswith("low")
+        assert f"-c recipe:{loss}" in a.text()
+    full = advise(PAIRED, params=P135M, memory_gb=None, lora=False)
+    assert full.settings["lr"] == load_recipe("sigmoid").get("train.lr") / 10 and "model.lora=false" in full.overrides
+
+
+def test_epochs_aim_at_min_steps_and_stop_at_three():
+    from preftune.apps.advise import MAX_EPOCHS, MIN_STEPS, epochs_for
+
+    assert epochs_for(5000, 4) == 1  # 1250 steps in one pass
+    assert epochs_for(100, 4) == 2  # 25 steps a pass: 2 passes for 50
+    assert epochs_for(10, 4) == MAX_EPOCHS == 3  # 3 steps a pass: capped, not 17 passes
+    assert epochs_for(4 * MIN_STEPS, 4) == 1 and epochs_for(4 * MIN_STEPS - 4, 4) == 2
+    a = advise({**PAIRED, "records": 100}, params=P135M, memory_gb=None, lora=True)  # ipo recipe: batch 4
+    assert a.settings["epochs"] == 2 and a.settings["steps"] == 2 * 25 and "train.epochs=2" in a.overrides
+
+
+def test_peak_memory_reproduces_the_scaling_benchmark_it_was_fitted_to():
+    """benchmarks/scaling/results.json, SmolLM2-135M LoRA batch 4 (block attention): peak RSS 3309.5
+    MB at 256 tokens per pair, 8996.0 MB at 1024; with checkpointing 1769.8 and 3929.1 MB."""
+    import json
+    from pathlib import Path
+
+    from preftune.apps.advise import peak_memory_gb
+
+    rows = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/scaling/results.json").read_text())["results"]
+    params = 134_515_008  # SmolLM2-135M's safetensors headers
+    rows = [r for r in rows if r["mode"] in ("block", "block+gc") and r["length"] in (256, 1024)]
+    assert len(rows) == 4
+    for row in rows:
+        est = peak_memory_gb(params, lora=True, reference=True, tokens=4 * row["length"],
+                             checkpointing=row["gradient_checkpointing"], **SMOL)["peak_gb"]
+        assert abs(est - row["peak_rss_mb"] / 1024) / (row["peak_rss_mb"] / 1024) < 0.12, (row, est)
+
+
+def test_advice_states_memory_and_warns_when_it_does_not_fit():
+    stats = {**PAIRED, "prompt_tokens": {"p90": 150}, "chosen_tokens": {"p90": 80}, "rejected_tokens": {"p90": 300}}
+    from preftune.apps.advise import pair_tokens
+
+    assert pair_tokens(stats, max_length=256, max_prompt_length=192) == 150 + 80 + 106  # rejected cut at 256-150
+    kto = {"kind": "unpaired", "prompt_tokens": {"p90": 150}, "completion_tokens": {"p90": 80}}
+    assert pair_tokens(kto, max_length=256, max_prompt_length=192) == 150 + 2 * 80  # its KL row shares the prompt
+    a = advise(stats, params=P135M, memory_gb=None, lora=True, shape=SMOL, max_length=256, max_prompt_length=192)
+    m = a.memory
+    assert m["tokens_per_item"] == 336 and m["batch_size"] == 4
+    assert m["peak_gb_checkpointing"] < m["peak_gb"] and "expected peak memory" in a.text()
+    tight = advise(stats, params=P135M, memory_gb=m["peak_gb"] - 0.1, lora=True, shape=SMOL, max_length=256,
+                   max_prompt_length=192)
+    assert any("gradient_checkpointing=true" in w for w in tight.warnings)
+    tighter = advise(stats, params=P135M, memory_gb=m["peak_gb_checkpointing"] - 0.1, lora=True, shape=SMOL,
+                     max_length=256, max_prompt_length=192)
+    assert any("lower train.batch_size" in w for w in tighter.warnings)
+    assert advise(stats, params=P135M, memory_gb=None, lora=True).memory == {}  # no shape, no figure
+
+
+def test_model_shape_reads_config_json(tmp_path):
+    import json
+
+    from preftune.models.loading import model_shape
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "hidden_size": 576}))
+    assert model_shape(str(tmp_path)) == SMOL
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 18, "hidden_size": 640}}))
+    assert model_shape(str(tmp_path)) == {"layers": 18, "hidden": 640}
+    (tmp_path / "config.json").write_text("{not json")
+    assert model_shape(str(tmp_path)) is None
+    assert model_shape(str(tmp_path / "absent")) is None
+
+
+def test_evidence_lines_say_what_was_measured():
+    from preftune.apps.advise import _evidence_line
+
+    line = _evidence_line({"data": "D", "base_logp_accuracy": 0.333, "implicit_accuracy": 0.685, "kl": 8.44,
+                           "health": []})
+    assert line == "D, base model's log-prob accuracy 0.333 -> trained implicit-reward accuracy 0.685, KL 8.44 nats, " \
+                   "no health flag"
+    assert _evidence_line({"data": "D", "note": "rose", "health": ["kl_drift"]}) == "D, health: kl_drift"
+    assert _evidence_line({"data": "D", "note": "rose"}) == "D, rose"
+    assert _evidence_line({"data": "D", "gain": "+0.1 [+0.0, +0.2]", "chosen": {"lr": 7e-4, "beta": 2.0},
+                           "grid": [{}, {}]}) == "D, gain +0.1 [+0.0, +0.2], chose lr 0.0007, beta 2.0"
+    assert _evidence_line({"data": "D", "grid": [{}, {}, {}]}) == \
+        "D, no point of 3 chosen (each raised a health flag or did not gain)"
