@@ -77,15 +77,20 @@ def cli_page() -> str:
 def registries_page() -> str:
     from preftune.config import HF_ALIASES
     from preftune.core.diagnostics import CHECKS
-    from preftune.core.losses import ALIASES, LOSSES
+    from preftune.core.losses import ALIASES, KINDS, LOSSES
     from preftune.data.sources import FORMATS, UNPAIRED_FORMATS
     from preftune.models.rewards import REWARD_KINDS
     from preftune.utils.envvars import ENV
 
     lines = ["# Registries", "", "Every closed list, generated from the registry that owns it "
-             "(`python docs/generate.py`).", "", "## Losses (`loss.name`)", "", "| name | what it is |", "|---|---|"]
-    lines += [f"| `{name}` | {_cell(spec.summary)} |" for name, spec in sorted(LOSSES.items())]
-    lines += [f"| `{alias}` | the same as `{name}` |" for alias, name in sorted(ALIASES.items())]
+             "(`python docs/generate.py`).", "", "## Losses (`loss.name`)", "", "| name | kind | what it is |",
+             "|---|---|---|"]
+    lines += [f"| `{name}` | {spec.kind.name} | {_cell(spec.summary)} |" for name, spec in sorted(LOSSES.items())]
+    lines += [f"| `{alias}` | | the same as `{name}` |" for alias, name in sorted(ALIASES.items())]
+    lines += ["", "## Loss kinds (docs/extending.md)", "", "| kind | trains on | command | progress | layout | model |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {k.name} | {k.data} | `preftune {k.command}` | {k.progress[0]} | {k.layout} | {k.model} |"
+              for k in KINDS.values()]
     lines += ["", "## Data formats (`data.format`)", "", ", ".join(f"`{f}`" for f in [*FORMATS, *UNPAIRED_FORMATS]),
               "", "## Reward sources (`online.reward`, `--reward`)", "",
               ", ".join(f"`{k}`" for k in REWARD_KINDS), "", "## Health checks (`diagnostics.stop_on`)", "",

@@ -27,7 +27,7 @@ def test_every_registered_name_and_verb_is_in_the_docs():
     from preftune.cli import _parser
     from preftune.config import Config
     from preftune.core.diagnostics import CHECKS
-    from preftune.core.losses import LOSSES
+    from preftune.core.losses import KINDS, LOSSES
     from preftune.data.sources import FORMATS
     from preftune.models.rewards import REWARD_KINDS
 
@@ -35,6 +35,11 @@ def test_every_registered_name_and_verb_is_in_the_docs():
     registries, cli, config = gen.registries_page(), gen.cli_page(), gen.config_page()
     for name in [*LOSSES, *FORMATS, *REWARD_KINDS, *CHECKS]:
         assert f"`{name}`" in registries, name
+    for kind in KINDS.values():  # each kind's row, and its page says how to add one
+        assert f"| {kind.name} | {kind.data} | `preftune {kind.command}` |" in registries, kind.name
+    extending = (ROOT / "docs" / "extending.md").read_text()
+    for owner in ("kinds.py", "register_loss", "REWARD_KINDS", "FORMATS", "BatchSource"):
+        assert owner in extending, owner
     for path, _ in gen._walk(_parser(), []):
         if path:
             assert f"## `preftune {' '.join(path)}`" in cli, path

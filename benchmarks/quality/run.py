@@ -336,7 +336,7 @@ def _resolved(run: Path) -> dict:
     spec = build_loss(c["loss"]["name"], c["loss"]["mix"])  # the settings this loss reads, not every loss's
     loss = {"mix" if c["loss"]["mix"] else "name": c["loss"]["mix"] or c["loss"]["name"],
             **{k: c["loss"][k] for k in spec.params},
-            **{k: v for k, v in c["loss"].items() if k.startswith("kto_") and not spec.paired}}
+            **{k: v for k, v in c["loss"].items() if k.startswith("kto_") and spec.kind.data == "unpaired"}}
     return {"loss": loss, "lr": c["train"]["lr"], "batch_size": c["train"]["batch_size"],
             "grad_accum": c["train"]["grad_accum"], "epochs": c["train"]["epochs"], "max_steps": c["train"]["max_steps"],
             "warmup_ratio": c["train"]["warmup_ratio"], "lora_r": c["model"]["lora_r"],

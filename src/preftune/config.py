@@ -315,10 +315,9 @@ def _range_problems(cfg: Config):
               and isinstance(term[1], (int, float)) and not isinstance(term[1], bool) and math.isfinite(term[1]))
         if not ok:
             yield f"loss.mix[{i}]", f"expected [name, weight] with a name from {', '.join(sorted(LOSSES))}, got {term!r}"
-        elif not LOSSES[term[0]].paired or LOSSES[term[0]].rollout:
-            yield f"loss.mix[{i}]", f"{term[0]!r} is unpaired and cannot be mixed"
-        elif LOSSES[term[0]].reward_model:
-            yield f"loss.mix[{i}]", f"{term[0]!r} trains a reward model (preftune train-rm) and cannot be mixed"
+        elif not (kind := LOSSES[term[0]].kind).mixable:
+            yield f"loss.mix[{i}]", (f"{term[0]!r} is a {kind.name.replace('_', ' ')} loss (preftune {kind.command}) "
+                                     "and cannot be mixed")
     for i, name in enumerate(c.diagnostics.stop_on):
         if isinstance(name, str) and name not in CHECKS:
             yield f"diagnostics.stop_on[{i}]", f"unknown check {name!r}{_did_you_mean(str(name), CHECKS)}; known: {', '.join(CHECKS)}"

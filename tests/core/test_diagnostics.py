@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from preftune.core.diagnostics import health_checks, step_metrics
+from preftune.core.losses.kinds import PAIRS, UNPAIRED
 
 
 def _rows(n, **series):
@@ -70,12 +71,12 @@ def test_step_metrics_paired_hand_values():
              "rejected_rewards": torch.tensor([-0.1, 0.1]), "policy_chosen": torch.tensor([-10.0, -20.0]),
              "policy_rejected": torch.tensor([-30.0, -40.0]), "chosen_lengths": torch.tensor([3, 5]),
              "rejected_lengths": torch.tensor([4, 4]), "orpo/log_odds_ratio": torch.tensor([1.0, 2.0])}
-    row = step_metrics(parts, paired=True)
+    row = step_metrics(parts, PAIRS)
     assert abs(row["rewards/margins"] - 0.1) < 1e-7
     assert row["rewards/accuracies"] == 0.5 and row["logps/chosen"] == -15.0 and row["lengths/chosen"] == 4.0
     assert row["orpo/log_odds_ratio"] == 1.5 and "logratios/chosen" not in row  # reference-free: none
     row = step_metrics({**parts, "logratio_chosen": torch.tensor([-1.0, -3.0]),
-                        "logratio_rejected": torch.tensor([-2.0, -6.0])}, paired=True)
+                        "logratio_rejected": torch.tensor([-2.0, -6.0])}, PAIRS)
     assert (row["logratios/chosen"], row["logratios/rejected"]) == (-2.0, -4.0) and "logratio_chosen" not in row
 
 
@@ -83,11 +84,11 @@ def test_step_metrics_unpaired_split_by_label():
     parts = {"losses": torch.tensor([0.4, 0.6, 0.5]), "rewards": torch.tensor([0.3, -0.2, 0.1]),
              "labels": torch.tensor([True, False, True]), "policy": torch.tensor([-1.0, -2.0, -3.0]),
              "lengths": torch.tensor([2, 4, 6]), "kl": torch.tensor([0.5, 0.5, 0.5])}
-    row = step_metrics(parts, paired=False)
+    row = step_metrics(parts, UNPAIRED)
     assert abs(row["rewards/chosen"] - 0.2) < 1e-7 and abs(row["rewards/rejected"] + 0.2) < 1e-7
     assert abs(row["rewards/margins"] - 0.4) < 1e-7 and row["kl"] == 0.5
     assert (row["examples/desirable"], row["examples/undesirable"]) == (2, 1)
-    row = step_metrics({**parts, "logratio": torch.tensor([-1.0, -5.0, -3.0])}, paired=False)
+    row = step_metrics({**parts, "logratio": torch.tensor([-1.0, -5.0, -3.0])}, UNPAIRED)
     assert (row["logratios/chosen"], row["logratios/rejected"]) == (-2.0, -5.0)  # desirable / undesirable
 
 
@@ -97,7 +98,7 @@ def test_an_unpaired_step_with_one_class_logs_no_other_side_and_raises_no_flag()
     parts = {"losses": torch.tensor([0.4, 0.6]), "rewards": torch.tensor([0.3, 0.1]),
              "labels": torch.tensor([True, True]), "policy": torch.tensor([-1.0, -3.0]),
              "lengths": torch.tensor([2, 6]), "logratio": torch.tensor([-1.0, -3.0])}
-    row = step_metrics(parts, paired=False)
+    row = step_metrics(parts, UNPAIRED)
     assert row["rewards/chosen"] == pytest.approx(0.2) and row["logratios/chosen"] == -2.0
     assert not any(k.endswith("/rejected") for k in row) and "rewards/margins" not in row
     assert all(math.isfinite(v) for v in row.values())

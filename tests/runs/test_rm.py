@@ -37,7 +37,7 @@ def test_bradley_terry_by_hand():
     assert with_margin[0].item() == pytest.approx(math.log(2))  # d - m = 0
     centred = bradley_terry_loss(rc.detach(), rr, None, None, rm_center_coef=0.1).losses
     assert (centred - out.losses.detach()).tolist() == pytest.approx([0.1 * 9.0, 0.1 * 0.25])
-    assert LOSSES["bt"].reward_model and LOSSES["bt"].paired and not LOSSES["bt"].needs_reference
+    assert LOSSES["bt"].kind.name == "reward_model" and LOSSES["bt"].kind.data == "pairs" and not LOSSES["bt"].needs_reference
 
 
 def test_reliability_bins_and_ece():

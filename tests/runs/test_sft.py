@@ -143,7 +143,7 @@ def test_refusals(tmp_path, tiny_model_dir, capsys):
                                  "loss.name=nll", f"run.output_dir={tmp_path / 'x'}"]))
     with pytest.raises(ConfigError, match="not a supervised loss"):
         run_sft(load_config(None, [f"data.train_path={pairs}", "loss.name=sigmoid"]))
-    assert LOSSES["nll"].supervised and not LOSSES["nll"].needs_reference
+    assert LOSSES["nll"].kind.name == "demonstrations" and not LOSSES["nll"].needs_reference
     rc = main(["sft", f"model.name_or_path={tiny_model_dir}", f"run.output_dir={tmp_path / 'y'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "data.train_path" in err[0], err

@@ -133,13 +133,13 @@ def test_huge_learning_rate_stops_with_numerical_error(tmp_path, tiny_model_dir)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, s in __import__("preftune.core.losses", fromlist=["LOSSES"]).LOSSES.items()
-                                         if not s.rollout and not s.supervised))
-# rollout losses sample: tests/online/test_grpo_online.py; supervised ones read demonstrations: tests/test_sft.py
+                                         if s.kind.command == "train"))
+# rollout losses sample: tests/runs/online/test_grpo_online.py; demonstrations: tests/runs/test_sft.py
 def test_every_registered_loss_trains_on_the_tiny_model(tmp_path, tiny_model_dir, name):
     from preftune.core.losses import LOSSES
 
     spec = LOSSES[name]
-    extra = [] if spec.paired else ["data.paired_to_unpaired=true"]
+    extra = [] if spec.kind.data == "pairs" else ["data.paired_to_unpaired=true"]
     result = train(_cfg(tmp_path, tiny_model_dir, f"loss.name={name}", "train.epochs=3", "train.batch_size=4",
                         f"data.eval_path={tmp_path / 'pairs.jsonl'}", *extra))
     rows = _metrics(result.run_dir)
@@ -148,7 +148,7 @@ def test_every_registered_loss_trains_on_the_tiny_model(tmp_path, tiny_model_dir
     ref = json.loads((result.run_dir / "reference.json").read_text())
     assert ref["strategy"] == ("adapters_off" if spec.needs_reference else "none")
     assert 0.0 <= result.summary["eval"]["accuracy/logp"] <= 1.0
-    if not spec.paired:
+    if spec.kind.data == "unpaired":
         assert rows[0]["examples/desirable"] + rows[0]["examples/undesirable"] == 4  # one batch
         assert "kl" in rows[0]
 

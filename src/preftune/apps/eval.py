@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.losses import LOSSES, build_loss
+from ..core.losses import build_loss
 from ..core.step import SameAsPolicy, loss_kwargs
 from ..data.batches import exact_layout
 from ..data.prepare import load_data, pair_collator, prepare_pairs
@@ -30,7 +30,7 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     file, or on several (then the result maps each path to its own result)."""
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
     m, spec = cfg.model, build_loss(cfg.loss.name, cfg.loss.mix)
-    if spec.reward_model:
+    if spec.kind.model == "score_head":
         raise ConfigError(str(run_dir), "loss.name", "this is a reward model (train-rm): its held-out accuracy is in "
                           "summary.json; score files with it through rm:RUN (preftune score, eval --reward)")
     all_records = [load_data(p, cfg.data) for p in paths]  # bad data fails here, before any weights load
@@ -57,7 +57,7 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     for path, records in zip(paths, all_records):
         pairs, stats = prepare_pairs(path, cfg, tokenizer, records)
         # packed rows with prefix sharing where they are exact on this model, as in training
-        checked, layout = exact_layout(cfg, spec if spec.paired else LOSSES["sigmoid"], policy,
+        checked, layout = exact_layout(cfg, spec.kind, policy,
                                        pairs[: max(cfg.eval.batch_size, 2)], tokenizer.pad_token_id, model_dir)
         collate, note, own, values, live_reference = pair_collator(checked, tokenizer), None, None, None, None
         digest = file_digest(path) if ref_sha is not None else None

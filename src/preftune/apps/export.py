@@ -33,6 +33,7 @@ import yaml
 
 from ..config import Config, load_config, run_name
 from ..core.losses import LOSSES
+from ..core.losses.kinds import REWARD_MODEL
 from ..data.sources import hub_dataset, hub_offline
 from ..models.loading import load_start, load_tokenizer, resolve_model_dir, weights_sha256
 from ..models.zoo import ZOO
@@ -188,7 +189,7 @@ def _copy_files(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
 def _write_model(run: Run, tmp: Path, merge: bool) -> str:
     """Fill `tmp` with the model files; returns the kind of export."""
     model_dir = run.path / "model"
-    if LOSSES[run.cfg.loss.name].reward_model:  # train-rm wrote the merged classifier already (rm.py)
+    if LOSSES[run.cfg.loss.name].kind is REWARD_MODEL:  # train-rm wrote the merged classifier already (rm.py)
         if not (run.path / "reward_model" / "config.json").is_file():
             raise ConfigError(str(run.path / "reward_model"), "reward_model", "missing: the reward-model run did "
                               "not finish writing its model")

@@ -13,7 +13,7 @@ from ..apps.export import export_run
 from ..apps.report import plot_sweep
 from ..apps.sweep import results_table, run_sweep
 from ..config import load_config, opt_in_keys, parse_override
-from ..core.losses import LOSSES
+from ..core.losses import build_loss
 from ..data.sources import write_jsonl
 from ..models.rewards.verifiable import arithmetic_problems
 from ..runs.online.bon import format_bon, run_bon
@@ -67,18 +67,13 @@ def _resume(a) -> int:
     if not Path(config).is_file():
         raise ConfigError(str(a.run_dir), "config.yaml", "not found; pass -c CONFIG to start this run")
     cfg = load_config(config, [*a.overrides, f"run.output_dir={a.run_dir}"], saved_run=a.config is None)
-    if LOSSES[cfg.loss.name].supervised:  # demonstrations (preftune sft)
-        result = run_sft(cfg, resume=True, allow_config_change=a.allow_config_change)
-    elif LOSSES[cfg.loss.name].reward_model:  # one reward model (an ensemble member resumes as one)
-        out = run_train_rm(cfg, resume=True, allow_config_change=a.allow_config_change)
-        _say_once(f"run: {out['run']} (reward model: rm:{out['run']})")
+    kind = build_loss(cfg.loss.name, cfg.loss.mix).kind
+    # the kind's own runner resumes it; pairs sampled during the run (online DPO) resume through theirs
+    online = kind.data == "pairs" and not cfg.data.train_path and cfg.online.prompts_path
+    result = (run_online if online else kind.run)(cfg, resume=True, allow_config_change=a.allow_config_change)
+    if isinstance(result, dict):  # a reward model (an ensemble member resumes as one)
+        _say_once(f"run: {result['run']} (reward model: rm:{result['run']})")
         return 0
-    elif not cfg.data.train_path and cfg.online.prompts_path and LOSSES[cfg.loss.name].rollout:  # sampled groups
-        result = run_grpo(cfg, resume=True, allow_config_change=a.allow_config_change)
-    elif not cfg.data.train_path and cfg.online.prompts_path:  # an online run: its batches are sampled
-        result = run_online(cfg, resume=True, allow_config_change=a.allow_config_change)
-    else:
-        result = train(cfg, resume=True, allow_config_change=a.allow_config_change)
     _say_once(f"run: {result.run_dir} ({result.steps} steps)")
     return 0
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only: config (and the CLI's --help) read CHECKS without importing torch
     import torch
 
-__all__ = ["step_metrics", "health_checks", "health_check", "HEALTH_CHECKS", "HEALTH_DEFAULTS", "THRESHOLDS",
+__all__ = ["step_metrics", "pair_metrics", "score_metrics", "unpaired_metrics", "demonstration_metrics",
+           "rollout_metrics", "health_checks", "health_check", "HEALTH_CHECKS", "HEALTH_DEFAULTS", "THRESHOLDS",
            "CHECKS"]
 
 
@@ -21,77 +22,97 @@ def _mean(x: torch.Tensor) -> float:
     return x.float().mean().item() if x.numel() else float("nan")
 
 
-def step_metrics(parts: dict[str, torch.Tensor], *, paired: bool, rollout: bool = False,
-                 supervised: bool = False, reward_model: bool = False) -> dict[str, float]:
-    """`parts` holds per-example tensors gathered over one optimizer step (see train.loss_forward).
+def step_metrics(parts: dict[str, torch.Tensor], kind) -> dict[str, float]:
+    """One optimizer step's logged row from `parts`, the per-example tensors gathered over the step
+    (see step.loss_forward), through the loss kind's metrics (kinds.py). Loss-specific extras (e.g.
+    `kl`, `orpo/log_odds_ratio`) are averaged under their own names."""
+    return kind.metrics(parts)
 
-    Paired: rewards/accuracies is the fraction of pairs with a positive margin. Unpaired (KTO):
-    rewards/chosen and rewards/rejected average over desirable and undesirable examples, and
-    the margin is their difference. Loss-specific extras (e.g. `kl`, `orpo/log_odds_ratio`)
-    are averaged under their own names.
-    """
-    if supervised:  # SFT: nll/token over every completion token of the step (not a mean of means)
-        tokens = parts["lengths"].sum().clamp(min=1)
-        nll = (-parts["policy"].sum() / tokens).item()
-        row = {
-            "loss": _mean(parts["losses"]),
-            "nll/token": nll,
-            "perplexity": math.exp(min(nll, 50.0)),
-            "lengths/completion": _mean(parts["lengths"]),
-            "tokens": int(parts["lengths"].sum()),
-            "examples": int(parts["losses"].numel()),
-        }
-        standard = {"losses", "policy", "lengths"}
-    elif rollout:  # GRPO: sampled completions scored by a reward, one advantage each
-        row = {
-            "loss": _mean(parts["losses"]),
-            "reward/mean": _mean(parts["rewards"]),
-            "reward/group_std": _mean(parts["group_std"]),
-            "groups/zero_variance": _mean(parts["group_std"] == 0),
-            "advantages/abs": _mean(parts["advantages"].abs()),
-            "logps/completion": _mean(parts["policy"]),
-            "lengths/completion": _mean(parts["lengths"]),
-            "completions": int(parts["losses"].numel()),
-        }
-        standard = {"losses", "rewards", "group_std", "advantages", "policy", "lengths"}
-    elif paired:
-        margins = parts["chosen_rewards"] - parts["rejected_rewards"]
-        row = {
-            "loss": _mean(parts["losses"]),
-            "rewards/chosen": _mean(parts["chosen_rewards"]),
-            "rewards/rejected": _mean(parts["rejected_rewards"]),
-            "rewards/margins": _mean(margins),
-            "rewards/accuracies": _mean(margins > 0),
-            "logps/chosen": _mean(parts["policy_chosen"]),
-            "logps/rejected": _mean(parts["policy_rejected"]),
-            "lengths/chosen": _mean(parts["chosen_lengths"]),
-            "lengths/rejected": _mean(parts["rejected_lengths"]),
-        }
-        standard = {"losses", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected",
-                    "chosen_lengths", "rejected_lengths", "logratio_chosen", "logratio_rejected",
-                    "reference_chosen", "reference_rejected"}
-        if "logratio_chosen" in parts:  # losses with a reference: policy - reference logp, same pairs
-            row["logratios/chosen"] = _mean(parts["logratio_chosen"])
-            row["logratios/rejected"] = _mean(parts["logratio_rejected"])
-        if reward_model:  # a reward model's "log-probs" are its scores; the log-prob checks must not read them
-            row["scores/chosen"], row["scores/rejected"] = row.pop("logps/chosen"), row.pop("logps/rejected")
-    else:
-        good = parts["labels"].bool()
-        row = {"loss": _mean(parts["losses"])}
-        # a step may hold one class only: the other side has no value that step (absent, not NaN)
-        for side, mask in (("chosen", good), ("rejected", ~good)):
-            if mask.any():
-                row[f"rewards/{side}"] = _mean(parts["rewards"][mask])
-                row[f"logps/{side}"] = _mean(parts["policy"][mask])
-                row[f"lengths/{side}"] = _mean(parts["lengths"][mask])
-                if "logratio" in parts:
-                    row[f"logratios/{side}"] = _mean(parts["logratio"][mask])
-        if good.any() and (~good).any():
-            row["rewards/margins"] = row["rewards/chosen"] - row["rewards/rejected"]
-        row.update({"examples/desirable": int(good.sum()), "examples/undesirable": int((~good).sum())})
-        standard = {"losses", "rewards", "labels", "policy", "lengths", "logratio"}
+
+def _extras(row: dict, parts: dict, standard: set) -> dict:
     row.update({k: _mean(v) for k, v in parts.items() if k not in standard})
     return row
+
+
+def demonstration_metrics(parts: dict) -> dict[str, float]:
+    """SFT: nll/token over every completion token of the step (not a mean of means)."""
+    tokens = parts["lengths"].sum().clamp(min=1)
+    nll = (-parts["policy"].sum() / tokens).item()
+    row = {
+        "loss": _mean(parts["losses"]),
+        "nll/token": nll,
+        "perplexity": math.exp(min(nll, 50.0)),
+        "lengths/completion": _mean(parts["lengths"]),
+        "tokens": int(parts["lengths"].sum()),
+        "examples": int(parts["losses"].numel()),
+    }
+    return _extras(row, parts, {"losses", "policy", "lengths"})
+
+
+def rollout_metrics(parts: dict) -> dict[str, float]:
+    """GRPO: sampled completions scored by a reward, one advantage each."""
+    row = {
+        "loss": _mean(parts["losses"]),
+        "reward/mean": _mean(parts["rewards"]),
+        "reward/group_std": _mean(parts["group_std"]),
+        "groups/zero_variance": _mean(parts["group_std"] == 0),
+        "advantages/abs": _mean(parts["advantages"].abs()),
+        "logps/completion": _mean(parts["policy"]),
+        "lengths/completion": _mean(parts["lengths"]),
+        "completions": int(parts["losses"].numel()),
+    }
+    return _extras(row, parts, {"losses", "rewards", "group_std", "advantages", "policy", "lengths"})
+
+
+_PAIR_PARTS = {"losses", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected", "chosen_lengths",
+               "rejected_lengths", "logratio_chosen", "logratio_rejected", "reference_chosen", "reference_rejected"}
+
+
+def pair_metrics(parts: dict) -> dict[str, float]:
+    """Pairs: rewards/accuracies is the fraction of pairs with a positive margin."""
+    margins = parts["chosen_rewards"] - parts["rejected_rewards"]
+    row = {
+        "loss": _mean(parts["losses"]),
+        "rewards/chosen": _mean(parts["chosen_rewards"]),
+        "rewards/rejected": _mean(parts["rejected_rewards"]),
+        "rewards/margins": _mean(margins),
+        "rewards/accuracies": _mean(margins > 0),
+        "logps/chosen": _mean(parts["policy_chosen"]),
+        "logps/rejected": _mean(parts["policy_rejected"]),
+        "lengths/chosen": _mean(parts["chosen_lengths"]),
+        "lengths/rejected": _mean(parts["rejected_lengths"]),
+    }
+    if "logratio_chosen" in parts:  # losses with a reference: policy - reference logp, same pairs
+        row["logratios/chosen"] = _mean(parts["logratio_chosen"])
+        row["logratios/rejected"] = _mean(parts["logratio_rejected"])
+    return _extras(row, parts, _PAIR_PARTS)
+
+
+def score_metrics(parts: dict) -> dict[str, float]:
+    """A reward model's pairs: as `pair_metrics`, but its "log-probs" are its scores, and the
+    log-prob checks must not read them."""
+    row = pair_metrics(parts)
+    row["scores/chosen"], row["scores/rejected"] = row.pop("logps/chosen"), row.pop("logps/rejected")
+    return row
+
+
+def unpaired_metrics(parts: dict) -> dict[str, float]:
+    """KTO: rewards/chosen and rewards/rejected average over desirable and undesirable examples,
+    and the margin is their difference."""
+    good = parts["labels"].bool()
+    row = {"loss": _mean(parts["losses"])}
+    # a step may hold one class only: the other side has no value that step (absent, not NaN)
+    for side, mask in (("chosen", good), ("rejected", ~good)):
+        if mask.any():
+            row[f"rewards/{side}"] = _mean(parts["rewards"][mask])
+            row[f"logps/{side}"] = _mean(parts["policy"][mask])
+            row[f"lengths/{side}"] = _mean(parts["lengths"][mask])
+            if "logratio" in parts:
+                row[f"logratios/{side}"] = _mean(parts["logratio"][mask])
+    if good.any() and (~good).any():
+        row["rewards/margins"] = row["rewards/chosen"] - row["rewards/rejected"]
+    row.update({"examples/desirable": int(good.sum()), "examples/undesirable": int((~good).sum())})
+    return _extras(row, parts, {"losses", "rewards", "labels", "policy", "lengths", "logratio"})
 
 
 # ---- health checks: a registry of named, pure functions over the metric history ----------------

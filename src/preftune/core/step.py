@@ -10,7 +10,8 @@ import torch
 from .logprobs import autocast, completion_logps, completion_token_logps, sequence_scores, split_pairs
 from .losses import LossSpec
 
-__all__ = ["loss_forward", "loss_kwargs", "SameAsPolicy"]
+__all__ = ["loss_forward", "loss_kwargs", "SameAsPolicy", "pairs_forward", "score_forward", "unpaired_forward",
+           "demonstrations_forward", "rollout_forward"]
 
 
 class SameAsPolicy:
@@ -31,21 +32,21 @@ def loss_kwargs(cfg, spec: LossSpec) -> dict:
 
 
 def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *, bf16: bool = False):
-    """One concatenated policy forward (plus a no-grad reference forward when the loss needs one).
+    """One micro-batch through the loss's kind's forward: one concatenated policy forward (plus a
+    no-grad reference forward when the loss needs one).
 
     Returns the per-example losses and a dict of detached per-example tensors for the metrics.
     Paired batches are [chosen..., rejected...]; unpaired ones [examples..., KL rows...];
-    supervised ones (SFT) [examples...].
+    demonstrations (SFT) [examples...]; rollouts one row per sampled completion.
     """
-    device = batch["input_ids"].device.type
-    if spec.rollout:
-        return _rollout_forward(model, reference, spec, batch, kwargs, device, bf16)
-    with autocast(device, bf16):  # a reward model's "log-probs" are its scores (rm.py; loss bt)
-        logps, counts = (sequence_scores if spec.reward_model else completion_logps)(model, batch)
-    if spec.supervised:  # demonstrations (sft.py): one row per example, no reference, no pairs
-        out = spec.fn(logps, counts, **kwargs)
-        parts = {"losses": out.losses, "policy": logps, "lengths": counts, **out.metrics}
-        return out.losses, {k: v.detach() for k, v in parts.items()}
+    return spec.kind.forward(model, reference, spec, batch, kwargs, batch["input_ids"].device.type, bf16)
+
+
+def _halves(model, reference, spec: LossSpec, batch: dict, device: str, bf16: bool, score=None):
+    """The policy's scores of the two halves of a batch, their completion lengths, and the
+    reference's log-probs of the same rows (cached, the policy's own, a live forward, or zeros)."""
+    with autocast(device, bf16):
+        logps, counts = (score or completion_logps)(model, batch)
     first, second = split_pairs(logps)
     first_n, second_n = split_pairs(counts)
     if "reference_logps" in batch:  # cached once for the whole run (refcache.py)
@@ -57,28 +58,56 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
             ref_first, ref_second = split_pairs(completion_logps(reference.forward_model(model), batch)[0])
     else:  # reference-free losses never run (or load) a reference
         ref_first = ref_second = torch.zeros_like(first)
-    if spec.paired:
-        if spec.needs_lengths:
-            kwargs = {**kwargs, "chosen_lengths": first_n, "rejected_lengths": second_n}
-        out = spec.fn(first, second, ref_first, ref_second, **kwargs)
-        parts = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
-                 "policy_chosen": first, "policy_rejected": second, "chosen_lengths": first_n,
-                 "rejected_lengths": second_n}
-        if spec.needs_reference:  # policy - reference on the same pairs: what both_logps_falling reads
-            parts.update(logratio_chosen=first - ref_first, logratio_rejected=second - ref_second,
-                         reference_chosen=ref_first, reference_rejected=ref_second)
-    else:
-        out = spec.fn(first, ref_first, labels=batch["labels"], policy_kl_logps=second,
-                      reference_kl_logps=ref_second, **kwargs)
-        parts = {"rewards": out.rewards, "labels": batch["labels"], "policy": first, "lengths": first_n,
-                 "logratio": first - ref_first}
+    return first, second, first_n, second_n, ref_first, ref_second
+
+
+def _finish(out, parts: dict):
     n = out.losses.size(0)
     extras = {k: v.expand(n) if v.dim() == 0 else v for k, v in out.metrics.items()}
-    parts = {k: v.detach() for k, v in {"losses": out.losses, **parts, **extras}.items()}
-    return out.losses, parts
+    return out.losses, {k: v.detach() for k, v in {"losses": out.losses, **parts, **extras}.items()}
 
 
-def _rollout_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool):
+def pairs_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool,
+                  score=None):
+    """(prompt, chosen, rejected): the loss on the two completions' log-probs and the reference's."""
+    first, second, first_n, second_n, ref_first, ref_second = _halves(model, reference, spec, batch, device, bf16,
+                                                                      score)
+    if spec.needs_lengths:
+        kwargs = {**kwargs, "chosen_lengths": first_n, "rejected_lengths": second_n}
+    out = spec.fn(first, second, ref_first, ref_second, **kwargs)
+    parts = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
+             "policy_chosen": first, "policy_rejected": second, "chosen_lengths": first_n,
+             "rejected_lengths": second_n}
+    if spec.needs_reference:  # policy - reference on the same pairs: what both_logps_falling reads
+        parts.update(logratio_chosen=first - ref_first, logratio_rejected=second - ref_second,
+                     reference_chosen=ref_first, reference_rejected=ref_second)
+    return _finish(out, parts)
+
+
+def score_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool):
+    """A reward model on pairs: as `pairs_forward`, on the score head's scores (rm.py; loss bt)."""
+    return pairs_forward(model, reference, spec, batch, kwargs, device, bf16, score=sequence_scores)
+
+
+def unpaired_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool):
+    """(prompt, completion, label) rows followed by their KL rows (KTO)."""
+    first, second, first_n, _, ref_first, ref_second = _halves(model, reference, spec, batch, device, bf16)
+    out = spec.fn(first, ref_first, labels=batch["labels"], policy_kl_logps=second,
+                  reference_kl_logps=ref_second, **kwargs)
+    return _finish(out, {"rewards": out.rewards, "labels": batch["labels"], "policy": first, "lengths": first_n,
+                         "logratio": first - ref_first})
+
+
+def demonstrations_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool):
+    """Demonstrations (sft.py): one row per example, no reference, no pairs."""
+    with autocast(device, bf16):
+        logps, counts = completion_logps(model, batch)
+    out = spec.fn(logps, counts, **kwargs)
+    parts = {"losses": out.losses, "policy": logps, "lengths": counts, **out.metrics}
+    return out.losses, {k: v.detach() for k, v in parts.items()}
+
+
+def rollout_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool):
     """GRPO-style rows (online/grpo.py): per-token log-probs of the sampled completions, the
     sampling policy's (`old_logps`; absent with one pass per sample: the current ones, detached),
     the reference's when the KL term is on, and one advantage per completion."""

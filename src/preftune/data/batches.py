@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from ..core.losses import LOSSES, LossSpec
+from ..core.losses import Kind, LossSpec
 from ..utils.errors import ConfigError
 from .collate import kl_pairs
 from .layouts import choose_layout
@@ -35,6 +35,7 @@ __all__ = ["BatchSource", "OfflineSource", "EpochLoader", "exact_layout", "disti
 
 
 class BatchSource(Protocol):
+    feeds: tuple  # the loss kinds (kinds.py) whose batches it makes; train() refuses any other
     stats: dict  # data_stats.json (and the summary's "data")
     kwargs: dict  # the loss's settings
     eval_pairs: list | None  # held-out tokenized pairs, or None
@@ -74,14 +75,16 @@ def distinct_prompts(examples, n: int) -> list[list[int]]:
     return prompts
 
 
-def exact_layout(cfg, spec: LossSpec, model, examples, pad_id: int, model_dir: str):
+def exact_layout(cfg, kind: Kind, model, examples, pad_id: int, model_dir: str):
     """The configured layout if it is exact on this model, else the exact one it falls back to
-    (said once, recorded in data_stats.json and summary.json); a copy of `cfg` says which."""
+    (said once, recorded in data_stats.json and summary.json); a copy of `cfg` says which.
+    `examples` are pair-shaped rows (an unpaired example with its KL row, a demonstration with
+    itself): every kind but the reward model's packs its rows the same way."""
     d = cfg.data
-    if spec.reward_model and d.layout != "padded":  # the score head pools one sequence per row
+    if kind.layout == "padded" and d.layout != "padded":  # the score head pools one sequence per row
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, layout="padded", prefix_sharing=False))
-        return cfg, {"layout": "padded", "prefix_sharing": False, "reason": "reward model"}
-    if not spec.paired or d.layout == "padded":
+        return cfg, {"layout": "padded", "prefix_sharing": False, "reason": kind.name.replace("_", " ")}
+    if d.layout == "padded":
         return cfg, {"layout": d.layout, "prefix_sharing": d.prefix_sharing}
     layout, sharing, deltas = choose_layout(model, examples, pad_id, layout=d.layout, prefix_sharing=d.prefix_sharing,
                                             max_length=d.max_length, name=model_dir)
@@ -117,6 +120,8 @@ class EpochLoader:
 class OfflineSource:
     """A preference (or unpaired) file: validated at `load`, tokenized at `prepare`."""
 
+    feeds = ("pairs", "unpaired", "reward_model")
+
     def __init__(self, cfg, spec: LossSpec, records: list, eval_records: list | None):
         self.cfg, self.spec, self.records, self.eval_records = cfg, spec, records, eval_records
         self.identity: dict = {}  # the file's hash is in checkpoint.fingerprint already
@@ -125,7 +130,7 @@ class OfflineSource:
     def load(cls, cfg, spec: LossSpec) -> OfflineSource:
         if not cfg.data.train_path:
             raise ConfigError("defaults", "data.train_path", "is required")
-        records = load_data(cfg.data.train_path, cfg.data, paired=spec.paired, field="data.train_path")
+        records = load_data(cfg.data.train_path, cfg.data, paired=spec.kind.data == "pairs", field="data.train_path")
         eval_records = load_data(cfg.data.eval_path, cfg.data, field="data.eval_path") \
             if cfg.data.eval_path else None  # always pairs
         return cls(cfg, spec, records, eval_records)
@@ -138,27 +143,27 @@ class OfflineSource:
 
     def describe(self) -> str:
         s = self.data.stats
-        return (f"{s.pairs} {'pairs' if self.spec.paired else 'examples'}, {s.truncated} truncated, {s.dropped} "
+        return (f"{s.pairs} {self.spec.kind.example}s, {s.truncated} truncated, {s.dropped} "
                 f"dropped (lines {s.truncated_lines or '-'}), {s.dropped_eval_prompts} dropped as eval prompts")
 
     def layout(self, cfg, model, model_dir: str):
         examples = self.data.examples[: max(cfg.train.batch_size, 2)]
-        if not self.spec.paired:  # KTO: checked like pairs, on (prompt i, completion i, completion i+1) as packed
-            new, info = exact_layout(cfg, LOSSES["sigmoid"], model, kl_pairs(examples), self.tokenizer.pad_token_id,
+        if self.spec.kind.data == "unpaired":  # KTO: checked like pairs, on (prompt i, completion i, completion i+1)
+            new, info = exact_layout(cfg, self.spec.kind, model, kl_pairs(examples), self.tokenizer.pad_token_id,
                                      model_dir)
             self.collate, self.cfg, self.eval_collate = unpaired_collator(new, self.tokenizer), new, None
             return new, info
-        new, info = exact_layout(cfg, self.spec, model, examples, self.tokenizer.pad_token_id, model_dir)
+        new, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id, model_dir)
         if new is not cfg:
             self.collate = pair_collator(new, self.tokenizer)
         self.cfg = new
         # held-out pairs in the layout just checked
-        self.eval_collate = pair_collator(new, self.tokenizer) if self.spec.paired else None
+        self.eval_collate = pair_collator(new, self.tokenizer)
         return new, info
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int:
         t = cfg.train
-        if t.reference_cache and self.spec.needs_reference and self.spec.paired:
+        if t.reference_cache and self.spec.needs_reference and self.spec.kind.data == "pairs":
             cached = reference_cache(cfg, self.data, model, reference, self.tokenizer, reference_info, fp,
                                      accelerator)
             self.collate = pair_collator(cfg, self.tokenizer, cached)

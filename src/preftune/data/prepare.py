@@ -78,7 +78,7 @@ def prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) 
     held_out_dropped = 0
     if d.drop_eval_prompts and eval_records:
         records, held_out_dropped = drop_eval_prompts(records, eval_records)
-    if spec.paired:
+    if spec.kind.data == "pairs":
         examples, stats = prepare_pairs(d.train_path, cfg, tokenizer, records)
         collate = pair_collator(cfg, tokenizer)
     else:
@@ -88,7 +88,7 @@ def prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) 
     stats.dropped_eval_prompts = held_out_dropped
     eval_pairs = prepare_pairs(d.eval_path, cfg, tokenizer, eval_records)[0] if eval_records else None
     kwargs = loss_kwargs(cfg, spec)
-    if cfg.loss.kto_auto_weights and not spec.paired:
+    if cfg.loss.kto_auto_weights and spec.kind.data == "unpaired":
         kwargs["desirable_weight"], kwargs["undesirable_weight"] = kto_class_weights(stats.desirable,
                                                                                      stats.undesirable)
     return PreparedData(examples, stats, collate, eval_pairs, kwargs)

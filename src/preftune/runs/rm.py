@@ -35,6 +35,7 @@ from ..data.sources import split_path
 from ..utils.errors import ConfigError
 from ..core.stats import wilson
 from ..core.losses import LOSSES, build_loss
+from ..core.losses.kinds import REWARD_MODEL
 from ..models.loading import load_reward_start, load_tokenizer, resolve_model_dir
 from ..data.prepare import load_data
 from ..models.rewards import SCORING_FILE, build_reward, read_ensemble
@@ -58,7 +59,7 @@ def as_reward_records(records: list, tokenizer) -> list:
 
 def _rm_config(cfg: Config) -> Config:
     """The reward-model settings every member trains with: the `bt` loss, padded rows, no probes."""
-    name = cfg.loss.name if build_loss(cfg.loss.name).reward_model else "bt"
+    name = cfg.loss.name if build_loss(cfg.loss.name).kind is REWARD_MODEL else "bt"
     return dataclasses.replace(
         cfg, loss=dataclasses.replace(cfg.loss, name=name, mix=[]),
         data=dataclasses.replace(cfg.data, layout="padded", prefix_sharing=False),
@@ -141,9 +142,9 @@ def run_train_rm(cfg: Config, *, ensemble: int = 1, split: str = "disjoint", dis
         raise ConfigError("--split", "split", f"{split!r} is not one of {', '.join(SPLITS)}")
     if not cfg.data.train_path:
         raise ConfigError("defaults", "data.train_path", "is required")
-    if not LOSSES[cfg.loss.name].reward_model and cfg.loss.name != "sigmoid":  # sigmoid: the untouched default
+    if LOSSES[cfg.loss.name].kind is not REWARD_MODEL and cfg.loss.name != "sigmoid":  # sigmoid: the untouched default
         raise ConfigError("defaults", "loss.name", f"{cfg.loss.name!r} is not a reward-model loss; preftune train-rm "
-                          f"trains with {', '.join(n for n, s in LOSSES.items() if s.reward_model)}")
+                          f"trains with {', '.join(n for n, s in LOSSES.items() if s.kind is REWARD_MODEL)}")
     cfg = _rm_config(cfg)
     m = cfg.model
     tokenizer = load_tokenizer(resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights),

@@ -33,6 +33,7 @@ from ..data.tokenize import TokenizedPair, tokenize_unpaired
 from ..utils.errors import ConfigError
 from ..core.logprobs import completion_logps
 from ..core.losses import LOSSES, build_loss
+from ..core.losses.kinds import DEMONSTRATIONS
 from ..data.prepare import load_data
 from ..utils.progress import progress
 from ..training.train import RunResult, train
@@ -84,7 +85,7 @@ def heldout_nll(model, examples: list, collate, *, batch_size: int, desc: str = 
 class SFTSource:
     """Demonstrations from `data.train_path` (and held-out ones from `data.eval_path`)."""
 
-    supervised = True  # train() feeds supervised losses only from a source that says so
+    feeds = ("demonstrations",)
 
     def __init__(self, cfg: Config, records: list, eval_records: list | None, kind: str):
         self.cfg, self.records, self.eval_records, self.kind = cfg, records, eval_records, kind
@@ -124,7 +125,7 @@ class SFTSource:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefix_sharing=False))
         rows = [TokenizedPair(e.prompt_ids, e.completion_ids, e.completion_ids, e.source, e.line)
                 for e in self.examples[: max(cfg.train.batch_size, 2)]]
-        new, info = exact_layout(cfg, LOSSES["sigmoid"], model, rows, self.tokenizer.pad_token_id, model_dir)
+        new, info = exact_layout(cfg, DEMONSTRATIONS, model, rows, self.tokenizer.pad_token_id, model_dir)
         self.cfg = new
         self.collate = sft_collator(new.data.layout, self.tokenizer.pad_token_id)
         return new, info
@@ -159,7 +160,7 @@ class SFTSource:
 
 def run_sft(cfg: Config, *, resume: bool = False, allow_config_change: bool = False) -> RunResult:
     """`preftune sft` (and `preftune resume` of an SFT run): train() on an SFTSource."""
-    if not build_loss(cfg.loss.name).supervised:
+    if build_loss(cfg.loss.name).kind.name not in SFTSource.feeds:
         raise ConfigError("defaults", "loss.name", f"{cfg.loss.name!r} is not a supervised loss; preftune sft "
-                          f"trains with {', '.join(n for n, s in LOSSES.items() if s.supervised)}")
+                          f"trains with {', '.join(n for n, s in LOSSES.items() if s.kind.name in SFTSource.feeds)}")
     return train(cfg, resume=resume, allow_config_change=allow_config_change, source=SFTSource.load(cfg))

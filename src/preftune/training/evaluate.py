@@ -61,15 +61,16 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     accuracy is 0.5 by definition and flagged `undefined`, and each batch takes one forward.
 
     Rewards are the loss's own (beta * log-ratio for DPO-style losses, beta * average logp for
-    SimPO/ORPO). An unpaired loss (KTO) has DPO's implicit reward beta * log-ratio, so its pairs
-    are scored with the sigmoid spec; its "loss" is then DPO's and is not reported.
+    SimPO/ORPO). A loss of a kind that does not train on pairs (KTO, SFT, GRPO) has its pairs scored
+    by its kind's `pair_scorer` (DPO's implicit reward beta * log-ratio); its "loss" is then that
+    loss's and is not reported.
     Under several processes each scores its own share; per-pair values are gathered and summed
     with math.fsum, so the result is the same number for any process count (no pair twice).
     `policy_logps`, when given, receives each pair's summed (chosen, rejected) policy log-probs by line;
     `reference_logps` the reference's, where the loss has a reference (else it stays empty).
     """
     collate = collate or (lambda chunk: collate_pairs(chunk, pad_id))
-    scorer = spec if spec.paired else LOSSES["sigmoid"]
+    scorer = LOSSES[spec.kind.pair_scorer] if spec.kind.pair_scorer else spec
     kwargs = {k: loss_kwargs[k] for k in scorer.params}
     idx, real = _shard(len(pairs))
     mine = [pairs[i] for i in idx]
@@ -106,11 +107,11 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     result["accuracy/logp_ci95"] = wilson(sums["accuracy/logp"], n)
     if isinstance(reference, SameAsPolicy):
         result["accuracy/implicit_reward_undefined"] = True  # policy == reference: every margin is 0
-    if not spec.paired:
+    if spec.kind.pair_scorer:
         del result["loss"]
-    if spec.reward_model:  # scores, not log-probs: accuracy/logp is the score accuracy, no perplexity
+    if spec.kind.margins == "scores":  # scores, not log-probs: accuracy/logp is the score accuracy, no perplexity
         del result["perplexity/chosen"]
-    if spec.paired:
+    if not spec.kind.pair_scorer:
         result["calibration"] = reliability([r[2] for r in rows])
     return result
 

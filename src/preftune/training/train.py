@@ -129,7 +129,7 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = 
     `empty`: without weights (a sharded run's rank > 0; rank 0's are broadcast at prepare)."""
     m = cfg.model
     # a reward model (rm.py) is the model with a new score head; it has no reference and no adapter to start from
-    model, adapter = (load_reward_start(m, model_dir, pad_id), None) if spec.reward_model \
+    model, adapter = (load_reward_start(m, model_dir, pad_id), None) if spec.kind.model == "score_head" \
         else load_start(m, model_dir, empty=empty, device=device)
     separate = spec.needs_reference and bool(m.reference_name_or_path)  # not the starting weights
     kept = adapter is not None and not m.adapter_merge  # the SFT adapter itself keeps training
@@ -143,7 +143,7 @@ def _build_policy(cfg: Config, spec: LossSpec, model_dir: str, *, empty: bool = 
             info["quantization"] = f"4bit-{m.bnb_4bit_quant_type}"
     if m.lora and not kept:
         model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                           target_modules=m.lora_target_modules, task="SEQ_CLS" if spec.reward_model else "CAUSAL_LM")
+                           target_modules=m.lora_target_modules, task="SEQ_CLS" if spec.kind.model == "score_head" else "CAUSAL_LM")
     if m.gradient_checkpointing:  # non-reentrant: restores the RNG, so dropout masks (and losses) are unchanged
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
@@ -199,12 +199,9 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
         raise ConfigError(str(run_dir), "resume", f"this run finished at step {done['steps']} (summary.json); "
                           "to train it again: preftune train -c RUN/config.yaml run.overwrite=true")
     # ---- validate everything cheap before any weights load ----
-    if spec.rollout and not getattr(source, "rollout", False):
-        raise ConfigError("defaults", "loss.name", f"{spec.name!r} trains on completions sampled during the run: "
-                          "use `preftune grpo` (online.prompts_path, online.reward)")
-    if spec.supervised and not getattr(source, "supervised", False):
-        raise ConfigError("defaults", "loss.name", f"{spec.name!r} is supervised fine-tuning on demonstrations: "
-                          "use `preftune sft` (data.train_path: prompt/completion or messages)")
+    if spec.kind.name not in (source or OfflineSource).feeds:
+        raise ConfigError("defaults", "loss.name", f"{spec.name!r} trains on {spec.kind.data} "
+                          f"({spec.kind.name}): use `preftune {spec.kind.command}`")
     source = source or OfflineSource.load(cfg, spec)
     model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code, revision=cfg.model.revision)
@@ -371,8 +368,8 @@ class RunLog:
         run, step, main = self.run, row["step"], self.main
         run.history.append(row)
         # a reward model's margins are score gaps, not beta-scaled log-ratios
-        beta = 1.0 if run.spec.reward_model else run.cfg.loss.beta
-        row["health"] = health_checks(run.history, beta=beta, paired=run.spec.paired,
+        beta = run.cfg.loss.beta if run.spec.kind.margins == "beta" else 1.0
+        row["health"] = health_checks(run.history, beta=beta, paired=run.spec.kind.data == "pairs",
                                       **dataclasses.asdict(self.dg))
         for flag in set(row["health"]) - self.flagged:  # say it once, when it starts
             self.flagged.add(flag)
@@ -383,10 +380,7 @@ class RunLog:
         if self.t.report_to and step % self.t.log_every == 0:
             run.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
         self.bar.update(1)
-        # pairs show their implicit-reward margin; rollouts (GRPO) the mean reward of their samples;
-        # demonstrations (SFT) the NLL per token
-        name, key = ("reward", "reward/mean") if run.spec.rollout else ("nll", "nll/token") if run.spec.supervised \
-            else ("margin", "rewards/margins")
+        name, key = run.spec.kind.progress  # pairs: the margin; rollouts: the mean reward; demonstrations: NLL/token
         shown = f"{row[key]:.3f}" if key in row else "-"  # a KTO step of one class has no margin
         self.bar.set_postfix({"loss": f"{row['loss']:.4f}", name: shown})
         if main and self.bar.disable and (step % 10 == 0 or step == run.total_steps):
@@ -412,7 +406,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
     # measured once per run; a resumed run takes it from its checkpoint (without a reference it could
     # only re-measure the trained weights, not the starting ones)
     baseline = run.ckpt.state.get("probe_reference_length") if run.ckpt is not None else None
-    probing = bool(cfg.diagnostics.probe_every) and not spec.reward_model  # a reward model cannot sample
+    probing = bool(cfg.diagnostics.probe_every) and spec.kind.samples  # a reward model cannot sample
     if baseline is None and probing:
         baseline = probe_baseline(unwrapped, run.reference, run.tokenizer, run.source, cfg, run.history,
                                   run.total_steps)
@@ -446,8 +440,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
             run.step += 1
             gathered = {k: a.gather_for_metrics(torch.cat([c[k] for c in collected])) for k in collected[0]}
             collected, run.pairs = [], run.pairs + len(gathered["losses"])
-            row = {"step": run.step, "epoch": epoch, **step_metrics(gathered, paired=spec.paired, rollout=spec.rollout,
-                                                            supervised=spec.supervised, reward_model=spec.reward_model),
+            row = {"step": run.step, "epoch": epoch, **step_metrics(gathered, spec.kind),
                    "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0], **run.source.step_metrics()}
             if probing and (run.step % cfg.diagnostics.probe_every == 0
                                                 or run.step == run.total_steps):

@@ -9,8 +9,8 @@ import torch
 from preftune.config import LossConfig
 from preftune.core.losses import LOSSES, build_loss, register_loss
 
-PAIRED = sorted(n for n, s in LOSSES.items() if s.paired)  # bt (reward model) too: same signature
-UNPAIRED = sorted(n for n, s in LOSSES.items() if not s.paired and not s.rollout and not s.supervised)
+PAIRED = sorted(n for n, s in LOSSES.items() if s.kind.data == "pairs")  # bt (reward model) too: same signature
+UNPAIRED = sorted(n for n, s in LOSSES.items() if s.kind.data == "unpaired")
 # rollout (grpo): test_grpo.py; supervised (nll): test_family.py
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossConfig) if f.default is not dataclasses.MISSING}
 
@@ -32,8 +32,8 @@ def test_registry_has_the_family():
     assert set(LOSSES) == {"sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "sft", "kto", "grpo",
                            "nll", "bt"}
     assert [n for n in sorted(LOSSES) if not LOSSES[n].needs_reference] == ["bt", "nll", "orpo", "sft", "simpo"]
-    assert [n for n in sorted(LOSSES) if LOSSES[n].reward_model] == ["bt"]
-    assert [n for n in sorted(LOSSES) if LOSSES[n].supervised] == ["nll"]
+    assert {n: LOSSES[n].kind.name for n in sorted(LOSSES) if LOSSES[n].kind.name != "pairs"} == {
+        "bt": "reward_model", "grpo": "rollouts", "kto": "unpaired", "nll": "demonstrations"}
 
 
 @pytest.mark.parametrize("name", PAIRED)
@@ -107,18 +107,18 @@ def test_unpaired_contract(name):
 
 def test_duplicate_registration_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
-        register_loss("sigmoid", LOSSES["sigmoid"].fn, needs_reference=True, paired=True, summary="x")
+        register_loss("sigmoid", LOSSES["sigmoid"].fn, kind=LOSSES["sigmoid"].kind, needs_reference=True, summary="x")
 
 
 def test_mixture_is_the_weighted_sum_and_asks_for_what_its_terms_need():
     """RPO = sigmoid + 0.2 * sft: a reference (from sigmoid) and lengths (from sft)."""
     spec = build_loss("sigmoid", [["sigmoid", 1.0], ["sft", 0.2]])
-    assert spec.needs_reference and spec.needs_lengths and spec.paired
+    assert spec.needs_reference and spec.needs_lengths and spec.kind.name == "pairs"
     pc, pr, rc, rr = _t([-10.0]), _t([-15.0]), _t([-11.0]), _t([-14.0])
     out = call(spec, pc, pr, rc, rr, chosen_lengths=_t([5.0]))
     # 0.598139 + 0.2 * (10 / 5) = 0.998139
     assert out.losses.item() == pytest.approx(0.998139, abs=1e-6)
     assert out.chosen_rewards.item() == pytest.approx(0.1)
     assert out.metrics["loss/sft"].item() == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="only paired"):
+    with pytest.raises(ValueError, match="only losses of a mixable kind"):
         build_loss("sigmoid", [["sigmoid", 1.0], ["kto", 1.0]])

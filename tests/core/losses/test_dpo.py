@@ -41,4 +41,4 @@ def test_beta_scales_the_argument():
 
 def test_registered_with_reference():
     spec = LOSSES["sigmoid"]
-    assert spec.fn is sigmoid_dpo_loss and spec.needs_reference and spec.paired
+    assert spec.fn is sigmoid_dpo_loss and spec.needs_reference and spec.kind.name == "pairs"

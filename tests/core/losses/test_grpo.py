@@ -74,5 +74,5 @@ def test_sequence_and_token_level_reductions_by_hand():
 
 def test_grpo_is_registered_as_a_rollout_loss():
     spec = LOSSES["grpo"]
-    assert spec.rollout and not spec.paired and spec.needs_reference
+    assert spec.kind.name == "rollouts" and spec.kind.data == "prompts" and spec.needs_reference
     assert spec.params == ("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level")

@@ -1,11 +1,11 @@
 """The loss registry: the single source of truth for loss names and their properties.
 
-The training loop asks a spec (`needs_reference`, `paired`, `needs_lengths`, `params`, `rollout`,
-`supervised`, `reward_model`) and never tests a loss by name. Rollout losses (GRPO) score completions sampled from
-the policy during the run, per token, with group advantages; only a rollout source (online/grpo.py)
-feeds them. Supervised losses (SFT) score demonstrations; only `preftune sft` (sft.py) feeds them.
-Reward-model losses train a sequence-classification head on pairs (`preftune train-rm`, rm.py).
-Config validation, `--help`, error messages and the contract tests are all generated from `LOSSES`.
+Each loss has a kind (kinds.py: pairs, unpaired, demonstrations, rollouts, reward model) that
+decides its data, its forward step, its metrics and the command that trains it; besides that, a
+spec says whether the loss reads a reference (`needs_reference`), which settings it takes
+(`params`) and whether it receives completion lengths. The training loop asks the spec and its
+kind and never tests a loss by name. Config validation, `--help`, error messages and the contract
+tests are all generated from `LOSSES`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .kinds import DEMONSTRATIONS, KINDS, PAIRS, REWARD_MODEL, ROLLOUTS, UNPAIRED, Kind
 from .types import LossOutput, SupervisedLossOutput, UnpairedLossOutput
 
 _LAZY = {"RolloutLossOutput": "grpo", "group_advantages": "grpo"}
@@ -26,7 +27,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LOSSES", "ALIASES", "LossSpec", "LossOutput", "UnpairedLossOutput", "SupervisedLossOutput", "RolloutLossOutput", "register_loss",
+__all__ = ["LOSSES", "ALIASES", "LossSpec", "Kind", "KINDS", "LossOutput", "UnpairedLossOutput", "SupervisedLossOutput", "RolloutLossOutput", "register_loss",
            "build_loss", "group_advantages"]
 
 
@@ -34,14 +35,11 @@ __all__ = ["LOSSES", "ALIASES", "LossSpec", "LossOutput", "UnpairedLossOutput", 
 class LossSpec:
     name: str
     impl: Callable | str   # the loss function, or "module:function" of this package, imported on first use
+    kind: Kind             # what it trains on and everything that follows (kinds.py)
     needs_reference: bool  # the loop loads/runs a reference only when this is true
-    paired: bool           # paired (prompt, chosen, rejected) vs unpaired (prompt, completion, label)
     params: tuple          # LossConfig fields passed as keyword arguments
     needs_lengths: bool    # receives chosen_lengths / rejected_lengths (completion token counts)
     summary: str           # one line for --help and error messages
-    rollout: bool = False  # per-token loss on sampled completions with advantages (GRPO); not paired
-    supervised: bool = False  # NLL of demonstrations (prompt, completion): `preftune sft`; not paired
-    reward_model: bool = False  # paired, on the scores of a sequence-classification head: `preftune train-rm`
     uses: tuple = ()       # loss settings its batch source reads besides `params` (KTO's kto_auto_weights)
 
     @property
@@ -58,14 +56,15 @@ LOSSES: dict[str, LossSpec] = {}
 ALIASES: dict[str, str] = {"dpo": "sigmoid"}  # other names users know a loss by; resolved in config
 
 
-def register_loss(name: str, fn: Callable | str, *, needs_reference: bool, paired: bool, summary: str,
-                  params: tuple = ("beta",), needs_lengths: bool = False, rollout: bool = False,
-                  supervised: bool = False, reward_model: bool = False, uses: tuple = ()) -> LossSpec:
-    """Add a loss to the registry; a second registration of the same name is an error."""
+def register_loss(name: str, fn: Callable | str, *, kind: Kind, needs_reference: bool, summary: str,
+                  params: tuple = ("beta",), needs_lengths: bool = False, uses: tuple = ()) -> LossSpec:
+    """Add a loss of a registered kind; a second registration of the same name is an error."""
     if name in LOSSES:
         raise ValueError(f"loss {name!r} is already registered")
-    LOSSES[name] = spec = LossSpec(name, fn, needs_reference, paired, tuple(params), needs_lengths, summary,
-                                          rollout, supervised, reward_model, tuple(uses))
+    if KINDS.get(kind.name) is not kind:
+        raise ValueError(f"loss {name!r}: {kind.name!r} is not a registered kind ({', '.join(KINDS)})")
+    LOSSES[name] = spec = LossSpec(name, fn, kind, needs_reference, tuple(params), needs_lengths, summary,
+                                   tuple(uses))
     return spec
 
 
@@ -78,8 +77,8 @@ def build_loss(name: str, mix: list | None = None) -> LossSpec:
     if not mix:
         return LOSSES[ALIASES.get(name, name)]
     terms = [(LOSSES[n], float(w)) for n, w in mix]
-    if not all(spec.paired and not spec.rollout and not spec.supervised and not spec.reward_model for spec, _ in terms):
-        raise ValueError("only paired losses can be mixed")
+    if not all(spec.kind.mixable for spec, _ in terms):
+        raise ValueError(f"only losses of a mixable kind can be mixed ({', '.join(k for k, v in KINDS.items() if v.mixable)})")
     params = tuple(dict.fromkeys(p for spec, _ in terms for p in spec.params))
     needs_lengths = any(spec.needs_lengths for spec, _ in terms)
 
@@ -93,34 +92,34 @@ def build_loss(name: str, mix: list | None = None) -> LossSpec:
         return LossOutput(losses, outs[0].chosen_rewards, outs[0].rejected_rewards, {**outs[0].metrics, **metrics})
 
     label = "+".join(f"{w:g}*{spec.name}" for spec, w in terms)
-    return LossSpec(label, mixture, any(s.needs_reference for s, _ in terms), True, params, needs_lengths,
+    return LossSpec(label, mixture, PAIRS, any(s.needs_reference for s, _ in terms), params, needs_lengths,
                     f"mixture {label}")
 
 
-register_loss("sigmoid", "dpo:sigmoid_dpo_loss", needs_reference=True, paired=True,
+register_loss("sigmoid", "dpo:sigmoid_dpo_loss", kind=PAIRS, needs_reference=True,
               summary="DPO: -log sigmoid(beta * Delta) (Rafailov et al. 2023)")
-register_loss("cdpo", "dpo:cdpo_loss", needs_reference=True, paired=True, params=("beta", "label_smoothing"),
+register_loss("cdpo", "dpo:cdpo_loss", kind=PAIRS, needs_reference=True, params=("beta", "label_smoothing"),
               summary="conservative DPO with label smoothing eps (Mitchell 2023)")
-register_loss("robust", "dpo:robust_dpo_loss", needs_reference=True, paired=True, params=("beta", "label_smoothing"),
+register_loss("robust", "dpo:robust_dpo_loss", kind=PAIRS, needs_reference=True, params=("beta", "label_smoothing"),
               summary="robust DPO, unbiased under label noise eps (Chowdhury et al. 2024)")
-register_loss("hinge", "dpo:hinge_loss", needs_reference=True, paired=True,
+register_loss("hinge", "dpo:hinge_loss", kind=PAIRS, needs_reference=True,
               summary="SLiC/RSO hinge relu(1 - beta * Delta)")
-register_loss("ipo", "dpo:ipo_loss", needs_reference=True, paired=True, params=("beta", "ipo_length_normalize"),
+register_loss("ipo", "dpo:ipo_loss", kind=PAIRS, needs_reference=True, params=("beta", "ipo_length_normalize"),
               needs_lengths=True, summary="IPO (h - 1/(2 beta))^2 (Azar et al. 2023)")
-register_loss("simpo", "reference_free:simpo_loss", needs_reference=False, paired=True, params=("beta", "simpo_gamma"),
+register_loss("simpo", "reference_free:simpo_loss", kind=PAIRS, needs_reference=False, params=("beta", "simpo_gamma"),
               needs_lengths=True, summary="SimPO, length-normalized, no reference (Meng et al. 2024)")
-register_loss("orpo", "reference_free:orpo_loss", needs_reference=False, paired=True, needs_lengths=True,
+register_loss("orpo", "reference_free:orpo_loss", kind=PAIRS, needs_reference=False, needs_lengths=True,
               summary="ORPO: NLL + beta * odds-ratio term, no reference (Hong et al. 2024)")
-register_loss("sft", "reference_free:sft_loss", needs_reference=False, paired=True, params=(), needs_lengths=True,
+register_loss("sft", "reference_free:sft_loss", kind=PAIRS, needs_reference=False, params=(), needs_lengths=True,
               summary="NLL of the chosen completion (the RPO term when mixed)")
-register_loss("kto", "kto:kto_loss", needs_reference=True, paired=False,
+register_loss("kto", "kto:kto_loss", kind=UNPAIRED, needs_reference=True,
               params=("beta", "desirable_weight", "undesirable_weight"), uses=("kto_auto_weights",),
               summary="KTO on unpaired (prompt, completion, label) data (Ethayarajh et al. 2024)")
-register_loss("grpo", "grpo:grpo_loss", needs_reference=True, paired=False, rollout=True,
+register_loss("grpo", "grpo:grpo_loss", kind=ROLLOUTS, needs_reference=True,
               params=("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level"),
               summary="GRPO: clipped ratio x group advantage + k3 KL, online (Shao et al. 2024); preftune grpo")
-register_loss("nll", "reference_free:nll_loss", needs_reference=False, paired=False, params=(), supervised=True,
+register_loss("nll", "reference_free:nll_loss", kind=DEMONSTRATIONS, needs_reference=False, params=(),
               summary="SFT: token-mean NLL of the completion tokens of demonstrations; preftune sft")
-register_loss("bt", "reward:bradley_terry_loss", needs_reference=False, paired=True, reward_model=True,
+register_loss("bt", "reward:bradley_terry_loss", kind=REWARD_MODEL, needs_reference=False,
               params=("rm_margin", "rm_center_coef"),
               summary="reward model: Bradley-Terry -log sigmoid(r_c - r_r - margin) + centering; preftune train-rm")

@@ -60,11 +60,12 @@ MAX_ATTEMPTS = 8
 class GRPOSource:
     """Groups of completions sampled from the current policy, scored, with group advantages."""
 
-    rollout = True  # train() refuses a rollout loss (grpo) on any other source
+    feeds = ("rollouts",)
 
     def __init__(self, cfg, spec: LossSpec, prompts: list, reward, eval_prompts: list | None = None):
-        if not spec.rollout:
-            raise ConfigError("defaults", "loss.name", f"preftune grpo trains the grpo loss, not {spec.name!r}")
+        if spec.kind.name not in self.feeds:
+            raise ConfigError("defaults", "loss.name", f"preftune grpo trains a rollouts loss "
+                              f"({', '.join(n for n, s in LOSSES.items() if s.kind.name in self.feeds)}), not {spec.name!r}")
         if not cfg.train.max_steps:
             raise ConfigError("defaults", "train.max_steps", "grpo needs a number of steps (> 0)")
         self.cfg, self.spec, self.prompts, self.reward = cfg, spec, prompts, reward
@@ -100,7 +101,7 @@ class GRPOSource:
         examples, _ = tokenize_records(records, self.tokenizer, max_length=cfg.data.max_length,
                                        max_prompt_length=cfg.data.max_prompt_length, drop_overlong=True,
                                        allow_degenerate=True)
-        new, info = exact_layout(cfg, LOSSES["sigmoid"], model, examples, self.tokenizer.pad_token_id, model_dir) \
+        new, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id, model_dir) \
             if examples else (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout="padded")),
                               {"layout": "padded", "prefix_sharing": False})
         self.cfg = new

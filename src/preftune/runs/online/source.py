@@ -37,9 +37,11 @@ _COUNTS = ("pairs", "ties", "failed", "below_margin", "samples")
 class OnlineSource:
     """Pairs sampled from the current policy, `online.prompts_per_step` prompts per micro-batch."""
 
+    feeds = ("pairs",)
+
     def __init__(self, cfg, spec: LossSpec, prompts: list, reward):
-        if not spec.paired:
-            raise ConfigError("defaults", "loss.name", f"online mode builds pairs; {spec.name!r} is unpaired")
+        if spec.kind.name not in self.feeds:
+            raise ConfigError("defaults", "loss.name", f"online mode builds pairs; {spec.name!r} trains on {spec.kind.data}")
         if not cfg.train.max_steps:
             raise ConfigError("defaults", "train.max_steps", "online mode needs a number of steps (> 0)")
         self.cfg, self.spec, self.prompts, self.reward = cfg, spec, prompts, reward
@@ -72,7 +74,7 @@ class OnlineSource:
         examples, _ = tokenize_records(records, self.tokenizer, max_length=cfg.data.max_length,
                                        max_prompt_length=cfg.data.max_prompt_length, drop_overlong=True,
                                        allow_degenerate=True)
-        new, info = exact_layout(cfg, self.spec, model, examples or [], self.tokenizer.pad_token_id, model_dir) \
+        new, info = exact_layout(cfg, self.spec.kind, model, examples or [], self.tokenizer.pad_token_id, model_dir) \
             if examples else (cfg, {"layout": cfg.data.layout, "prefix_sharing": cfg.data.prefix_sharing})
         if new is not cfg:
             self.collate = pair_collator(new, self.tokenizer)
