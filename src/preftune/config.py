@@ -21,7 +21,7 @@ from .core.losses import ALIASES, LOSSES, build_loss  # the registry is the sing
 from .core.recipes import PREFIX as RECIPE_PREFIX
 from .core.recipes import load_recipe, recipe_name, recipe_path
 from .data.pairs import JUDGE_MODES, PAIRINGS
-from .data.sources import FORMATS, UNPAIRED_FORMATS
+from .data.sources import FILE_KINDS, FORMATS, UNPAIRED_FORMATS
 from .utils.errors import ConfigError, DataError
 from .utils.safeio import load_yaml
 from .utils.version import __version__
@@ -79,7 +79,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_path: str = _f("", "training data: .jsonl[.gz], .json, .csv, .parquet, a saved HF dataset dir (DIR or "
+    train_path: str = _f("", f"training data: {FILE_KINDS}, a saved HF dataset dir (DIR or "
                              "DIR:SPLIT), or a hub dataset org/name[:config][:split] (needs the hub)")
     revision: str = _f("", "hub datasets: the branch, tag or commit to read (empty: the default branch)", resume=False)
     eval_path: str = _f("", "held-out data in the same forms (optional)", resume=False)
@@ -179,7 +179,8 @@ DiagnosticsConfig.__module__ = __name__
 class OnlineConfig:
     prompts_path: str = _f("", "prompts to generate from: .txt (one per line) or a file with a `prompt` column")
     eval_prompts_path: str = _f("", "held-out prompts for the per-round reward and KL (optional)")
-    reward: str = _f("sentiment", "reward source: sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL[#model]")
+    reward: str = _f("sentiment", "reward source, KIND or KIND:ARG: one of the reward kinds "
+                                  "(docs/reference/registries.md; e.g. sentiment, fn:module:func, rm:DIR)")
     reward_ensemble: list = _f([], "weighted sources instead of online.reward, e.g. [[sentiment, 1.0], [judge:URL, 0.5]]")
     disagreement_penalty: float = _f(0.0, "ensemble: subtract this times the spread of the members' z-scores "
                                           "(each member standardised over the batch)")

@@ -34,3 +34,9 @@ def test_unknown_recipe_is_one_line_naming_the_known_ones():
     with pytest.raises(ConfigError) as err:
         load_config("recipe:dpo2")
     assert "unknown recipe" in str(err.value) and "sigmoid" in str(err.value)
+
+
+def test_the_recipe_names_are_the_recipe_files():
+    from preftune.core.recipes import RECIPE_DIR, RECIPES
+
+    assert sorted(RECIPES) == sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")) and "rpo" in RECIPES

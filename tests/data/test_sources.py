@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import json
 
@@ -262,3 +263,17 @@ def test_a_chat_template_that_refuses_a_record_is_one_line_naming_it(tokenizer):
     with pytest.raises(DataError, match=r"^d.jsonl:7: prompt: the model's chat template refused this record "
                                         r"\(roles system, user\): System role not supported$"):
         tokenize_records([record], tok, max_length=64, max_prompt_length=32)
+
+
+def test_the_file_suffixes_are_one_table(tmp_path):
+    """READERS owns the suffixes: the reader, the error message and the config help all read it."""
+    from preftune.config import DataConfig
+    from preftune.data.sources import FILE_KINDS, READERS
+
+    bad = tmp_path / "pairs.tsv"
+    bad.write_text("x\n")
+    with pytest.raises(DataError, match="unknown extension") as err:
+        load_records(str(bad))
+    assert all(s in str(err.value) for s in READERS) and all(s in FILE_KINDS for s in READERS)
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(DataConfig) if f.name == "train_path")
+    assert FILE_KINDS in help_text

@@ -5,7 +5,10 @@ parser alone (cli/__init__.py imports a handler's module only when its command r
 from __future__ import annotations
 
 from ..config import RM_SPLITS, opt_in_keys
+from ..models import REWARD_SYNTAX
 from .common import _config_args, _number, _output_file, _overrides
+
+_REWARDS = " | ".join(REWARD_SYNTAX.values())  # models/__init__.py owns the reward kinds
 
 
 def _resume_args(p):
@@ -20,7 +23,7 @@ def _eval_args(p):
     p.add_argument("--run", help="run directory written by `preftune train` (omit to evaluate the base model)")
     p.add_argument("--data", required=True, nargs="+", help="held-out preference file(s)")
     p.add_argument("--reward", help="score fresh policy and reference samples with this reward source "
-                   "(sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL)")
+                   f"({_REWARDS})")
     p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
     p.add_argument("--out", type=_output_file, help="also write the JSON result here")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
@@ -75,14 +78,14 @@ def _arithmetic_args(p):
 
 def _synth_args(p):
     p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
-    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
+    p.add_argument("--reward", required=True, help=_REWARDS)
     p.add_argument("--out", type=_output_file, required=True, help="JSONL: prompt, chosen, rejected, scores (and rationales)")
     _config_args(p, "YAML config", "section.key=value (model.name_or_path, online.samples_per_prompt...)")
 
 
 def _bon_args(p):
     p.add_argument("prompts", help=".txt (one per line) or a file with a prompt column")
-    p.add_argument("--reward", required=True, help="sentiment | fn:module:func | rm:DIR | implicit:RUN | judge:URL")
+    p.add_argument("--reward", required=True, help=_REWARDS)
     p.add_argument("--policy", help="model or finished run directory to sample from (default: model.name_or_path)")
     p.add_argument("-n", type=_number(int, 1, 4096), help="samples per prompt (default: online.samples_per_prompt; with --eval, its "
                    "largest n)")

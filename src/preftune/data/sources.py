@@ -180,7 +180,11 @@ def _read_hf_dir(path: Path, split: str | None = None) -> Iterator[tuple[int, di
 
 
 _HUB_ID = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<a>[\w.-]+))?(?::(?P<b>[\w.-]+))?$")
-_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz")
+# the file readers by suffix (a suffix may also end in .gz): the one list the reader, the hub-id
+# check, the error messages and the config's help text read
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+FILE_KINDS = ", ".join(f"{s}[.gz]" if s == ".jsonl" else s for s in READERS)
+_DATA_SUFFIXES = (*READERS, ".gz")
 
 
 def hub_offline() -> bool:
@@ -276,11 +280,10 @@ def read_rows(path: str | Path, *, field: str = "file", revision: str = "") -> I
         return _read_hf_dir(path)
     open_regular(path).close()  # a FIFO, a device or an unreadable file: one line, before any reading
     name = path.name.removesuffix(".gz")
-    for suffix, reader in ((".jsonl", _read_jsonl), (".json", _read_json), (".csv", _read_csv),
-                           (".parquet", _read_parquet)):
+    for suffix, reader in READERS.items():
         if name.endswith(suffix):
             return reader(path)
-    raise DataError(path, 0, "file", "unknown extension; use .jsonl[.gz], .json, .csv, .parquet or a dataset dir")
+    raise DataError(path, 0, "file", f"unknown extension; use {FILE_KINDS} or a dataset dir")
 
 
 # ---- format adapters: row -> (prompt, chosen, rejected) ------------------------------------

@@ -144,3 +144,14 @@ def test_implicit_reward_of_a_trained_run_prefers_what_it_was_trained_to_prefer(
     assert sum(c > j for c, j in zip(chosen, rejected)) >= 3
     with pytest.raises(ConfigError, match="not a finished preftune run"):
         build_reward(f"implicit:{tmp_path}")
+
+
+def test_every_reward_kind_has_a_factory_and_the_help_names_them_all():
+    """The kinds are one table (models/__init__.py REWARD_SYNTAX): the registry, the CLI's --reward
+    help and the docs read it; a kind listed without a factory, or a factory nobody lists, fails."""
+    from preftune.cli.args import _REWARDS
+    from preftune.models import REWARD_SYNTAX
+    from preftune.models.rewards import _FACTORIES, REWARD_KINDS
+
+    assert list(REWARD_KINDS) == list(REWARD_SYNTAX) and set(_FACTORIES) == set(REWARD_SYNTAX)
+    assert "arithmetic" in REWARD_KINDS and all(form in _REWARDS for form in REWARD_SYNTAX.values())

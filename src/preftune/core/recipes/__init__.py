@@ -29,7 +29,7 @@ from ...utils.errors import ConfigError
 __all__ = ["RECIPE_DIR", "RECIPES", "Recipe", "load_recipe", "recipe_path", "recipe_name", "PREFIX"]
 
 RECIPE_DIR = Path(__file__).resolve().parent
-RECIPES = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
+RECIPES = tuple(sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))  # a recipe is its file: add one, it is listed
 PREFIX = "recipe:"
 
 

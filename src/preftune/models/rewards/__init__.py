@@ -38,6 +38,7 @@ from ...utils.devices import place
 from ...utils.envvars import env
 from ...utils.errors import ConfigError, DataError
 from ...utils.safeio import loads_json, read_capped, read_json
+from .. import REWARD_SYNTAX
 from ..generate import run_models
 from ..loading import load_model, load_tokenizer, resolve_model_dir
 from .judge import JudgeReward
@@ -322,7 +323,7 @@ def _judge(spec: str, url: str, **settings):
     return JudgeReward.from_spec(spec, url, **settings)
 
 
-REWARD_KINDS: dict[str, Callable[[str, str], object]] = {
+_FACTORIES = {
     "sentiment": lambda spec, _arg: FunctionReward(spec, _sentiment),
     "arithmetic": lambda spec, _arg: FunctionReward(spec, arithmetic_reward),
     "fn": _callable,
@@ -330,6 +331,7 @@ REWARD_KINDS: dict[str, Callable[[str, str], object]] = {
     "implicit": ImplicitReward.load,
     "judge": _judge,
 }
+REWARD_KINDS: dict[str, Callable[[str, str], object]] = {kind: _FACTORIES[kind] for kind in REWARD_SYNTAX}
 
 
 def build_reward(spec, *, length_penalty: float = 0.0, judge: dict | None = None):

@@ -2,12 +2,12 @@
 
 `preftune bon PROMPTS --reward SPEC` samples `online.samples_per_prompt` completions of every
 prompt from a policy (a model, or a finished run directory), scores them with any reward source
-(rewards/: sentiment, fn:, rm:, implicit:, judge:, ensembles) and writes one row per prompt:
+(any kind in models/rewards' REWARD_KINDS, or an ensemble) and writes one row per prompt:
 {prompt, completion, score, n}, n being the samples drawn (`--keep-all` adds every candidate and
 its score). `--pairs OUT` pairs the same scored candidates (data/pairs.py, `online.pairing`,
 best-vs-worst by default), so bon is also the pair builder's candidate generator.
 
-`--eval 1,2,4,8` reports the best-of-n curve from the SAME samples (evaluate.best_of_n_curve:
+`--eval 1,2,4,8` reports the best-of-n curve from the SAME samples (core/stats.best_of_n_curve:
 the best of the first n draws, a 95% bootstrap interval over prompts, the analytic KL bound).
 Sampling and the bootstrap are seeded by `train.seed`, so a rerun gives the same rows. Failed
 scores (NaN, e.g. a judge that gave up) are never the best: they are skipped and counted, and a
