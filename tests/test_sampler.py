@@ -336,3 +336,14 @@ def test_sampling_copy_refuses_weights_it_would_not_follow(tokenizer):
     policy.base_model.model.model.norm.weight.requires_grad_(True)
     with pytest.raises(ValueError, match="norm.weight is trainable"):
         SamplingCopy(policy)
+
+
+def test_sampling_from_the_copy_equals_sampling_from_the_peft_policy(tokenizer, prompts):
+    """The same draws through the unmerged PEFT forward and through the merged copy (fp32): the
+    same tokens, and log-probs equal to rounding."""
+    policy = _lora_policy(tokenizer).eval()
+    merged = sample(SamplingCopy(policy).model, prompts, n=2, max_new_tokens=6, **_kw(tokenizer))
+    unmerged = sample(policy, prompts, n=2, max_new_tokens=6, **_kw(tokenizer))
+    assert [s.completion for s in merged] == [s.completion for s in unmerged]
+    for x, y in zip(merged, unmerged):
+        assert x.model_logps == pytest.approx(y.model_logps, abs=1e-4)
