@@ -1,4 +1,4 @@
-"""Sampling speed: today's path (HF generate on the unmerged LoRA policy) against preftune.sampler
+"""Sampling speed: today's path (HF generate on the unmerged LoRA policy) against preftune.models.sampler
 on a SamplingCopy, and both against what this machine's matmul rate and memory bandwidth allow.
 
     PYTHONPATH=src python -m benchmarks.sampling [--quick] [--model DIR] [--out benchmarks/sampling/results.json]
@@ -118,8 +118,8 @@ def bounds(costs, rates, bw, *, prompt_tokens: int, prompts: int, rows: int, new
 # ---- the tools ------------------------------------------------------------------------------------
 
 def run_hf(ctx, prompts, n, new_tokens):
-    """Today's path: preftune.generate.sample_completions on the unmerged PEFT policy."""
-    from preftune.generate import sample_completions
+    """Today's path: preftune.models.generate.sample_completions on the unmerged PEFT policy."""
+    from preftune.models.generate import sample_completions
 
     stand_in = SimpleNamespace(eos_token_id=-1, pad_token_id=ctx.pad_id)
     out = sample_completions(ctx.policy, stand_in, prompts, n=n, max_new_tokens=new_tokens, seed=0,
@@ -128,8 +128,8 @@ def run_hf(ctx, prompts, n, new_tokens):
 
 
 def run_new(ctx, prompts, n, new_tokens):
-    """preftune.sampler.sample on the merged SamplingCopy."""
-    from preftune.sampler import sample
+    """preftune.models.sampler.sample on the merged SamplingCopy."""
+    from preftune.models.sampler import sample
 
     out = sample(ctx.copy.model, prompts, n=n, max_new_tokens=new_tokens, seed=0, eos_id=-1, pad_id=ctx.pad_id,
                  max_rows=ctx.max_rows)
@@ -145,8 +145,8 @@ def run_vllm(ctx, prompts, n, new_tokens):
 # ---- setup, the grid, the outputs -----------------------------------------------------------------
 
 def _models(args, device):
-    from preftune.models import apply_lora, load_model, load_tokenizer, resolve_model_dir
-    from preftune.sampler import SamplingCopy
+    from preftune.models.loading import apply_lora, load_model, load_tokenizer, resolve_model_dir
+    from preftune.models.sampler import SamplingCopy
 
     if args.quick:
         from transformers import LlamaConfig, LlamaForCausalLM

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import build_model
-from preftune.logprobs import completion_token_logps
-from preftune.sampler import SamplingCopy, draw_tokens, filtered_probs, row_seed, sample
+from preftune.core.logprobs import completion_token_logps
+from preftune.models.sampler import SamplingCopy, draw_tokens, filtered_probs, row_seed, sample
 
 TEXTS = ["The movie was", "Human: how do I bake bread?\n\nAssistant:", "I", "What is the capital of France? Paris",
          "The acting was wonderful and the plot was slow and boring, and then"]

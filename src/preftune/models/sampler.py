@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .devices import model_device, place
+from ..utils.devices import model_device, place
 
 __all__ = ["Sample", "sample", "filtered_probs", "draw_tokens", "row_seed", "SamplingCopy"]
 
