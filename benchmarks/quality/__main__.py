@@ -1,7 +1,7 @@
 """Held-out quality of every preference method on the shared data: before and after, on CPU.
 
-    PYTHONPATH=src python benchmarks/quality/run.py [--out runs/quality] [--methods sigmoid,kto] [--datasets hh]
-    PYTHONPATH=src python benchmarks/quality/run.py --quick --model TINY_DIR     # smoke test (results in --out)
+    PYTHONPATH=src python -m benchmarks.quality [--out runs/quality] [--methods sigmoid,kto] [--datasets hh]
+    PYTHONPATH=src python -m benchmarks.quality --quick --model TINY_DIR     # smoke test (results in --out)
 
 What it measures. For each method (sigmoid = DPO, ipo, cdpo, simpo, orpo, kto, rpo = DPO + SFT mix)
 and each shared data set, one LoRA run trained with the method's recipe, then on held-out pairs
@@ -85,7 +85,8 @@ this file; with --quick into --out instead. A filtered invocation writes only it
 the committed files come from `--collect` over every method and data set (with the same
 --hh-pairs/--hh-dev/--tqa-pairs as the runs): it trains nothing and gathers the finished points,
 leaving out the ones not run. TRL at equal steps and equal time (issue 18 item 5) is
-peer_trl.py beside this file; the per-method search (item 2) is search.py.
+`python -m benchmarks.quality.peer_trl` (peer_trl.py beside this file); the per-method search
+(item 2) is `python -m benchmarks.quality.search`.
 """
 
 from __future__ import annotations
@@ -99,14 +100,12 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.experiments.hh_cli import HH, HH_SETTINGS, preftune_logged, python_logged  # noqa: F401 (for peer_trl)
+
+from .quality_outputs import acceptance, write_outputs  # noqa: F401 (acceptance: for tests and readers)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
-from hh_cli import HH, HH_SETTINGS, preftune_logged, python_logged  # noqa: E402,F401 (HH settings, paths, runners)
-
-sys.path.insert(0, str(HERE))
-from quality_outputs import acceptance, write_outputs  # noqa: E402,F401 (acceptance: for tests and readers)
-
 TQA = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.visible.csv"
 RECIPES = ROOT / "src" / "preftune" / "recipes"
 METHODS = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
@@ -438,7 +437,7 @@ def _names(text: str, known: tuple, what: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test budget; results go to --out, not beside the script")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="start model (a zoo name or a model directory)")
     ap.add_argument("--out", help="working directory (default runs/quality, or runs/quality-quick with --quick)")
