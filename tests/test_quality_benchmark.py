@@ -74,6 +74,12 @@ def test_default_budget_fits_90_minutes_by_the_documented_rates():
     assert f"~ {est['total_s'] / 60:.0f} min" in quality.__doc__ and f"= {est['per_point_s']['hh']} s" in quality.__doc__
 
 
+def test_every_method_has_its_recipe_file_where_the_benchmark_looks():
+    """The recipes moved to src/preftune/core/recipes/ with the layout change; a benchmark looking in
+    the old place would silently fall back to BUILTIN for every method."""
+    assert [m for m in quality.METHODS if not (quality.RECIPES / f"{m}.yaml").is_file()] == []
+
+
 def test_recipes_from_files_without_their_metadata_and_built_in_otherwise(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "RECIPES", tmp_path / "recipes")
     (tmp_path / "recipes").mkdir()

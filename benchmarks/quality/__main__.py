@@ -28,7 +28,7 @@ the run never saw:
 
 How. Everything runs through the `preftune` CLI, one process per step, each point its own run
 directory under --out (a rerun keeps a finished point whose settings are unchanged, and redoes
-one whose settings, recipe or model changed). Recipes: `src/preftune/recipes/<method>.yaml` when
+one whose settings, recipe or model changed). Recipes: `src/preftune/core/recipes/<method>.yaml` when
 it exists (passed as `--config`, its top-level `recipe:` metadata block stripped), else the
 built-in settings in BUILTIN below; results.json records which, and the resolved loss, lr,
 batch and steps from the run's config.yaml and summary.json. The schedule (lr, batch, epochs)
@@ -107,13 +107,13 @@ from .quality_outputs import acceptance, write_outputs  # noqa: F401 (acceptance
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TQA = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.visible.csv"
-RECIPES = ROOT / "src" / "preftune" / "recipes"
+RECIPES = ROOT / "src" / "preftune" / "core" / "recipes"
 METHODS = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
 DATASETS = ("hh", "truthfulqa")
 DEV_PERCENT = 30  # TruthfulQA questions held out (see the docstring for why not 20)
 REFERENCE_FREE = ("simpo", "orpo")  # their implicit reward is beta * mean log-prob of the policy alone
 UNPAIRED = ("kto",)  # trains on examples: each pair split in two, twice the examples per step
-# Built-in per-method settings, used where src/preftune/recipes/<method>.yaml does not exist: common
+# Built-in per-method settings, used where src/preftune/core/recipes/<method>.yaml does not exist: common
 # choices, not tuned on this data (LoRA lr 5e-4 as the demo and hh_cli; beta 0.1 except SimPO's 2 with
 # gamma 1, the paper's gamma/beta = 0.5; cDPO eps 0.1; RPO's SFT weight as in README), one epoch of
 # 4 pairs per step (KTO: 8 examples, the two sides of 4 pairs).

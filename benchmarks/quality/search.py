@@ -14,7 +14,7 @@ Choice: among the points that raise no health flag (the run's own checks, plus k
 length_drift and length_collapse applied to the validation samples, as in the benchmark), the
 highest validation implicit-reward accuracy; a tie within 0.005 goes to the lower KL. No point
 without a flag: nothing is chosen and the recipe is left alone. --write-recipe writes the choice
-into src/preftune/recipes/<method>.yaml (train.lr, loss.beta) with `tuned: true`, what it was tuned
+into src/preftune/core/recipes/<method>.yaml (train.lr, loss.beta) with `tuned: true`, what it was tuned
 on and the grid's figures as evidence; the quality benchmark then measures it on dev.
 
 Writes benchmarks/quality/search/<dataset>-<method>.json and .md. Budget: a TruthfulQA point is
