@@ -35,12 +35,12 @@ lint: $(STAMP)
 # the docs site: reference pages regenerated from the code, then built with warnings as errors
 docs: $(STAMP)
 	$(BIN)/python docs/generate.py
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # what CI runs: the committed reference pages must equal what the code generates, and the site builds
 docs-check: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python docs/generate.py --check
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 test: lint docs-check
 	$(BIN)/python -m pytest -q --durations=15

@@ -21,6 +21,14 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _prose(text) -> str:
+    """A cell of help text. Outside `code`, "][" is escaped: Markdown would read `name[:config][:split]`
+    as a reference link, which mkdocs-autorefs (the API page's cross-references) reports as a
+    missing target."""
+    parts = _cell(text).split("`")
+    return "`".join(p.replace("][", "]\\[") if i % 2 == 0 else p for i, p in enumerate(parts))
+
+
 def config_page() -> str:
     from preftune.config import Config
 
@@ -33,7 +41,7 @@ def config_page() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             lines.append(f"| `{section.name}.{f.name}` | {_cell(kind)} | `{_cell(repr(default))}` | "
-                         f"{_cell(f.metadata.get('help', ''))} |")
+                         f"{_prose(f.metadata.get('help', ''))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -57,7 +65,7 @@ def cli_page() -> str:
         if not path:
             continue
         verb = " ".join(path)
-        lines += [f"## `preftune {verb}`", "", _cell(helps.get(verb, "")), "", "| argument | what it takes |", "|---|---|"]
+        lines += [f"## `preftune {verb}`", "", _prose(helps.get(verb, "")), "", "| argument | what it takes |", "|---|---|"]
         for action in parser._actions:
             if action.dest == "help":
                 continue
@@ -69,7 +77,7 @@ def cli_page() -> str:
             if rng:
                 kind, lo, hi, lo_open = rng
                 what += f" ({kind.__name__} in {'(' if lo_open else '['}{lo:g}, {hi:g}])"
-            lines.append(f"| `{_cell(name)}` | {_cell(what)} |")
+            lines.append(f"| `{_cell(name)}` | {_prose(what)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -85,7 +93,7 @@ def registries_page() -> str:
     lines = ["# Registries", "", "Every closed list, generated from the registry that owns it "
              "(`python docs/generate.py`).", "", "## Losses (`loss.name`)", "", "| name | kind | what it is |",
              "|---|---|---|"]
-    lines += [f"| `{name}` | {spec.kind.name} | {_cell(spec.summary)} |" for name, spec in sorted(LOSSES.items())]
+    lines += [f"| `{name}` | {spec.kind.name} | {_prose(spec.summary)} |" for name, spec in sorted(LOSSES.items())]
     lines += [f"| `{alias}` | | the same as `{name}` |" for alias, name in sorted(ALIASES.items())]
     lines += ["", "## Loss kinds (docs/extending.md)", "", "| kind | trains on | command | progress | layout | model |",
               "|---|---|---|---|---|---|"]
@@ -96,7 +104,7 @@ def registries_page() -> str:
               ", ".join(f"`{k}`" for k in REWARD_KINDS), "", "## Health checks (`diagnostics.stop_on`)", "",
               ", ".join(f"`{c}`" for c in CHECKS), "", "## Environment variables", "",
               "| variable | what it sets |", "|---|---|"]
-    lines += [f"| `{v.name}` | {_cell(v.help)} |" for v in ENV.values()]
+    lines += [f"| `{v.name}` | {_prose(v.help)} |" for v in ENV.values()]
     lines += ["", "## Hugging Face / TRL names (aliases)", "", "| Hugging Face / TRL | preftune |", "|---|---|"]
     lines += [f"| `{k}` | `{v}` |" for k, v in sorted(HF_ALIASES.items())]
     return "\n".join(lines) + "\n"

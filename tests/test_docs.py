@@ -55,3 +55,24 @@ def test_the_readme_is_a_front_door_whose_links_resolve():
     assert len(readme.encode()) <= 12 * 1024
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", readme)
     assert links and all((ROOT / link).exists() for link in links if not link.startswith("http")), links
+
+
+def _api_sections() -> dict[str, str]:
+    """{name as imported from preftune: the object path its ::: directive renders} of the API page."""
+    page = (ROOT / "docs" / "reference" / "api.md").read_text()
+    return {name: target for target, name in
+            re.findall(r'^::: ([\w.]+)\n    options:\n(?:      .*\n)*?      heading: "preftune\.(\w+)"', page, re.M)}
+
+
+def test_every_public_name_has_its_section_in_the_api_reference():
+    """Each name of preftune.__all__ is a ::: directive headed `preftune.NAME` on docs/reference/api.md
+    (mkdocstrings renders it from the docstrings), aimed at the very object `preftune.NAME` is."""
+    import importlib
+
+    import preftune
+
+    sections = _api_sections()
+    assert [name for name in preftune.__all__ if name not in sections] == []
+    for name, target in sections.items():
+        module, _, attr = target.rpartition(".")
+        assert getattr(importlib.import_module(module), attr) is getattr(preftune, name), (name, target)

@@ -1,23 +1,13 @@
-"""benchmarks/experiments/frontier/run.py: its outputs from given points (no training), and
-`preftune report --experiment` on them."""
+"""`python -m benchmarks.experiments.frontier` (benchmarks/experiments/frontier/__main__.py): its
+outputs from given points (no training), and `preftune report --experiment` on them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
+from benchmarks.experiments.frontier import __main__ as frontier
 from preftune.apps.report import write_report
 from preftune.cli import main
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "frontier" / "run.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("frontier_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _point(method, setting, reward, kl, ci=0.05, **extra):
@@ -37,9 +27,8 @@ META = {"mode": "full", "model": "m", "reward": "sentiment", "heldout_prompts": 
 
 
 def test_outputs_verdict_from_the_numbers_and_report(tmp_path):
-    run = _script()
-    points = [run._row(p) for p in POINTS]
-    run.write_outputs(tmp_path, points, META, {"lr": 5e-4}, title="test")
+    points = [frontier._row(p) for p in POINTS]
+    frontier.write_outputs(tmp_path, points, META, {"lr": 5e-4}, title="test")
     results = json.loads((tmp_path / "results.json").read_text())
     assert {k for k, v in results.items() if isinstance(v, dict) and "method" in v} == \
         {f"{p['method']} {p['setting']}" for p in POINTS}
@@ -54,8 +43,8 @@ def test_outputs_verdict_from_the_numbers_and_report(tmp_path):
     assert "| best-of-N N=4 |" in rows["| [0.5, 1)"] and rows["| [0.5, 1)"].endswith("| none | n/a |")
     assert "| IPO beta=0.5 |" in rows["| [1, 2)"] and "DPO beta=0.1 (0.400) | yes" in rows["| [1, 2)"]
     assert "| iterative DPO round 2 |" in rows["| [2, 4)"]
-    frontier = [f"{p['method']} {p['setting']}" for p in run.frontier_points(points)]
-    assert frontier == ["IPO beta=5", "DPO beta=1", "best-of-N N=4", "iterative DPO round 2"]
+    best = [f"{p['method']} {p['setting']}" for p in frontier.frontier_points(points)]
+    assert best == ["IPO beta=5", "DPO beta=1", "best-of-N N=4", "iterative DPO round 2"]
     assert "KL falls as beta rises, as it should" in verdict  # DPO: 1.5 at beta 0.1, 0.3 at beta 1
     assert "+0.500 over the base" in verdict
 
@@ -67,10 +56,9 @@ def test_outputs_verdict_from_the_numbers_and_report(tmp_path):
 
 
 def test_extra_learning_rate_lines_get_their_own_style_and_beta_sentence(tmp_path):
-    run = _script()
     extra = [_point("DPO lr=0.002", "beta=0.1", 0.80, 2.5), _point("DPO lr=0.002", "beta=0.5", 0.50, 1.0)]
-    points = [run._row(p) for p in POINTS + extra]
-    run.write_outputs(tmp_path, points, META, {"lr": 5e-4}, title="test")
+    points = [frontier._row(p) for p in POINTS + extra]
+    frontier.write_outputs(tmp_path, points, META, {"lr": 5e-4}, title="test")
     verdict = (tmp_path / "verdict.md").read_text()
     assert "- DPO lr=0.002: KL by beta beta=0.1 -> 2.50, beta=0.5 -> 1.00; KL falls as beta rises" in verdict
     assert "| DPO lr=0.002 beta=0.1 | 0.800" in verdict  # the best of the [2, 4) band (round 2: 0.70)

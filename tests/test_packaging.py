@@ -46,3 +46,15 @@ def test_the_makefile_installs_with_the_constraints():
     make = (ROOT / "Makefile").read_text()
     assert re.search(r"pip install -q -c constraints\.txt torch==2\.13\.0", make)
     assert "-c constraints.txt -e '.[dev]'" in make
+
+
+def test_every_folder_of_the_package_ships_in_the_wheel():
+    """setuptools' find_packages (pyproject: packages.find where=src) skips a folder without
+    __init__.py and everything under it: src/preftune/runs/ once had none (.gitignore's `runs/`
+    matched it), so a wheel carried no GRPO, SFT, reward-model or online code."""
+    from setuptools import find_packages
+
+    src = ROOT / "src"
+    folders = {p.parent for p in (src / "preftune").rglob("*.py") if "__pycache__" not in p.parts}
+    expected = {".".join(f.relative_to(src).parts) for f in folders}
+    assert expected - set(find_packages(where=str(src))) == set()

@@ -1,33 +1,27 @@
-"""benchmarks/quality/run.py: its pure parts (the TruthfulQA split, the gain interval, the budget
-estimate, recipes, the table and outputs) without training, and one --quick run on a tiny model
-through the `preftune` CLI whose written numbers are checked against the files they came from."""
+"""`python -m benchmarks.quality` (benchmarks/quality/__main__.py): its pure parts (the TruthfulQA
+split, the gain interval, the budget estimate, recipes, the table and outputs) without training,
+and one --quick run on a tiny model through the `preftune` CLI whose written numbers are checked
+against the files they came from; and the pure parts of its TRL peer and recipe search."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from benchmarks.quality import __main__ as quality
+from benchmarks.quality import peer_trl, search
 from conftest import SHARED
 from preftune.apps.report import write_report
 from preftune.config import load_config
 from preftune.core.stats import wilson
 from preftune.data.sources import load_records
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run.py"
 TQA_CSV = SHARED / "data" / "truthfulqa" / "TruthfulQA.visible.csv"
 needs_shared_tqa = pytest.mark.skipif(not TQA_CSV.is_file() or not (SHARED / "data" / "hh-rlhf-harmless-base").is_dir(),
                                       reason="../shared/data is absent")
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("quality_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _csv(path: Path, questions: list[str]) -> Path:
@@ -43,18 +37,17 @@ def _csv(path: Path, questions: list[str]) -> Path:
 
 
 def test_truthfulqa_split_is_by_question_fixed_and_loads_as_pairs(tmp_path):
-    run = _script()
     questions = [f"Question number {k}?" for k in range(200)]
     questions += ["  question NUMBER 7? ", "Question number 150?"]  # the same questions again, written otherwise
-    counts = run.split_truthfulqa(_csv(tmp_path / "q.csv", questions), tmp_path / "a")
+    counts = quality.split_truthfulqa(_csv(tmp_path / "q.csv", questions), tmp_path / "a")
     assert counts["train"] + counts["dev"] == 202 and 40 <= counts["dev"] <= 80  # ~30% of 200 distinct questions
     sides = {s: [json.loads(x)["Question"] for x in (tmp_path / "a" / f"{s}.jsonl").read_text().splitlines()]
              for s in ("train", "dev")}
-    keys = {s: {run.question_key(q) for q in qs} for s, qs in sides.items()}
+    keys = {s: {quality.question_key(q) for q in qs} for s, qs in sides.items()}
     assert not keys["train"] & keys["dev"]
-    seven = {s: sum(run.question_key(q) == "question number 7?" for q in qs) for s, qs in sides.items()}
+    seven = {s: sum(quality.question_key(q) == "question number 7?" for q in qs) for s, qs in sides.items()}
     assert sorted(seven.values()) == [0, 2]  # both spellings of one question on the same side
-    run.split_truthfulqa(_csv(tmp_path / "r.csv", questions[::-1]), tmp_path / "b")  # order does not matter
+    quality.split_truthfulqa(_csv(tmp_path / "r.csv", questions[::-1]), tmp_path / "b")  # order does not matter
     assert {json.loads(x)["Question"] for x in (tmp_path / "b" / "dev.jsonl").read_text().splitlines()} == set(sides["dev"])
     (rec, *_) = load_records(tmp_path / "a" / "dev.jsonl")  # preftune's own TruthfulQA adapter reads the rows
     assert rec.prompt == f"Q: {sides['dev'][0].strip()}\nA:" and rec.rejected.startswith(" wrong")
@@ -62,53 +55,55 @@ def test_truthfulqa_split_is_by_question_fixed_and_loads_as_pairs(tmp_path):
 
 @needs_shared_tqa
 def test_split_of_the_shared_truthfulqa(tmp_path):
-    run = _script()
-    counts = run.split_truthfulqa(run.TQA, tmp_path)
-    assert (counts["questions"], counts["train"], counts["dev"]) == (612, 612 - run.TQA_DEV_PAIRS, run.TQA_DEV_PAIRS)
+    counts = quality.split_truthfulqa(quality.TQA, tmp_path)
+    assert (counts["questions"], counts["train"], counts["dev"]) == (612, 612 - quality.TQA_DEV_PAIRS, quality.TQA_DEV_PAIRS)
 
 
 def test_newcombe_interval_reproduces_the_published_example():
     """Newcombe 1998 (Stat. Med. 17:873), Table II, example (a): 56/70 vs 48/80, difference 0.2000,
     method 10 interval 0.0524 to 0.3339."""
-    run = _script()
-    d, (lo, hi) = run.newcombe(56 / 70, wilson(56, 70), 48 / 80, wilson(48, 80))
+    d, (lo, hi) = quality.newcombe(56 / 70, wilson(56, 70), 48 / 80, wilson(48, 80))
     assert d == pytest.approx(0.2) and lo == pytest.approx(0.0524, abs=5e-5) and hi == pytest.approx(0.3339, abs=5e-5)
-    d, (lo, hi) = run.newcombe(0.5, wilson(50, 100), 0.5, wilson(50, 100))
+    d, (lo, hi) = quality.newcombe(0.5, wilson(50, 100), 0.5, wilson(50, 100))
     assert d == 0 and lo == pytest.approx(-hi) and 0.13 < hi < 0.14  # +-0.135 at 100 pairs, as the docstring says
 
 
 def test_default_budget_fits_90_minutes_by_the_documented_rates():
-    run = _script()
-    est = run.estimate_seconds(run.SETTINGS["full"], list(run.METHODS), list(run.DATASETS))
+    est = quality.estimate_seconds(quality.SETTINGS["full"], list(quality.METHODS), list(quality.DATASETS))
     assert est["total_s"] <= 90 * 60
-    assert f"~ {est['total_s'] / 60:.0f} min" in run.__doc__ and f"= {est['per_point_s']['hh']} s" in run.__doc__
+    assert f"~ {est['total_s'] / 60:.0f} min" in quality.__doc__ and f"= {est['per_point_s']['hh']} s" in quality.__doc__
+
+
+def test_every_method_has_its_recipe_file_where_the_benchmark_looks():
+    """The recipes moved to src/preftune/core/recipes/ with the layout change; a benchmark looking in
+    the old place would silently fall back to BUILTIN for every method."""
+    assert [m for m in quality.METHODS if not (quality.RECIPES / f"{m}.yaml").is_file()] == []
 
 
 def test_recipes_from_files_without_their_metadata_and_built_in_otherwise(tmp_path, monkeypatch):
-    run = _script()
-    monkeypatch.setattr(run, "RECIPES", tmp_path / "recipes")
+    monkeypatch.setattr(quality, "RECIPES", tmp_path / "recipes")
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
-    args, source = run.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
+    args, source = quality.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
     assert args == ["--config", str(tmp_path / "point" / "recipe.yaml")] and source["source"].endswith("sigmoid.yaml")
     assert source["recipe_meta"] == {"tuned": False}
     # new evidence in the metadata keeps the key (finished points stay); a changed setting does not
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\n  evidence: [x]\nloss:\n  beta: 0.2\n"
                                                       "train:\n  lr: 1.0e-4\n")
-    assert run.recipe_for("sigmoid", tmp_path / "p2.yaml")[1]["settings_sha256"] == source["settings_sha256"]
+    assert quality.recipe_for("sigmoid", tmp_path / "p2.yaml")[1]["settings_sha256"] == source["settings_sha256"]
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.3\n"
                                                       "train:\n  lr: 1.0e-4\n")
-    assert run.recipe_for("sigmoid", tmp_path / "p3.yaml")[1]["settings_sha256"] != source["settings_sha256"]
+    assert quality.recipe_for("sigmoid", tmp_path / "p3.yaml")[1]["settings_sha256"] != source["settings_sha256"]
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
     cfg = load_config(args[1], ["model.name_or_path=x"])  # loads: the recipe: block is gone
     assert (cfg.loss.beta, cfg.train.lr) == (0.2, 1e-4)
-    for method in run.METHODS:  # every built-in recipe is a valid preftune configuration
-        args, source = run.recipe_for(method, tmp_path / method / "recipe.yaml")
+    for method in quality.METHODS:  # every built-in recipe is a valid preftune configuration
+        args, source = quality.recipe_for(method, tmp_path / method / "recipe.yaml")
         if method != "sigmoid":
             train = load_config(None, args).train
             assert source["source"] == "built-in" and (train.lr, train.epochs, train.batch_size) == \
                 (5e-4, 1, 8 if method == "kto" else 4)
-    assert load_config(None, run.recipe_for("rpo", tmp_path / "r.yaml")[0]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
+    assert load_config(None, quality.recipe_for("rpo", tmp_path / "r.yaml")[0]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
 
 
 def test_summarize_reads_the_run_and_its_eval(tmp_path):
@@ -116,7 +111,6 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
     accuracy (not over the run's own), flags from the run and from the eval's samples."""
     from preftune.config import save_config
 
-    run = _script()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(load_config(None, ["loss.name=cdpo", "loss.label_smoothing=0.1", "train.lr=5e-4", "train.max_steps=20"]),
@@ -132,7 +126,7 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
              "eval_file": str(tmp_path / "eval.json")}
     base = {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100), "mean_logp_acc": 0.55,
             "mean_logp_acc_ci95": wilson(55, 100)}
-    r = run.summarize({"name": "hh"}, "cdpo", point, base)
+    r = quality.summarize({"name": "hh"}, "cdpo", point, base)
     assert r["gain"] == pytest.approx(0.2) and r["gain_ci95"] == pytest.approx([0.0642, 0.3258], abs=1e-4)
     assert r["logp_gain"] == pytest.approx(0.1) and r["implicit_acc"] == 0.7 and r["before_logp_acc"] == 0.5
     assert r["flags"] == ["margin_explosion (step 7)", "kl_drift (eval)", "length_drift (eval)"]  # 12.5 > 10, 2x > 1.5x
@@ -140,20 +134,19 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
     assert r["trained_with"]["loss"] == {"name": "cdpo", "beta": 0.1, "label_smoothing": 0.1}
     assert "gain_over_own_start" not in r
     assert list(r)[:14] == list(_row("hh", "cdpo", 0.5, 0.7, 1.0))[:14]  # the outputs test's rows are shaped like these
-    simpo = run.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
+    simpo = quality.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
     assert simpo["gain_over_own_start"] == pytest.approx(0.15) and simpo["before_mean_logp_acc"] == 0.55
     e.update({"kl": 3.0, "sample_length/policy/mean": 11.5, "sample_length/reference/mean": 44.3})  # ORPO on TQA
     (tmp_path / "eval.json").write_text(json.dumps(e))
-    assert run.summarize({"name": "hh"}, "orpo", point, base)["flags"] == ["margin_explosion (step 7)",
+    assert quality.summarize({"name": "hh"}, "orpo", point, base)["flags"] == ["margin_explosion (step 7)",
                                                                           "length_collapse (eval)"]  # 0.26 < 0.5
-    failed = run.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
+    failed = quality.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
     assert failed == {"dataset": "hh", "method": "kto", "error": "hh kto train exited 3", "log": "l"}
 
 
 def _row(dataset, method, before, after, kl, flags=(), n=100, **extra):
-    run = _script()
     ci_b, ci_a = wilson(before * n, n), wilson(after * n, n)
-    gain, gain_ci = run.newcombe(after, ci_a, before, ci_b)
+    gain, gain_ci = quality.newcombe(after, ci_a, before, ci_b)
     return {"dataset": dataset, "method": method, "recipe": "built-in", "before_logp_acc": before,  # summarize's order
             "implicit_acc": after, "implicit_acc_ci95": ci_a, "gain": gain, "gain_ci95": gain_ci, "kl": kl,
             "length_ratio": 40 / 38, "flags": list(flags), "wall_s": 500.0, "logp_acc": before, "logp_acc_ci95": ci_b,
@@ -163,7 +156,6 @@ def _row(dataset, method, before, after, kl, flags=(), n=100, **extra):
 
 
 def test_outputs_table_acceptance_and_plot(tmp_path):
-    run = _script()
     bases = {"hh": {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100), "wall_s": 100.0},
              "truthfulqa": {"error": "truthfulqa base eval exited 2", "log": "logs/x.log"}}
     rows = [_row("hh", "sigmoid", 0.5, 0.7, 3.0), _row("hh", "ipo", 0.5, 0.55, 12.0, flags=["kl_drift (eval)"]),
@@ -172,7 +164,7 @@ def test_outputs_table_acceptance_and_plot(tmp_path):
             {"dataset": "hh", "method": "kto", "error": "hh kto train exited 3", "log": "logs/k.log"}]
     meta = {"mode": "full", "model": "m", "kl_prompts": 16, "kl_samples": 2, "max_new_tokens": 48, "elapsed_s": 10.0,
             "estimate": {"total_s": 5000}}
-    run.write_outputs(tmp_path, rows, bases, meta)
+    quality.write_outputs(tmp_path, rows, bases, meta)
     results = json.loads((tmp_path / "results.json").read_text())
     assert [k for k, v in results.items() if isinstance(v, dict) and "method" in v] == \
         ["hh sigmoid", "hh ipo", "hh simpo", "hh kto"]
@@ -196,19 +188,18 @@ def test_quick_run_on_a_tiny_model(tmp_path, tiny_model_dir):
     """The whole pipeline through the CLI: base eval, training and eval of two methods (one
     reference-free, one unpaired) on the TruthfulQA split; the numbers written agree with the eval
     files and with each other, and a rerun keeps the finished points."""
-    run = _script()
     args = ["--quick", "--model", str(tiny_model_dir), "--out", str(tmp_path / "q"), "--methods", "simpo,kto",
             "--datasets", "truthfulqa"]
-    assert run.main(args) == 0
+    assert quality.main(args) == 0
     out = tmp_path / "q"
     results = json.loads((out / "results.json").read_text())
     base = results["truthfulqa base model"]
     assert base["dev_pairs"] == 8 and 0 <= base["logp_acc"] <= 1
     for method, examples in (("simpo", 8), ("kto", 16)):  # kto: the same 8 pairs as 16 labelled examples
         r = results[f"truthfulqa {method}"]
-        recipe = Path(run.RECIPES) / f"{method}.yaml"  # the method's recipe file once it exists, else built-in
-        assert r["recipe"] == (run._rel(recipe) if recipe.is_file() else "built-in")
-        e = json.loads((Path(run.ROOT) / r["eval_file"]).read_text())
+        recipe = Path(quality.RECIPES) / f"{method}.yaml"  # the method's recipe file once it exists, else built-in
+        assert r["recipe"] == (quality._rel(recipe) if recipe.is_file() else "built-in")
+        e = json.loads((Path(quality.ROOT) / r["eval_file"]).read_text())
         assert (r["implicit_acc"], r["logp_acc"], r["margin"], r["kl"]) == \
             (e["accuracy/implicit_reward"], e["accuracy/logp"], e["rewards/margins"], e["kl"])
         assert r["before_logp_acc"] == base["logp_acc"]
@@ -225,20 +216,13 @@ def test_quick_run_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert results["settings"]["data"]["truthfulqa"]["split"]["questions_on_both_sides"] == 0
     train_q = {json.loads(x)["Question"] for x in (out / "data" / "truthfulqa" / "train.jsonl").read_text().splitlines()}
     dev_q = {json.loads(x)["Question"] for x in (out / "data" / "truthfulqa" / "dev.jsonl").read_text().splitlines()}
-    assert len(dev_q) == run.TQA_DEV_PAIRS and not train_q & dev_q
+    assert len(dev_q) == quality.TQA_DEV_PAIRS and not train_q & dev_q
     assert len([line for line in (out / "results.md").read_text().splitlines() if line.startswith("| truthfulqa |")]) == 3
     assert (out / "gain_vs_kl.png").is_file()
     stamp = (out / "truthfulqa" / "kto" / "point.json").stat().st_mtime_ns
-    assert run.main(args) == 0  # finished points are kept: nothing is trained or evaluated again
+    assert quality.main(args) == 0  # finished points are kept: nothing is trained or evaluated again
     assert (out / "truthfulqa" / "kto" / "point.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "results.json").read_text())["truthfulqa kto"]["gain"] == results["truthfulqa kto"]["gain"]
-
-
-def _peer():
-    spec = importlib.util.spec_from_file_location("quality_peer_trl", SCRIPT.parent / "peer_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_peer_trl_gets_preftunes_order_warmup_and_an_equal_time_step_count():
@@ -248,21 +232,13 @@ def test_peer_trl_gets_preftunes_order_warmup_and_an_equal_time_step_count():
 
     from preftune.data.order import EpochSampler
 
-    peer = _peer()
-    order = peer.preftune_order(10, 0)
+    order = peer_trl.preftune_order(10, 0)
     assert sorted(order) == list(range(10)) and order != list(range(10))
     assert order == torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
     assert order == list(iter(EpochSampler(10, 0)))
-    assert (peer.warmup_steps(0.1, 100), peer.warmup_steps(0.1, 27), peer.warmup_steps(0.1, 9)) == (10, 2, 0)
-    assert peer.equal_time_steps(400.0, 14.9, 100) == 26  # 26 * 14.9 = 387 s <= 400 s
-    assert peer.equal_time_steps(400.0, 1.0, 100) == 100 and peer.equal_time_steps(5.0, 14.9, 100) == 1
-
-
-def _search():
-    spec = importlib.util.spec_from_file_location("quality_search", SCRIPT.parent / "search.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert (peer_trl.warmup_steps(0.1, 100), peer_trl.warmup_steps(0.1, 27), peer_trl.warmup_steps(0.1, 9)) == (10, 2, 0)
+    assert peer_trl.equal_time_steps(400.0, 14.9, 100) == 26  # 26 * 14.9 = 387 s <= 400 s
+    assert peer_trl.equal_time_steps(400.0, 1.0, 100) == 100 and peer_trl.equal_time_steps(5.0, 14.9, 100) == 1
 
 
 def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_point(tmp_path, monkeypatch):
@@ -272,7 +248,6 @@ def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_po
 
     from preftune.core.recipes import RECIPE_DIR
 
-    search = _search()
     data = {"name": "truthfulqa", "train": "/d/train.jsonl[:160]", "dev": "/d/dev.jsonl[:168]", "train_pairs": 160}
     val = search.validation_inputs(data, 120)
     assert val["dev"] == "/d/train.jsonl[160:280]" and val["train"] == data["train"]  # never the dev file
@@ -297,16 +272,15 @@ def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_po
 
 
 def test_collect_mode_gathers_finished_points_and_trains_nothing(tmp_path):
-    run = _script()
     calls = []
 
     def make():
         calls.append(1)
         return {"value": 1}
-    assert run._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) is None and not calls
-    assert run._cached(tmp_path / "p.json", {"k": 1}, make) == {"key": {"k": 1}, "value": 1} and calls == [1]
-    assert run._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) == {"key": {"k": 1}, "value": 1}
-    assert run._cached(tmp_path / "p.json", {"k": 2}, make, finished_only=True) is None and calls == [1]  # other settings
+    assert quality._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) is None and not calls
+    assert quality._cached(tmp_path / "p.json", {"k": 1}, make) == {"key": {"k": 1}, "value": 1} and calls == [1]
+    assert quality._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) == {"key": {"k": 1}, "value": 1}
+    assert quality._cached(tmp_path / "p.json", {"k": 2}, make, finished_only=True) is None and calls == [1]  # other settings
 
 
 def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkeypatch):
@@ -314,8 +288,7 @@ def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkey
     log-ratios (rewards / beta for a run that predates them) it has no flag, and the note says so."""
     from preftune.config import save_config
 
-    run = _script()
-    monkeypatch.setattr(run, "ROOT", tmp_path)
+    monkeypatch.setattr(quality, "ROOT", tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(load_config(None, ["loss.beta=0.1"]), run_dir / "config.yaml")
@@ -323,9 +296,9 @@ def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkey
              "logps/chosen": -94.0 - 30 * (i >= 40), "logps/rejected": -127.0 - 6 * (i >= 40),
              "rewards/chosen": -0.006 * min(i, 45), "rewards/rejected": -0.008 * min(i, 45)} for i in range(50)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert run.replay_health(Path("run"), "sigmoid") == {}  # log-ratios -2.7 / -3.6 nats: not both below -5
-    assert run.replay_health(Path("run"), "simpo") == {"both_logps_falling": 49}  # reference-free: raw logps (9 longer batches in the window)
+    assert quality.replay_health(Path("run"), "sigmoid") == {}  # log-ratios -2.7 / -3.6 nats: not both below -5
+    assert quality.replay_health(Path("run"), "simpo") == {"both_logps_falling": 49}  # reference-free: raw logps (9 longer batches in the window)
     for i, r in enumerate(rows):
         r["rewards/chosen"], r["rewards/rejected"] = -0.03 * i, -0.04 * i  # log-ratios down to -14.7 / -19.6
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert run.replay_health(Path("run"), "sigmoid") == {"both_logps_falling": 23}  # -5.25 / -7.0 over steps 14-23
+    assert quality.replay_health(Path("run"), "sigmoid") == {"both_logps_falling": 23}  # -5.25 / -7.0 over steps 14-23

@@ -1,29 +1,19 @@
-"""benchmarks/scaling/run.py: its synthetic pairs (exact token counts, nothing that merges across
-the prompt/completion boundary, so TRL and preftune see the same tokens) and the TRL ratio, without
-training."""
+"""`python -m benchmarks.scaling` (benchmarks/scaling/__main__.py): its synthetic pairs (exact token
+counts, nothing that merges across the prompt/completion boundary, so TRL and preftune see the same
+tokens) and the TRL ratio, without training."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
+from benchmarks.scaling import __main__ as scaling
 from conftest import needs_shared
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling" / "run.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("scaling_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @needs_shared
 def test_synthetic_pairs_have_exact_lengths_and_clean_boundaries(tmp_path, tokenizer):
     path = tmp_path / "pairs.jsonl"
-    _script().make_pairs(path, 64, 6, tok=tokenizer)
+    scaling.make_pairs(path, 64, 6, tok=tokenizer)
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert len(rows) == 6
 
@@ -37,14 +27,13 @@ def test_synthetic_pairs_have_exact_lengths_and_clean_boundaries(tmp_path, token
 
 
 def test_trl_ratio_takes_the_block_point_of_the_same_invocation():
-    run = _script()
     block = {"length": 256, "mode": "block", "pairs_per_s": 0.9, "losses": [0.6931, 0.6900], "command": "now"}
     older = {**block, "length": 2048, "command": "before"}
     trl = {"length": 256, "mode": "trl+gc", "pairs_per_s": 0.3, "losses": [0.6931, 0.69003], "command": "now"}
-    got = run.versus_trl(trl, [older, block])
+    got = scaling.versus_trl(trl, [older, block])
     assert got["preftune_over_trl"] == 3.0 and abs(got["loss_max_abs_diff"] - 3e-5) < 1e-9
-    assert run.versus_trl({**trl, "length": 2048}, [older, block]) == {}  # a block point of another run: no ratio
-    assert run.versus_trl({"length": 256, "mode": "trl", "error": "killed", "command": "now"}, [block]) == {}
+    assert scaling.versus_trl({**trl, "length": 2048}, [older, block]) == {}  # a block point of another run: no ratio
+    assert scaling.versus_trl({"length": 256, "mode": "trl", "error": "killed", "command": "now"}, [block]) == {}
 
 
 def test_cpu_attention_flops_count_the_keys_each_query_visits():
@@ -55,7 +44,7 @@ def test_cpu_attention_flops_count_the_keys_each_query_visits():
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    mapping = _script()._cpu_attention_flops()
+    mapping = scaling._cpu_attention_flops()
     q, k, v = (torch.randn(1, 2, 5, 4, requires_grad=True) for _ in range(3))
 
     def count(custom, **kw):

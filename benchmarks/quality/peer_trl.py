@@ -1,8 +1,8 @@
 """Issue 18 item 5: the DPO recipe on HH in TRL's DPOTrainer at equal steps and at equal wall-clock.
 
-    PYTHONPATH=src python benchmarks/quality/peer_trl.py [--pairs 160] [--dev 200]
+    PYTHONPATH=src python -m benchmarks.quality.peer_trl [--pairs 160] [--dev 200]
 
-preftune's side is a point of the quality benchmark (benchmarks/quality/run.py: the sigmoid recipe,
+preftune's side is a point of the quality benchmark (`python -m benchmarks.quality`: the sigmoid recipe,
 one epoch over the first --pairs HH training pairs, evaluated on the first --dev dev pairs; its
 own working directory, the base-model evaluation reused from the benchmark's). This script then
 trains TRL 1.16's DPOTrainer twice on the same work and evaluates both with the same `preftune
@@ -34,19 +34,16 @@ these 2 cores); the quality benchmark's 400-pair point would cost ~2.5 hours.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from . import __main__ as quality  # the benchmark this one extends (paths, eval arguments, intervals)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-# the benchmark this one extends (paths, eval arguments, intervals), by path: "run" is too common a module name
-_spec = importlib.util.spec_from_file_location("quality_run", HERE / "run.py")
-quality = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quality)
 
 
 def warmup_steps(ratio: float, steps: int) -> int:
@@ -120,7 +117,8 @@ def worker(run: Path, steps: int, dest: Path) -> dict:
 def _trl(run: Path, steps: int, dest: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     log = dest / "train.log"
-    code, _ = quality.python_logged([str(Path(__file__)), "--worker", str(run), str(steps), str(dest)], log)
+    code, _ = quality.python_logged(["-m", "benchmarks.quality.peer_trl", "--worker", str(run), str(steps), str(dest)],
+                                    log)
     if code:
         sys.exit(f"TRL worker failed ({code}): see {log}")
     return json.loads((dest / "worker.json").read_text())
@@ -144,7 +142,7 @@ def _row(name: str, e: dict, base: dict, steps: int, train_s: float, pairs: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality.peer_trl", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/quality-peer", help="working directory of this comparison")
     ap.add_argument("--base-out", default="runs/quality",
                     help="the quality benchmark's directory: its base-model evaluation of the same dev pairs is reused")
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                      timed["train_s"], timed["pairs"]))
     ours = [r["loss"] for r in metrics if "loss" in r][: len(same["losses"])]
     diffs = [abs(x - y) for x, y in zip(ours, same["losses"])]
-    result = {"command": " ".join(["benchmarks/quality/peer_trl.py", *(argv if argv is not None else sys.argv[1:])]),
+    result = {"command": " ".join(["python -m benchmarks.quality.peer_trl", *(argv if argv is not None else sys.argv[1:])]),
               "model": a.model, "train_pairs": a.pairs, "base_logp_acc": base["logp_acc"],
               "base_logp_acc_ci95": base["logp_acc_ci95"], "dev_pairs": base["dev_pairs"], "rows": rows,
               "trl_seconds_over_preftune_equal_steps": round(same["train_s"] / budget, 2),

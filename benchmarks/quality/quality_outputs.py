@@ -1,4 +1,4 @@
-"""The outputs of benchmarks/quality/run.py from its rows: results.json, results.md (the table and
+"""The outputs of `python -m benchmarks.quality` from its rows: results.json, results.md (the table and
 its notes, with issue 18's acceptance checks computed from the numbers) and gain_vs_kl.png."""
 
 from __future__ import annotations
@@ -137,13 +137,13 @@ def plot(rows: list[dict], dest: Path, title: str) -> None:
 def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict) -> None:
     """results.json (a row per base evaluation and per point, then settings and acceptance), results.md, gain_vs_kl.png."""
     # the points before the base rows: `preftune report --experiment` takes its columns from the first rows' fields
-    results = {"command": " ".join(["benchmarks/quality/run.py", *sys.argv[1:]]),
+    results = {"command": " ".join(["python -m benchmarks.quality", *sys.argv[1:]]),
                **{f"{r['dataset']} {r['method']}": r for r in rows},
                **{f"{name} base model": b for name, b in bases.items()}, "settings": meta, "acceptance": acceptance(rows)}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     md = ["# Held-out quality per method (issue 18, item 1)", "",
-          f"Written by `benchmarks/quality/run.py` ({meta['mode']} mode) from results.json.", "",
+          f"Written by `python -m benchmarks.quality` ({meta['mode']} mode) from results.json.", "",
           *table(rows, bases), *notes(rows, bases, meta)]
     (dest / "results.md").write_text("\n".join(md) + "\n")
     plot(rows, dest / "gain_vs_kl.png", f"held-out accuracy gain vs KL ({meta['mode']}, {Path(meta['model']).name})")

@@ -1,9 +1,9 @@
 """Issue 18 item 2: a small documented search for a method's recipe, on the visible training side only.
 
-    PYTHONPATH=src python benchmarks/quality/search.py --method sigmoid --dataset truthfulqa \
+    PYTHONPATH=src python -m benchmarks.quality.search --method sigmoid --dataset truthfulqa \
         [--lrs 2e-4,5e-4,1e-3] [--betas 0.1,0.3] [--write-recipe]
 
-Each grid point (lr x beta) is a point of the quality benchmark (benchmarks/quality/run.py: the
+Each grid point (lr x beta) is a point of the quality benchmark (`python -m benchmarks.quality`: the
 method's recipe with the point's lr and beta over it, one epoch over the same training subsample,
 seed 0), evaluated not on the benchmark's dev pairs but on a VALIDATION slice taken from the
 training side right after the training pairs (TruthfulQA: train-side questions [N, N+V) of the
@@ -14,7 +14,7 @@ Choice: among the points that raise no health flag (the run's own checks, plus k
 length_drift and length_collapse applied to the validation samples, as in the benchmark), the
 highest validation implicit-reward accuracy; a tie within 0.005 goes to the lower KL. No point
 without a flag: nothing is chosen and the recipe is left alone. --write-recipe writes the choice
-into src/preftune/recipes/<method>.yaml (train.lr, loss.beta) with `tuned: true`, what it was tuned
+into src/preftune/core/recipes/<method>.yaml (train.lr, loss.beta) with `tuned: true`, what it was tuned
 on and the grid's figures as evidence; the quality benchmark then measures it on dev.
 
 Writes benchmarks/quality/search/<dataset>-<method>.json and .md. Budget: a TruthfulQA point is
@@ -25,17 +25,15 @@ TruthfulQA.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
+from . import __main__ as quality  # the benchmark whose points the grid's points are
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-_spec = importlib.util.spec_from_file_location("quality_run", HERE / "run.py")
-quality = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quality)
 
 TIE = 0.005
 
@@ -85,7 +83,7 @@ def write_recipe(method: str, dataset: str, chosen: dict, result: dict) -> Path:
     grid = [{"lr": r["lr"], "beta": r["beta"], "val_accuracy": round(r["implicit_acc"], 3),
              "kl": None if r.get("kl") is None else round(r["kl"], 2), "flags": flags_of(r)}
             for r in result["rows"] if "error" not in r]
-    meta["evidence"] = [{"data": f"{dataset} search (benchmarks/quality/search.py)", "command": result["command"],
+    meta["evidence"] = [{"data": f"{dataset} search (python -m benchmarks.quality.search)", "command": result["command"],
                          "chosen": {"lr": chosen["lr"], "beta": chosen["beta"]}, "grid": grid},
                         *[e for e in meta.get("evidence", []) if "search" not in str(e.get("data", ""))]]
     body = yaml.safe_dump({"recipe": meta, **data}, sort_keys=False, width=110)
@@ -94,7 +92,7 @@ def write_recipe(method: str, dataset: str, chosen: dict, result: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality.search", description=__doc__.split("\n")[0])
     ap.add_argument("--method", required=True, choices=quality.METHODS)
     ap.add_argument("--dataset", required=True, choices=quality.DATASETS)
     ap.add_argument("--lrs", default="2e-4,5e-4,1e-3")
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             row = quality.summarize(val, a.method, p, base)
             rows.append({**row, "lr": lr, "beta": beta, "point": name})
     chosen = choose(rows)
-    result = {"command": " ".join(["benchmarks/quality/search.py", *(argv if argv is not None else sys.argv[1:])]),
+    result = {"command": " ".join(["python -m benchmarks.quality.search", *(argv if argv is not None else sys.argv[1:])]),
               "method": a.method, "dataset": a.dataset, "model": a.model, "lrs": lrs, "betas": betas,
               "train_pairs": a.pairs, "val_pairs": a.val, "validation": quality._rel(val["dev"]),
               "base_val_logp_acc": base.get("logp_acc"), "rows": rows,

@@ -1,31 +1,32 @@
 """bf16 autocast on this CPU: log-prob error against fp32 and the speed of one training step.
 
-    .venv/bin/python benchmarks/speed_vs_trl/bf16_check.py
+    .venv/bin/python -m benchmarks.speed_vs_trl.bf16_check
 
-Same HH pairs as run.py (the first 32 that fit 256 tokens), default model + LoRA r16 q/v,
+Same HH pairs as `python -m benchmarks.speed_vs_trl` (the first 32 that fit 256 tokens), default model + LoRA r16 q/v,
 packed rows with prefix sharing. Error: |logp_bf16 - logp_fp32| per sequence and per token.
 Speed: median of 5 timed forward+backward passes over 4 pairs (policy) plus the no-grad
 reference pass, each mode, after one warm-up.
 """
 
+import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _model, _select_pairs  # noqa: E402
-
-from preftune.core.logprobs import autocast, completion_logps, fp32_lm_head  # noqa: E402
-from preftune.data import load_records  # noqa: E402
-from preftune.data.collate import collate_packed_pairs  # noqa: E402
-from preftune.data.tokenize import tokenize_records  # noqa: E402
+from .__main__ import _model, _select_pairs  # the speed benchmark's pairs and model
 
 
 def main():
+    argparse.ArgumentParser(prog="python -m benchmarks.speed_vs_trl.bf16_check",
+                            description=__doc__.split("\n")[0]).parse_args()  # no options; --help says what it does
+    import torch
+
+    from preftune.core.logprobs import autocast, completion_logps, fp32_lm_head
+    from preftune.data import load_records
+    from preftune.data.collate import collate_packed_pairs
+    from preftune.data.tokenize import tokenize_records
+
     rows, _ = _select_pairs(32, 256)
     model, tokenizer, _ = _model()
     fp32_lm_head(model)

@@ -122,7 +122,7 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     lr: float = _f(0.0, "peak learning rate; 0 = the default for the setup: the loss's recipe "
-                        "(preftune/recipes/<loss>.yaml) with LoRA and a tenth of it for full fine-tuning (full updates "
+                        "(preftune/core/recipes/<loss>.yaml) with LoRA and a tenth of it for full fine-tuning (full updates "
                         "move every weight, so they take a 10x smaller step); 5e-5 / 5e-6 for a loss without a recipe")
     batch_size: int = _f(4, "pairs per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")

@@ -27,20 +27,20 @@ import json
 import math
 from pathlib import Path
 
-from ..data.batches import OfflineSource
 from ..config import RM_SPLITS, Config
-from ..data import render
-from ..data.records import PreferenceRecord
-from ..data.sources import split_path
-from ..utils.errors import ConfigError
-from ..core.stats import wilson
 from ..core.losses import LOSSES, build_loss
 from ..core.losses.kinds import REWARD_MODEL
-from ..models.loading import load_reward_start, load_tokenizer, resolve_model_dir
+from ..core.stats import wilson
+from ..data import render
+from ..data.batches import OfflineSource
 from ..data.prepare import load_data
+from ..data.records import PreferenceRecord
+from ..data.sources import split_path
+from ..models.loading import load_reward_start, load_tokenizer, resolve_model_dir
 from ..models.rewards import SCORING_FILE, build_reward, read_ensemble
-from ..utils.safeio import atomic_path, atomic_write, read_json
 from ..training.train import RunResult, check_output_dir, train
+from ..utils.errors import ConfigError
+from ..utils.safeio import atomic_path, atomic_write, read_json
 
 __all__ = ["run_train_rm", "as_reward_records", "export_reward_model", "SPLITS"]
 

@@ -24,19 +24,19 @@ from functools import partial
 
 import torch
 
-from ..data.batches import EpochLoader, distinct_prompts, exact_layout
 from ..config import Config
-from ..data.collate import collate_packed, collate_sequences
-from ..data.demos import DEMO_FORMATS, is_demonstration_file, load_demonstrations
-from ..data.records import UnpairedRecord
-from ..data.tokenize import TokenizedPair, tokenize_unpaired
-from ..utils.errors import ConfigError
 from ..core.logprobs import completion_logps
 from ..core.losses import LOSSES, build_loss
 from ..core.losses.kinds import DEMONSTRATIONS
+from ..data.batches import EpochLoader, distinct_prompts, exact_layout
+from ..data.collate import collate_packed, collate_sequences
+from ..data.demos import DEMO_FORMATS, is_demonstration_file, load_demonstrations
 from ..data.prepare import load_data
-from ..utils.progress import progress
+from ..data.records import UnpairedRecord
+from ..data.tokenize import TokenizedPair, tokenize_unpaired
 from ..training.train import RunResult, train
+from ..utils.errors import ConfigError
+from ..utils.progress import progress
 
 __all__ = ["SFTSource", "run_sft", "load_sft_records", "heldout_nll"]
 

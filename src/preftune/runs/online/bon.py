@@ -19,12 +19,12 @@ from __future__ import annotations
 import json
 import math
 
+from ...core.stats import best_of_n_curve
 from ...data import render
 from ...data.sources import write_jsonl
-from ...utils.errors import ConfigError
-from ...core.stats import best_of_n_curve
-from ...utils.safeio import write_json
 from ...models.generate import load_policy
+from ...utils.errors import ConfigError
+from ...utils.safeio import write_json
 from .rollouts import load_prompts, pair_scored, reward_from_config, sample_and_score
 
 __all__ = ["best_of_n", "run_bon", "format_bon"]

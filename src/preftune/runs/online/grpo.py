@@ -36,20 +36,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ...data.batches import exact_layout
+from ...core.logprobs import completion_token_logps
+from ...core.losses import LOSSES, LossSpec, build_loss, group_advantages
+from ...core.step import loss_kwargs
 from ...data import render
+from ...data.batches import exact_layout
 from ...data.collate import collate_packed, collate_sequences
 from ...data.records import PreferenceRecord
 from ...data.tokenize import tokenize_records
+from ...models.generate import decode_completions, sample_completions
+from ...training.evaluate import heldout_reward
+from ...training.train import RunResult, train
 from ...utils.devices import place
 from ...utils.errors import ConfigError
-from ...training.evaluate import heldout_reward
-from ...models.generate import decode_completions, sample_completions
-from ...core.logprobs import completion_token_logps
-from ...core.losses import LOSSES, LossSpec, build_loss, group_advantages
 from ...utils.safeio import atomic_path
-from ...core.step import loss_kwargs
-from ...training.train import RunResult, train
 from .rollouts import load_prompts, reward_from_config
 
 __all__ = ["GRPOSource", "MAX_ATTEMPTS", "run_grpo"]

@@ -24,12 +24,12 @@ import torch
 
 from ...data import render
 from ...data.sources import write_jsonl
-from ...utils.errors import ConfigError
-from ...training.evaluate import kl_estimate
 from ...models.generate import load_run_policy, sample_texts
 from ...models.loading import FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
-from ...utils.safeio import atomic_path, atomic_write, read_json
+from ...training.evaluate import kl_estimate
 from ...training.train import train
+from ...utils.errors import ConfigError
+from ...utils.safeio import atomic_path, atomic_write, read_json
 from .rollouts import generate_and_pair, load_prompts, reward_from_config
 
 __all__ = ["run_iterative", "run_synth"]

@@ -19,9 +19,9 @@ import math
 from ...data import render
 from ...data.pairs import build_pairs, pairs_from_verdicts
 from ...data.sources import messages, read_table, split_path, text_field
-from ...utils.errors import ConfigError, DataError
 from ...models.generate import sample_texts
 from ...models.rewards import build_reward
+from ...utils.errors import ConfigError, DataError
 from ...utils.safeio import read_capped
 
 __all__ = ["load_prompts", "generate_and_pair", "sample_and_score", "pair_scored", "judge_pairs", "reward_from_config", "judge_settings"]

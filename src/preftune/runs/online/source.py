@@ -16,16 +16,16 @@ import math
 import random
 from collections.abc import Iterator
 
-from ...data.batches import distinct_prompts, exact_layout
+from ...core.losses import LossSpec, build_loss
+from ...core.step import loss_kwargs
 from ...data import render
+from ...data.batches import distinct_prompts, exact_layout
+from ...data.prepare import load_data, pair_collator, prepare_pairs
 from ...data.records import PreferenceRecord
 from ...data.tokenize import tokenize_records
+from ...training.train import RunResult, train
 from ...utils.devices import place
 from ...utils.errors import ConfigError, DataError
-from ...core.losses import LossSpec, build_loss
-from ...data.prepare import load_data, pair_collator, prepare_pairs
-from ...core.step import loss_kwargs
-from ...training.train import RunResult, train
 from .rollouts import generate_and_pair, load_prompts, reward_from_config
 
 __all__ = ["OnlineSource", "MAX_ATTEMPTS", "run_online"]

@@ -1,6 +1,6 @@
 """preftune vs TRL's DPOTrainer on identical work, alternating runs in one invocation.
 
-    .venv/bin/python benchmarks/speed_vs_trl/run.py [--steps 8] [--batch 4] [--repeats 3]
+    .venv/bin/python -m benchmarks.speed_vs_trl [--steps 8] [--batch 4] [--repeats 3]
 
 Same data (HH-RLHF harmless train pairs, file order, only pairs that fit `--max-length` so
 neither tool truncates), same model (the default SmolLM2-135M-Instruct, fp32), same LoRA
@@ -26,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import importable, module_command
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -159,7 +161,7 @@ def _useful_gflop_per_pair(lengths, model_dir: str) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed_vs_trl", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
@@ -168,7 +170,7 @@ def main() -> int:
     ap.add_argument("--data")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--pairs", help="a prompt/chosen/rejected JSONL to use instead of the first HH pairs that fit "
-                    "(e.g. long synthetic pairs from benchmarks/scaling/run.py make_pairs)")
+                    "(e.g. long synthetic pairs from benchmarks.scaling's make_pairs)")
     a = ap.parse_args()
     if a.worker:
         fn = worker_trl if a.worker == "trl" else worker_preftune
@@ -182,11 +184,11 @@ def main() -> int:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     real_tokens = sum(2 * p + c + r for p, c, r in lengths)  # prompt+chosen and prompt+rejected, as DPO reads them
     runs = {"trl": [], "preftune": []}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = importable({**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     for i in range(a.repeats):
         for tool in ("trl", "preftune"):  # alternate, so drift in machine load hits both
-            cmd = [sys.executable, __file__, "--worker", tool, "--data", str(data), "--steps", str(a.steps),
-                   "--batch", str(a.batch), "--max-length", str(a.max_length)]
+            cmd = module_command("benchmarks.speed_vs_trl", "--worker", tool, "--data", str(data), "--steps",
+                                 str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:

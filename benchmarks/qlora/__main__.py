@@ -1,6 +1,6 @@
 """How far QLoRA's 4-bit base moves the default model's log-probs, and what it saves.
 
-    .venv/bin/python benchmarks/qlora/run.py [--pairs 32] [--max-length 256]
+    .venv/bin/python -m benchmarks.qlora [--pairs 32] [--max-length 256]
 
 On the first N pairs of the shared HH-RLHF harmless dev split (absent: says so and stops),
 tokenized as `preftune train` does (max_length 256, prompt 128), the default model
@@ -38,7 +38,7 @@ def _token_logps(model, batch):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.qlora", description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=256)
     a = ap.parse_args()
@@ -73,7 +73,7 @@ def main() -> None:
         scores[fmt] = rows  # chosen, rejected, chosen, rejected, ...
         del model
     base = scores["fp32"]
-    out = {"command": " ".join(["benchmarks/qlora/run.py", *sys.argv[1:]]), "model": cfg.model.name_or_path,
+    out = {"command": " ".join(["python -m benchmarks.qlora", *sys.argv[1:]]), "model": cfg.model.name_or_path,
            "data": "hh-rlhf-harmless-base dev.jsonl.gz", "pairs": len(pairs), "max_length": a.max_length,
            "tokens_scored": int(sum(len(x) for x in base)),
            "fp32": {"weights_mb": footprint["fp32"], "score_s": seconds["fp32"]}}

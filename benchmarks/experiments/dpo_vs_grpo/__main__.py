@@ -1,6 +1,6 @@
 """Offline DPO, iterative DPO and GRPO head to head on one verifiable reward, at matched samples.
 
-    .venv/bin/python benchmarks/experiments/dpo_vs_grpo/run.py [--out runs/dpo_vs_grpo]
+    .venv/bin/python -m benchmarks.experiments.dpo_vs_grpo [--out runs/dpo_vs_grpo]
 
 Task: `preftune data arithmetic` (256 train problems, 64 held-out, disjoint by construction),
 reward `arithmetic` (1 when the completion's last integer is the answer). Start: the default
@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks import importable, module_command
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -131,7 +133,7 @@ def plot(results: dict, dest: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments.dpo_vs_grpo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/dpo_vs_grpo")
     ap.add_argument("--worker", choices=METHODS)
     ap.add_argument("--only", default=",".join(METHODS))
@@ -148,11 +150,12 @@ def main() -> None:
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     dest = HERE / "results.json"
     results = json.loads(dest.read_text()) if dest.is_file() else {}
-    results["command"] = " ".join(["benchmarks/experiments/dpo_vs_grpo/run.py", *sys.argv[1:]])
+    results["command"] = " ".join(["python -m benchmarks.experiments.dpo_vs_grpo", *sys.argv[1:]])
     for method in a.only.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--worker", method, "--out", a.out], capture_output=True,
-                              text=True, env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                                              "PATH": "/usr/bin:/bin"})
+        proc = subprocess.run(module_command("benchmarks.experiments.dpo_vs_grpo", "--worker", method, "--out", a.out),
+                              capture_output=True, text=True,
+                              env=importable({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                              "PATH": "/usr/bin:/bin"}))
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{method} failed ({proc.returncode}): {proc.stderr[-3000:]}")

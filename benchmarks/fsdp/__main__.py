@@ -1,7 +1,7 @@
 """Memory per process: full fine-tuning with a frozen reference, one process vs FSDP2 on two CPU
 processes (configs/accelerate/fsdp.yaml, float32), default model, short HH pairs, same global batch.
 
-    .venv/bin/python benchmarks/fsdp/run.py            # writes benchmarks/fsdp/results.json
+    .venv/bin/python -m benchmarks.fsdp            # writes benchmarks/fsdp/results.json
 
 Per run: per-step losses (they must agree), seconds, and per process: peak RSS, RSS at the end, and
 the megabytes of weights (policy + frozen reference), gradients and Adam moments it holds (from summary.json). Needs ../shared/data (HH pairs) and the default model (converted once).
@@ -9,6 +9,7 @@ the megabytes of weights (policy + frozen reference), gradients and Adam moments
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -26,6 +27,7 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
 def main() -> int:
+    argparse.ArgumentParser(prog="python -m benchmarks.fsdp", description=__doc__.split("\n\n")[0]).parse_args()
     if not HH.is_file():
         print(f"benchmark needs {HH}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Reward models on HH-RLHF harmless, held-out on the 200 dev pairs, beside DPO's implicit reward.
 
-    .venv/bin/python benchmarks/experiments/reward_model/run.py [--pairs 400] [--members 3]
+    .venv/bin/python -m benchmarks.experiments.reward_model [--pairs 400] [--members 3]
 
 From the shared HH-RLHF harmless data (absent: says so and stops), rendered as chat turns, cut to
 256 tokens (prompt 192), default model, LoRA r16 q/v plus the new score head, batch 4, lr 5e-4,
@@ -25,10 +25,10 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.experiments.hh_cli import HH, HH_SETTINGS, RECIPE, ROOT, require_hh
+from benchmarks.experiments.hh_cli import preftune as _preftune
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from hh_cli import HH, HH_SETTINGS, RECIPE, ROOT, require_hh  # noqa: E402 (a sibling module)
-from hh_cli import preftune as _preftune  # noqa: E402
 
 COMMON = [*HH_SETTINGS, *RECIPE, "train.epochs=1", "run.overwrite=true"]
 
@@ -40,7 +40,7 @@ def _eval(ev: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments.reward_model", description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=400)
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--member-pairs", type=int, default=0, help="pairs per ensemble member (default: --pairs)")
@@ -55,7 +55,7 @@ def main() -> None:
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     dev = f"{HH / 'dev.jsonl.gz'}[:{a.dev}]"
-    results = {"command": " ".join(["benchmarks/experiments/reward_model/run.py", *sys.argv[1:]]), "dev": dev}
+    results = {"command": " ".join(["python -m benchmarks.experiments.reward_model", *sys.argv[1:]]), "dev": dev}
 
     train = f"{HH / 'train.jsonl.gz'}[:{a.pairs}]"
     previous = json.loads((HERE / "results.json").read_text()) if (HERE / "results.json").is_file() else {}

@@ -1,8 +1,8 @@
 """Reward vs KL(policy || reference) frontier on controlled sentiment (the DPO paper's Fig. 2, left), on CPU.
 
-    PYTHONPATH=src python benchmarks/experiments/frontier/run.py [--out runs/frontier] [--model M]
-    PYTHONPATH=src python benchmarks/experiments/frontier/run.py --small   # the reduced grid (~30 min on 2 cores)
-    PYTHONPATH=src python benchmarks/experiments/frontier/run.py --quick --model TINY_DIR   # smoke test
+    PYTHONPATH=src python -m benchmarks.experiments.frontier [--out runs/frontier] [--model M]
+    PYTHONPATH=src python -m benchmarks.experiments.frontier --small   # the reduced grid (~30 min on 2 cores)
+    PYTHONPATH=src python -m benchmarks.experiments.frontier --quick --model TINY_DIR   # smoke test
 
 Task: the demo's (preftune.apps.demo): `demo_prompts()` gives 96 train and 24 held-out movie-review
 openings; the reward is `sentiment` (VADER compound score in [-1, 1]). Start (= reference, KL 0):
@@ -72,10 +72,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.experiments.hh_cli import preftune_logged
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
-sys.path.insert(0, str(HERE.parent))
-from hh_cli import preftune_logged  # noqa: E402 (a sibling module: the logged CLI runner)
 
 SETTINGS = {
     "full": dict(train_prompts=96, heldout_prompts=24, samples_per_prompt=4, eval_samples=4, tokens=32, epochs=2,
@@ -321,7 +321,7 @@ def frontier_points(points: list[dict]) -> list[dict]:
 def verdict(points: list[dict], meta: dict) -> str:
     """verdict.md, every sentence computed from `points`."""
     lines = ["# Reward vs KL frontier on controlled sentiment", "",
-             f"Written by `benchmarks/experiments/frontier/run.py` from results.json ({meta['mode']} settings, "
+             f"Written by `python -m benchmarks.experiments.frontier` from results.json ({meta['mode']} settings, "
              f"model `{meta['model']}`, reward `{meta['reward']}`, {meta['heldout_prompts']} held-out prompts, "
              f"{meta['tokens']} new tokens). Rewards: mean over held-out prompts with a 95% bootstrap interval; "
              "KL in nats per sample (Monte-Carlo for trained policies, the analytic upper bound for best-of-N).", "",
@@ -386,7 +386,7 @@ def verdict(points: list[dict], meta: dict) -> str:
 
 def write_outputs(dest: Path, points: list[dict], meta: dict, extra: dict, *, title: str) -> None:
     """results.json (one entry per point: a row in `preftune report --experiment`), frontier.png, verdict.md."""
-    results = {"command": " ".join(["benchmarks/experiments/frontier/run.py", *sys.argv[1:]]),
+    results = {"command": " ".join(["python -m benchmarks.experiments.frontier", *sys.argv[1:]]),
                **{f"{p['method']} {p['setting']}": p for p in points}, "settings": {**meta, **extra}}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -395,7 +395,7 @@ def write_outputs(dest: Path, points: list[dict], meta: dict, extra: dict, *, ti
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments.frontier", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test budget; results go to --out, not beside the script")
     ap.add_argument("--small", action="store_true", help="a reduced grid that fits ~30 minutes on 2 cores "
                     "(results beside the script, marked mode=small)")

@@ -1,6 +1,6 @@
 """Best-of-N on the demo's sentiment prompts: mean reward of the best of n samples, n = 1, 2, 4, 8.
 
-    .venv/bin/python benchmarks/experiments/bon/run.py [--prompts 64] [--tokens 32] [--out runs/bon]
+    .venv/bin/python -m benchmarks.experiments.bon [--prompts 64] [--tokens 32] [--out runs/bon]
 
 Prompts: the demo's own movie-review openings (demo.demo_prompts), its 24 held-out ones first,
 then training ones up to --prompts (nothing is trained here, so none of them was seen by the
@@ -28,7 +28,7 @@ ROOT = HERE.parents[2]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments.bon", description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--out", default="runs/bon")

@@ -1,7 +1,7 @@
 """Held-out quality of every preference method on the shared data: before and after, on CPU.
 
-    PYTHONPATH=src python benchmarks/quality/run.py [--out runs/quality] [--methods sigmoid,kto] [--datasets hh]
-    PYTHONPATH=src python benchmarks/quality/run.py --quick --model TINY_DIR     # smoke test (results in --out)
+    PYTHONPATH=src python -m benchmarks.quality [--out runs/quality] [--methods sigmoid,kto] [--datasets hh]
+    PYTHONPATH=src python -m benchmarks.quality --quick --model TINY_DIR     # smoke test (results in --out)
 
 What it measures. For each method (sigmoid = DPO, ipo, cdpo, simpo, orpo, kto, rpo = DPO + SFT mix)
 and each shared data set, one LoRA run trained with the method's recipe, then on held-out pairs
@@ -28,7 +28,7 @@ the run never saw:
 
 How. Everything runs through the `preftune` CLI, one process per step, each point its own run
 directory under --out (a rerun keeps a finished point whose settings are unchanged, and redoes
-one whose settings, recipe or model changed). Recipes: `src/preftune/recipes/<method>.yaml` when
+one whose settings, recipe or model changed). Recipes: `src/preftune/core/recipes/<method>.yaml` when
 it exists (passed as `--config`, its top-level `recipe:` metadata block stripped), else the
 built-in settings in BUILTIN below; results.json records which, and the resolved loss, lr,
 batch and steps from the run's config.yaml and summary.json. The schedule (lr, batch, epochs)
@@ -85,7 +85,8 @@ this file; with --quick into --out instead. A filtered invocation writes only it
 the committed files come from `--collect` over every method and data set (with the same
 --hh-pairs/--hh-dev/--tqa-pairs as the runs): it trains nothing and gathers the finished points,
 leaving out the ones not run. TRL at equal steps and equal time (issue 18 item 5) is
-peer_trl.py beside this file; the per-method search (item 2) is search.py.
+`python -m benchmarks.quality.peer_trl` (peer_trl.py beside this file); the per-method search
+(item 2) is `python -m benchmarks.quality.search`.
 """
 
 from __future__ import annotations
@@ -99,22 +100,20 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.experiments.hh_cli import HH, HH_SETTINGS, preftune_logged, python_logged  # noqa: F401 (for peer_trl)
+
+from .quality_outputs import acceptance, write_outputs  # noqa: F401 (acceptance: for tests and readers)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks" / "experiments"))
-from hh_cli import HH, HH_SETTINGS, preftune_logged, python_logged  # noqa: E402,F401 (HH settings, paths, runners)
-
-sys.path.insert(0, str(HERE))
-from quality_outputs import acceptance, write_outputs  # noqa: E402,F401 (acceptance: for tests and readers)
-
 TQA = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.visible.csv"
-RECIPES = ROOT / "src" / "preftune" / "recipes"
+RECIPES = ROOT / "src" / "preftune" / "core" / "recipes"
 METHODS = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
 DATASETS = ("hh", "truthfulqa")
 DEV_PERCENT = 30  # TruthfulQA questions held out (see the docstring for why not 20)
 REFERENCE_FREE = ("simpo", "orpo")  # their implicit reward is beta * mean log-prob of the policy alone
 UNPAIRED = ("kto",)  # trains on examples: each pair split in two, twice the examples per step
-# Built-in per-method settings, used where src/preftune/recipes/<method>.yaml does not exist: common
+# Built-in per-method settings, used where src/preftune/core/recipes/<method>.yaml does not exist: common
 # choices, not tuned on this data (LoRA lr 5e-4 as the demo and hh_cli; beta 0.1 except SimPO's 2 with
 # gamma 1, the paper's gamma/beta = 0.5; cDPO eps 0.1; RPO's SFT weight as in README), one epoch of
 # 4 pairs per step (KTO: 8 examples, the two sides of 4 pairs).
@@ -438,7 +437,7 @@ def _names(text: str, known: tuple, what: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke-test budget; results go to --out, not beside the script")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="start model (a zoo name or a model directory)")
     ap.add_argument("--out", help="working directory (default runs/quality, or runs/quality-quick with --quick)")

@@ -4,7 +4,7 @@ NF4 through bitsandbytes, `model.load_in_4bit`) with and without gradient checkp
 peer: TRL's DPOTrainer (benchmarks/speed_vs_trl's worker) with checkpointing on (its default, `trl+gc`)
 and off (`trl`), on the same pairs in the same invocation.
 
-    .venv/bin/python benchmarks/scaling/run.py [--lengths 256,1024,2048,4096] [--steps 2] [--batch 4]
+    .venv/bin/python -m benchmarks.scaling [--lengths 256,1024,2048,4096] [--steps 2] [--batch 4]
 
 Pairs are synthetic and built from the shared HH-RLHF harmless text (absent: the benchmark says
 so and stops): a prompt of half the length and two completions of a quarter each, cut to token
@@ -18,7 +18,7 @@ same model, identical initial LoRA weights (seed 42), lr 5e-4 without warmup, fi
 TRL pairs/s of that length and the largest per-step loss difference, when both ran in this
 invocation. Writes results.json and cost.png beside this file.
 
-    .venv/bin/python benchmarks/scaling/run.py --flops [--lengths 256,2048] [--modes block,trl+gc,trl]
+    .venv/bin/python -m benchmarks.scaling --flops [--lengths 256,2048] [--modes block,trl+gc,trl]
 
 counts the floating-point operations of one training step of each tool on the same pairs
 (torch.utils.flop_counter: matmuls and attention, as executed — causal attention counts the
@@ -39,10 +39,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import importable, module_command
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 HH_TRAIN = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "train.jsonl.gz"
 MODES = ("block", "dense", "block+gc", "qlora", "qlora+gc", "trl", "trl+gc")
+
+
+def _command() -> str:
+    """This invocation as a reader would rerun it (sys.argv[0] is __main__.py's full path under -m)."""
+    return " ".join(["python -m benchmarks.scaling", *sys.argv[1:]])
 
 
 def _texts() -> list[str]:
@@ -161,12 +168,9 @@ def eval_worker(data: str, out: str, mode: str, length: int) -> None:
 
 def trl_worker(data: str, mode: str, steps: int, batch: int, length: int) -> None:
     """TRL's DPOTrainer on the same pairs (speed_vs_trl's worker: same model, same initial adapter)."""
-    import importlib.util
+    from benchmarks.speed_vs_trl.__main__ import worker_trl
 
-    spec = importlib.util.spec_from_file_location("speed_vs_trl", HERE.parent / "speed_vs_trl" / "run.py")
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
-    got = peer.worker_trl(Path(data), steps, batch, length + 8, gradient_checkpointing=mode == "trl+gc")
+    got = worker_trl(Path(data), steps, batch, length + 8, gradient_checkpointing=mode == "trl+gc")
     n = steps * batch
     print("RESULT " + json.dumps({"pairs_per_s": round(n / got["elapsed_s"], 4), "elapsed_s": round(got["elapsed_s"], 2),
                                   "peak_rss_mb": round(got["peak_rss_mb"], 1), "losses": got["losses"],
@@ -245,7 +249,7 @@ def flops(a) -> None:
                     row["work_over_preftune"] = round(row["gflop_per_step"] / ours["gflop_per_step"], 3)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                saved = with_point(saved, {**row, "command": " ".join(sys.argv)})
+                saved = with_point(saved, {**row, "command": _command()})
                 dest.write_text(json.dumps({"batch": a.batch, "results": saved}, indent=1) + "\n")
 
 
@@ -270,9 +274,10 @@ def run_point(data: Path, mode: str, steps: int, batch: int, length: int, *, flo
               timeout: int = 3600) -> dict:
     """One worker in a fresh process: its RESULT line, and with `flops` its FLOPS line merged in."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--out", f"{tmp}/run",
-               "--steps", str(steps), "--batch", str(batch), "--lengths", str(length), *(["--flops"] if flops else [])]
+        env = importable({**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        cmd = module_command("benchmarks.scaling", "--worker", mode, "--data", str(data), "--out", f"{tmp}/run",
+                             "--steps", str(steps), "--batch", str(batch), "--lengths", str(length),
+                             *(["--flops"] if flops else []))
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     lines = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in proc.stdout.splitlines()
              if x.startswith(("RESULT ", "FLOPS "))}
@@ -286,7 +291,7 @@ def eval_speed(a) -> None:
     model ("before", which leaves its log-probs in the reference cache), with the trained run and a
     live reference, and with the trained run reading that cache; pairs/s of each (eval.json beside
     this file)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = importable({**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for length in [int(x) for x in a.lengths.split(",")]:
@@ -294,8 +299,8 @@ def eval_speed(a) -> None:
             make_pairs(data, length, 32)  # training takes the first steps * batch, eval all 32
             trained = run_point_keep(data, Path(tmp) / f"run-{length}", a.steps, a.batch, length,
                                      mode="block+cache" if a.reference_cache else "block")
-            cmd = [sys.executable, __file__, "--worker", "eval", "--data", str(data), "--out",
-                   str(Path(tmp) / f"run-{length}"), "--lengths", str(length)]
+            cmd = module_command("benchmarks.scaling", "--worker", "eval", "--data", str(data), "--out",
+                                 str(Path(tmp) / f"run-{length}"), "--lengths", str(length))
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             got = json.loads(line[len("RESULT "):]) if line else {"error": proc.stderr.strip()[-300:]}
@@ -303,13 +308,13 @@ def eval_speed(a) -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     name = "eval_cached.json" if a.reference_cache else "eval.json"
-    (HERE / name).write_text(json.dumps({"command": " ".join(sys.argv), "results": rows}, indent=1) + "\n")
+    (HERE / name).write_text(json.dumps({"command": _command(), "results": rows}, indent=1) + "\n")
 
 
 def run_point_keep(data: Path, out: Path, steps: int, batch: int, length: int, mode: str = "block") -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--out", str(out),
-           "--steps", str(steps), "--batch", str(batch), "--lengths", str(length)]
+    env = importable({**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    cmd = module_command("benchmarks.scaling", "--worker", mode, "--data", str(data), "--out", str(out),
+                         "--steps", str(steps), "--batch", str(batch), "--lengths", str(length))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     return json.loads(line[len("RESULT "):]) if line else {"error": proc.stderr.strip()[-300:]}
@@ -335,7 +340,7 @@ def plot(results: list[dict], dest: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="256,1024,2048,4096")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--steps", type=int, default=2)
@@ -372,7 +377,7 @@ def main() -> None:
             make_pairs(data, length, a.steps * a.batch)
             for mode in a.modes.split(","):
                 point = {"length": length, "mode": mode, **run_point(data, mode, a.steps, a.batch, length),
-                         "command": " ".join(sys.argv)}
+                         "command": _command()}
                 if mode.startswith("trl"):
                     point.update(versus_trl(point, saved["results"]))
                 print(json.dumps(point), flush=True)

@@ -1,6 +1,6 @@
 """SFT -> DPO on the default model, each stage measured on held-out data.
 
-    .venv/bin/python benchmarks/experiments/sft_dpo/run.py [--pairs 400] [--dpo-steps 100] [--base-dpo]
+    .venv/bin/python -m benchmarks.experiments.sft_dpo [--pairs 400] [--dpo-steps 100] [--base-dpo]
 
 From the shared HH-RLHF harmless data (absent: says so and stops), rendered as chat turns, cut to
 256 tokens (prompt 192), LoRA r16 q/v, batch 4, seed 0:
@@ -25,10 +25,10 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.experiments.hh_cli import HH, HH_SETTINGS, RECIPE, ROOT, require_hh
+from benchmarks.experiments.hh_cli import preftune as _preftune
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from hh_cli import HH, HH_SETTINGS, RECIPE, ROOT, require_hh  # noqa: E402 (a sibling module)
-from hh_cli import preftune as _preftune  # noqa: E402
 
 COMMON = [*HH_SETTINGS, *RECIPE, "diagnostics.probe_every=0"]
 
@@ -50,7 +50,7 @@ def dpo(name: str, out: Path, train: str, dev: str, a, *extra: str) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments.sft_dpo", description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=400)
     ap.add_argument("--dpo-steps", type=int, default=100)
     ap.add_argument("--dev", type=int, default=200, help="held-out dev pairs (the first N of 200)")
@@ -61,7 +61,7 @@ def main() -> None:
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     train, dev = f"{HH / 'train.jsonl.gz'}[:{a.pairs}]", f"{HH / 'dev.jsonl.gz'}[:{a.dev}]"
-    results = {"command": " ".join(["benchmarks/experiments/sft_dpo/run.py", *sys.argv[1:]]), "train": train,
+    results = {"command": " ".join(["python -m benchmarks.experiments.sft_dpo", *sys.argv[1:]]), "train": train,
                "dev": dev}
 
     stdout, secs = _preftune("sft", f"data.train_path={train}", f"data.eval_path={dev}",

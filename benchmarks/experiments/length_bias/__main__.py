@@ -1,6 +1,6 @@
 """The length-bias trap and its cure, measured.
 
-    .venv/bin/python benchmarks/experiments/length_bias/run.py [--steps 40] [--out runs/length_bias]
+    .venv/bin/python -m benchmarks.experiments.length_bias [--steps 40] [--out runs/length_bias]
 
 From the shared HH-RLHF harmless train split (absent: says so and stops), a *biased* file is cut
 whose chosen completion is longer than the rejected one (in tokens) in 90% of its pairs (720
@@ -104,7 +104,7 @@ def plot(results: dict, dest: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.experiments.length_bias", description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", default="runs/length_bias")
     a = ap.parse_args()
@@ -116,7 +116,7 @@ def main() -> None:
     made = biased_file(biased, longer=720, shorter=80, seed=0)
     counts = json.loads(_preftune("data", "balance-length", str(biased), "--out", str(balanced),
                                   "data.hh_as_chat=true"))
-    results = {"command": " ".join(["benchmarks/experiments/length_bias/run.py", *sys.argv[1:]]),
+    results = {"command": " ".join(["python -m benchmarks.experiments.length_bias", *sys.argv[1:]]),
                "biased_file": made, "balance_length": counts}
     for name, data in (("biased", biased), ("balanced", balanced)):
         results[name] = train_and_measure(name, data, out, a)

@@ -1,0 +1,1 @@
+"""Best-of-N on the sentiment prompts: `python -m benchmarks.experiments.bon` (see __main__.py)."""

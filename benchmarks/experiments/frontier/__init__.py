@@ -1,0 +1,1 @@
+"""Reward vs KL frontier on controlled sentiment: `python -m benchmarks.experiments.frontier`."""

@@ -1,0 +1,1 @@
+"""SFT then DPO, each stage held out: `python -m benchmarks.experiments.sft_dpo` (see __main__.py)."""
