@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 LORA = dict(r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"])
 GRID = dict(ns=(1, 4, 8), prompt_lens=(32, 512), new_tokens=(16, 128))
 QUICK = dict(ns=(1, 4), prompt_lens=(16,), new_tokens=(8,))
-FORCED_LENGTH = ("eos_id=-1 for every tool: sample_completions gets a tokenizer stand-in whose eos_token_id is -1 "
-                 "(HF generate warns once and never stops), sampler.sample gets eos_id=-1; EOS keeps its "
+FORCED_LENGTH = ("eos_id=-1 for every tool: HF generate gets eos_token_id=-1 (it warns once and never stops), "
+                 "sampler.sample gets eos_id=-1; EOS keeps its "
                  "probability (nothing is suppressed), and every completion is checked to have max_new_tokens tokens")
 
 
@@ -118,13 +118,33 @@ def bounds(costs, rates, bw, *, prompt_tokens: int, prompts: int, rows: int, new
 # ---- the tools ------------------------------------------------------------------------------------
 
 def run_hf(ctx, prompts, n, new_tokens):
-    """Today's path: preftune.models.generate.sample_completions on the unmerged PEFT policy."""
-    from preftune.models.generate import sample_completions
+    """The path every online run took before models/sampler.py: HF `generate` on the unmerged PEFT
+    policy, each prompt repeated n times, rows left-padded to the widest prompt of their batch of
+    `max_rows` (what generate.sample_completions did up to commit 62bc4cd, written out here)."""
+    jobs = [p for p in prompts for _ in range(n)]
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for i in range(0, len(jobs), ctx.max_rows):
+            chunk = jobs[i: i + ctx.max_rows]
+            width = max(len(p) for p in chunk)
+            ids = torch.tensor([[ctx.pad_id] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            device = next(ctx.policy.parameters()).device
+            rows = ctx.policy.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                                       pad_token_id=ctx.pad_id, eos_token_id=-1)
+            out += [row[width:] for row in rows.tolist()]
+    return out
 
-    stand_in = SimpleNamespace(eos_token_id=-1, pad_token_id=ctx.pad_id)
-    out = sample_completions(ctx.policy, stand_in, prompts, n=n, max_new_tokens=new_tokens, seed=0,
-                             batch_size=ctx.max_rows)
-    return [c for _, c in out]
+
+def run_new_peft(ctx, prompts, n, new_tokens):
+    """preftune.models.sampler.sample on the unmerged PEFT policy: what the online paths run now."""
+    from preftune.models.sampler import sample
+
+    out = sample(ctx.policy, prompts, n=n, max_new_tokens=new_tokens, seed=0, eos_id=-1, pad_id=ctx.pad_id,
+                 max_rows=ctx.max_rows)
+    return [s.completion for s in out]
 
 
 def run_new(ctx, prompts, n, new_tokens):
@@ -230,13 +250,13 @@ def main(argv=None) -> dict:
     policy, copy, meta = _models(args, device)
     ctx = SimpleNamespace(policy=policy, copy=copy, pad_id=meta["pad_id"], max_rows=args.max_rows,
                           vllm_url=args.vllm_url)
-    tools = {"hf": run_hf, "new": run_new, **({"vllm": run_vllm} if args.vllm_url else {})}
+    tools = {"hf": run_hf, "new": run_new, "new_peft": run_new_peft, **({"vllm": run_vllm} if args.vllm_url else {})}
     costs = model_costs(copy.model)
     shapes = linear_shapes(copy.model)
     row_counts = {min(count * n, args.max_rows) for n in grid["ns"]} | {1024}
     rates = {r: matmul_rate(shapes, r, args.dtype, device, min_s) for r in sorted(row_counts)}
     bw = bandwidth(device, 64 if args.quick else 512, min_s)
-    for tool in ("hf", "new"):  # warm-up: first-call costs (imports, allocator) stay out of the cells
+    for tool in ("hf", "new", "new_peft"):  # warm-up: first-call costs (imports, allocator) stay out of the cells
         tools[tool](ctx, _prompts(2, 4, copy.model.config.vocab_size, 1), 2, 2)
 
     cells = []
@@ -263,8 +283,10 @@ def main(argv=None) -> dict:
                                   "fraction_of_bound": tps / cell["bound_tokens_per_s"],
                                   "fraction_of_job_bound": tps / cell["bound_job_tokens_per_s"]}
                 cell["ratio_new_over_hf"] = cell["new"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
+                cell["ratio_new_peft_over_hf"] = cell["new_peft"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
                 print(f"n={n} prompt~{prompt_len} new={new_tokens}: hf {cell['hf']['tokens_per_s']:8.1f} tok/s, "
-                      f"new {cell['new']['tokens_per_s']:8.1f} tok/s (x{cell['ratio_new_over_hf']:.2f}); bound "
+                      f"new {cell['new']['tokens_per_s']:8.1f} tok/s (x{cell['ratio_new_over_hf']:.2f}), on the PEFT model "
+                      f"x{cell['ratio_new_peft_over_hf']:.2f}; bound "
                       f"{cell['bound_tokens_per_s']:.0f} decode / {cell['bound_job_tokens_per_s']:.0f} job", flush=True)
                 cells.append(cell)
 

@@ -117,6 +117,8 @@ class LossConfig:
                                     "(e.g. 0.01)")
     grpo_token_level: bool = _f(False, "grpo: average over all completion tokens of a micro-batch (DAPO) instead of "
                                        "per completion, then over completions (the paper's)")
+    tis_cap: float = _f(0.0, "grpo: truncated importance sampling, each token's policy term weighted by "
+                             "min(p_trainer / p_sampler, tis_cap) (0 = off; e.g. 2)")
 
 
 @dataclass
@@ -302,6 +304,8 @@ def _range_problems(cfg: Config):
         yield "loss.clip_epsilon_high", "must be >= 0"
     if c.loss.kl_coef < 0:
         yield "loss.kl_coef", "must be >= 0"
+    if not c.loss.tis_cap >= 0:
+        yield "loss.tis_cap", "must be >= 0 (0: off)"
     if not 0 <= c.loss.label_smoothing < 0.5:
         yield "loss.label_smoothing", "must be in [0, 0.5)"
     if not c.loss.rm_margin >= 0:

@@ -10,7 +10,8 @@ def test_sweep_grid_table_plots_and_rerun(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     args = ["sweep", "--beta", "0.1,0.5", "--lr", "1e-3,3e-2", f"data.train_path={data}",
             f"model.name_or_path={tiny_model_dir}", f"run.output_dir={tmp_path / 'grid'}", "model.lora_r=4",
-            "train.epochs=2", "eval.kl_prompts=2", "eval.max_new_tokens=4", "diagnostics.probe_every=0"]
+            "train.epochs=2", "eval.kl_prompts=2", "eval.kl_samples=16", "eval.max_new_tokens=8",
+            "diagnostics.probe_every=0"]
     assert main(args) == 0
     rows = [json.loads(x) for x in (tmp_path / "grid" / "results.jsonl").read_text().splitlines()]
     assert [(r["beta"], r["lr"]) for r in rows] == [(0.1, 1e-3), (0.1, 3e-2), (0.5, 1e-3), (0.5, 3e-2)]

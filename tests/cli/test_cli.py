@@ -77,10 +77,12 @@ def test_train_then_eval_through_the_cli(tmp_path, capsys, tiny_model_dir):
     assert summary[6].strip() == f"preftune export {run_dir} --out {tmp_path / 'run-export'} --merge"
     out = tmp_path / "eval.json"
     assert main(["eval", "--run", str(run_dir), "--data", str(data), "--out", str(out),
-                 "eval.kl_prompts=4", "eval.max_new_tokens=8"]) == 0
+                 "eval.kl_prompts=4", "eval.kl_samples=16", "eval.max_new_tokens=8"]) == 0
     after = json.loads(out.read_text())
     assert after["pairs"] == 8 and after["accuracy/implicit_reward"] >= 0.75
-    assert after["kl_samples"] == 8 and after["kl"] > 0
+    # a Monte-Carlo KL of a policy this close to its reference can come out below 0; its interval cannot
+    lo, hi = after["kl_ci95"]
+    assert after["kl_samples"] == 64 and lo < after["kl"] < hi and hi > 0 and after["kl_stderr"] > 0
     assert main(["eval", "--data", str(data), "--out", str(out), f"model.name_or_path={tiny_model_dir}",
                  "eval.kl_prompts=2"]) == 0
     before = json.loads(out.read_text())

@@ -171,9 +171,24 @@ def test_the_registry_runs_every_check_and_refuses_duplicates_and_unknown_thresh
 
     assert set(HEALTH_CHECKS) == {"nonfinite", "margin_explosion", "both_logps_falling", "margin_stuck",
                                   "accuracy_saturated", "kl_drift", "length_drift", "length_collapse",
-                                  "eval_regressing"}
+                                  "eval_regressing", "sampler_mismatch"}
     assert all(check.summary for check in HEALTH_CHECKS.values())
     with pytest.raises(ValueError, match="twice"):
         health_check("kl_drift", "kl_max")(lambda history, t, **_: False)
     with pytest.raises(ValueError, match="unknown thresholds"):
         health_check("new_check", "no_such_threshold")
+
+
+def test_sampler_mismatch_fires_above_its_threshold():
+    """Rollout metrics: the mean over the step's sampled tokens (not a mean of row means) and the max."""
+    from preftune.core.losses.kinds import ROLLOUTS
+
+    parts = {"losses": torch.tensor([0.1, 0.2]), "rewards": torch.tensor([1.0, 0.0]),
+             "advantages": torch.tensor([0.7, -0.7]), "group_std": torch.tensor([0.7, 0.7]),
+             "policy": torch.tensor([-3.0, -4.0]), "lengths": torch.tensor([3, 1]),
+             "sampler_diff_sum": torch.tensor([0.3, 0.1]), "sampler_diff_max": torch.tensor([0.2, 0.1])}
+    row = step_metrics(parts, ROLLOUTS)
+    assert row["sampler/logp_diff_mean"] == pytest.approx(0.1) and row["sampler/logp_diff_max"] == pytest.approx(0.2)
+    assert "sampler_diff_sum" not in row
+    assert "sampler_mismatch" in health_checks([row], beta=0.1, sampler_logp_diff=0.05)
+    assert "sampler_mismatch" not in health_checks([row], beta=0.1, sampler_logp_diff=0.2)

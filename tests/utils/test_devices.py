@@ -20,7 +20,7 @@ DATA_KEYS = ("input_ids", "position_ids")  # what carries the data; masks and ra
 class DeviceChecker:
     def __init__(self):
         self.placed = {}  # id -> weakref (tensors compare elementwise, so no WeakSet)
-        self.problems, self.forwards, self.generates, self.inside = [], 0, 0, 0
+        self.problems, self.forwards, self.samplings = [], 0, 0
 
     def wrap_to(self, to):
         """devices.place moves through devices._to (recursively, via the module global), so
@@ -44,25 +44,14 @@ class DeviceChecker:
         checker = self
 
         def pre_hook(module, args, kwargs):
-            if checker.inside:
-                return None
             checker.forwards += 1
+            cache = kwargs.get("past_key_values")
+            if cache is not None and cache.get_seq_length() > 0:
+                return None  # a decode step: its tokens were drawn on the model's device from its own logits
             checker._check("forward", module, {**dict(zip(("input_ids",), args)), **kwargs})
             return None
 
         model.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        generate = model.generate
-
-        def checked_generate(*args, **kwargs):
-            checker.generates += 1
-            checker._check("generate", model, kwargs)
-            checker.inside += 1
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                checker.inside -= 1
-
-        model.generate = checked_generate
         return model
 
 
@@ -77,6 +66,15 @@ def checker(monkeypatch):
         monkeypatch.setattr(devices, "_to", check.wrap_to(devices._to))
     except ImportError:  # the code before this helper existed: nothing is ever placed
         pass
+    import preftune.models.sampler as sampler
+
+    run_batch = sampler._run_batch
+
+    def counting(*args, **kwargs):  # every sampling path runs its batches through here
+        check.samplings += 1
+        return run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "_run_batch", counting)
     original = transformers.AutoModelForCausalLM.from_pretrained.__func__
 
     def loading(cls, *args, **kwargs):
@@ -100,7 +98,7 @@ def test_train_with_probes_reference_cache_and_eval_place_every_input(tmp_path, 
     train(load_config(None, [*base, f"run.output_dir={tmp_path / 'a'}", "train.reference_cache=true"]))
     train(load_config(None, [*base, f"run.output_dir={tmp_path / 'b'}", "data.layout=padded"]))
     run_eval(load_config(tmp_path / "a" / "config.yaml"), run_dir=str(tmp_path / "a"), data_path=str(data))
-    assert checker.forwards > 10 and checker.generates >= 4
+    assert checker.forwards > 10 and checker.samplings >= 4
     assert checker.problems == []
 
 
@@ -117,7 +115,7 @@ def test_sampling_kl_and_the_demo_scoring_place_every_input(tmp_path, tiny_model
     kl_estimate(lora, AdaptersOffReference(lora), samples, pad_id=tok.pad_token_id)
     monkeypatch.setattr(preftune.models.rewards, "sentiment_scores", lambda texts: [len(t) % 7 / 7 for t in texts])
     preftune.apps.demo.run_demo(tmp_path / "demo", quick=True, model=str(tiny_model_dir))
-    assert checker.generates >= 3 and checker.forwards > 5
+    assert checker.samplings >= 3 and checker.forwards > 5
     assert checker.problems == []
 
 

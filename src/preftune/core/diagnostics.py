@@ -61,7 +61,11 @@ def rollout_metrics(parts: dict) -> dict[str, float]:
         "lengths/completion": _mean(parts["lengths"]),
         "completions": int(parts["losses"].numel()),
     }
-    return _extras(row, parts, {"losses", "rewards", "group_std", "advantages", "policy", "lengths"})
+    if "sampler_diff_sum" in parts:  # |log p_sampler - log p_trainer| over the step's sampled tokens
+        row["sampler/logp_diff_mean"] = (parts["sampler_diff_sum"].sum() / parts["lengths"].sum().clamp(min=1)).item()
+        row["sampler/logp_diff_max"] = parts["sampler_diff_max"].max().item()
+    return _extras(row, parts, {"losses", "rewards", "group_std", "advantages", "policy", "lengths",
+                                "sampler_diff_sum", "sampler_diff_max"})
 
 
 _PAIR_PARTS = {"losses", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected", "chosen_lengths",
@@ -142,6 +146,8 @@ THRESHOLDS: dict[str, Threshold] = {
     "length_growth": Threshold(1.5, "length_drift: policy samples longer than this times the reference's"),
     "length_shrink": Threshold(0.5, "length_collapse: policy samples shorter than this times the reference's"),
     "eval_drop": Threshold(0.05, "eval_regressing: held-out accuracy this far below its best probe"),
+    "sampler_logp_diff": Threshold(0.05, "sampler_mismatch: mean |log p_sampler - log p_trainer| per sampled "
+                                         "token above this (nats)"),
 }
 HEALTH_DEFAULTS = {name: th.default for name, th in THRESHOLDS.items()}
 HEALTH_CHECKS: dict[str, HealthCheck] = {}
@@ -252,6 +258,16 @@ def _length_collapse(history, t, **_):
     (answers cut short: a policy that ends early to lower the rejected side's log-prob)."""
     ratio = _length_ratio(history)
     return ratio is not None and ratio < t["length_shrink"]
+
+
+@health_check("sampler_mismatch", "sampler_logp_diff")
+def _sampler_mismatch(history, t, **_):
+    """The sampler's log-probs of the tokens it drew disagree with the trainer's on the same
+    weights by more than `sampler_logp_diff` nats per token on average (a sampling engine on other
+    weights, in another precision, or stale): the policy gradient is then off-policy; see
+    loss.tis_cap."""
+    diff = history[-1].get("sampler/logp_diff_mean")
+    return diff is not None and math.isfinite(diff) and diff > t["sampler_logp_diff"]
 
 
 @health_check("eval_regressing", "eval_drop")

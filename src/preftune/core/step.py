@@ -118,8 +118,16 @@ def rollout_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict,
     if spec.needs_reference and kwargs.get("kl_coef", 0) and not isinstance(reference, SameAsPolicy):
         with torch.no_grad(), reference.context(), autocast(device, bf16):
             ref = completion_token_logps(reference.forward_model(model), batch)[0]
+    sampler, mismatch = None, {}
+    if "sampler_logps" in batch and batch["sampler_logps"].numel() == int(mask.sum()):  # same tokens, row after row
+        sampler = torch.zeros_like(token_logps)
+        sampler[mask.bool()] = batch["sampler_logps"].to(token_logps.device, token_logps.dtype)
+        diff = (old.detach() - sampler).abs() * mask
+        mismatch = {"sampler_diff_sum": diff.sum(dim=1), "sampler_diff_max": diff.max(dim=1).values}
+    if sampler is not None and kwargs.get("tis_cap"):
+        kwargs = {**kwargs, "sampler_logps": sampler}
     out = spec.fn(token_logps, old, ref, batch["advantages"], mask, **kwargs)
     parts = {"losses": out.losses, "rewards": batch["rewards"], "advantages": batch["advantages"],
              "group_std": batch["group_std"], "policy": token_logps.sum(dim=1), "lengths": mask.sum(dim=1),
-             **out.metrics}
+             **mismatch, **out.metrics}
     return out.losses, {k: v.detach() for k, v in parts.items()}

@@ -12,11 +12,11 @@ import torch
 
 from ..config import load_config
 from ..data import render
-from ..utils.devices import place
 from ..utils.errors import ConfigError
 from ..utils.progress import progress
 from ..utils.sharding import unsharded_root
 from .loading import AdaptersOffReference, FrozenCopyReference, load_model, load_tokenizer, resolve_model_dir
+from .sampler import sample
 
 __all__ = ["sample_completions", "decode_completions", "sample_texts", "run_models", "load_run_policy", "load_policy"]
 
@@ -30,39 +30,21 @@ def decode_completions(tokenizer, samples) -> list[str]:
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, seed: int,
                        temperature: float = 1.0, batch_size: int = 64, top_p: float = 1.0,
-                       top_k: int = 0) -> list[tuple[list[int], list[int]]]:
-    """`n` samples per prompt. Defaults are pure sampling (no top-k/top-p), as KL estimates need.
+                       top_k: int = 0, with_logps: bool = False) -> list:
+    """`n` samples per prompt through the one sampler (sampler.py: each prompt prefilled once for
+    its n samples, rows bucketed by length, each row leaving at its EOS, one random stream per
+    (seed, prompt, sample)). Defaults are pure sampling (no top-k/top-p), as KL estimates need.
 
-    Returns (prompt_ids, completion_ids) with completions cut after the first EOS (kept).
+    Returns (prompt_ids, completion_ids) with completions cut after the first EOS (kept), prompt-major;
+    `with_logps`: the sampler's `Sample`s instead, with the model's per-token log-probs.
     """
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[]), unsharded_root(model):  # the caller's RNG stream is untouched
-        torch.manual_seed(seed)
-        results = _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size, top_p, top_k)
-    model.train(was_training)
-    return results
-
-
-def _sample(model, tokenizer, prompts, n, max_new_tokens, temperature, batch_size, top_p=1.0, top_k=0):
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    jobs = [p for p in prompts for _ in range(n)]
-    results = []
-    starts = range(0, len(jobs), batch_size)
-    for i in progress(starts, total=len(jobs), desc="sampling", unit="samples",
-                      weights=[min(batch_size, len(jobs) - s) for s in starts]):
-        chunk = jobs[i: i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding for generation
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        ids, mask = place((ids, mask), model)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
-                             top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             eos_token_id=eos)
-        for prompt, row in zip(chunk, out[:, width:].tolist()):
-            completion = row[: row.index(eos) + 1] if eos in row else row
-            results.append((prompt, completion))
-    return results
+    with unsharded_root(model):
+        samples = sample(model, prompts, n=n, max_new_tokens=max_new_tokens, seed=seed,
+                         eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=temperature,
+                         top_p=top_p, top_k=top_k, max_rows=batch_size,
+                         progress=lambda batches, rows: progress(batches, total=len(prompts) * n, desc="sampling",
+                                                                 unit="samples", weights=rows))
+    return samples if with_logps else [(s.prompt, s.completion) for s in samples]
 
 
 def sample_texts(model, tokenizer, prompts: list, *, n: int, max_new_tokens: int, seed: int,

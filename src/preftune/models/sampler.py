@@ -184,7 +184,7 @@ def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, greedy, max_ro
 
 def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, seed: int, eos_id: int, pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False,
-           max_rows: int = 64, dtype: torch.dtype | None = None) -> list[Sample]:
+           max_rows: int = 64, dtype: torch.dtype | None = None, progress=None) -> list[Sample]:
     """`n` samples of each prompt, prompt-major (n of prompts[0], then n of prompts[1], ...).
 
     Defaults are pure sampling (temperature 1, no top-k/top-p): KL estimates from samples need the
@@ -193,7 +193,8 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, seed
     `dtype` (e.g. torch.bfloat16) runs the forwards under autocast in that dtype; None keeps the
     model's own dtype. For the speed of bf16 weights, sample from `SamplingCopy(policy,
     dtype=torch.bfloat16).model` instead. The model runs in eval mode (restored afterwards) under
-    no_grad; the caller's global RNG is never drawn from.
+    no_grad; the caller's global RNG is never drawn from. `progress(batches, rows)` may wrap the
+    planned batches (rows: the samples in each) to report them as they finish.
     """
     _check(prompts, n, max_new_tokens, temperature, top_p, top_k, greedy, max_rows)
     out: list = [None] * (len(prompts) * n)
@@ -207,7 +208,10 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, seed
     model.eval()
     try:
         with torch.no_grad(), cast:
-            for chunks in _plan([len(p) for p in prompts], n, max_rows):
+            batches = _plan([len(p) for p in prompts], n, max_rows)
+            if progress is not None:
+                batches = progress(batches, [sum(count for _, _, count in chunks) for chunks in batches])
+            for chunks in batches:
                 for (i, j), s in _run_batch(model, prompts, chunks, seed=seed, max_new_tokens=max_new_tokens,
                                             eos_id=eos_id, pad_id=pad_id, greedy=greedy, filters=filters):
                     out[i * n + j] = s

@@ -75,4 +75,30 @@ def test_sequence_and_token_level_reductions_by_hand():
 def test_grpo_is_registered_as_a_rollout_loss():
     spec = LOSSES["grpo"]
     assert spec.kind.name == "rollouts" and spec.kind.data == "prompts" and spec.needs_reference
-    assert spec.params == ("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level")
+    assert spec.params == ("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level", "tis_cap")
+
+
+def test_truncated_importance_sampling_by_hand():
+    """The sampler gave token 1 a third of the trainer's probability (old - sampler = log 3) and
+    token 2 the same: weights min(3, cap) and 1 on the policy term, the KL term untouched."""
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    sampler = lp.detach() - torch.tensor([[math.log(3.0), 0.0]])
+    adv, mask = torch.tensor([1.0]), torch.ones(1, 2)
+    plain = grpo_loss(lp, lp.detach(), None, adv, mask, **KW)
+    capped = grpo_loss(lp, lp.detach(), None, adv, mask, **KW, tis_cap=2.0, sampler_logps=sampler)
+    wide = grpo_loss(lp, lp.detach(), None, adv, mask, **KW, tis_cap=5.0, sampler_logps=sampler)
+    assert plain.losses.item() == pytest.approx(-1.0)  # ratio 1: -A per token, averaged
+    assert capped.losses.item() == pytest.approx((-2.0 - 1.0) / 2, abs=1e-6)
+    assert wide.losses.item() == pytest.approx((-3.0 - 1.0) / 2, abs=1e-6)
+    assert capped.metrics["tis/weight"].item() == pytest.approx(1.5, abs=1e-6)
+    capped.losses.sum().backward()
+    assert lp.grad[0].tolist() == pytest.approx([-1.0, -0.5], abs=1e-6)  # -w_t * A / n_tokens
+    # off (the default), or no sampler log-probs: unweighted, and no tis metric
+    assert grpo_loss(lp, lp.detach(), None, adv, mask, **KW, tis_cap=0.0, sampler_logps=sampler).losses.item() == \
+        pytest.approx(-1.0)
+    assert "tis/weight" not in plain.metrics
+    # the KL term is not weighted
+    ref = lp.detach() - 0.1
+    both = grpo_loss(lp, lp.detach(), ref, adv, mask, **{**KW, "kl_coef": 0.1}, tis_cap=2.0, sampler_logps=sampler)
+    kl = math.exp(-0.1) + 0.1 - 1
+    assert both.losses.item() == pytest.approx((-2.0 - 1.0) / 2 + 0.1 * kl, abs=1e-6)

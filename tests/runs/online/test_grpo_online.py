@@ -176,3 +176,17 @@ def test_resumed_between_two_passes_trains_on_the_saved_samples(tmp_path, tiny_m
     resumed = run_grpo(cfg("cut"), resume=True)
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
     assert _rows(resumed.run_dir) == _rows(full.run_dir)
+
+
+def test_the_sampler_and_the_trainer_agree_and_tis_trains(tmp_path, tiny_model_dir):
+    """The built-in sampler's log-probs of its own tokens are the trainer's on the same weights: the
+    mismatch is logged every step and is float noise; with loss.tis_cap the weights are ~1."""
+    run = tmp_path / "m"
+    assert main(["grpo", *_args(tmp_path, tiny_model_dir, f"run.output_dir={run}", "train.max_steps=3")]) == 0
+    rows = _rows(run)
+    assert all(0 <= r["sampler/logp_diff_mean"] <= r["sampler/logp_diff_max"] < 1e-4 for r in rows)
+    assert not any("sampler_mismatch" in (r.get("health") or {}) for r in rows)
+    tis = tmp_path / "t"
+    assert main(["grpo", *_args(tmp_path, tiny_model_dir, f"run.output_dir={tis}", "train.max_steps=3",
+                                "loss.tis_cap=2")]) == 0
+    assert all(r["tis/weight"] == pytest.approx(1.0, abs=1e-4) for r in _rows(tis))

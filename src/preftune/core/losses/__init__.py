@@ -116,7 +116,7 @@ register_loss("kto", "kto:kto_loss", kind=UNPAIRED, needs_reference=True,
               params=("beta", "desirable_weight", "undesirable_weight"), uses=("kto_auto_weights",),
               summary="KTO on unpaired (prompt, completion, label) data (Ethayarajh et al. 2024)")
 register_loss("grpo", "grpo:grpo_loss", kind=ROLLOUTS, needs_reference=True,
-              params=("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level"),
+              params=("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level", "tis_cap"),
               summary="GRPO: clipped ratio x group advantage + k3 KL, online (Shao et al. 2024); preftune grpo")
 register_loss("nll", "reference_free:nll_loss", kind=DEMONSTRATIONS, needs_reference=False, params=(),
               summary="SFT: token-mean NLL of the completion tokens of demonstrations; preftune sft")

@@ -39,7 +39,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
 
 def grpo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, reference_logps: torch.Tensor | None,
               advantages: torch.Tensor, mask: torch.Tensor, *, clip_epsilon: float, clip_epsilon_high: float,
-              kl_coef: float, grpo_token_level: bool) -> RolloutLossOutput:
+              kl_coef: float, grpo_token_level: bool, tis_cap: float = 0.0,
+              sampler_logps: torch.Tensor | None = None) -> RolloutLossOutput:
     """The GRPO objective, negated (a loss), over token log-probs (N, K) with `mask` (N, K) on
     completion tokens and one advantage per completion (N,):
 
@@ -58,6 +59,14 @@ def grpo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, reference_log
 
     Worked example (one completion, two tokens, A = 1, old = logp, ref = logp - 0.1, kl_coef 0.1):
     ratio 1, policy term -1 per token; KL_t = e^-0.1 + 0.1 - 1 = 0.0048374; loss -0.9995163.
+
+    Truncated importance sampling (`tis_cap` > 0, with `sampler_logps`: the log-probs the sampling
+    engine gave the same tokens): the completions were drawn by the sampler, not by the policy the
+    trainer computes `old` for; each token's policy term is weighted by
+    w_t = min(exp(old_t - sampler_t), tis_cap) (detached), which corrects the mismatch and bounds
+    the variance (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL
+    training"). The KL term is not weighted. Example: old - sampler = log 3 at a token, cap 2:
+    w = 2, so that token's policy term doubles.
     """
     mask = mask.to(policy_logps.dtype)
     high = clip_epsilon_high or clip_epsilon
@@ -65,6 +74,10 @@ def grpo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, reference_log
     adv = advantages.to(policy_logps.dtype).unsqueeze(1)
     unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip_epsilon, 1 + high) * adv
     per_token = -torch.min(unclipped, clipped)
+    weights = None
+    if tis_cap and sampler_logps is not None:
+        weights = torch.exp(old_logps.detach() - sampler_logps.detach()).clamp(max=tis_cap)
+        per_token = per_token * weights
     if reference_logps is not None and kl_coef:
         delta = reference_logps.detach() - policy_logps
         kl = torch.exp(delta) - delta - 1
@@ -80,4 +93,6 @@ def grpo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, reference_log
     metrics = {"kl": ((kl * mask).sum(dim=1) / counts.clamp(min=1)).detach(),
                "clipped": (was_clipped.sum(dim=1) / counts.clamp(min=1)).detach(),
                "ratio": ((ratio * mask).sum(dim=1) / counts.clamp(min=1)).detach()}
+    if weights is not None:
+        metrics["tis/weight"] = ((weights * mask).sum(dim=1) / counts.clamp(min=1)).detach()
     return RolloutLossOutput(losses, metrics)

@@ -158,7 +158,8 @@ class GRPOSource:
                    "prompt_lengths": torch.tensor([len(p) for p, _ in rows], dtype=torch.int64),
                    "completion_ids": torch.tensor([t for _, c in rows for t in c], dtype=torch.int64),
                    "completion_lengths": torch.tensor([len(c) for _, c in rows], dtype=torch.int64),
-                   "rewards": batch["rewards"].cpu(), "old_logps": batch["old_logps"].cpu().contiguous()}
+                   "rewards": batch["rewards"].cpu(), "old_logps": batch["old_logps"].cpu().contiguous(),
+                   "sampler_logps": batch["sampler_logps"].cpu().contiguous()}
         path = self._rollout_path(sample)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -173,9 +174,10 @@ class GRPOSource:
         prompts = torch.split(t["prompt_ids"], t["prompt_lengths"].tolist())
         completions = torch.split(t["completion_ids"], t["completion_lengths"].tolist())
         rows = [(p.tolist(), c.tolist()) for p, c in zip(prompts, completions)]
-        return self._batch(rows, t["rewards"], old_logps=t["old_logps"])
+        return self._batch(rows, t["rewards"], old_logps=t["old_logps"], sampler_logps=t.get("sampler_logps"))
 
-    def _batch(self, rows: list, rewards: torch.Tensor, old_logps: torch.Tensor | None = None) -> dict:
+    def _batch(self, rows: list, rewards: torch.Tensor, old_logps: torch.Tensor | None = None,
+               sampler_logps: torch.Tensor | None = None) -> dict:
         g, o = self.cfg.online.samples_per_prompt, self.cfg.online
         self._rows = rows
         batch = self._collate(rows, g)
@@ -184,6 +186,8 @@ class GRPOSource:
         batch["group_std"] = rewards.view(-1, g).std(dim=1).repeat_interleave(g)
         if old_logps is not None:
             batch["old_logps"] = old_logps
+        if sampler_logps is not None:  # the sampler's log-probs of the completion tokens, row after row
+            batch["sampler_logps"] = sampler_logps
         return batch
 
     def _sample(self, index: int) -> dict:
@@ -191,9 +195,11 @@ class GRPOSource:
         draw = random.Random(f"{seed}/{index}/{self.rank}")
         for attempt in range(MAX_ATTEMPTS):
             picks = draw.sample(range(len(self.prompts)), min(o.prompts_per_step, len(self.prompts)))
-            samples = sample_completions(self.model, self.tokenizer, [self.prompt_ids[k] for k in picks], n=g,
-                                         max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
-                                         top_k=o.top_k, seed=seed + 100_003 * index + 1_009 * attempt + self.rank)
+            drawn = sample_completions(self.model, self.tokenizer, [self.prompt_ids[k] for k in picks], n=g,
+                                       max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
+                                       top_k=o.top_k, seed=seed + 100_003 * index + 1_009 * attempt + self.rank,
+                                       with_logps=True)
+            samples = [(s.prompt, s.completion) for s in drawn]
             texts = decode_completions(self.tokenizer, samples)
             plain = [render.plain_text(self.prompts[k]) for k in picks for _ in range(g)]
             rewards = torch.tensor(self.reward.score(plain, texts), dtype=torch.float32).view(-1, g)
@@ -201,8 +207,10 @@ class GRPOSource:
             self._counts.append({"samples": len(texts), "groups_failed": int((~ok).sum()),
                                  "reward_mean": rewards[ok].mean().item() if ok.any() else math.nan})
             if ok.any():
-                rows = [s for k, keep in enumerate(ok.tolist()) if keep for s in samples[k * g:(k + 1) * g]]
-                return place(self._batch(rows, rewards[ok].reshape(-1)), self.model)
+                kept = [k for k, keep in enumerate(ok.tolist()) if keep for k in range(k * g, (k + 1) * g)]
+                sampler = torch.tensor([lp for k in kept for lp in drawn[k].model_logps], dtype=torch.float32)
+                return place(self._batch([samples[k] for k in kept], rewards[ok].reshape(-1), sampler_logps=sampler),
+                             self.model)
         raise ConfigError(self.reward.name, "online.reward", f"{MAX_ATTEMPTS} draws of {o.prompts_per_step} prompts "
                           "gave no group with every score finite; check the reward source")
 
