@@ -234,10 +234,15 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=None, help="runs per tool and cell, best kept (default 2, quick 1)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="sampling copy dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cells", default=None, help="a part of the grid, e.g. ns=1,4;prompt_lens=32;new_tokens=128 "
+                   "(to re-time cells a busy machine slowed)")
     p.add_argument("--vllm-url", default=None, help="also time a vLLM server (stub: raises NotImplementedError)")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
-    grid = QUICK if args.quick else GRID
+    grid = dict(QUICK if args.quick else GRID)
+    for part in filter(None, (args.cells or "").split(";")):
+        key, _, values = part.partition("=")
+        grid[key] = tuple(int(v) for v in values.split(","))
     count = args.prompts or (4 if args.quick else 8)
     repeats = args.repeats or (1 if args.quick else 2)
     out = args.out or HERE / ("results-quick.json" if args.quick else "results.json")

@@ -17,7 +17,12 @@ from typing import Any
 import yaml
 
 from .core.diagnostics import CHECKS, THRESHOLDS
-from .core.losses import ALIASES, LOSSES, build_loss  # the registry is the single source of loss names
+from .core.losses import (  # the registry is the single source of loss names
+    ALIASES,
+    LOSSES,
+    build_loss,
+    range_problem,
+)
 from .core.recipes import PREFIX as RECIPE_PREFIX
 from .core.recipes import load_recipe, recipe_name, recipe_path
 from .data.pairs import JUDGE_MODES, PAIRINGS
@@ -32,14 +37,16 @@ __all__ = [
 ]
 
 
-def _f(default: Any, help: str, *, resume: bool = True, tokens: bool = False, opt_in: bool = False):  # noqa: A002
+def _f(default: Any, help: str, *, resume: bool = True, tokens: bool = False, opt_in: bool = False,  # noqa: A002
+       bounds: tuple | None = None):
     """A dataclass field with a one-line help (mutable defaults are copied per instance) and the
     facts the rest of the package reads from here instead of keeping its own list:
     `resume=False`: changing it does not block resuming a checkpoint (checkpoint.fingerprint);
     `tokens=True`: it changes which tokens a pair has (the reference-cache key, refcache.py);
     `opt_in=True`: a security opt-in, taken from the command line or the user's own config file,
-    never from a run directory's saved config.yaml (load_config(saved_run=True))."""
-    meta = {"help": help, "resume": resume, "tokens": tokens, "opt_in": opt_in}
+    never from a run directory's saved config.yaml (load_config(saved_run=True));
+    `bounds`: a loss setting's range (core.losses.setting), checked by _range_problems."""
+    meta = {"help": help, "resume": resume, "tokens": tokens, "opt_in": opt_in, "bounds": bounds}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -98,27 +105,29 @@ class DataConfig:
     hh_as_chat: bool = _f(False, "hh: render Human/Assistant turns as chat messages with the model's template", tokens=True)
 
 
-@dataclass
-class LossConfig:
-    name: str = _f("sigmoid", "loss from the registry (preftune.core.losses.LOSSES)")
-    beta: float = _f(0.1, "inverse temperature of the implicit reward (ORPO: lambda), > 0")
-    mix: list = _f([], "weighted sum of paired losses, e.g. [[sigmoid, 1.0], [sft, 0.2]] (RPO); overrides name")
-    label_smoothing: float = _f(0.0, "cdpo/robust: assumed label-flip rate eps, in [0, 0.5)")
-    ipo_length_normalize: bool = _f(False, "ipo: divide each log-ratio by its completion length (TRL's form)")
-    simpo_gamma: float = _f(0.5, "simpo: target reward margin gamma (use beta around 2 with simpo)")
-    desirable_weight: float = _f(1.0, "kto: weight of desirable examples")
-    undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples")
-    kto_auto_weights: bool = _f(False, "kto: set the two weights from class counts so both classes weigh the same")
-    clip_epsilon: float = _f(0.2, "grpo: the policy ratio is clipped to [1 - eps, 1 + eps_high]")
-    clip_epsilon_high: float = _f(0.0, "grpo: upper clip eps_high (DAPO's clip-higher); 0 = clip_epsilon")
-    kl_coef: float = _f(0.04, "grpo: weight of the per-token k3 KL(policy || reference) penalty; 0 = no reference forward")
-    rm_margin: float = _f(0.0, "bt (reward model): required gap between chosen and rejected scores, >= 0")
-    rm_center_coef: float = _f(0.0, "bt (reward model): weight of (r_c + r_r)^2, keeps scores centred at 0 "
-                                    "(e.g. 0.01)")
-    grpo_token_level: bool = _f(False, "grpo: average over all completion tokens of a micro-batch (DAPO) instead of "
-                                       "per completion, then over completions (the paper's)")
-    tis_cap: float = _f(0.0, "grpo: truncated importance sampling, each token's policy term weighted by "
-                             "min(p_trainer / p_sampler, tis_cap) (0 = off; e.g. 2)")
+def _loss_config():
+    """LossConfig: name, beta and mix, then every registered loss's settings (its settings
+    dataclass, next to its registration in core/losses), once each, in registration order, the
+    help naming the losses that read it. A setting two losses declare differently is an error."""
+    found, users = {}, {}
+    for spec in LOSSES.values():
+        for f in dataclasses.fields(spec.settings) if spec.settings is not None else ():
+            if f.name in found and (found[f.name].default, dict(found[f.name].metadata)) != (f.default, dict(f.metadata)):
+                raise ValueError(f"loss setting {f.name!r} is declared twice, differently ({spec.name})")
+            found.setdefault(f.name, f)
+            users.setdefault(f.name, []).append(spec.name)
+    cls = dataclasses.make_dataclass("LossConfig", [
+        ("name", str, _f("sigmoid", "loss from the registry (preftune.core.losses.LOSSES)")),
+        ("beta", float, _f(0.1, "inverse temperature of the implicit reward (ORPO: lambda), > 0")),
+        ("mix", list, _f([], "weighted sum of paired losses, e.g. [[sigmoid, 1.0], [sft, 0.2]] (RPO); overrides name")),
+        *((name, f.type, _f(f.default, f"{'/'.join(users[name])}: {f.metadata['help']}", bounds=f.metadata["range"]))
+          for name, f in found.items()),
+    ])
+    cls.__module__ = __name__
+    return cls
+
+
+LossConfig = _loss_config()
 
 
 @dataclass
@@ -298,23 +307,9 @@ def _range_problems(cfg: Config):
         value = getattr(getattr(c, section), name)
         if value not in allowed:
             yield key, f"{value!r} is not one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}"
-    if not 0 < c.loss.clip_epsilon < 1:
-        yield "loss.clip_epsilon", "must be in (0, 1)"
-    if c.loss.clip_epsilon_high < 0:
-        yield "loss.clip_epsilon_high", "must be >= 0"
-    if c.loss.kl_coef < 0:
-        yield "loss.kl_coef", "must be >= 0"
-    if not c.loss.tis_cap >= 0:
-        yield "loss.tis_cap", "must be >= 0 (0: off)"
-    if not 0 <= c.loss.label_smoothing < 0.5:
-        yield "loss.label_smoothing", "must be in [0, 0.5)"
-    if not c.loss.rm_margin >= 0:
-        yield "loss.rm_margin", "must be >= 0"
-    if not c.loss.rm_center_coef >= 0:
-        yield "loss.rm_center_coef", "must be >= 0"
-    for key in ("desirable_weight", "undesirable_weight"):
-        if not getattr(c.loss, key) > 0:
-            yield f"loss.{key}", "must be > 0"
+    for f in dataclasses.fields(c.loss):  # each loss setting's own range (core.losses.setting)
+        if (problem := range_problem(getattr(c.loss, f.name), f.metadata.get("bounds"))) is not None:
+            yield f"loss.{f.name}", problem
     for i, term in enumerate(c.loss.mix):
         ok = (isinstance(term, list) and len(term) == 2 and isinstance(term[0], str) and term[0] in LOSSES
               and isinstance(term[1], (int, float)) and not isinstance(term[1], bool) and math.isfinite(term[1]))

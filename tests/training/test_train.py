@@ -408,8 +408,8 @@ def _scripted_probe_accuracy(monkeypatch, accuracies: dict):
     train_module = sys.modules["preftune.training.train"]
     real = train_module.run_probe
 
-    def scripted(model, reference, tokenizer, source, spec, cfg, step, baseline, total_steps):
-        return {**real(model, reference, tokenizer, source, spec, cfg, step, baseline, total_steps),
+    def scripted(model, reference, tokenizer, source, spec, loss_kwargs, cfg, step, baseline, total_steps):
+        return {**real(model, reference, tokenizer, source, spec, loss_kwargs, cfg, step, baseline, total_steps),
                 "probe/eval_accuracy": accuracies[step]}
 
     monkeypatch.setattr(train_module, "run_probe", scripted)

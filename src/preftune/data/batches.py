@@ -37,7 +37,7 @@ __all__ = ["BatchSource", "OfflineSource", "EpochLoader", "exact_layout", "disti
 class BatchSource(Protocol):
     feeds: tuple  # the loss kinds (kinds.py) whose batches it makes; train() refuses any other
     stats: dict  # data_stats.json (and the summary's "data")
-    kwargs: dict  # the loss's settings
+    loss_adjustments: dict  # data-derived changes to the loss's settings (KTO's class weights); train() reads the rest
     eval_pairs: list | None  # held-out tokenized pairs, or None
     eval_collate: object  # how probes and the final evaluation collate them (None: padded rows)
     identity: dict  # what a checkpoint must agree with besides the config (fingerprint keys)
@@ -138,7 +138,7 @@ class OfflineSource:
     def prepare(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.data = prepare_data(self.cfg, self.spec, tokenizer, self.records, self.eval_records)
-        self.kwargs, self.eval_pairs, self.collate = self.data.kwargs, self.data.eval_pairs, self.data.collate
+        self.loss_adjustments, self.eval_pairs, self.collate = self.data.adjustments, self.data.eval_pairs, self.data.collate
         self.stats = self.data.stats.as_dict()
 
     def describe(self) -> str:

@@ -9,7 +9,6 @@ from functools import partial
 
 from ..config import Config
 from ..core.losses import LossSpec
-from ..core.step import loss_kwargs
 from . import collate_pairs, collate_unpaired, load_records, to_unpaired, tokenize_records, tokenize_unpaired
 from .collate import attach_reference, collate_packed_pairs, collate_packed_unpaired
 from .sources import HH_ASSISTANT, hh_as_messages
@@ -70,7 +69,7 @@ class PreparedData:
     stats: object
     collate: object
     eval_pairs: list | None
-    kwargs: dict
+    adjustments: dict  # loss settings derived from the data (KTO's class weights), over the config's
 
 
 def prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) -> PreparedData:
@@ -87,11 +86,11 @@ def prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) 
         collate = unpaired_collator(cfg, tokenizer)
     stats.dropped_eval_prompts = held_out_dropped
     eval_pairs = prepare_pairs(d.eval_path, cfg, tokenizer, eval_records)[0] if eval_records else None
-    kwargs = loss_kwargs(cfg, spec)
+    adjustments = {}
     if cfg.loss.kto_auto_weights and spec.kind.data == "unpaired":
-        kwargs["desirable_weight"], kwargs["undesirable_weight"] = kto_class_weights(stats.desirable,
-                                                                                     stats.undesirable)
-    return PreparedData(examples, stats, collate, eval_pairs, kwargs)
+        adjustments["desirable_weight"], adjustments["undesirable_weight"] = kto_class_weights(stats.desirable,
+                                                                                               stats.undesirable)
+    return PreparedData(examples, stats, collate, eval_pairs, adjustments)
 
 
 def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):

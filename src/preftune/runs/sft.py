@@ -90,7 +90,7 @@ class SFTSource:
     def __init__(self, cfg: Config, records: list, eval_records: list | None, kind: str):
         self.cfg, self.records, self.eval_records, self.kind = cfg, records, eval_records, kind
         self.identity: dict = {}  # the file's hash is in checkpoint.fingerprint already
-        self.eval_pairs, self.eval_collate, self.kwargs = None, None, {}
+        self.eval_pairs, self.eval_collate, self.loss_adjustments = None, None, {}
         self.before: dict | None = None
 
     @classmethod

@@ -68,10 +68,11 @@ def probe_baseline(model, reference, tokenizer, source, cfg, history: list[dict]
                                    max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed)
 
 
-def run_probe(model, reference, tokenizer, source, spec, cfg, step: int, baseline, total_steps: int) -> dict:
+def run_probe(model, reference, tokenizer, source, spec, loss_kwargs: dict, cfg, step: int, baseline,
+              total_steps: int) -> dict:
     n = probe_prompt_count(cfg.diagnostics.probe_prompts, total_steps)
     return probe(model, reference, tokenizer, source.probe_prompts(n),
                  max_new_tokens=cfg.eval.max_new_tokens, seed=cfg.train.seed + step,
                  eval_pairs=(source.eval_pairs or [])[: cfg.diagnostics.probe_eval_pairs], spec=spec,
-                 loss_kwargs=source.kwargs, batch_size=cfg.eval.batch_size, reference_length=baseline,
+                 loss_kwargs=loss_kwargs, batch_size=cfg.eval.batch_size, reference_length=baseline,
                  collate=source.eval_collate)

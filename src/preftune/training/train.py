@@ -29,7 +29,7 @@ from ..config import Config, run_name, save_config
 from ..core.diagnostics import health_checks, step_metrics
 from ..core.logprobs import fp32_lm_head
 from ..core.losses import LossSpec, build_loss
-from ..core.step import loss_forward
+from ..core.step import loss_forward, loss_kwargs
 from ..data.batches import BatchSource, OfflineSource
 from ..models.loading import (
     FrozenCopyReference,
@@ -248,6 +248,7 @@ class _Run:
     history: list = field(default_factory=list)
     start: float = 0.0  # perf_counter at the first step of this process's part of the run
     pairs: int = 0  # pairs (or examples) trained by this process's part of the run
+    loss_kwargs: dict = field(default_factory=dict)  # the loss's settings, computed once (_setup)
     best: dict | None = None  # train.keep_best: {"step", "accuracy"} of the best probe so far
 
 
@@ -311,6 +312,8 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
     run = _Run(cfg, spec, tokenizer, source, accelerator, model, reference, reference_info, layout_info, optimizer,
                scheduler, params, fp, total_steps, epochs, ckpt)
+    # the loss's settings from the config, once; a source only adjusts them from its data (KTO's class weights)
+    run.loss_kwargs = {**loss_kwargs(cfg, spec), **source.loss_adjustments}
     if ckpt is not None:
         load_checkpoint(ckpt, params=_trainable(accelerator.unwrap_model(model)), optimizer=optimizer,
                         scheduler=scheduler)
@@ -418,7 +421,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
         done = run.batch0 if epoch == run.epoch0 else 0  # micro-batches of this epoch already trained
         for batch in run.source.batches(epoch, skip=done):
             with a.accumulate(model):
-                losses, parts = loss_forward(model, run.reference, spec, batch, run.source.kwargs, bf16=t.autocast_bf16)
+                losses, parts = loss_forward(model, run.reference, spec, batch, run.loss_kwargs, bf16=t.autocast_bf16)
                 loss = losses.mean()
                 a.backward(loss)
                 grad_norm = None
@@ -444,7 +447,8 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                    "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0], **run.source.step_metrics()}
             if probing and (run.step % cfg.diagnostics.probe_every == 0
                                                 or run.step == run.total_steps):
-                row.update(run_probe(unwrapped, run.reference, run.tokenizer, run.source, spec, cfg, run.step,
+                row.update(run_probe(unwrapped, run.reference, run.tokenizer, run.source, spec, run.loss_kwargs, cfg,
+                                     run.step,
                                      baseline, run.total_steps))
                 _keep_if_best(run, row, unwrapped)
             stop = log.record(row)
@@ -488,7 +492,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
     summary = {"preftune_version": __version__, "loss": run.spec.name, "steps": step, "elapsed_s": round(elapsed, 2),
                "pairs_per_s": round(run.pairs / max(elapsed, 1e-9), 3) if run.ckpt is None else None,
                "data": run.source.stats, "layout": run.layout_info, "reference": run.reference_info,
-               "loss_params": run.source.kwargs, "peak_rss_mb": peak_rss_mb(),
+               "loss_params": run.loss_kwargs, "peak_rss_mb": peak_rss_mb(),
                "distributed": {"type": str(a.distributed_type).split(".")[-1].lower(), "processes": a.num_processes},
                "gradient_checkpointing": bool(getattr(a.unwrap_model(run.model), "is_gradient_checkpointing", False)),
                "quantization": f"4bit-{cfg.model.bnb_4bit_quant_type}" if cfg.model.load_in_4bit else None,
@@ -502,7 +506,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
         summary["eval"] = held_out
     elif run.source.eval_pairs is not None:
         summary["eval"] = evaluate_pairs(run.model, run.reference, run.spec, run.source.eval_pairs,
-                                         loss_kwargs=run.source.kwargs, batch_size=cfg.eval.batch_size,
+                                         loss_kwargs=run.loss_kwargs, batch_size=cfg.eval.batch_size,
                                          pad_id=run.tokenizer.pad_token_id, collate=run.source.eval_collate)
     # per process: what sharding saves shows here (the peak includes loading the whole model once)
     summary["peak_rss_mb_per_process"] = gather_objects(peak_rss_mb())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import PAIRS as PAIR_ROWS
 from conftest import write_jsonl
 from preftune.config import load_config
-from preftune.core.losses import KINDS, LOSSES, Kind, LossOutput, LossSpec, register_loss
+from preftune.core.losses import KINDS, LOSSES, Kind, LossOutput, LossSpec, register_loss, setting
 from preftune.core.losses.kinds import PAIRS
 from preftune.utils.errors import ConfigError
 
@@ -20,7 +20,7 @@ from preftune.utils.errors import ConfigError
 def test_the_spec_holds_a_kind_not_flags():
     """The kind travels as one object: the five booleans it replaced are gone."""
     names = [f.name for f in dataclasses.fields(LossSpec)]
-    assert names == ["name", "impl", "kind", "needs_reference", "params", "needs_lengths", "summary", "uses"]
+    assert names == ["name", "impl", "kind", "needs_reference", "params", "needs_lengths", "summary", "uses", "settings"]
     assert all(isinstance(spec.kind, Kind) and KINDS[spec.kind.name] is spec.kind for spec in LOSSES.values())
     assert sorted(KINDS) == ["demonstrations", "pairs", "reward_model", "rollouts", "unpaired"]
 
@@ -76,3 +76,40 @@ def test_a_new_loss_of_an_existing_kind_is_its_registration_only(tmp_path, tiny_
             load_config(None, [f"data.train_path={data}", "loss.name=squared_hinge", "loss.simpo_gamma=1.0"])
     finally:
         del LOSSES["squared_hinge"]
+
+
+def test_loss_config_is_generated_from_the_settings_next_to_each_loss():
+    """Each setting once, its help naming the losses that read it, its range checked when a config
+    loads; what a loss's function receives (params) and what its source reads (uses) come from it."""
+    from preftune.config import LossConfig
+
+    names = [f.name for f in dataclasses.fields(LossConfig)]
+    assert names[:3] == ["name", "beta", "mix"] and len(names) == len(set(names))
+    declared = {f.name for s in LOSSES.values() if s.settings for f in dataclasses.fields(s.settings)}
+    assert set(names[3:]) == declared
+    help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(LossConfig)}
+    assert help_of["label_smoothing"].startswith("cdpo/robust: ")
+    assert LOSSES["kto"].params == ("beta", "desirable_weight", "undesirable_weight")
+    assert LOSSES["kto"].uses == ("kto_auto_weights",) and LOSSES["grpo"].params[0] == "clip_epsilon"
+    for key, value, problem in (("loss.clip_epsilon", "1.0", "must be in (0, 1)"),
+                                ("loss.label_smoothing", "0.5", "must be in [0, 0.5)"),
+                                ("loss.desirable_weight", "0", "must be > 0"), ("loss.rm_margin", "-1", "must be >= 0"),
+                                ("loss.kl_coef", "-0.5", "must be >= 0")):
+        with pytest.raises(ConfigError, match=f"{key}: {problem}".replace("(", r"\(").replace(")", r"\)")
+                           .replace("[", r"\[").replace("]", r"\]")):
+            load_config(None, [f"{key}={value}"])
+
+
+def test_a_setting_declared_twice_differently_is_refused():
+    from preftune.config import _loss_config
+
+    @dataclasses.dataclass(frozen=True)
+    class Clash:
+        simpo_gamma: float = setting(0.9, "another default than simpo's 0.5")
+
+    register_loss("clash", LOSSES["simpo"].fn, kind=PAIRS, needs_reference=False, settings=Clash, summary="x")
+    try:
+        with pytest.raises(ValueError, match="declared twice"):
+            _loss_config()
+    finally:
+        del LOSSES["clash"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from .kinds import DEMONSTRATIONS, KINDS, PAIRS, REWARD_MODEL, ROLLOUTS, UNPAIRED, Kind
 from .types import LossOutput, SupervisedLossOutput, UnpairedLossOutput
@@ -27,7 +27,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LOSSES", "ALIASES", "LossSpec", "Kind", "KINDS", "LossOutput", "UnpairedLossOutput", "SupervisedLossOutput", "RolloutLossOutput", "register_loss",
+__all__ = ["LOSSES", "ALIASES", "LossSpec", "Kind", "KINDS", "setting", "range_problem", "LossOutput", "UnpairedLossOutput", "SupervisedLossOutput", "RolloutLossOutput", "register_loss",
            "build_loss", "group_advantages"]
 
 
@@ -41,6 +41,7 @@ class LossSpec:
     needs_lengths: bool    # receives chosen_lengths / rejected_lengths (completion token counts)
     summary: str           # one line for --help and error messages
     uses: tuple = ()       # loss settings its batch source reads besides `params` (KTO's kto_auto_weights)
+    settings: type | None = None  # its settings dataclass (config.LossConfig is generated from them)
 
     @property
     def fn(self) -> Callable:
@@ -52,19 +53,46 @@ class LossSpec:
         return getattr(importlib.import_module(f"{__name__}.{module}"), func)
 
 
+def setting(default, help: str, *, lo: float | None = None, hi: float | None = None,  # noqa: A002
+            lo_open: bool = False, hi_open: bool = False, source: bool = False):
+    """One field of a loss's settings dataclass: its default, a help line, its range (checked when
+    a config loads) and `source=True` for a setting the batch source reads instead of the loss
+    function (KTO's kto_auto_weights), the way PEFT's tuners declare their config classes."""
+    bounds = (lo, hi, lo_open, hi_open) if lo is not None or hi is not None else None
+    return field(default=default, metadata={"help": help, "range": bounds, "source": source})
+
+
+def range_problem(value, bounds: tuple | None) -> str | None:
+    """What is wrong with `value` for a setting's range, or None (NaN is outside every range)."""
+    if bounds is None:
+        return None
+    lo, hi, lo_open, hi_open = bounds
+    above = lo is None or (value > lo if lo_open else value >= lo)
+    below = hi is None or (value < hi if hi_open else value <= hi)
+    if above and below:
+        return None
+    if hi is None:
+        return f"must be {'>' if lo_open else '>='} {lo:g}"
+    return f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
 LOSSES: dict[str, LossSpec] = {}
 ALIASES: dict[str, str] = {"dpo": "sigmoid"}  # other names users know a loss by; resolved in config
 
 
 def register_loss(name: str, fn: Callable | str, *, kind: Kind, needs_reference: bool, summary: str,
-                  params: tuple = ("beta",), needs_lengths: bool = False, uses: tuple = ()) -> LossSpec:
-    """Add a loss of a registered kind; a second registration of the same name is an error."""
+                  settings: type | None = None, beta: bool = True, needs_lengths: bool = False) -> LossSpec:
+    """Add a loss of a registered kind; a second registration of the same name is an error. The
+    loss function receives `beta` (unless beta=False) and its `settings` fields as keywords, except
+    those marked source=True, which its batch source reads."""
     if name in LOSSES:
         raise ValueError(f"loss {name!r} is already registered")
     if KINDS.get(kind.name) is not kind:
         raise ValueError(f"loss {name!r}: {kind.name!r} is not a registered kind ({', '.join(KINDS)})")
-    LOSSES[name] = spec = LossSpec(name, fn, kind, needs_reference, tuple(params), needs_lengths, summary,
-                                   tuple(uses))
+    own = fields(settings) if settings is not None else ()
+    params = (("beta",) if beta else ()) + tuple(f.name for f in own if not f.metadata["source"])
+    uses = tuple(f.name for f in own if f.metadata["source"])
+    LOSSES[name] = spec = LossSpec(name, fn, kind, needs_reference, params, needs_lengths, summary, uses, settings)
     return spec
 
 
@@ -96,30 +124,84 @@ def build_loss(name: str, mix: list | None = None) -> LossSpec:
                     f"mixture {label}")
 
 
+# ---- the losses, each with its settings next to it ----
+
 register_loss("sigmoid", "dpo:sigmoid_dpo_loss", kind=PAIRS, needs_reference=True,
               summary="DPO: -log sigmoid(beta * Delta) (Rafailov et al. 2023)")
-register_loss("cdpo", "dpo:cdpo_loss", kind=PAIRS, needs_reference=True, params=("beta", "label_smoothing"),
+
+
+@dataclass(frozen=True)
+class SmoothingSettings:
+    label_smoothing: float = setting(0.0, "assumed label-flip rate eps, in [0, 0.5)", lo=0.0, hi=0.5, hi_open=True)
+
+
+register_loss("cdpo", "dpo:cdpo_loss", kind=PAIRS, needs_reference=True, settings=SmoothingSettings,
               summary="conservative DPO with label smoothing eps (Mitchell 2023)")
-register_loss("robust", "dpo:robust_dpo_loss", kind=PAIRS, needs_reference=True, params=("beta", "label_smoothing"),
+register_loss("robust", "dpo:robust_dpo_loss", kind=PAIRS, needs_reference=True, settings=SmoothingSettings,
               summary="robust DPO, unbiased under label noise eps (Chowdhury et al. 2024)")
 register_loss("hinge", "dpo:hinge_loss", kind=PAIRS, needs_reference=True,
               summary="SLiC/RSO hinge relu(1 - beta * Delta)")
-register_loss("ipo", "dpo:ipo_loss", kind=PAIRS, needs_reference=True, params=("beta", "ipo_length_normalize"),
-              needs_lengths=True, summary="IPO (h - 1/(2 beta))^2 (Azar et al. 2023)")
-register_loss("simpo", "reference_free:simpo_loss", kind=PAIRS, needs_reference=False, params=("beta", "simpo_gamma"),
+
+
+@dataclass(frozen=True)
+class IPOSettings:
+    ipo_length_normalize: bool = setting(False, "divide each log-ratio by its completion length (TRL's form)")
+
+
+register_loss("ipo", "dpo:ipo_loss", kind=PAIRS, needs_reference=True, settings=IPOSettings, needs_lengths=True,
+              summary="IPO (h - 1/(2 beta))^2 (Azar et al. 2023)")
+
+
+@dataclass(frozen=True)
+class SimPOSettings:
+    simpo_gamma: float = setting(0.5, "target reward margin gamma (use beta around 2 with simpo)")
+
+
+register_loss("simpo", "reference_free:simpo_loss", kind=PAIRS, needs_reference=False, settings=SimPOSettings,
               needs_lengths=True, summary="SimPO, length-normalized, no reference (Meng et al. 2024)")
 register_loss("orpo", "reference_free:orpo_loss", kind=PAIRS, needs_reference=False, needs_lengths=True,
               summary="ORPO: NLL + beta * odds-ratio term, no reference (Hong et al. 2024)")
-register_loss("sft", "reference_free:sft_loss", kind=PAIRS, needs_reference=False, params=(), needs_lengths=True,
+register_loss("sft", "reference_free:sft_loss", kind=PAIRS, needs_reference=False, beta=False, needs_lengths=True,
               summary="NLL of the chosen completion (the RPO term when mixed)")
-register_loss("kto", "kto:kto_loss", kind=UNPAIRED, needs_reference=True,
-              params=("beta", "desirable_weight", "undesirable_weight"), uses=("kto_auto_weights",),
+
+
+@dataclass(frozen=True)
+class KTOSettings:
+    desirable_weight: float = setting(1.0, "weight of desirable examples", lo=0.0, lo_open=True)
+    undesirable_weight: float = setting(1.0, "weight of undesirable examples", lo=0.0, lo_open=True)
+    kto_auto_weights: bool = setting(False, "set the two weights from class counts so both classes weigh the same",
+                                     source=True)
+
+
+register_loss("kto", "kto:kto_loss", kind=UNPAIRED, needs_reference=True, settings=KTOSettings,
               summary="KTO on unpaired (prompt, completion, label) data (Ethayarajh et al. 2024)")
-register_loss("grpo", "grpo:grpo_loss", kind=ROLLOUTS, needs_reference=True,
-              params=("clip_epsilon", "clip_epsilon_high", "kl_coef", "grpo_token_level", "tis_cap"),
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    clip_epsilon: float = setting(0.2, "the policy ratio is clipped to [1 - eps, 1 + eps_high]", lo=0.0, hi=1.0,
+                                  lo_open=True, hi_open=True)
+    clip_epsilon_high: float = setting(0.0, "upper clip eps_high (DAPO's clip-higher); 0 = clip_epsilon", lo=0.0)
+    kl_coef: float = setting(0.04, "weight of the per-token k3 KL(policy || reference) penalty; 0 = no reference "
+                                   "forward", lo=0.0)
+    grpo_token_level: bool = setting(False, "average over all completion tokens of a micro-batch (DAPO) instead of "
+                                            "per completion, then over completions (the paper's)")
+    tis_cap: float = setting(0.0, "truncated importance sampling, each token's policy term weighted by "
+                                  "min(p_trainer / p_sampler, tis_cap) (0 = off; e.g. 2)", lo=0.0)
+
+
+register_loss("grpo", "grpo:grpo_loss", kind=ROLLOUTS, needs_reference=True, settings=GRPOSettings, beta=False,
               summary="GRPO: clipped ratio x group advantage + k3 KL, online (Shao et al. 2024); preftune grpo")
-register_loss("nll", "reference_free:nll_loss", kind=DEMONSTRATIONS, needs_reference=False, params=(),
+register_loss("nll", "reference_free:nll_loss", kind=DEMONSTRATIONS, needs_reference=False, beta=False,
               summary="SFT: token-mean NLL of the completion tokens of demonstrations; preftune sft")
+
+
+@dataclass(frozen=True)
+class BradleyTerrySettings:
+    rm_margin: float = setting(0.0, "required gap between chosen and rejected scores, >= 0", lo=0.0)
+    rm_center_coef: float = setting(0.0, "weight of (r_c + r_r)^2, keeps scores centred at 0 (e.g. 0.01)", lo=0.0)
+
+
 register_loss("bt", "reward:bradley_terry_loss", kind=REWARD_MODEL, needs_reference=False,
-              params=("rm_margin", "rm_center_coef"),
+              settings=BradleyTerrySettings, beta=False,
               summary="reward model: Bradley-Terry -log sigmoid(r_c - r_r - margin) + centering; preftune train-rm")

@@ -38,7 +38,6 @@ from safetensors.torch import load_file, save_file
 
 from ...core.logprobs import completion_token_logps
 from ...core.losses import LOSSES, LossSpec, build_loss, group_advantages
-from ...core.step import loss_kwargs
 from ...data import render
 from ...data.batches import exact_layout
 from ...data.collate import collate_packed, collate_sequences
@@ -76,7 +75,7 @@ class GRPOSource:
                             if k not in {"eval_prompts_path", "eval_samples", "rounds", "refresh_reference"}}}
         self.stats = {"source": "grpo", "prompts": len(prompts), "reward": reward.name,
                       "eval_prompts": len(eval_prompts) if eval_prompts else 0}
-        self.kwargs = loss_kwargs(cfg, spec)
+        self.loss_adjustments: dict = {}
         self.eval_pairs, self.eval_collate = None, None
         self._counts: list[dict] = []
         self._held, self._rows = None, []  # (sample index, batch) reused across the mu passes

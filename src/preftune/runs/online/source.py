@@ -17,7 +17,6 @@ import random
 from collections.abc import Iterator
 
 from ...core.losses import LossSpec, build_loss
-from ...core.step import loss_kwargs
 from ...data import render
 from ...data.batches import distinct_prompts, exact_layout
 from ...data.prepare import load_data, pair_collator, prepare_pairs
@@ -51,7 +50,7 @@ class OnlineSource:
                          **{f"online.{k}": v for k, v in vars(cfg.online).items()
                             if k not in {"eval_prompts_path", "eval_samples", "rounds", "refresh_reference"}}}
         self.stats = {"source": "online", "prompts": len(prompts), "reward": reward.name}
-        self.kwargs = loss_kwargs(cfg, spec)
+        self.loss_adjustments: dict = {}
         self._counts: list[dict] = []
 
     def prepare(self, tokenizer) -> None:
