@@ -148,7 +148,7 @@ def eval_worker(data: str, out: str, mode: str, length: int) -> None:
     kwargs = {"loss_kwargs": loss_kwargs(cfg, spec), "batch_size": 4, "pad_id": tok.pad_token_id}
 
     def timed(name, model, ref, values=None, sink=None):
-        checked, layout = exact_layout(cfg, spec, model, pairs[:4], tok.pad_token_id, model_dir)
+        checked, layout = exact_layout(cfg, spec.kind, model, pairs[:4], tok.pad_token_id, model_dir)
         start = time.perf_counter()
         evaluate_pairs(model, ref, spec, pairs, collate=pair_collator(checked, tok, values), policy_logps=sink,
                        **kwargs)

@@ -57,9 +57,9 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
     for path, records in zip(paths, all_records):
         pairs, stats = prepare_pairs(path, cfg, tokenizer, records)
         # packed rows with prefix sharing where they are exact on this model, as in training
-        checked, layout = exact_layout(cfg, spec.kind, policy,
+        chosen, layout = exact_layout(cfg, spec.kind, policy,
                                        pairs[: max(cfg.eval.batch_size, 2)], tokenizer.pad_token_id, model_dir)
-        collate, note, own, values, live_reference = pair_collator(checked, tokenizer), None, None, None, None
+        collate, note, own, values, live_reference = pair_collator(chosen, tokenizer), None, None, None, None
         digest = file_digest(path) if ref_sha is not None else None
         cache = None if digest is None else path_for(reference_sha256=ref_sha, data_sha256=digest,
                                                      tokenizer_sha256=tokenizer_sha256(tokenizer), data_config=cfg.data)
@@ -74,7 +74,7 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
                 if values is None:  # computed live below, kept for the next eval on this file
                     live_reference = {}
             if values is not None:
-                collate = pair_collator(checked, tokenizer, values)
+                collate = pair_collator(chosen, tokenizer, values)
         elif cache is not None:
             own = {}  # the base model's log-probs are the reference's for any run trained from it
         result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(), "layout": layout,

@@ -16,7 +16,6 @@ a resumed run bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -26,7 +25,7 @@ from torch.utils.data import DataLoader
 from ..core.losses import Kind, LossSpec
 from ..utils.errors import ConfigError
 from .collate import kl_pairs
-from .layouts import choose_layout
+from .layouts import Layout, choose_layout
 from .order import EpochSampler
 from .prepare import load_data, pair_collator, prepare_data, unpaired_collator
 from .refcache import reference_cache
@@ -45,8 +44,9 @@ class BatchSource(Protocol):
     def prepare(self, tokenizer) -> None:
         """Tokenize (no model yet): errors in the data surface before any weights load."""
 
-    def layout(self, cfg, model, model_dir: str) -> tuple[object, dict]:
-        """The config with the exact layout for this model, and what was checked."""
+    def layout(self, cfg, model, model_dir: str) -> tuple[Layout, dict]:
+        """The exact layout for this model (kept by the source for its collate functions), and what
+        was checked."""
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int | None:
         """Ready to draw; returns micro-batches per epoch (None: unbounded, the run needs max_steps)."""
@@ -77,21 +77,18 @@ def distinct_prompts(examples, n: int) -> list[list[int]]:
 
 def exact_layout(cfg, kind: Kind, model, examples, pad_id: int, model_dir: str):
     """The configured layout if it is exact on this model, else the exact one it falls back to
-    (said once, recorded in data_stats.json and summary.json); a copy of `cfg` says which.
+    (said once, recorded in data_stats.json and summary.json): (the Layout chosen, what was checked).
     `examples` are pair-shaped rows (an unpaired example with its KL row, a demonstration with
     itself): every kind but the reward model's packs its rows the same way."""
     d = cfg.data
     if kind.layout == "padded" and d.layout != "padded":  # the score head pools one sequence per row
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, layout="padded", prefix_sharing=False))
-        return cfg, {"layout": "padded", "prefix_sharing": False, "reason": kind.name.replace("_", " ")}
+        return Layout("padded", False), {"layout": "padded", "prefix_sharing": False,
+                                         "reason": kind.name.replace("_", " ")}
     if d.layout == "padded":
-        return cfg, {"layout": d.layout, "prefix_sharing": d.prefix_sharing}
+        return Layout.asked(d), {"layout": d.layout, "prefix_sharing": d.prefix_sharing}
     layout, sharing, deltas = choose_layout(model, examples, pad_id, layout=d.layout, prefix_sharing=d.prefix_sharing,
                                             max_length=d.max_length, name=model_dir)
-    info = {"layout": layout, "prefix_sharing": sharing, "checked": deltas}
-    if (layout, sharing) == (d.layout, d.prefix_sharing):
-        return cfg, info
-    return dataclasses.replace(cfg, data=dataclasses.replace(d, layout=layout, prefix_sharing=sharing)), info
+    return Layout(layout, sharing), {"layout": layout, "prefix_sharing": sharing, "checked": deltas}
 
 
 class EpochLoader:
@@ -149,24 +146,22 @@ class OfflineSource:
     def layout(self, cfg, model, model_dir: str):
         examples = self.data.examples[: max(cfg.train.batch_size, 2)]
         if self.spec.kind.data == "unpaired":  # KTO: checked like pairs, on (prompt i, completion i, completion i+1)
-            new, info = exact_layout(cfg, self.spec.kind, model, kl_pairs(examples), self.tokenizer.pad_token_id,
-                                     model_dir)
-            self.collate, self.cfg, self.eval_collate = unpaired_collator(new, self.tokenizer), new, None
-            return new, info
-        new, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id, model_dir)
-        if new is not cfg:
-            self.collate = pair_collator(new, self.tokenizer)
-        self.cfg = new
-        # held-out pairs in the layout just checked
-        self.eval_collate = pair_collator(new, self.tokenizer)
-        return new, info
+            self.chosen, info = exact_layout(cfg, self.spec.kind, model, kl_pairs(examples),
+                                             self.tokenizer.pad_token_id, model_dir)
+            self.collate, self.eval_collate = unpaired_collator(self.chosen, self.tokenizer), None
+            return self.chosen, info
+        self.chosen, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id,
+                                         model_dir)
+        self.collate = pair_collator(self.chosen, self.tokenizer)
+        self.eval_collate = pair_collator(self.chosen, self.tokenizer)  # held-out pairs in the layout just checked
+        return self.chosen, info
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int:
         t = cfg.train
         if t.reference_cache and self.spec.needs_reference and self.spec.kind.data == "pairs":
             cached = reference_cache(cfg, self.data, model, reference, self.tokenizer, reference_info, fp,
-                                     accelerator)
-            self.collate = pair_collator(cfg, self.tokenizer, cached)
+                                     accelerator, self.chosen)
+            self.collate = pair_collator(self.chosen, self.tokenizer, cached)
         self.loader = EpochLoader(self.data.examples, self.collate, t, accelerator)
         return len(self.loader)
 

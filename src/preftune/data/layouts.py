@@ -16,6 +16,8 @@ without sharing to padded, the first that agrees with sequences forwarded alone 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..core.attention import uses_block_attention
@@ -59,6 +61,19 @@ def check_layouts(model, pairs: list, pad_id: int) -> dict:
     """Max |delta logp| of each layout against every sequence forwarded alone (one batch of pairs)."""
     alone = _alone(model, pairs, pad_id)
     return {name: _delta(model, pairs, pad_id, name, alone) for name in _COLLATE}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The row layout a run uses, as the layout check chose it for the model: every collate
+    function takes this, not the Config (the configured data.layout is what was asked for)."""
+    layout: str            # "packed" | "padded"
+    prefix_sharing: bool   # packed: the prompt once for the completions that follow it
+
+    @classmethod
+    def asked(cls, data) -> Layout:
+        """What the config asks for (before any check)."""
+        return cls(data.layout, data.prefix_sharing)
 
 
 def choose_layout(model, pairs: list, pad_id: int, *, layout: str, prefix_sharing: bool, max_length: int,

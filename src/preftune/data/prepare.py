@@ -11,6 +11,7 @@ from ..config import Config
 from ..core.losses import LossSpec
 from . import collate_pairs, collate_unpaired, load_records, to_unpaired, tokenize_records, tokenize_unpaired
 from .collate import attach_reference, collate_packed_pairs, collate_packed_unpaired
+from .layouts import Layout
 from .sources import HH_ASSISTANT, hh_as_messages
 
 __all__ = ["load_data", "prepare_pairs", "drop_eval_prompts", "kto_class_weights", "PreparedData",
@@ -79,11 +80,11 @@ def prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) 
         records, held_out_dropped = drop_eval_prompts(records, eval_records)
     if spec.kind.data == "pairs":
         examples, stats = prepare_pairs(d.train_path, cfg, tokenizer, records)
-        collate = pair_collator(cfg, tokenizer)
+        collate = pair_collator(Layout.asked(d), tokenizer)
     else:
         examples, stats = tokenize_unpaired(records, tokenizer, max_length=d.max_length,
                                             max_prompt_length=d.max_prompt_length)
-        collate = unpaired_collator(cfg, tokenizer)
+        collate = unpaired_collator(Layout.asked(d), tokenizer)
     stats.dropped_eval_prompts = held_out_dropped
     eval_pairs = prepare_pairs(d.eval_path, cfg, tokenizer, eval_records)[0] if eval_records else None
     adjustments = {}
@@ -93,11 +94,11 @@ def prepare_data(cfg: Config, spec: LossSpec, tokenizer, records, eval_records) 
     return PreparedData(examples, stats, collate, eval_pairs, adjustments)
 
 
-def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):
+def pair_collator(layout: Layout, tokenizer, reference_cache: dict | None = None):
     """The collate function for paired micro-batches: packed (default) or padded rows, with
     cached reference logps attached when there is a cache."""
-    if cfg.data.layout == "packed":
-        collate = partial(collate_packed_pairs, prefix_sharing=cfg.data.prefix_sharing)
+    if layout.layout == "packed":
+        collate = partial(collate_packed_pairs, prefix_sharing=layout.prefix_sharing)
     else:
         collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
     if reference_cache is None:
@@ -105,9 +106,9 @@ def pair_collator(cfg: Config, tokenizer, reference_cache: dict | None = None):
     return lambda pairs: attach_reference(collate(pairs), pairs, reference_cache)
 
 
-def unpaired_collator(cfg: Config, tokenizer):
+def unpaired_collator(layout: Layout, tokenizer):
     """The collate function for unpaired (KTO) micro-batches: packed (default; each example and its
     KL row share the prompt) or padded rows."""
-    if cfg.data.layout == "packed":
-        return partial(collate_packed_unpaired, prefix_sharing=cfg.data.prefix_sharing)
+    if layout.layout == "packed":
+        return partial(collate_packed_unpaired, prefix_sharing=layout.prefix_sharing)
     return partial(collate_unpaired, pad_id=tokenizer.pad_token_id)

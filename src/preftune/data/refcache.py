@@ -113,7 +113,7 @@ def load_or_build(path: Path, model, reference, pairs, *, batch_size: int, colla
     return values, False
 
 
-def reference_cache(cfg, data, model, reference, tokenizer, info: dict, fp: dict, accelerator) -> dict:
+def reference_cache(cfg, data, model, reference, tokenizer, info: dict, fp: dict, accelerator, layout) -> dict:
     """Reference logps for every training pair, from the on-disk cache or computed once now."""
     # a hub dataset or a saved dataset directory has no file to hash: without a key that changes with
     # the data, another dataset's cached logps (same record indices) would be read back as this one's
@@ -125,7 +125,7 @@ def reference_cache(cfg, data, model, reference, tokenizer, info: dict, fp: dict
                     data_sha256=fp["data.train_sha256"], data_config=cfg.data)
     start = time.perf_counter()
     build = partial(load_or_build, path, model, reference, data.examples, batch_size=cfg.eval.batch_size,
-                    collate=pair_collator(cfg, tokenizer))
+                    collate=pair_collator(layout, tokenizer))
     if is_fsdp(accelerator):  # a sharded model runs forwards on every rank together; the main one writes
         cached = read(path, data.examples)
         accelerator.wait_for_everyone()  # every rank has looked before any rank writes: one decision

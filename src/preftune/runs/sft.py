@@ -125,10 +125,9 @@ class SFTSource:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefix_sharing=False))
         rows = [TokenizedPair(e.prompt_ids, e.completion_ids, e.completion_ids, e.source, e.line)
                 for e in self.examples[: max(cfg.train.batch_size, 2)]]
-        new, info = exact_layout(cfg, DEMONSTRATIONS, model, rows, self.tokenizer.pad_token_id, model_dir)
-        self.cfg = new
-        self.collate = sft_collator(new.data.layout, self.tokenizer.pad_token_id)
-        return new, info
+        chosen, info = exact_layout(cfg, DEMONSTRATIONS, model, rows, self.tokenizer.pad_token_id, model_dir)
+        self.collate = sft_collator(chosen.layout, self.tokenizer.pad_token_id)
+        return chosen, info
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int:
         t = cfg.train

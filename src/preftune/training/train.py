@@ -301,7 +301,10 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
     init_root(model, tokenizer.pad_token_id or 0)
     place_reference(reference, accelerator, tokenizer.pad_token_id or 0)
     # checked on the prepared model: on its device, and under FSDP with every rank's forwards together
-    cfg, layout_info = source.layout(cfg, accelerator.unwrap_model(model), model_dir)
+    chosen, layout_info = source.layout(cfg, accelerator.unwrap_model(model), model_dir)  # the source keeps it
+    # the run records the layout that ran (config.yaml, summary): the check's choice, not only what was asked
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout=chosen.layout,
+                                                            prefix_sharing=chosen.prefix_sharing))
     per_epoch = source.start(cfg, accelerator.unwrap_model(model), accelerator, reference, reference_info, fp)
     if per_epoch is None:  # an unbounded (online) source: max_steps is the length of the run
         total_steps, epochs = t.max_steps, 1

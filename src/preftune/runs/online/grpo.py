@@ -25,7 +25,6 @@ KL(policy || reference) on the policy's samples and sample lengths.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -41,6 +40,7 @@ from ...core.losses import LOSSES, LossSpec, build_loss, group_advantages
 from ...data import render
 from ...data.batches import exact_layout
 from ...data.collate import collate_packed, collate_sequences
+from ...data.layouts import Layout
 from ...data.records import PreferenceRecord
 from ...data.tokenize import tokenize_records
 from ...models.generate import decode_completions, sample_completions
@@ -100,16 +100,15 @@ class GRPOSource:
         examples, _ = tokenize_records(records, self.tokenizer, max_length=cfg.data.max_length,
                                        max_prompt_length=cfg.data.max_prompt_length, drop_overlong=True,
                                        allow_degenerate=True)
-        new, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id, model_dir) \
-            if examples else (dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, layout="padded")),
-                              {"layout": "padded", "prefix_sharing": False})
-        self.cfg = new
-        return new, info
+        self.chosen, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id,
+                                         model_dir) \
+            if examples else (Layout("padded", False), {"layout": "padded", "prefix_sharing": False})
+        return self.chosen, info
 
     def _collate(self, rows: list, g: int) -> dict:
         """Rows (prompt_ids, completion_ids), G per group, as one batch in the checked layout;
         sequence k*G + j is completion j of group k in both."""
-        d = self.cfg.data
+        d = self.chosen
         if d.layout == "packed":
             groups = [(rows[k][0], [(k + j, rows[k + j][1]) for j in range(g)]) for k in range(0, len(rows), g)]
             return collate_packed(groups, len(rows), d.prefix_sharing)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from ...core.losses import LossSpec, build_loss
 from ...data import render
 from ...data.batches import distinct_prompts, exact_layout
+from ...data.layouts import Layout
 from ...data.prepare import load_data, pair_collator, prepare_pairs
 from ...data.records import PreferenceRecord
 from ...data.tokenize import tokenize_records
@@ -58,7 +59,7 @@ class OnlineSource:
         self.prompt_ids = [render.prompt_ids(tokenizer, p) for p in self.prompts]
         self.eval_pairs = prepare_pairs(self.cfg.data.eval_path, self.cfg, tokenizer, self.eval_records)[0] \
             if self.eval_records else None
-        self.collate = pair_collator(self.cfg, tokenizer)
+        self.collate = pair_collator(Layout.asked(self.cfg.data), tokenizer)
 
     def describe(self) -> str:
         o = self.cfg.online
@@ -73,13 +74,11 @@ class OnlineSource:
         examples, _ = tokenize_records(records, self.tokenizer, max_length=cfg.data.max_length,
                                        max_prompt_length=cfg.data.max_prompt_length, drop_overlong=True,
                                        allow_degenerate=True)
-        new, info = exact_layout(cfg, self.spec.kind, model, examples or [], self.tokenizer.pad_token_id, model_dir) \
-            if examples else (cfg, {"layout": cfg.data.layout, "prefix_sharing": cfg.data.prefix_sharing})
-        if new is not cfg:
-            self.collate = pair_collator(new, self.tokenizer)
-        self.cfg = new
-        self.eval_collate = pair_collator(new, self.tokenizer) if examples else None
-        return new, info
+        chosen, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id, model_dir) \
+            if examples else (Layout.asked(cfg.data), {"layout": cfg.data.layout, "prefix_sharing": cfg.data.prefix_sharing})
+        self.collate = pair_collator(chosen, self.tokenizer)
+        self.eval_collate = pair_collator(chosen, self.tokenizer) if examples else None
+        return chosen, info
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> None:
         self.model, self.rank = model, accelerator.process_index
