@@ -120,7 +120,7 @@ def _loss_config():
         ("name", str, _f("sigmoid", "loss from the registry (preftune.core.losses.LOSSES)")),
         ("beta", float, _f(0.1, "inverse temperature of the implicit reward (ORPO: lambda), > 0")),
         ("mix", list, _f([], "weighted sum of paired losses, e.g. [[sigmoid, 1.0], [sft, 0.2]] (RPO); overrides name")),
-        *((name, f.type, _f(f.default, f"{'/'.join(users[name])}: {f.metadata['help']}", bounds=f.metadata["range"]))
+        *((name, f.type, _f(f.default, f"{'/'.join(users[name])}: {f.metadata['help']}", bounds=f.metadata["bounds"]))
           for name, f in found.items()),
     ])
     cls.__module__ = __name__

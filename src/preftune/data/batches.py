@@ -152,8 +152,8 @@ class OfflineSource:
             return self.chosen, info
         self.chosen, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id,
                                          model_dir)
-        self.collate = pair_collator(self.chosen, self.tokenizer)
-        self.eval_collate = pair_collator(self.chosen, self.tokenizer)  # held-out pairs in the layout just checked
+        # training and held-out pairs in the layout just checked (start() may attach cached reference log-probs)
+        self.collate = self.eval_collate = pair_collator(self.chosen, self.tokenizer)
         return self.chosen, info
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int:

@@ -59,7 +59,7 @@ def setting(default, help: str, *, lo: float | None = None, hi: float | None = N
     a config loads) and `source=True` for a setting the batch source reads instead of the loss
     function (KTO's kto_auto_weights), the way PEFT's tuners declare their config classes."""
     bounds = (lo, hi, lo_open, hi_open) if lo is not None or hi is not None else None
-    return field(default=default, metadata={"help": help, "range": bounds, "source": source})
+    return field(default=default, metadata={"help": help, "bounds": bounds, "source": source})
 
 
 def range_problem(value, bounds: tuple | None) -> str | None:
