@@ -218,6 +218,35 @@ class OnlineConfig:
 
 
 @dataclass
+class PPOConfig:
+    kl_coef: float = _f(0.05, "ppo/rloo/reinforce_pp: weight of the per-token KL estimate log pi_old - log pi_ref "
+                              "subtracted from the reward (k1; the starting value when ppo.kl_target is set)",
+                        bounds=(0.0, None, False, False))
+    kl_target: float = _f(0.0, "adaptive KL controller (Ziegler et al. 2019): the KL per completion, in nats, that "
+                               "kl_coef is steered to after every batch of samples; 0 = kl_coef fixed",
+                          bounds=(0.0, None, False, False))
+    kl_horizon: int = _f(10000, "adaptive KL: the controller's horizon, in samples", bounds=(1, None, False, False))
+    gamma: float = _f(1.0, "ppo: discount over completion tokens", bounds=(0.0, 1.0, False, False))
+    lam: float = _f(0.95, "ppo: GAE lambda", bounds=(0.0, 1.0, False, False))
+    epochs: int = _f(4, "optimisation passes over each batch of samples", bounds=(1, None, False, False))
+    mini_batches: int = _f(1, "mini-batches each pass splits a batch of samples into, one micro-batch each",
+                           bounds=(1, None, False, False))
+    whiten_advantages: bool = _f(True, "ppo: normalise the GAE advantages over each batch of samples")
+    whiten_rewards: bool = _f(False, "scale the scores of each batch of samples to unit variance (mean kept)")
+    reward_clip: float = _f(0.0, "clip each score to [-c, c] before the KL penalty; 0 = off",
+                            bounds=(0.0, None, False, False))
+    missing_eos_penalty: float = _f(0.0, "subtracted from the score of a completion that did not end with EOS within "
+                                         "online.max_new_tokens (e.g. 1.0; 0 = scored as it is)",
+                                    bounds=(0.0, None, False, False))
+    shared_critic: bool = _f(False, "ppo: the value head on the policy's own trunk (one model, the policy's adapter "
+                                    "also learns values) instead of a separate LoRA'd copy of the starting weights")
+    critic_from_reward_model: bool = _f(True, "ppo: with online.reward=rm:DIR and a separate critic, start the critic "
+                                              "from the reward model's weights and score head (as InstructGPT)")
+    reinforce_baseline: bool = _f(False, "reinforce_pp: subtract each prompt's mean score first "
+                                         "(REINFORCE++-baseline)")
+
+
+@dataclass
 class RunConfig:
     output_dir: str = _f("runs/latest", "run directory (config.yaml, metrics.jsonl, summary.json, model/)")
     overwrite: bool = _f(False, "replace an existing run directory")
@@ -233,6 +262,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -307,9 +337,11 @@ def _range_problems(cfg: Config):
         value = getattr(getattr(c, section), name)
         if value not in allowed:
             yield key, f"{value!r} is not one of {', '.join(allowed)}{_did_you_mean(str(value), allowed)}"
-    for f in dataclasses.fields(c.loss):  # each loss setting's own range (core.losses.setting)
-        if (problem := range_problem(getattr(c.loss, f.name), f.metadata.get("bounds"))) is not None:
-            yield f"loss.{f.name}", problem
+    for section in dataclasses.fields(c):  # each declared range (loss settings: core.losses.setting)
+        for f in dataclasses.fields(getattr(c, section.name)):
+            value = getattr(getattr(c, section.name), f.name)
+            if (problem := range_problem(value, f.metadata.get("bounds"))) is not None:
+                yield f"{section.name}.{f.name}", problem
     for i, term in enumerate(c.loss.mix):
         ok = (isinstance(term, list) and len(term) == 2 and isinstance(term[0], str) and term[0] in LOSSES
               and isinstance(term[1], (int, float)) and not isinstance(term[1], bool) and math.isfinite(term[1]))
@@ -541,6 +573,18 @@ def _inapplicable(cfg: Config, origin: dict):
         if getattr(cfg.loss, f.name) != default:
             yield key, (f"{spec.name!r} does not use it (its settings: "
                         f"{', '.join(p for p in takes if p != 'beta') or 'none besides loss.beta'}); remove it")
+    # the ppo section: what each policy-gradient estimator reads (core/losses/ppo.py), nothing for other losses
+    only = {"gamma": "gae", "lam": "gae", "whiten_advantages": "gae", "shared_critic": "gae",
+            "critic_from_reward_model": "gae", "reinforce_baseline": "reinforce_pp"}
+    for f in dataclasses.fields(cfg.ppo):
+        key = f"ppo.{f.name}"
+        if key not in origin or getattr(cfg.ppo, f.name) == f.default:
+            continue
+        if spec.kind.name != "policy_gradient":
+            yield key, f"ppo.* settings are read by preftune ppo's losses (ppo, rloo, reinforce_pp), not {spec.name!r}"
+        elif f.name in only and spec.estimator != only[f.name]:
+            needs = next(n for n, s in LOSSES.items() if s.estimator == only[f.name])
+            yield key, f"only {needs!r} reads it, not {spec.name!r}; remove it"
 
 
 def _drop_opt_ins(cfg: Config, origin: dict) -> None:

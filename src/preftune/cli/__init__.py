@@ -103,6 +103,12 @@ COMMANDS: tuple[Command, ...] = (
             lambda p: _config_args(p, "YAML config (online.* for prompts, reward, group size; loss.* for clip and KL)",
                                    "section.key=value, e.g. online.prompts_path=train.jsonl online.reward=arithmetic"),
             "training:_grpo", sections=_EVERYTHING),
+    Command("ppo", "PPO with a critic, or RLOO / REINFORCE++ (loss.name=rloo|reinforce_pp): KL in the reward, "
+                   "epochs of clipped updates on each batch of samples (online)",
+            lambda p: _config_args(p, "YAML config (online.* for prompts, reward, samples; ppo.* for KL, GAE, epochs, "
+                                      "critic; loss.* for the clip and value loss)",
+                                   "section.key=value, e.g. online.prompts_path=train.jsonl online.reward=arithmetic"),
+            "training:_ppo", sections=(*_EVERYTHING, "ppo")),
     Command("synth", "build a preference file from prompts with any reward source", _synth_args, "training:_synth",
             sections=("model", "online")),
     Command("bon", "best-of-N: sample N per prompt, keep the best under a reward (pairs, eval curve)", _bon_args,

@@ -12,13 +12,14 @@ from ..apps.eval import format_eval, run_eval
 from ..apps.export import export_run
 from ..apps.report import plot_sweep
 from ..apps.sweep import results_table, run_sweep
-from ..config import load_config, opt_in_keys, parse_override
+from ..config import LossConfig, load_config, opt_in_keys, parse_override
 from ..core.losses import build_loss
 from ..data.sources import write_jsonl
 from ..models.rewards.verifiable import arithmetic_problems
 from ..runs.online.bon import format_bon, run_bon
 from ..runs.online.grpo import run_grpo
 from ..runs.online.iterate import run_iterative, run_synth
+from ..runs.online.ppo import run_ppo
 from ..runs.online.source import run_online
 from ..runs.rm import run_train_rm
 from ..runs.sft import run_sft
@@ -27,7 +28,7 @@ from ..utils.errors import ConfigError
 from ..utils.safeio import write_json
 from .common import _floats, _is_override, _say_once
 
-__all__ = ["_train", "run_summary", "_resume", "_eval", "_demo", "_export", "_sweep", "_iterate", "_online", "_sft", "_train_rm", "_grpo", "_arithmetic", "_synth", "_bon"]
+__all__ = ["_train", "run_summary", "_resume", "_eval", "_demo", "_export", "_sweep", "_iterate", "_online", "_sft", "_train_rm", "_grpo", "_ppo", "_arithmetic", "_synth", "_bon"]
 
 # ---- train, resume, eval, demo -------------------------------------------------------------
 
@@ -180,7 +181,17 @@ def _train_rm(a) -> int:
 
 
 def _grpo(a) -> int:
-    result = run_grpo(load_config(a.config, ["loss.name=grpo", *a.overrides]))
+    return _say_held_out(run_grpo(load_config(a.config, ["loss.name=grpo", *a.overrides])))
+
+
+def _ppo(a) -> int:
+    cfg = load_config(a.config, a.overrides)
+    if cfg.loss.name == LossConfig().name:  # no loss chosen: PPO (rloo and reinforce_pp are chosen by name)
+        cfg = load_config(a.config, ["loss.name=ppo", *a.overrides])
+    return _say_held_out(run_ppo(cfg))
+
+
+def _say_held_out(result) -> int:
     _say_once(f"run: {result.run_dir} ({result.steps} steps)")
     held_out = result.summary.get("eval")
     if held_out:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # annotations only: config (and the CLI's --help) read CHECKS
     import torch
 
 __all__ = ["step_metrics", "pair_metrics", "score_metrics", "unpaired_metrics", "demonstration_metrics",
-           "rollout_metrics", "health_checks", "health_check", "HEALTH_CHECKS", "HEALTH_DEFAULTS", "THRESHOLDS",
+           "rollout_metrics", "policy_gradient_metrics", "health_checks", "health_check", "HEALTH_CHECKS", "HEALTH_DEFAULTS", "THRESHOLDS",
            "CHECKS"]
 
 
@@ -66,6 +66,27 @@ def rollout_metrics(parts: dict) -> dict[str, float]:
         row["sampler/logp_diff_max"] = parts["sampler_diff_max"].max().item()
     return _extras(row, parts, {"losses", "rewards", "group_std", "advantages", "policy", "lengths",
                                 "sampler_diff_sum", "sampler_diff_max"})
+
+
+def policy_gradient_metrics(parts: dict) -> dict[str, float]:
+    """PPO / RLOO / REINFORCE++: the score, the KL penalty in the reward (non-score reward), the
+    clip fractions, approx-KL, entropy and (PPO) the critic's loss and explained variance."""
+    row = {
+        "loss": _mean(parts["losses"]),
+        "reward/mean": _mean(parts["rewards"]),
+        "logps/completion": _mean(parts["policy"]),
+        "lengths/completion": _mean(parts["lengths"]),
+        "completions": int(parts["losses"].numel()),
+    }
+    names = {"kl_seq": "kl", "non_score": "reward/non_score", "returns_mean": "returns/mean",
+             "advantages_mean": "advantages/mean", "kl_coef": "kl_coef", "explained_variance": "value/explained_variance",
+             "no_eos": "completions/no_eos"}
+    row.update({names[k]: _mean(parts[k]) for k in names if k in parts})
+    if "sampler_diff_sum" in parts:
+        row["sampler/logp_diff_mean"] = (parts["sampler_diff_sum"].sum() / parts["lengths"].sum().clamp(min=1)).item()
+        row["sampler/logp_diff_max"] = parts["sampler_diff_max"].max().item()
+    return _extras(row, parts, {"losses", "rewards", "policy", "lengths", "sampler_diff_sum", "sampler_diff_max",
+                                *names})
 
 
 _PAIR_PARTS = {"losses", "chosen_rewards", "rejected_rewards", "policy_chosen", "policy_rejected", "chosen_lengths",

@@ -11,7 +11,7 @@ from .logprobs import autocast, completion_logps, completion_token_logps, sequen
 from .losses import LossSpec
 
 __all__ = ["loss_forward", "loss_kwargs", "SameAsPolicy", "pairs_forward", "score_forward", "unpaired_forward",
-           "demonstrations_forward", "rollout_forward"]
+           "demonstrations_forward", "rollout_forward", "policy_gradient_forward", "completion_values", "spread"]
 
 
 class SameAsPolicy:
@@ -130,4 +130,52 @@ def rollout_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict,
     parts = {"losses": out.losses, "rewards": batch["rewards"], "advantages": batch["advantages"],
              "group_std": batch["group_std"], "policy": token_logps.sum(dim=1), "lengths": mask.sum(dim=1),
              **mismatch, **out.metrics}
+    return out.losses, {k: v.detach() for k, v in parts.items()}
+
+
+def spread(flat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values stored flat, completion after completion (as a batch of samples is kept),
+    back on a batch's (N, K) `mask`; zero elsewhere."""
+    out = torch.zeros(mask.shape, dtype=flat.dtype, device=mask.device)
+    out[mask.bool()] = flat.to(mask.device)
+    return out
+
+
+def completion_values(critic, batch: dict) -> torch.Tensor:
+    """The critic's value of the state before each completion token, (N, K) on the positions of
+    `completion_token_logps` (padded rows): the value at position t judges the action token t + 1."""
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))
+    values = critic(input_ids=input_ids, attention_mask=batch["attention_mask"])
+    mask = completion_mask[:, first:].bool()
+    return values[:, first - 1: input_ids.size(1) - 1] * mask
+
+
+def policy_gradient_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool):
+    """PPO / RLOO / REINFORCE++ rows (online/ppo.py): a mini-batch of a batch of samples whose
+    per-token advantages, returns, sampling-time log-probs and values were computed when it was
+    sampled (flat, completion after completion); the policy's log-probs now and, with a critic
+    (`kwargs["critic"]`, from the source), its values now."""
+    kwargs = dict(kwargs)
+    critic = kwargs.pop("critic", None)
+    with autocast(device, bf16):
+        token_logps, mask = completion_token_logps(model, batch)
+    flat = {k: spread(batch[k], mask) for k in ("old_logps", "advantages", "returns", "old_values", "sampler_logps")
+            if k in batch}
+    values = None
+    if critic is not None and "old_values" in flat:
+        with autocast(device, bf16):
+            values = completion_values(critic, batch)
+        kwargs.update(values=values, old_values=flat["old_values"], returns=flat["returns"])
+    if kwargs.get("tis_cap") and "sampler_logps" in flat:
+        kwargs["sampler_logps"] = flat["sampler_logps"]
+    out = spec.fn(token_logps, flat["old_logps"], flat["advantages"], mask, **kwargs)
+    parts = {"losses": out.losses, "rewards": batch["rewards"], "policy": token_logps.sum(dim=1),
+             "lengths": mask.sum(dim=1), **{k: batch[k] for k in ("kl_seq", "non_score", "returns_mean",
+                                                                  "advantages_mean", "kl_coef", "explained_variance",
+                                                                  "no_eos") if k in batch},
+             **out.metrics}
+    if "sampler_logps" in flat:
+        diff = (flat["old_logps"] - flat["sampler_logps"]).abs() * mask
+        parts.update(sampler_diff_sum=diff.sum(dim=1), sampler_diff_max=diff.max(dim=1).values)
     return out.losses, {k: v.detach() for k, v in parts.items()}

@@ -61,6 +61,11 @@ class BatchSource(Protocol):
     def describe(self) -> str:
         """The one `data: ...` line printed at the start."""
 
+    # optional: `modules(cfg, model, reference) -> dict[str, torch.nn.Module]`, the modules a source
+    # trains beside the policy (PPO's critic), asked for once the policy is built; their trainable
+    # parameters join the optimizer, gradient clipping, checkpoints and resume (named `<key>.<param>`),
+    # and train() replaces each value of that same dict with its prepared (DDP-wrapped) module
+
 
 def distinct_prompts(examples, n: int) -> list[list[int]]:
     """The first `n` distinct prompts (token ids) of tokenized examples, in file order."""

@@ -180,8 +180,14 @@ def place_reference(reference, accelerator, token_id: int) -> None:
         reference.model.to(accelerator.device)
 
 
-def _trainable(model) -> dict:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def _trainable(model, modules: dict | None = None) -> dict:
+    """Every trainable parameter of the run by name: the policy's, then those of the modules its
+    source trains beside it (PPO's critic) as `<key>.<name>`."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for key, module in (modules or {}).items():
+        module = getattr(module, "module", module)  # a DDP-wrapped module's own names
+        params.update({f"{key}.{name}": p for name, p in module.named_parameters() if p.requires_grad})
+    return params
 
 
 def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = False,
@@ -250,6 +256,7 @@ class _Run:
     pairs: int = 0  # pairs (or examples) trained by this process's part of the run
     loss_kwargs: dict = field(default_factory=dict)  # the loss's settings, computed once (_setup)
     best: dict | None = None  # train.keep_best: {"step", "accuracy"} of the best probe so far
+    modules: dict = field(default_factory=dict)  # what the source trains beside the policy (PPO's critic)
 
 
 def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resume: bool,
@@ -291,12 +298,14 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
         fp32_lm_head(model)
         if isinstance(reference, FrozenCopyReference):
             fp32_lm_head(reference.model)
-    optimizer = torch.optim.AdamW(list(_trainable(model).values()), lr=t.lr, weight_decay=t.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    modules = source.modules(cfg, model, reference) if hasattr(source, "modules") else {}  # PPO's critic
+    optimizer = torch.optim.AdamW(list(_trainable(model, modules).values()), lr=t.lr, weight_decay=t.weight_decay)
+    model, optimizer, *prepared = accelerator.prepare(model, optimizer, *modules.values())
+    modules.update(zip(modules, prepared))  # the source holds this dict: it now runs the prepared modules
     # the prepared (under FSDP: sharded, new) parameters, in the same name order. Accelerate swaps
     # them into the optimizer by data pointer, which parameters without storage (ranks > 0 above)
     # all share; the optimizer holds no state yet, so setting its one group here is exact.
-    params = list(_trainable(model).values())
+    params = list(_trainable(model, modules).values())
     optimizer.param_groups[0]["params"] = params
     init_root(model, tokenizer.pad_token_id or 0)
     place_reference(reference, accelerator, tokenizer.pad_token_id or 0)
@@ -314,11 +323,11 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
     run = _Run(cfg, spec, tokenizer, source, accelerator, model, reference, reference_info, layout_info, optimizer,
-               scheduler, params, fp, total_steps, epochs, ckpt)
+               scheduler, params, fp, total_steps, epochs, ckpt, modules=modules)
     # the loss's settings from the config, once; a source only adjusts them from its data (KTO's class weights)
     run.loss_kwargs = {**loss_kwargs(cfg, spec), **source.loss_adjustments}
     if ckpt is not None:
-        load_checkpoint(ckpt, params=_trainable(accelerator.unwrap_model(model)), optimizer=optimizer,
+        load_checkpoint(ckpt, params=_trainable(accelerator.unwrap_model(model), modules), optimizer=optimizer,
                         scheduler=scheduler)
         run.step, run.epoch0, run.batch0 = ckpt.state["step"], ckpt.state["epoch"], ckpt.state["batches_in_epoch"]
         run.best = ckpt.state.get("best")
@@ -456,7 +465,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                 _keep_if_best(run, row, unwrapped)
             stop = log.record(row)
             if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < run.total_steps:
-                snap = snapshot(_trainable(unwrapped), run.optimizer)  # every rank: gathers sharded tensors
+                snap = snapshot(_trainable(unwrapped, run.modules), run.optimizer)  # every rank: gathers sharded tensors
                 if a.is_main_process:
                     save_checkpoint(run_dir, step=run.step, snap=snap, scheduler=run.scheduler, keep_last=t.keep_last,
                                     state={"epoch": epoch, "batches_in_epoch": done, "fingerprint": run.fp,
@@ -475,7 +484,7 @@ def _keep_if_best(run: _Run, row: dict, unwrapped) -> None:
     accuracy = row.get("probe/eval_accuracy")
     if not run.cfg.train.keep_best or accuracy is None or (run.best is not None and accuracy <= run.best["accuracy"]):
         return
-    tensors = full_tensors(_trainable(unwrapped))  # every rank: gathers sharded tensors
+    tensors = full_tensors(_trainable(unwrapped, run.modules))  # every rank: gathers sharded tensors
     if run.accelerator.is_main_process:
         save_best(Path(run.cfg.run.output_dir), run.step, tensors)
     run.accelerator.wait_for_everyone()
@@ -487,7 +496,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
     cfg, a, history, step = run.cfg, run.accelerator, run.history, run.step
     restored = bool(cfg.train.keep_best and run.best and run.best["step"] != step)
     if restored:  # end at the best probe: its weights are evaluated and saved, not the last step's
-        restore_best(Path(cfg.run.output_dir), run.best["step"], _trainable(a.unwrap_model(run.model)))
+        restore_best(Path(cfg.run.output_dir), run.best["step"], _trainable(a.unwrap_model(run.model), run.modules))
         if a.is_main_process:
             print(f"keep_best: restored the weights of step {run.best['step']} (held-out probe accuracy "
                   f"{run.best['accuracy']:.3f})", flush=True)
@@ -495,7 +504,8 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
     summary = {"preftune_version": __version__, "loss": run.spec.name, "steps": step, "elapsed_s": round(elapsed, 2),
                "pairs_per_s": round(run.pairs / max(elapsed, 1e-9), 3) if run.ckpt is None else None,
                "data": run.source.stats, "layout": run.layout_info, "reference": run.reference_info,
-               "loss_params": run.loss_kwargs, "peak_rss_mb": peak_rss_mb(),
+               "loss_params": {k: v for k, v in run.loss_kwargs.items() if not isinstance(v, torch.nn.Module)},
+               "peak_rss_mb": peak_rss_mb(),
                "distributed": {"type": str(a.distributed_type).split(".")[-1].lower(), "processes": a.num_processes},
                "gradient_checkpointing": bool(getattr(a.unwrap_model(run.model), "is_gradient_checkpointing", False)),
                "quantization": f"4bit-{cfg.model.bnb_4bit_quant_type}" if cfg.model.load_in_4bit else None,

@@ -11,7 +11,7 @@ from preftune.core.losses import LOSSES, build_loss, register_loss
 
 PAIRED = sorted(n for n, s in LOSSES.items() if s.kind.data == "pairs")  # bt (reward model) too: same signature
 UNPAIRED = sorted(n for n, s in LOSSES.items() if s.kind.data == "unpaired")
-# rollout (grpo): test_grpo.py; supervised (nll): test_family.py
+# rollout (grpo): test_grpo.py; policy gradient (ppo, rloo, reinforce_pp): test_ppo.py; supervised (nll): test_family.py
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossConfig) if f.default is not dataclasses.MISSING}
 
 
@@ -30,10 +30,11 @@ def _t(values, requires_grad=False):
 
 def test_registry_has_the_family():
     assert set(LOSSES) == {"sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "sft", "kto", "grpo",
-                           "nll", "bt"}
+                           "nll", "bt", "ppo", "rloo", "reinforce_pp"}
     assert [n for n in sorted(LOSSES) if not LOSSES[n].needs_reference] == ["bt", "nll", "orpo", "sft", "simpo"]
     assert {n: LOSSES[n].kind.name for n in sorted(LOSSES) if LOSSES[n].kind.name != "pairs"} == {
-        "bt": "reward_model", "grpo": "rollouts", "kto": "unpaired", "nll": "demonstrations"}
+        "bt": "reward_model", "grpo": "rollouts", "kto": "unpaired", "nll": "demonstrations",
+        "ppo": "policy_gradient", "reinforce_pp": "policy_gradient", "rloo": "policy_gradient"}
 
 
 @pytest.mark.parametrize("name", PAIRED)

@@ -14,7 +14,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
-from .kinds import DEMONSTRATIONS, KINDS, PAIRS, REWARD_MODEL, ROLLOUTS, UNPAIRED, Kind
+from .kinds import DEMONSTRATIONS, KINDS, PAIRS, POLICY_GRADIENT, REWARD_MODEL, ROLLOUTS, UNPAIRED, Kind
 from .types import LossOutput, SupervisedLossOutput, UnpairedLossOutput
 
 _LAZY = {"RolloutLossOutput": "grpo", "group_advantages": "grpo"}
@@ -42,6 +42,7 @@ class LossSpec:
     summary: str           # one line for --help and error messages
     uses: tuple = ()       # loss settings its batch source reads besides `params` (KTO's kto_auto_weights)
     settings: type | None = None  # its settings dataclass (config.LossConfig is generated from them)
+    estimator: str = ""    # policy-gradient losses: how scored samples become advantages (ppo.ESTIMATORS)
 
     @property
     def fn(self) -> Callable:
@@ -81,10 +82,12 @@ ALIASES: dict[str, str] = {"dpo": "sigmoid"}  # other names users know a loss by
 
 
 def register_loss(name: str, fn: Callable | str, *, kind: Kind, needs_reference: bool, summary: str,
-                  settings: type | None = None, beta: bool = True, needs_lengths: bool = False) -> LossSpec:
+                  settings: type | None = None, beta: bool = True, needs_lengths: bool = False,
+                  estimator: str = "") -> LossSpec:
     """Add a loss of a registered kind; a second registration of the same name is an error. The
     loss function receives `beta` (unless beta=False) and its `settings` fields as keywords, except
-    those marked source=True, which its batch source reads."""
+    those marked source=True, which its batch source reads. `estimator`: a policy-gradient loss's
+    advantage estimator (core/losses/ppo.ESTIMATORS), which its batch source runs on each batch of samples."""
     if name in LOSSES:
         raise ValueError(f"loss {name!r} is already registered")
     if KINDS.get(kind.name) is not kind:
@@ -92,7 +95,8 @@ def register_loss(name: str, fn: Callable | str, *, kind: Kind, needs_reference:
     own = fields(settings) if settings is not None else ()
     params = (("beta",) if beta else ()) + tuple(f.name for f in own if not f.metadata["source"])
     uses = tuple(f.name for f in own if f.metadata["source"])
-    LOSSES[name] = spec = LossSpec(name, fn, kind, needs_reference, params, needs_lengths, summary, uses, settings)
+    LOSSES[name] = spec = LossSpec(name, fn, kind, needs_reference, params, needs_lengths, summary, uses, settings,
+                                   estimator)
     return spec
 
 
@@ -177,21 +181,59 @@ register_loss("kto", "kto:kto_loss", kind=UNPAIRED, needs_reference=True, settin
               summary="KTO on unpaired (prompt, completion, label) data (Ethayarajh et al. 2024)")
 
 
+def _clip_epsilon():
+    return setting(0.2, "the policy ratio is clipped to [1 - eps, 1 + eps_high]", lo=0.0, hi=1.0, lo_open=True,
+                   hi_open=True)
+
+
+def _clip_epsilon_high():
+    return setting(0.0, "upper clip eps_high (DAPO's clip-higher); 0 = clip_epsilon", lo=0.0)
+
+
+def _tis_cap():
+    return setting(0.0, "truncated importance sampling, each token's policy term weighted by "
+                        "min(p_trainer / p_sampler, tis_cap) (0 = off; e.g. 2)", lo=0.0)
+
+
 @dataclass(frozen=True)
 class GRPOSettings:
-    clip_epsilon: float = setting(0.2, "the policy ratio is clipped to [1 - eps, 1 + eps_high]", lo=0.0, hi=1.0,
-                                  lo_open=True, hi_open=True)
-    clip_epsilon_high: float = setting(0.0, "upper clip eps_high (DAPO's clip-higher); 0 = clip_epsilon", lo=0.0)
+    clip_epsilon: float = _clip_epsilon()
+    clip_epsilon_high: float = _clip_epsilon_high()
     kl_coef: float = setting(0.04, "weight of the per-token k3 KL(policy || reference) penalty; 0 = no reference "
                                    "forward", lo=0.0)
     grpo_token_level: bool = setting(False, "average over all completion tokens of a micro-batch (DAPO) instead of "
                                             "per completion, then over completions (the paper's)")
-    tis_cap: float = setting(0.0, "truncated importance sampling, each token's policy term weighted by "
-                                  "min(p_trainer / p_sampler, tis_cap) (0 = off; e.g. 2)", lo=0.0)
+    tis_cap: float = _tis_cap()
 
 
 register_loss("grpo", "grpo:grpo_loss", kind=ROLLOUTS, needs_reference=True, settings=GRPOSettings, beta=False,
               summary="GRPO: clipped ratio x group advantage + k3 KL, online (Shao et al. 2024); preftune grpo")
+
+
+@dataclass(frozen=True)
+class PolicyGradientSettings:
+    clip_epsilon: float = _clip_epsilon()
+    clip_epsilon_high: float = _clip_epsilon_high()
+    tis_cap: float = _tis_cap()
+
+
+@dataclass(frozen=True)
+class PPOSettings(PolicyGradientSettings):
+    vf_coef: float = setting(0.1, "weight of the critic's clipped value loss", lo=0.0)
+    vf_clip: float = setting(0.2, "a value prediction moves at most this far from its sampling-time value (clipped "
+                                  "value loss)", lo=0.0, lo_open=True)
+
+
+register_loss("ppo", "ppo:ppo_loss", kind=POLICY_GRADIENT, needs_reference=True, settings=PPOSettings, beta=False,
+              estimator="gae", summary="PPO with a critic: KL in the reward, GAE, clipped policy and value losses "
+                                       "(Schulman et al. 2017; Ouyang et al. 2022); preftune ppo")
+register_loss("rloo", "ppo:ppo_loss", kind=POLICY_GRADIENT, needs_reference=True, settings=PolicyGradientSettings,
+              beta=False, estimator="rloo", summary="RLOO: leave-one-out baseline over k samples per prompt, KL in "
+                                                    "the reward, no critic (Ahmadian et al. 2024); preftune ppo")
+register_loss("reinforce_pp", "ppo:ppo_loss", kind=POLICY_GRADIENT, needs_reference=True,
+              settings=PolicyGradientSettings, beta=False, estimator="reinforce_pp",
+              summary="REINFORCE++: per-token KL in the reward, returns normalised over the batch, no critic "
+                      "(Hu 2025); preftune ppo")
 register_loss("nll", "reference_free:nll_loss", kind=DEMONSTRATIONS, needs_reference=False, beta=False,
               summary="SFT: token-mean NLL of the completion tokens of demonstrations; preftune sft")
 

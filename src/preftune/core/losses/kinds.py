@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Kind", "KINDS", "PAIRS", "UNPAIRED", "DEMONSTRATIONS", "ROLLOUTS", "REWARD_MODEL"]
+__all__ = ["Kind", "KINDS", "PAIRS", "UNPAIRED", "DEMONSTRATIONS", "ROLLOUTS", "POLICY_GRADIENT", "REWARD_MODEL"]
 
 
 def _resolve(name: str) -> Callable:
@@ -77,9 +77,17 @@ ROLLOUTS = Kind("rollouts", data="prompts", example="completion", forward_hook="
                 metrics_hook="core.diagnostics:rollout_metrics", progress=("reward", "reward/mean"),
                 runner="runs.online.grpo:run_grpo", command="grpo", layout="measured", model="causal_lm",
                 pair_scorer="sigmoid", samples=True, margins="beta", mixable=False)
+# PPO (with a critic), RLOO, REINFORCE++: samples with per-token advantages computed once per batch of
+# samples (the KL penalty folded into the reward), then epochs of mini-batches on the clipped loss
+POLICY_GRADIENT = Kind("policy_gradient", data="prompts", example="completion",
+                       forward_hook="core.step:policy_gradient_forward",
+                       metrics_hook="core.diagnostics:policy_gradient_metrics", progress=("reward", "reward/mean"),
+                       runner="runs.online.ppo:run_ppo", command="ppo", layout="padded", model="causal_lm",
+                       pair_scorer="sigmoid", samples=True, margins="beta", mixable=False)
 REWARD_MODEL = Kind("reward_model", data="pairs", example="pair", forward_hook="core.step:score_forward",
                     metrics_hook="core.diagnostics:score_metrics", progress=("margin", "rewards/margins"),
                     runner="runs.rm:run_train_rm", command="train-rm", layout="padded", model="score_head",
                     pair_scorer="", samples=False, margins="scores", mixable=False)
 
-KINDS: dict[str, Kind] = {k.name: k for k in (PAIRS, UNPAIRED, DEMONSTRATIONS, ROLLOUTS, REWARD_MODEL)}
+KINDS: dict[str, Kind] = {k.name: k for k in (PAIRS, UNPAIRED, DEMONSTRATIONS, ROLLOUTS, POLICY_GRADIENT,
+                                                       REWARD_MODEL)}

@@ -63,10 +63,12 @@ class GRPOSource:
 
     def __init__(self, cfg, spec: LossSpec, prompts: list, reward, eval_prompts: list | None = None):
         if spec.kind.name not in self.feeds:
-            raise ConfigError("defaults", "loss.name", f"preftune grpo trains a rollouts loss "
-                              f"({', '.join(n for n, s in LOSSES.items() if s.kind.name in self.feeds)}), not {spec.name!r}")
+            command = LOSSES[next(n for n, s in LOSSES.items() if s.kind.name in self.feeds)].kind.command
+            raise ConfigError("defaults", "loss.name", f"preftune {command} trains a {self.feeds[0].replace('_', '-')} "
+                              f"loss ({', '.join(n for n, s in LOSSES.items() if s.kind.name in self.feeds)}), "
+                              f"not {spec.name!r}")
         if not cfg.train.max_steps:
-            raise ConfigError("defaults", "train.max_steps", "grpo needs a number of steps (> 0)")
+            raise ConfigError("defaults", "train.max_steps", f"{spec.kind.command} needs a number of steps (> 0)")
         self.cfg, self.spec, self.prompts, self.reward = cfg, spec, prompts, reward
         self.eval_prompts = eval_prompts
         digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
@@ -189,6 +191,13 @@ class GRPOSource:
         return batch
 
     def _sample(self, index: int) -> dict:
+        rows, rewards, sampler = self._draw(index)
+        return place(self._batch(rows, rewards, sampler_logps=sampler), self.model)
+
+    def _draw(self, index: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """Batch of samples `index`: (prompt_ids, completion_ids) rows, G per prompt, group-major;
+        their scores (N,); the sampler's log-probs of their tokens, flat, row after row. Groups
+        with a failed score are dropped; a draw that keeps none draws other prompts."""
         o, seed, g = self.cfg.online, self.cfg.train.seed, self.cfg.online.samples_per_prompt
         draw = random.Random(f"{seed}/{index}/{self.rank}")
         for attempt in range(MAX_ATTEMPTS):
@@ -207,8 +216,7 @@ class GRPOSource:
             if ok.any():
                 kept = [k for k, keep in enumerate(ok.tolist()) if keep for k in range(k * g, (k + 1) * g)]
                 sampler = torch.tensor([lp for k in kept for lp in drawn[k].model_logps], dtype=torch.float32)
-                return place(self._batch([samples[k] for k in kept], rewards[ok].reshape(-1), sampler_logps=sampler),
-                             self.model)
+                return [samples[k] for k in kept], rewards[ok].reshape(-1), sampler
         raise ConfigError(self.reward.name, "online.reward", f"{MAX_ATTEMPTS} draws of {o.prompts_per_step} prompts "
                           "gave no group with every score finite; check the reward source")
 
