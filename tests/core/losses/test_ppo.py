@@ -130,3 +130,13 @@ def test_explained_variance():
 def test_adaptive_kl_controller():
     assert adaptive_kl_coef(0.1, 12.0, target=6.0, samples=64, horizon=10000) == pytest.approx(0.1 * (1 + 0.2 * 64 / 1e4))
     assert adaptive_kl_coef(0.1, 5.7, target=6.0, samples=100, horizon=100) == pytest.approx(0.1 * (1 - 0.05))
+
+
+def test_scores_shaped_for_a_missing_eos_clipped_and_scaled():
+    from preftune.core.losses.ppo import shaped_scores
+
+    s, no_eos = torch.tensor([2.0, -3.0]), torch.tensor([1.0, 0.0])
+    assert torch.equal(shaped_scores(s, no_eos, missing_eos_penalty=1.0, reward_clip=2.5), torch.tensor([1.0, -2.5]))
+    assert torch.equal(shaped_scores(s, no_eos), s)
+    w = shaped_scores(torch.tensor([1.0, 3.0]), torch.zeros(2), whiten_rewards=True)
+    assert w.mean().item() == pytest.approx(2.0) and w.std().item() == pytest.approx(1.0, abs=1e-6)

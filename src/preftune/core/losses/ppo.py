@@ -25,7 +25,7 @@ import torch
 
 from .grpo import RolloutLossOutput
 
-__all__ = ["masked_mean", "masked_var", "whiten", "kl_penalized_rewards", "gae", "gae_advantages",
+__all__ = ["masked_mean", "masked_var", "whiten", "shaped_scores", "kl_penalized_rewards", "gae", "gae_advantages",
            "rloo_advantages", "reinforce_pp_advantages", "explained_variance", "ppo_loss", "ESTIMATORS"]
 
 
@@ -51,6 +51,20 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
     if not shift_mean:
         out = out + mean
     return out * mask.to(x.dtype)
+
+
+def shaped_scores(scores: torch.Tensor, no_eos: torch.Tensor, *, missing_eos_penalty: float = 0.0,
+                  reward_clip: float = 0.0, whiten_rewards: bool = False) -> torch.Tensor:
+    """The scores a batch of samples trains on: minus `missing_eos_penalty` for completions that
+    did not end with EOS (cut at the token budget), clipped to [-reward_clip, reward_clip]
+    (0 = off), then scaled to unit variance over the batch with their mean kept (`whiten_rewards`).
+    Example: scores [2, -3], no EOS [1, 0], penalty 1, clip 2.5: [1, -2.5]."""
+    out = scores.float() - missing_eos_penalty * no_eos.float()
+    if reward_clip:
+        out = out.clamp(-reward_clip, reward_clip)
+    if whiten_rewards and out.numel() > 1:
+        out = (out - out.mean()) / (out.std() + 1e-8) + out.mean()
+    return out
 
 
 def _last_index(mask: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from ...core.logprobs import completion_token_logps
 from ...core.losses import build_loss
-from ...core.losses.ppo import ESTIMATORS, explained_variance
+from ...core.losses.ppo import ESTIMATORS, explained_variance, shaped_scores
 from ...core.step import completion_values
 from ...data.collate import collate_sequences
 from ...data.layouts import Layout
@@ -166,11 +166,8 @@ class PPOSource(GRPOSource):
         eos = self.tokenizer.eos_token_id
         no_eos = torch.tensor([float(not c or c[-1] != eos) for _, c in rows])
         raw = scores.float()
-        scores = raw - p.missing_eos_penalty * no_eos
-        if p.reward_clip:
-            scores = scores.clamp(-p.reward_clip, p.reward_clip)
-        if p.whiten_rewards and scores.numel() > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8) + scores.mean()
+        scores = shaped_scores(raw, no_eos, missing_eos_penalty=p.missing_eos_penalty, reward_clip=p.reward_clip,
+                               whiten_rewards=p.whiten_rewards)
         coef = self._kl_coef(sample)
         scores = scores.to(old.device)
         advantages, returns, kl = ESTIMATORS[self.spec.estimator](
