@@ -188,6 +188,8 @@ def _other_value(f):
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if isinstance(default, bool):
         return str(not default).lower()
+    if isinstance(default, str):  # a named choice (f_divergence_type): another valid one
+        return next(c for c in f.metadata["bounds"] if c != default)
     return str(round(default + 0.1, 4))
 
 

@@ -54,18 +54,24 @@ class LossSpec:
 
 
 def setting(default, help: str, *, lo: float | None = None, hi: float | None = None,  # noqa: A002
-            lo_open: bool = False, hi_open: bool = False, source: bool = False):
+            lo_open: bool = False, hi_open: bool = False, source: bool = False, choices: tuple[str, ...] = ()):
     """One field of a loss's settings dataclass: its default, a help line, its range (checked when
     a config loads) and `source=True` for a setting the batch source reads instead of the loss
-    function (KTO's kto_auto_weights), the way PEFT's tuners declare their config classes."""
+    function (KTO's kto_auto_weights), the way PEFT's tuners declare their config classes.
+    A string setting names its allowed values in `choices` instead of a range."""
     bounds = (lo, hi, lo_open, hi_open) if lo is not None or hi is not None else None
+    if choices:
+        bounds = tuple(choices)  # all strings: range_problem reads it as a set of names
     return field(default=default, metadata={"help": help, "bounds": bounds, "source": source})
 
 
 def range_problem(value, bounds: tuple | None) -> str | None:
-    """What is wrong with `value` for a setting's range, or None (NaN is outside every range)."""
+    """What is wrong with `value` for a setting's range (or its choices), or None (NaN is outside
+    every range)."""
     if bounds is None:
         return None
+    if all(isinstance(b, str) for b in bounds):
+        return None if value in bounds else f"must be one of {', '.join(bounds)}"
     lo, hi, lo_open, hi_open = bounds
     above = lo is None or (value > lo if lo_open else value >= lo)
     below = hi is None or (value < hi if hi_open else value <= hi)
