@@ -242,6 +242,32 @@ register_loss("dpop", "dpo_variants:dpop_loss", kind=PAIRS, needs_reference=True
                       "2024); for pairs that differ in a few tokens (math, reasoning)")
 
 
+# ---- more reference-free losses (reference_free.py) ----
+
+
+@dataclass(frozen=True)
+class CPOSettings:
+    cpo_alpha: float = setting(1.0, "weight of the chosen completion's per-token NLL (the paper's 1; 0 = none)", lo=0.0)
+
+
+register_loss("cpo", "reference_free:cpo_loss", kind=PAIRS, needs_reference=False, settings=CPOSettings,
+              needs_lengths=True,
+              summary="CPO: -log sigmoid(beta (pi_c - pi_r)) + NLL, no reference (Xu et al. 2024); when a "
+                      "reference does not fit, or for translation")
+
+
+@dataclass(frozen=True)
+class SLiCSettings:
+    slic_delta: float = setting(1.0, "margin delta (nats) by which the chosen sequence log-likelihood should exceed "
+                                     "the rejected's", lo=0.0)
+    slic_lambda: float = setting(0.1, "weight of the chosen completion's summed NLL (the regularizer)", lo=0.0)
+
+
+register_loss("slic_hf", "reference_free:slic_hf_loss", kind=PAIRS, needs_reference=False, settings=SLiCSettings,
+              beta=False,
+              summary="SLiC-HF: hinge on sequence log-likelihoods + NLL of chosen, no reference (Zhao et al. 2023); "
+                      "a cheap, reference-free calibration")
+
 
 @dataclass(frozen=True)
 class KTOSettings:
