@@ -27,6 +27,9 @@ def test_defaults_file_and_overrides_in_order(tmp_path):
     ("train:\n  batch_size: two\n", "train.batch_size", "expected int, got str"),
     ("loss:\n  name: sigmod\n", "loss.name", "did you mean 'sigmoid'?"),
     ("data:\n  max_length: 64\n  max_prompt_length: 64\n", "data.max_prompt_length", "must be in [1,"),
+    ("loss:\n  name: f_dpo\n  f_divergence_type: kl\n", "loss.f_divergence_type",
+     "must be one of reverse_kl, forward_kl, js_divergence, alpha_divergence"),
+    ("loss:\n  name: exo_pair\n  exo_epsilon: 0\n", "loss.exo_epsilon", "must be in (0, 0.5)"),
 ])
 def test_bad_files_name_file_and_key(tmp_path, text, key, problem):
     path = tmp_path / "c.yaml"
@@ -188,6 +191,8 @@ def _other_value(f):
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if isinstance(default, bool):
         return str(not default).lower()
+    if isinstance(default, str):  # a named choice (f_divergence_type): another valid one
+        return next(c for c in f.metadata["bounds"] if c != default)
     return str(round(default + 0.1, 4))
 
 

@@ -19,7 +19,8 @@ trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.oracle
 
 
-def trl_loss(loss_type, pc, pr, rc, rr, *, beta, lengths=None, label_smoothing=0.0, weights=None):
+def trl_loss(loss_type, pc, pr, rc, rr, *, beta, lengths=None, label_smoothing=0.0, weights=None,
+             f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, discopop_tau=0.05):
     from trl.trainer.dpo_trainer import DPOTrainer
 
     n = pc.numel()
@@ -39,10 +40,10 @@ def trl_loss(loss_type, pc, pr, rc, rr, *, beta, lengths=None, label_smoothing=0
     types = loss_type if isinstance(loss_type, list) else [loss_type]
     self = SimpleNamespace(
         model=fake_model, accelerator=SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type=f_divergence_type,
         loss_types=types, loss_weights=weights or [1.0] * len(types), beta=beta, label_smoothing=label_smoothing,
         use_weighting=False, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
-        f_alpha_divergence_coef=1.0)
+        f_alpha_divergence_coef=f_alpha_divergence_coef, args=SimpleNamespace(discopop_tau=discopop_tau))
     inputs = {"input_ids": torch.ones(2 * n, width + 1, dtype=torch.long), "attention_mask": completion_mask.clone(),
               "completion_mask": completion_mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
     return DPOTrainer._compute_loss(self, fake_model, inputs, return_outputs=False), self._metrics["train"]
@@ -159,3 +160,82 @@ def test_orpo_odds_ratio_term_matches_trl():
     ours = _ours("orpo", pc, pr, torch.zeros(12), torch.zeros(12), torch.cat([nc, nr]), beta=0.1)
     assert torch.allclose(ours.losses - (-(pc / nc)), -theirs, atol=1e-6)
     assert ours.metrics["orpo/log_odds_ratio"].mean().item() == pytest.approx(log_odds.item(), abs=1e-5)
+
+
+# ---- the catalogue (dpo_variants.py, cpo): TRL 1.16 on the same tensors ----
+
+def _near(seed, n=16, spread=3.0):
+    """Reference log-probs in [-60, 0], policies within +-spread of them (log-ratios of a few nats,
+    where exp-based scores stay O(1) and an absolute 1e-6 means something), plus the worked example."""
+    g = torch.Generator().manual_seed(seed)
+    rc, rr = (-60 * torch.rand(n, generator=g) for _ in range(2))
+    pc, pr = (ref + spread * (2 * torch.rand(n, generator=g) - 1) for ref in (rc, rr))
+    worked = (torch.tensor([-10.0]), torch.tensor([-15.0]), torch.tensor([-11.0]), torch.tensor([-14.0]))
+    return [torch.cat([x, y]) for x, y in zip((pc, pr, rc, rr), worked)]
+
+
+def _close(ours, theirs):
+    """Batch means within 1e-6 (relative above 1)."""
+    assert abs(ours.losses.mean().item() - theirs.item()) <= 1e-6 * max(1.0, abs(theirs.item())), \
+        (ours.losses.mean().item(), theirs.item())
+
+
+@pytest.mark.parametrize("name,settings,trl_settings", [
+    ("exo_pair", {"exo_epsilon": 1e-3}, {"label_smoothing": 1e-3}),  # TRL reads eps from label_smoothing
+    ("exo_pair", {"exo_epsilon": 0.2}, {"label_smoothing": 0.2}),
+    ("nca_pair", {}, {}),
+    ("sppo_hard", {}, {}),
+    ("aot", {"label_smoothing": 0.0}, {}),
+    ("aot", {"label_smoothing": 0.1}, {"label_smoothing": 0.1}),
+    ("aot_unpaired", {"label_smoothing": 0.1}, {"label_smoothing": 0.1}),
+    ("apo_zero", {}, {}),
+    ("apo_down", {}, {}),
+    ("discopop", {"discopop_tau": 0.05}, {"discopop_tau": 0.05}),
+    ("discopop", {"discopop_tau": 0.5}, {"discopop_tau": 0.5}),
+])
+@pytest.mark.parametrize("spread", [3.0, 30.0])
+def test_catalogue_matches_trl(name, settings, trl_settings, spread):
+    pc, pr, rc, rr = _near(8, spread=spread)
+    for beta in (0.1, 0.5):
+        theirs, metrics = trl_loss(name, pc, pr, rc, rr, beta=beta, **trl_settings)
+        ours = _ours(name, pc, pr, rc, rr, beta=beta, **settings)
+        _close(ours, theirs)
+        assert metrics["rewards/chosen"][-1] == pytest.approx(ours.chosen_rewards.mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_dpo_matches_trls_f_divergence_sigmoid(divergence):
+    """TRL applies the divergence to its `sigmoid` loss; ours is the `f_dpo` loss. At alpha 0.5 the
+    two alpha conventions agree."""
+    pc, pr, rc, rr = _near(9)
+    theirs, _ = trl_loss("sigmoid", pc, pr, rc, rr, beta=0.1, f_divergence_type=divergence, f_alpha_divergence_coef=0.5)
+    ours = _ours("f_dpo", pc, pr, rc, rr, beta=0.1, f_divergence_type=divergence, f_alpha_divergence_coef=0.5)
+    _close(ours, theirs)
+
+
+def test_f_dpo_alpha_is_the_papers_and_trl_1_16_code_uses_one_minus_it():
+    """Ours: f'(u) = (1 - u^-alpha)/alpha (Wang et al. 2023, Table 1; TRL's documentation says
+    u^-alpha too). TRL 1.16's code computes (u^(a-1) - 1)/(a-1): the same function at a = 1 - alpha."""
+    pc, pr, rc, rr = _near(10)
+    ours = _ours("f_dpo", pc, pr, rc, rr, beta=0.1, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
+    same, _ = trl_loss("sigmoid", pc, pr, rc, rr, beta=0.1, f_divergence_type="alpha_divergence",
+                       f_alpha_divergence_coef=0.7)
+    _close(ours, same)
+    other, _ = trl_loss("sigmoid", pc, pr, rc, rr, beta=0.1, f_divergence_type="alpha_divergence",
+                        f_alpha_divergence_coef=0.3)
+    assert abs(ours.losses.mean().item() - other.item()) > 1e-4
+
+
+def test_cpo_preference_term_matches_trl_cpo_sigmoid():
+    """TRL's CPOTrainer (loss_type='sigmoid', summed log-probs) computes the preference term and
+    adds cpo_alpha times its own token-mean NLL outside it; with cpo_alpha = 0 the two agree, and
+    the rewards (beta * pi) are TRL's."""
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
+    pc, pr, nc, nr = _avg_inputs(11)
+    self = SimpleNamespace(alpha=0.0, loss_type="sigmoid", beta=0.1, label_smoothing=0.0,
+                           accelerator=SimpleNamespace(device="cpu"))
+    theirs, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(self, pc, pr)
+    ours = _ours("cpo", pc, pr, torch.zeros(12), torch.zeros(12), torch.cat([nc, nr]), beta=0.1, cpo_alpha=0.0)
+    assert torch.allclose(ours.losses, theirs, atol=1e-6)
+    assert torch.allclose(ours.chosen_rewards, chosen_rewards) and torch.allclose(ours.rejected_rewards, rejected_rewards)

@@ -30,8 +30,10 @@ def _t(values, requires_grad=False):
 
 def test_registry_has_the_family():
     assert set(LOSSES) == {"sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "sft", "kto", "grpo",
-                           "nll", "bt", "ppo", "rloo", "reinforce_pp"}
-    assert [n for n in sorted(LOSSES) if not LOSSES[n].needs_reference] == ["bt", "nll", "orpo", "sft", "simpo"]
+                           "nll", "bt", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
+                           "apo_down", "discopop", "f_dpo", "dpop", "cpo", "slic_hf", "ppo", "rloo", "reinforce_pp"}
+    assert [n for n in sorted(LOSSES) if not LOSSES[n].needs_reference] == ["bt", "cpo", "nll", "orpo", "sft", "simpo",
+                                                                            "slic_hf"]
     assert {n: LOSSES[n].kind.name for n in sorted(LOSSES) if LOSSES[n].kind.name != "pairs"} == {
         "bt": "reward_model", "grpo": "rollouts", "kto": "unpaired", "nll": "demonstrations",
         "ppo": "policy_gradient", "reinforce_pp": "policy_gradient", "rloo": "policy_gradient"}

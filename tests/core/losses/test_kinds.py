@@ -92,7 +92,7 @@ def test_loss_config_is_generated_from_the_settings_next_to_each_loss():
     declared = {f.name for s in LOSSES.values() if s.settings for f in dataclasses.fields(s.settings)}
     assert set(names[3:]) == declared
     help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(LossConfig)}
-    assert help_of["label_smoothing"].startswith("cdpo/robust: ")
+    assert help_of["label_smoothing"].startswith("cdpo/robust/aot/aot_unpaired: ")  # one declaration, four readers
     assert LOSSES["kto"].params == ("beta", "desirable_weight", "undesirable_weight")
     assert LOSSES["kto"].uses == ("kto_auto_weights",) and LOSSES["grpo"].params[0] == "clip_epsilon"
     for key, value, problem in (("loss.clip_epsilon", "1.0", "must be in (0, 1)"),

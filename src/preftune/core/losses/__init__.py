@@ -55,18 +55,24 @@ class LossSpec:
 
 
 def setting(default, help: str, *, lo: float | None = None, hi: float | None = None,  # noqa: A002
-            lo_open: bool = False, hi_open: bool = False, source: bool = False):
+            lo_open: bool = False, hi_open: bool = False, source: bool = False, choices: tuple[str, ...] = ()):
     """One field of a loss's settings dataclass: its default, a help line, its range (checked when
     a config loads) and `source=True` for a setting the batch source reads instead of the loss
-    function (KTO's kto_auto_weights), the way PEFT's tuners declare their config classes."""
+    function (KTO's kto_auto_weights), the way PEFT's tuners declare their config classes.
+    A string setting names its allowed values in `choices` instead of a range."""
     bounds = (lo, hi, lo_open, hi_open) if lo is not None or hi is not None else None
+    if choices:
+        bounds = tuple(choices)  # all strings: range_problem reads it as a set of names
     return field(default=default, metadata={"help": help, "bounds": bounds, "source": source})
 
 
 def range_problem(value, bounds: tuple | None) -> str | None:
-    """What is wrong with `value` for a setting's range, or None (NaN is outside every range)."""
+    """What is wrong with `value` for a setting's range (or its choices), or None (NaN is outside
+    every range)."""
     if bounds is None:
         return None
+    if all(isinstance(b, str) for b in bounds):
+        return None if value in bounds else f"must be one of {', '.join(bounds)}"
     lo, hi, lo_open, hi_open = bounds
     above = lo is None or (value > lo if lo_open else value >= lo)
     below = hi is None or (value < hi if hi_open else value <= hi)
@@ -78,7 +84,8 @@ def range_problem(value, bounds: tuple | None) -> str | None:
 
 
 LOSSES: dict[str, LossSpec] = {}
-ALIASES: dict[str, str] = {"dpo": "sigmoid"}  # other names users know a loss by; resolved in config
+# other names users know a loss by; resolved in config (aot_pair: TRL's earlier name for aot_unpaired)
+ALIASES: dict[str, str] = {"dpo": "sigmoid", "aot_pair": "aot_unpaired"}
 
 
 def register_loss(name: str, fn: Callable | str, *, kind: Kind, needs_reference: bool, summary: str,
@@ -167,6 +174,103 @@ register_loss("orpo", "reference_free:orpo_loss", kind=PAIRS, needs_reference=Fa
               summary="ORPO: NLL + beta * odds-ratio term, no reference (Hong et al. 2024)")
 register_loss("sft", "reference_free:sft_loss", kind=PAIRS, needs_reference=False, beta=False, needs_lengths=True,
               summary="NLL of the chosen completion (the RPO term when mixed)")
+
+
+# ---- more DPO-family losses on log-ratios (dpo_variants.py) ----
+
+
+@dataclass(frozen=True)
+class EXOSettings:
+    exo_epsilon: float = setting(1e-3, "labels' probability that the rejected side is preferred (EXO's label "
+                                       "smoothing; must be > 0, e.g. 1e-3)", lo=0.0, hi=0.5, lo_open=True, hi_open=True)
+
+
+register_loss("exo_pair", "dpo_variants:exo_pair_loss", kind=PAIRS, needs_reference=True, settings=EXOSettings,
+              summary="EXO: reverse KL from the policy's pair preference to the labels' (Ji et al. 2024); "
+                      "mode-seeking where DPO is mean-seeking")
+register_loss("nca_pair", "dpo_variants:nca_pair_loss", kind=PAIRS, needs_reference=True,
+              summary="NCA: absolute rewards per side (Chen et al. 2024); when DPO lowers the chosen "
+                      "likelihood along with the rejected")
+register_loss("sppo_hard", "dpo_variants:sppo_hard_loss", kind=PAIRS, needs_reference=True,
+              summary="SPPO with hard win probabilities: (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2 (Wu et al. 2024); "
+                      "for self-play rounds against the previous policy")
+register_loss("aot", "dpo_variants:aot_loss", kind=PAIRS, needs_reference=True, settings=SmoothingSettings,
+              summary="AOT paired: sorted policy margins dominate the reference's over the micro-batch "
+                      "(Melnyk et al. 2024); for large batches")
+register_loss("aot_unpaired", "dpo_variants:aot_unpaired_loss", kind=PAIRS, needs_reference=True,
+              settings=SmoothingSettings,
+              summary="AOT unpaired: sorted chosen log-ratios dominate sorted rejected ones (Melnyk et al. 2024); "
+                      "when chosen and rejected are not true pairs")
+register_loss("apo_zero", "dpo_variants:apo_zero_loss", kind=PAIRS, needs_reference=True,
+              summary="APO-zero: raise chosen, lower rejected (D'Oosterlinck et al. 2024); when the chosen answers "
+                      "are better than the model's own")
+register_loss("apo_down", "dpo_variants:apo_down_loss", kind=PAIRS, needs_reference=True,
+              summary="APO-down: lower both, rejected more (D'Oosterlinck et al. 2024); when the model already "
+                      "writes better than the chosen answers")
+
+
+@dataclass(frozen=True)
+class DiscoPOPSettings:
+    discopop_tau: float = setting(0.05, "temperature of the logistic/exponential blend, in (0, 1] (the paper's 0.05)",
+                                  lo=0.0, hi=1.0, lo_open=True)
+
+
+register_loss("discopop", "dpo_variants:discopop_loss", kind=PAIRS, needs_reference=True, settings=DiscoPOPSettings,
+              summary="DiscoPOP: a discovered blend of logistic and exponential losses (Lu et al. 2024); "
+                      "a drop-in for DPO")
+
+
+@dataclass(frozen=True)
+class FDivergenceSettings:
+    f_divergence_type: str = setting("reverse_kl", "the divergence that keeps the policy near the reference: "
+                                                   "reverse_kl (= DPO) | forward_kl | js_divergence | alpha_divergence",
+                                     choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"))
+    f_alpha_divergence_coef: float = setting(0.5, "alpha_divergence's alpha, in (0, 1]: -> 0 is reverse KL, 1 is "
+                                                  "forward KL (the paper's alpha; TRL 1.16's code uses 1 - alpha)",
+                                             lo=0.0, hi=1.0, lo_open=True)
+
+
+register_loss("f_dpo", "dpo_variants:f_dpo_loss", kind=PAIRS, needs_reference=True, settings=FDivergenceSettings,
+              summary="f-DPO: DPO under forward KL, Jensen-Shannon or alpha divergence (Wang et al. 2023); "
+                      "for more diverse outputs than reverse KL gives")
+
+
+@dataclass(frozen=True)
+class DPOPSettings:
+    dpop_lambda: float = setting(50.0, "weight of max(0, ref_c - pi_c), the penalty for a chosen log-prob below the "
+                                       "reference's (the paper's 50; 0 = DPO)", lo=0.0)
+
+
+register_loss("dpop", "dpo_variants:dpop_loss", kind=PAIRS, needs_reference=True, settings=DPOPSettings,
+              summary="DPO-Positive: DPO that may not lower the chosen likelihood below the reference (Pal et al. "
+                      "2024); for pairs that differ in a few tokens (math, reasoning)")
+
+
+# ---- more reference-free losses (reference_free.py) ----
+
+
+@dataclass(frozen=True)
+class CPOSettings:
+    cpo_alpha: float = setting(1.0, "weight of the chosen completion's per-token NLL (the paper's 1; 0 = none)", lo=0.0)
+
+
+register_loss("cpo", "reference_free:cpo_loss", kind=PAIRS, needs_reference=False, settings=CPOSettings,
+              needs_lengths=True,
+              summary="CPO: -log sigmoid(beta (pi_c - pi_r)) + NLL, no reference (Xu et al. 2024); when a "
+                      "reference does not fit, or for translation")
+
+
+@dataclass(frozen=True)
+class SLiCSettings:
+    slic_delta: float = setting(1.0, "margin delta (nats) by which the chosen sequence log-likelihood should exceed "
+                                     "the rejected's", lo=0.0)
+    slic_lambda: float = setting(0.1, "weight of the chosen completion's summed NLL (the regularizer)", lo=0.0)
+
+
+register_loss("slic_hf", "reference_free:slic_hf_loss", kind=PAIRS, needs_reference=False, settings=SLiCSettings,
+              beta=False,
+              summary="SLiC-HF: hinge on sequence log-likelihoods + NLL of chosen, no reference (Zhao et al. 2023); "
+                      "a cheap, reference-free calibration")
 
 
 @dataclass(frozen=True)

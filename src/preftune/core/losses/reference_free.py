@@ -1,4 +1,4 @@
-"""Losses that need no reference model: SimPO, ORPO and the SFT/NLL term.
+"""Losses that need no reference model: SimPO, ORPO, CPO, SLiC-HF and the SFT/NLL term.
 
 They take the same four-tensor signature as the DPO family so one loop serves all, and never
 read the reference tensors (the loop passes zeros and never loads a reference for them).
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .types import LossOutput, SupervisedLossOutput
 
-__all__ = ["simpo_loss", "orpo_loss", "sft_loss"]
+__all__ = ["simpo_loss", "orpo_loss", "cpo_loss", "slic_hf_loss", "sft_loss"]
 
 
 def _avg(logps, lengths):
@@ -56,6 +56,45 @@ def orpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     ratio = _log_odds(aw) - _log_odds(al)
     losses = -aw - beta * F.logsigmoid(ratio)
     return LossOutput(losses, beta * aw.detach(), beta * al.detach(), {"orpo/log_odds_ratio": ratio.detach()})
+
+
+def cpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             *, beta: float, cpo_alpha: float, chosen_lengths, rejected_lengths) -> LossOutput:
+    """CPO, Xu et al. 2024 (arXiv 2401.08417): L_prefer (Eq. 3) + alpha * L_NLL, i.e.
+
+        -log sigmoid(beta (pi_c - pi_r)) - alpha * a_w
+
+    DPO with a uniform reference (so none is loaded) on summed log-probs, plus the NLL of the
+    chosen completion that keeps the policy on the preferred data (the paper's weight is 1).
+    The NLL is per sequence and length-normalized (-a_w, as in `sft` and `orpo`); TRL's
+    CPOTrainer takes the batch token-mean instead (equal when chosen lengths are equal).
+    cpo_alpha = 0 leaves the preference term alone. Example: pi -10 / -15, |y_w| = 5, beta 0.1:
+    -log sigmoid(0.5) = 0.474077; NLL 10 / 5 = 2; loss 2.474077. Rewards are beta * pi;
+    `cpo/nll` is logged.
+    """
+    nll = -_avg(policy_chosen_logps, chosen_lengths)
+    losses = -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps)) + cpo_alpha * nll
+    return LossOutput(losses, beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach(),
+                      {"cpo/nll": nll.detach()})
+
+
+def slic_hf_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                 *, slic_delta: float, slic_lambda: float) -> LossOutput:
+    """SLiC-HF, Zhao et al. 2023 (arXiv 2305.10425), the calibration loss with its regularizer,
+    the regularization target being the chosen completion:
+
+        max(0, delta - log P(y_w|x) + log P(y_l|x)) - lambda * log P(y_w|x)
+
+    on summed (sequence) log-likelihoods of the policy, no reference. The hinge stops pushing a
+    pair once the chosen completion is delta nats likelier than the rejected one; the NLL term
+    keeps the chosen likelihood from falling meanwhile. `hinge` is the same hinge on DPO's
+    log-ratios (RSO), without the NLL. Example: delta 1, lambda 0.1, pi -10 / -9.5:
+    max(0, 1 + 10 - 9.5) + 0.1 * 10 = 1.5 + 1.0 = 2.5 (with pi_r = -15 the hinge is 0: 1.0).
+    Rewards are the log-likelihoods pi themselves: what SLiC calibrates.
+    """
+    hinge = torch.relu(slic_delta - policy_chosen_logps + policy_rejected_logps)
+    losses = hinge - slic_lambda * policy_chosen_logps
+    return LossOutput(losses, policy_chosen_logps.detach(), policy_rejected_logps.detach())
 
 
 def sft_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
