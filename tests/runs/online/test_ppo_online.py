@@ -207,3 +207,31 @@ def test_a_ppo_setting_the_loss_does_not_read_is_refused(tmp_path, loss, key):
     with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
         load_config(None, [f"loss.name={loss}", key])
     load_config(None, ["loss.name=reinforce_pp", "ppo.reinforce_baseline=true", "ppo.kl_coef=0.1"])  # read: accepted
+
+
+def test_sampling_time_log_probs_and_values_are_taken_without_dropout(tmp_path, tiny_model_dir, monkeypatch):
+    """With dropout on the adapter, the log-probs and values a batch of samples is judged by are the
+    eval-mode ones (dropout off), the ratio's denominator, not one noisy draw."""
+    import sys
+
+    train_module = sys.modules["preftune.training.train"]
+    real, seen, calls = train_module.loss_forward, {}, []
+
+    def spy(model, reference, spec, batch, kwargs, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # the second batch of samples (2 epochs each): the adapter is no longer zero
+            critic, m = kwargs["critic"], batch["completion_mask"][:, 1:].bool()
+            ids, am = batch["input_ids"], batch["attention_mask"]
+            model.eval(), critic.eval()
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=am).logits[:, :-1].float()
+                lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                values = critic(ids, am)[:, :-1]
+            model.train(), critic.train()
+            seen.update(lp=(batch["old_logps"], lp[m]), v=(batch["old_values"], values[m]))
+        return real(model, reference, spec, batch, kwargs, **kw)
+
+    monkeypatch.setattr(train_module, "loss_forward", spy)
+    run_ppo(load_config(None, _args(tmp_path, tiny_model_dir, f"run.output_dir={tmp_path / 'd'}", "train.max_steps=3",
+                                    "model.lora_dropout=0.5")))
+    assert torch.allclose(*seen["lp"], atol=1e-6) and torch.allclose(*seen["v"], atol=1e-6)
