@@ -135,3 +135,19 @@ def test_evidence_lines_say_what_was_measured():
                            "grid": [{}, {}]}) == "D, gain +0.1 [+0.0, +0.2], chose lr 0.0007, beta 2.0"
     assert _evidence_line({"data": "D", "grid": [{}, {}, {}]}) == \
         "D, no point of 3 chosen (each raised a health flag or did not gain)"
+
+
+def test_the_rl_loops_four_models_by_hand():
+    """1e8 parameters, LoRA: policy + adapters-off reference 4e8 B; a separate critic another 4e8 B;
+    a 1e8-parameter reward model 4e8 B; activations of 1,000 tokens x 10 layers x 100 wide, twice
+    with a critic (its own pass)."""
+    from preftune.apps.advise import ACT_BYTES, RUNTIME_GB, rl_memory_gb
+
+    gb = 2**30
+    m = rl_memory_gb(10**8, lora=True, critic="separate", reward_params=10**8, layers=10, hidden=100, tokens=1000)
+    assert m["policy_and_reference_gb"] == m["critic_gb"] == m["reward_model_gb"] == 4e8 / gb
+    assert m["activations_gb"] == 2 * 1000 * 10 * 100 * ACT_BYTES[False] / gb
+    assert m["peak_gb"] == 3 * 4e8 / gb + m["activations_gb"] + RUNTIME_GB[False]
+    none = rl_memory_gb(10**8, lora=False, critic="none", reward_params=0, layers=10, hidden=100, tokens=1000)
+    assert none["critic_gb"] == 0 and none["policy_and_reference_gb"] == 20 * 10**8 / gb  # 16 + a frozen copy's 4
+    assert none["activations_gb"] == m["activations_gb"] / 2

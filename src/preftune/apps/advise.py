@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from ..core.losses import LOSSES
 from ..core.recipes import load_recipe
 
-__all__ = ["Advice", "advise", "memory_estimate_gb", "peak_memory_gb", "epochs_for", "pair_tokens",
+__all__ = ["Advice", "advise", "memory_estimate_gb", "peak_memory_gb", "rl_memory_gb", "epochs_for", "pair_tokens",
            "SMALL_DATA_PAIRS", "MIN_STEPS", "MAX_EPOCHS"]
 
 SMALL_DATA_PAIRS = 1000
@@ -138,6 +138,23 @@ def memory_estimate_gb(params: int, *, lora: bool, reference: bool) -> float:
     if reference and not lora:
         per_param += 4
     return params * per_param / 2**30
+
+
+def rl_memory_gb(params: int, *, lora: bool, critic: str, reward_params: int, layers: int, hidden: int,
+                 tokens: int, checkpointing: bool = False) -> dict:
+    """Expected peak memory of the RLHF loop's four models (preftune ppo, grpo): the policy
+    (memory_estimate_gb: with LoRA its reference is the same weights, adapters off; in full a
+    frozen copy), the critic (`critic`: "separate" is another copy of the trunk, trained like the
+    policy; "shared" a head on the policy's trunk; "none" for RLOO, REINFORCE++, GRPO), the reward
+    model's fp32 weights (`reward_params`, 0 for a function or a judge), and the activations of
+    one micro-batch of `tokens` padded tokens, twice with a critic (its own forward and backward,
+    or its second pass over the shared trunk), plus the process's fixed cost."""
+    parts = {"policy_and_reference_gb": memory_estimate_gb(params, lora=lora, reference=True),
+             "critic_gb": memory_estimate_gb(params, lora=lora, reference=False) if critic == "separate" else 0.0,
+             "reward_model_gb": reward_params * 4 / 2**30, "runtime_gb": RUNTIME_GB[checkpointing]}
+    passes = 1 if critic == "none" else 2
+    parts["activations_gb"] = passes * tokens * layers * hidden * ACT_BYTES[checkpointing] / 2**30
+    return {**parts, "peak_gb": sum(parts.values())}
 
 
 def advise(stats: dict, *, params: int, memory_gb: float | None, lora: bool, shape: dict | None = None,

