@@ -14,6 +14,10 @@ completions from a policy, 8 per prompt, 16 new tokens, temperature 1:
 - GRPO: `preftune grpo`, 40 steps x 4 prompts x 8 samples (1,280 samples), lr 5e-4, k3 KL
   coefficient 0.04, clip 0.2, packed groups with the prompt shared.
 
+- PPO and RLOO (`preftune ppo`): 40 batches of 4 prompts x 8 samples (1,280 samples), 2 epochs
+  each (80 optimizer steps), KL 0.05 in the reward, clip 0.2; PPO's critic is a separate LoRA'd
+  copy of the start model (GAE gamma 1, lambda 0.95), RLOO's baseline the other 7 samples.
+
 Each method runs in a fresh process (wall-clock and peak RSS are that process's), then its final
 policy is measured the same way (`evaluate.heldout_reward`): the 64 held-out problems, 4 samples
 each at temperature 1 (seed 123) from the policy and from the start model: accuracy (mean reward),
@@ -41,7 +45,10 @@ COMMON = ["online.reward=arithmetic", "online.samples_per_prompt=8", "online.max
 DPO = ["train.epochs=2", "train.batch_size=8", "loss.name=sigmoid", "loss.beta=0.1", "run.overwrite=true"]
 GRPO = ["loss.name=grpo", "train.max_steps=40", "online.prompts_per_step=4", "loss.kl_coef=0.04",
         "diagnostics.probe_every=10"]
-METHODS = ("offline_dpo", "iterative_dpo", "grpo")
+# PPO and RLOO on the same rollouts: 40 batches of 4 prompts x 8 samples, 2 epochs each (80 optimizer steps),
+# KL 0.05 in the reward; PPO's critic a separate LoRA'd copy of the start (the reward is a verifier: no RM)
+PG = ["train.max_steps=80", "online.prompts_per_step=4", "ppo.epochs=2", "ppo.kl_coef=0.05", "diagnostics.probe_every=20"]
+METHODS = ("offline_dpo", "iterative_dpo", "grpo", "ppo", "rloo")
 
 
 def _measure(policy, reference, tokenizer, heldout: list) -> dict:
@@ -74,18 +81,22 @@ def worker(method: str, out: Path) -> None:
     tok = load_tokenizer(start_dir)
     t0 = time.perf_counter()
     extra = {}
-    if method == "grpo":
+    if method in ("grpo", "ppo", "rloo"):
         from preftune.runs.online.grpo import run_grpo
+        from preftune.runs.online.ppo import run_ppo
 
-        cfg = load_config(None, [*COMMON, *GRPO, f"online.prompts_path={out / 'train.jsonl'}",
+        args, run = (GRPO, run_grpo) if method == "grpo" else ([*PG, f"loss.name={method}"], run_ppo)
+        cfg = load_config(None, [*COMMON, *args, f"online.prompts_path={out / 'train.jsonl'}",
                                  f"run.output_dir={out / method}", "run.overwrite=true"])
-        result = run_grpo(cfg)
+        result = run(cfg)
         train_s = time.perf_counter() - t0
         policy = load_run_policy(result.run_dir, load_model(start_dir)).eval()
         reference = AdaptersOffReference(policy)
         rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
         extra = {"steps": result.steps, "train_reward_by_step": [round(r["reward/mean"], 4) for r in rows],
                  "health": result.summary["health"], "probe_kl": [r["probe/kl"] for r in rows if "probe/kl" in r]}
+        if method == "ppo":
+            extra["explained_variance_by_step"] = [round(r["value/explained_variance"], 4) for r in rows]
     else:
         from preftune.runs.online.iterate import run_iterative
 
@@ -112,7 +123,7 @@ def plot(results: dict, dest: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for m in METHODS:
+    for m in [m for m in METHODS if m in results]:
         r = results[m]
         lo, hi = r["reward/gain_ci95"]
         a.errorbar([r["wall_s"]], [r["reward/policy"]], yerr=[[r["reward/gain"] - lo], [hi - r["reward/gain"]]],
@@ -123,10 +134,11 @@ def plot(results: dict, dest: Path) -> None:
             a.plot(xs, [x["reward"] for x in pts], "--", alpha=0.6)
         if "train_reward_by_step" in r:
             steps = r["train_reward_by_step"]
-            b.plot([r["wall_s"] * (i + 1) / len(steps) for i in range(len(steps))], steps, label="grpo (train groups)")
+            b.plot([r["wall_s"] * (i + 1) / len(steps) for i in range(len(steps))], steps, label=f"{m} (train samples)")
     a.axhline(results["grpo"]["reward/reference"], color="grey", ls=":", label="start model")
     a.set(xlabel="wall-clock (s)", ylabel="held-out accuracy (temperature 1)", title="held-out accuracy")
-    b.set(xlabel="wall-clock (s)", ylabel="mean reward of sampled groups", title="GRPO training reward")
+    b.set(xlabel="wall-clock (s)", ylabel="mean reward of the sampled completions", title="training reward")
+    b.legend(fontsize=8)
     a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(dest, dpi=120)
@@ -164,7 +176,7 @@ def main() -> None:
                                                           "reward/policy", "reward/gain", "reward/gain_ci95", "kl")}),
               flush=True)
         dest.write_text(json.dumps(results, indent=1) + "\n")
-    if all(m in results for m in METHODS):
+    if all(m in results for m in METHODS[:3]):
         plot(results, HERE / "curves.png")
 
 
