@@ -9,14 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_arch_matrix import ARCHS, _configs
 
 import preftune.core.logprobs as lp
 from preftune.core.lmhead import HeadPost, chunked_token_logps, head_post
-from preftune.core.logprobs import (chunk_lm_head, completion_logps, completion_token_logps,
-                                    completion_token_logps_and_entropy)
+from preftune.core.logprobs import (
+    chunk_lm_head,
+    completion_logps,
+    completion_token_logps,
+    completion_token_logps_and_entropy,
+)
 from preftune.data.collate import collate_packed, collate_packed_pairs, collate_pairs
 from preftune.data.tokenize import TokenizedPair
-from test_arch_matrix import ARCHS, _configs
 
 TOL = 1e-6  # relative, in norm: ||chunked - dense|| <= TOL * ||dense||
 VOCAB = 97
@@ -261,3 +265,37 @@ def test_lora_policy_and_fp32_head_under_bf16_autocast_equal_the_dense_head():
     assert _close(ours, dense) and _close(at_head[1], at_head[0])
     for name in grads:
         assert _close(grads[name], dense_grads[name], tol=1e-2), name
+
+
+def test_train_chunked_equals_dense_and_the_key_is_checked(tmp_path, tiny_model_dir, monkeypatch):
+    """Full fine-tuning (the tied head/embedding trains; frozen-copy reference): two optimizer steps
+    with train.logprob_chunk_tokens=3 equal those with 0 (dense), metric for metric."""
+    import json
+
+    from conftest import PAIRS as TEXT_PAIRS
+    from conftest import write_jsonl
+    from preftune.config import load_config
+    from preftune.training.train import train
+    from preftune.utils.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", TEXT_PAIRS)
+    calls = []
+    real = lp.chunked_token_logps
+    monkeypatch.setattr(lp, "chunked_token_logps", lambda *a, **k: calls.append(k["chunk"]) or real(*a, **k))
+    rows = {}
+    for chunk in (0, 3):
+        cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_path={data}",
+                                 f"run.output_dir={tmp_path / str(chunk)}", "data.max_length=64",
+                                 "data.max_prompt_length=32", "model.lora=false", "train.lr=1e-3",
+                                 "train.max_steps=2", "diagnostics.probe_every=0",
+                                 f"train.logprob_chunk_tokens={chunk}"])
+        train(cfg)
+        rows[chunk] = [json.loads(x) for x in (tmp_path / str(chunk) / "metrics.jsonl").read_text().splitlines()]
+        assert bool(calls) == bool(chunk) and set(calls) <= {3}  # policy and reference both chunked
+    assert len(rows[0]) == len(rows[3]) == 2
+    for dense, ours in zip(rows[0], rows[3]):
+        scale = abs(dense["logps/chosen"])  # margins are differences of log-probs of this size
+        for key in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
+            assert ours[key] == pytest.approx(dense[key], rel=1e-6, abs=1e-7 * scale), key
+    with pytest.raises(ConfigError, match="logprob_chunk_tokens"):
+        load_config(None, ["train.logprob_chunk_tokens=-1"])

@@ -55,6 +55,9 @@ _POSTS = {
 }
 
 
+_NO_POST = HeadPost()
+
+
 def head_post(config) -> HeadPost | None:
     """The post-head transform of a model with this config, or None when its architecture is not
     one whose forward we have read (then log-probs take the dense route)."""
@@ -141,7 +144,7 @@ class _ChunkedLogps(torch.autograd.Function):
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        targets: torch.Tensor, *, chunk: int, post: HeadPost = HeadPost(),
+                        targets: torch.Tensor, *, chunk: int, post: HeadPost = _NO_POST,
                         dtype: torch.dtype | None = None, entropy: bool = False):
     """log p(targets) (M,) float32 of the rows `hidden` (M, H) under the head (weight (V, H), bias
     (V,) or None, then `post`), `chunk` rows at a time, and their entropies (M,) if `entropy`

@@ -6,10 +6,10 @@ rejected rows travel in one batch (see data/collate.py), so they share one forwa
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
-
-from contextlib import contextmanager
 
 from ..utils.devices import place
 from .attention import uses_block_attention
