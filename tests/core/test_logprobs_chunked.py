@@ -221,8 +221,9 @@ def test_memory_is_one_block_of_vocabulary_rows():
 
 
 def test_dense_route_where_the_chunked_one_does_not_apply(monkeypatch):
-    """An architecture whose forward we have not read, a LoRA-wrapped head and the setting at 0 all
-    take the model's own logits (exact whatever the model does), never the chunked function."""
+    """An architecture whose forward we have not read, a LoRA-wrapped head, a subclass of Linear
+    (what FSDP2 makes of a head it shards: its weight is freed after forward) and the setting at 0
+    all take the model's own logits (exact whatever the model does), never the chunked function."""
     from peft import LoraConfig, get_peft_model
 
     monkeypatch.setattr(lp, "chunked_token_logps", lambda *a, **k: pytest.fail("chunked route taken"))
@@ -235,6 +236,9 @@ def test_dense_route_where_the_chunked_one_does_not_apply(monkeypatch):
     completion_logps(model, batch)
     model = _model("llama")
     chunk_lm_head(model, 0)
+    completion_logps(model, batch)
+    model = _model("llama", tied=False)
+    model.lm_head.__class__ = type("FSDPLinear", (torch.nn.Linear,), {})
     completion_logps(model, batch)
 
 

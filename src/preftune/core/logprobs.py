@@ -191,6 +191,9 @@ def _output_head(model):
 def _chunk_plan(model):
     """(head, post, chunk) for the chunked route, or (None, None, 0) for the dense one."""
     head = _output_head(model)
+    # the exact class: a head FSDP2 wrapped on its own is an FSDPLinear subclass, resharded after
+    # its forward and gathered again by hooks on its output, which the chunked route leaves out of
+    # the graph: its backward would read a freed weight. Such heads (and LoRA/4-bit ones) stay dense.
     if type(head) not in (torch.nn.Linear, _FP32Head):
         return None, None, 0
     chunk = getattr(head, "logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
