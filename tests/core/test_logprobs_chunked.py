@@ -303,3 +303,5 @@ def test_train_chunked_equals_dense_and_the_key_is_checked(tmp_path, tiny_model_
             assert ours[key] == pytest.approx(dense[key], rel=1e-6, abs=1e-7 * scale), key
     with pytest.raises(ConfigError, match="logprob_chunk_tokens"):
         load_config(None, ["train.logprob_chunk_tokens=-1"])
+    # models train() never configured (eval, the apps) get the config's default too
+    assert load_config(None, []).train.logprob_chunk_tokens == lp.DEFAULT_CHUNK_TOKENS

@@ -20,7 +20,9 @@ __all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_
            "autocast", "chunk_lm_head", "DEFAULT_CHUNK_TOKENS"]
 
 # Completion positions per block of the chunked LM head (lmhead.py); 0 = the dense head. What a
-# model that train() has not configured (chunk_lm_head) gets: eval, reference caching, the apps.
+# model that train() has not configured (chunk_lm_head) gets: eval, the apps. Equal to the default
+# of train.logprob_chunk_tokens: config.py does not import this module (it would load torch for
+# every command, config loads without it), so a test holds the two equal.
 DEFAULT_CHUNK_TOKENS = 1024
 
 
