@@ -205,8 +205,9 @@ def _chunk_plan(model):
 
 @contextmanager
 def _forward_replaced(module, forward):
-    """`module.forward` is `forward` inside (an instance attribute, so module hooks still run:
-    FSDP's gather of the head's weight, a device-placement hook); the previous one after."""
+    """`module.forward` is `forward` inside (an instance attribute: the module's registered hooks
+    still run around it; a hook that itself replaced `forward`, as accelerate's device-map hooks
+    do, is bypassed, and preftune places no such hook); the previous one after."""
     previous = module.__dict__.get("forward")
     module.forward = forward
     try:
