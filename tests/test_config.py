@@ -138,7 +138,8 @@ def test_resume_and_cache_keys_come_from_field_metadata(tmp_path):
 
     base = load_config(None, [])
     assert set(fields_where(base.train, "resume")) == {f for f in vars(base.train)} - {
-        "log_every", "checkpoint_every", "keep_last", "reference_cache", "report_to", "tracker_project"}
+        "log_every", "checkpoint_every", "keep_last", "reference_cache", "report_to", "tracker_project",
+        "logprob_chunk_tokens"}
     fp = fingerprint(base, Tok())
     moved = load_config(None, ["train.checkpoint_every=5", "data.layout=padded", "data.eval_path=x"])
     assert fingerprint(moved, Tok()) == fp

@@ -149,6 +149,9 @@ class TrainConfig:
     keep_last: int = _f(2, "checkpoints kept on disk (the newest is never deleted)", resume=False)
     autocast_bf16: bool = _f(False, "bf16 autocast for the transformer body, LM head and log-softmax in fp32 "
                                     "(off by default on CPU: see README, Speed)")
+    logprob_chunk_tokens: int = _f(1024, "completion tokens per block of the chunked LM head: logits are recomputed "
+                                         "block by block in backward, never kept for all tokens (same numbers); "
+                                         "0 = the dense head", resume=False)
     shuffle: bool = _f(True, "reshuffle the training data every epoch (false: file order)")
     keep_best: bool = _f(False, "end at the probe with the best held-out accuracy: its weights are kept (RUN/best/) "
                                 "and restored before the final save (needs diagnostics.probe_every and data.eval_path)")
@@ -295,6 +298,7 @@ def _range_problems(cfg: Config):
         ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
         ("train.checkpoint_every", c.train.checkpoint_every >= 0, "must be >= 0"),
         ("train.keep_last", c.train.keep_last >= 1, "must be >= 1"),
+        ("train.logprob_chunk_tokens", c.train.logprob_chunk_tokens >= 0, "must be >= 0 (0 = the dense head)"),
         ("train.keep_best", not c.train.keep_best or c.diagnostics.probe_every > 0,
          "needs diagnostics.probe_every > 0 (the probes measure held-out accuracy)"),
         ("train.tracker_project", bool(c.train.tracker_project.strip()), "must not be empty"),

@@ -98,11 +98,12 @@ def test_prefix_sharing_mask_and_positions_hand_example():
 
 
 def test_bf16_autocast_keeps_the_head_in_fp32_and_bounds_the_logp_error():
-    from preftune.core.logprobs import autocast, fp32_lm_head
+    from preftune.core.logprobs import autocast, chunk_lm_head, fp32_lm_head
     from preftune.data.collate import collate_packed_pairs
 
     model = build_model(64).eval()
     batch = collate_packed_pairs(PAIRS)
+    chunk_lm_head(model, 0)  # the hook below reads the dense head's logits (the chunked head: test_logprobs_chunked.py)
     with torch.no_grad():
         exact, counts = completion_logps(model, batch)
         fp32_lm_head(model)

@@ -6,14 +6,24 @@ rejected rows travel in one batch (see data/collate.py), so they share one forwa
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
 from ..utils.devices import place
 from .attention import uses_block_attention
+from .lmhead import chunked_token_logps, head_post
 
 __all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
-           "sequence_scores", "sequence_logps", "split_pairs", "fp32_lm_head", "autocast"]
+           "completion_token_logps_and_entropy", "sequence_scores", "sequence_logps", "split_pairs", "fp32_lm_head",
+           "autocast", "chunk_lm_head", "DEFAULT_CHUNK_TOKENS"]
+
+# Completion positions per block of the chunked LM head (lmhead.py); 0 = the dense head. What a
+# model that train() has not configured (chunk_lm_head) gets: eval, the apps. Equal to the default
+# of train.logprob_chunk_tokens: config.py does not import this module (it would load torch for
+# every command, config loads without it), so a test holds the two equal.
+DEFAULT_CHUNK_TOKENS = 1024
 
 
 class _FP32Head(torch.nn.Linear):
@@ -32,6 +42,16 @@ def fp32_lm_head(model) -> None:
     head = model.get_output_embeddings()
     if type(head) is torch.nn.Linear:
         head.__class__ = _FP32Head
+
+
+def chunk_lm_head(model, tokens: int) -> None:
+    """Route `model`'s per-token log-probs through the chunked head, `tokens` completion positions
+    per block (0: the dense head). Like fp32_lm_head, a setting of the head module itself (a plain
+    attribute: no parameter, no state-dict key), so it reaches every caller of this module without
+    a config object passing through them (STYLE rule 12)."""
+    head = _output_head(model)
+    if head is not None:
+        head.logprob_chunk_tokens = int(tokens)
 
 
 def autocast(device_type: str, enabled: bool):
@@ -59,16 +79,27 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     Position t predicts token t+1, so the LM head is asked only for positions from the first
     completion token of the batch minus one (`logits_to_keep`): prompt positions before it
-    never reach the (N, K, V) logits. Returns summed completion logps (N,) and counts (N,).
+    never reach the head, and of the K kept positions only completion ones go through the
+    log-softmax (`_kept_token_logps`). Returns summed completion logps (N,) and counts (N,).
     """
     batch = place(batch, model)  # collators build on the CPU; the model may live elsewhere
     if "seq_index" in batch:
         return _packed_logps(model, batch)
+    inputs, targets, mask = _padded_inputs(batch)
+    token_logps, _ = _kept_token_logps(model, inputs, targets, mask)                  # (M,)
+    rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    logps = torch.zeros(mask.size(0), dtype=torch.float32, device=mask.device).index_add(0, rows, token_logps)
+    return logps, mask.sum(dim=1)
+
+
+def _padded_inputs(batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Model inputs of padded rows with `logits_to_keep` = K positions from the batch's first
+    completion token minus one, and the (N, K) targets and bool mask of completion tokens there."""
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
     first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))  # earliest completion token
     keep = torch.arange(first - 1, input_ids.size(1) - 1, device=input_ids.device)  # (K,)
-    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
-    return sequence_logps(out.logits, input_ids[:, keep + 1], completion_mask[:, keep + 1])
+    inputs = dict(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
+    return inputs, input_ids[:, keep + 1], completion_mask[:, keep + 1].bool()
 
 
 def sequence_scores(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,17 +120,103 @@ def completion_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tens
     token and the (N, K) mask that marks them, K the positions from the batch's first completion
     token on (as in `completion_logps`, the LM head never sees earlier positions). Rollout losses
     (GRPO) need tokens, not sums; summing the masked values gives `completion_logps` exactly."""
+    token_logps, _, mask = _token_rows(model, batch, entropy=False)
+    return token_logps, mask
+
+
+def completion_token_logps_and_entropy(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`completion_token_logps` and, from the same forward and the same head blocks, the entropy
+    of the model's next-token distribution at each completion token (N, K), zero off the mask:
+    a metric for the RL losses (detached: it carries no gradient)."""
+    return _token_rows(model, batch, entropy=True)
+
+
+def _token_rows(model, batch: dict, *, entropy: bool):
+    """(N, K) per-token log-probs, entropies (None unless asked) and mask of padded or packed rows."""
     batch = place(batch, model)
     if "seq_index" in batch:  # packed (GRPO: a group's prompt once, its completions after it)
-        return _unflatten(_packed_token_logps(model, batch), batch["seq_index"], int(batch["n_seqs"]))
-    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
-    first = int(completion_mask.float().argmax(dim=1).min().clamp(min=1))
-    keep = torch.arange(first - 1, input_ids.size(1) - 1, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
-    targets, mask = input_ids[:, keep + 1], completion_mask[:, keep + 1].bool()
-    logits = out.logits.float()
-    token = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    return token.view(targets.shape) * mask, mask
+        token_logps, token_entropy = _packed_token_logps(model, batch, entropy=entropy)
+        seq, n = batch["seq_index"], int(batch["n_seqs"])
+        out, mask = _unflatten(token_logps, seq, n)
+        return out, (None if token_entropy is None else _unflatten(token_entropy, seq, n)[0]), mask
+    inputs, targets, mask = _padded_inputs(batch)
+    token_logps, token_entropy = _kept_token_logps(model, inputs, targets, mask, entropy=entropy)
+    rows = lambda flat: torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)  # noqa: E731
+    return rows(token_logps), (None if token_entropy is None else rows(token_entropy)), mask
+
+
+def _kept_token_logps(model, inputs: dict, targets: torch.Tensor, mask: torch.Tensor, *, entropy: bool = False):
+    """One forward of `inputs` (which carry `logits_to_keep`: K positions per row): log p of
+    targets[mask] (M,) float32 in row-major order of `mask` (N, K), and their entropies (M,) if
+    asked (else None). The only place per-token log-probs are computed.
+
+    Through the chunked head (lmhead.py, `chunk_lm_head`) where the head is a plain linear layer
+    and the architecture is one whose post-head ops we know; else (the setting at 0, a LoRA- or
+    4-bit-wrapped head, an unread architecture) through the model's own (N, K, V) logits."""
+    head, post, chunk = _chunk_plan(model)
+    if head is None:
+        logits = model(**inputs).logits[mask].float()                                  # (M, V)
+        token_logps = -F.cross_entropy(logits, targets[mask], reduction="none")
+        if not entropy:
+            return token_logps, None
+        with torch.no_grad():
+            logp = torch.log_softmax(logits, dim=-1)
+            return token_logps, -(logp.exp() * logp).sum(-1)
+    got = []
+    fp32 = isinstance(head, _FP32Head) or head.weight.dtype == torch.float32
+
+    def forward(x):  # replaces the head's forward for this one call: x (N, K, H), the kept positions
+        got.append(chunked_token_logps(x[mask], head.weight, head.bias, targets[mask], chunk=chunk, post=post,
+                                       dtype=torch.float32 if fp32 else head.weight.dtype, entropy=entropy))
+        return x.new_zeros(x.shape[:-1] + (0,))  # empty logits: the model's post-head ops cost nothing
+    with _forward_replaced(head, forward):
+        model(**inputs)
+    if len(got) != 1:
+        raise RuntimeError(f"the LM head ran {len(got)} times in one forward of {type(model).__name__}; "
+                           "set train.logprob_chunk_tokens=0 (the dense head)")
+    return got[0]
+
+
+def _unwrapped(model):
+    """`model` inside DDP: its forward still runs through DDP, only the head and config are read inside."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    return model
+
+
+def _output_head(model):
+    """The output projection of `model` (through PEFT and DDP wrappers), or None."""
+    getter = getattr(_unwrapped(model), "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def _chunk_plan(model):
+    """(head, post, chunk) for the chunked route, or (None, None, 0) for the dense one."""
+    head = _output_head(model)
+    # the exact class: a head FSDP2 wrapped on its own is an FSDPLinear subclass, resharded after
+    # its forward and gathered again by hooks on its output, which the chunked route leaves out of
+    # the graph: its backward would read a freed weight. Such heads (and LoRA/4-bit ones) stay dense.
+    if type(head) not in (torch.nn.Linear, _FP32Head):
+        return None, None, 0
+    chunk = getattr(head, "logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
+    post = head_post(getattr(_unwrapped(model), "config", None))
+    return (None, None, 0) if chunk <= 0 or post is None else (head, post, chunk)
+
+
+@contextmanager
+def _forward_replaced(module, forward):
+    """`module.forward` is `forward` inside (an instance attribute: the module's registered hooks
+    still run around it; a hook that itself replaced `forward`, as accelerate's device-map hooks
+    do, is bypassed, and preftune places no such hook); the previous one after."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 def _unflatten(token_logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,27 +278,27 @@ def packed_attention_mask(model, batch: dict, dtype: torch.dtype):
 
 def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed row (data/collate.collate_packed): summed completion logps and counts per sequence."""
-    token_logps = _packed_token_logps(model, batch)
+    token_logps, _ = _packed_token_logps(model, batch)
     n, seq = int(batch["n_seqs"]), batch["seq_index"]
     logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
     return logps, torch.bincount(seq, minlength=n)
 
 
-def _packed_token_logps(model, batch: dict) -> torch.Tensor:
-    """log p of every completion token of a packed row, flat in row order: the LM head runs only
-    at `keep`, the positions that predict completion tokens, so no prompt position reaches it."""
+def _packed_token_logps(model, batch: dict, *, entropy: bool = False):
+    """log p of every completion token of a packed row, flat in row order (and entropies if asked,
+    else None): the LM head runs only at `keep`, the positions that predict completion tokens, so
+    no prompt position reaches it."""
     if uses_block_attention(model):  # segments, no (T, T) mask (attention.py)
         # a 4D placeholder: transformers passes a prepared 4D mask through instead of building one
         placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch["input_ids"].device)
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=placeholder,
-                    packed_segments=(batch["segments"], batch["position_ids"][0]), logits_to_keep=batch["keep"],
-                    use_cache=False)
+        inputs = dict(attention_mask=placeholder, packed_segments=(batch["segments"], batch["position_ids"][0]))
     else:
         dtype = next(p for p in model.parameters()).dtype
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    attention_mask=packed_attention_mask(model, batch, dtype), logits_to_keep=batch["keep"],
-                    use_cache=False)
-    return -F.cross_entropy(out.logits[0].float(), batch["targets"], reduction="none")
+        inputs = dict(attention_mask=packed_attention_mask(model, batch, dtype))
+    inputs.update(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
+                  use_cache=False)
+    targets = batch["targets"][None]                                                   # (1, K)
+    return _kept_token_logps(model, inputs, targets, torch.ones_like(targets, dtype=torch.bool), entropy=entropy)
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, run_name, save_config
 from ..core.diagnostics import health_checks, step_metrics
-from ..core.logprobs import fp32_lm_head
+from ..core.logprobs import chunk_lm_head, fp32_lm_head
 from ..core.losses import LossSpec, build_loss
 from ..core.step import loss_forward, loss_kwargs
 from ..data.batches import BatchSource, OfflineSource
@@ -298,6 +298,9 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
         fp32_lm_head(model)
         if isinstance(reference, FrozenCopyReference):
             fp32_lm_head(reference.model)
+    chunk_lm_head(model, t.logprob_chunk_tokens)  # every log-prob of the run, eval and reference included
+    if isinstance(reference, FrozenCopyReference):
+        chunk_lm_head(reference.model, t.logprob_chunk_tokens)
     modules = source.modules(cfg, model, reference) if hasattr(source, "modules") else {}  # PPO's critic
     optimizer = torch.optim.AdamW(list(_trainable(model, modules).values()), lr=t.lr, weight_decay=t.weight_decay)
     model, optimizer, *prepared = accelerator.prepare(model, optimizer, *modules.values())
