@@ -12,7 +12,7 @@ from ..apps.eval import format_eval, run_eval
 from ..apps.export import export_run
 from ..apps.report import plot_sweep
 from ..apps.sweep import results_table, run_sweep
-from ..config import LossConfig, load_config, opt_in_keys, parse_override
+from ..config import load_config, opt_in_keys, parse_override
 from ..core.losses import build_loss
 from ..data.sources import write_jsonl
 from ..models.rewards.verifiable import arithmetic_problems
@@ -25,7 +25,7 @@ from ..runs.rm import run_train_rm
 from ..runs.sft import run_sft
 from ..training.train import train
 from ..utils.errors import ConfigError
-from ..utils.safeio import write_json
+from ..utils.safeio import load_yaml, write_json
 from .common import _floats, _is_override, _say_once
 
 __all__ = ["_train", "run_summary", "_resume", "_eval", "_demo", "_export", "_sweep", "_iterate", "_online", "_sft", "_train_rm", "_grpo", "_ppo", "_arithmetic", "_synth", "_bon"]
@@ -180,15 +180,23 @@ def _train_rm(a) -> int:
     return 0
 
 
+def _with_loss(a, default: str):
+    """The config, with loss.name `default` unless the command line or the config file names a loss
+    (a recipe always does): `preftune grpo -c dapo.yaml` trains DAPO, `preftune ppo` trains PPO."""
+    named = any(o.partition("=")[0].strip() == "loss.name" for o in a.overrides)
+    if a.config and not named:
+        data = {} if str(a.config).startswith("recipe:") else (load_yaml(a.config, field="-c") or {})
+        loss = data.get("loss") if isinstance(data, dict) else None
+        named = str(a.config).startswith("recipe:") or (isinstance(loss, dict) and "name" in loss)
+    return load_config(a.config, a.overrides if named else [f"loss.name={default}", *a.overrides])
+
+
 def _grpo(a) -> int:
-    return _say_held_out(run_grpo(load_config(a.config, ["loss.name=grpo", *a.overrides])))
+    return _say_held_out(run_grpo(_with_loss(a, "grpo")))
 
 
 def _ppo(a) -> int:
-    cfg = load_config(a.config, a.overrides)
-    if cfg.loss.name == LossConfig().name:  # no loss chosen: PPO (rloo and reinforce_pp are chosen by name)
-        cfg = load_config(a.config, ["loss.name=ppo", *a.overrides])
-    return _say_held_out(run_ppo(cfg))
+    return _say_held_out(run_ppo(_with_loss(a, "ppo")))
 
 
 def _say_held_out(result) -> int:

@@ -235,3 +235,20 @@ def test_sampling_time_log_probs_and_values_are_taken_without_dropout(tmp_path, 
     run_ppo(load_config(None, _args(tmp_path, tiny_model_dir, f"run.output_dir={tmp_path / 'd'}", "train.max_steps=3",
                                     "model.lora_dropout=0.5")))
     assert torch.allclose(*seen["lp"], atol=1e-6) and torch.allclose(*seen["v"], atol=1e-6)
+
+
+def test_the_ppo_verb_trains_ppo_unless_told_otherwise(tmp_path, tiny_model_dir, capsys):
+    args = [a for a in _args(tmp_path, tiny_model_dir, f"run.output_dir={tmp_path / 'v'}", "train.max_steps=1")
+            if a != "loss.name=ppo"]
+    assert main(["ppo", *args]) == 0
+    assert json.loads((tmp_path / "v" / "summary.json").read_text())["loss"] == "ppo"
+    assert "held-out reward" in capsys.readouterr().out
+
+
+def test_a_config_file_that_names_a_loss_keeps_it(tmp_path, tiny_model_dir):
+    cfg = tmp_path / "rloo.yaml"
+    cfg.write_text("loss:\n  name: rloo\n")
+    args = [a for a in _args(tmp_path, tiny_model_dir, f"run.output_dir={tmp_path / 'r'}", "train.max_steps=1")
+            if a != "loss.name=ppo"]
+    assert main(["ppo", "-c", str(cfg), *args]) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["loss"] == "rloo"
