@@ -1,6 +1,7 @@
 """Write docs/reference/*.md from the code's own registries and parser, so the reference cannot
 drift: every config key (type, default, help), every verb and flag, every loss, data format,
-reward kind, health check and Hugging Face alias. `make docs` runs it before `mkdocs build
+reward kind, health check and Hugging Face alias, and
+the method table (every loss with its paper and how it is tested). `make docs` runs it before `mkdocs build
 --strict`; tests/test_docs.py fails when the committed pages differ from what this writes.
 
     python docs/generate.py          # rewrite the pages
@@ -110,7 +111,49 @@ def registries_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-PAGES = {"config.md": config_page, "cli.md": cli_page, "registries.md": registries_page}
+def test_kinds(root: Path | None = None) -> dict[str, str]:
+    """How each registered loss is tested, read from the tests themselves (no import of torch or
+    TRL): `TRL oracle` where a module-level `ORACLE = {name: what is compared}` literal in
+    tests/oracle/*.py names it, `hand` where tests/core/losses/ names the loss ("name") or its
+    function. A loss with neither gets an empty cell, which tests/test_docs.py refuses."""
+    import ast
+
+    from preftune.core.losses import LOSSES
+
+    tests = (root or REFERENCE.parents[1]) / "tests"
+    oracle: dict[str, str] = {}
+    for path in sorted((tests / "oracle").glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "ORACLE" for t in node.targets):
+                oracle.update(ast.literal_eval(node.value))
+    hand = "\n".join(p.read_text() for p in sorted((tests / "core" / "losses").glob("test_*.py")))
+    kinds = {}
+    for name, spec in LOSSES.items():
+        function = spec.impl.rpartition(":")[2] if isinstance(spec.impl, str) else spec.impl.__name__
+        by_hand = f'"{name}"' in hand or f"{function}(" in hand
+        parts = [f"TRL oracle ({oracle[name]})" if oracle.get(name, "loss") != "loss" else "TRL oracle"] \
+            if name in oracle else []
+        kinds[name] = " + ".join(parts + (["hand"] if by_hand else []))
+    return kinds
+
+
+def methods_page() -> str:
+    from preftune.core.losses import LOSSES
+
+    kinds = test_kinds()
+    lines = ["# Methods", "", "Every registered loss (`loss.name`), generated from the registry and the tests "
+             "(`python docs/generate.py`): its kind, the command that trains it, its paper and when to use it, "
+             "and how it is tested: `TRL oracle` compares with TRL 1.16 on identical tensors "
+             "(`tests/oracle/`, within 1e-6; in brackets the part compared where the rest differs on purpose), "
+             "`hand` with values worked out by hand from the paper's equations (`tests/core/losses/`).", "",
+             "| loss | kind | command | paper, when to use | tested |", "|---|---|---|---|---|"]
+    lines += [f"| `{name}` | {spec.kind.name} | `preftune {spec.kind.command}` | {_prose(spec.summary)} | "
+              f"{kinds[name]} |" for name, spec in LOSSES.items()]
+    lines += ["", f"{len(LOSSES)} losses, {sum('oracle' in k for k in kinds.values())} of them checked against TRL."]
+    return "\n".join(lines) + "\n"
+
+
+PAGES = {"config.md": config_page, "cli.md": cli_page, "registries.md": registries_page, "methods.md": methods_page}
 
 
 def main(argv: list[str]) -> int:

@@ -194,6 +194,8 @@ def _other_value(f):
         return str(not default).lower()
     if isinstance(default, str):  # a named choice (f_divergence_type): another valid one
         return next(c for c in f.metadata["bounds"] if c != default)
+    if isinstance(default, int):  # a count (dr_grpo_tokens, overlong_buffer): another whole number
+        return str(default + 1)
     return str(round(default + 0.1, 4))
 
 

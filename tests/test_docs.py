@@ -23,6 +23,30 @@ def test_the_committed_reference_pages_are_what_the_code_generates():
             f"docs/reference/{name} is stale: run python docs/generate.py"
 
 
+def test_the_method_table_lists_every_loss_with_how_it_is_tested():
+    """docs/reference/methods.md (checked against the code above) has a row per registered loss,
+    each tested by hand or against TRL; the oracle names it reads are registered losses that
+    their oracle file really runs (each named again outside its ORACLE literal)."""
+    import ast
+
+    from preftune.core.losses import LOSSES
+
+    gen = _generate()
+    kinds, page = gen.test_kinds(ROOT), gen.methods_page()
+    assert set(kinds) == set(LOSSES) and [n for n, k in kinds.items() if not k] == []
+    for name in LOSSES:
+        assert f"| `{name}` | {LOSSES[name].kind.name} |" in page, name
+    for path in sorted((ROOT / "tests" / "oracle").glob("test_*.py")):
+        text = path.read_text()
+        literal = next((n for n in ast.parse(text).body if isinstance(n, ast.Assign)
+                        and any(getattr(t, "id", "") == "ORACLE" for t in n.targets)), None)
+        assert literal is not None, f"{path.name}: no ORACLE literal"
+        rest = text.replace(ast.get_source_segment(text, literal), "")
+        for name in ast.literal_eval(literal.value):
+            assert name in LOSSES and f'"{name}"' in rest, (path.name, name)
+    assert len(LOSSES) >= 30
+
+
 def test_every_registered_name_and_verb_is_in_the_docs():
     from preftune.cli import _parser
     from preftune.config import Config

@@ -6,8 +6,8 @@ same tensors. Definitions that match: TRL's loss_type "grpo" is our default redu
 completion's token mean, then the mean over completions), "bnpo" is `loss.grpo_token_level=true`
 on one micro-batch; the clip (epsilon_low/epsilon_high) and the k3 KL with coefficient beta are
 the same. TRL's default "dapo" normalises by the tokens of the whole accumulated generation
-batch, which has no counterpart in one micro-batch; our advantages use the sample std like TRL's
-scale_rewards="group".
+batch: our `dapo` loss equals it when that batch is one micro-batch (checked below with the rest
+of the family); our advantages use the sample std like TRL's scale_rewards="group".
 """
 
 from collections import defaultdict
@@ -23,7 +23,8 @@ trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.oracle
 
 
-def trl_grpo(per_token, old, ref, advantages, mask, *, loss_type, beta, eps_low, eps_high):
+def trl_grpo(per_token, old, ref, advantages, mask, *, loss_type, beta, eps_low, eps_high, level="token",
+             max_completion_length=None, sapo_pos=1.0, sapo_neg=1.05):
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     def logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, **kw):
@@ -32,8 +33,11 @@ def trl_grpo(per_token, old, ref, advantages, mask, *, loss_type, beta, eps_low,
     reduce = lambda x, reduction="sum": x  # noqa: E731 - one process
     self = SimpleNamespace(
         _get_per_token_logps_and_entropies=logps_and_entropies, top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None), loss_type=loss_type, epsilon_low=eps_low,
+        off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
+        max_completion_length=max_completion_length or per_token.size(1),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1,
+                             sapo_temperature_pos=sapo_pos, sapo_temperature_neg=sapo_neg),
+        loss_type=loss_type, epsilon_low=eps_low,
         epsilon_high=eps_high, use_vllm=False, vllm_importance_sampling_correction=False,
         model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False,
         aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
@@ -42,7 +46,8 @@ def trl_grpo(per_token, old, ref, advantages, mask, *, loss_type, beta, eps_low,
     n, k = per_token.shape
     inputs = {"prompt_ids": torch.ones(n, 2, dtype=torch.long), "prompt_mask": torch.ones(n, 2, dtype=torch.long),
               "completion_ids": torch.ones(n, k, dtype=torch.long), "completion_mask": mask.long(),
-              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref}
+              "advantages": advantages, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}  # dapo/cispo: the tokens of the whole (here: this) batch
     return GRPOTrainer._compute_loss(self, None, inputs), self._metrics["train"]
 
 
@@ -87,3 +92,54 @@ def test_trl_advantages_are_ours():
     grouped = rewards.view(-1, 4)
     theirs = (grouped - grouped.mean(1, keepdim=True)) / (nanstd(grouped, dim=1).unsqueeze(1) + 1e-4)
     assert torch.allclose(group_advantages(rewards, 4), theirs.reshape(-1), atol=1e-7)
+
+
+# ---- the rest of the family (core/losses/grpo_variants.py) on the same tensors ----
+# Each case: our loss and its settings, then TRL's loss_type, importance-sampling level and the
+# settings that make it the same function. TRL's dapo and cispo divide by the tokens of the whole
+# generation batch (`num_items_in_batch`), which is one micro-batch here.
+FAMILY = [
+    ("dapo", {"clip_epsilon": 0.2, "clip_epsilon_high": 0.28}, dict(loss_type="dapo", eps_low=0.2, eps_high=0.28)),
+    ("bnpo", {"clip_epsilon": 0.2, "clip_epsilon_high": 0.0}, dict(loss_type="bnpo", eps_low=0.2, eps_high=0.2)),
+    ("dr_grpo", {"clip_epsilon": 0.2, "clip_epsilon_high": 0.0, "dr_grpo_tokens": 0},
+     dict(loss_type="dr_grpo", eps_low=0.2, eps_high=0.2)),  # 0: the mask's width, TRL's max_completion_length here
+    ("dr_grpo", {"clip_epsilon": 0.2, "clip_epsilon_high": 0.28, "dr_grpo_tokens": 10},
+     dict(loss_type="dr_grpo", eps_low=0.2, eps_high=0.28, max_completion_length=10)),
+    ("gspo", {"clip_epsilon": 0.05, "clip_epsilon_high": 0.08},
+     dict(loss_type="grpo", eps_low=0.05, eps_high=0.08, level="sequence")),
+    ("gspo", {"clip_epsilon": 3e-4, "clip_epsilon_high": 4e-4},
+     dict(loss_type="grpo", eps_low=3e-4, eps_high=4e-4, level="sequence")),
+    ("luspo", {"clip_epsilon": 0.05, "clip_epsilon_high": 0.08},
+     dict(loss_type="luspo", eps_low=0.05, eps_high=0.08, level="sequence")),
+    ("cispo", {"cispo_weight_min": 0.0, "cispo_weight_max": 1.1},
+     dict(loss_type="cispo", eps_low=0.2, eps_high=1.1)),  # TRL's epsilon_high is the weight cap itself for cispo
+    ("cispo", {"cispo_weight_min": 0.0, "cispo_weight_max": 5.0}, dict(loss_type="cispo", eps_low=0.2, eps_high=5.0)),
+    ("sapo", {"sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05}, dict(loss_type="sapo", eps_low=0.2,
+                                                                                eps_high=0.2)),
+    ("sapo", {"sapo_temperature_pos": 0.5, "sapo_temperature_neg": 2.0},
+     dict(loss_type="sapo", eps_low=0.2, eps_high=0.2, sapo_pos=0.5, sapo_neg=2.0)),
+]
+# What TRL checks in this file, by loss (a literal: docs/generate.py reads it for the method table)
+ORACLE = {"grpo": "loss and gradient", "dapo": "loss and gradient", "bnpo": "loss and gradient",
+          "dr_grpo": "loss and gradient", "gspo": "loss and gradient", "luspo": "loss and gradient",
+          "cispo": "loss and gradient", "sapo": "loss and gradient"}
+
+
+def test_the_oracle_list_is_what_this_file_compares():
+    assert set(ORACLE) == {"grpo", *(name for name, _, _ in FAMILY)}
+
+
+@pytest.mark.parametrize("name, ours_settings, theirs", FAMILY, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(FAMILY)])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_the_grpo_family_equals_trl(name, ours_settings, theirs, beta):
+    from preftune.core.losses import LOSSES
+
+    for seed in range(3):
+        per_token, old, ref, adv, mask = _tensors(seed)
+        loss, _ = trl_grpo(per_token, old, ref, adv, mask, beta=beta, **theirs)
+        (want,) = torch.autograd.grad(loss, per_token)
+        out = LOSSES[name].fn(per_token, old, ref, adv, mask, kl_coef=beta, **ours_settings)
+        ours = out.losses.mean()
+        (got,) = torch.autograd.grad(ours, per_token)
+        assert ours.item() == pytest.approx(loss.item(), abs=1e-6), (seed, ours.item(), loss.item())
+        assert torch.allclose(got, want, atol=1e-7), (got - want).abs().max()

@@ -18,6 +18,14 @@ from preftune.core.losses import LOSSES
 trl = pytest.importorskip("trl")
 pytestmark = pytest.mark.oracle
 
+# What TRL checks in this file, by loss (a literal: docs/generate.py reads it for the method table,
+# tests/test_docs.py checks each name is tested here): "loss" where the whole loss is compared,
+# else the part that is (the rest differs on purpose; docs/guide/losses.md says how).
+ORACLE = {"sigmoid": "loss", "hinge": "loss", "robust": "loss", "ipo": "ipo_length_normalize=true",
+          "sft": "with sigmoid (RPO), equal lengths", "simpo": "loss", "orpo": "odds-ratio term",
+          "exo_pair": "loss", "nca_pair": "loss", "sppo_hard": "loss", "aot": "loss", "aot_unpaired": "loss",
+          "apo_zero": "loss", "apo_down": "loss", "discopop": "loss", "f_dpo": "loss", "cpo": "preference term"}
+
 
 def trl_loss(loss_type, pc, pr, rc, rr, *, beta, lengths=None, label_smoothing=0.0, weights=None,
              f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, discopop_tau=0.05):

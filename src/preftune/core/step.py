@@ -126,10 +126,14 @@ def rollout_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict,
         mismatch = {"sampler_diff_sum": diff.sum(dim=1), "sampler_diff_max": diff.max(dim=1).values}
     if sampler is not None and kwargs.get("tis_cap"):
         kwargs = {**kwargs, "sampler_logps": sampler}
-    out = spec.fn(token_logps, old, ref, batch["advantages"], mask, **kwargs)
+    keep = batch.get("completion_keep")  # DAPO's overlong filter: a truncated completion's tokens leave the loss
+    loss_mask = mask if keep is None else mask * keep.to(mask.device, mask.dtype).unsqueeze(1)
+    out = spec.fn(token_logps, old, ref, batch["advantages"], loss_mask, **kwargs)
     parts = {"losses": out.losses, "rewards": batch["rewards"], "advantages": batch["advantages"],
              "group_std": batch["group_std"], "policy": token_logps.sum(dim=1), "lengths": mask.sum(dim=1),
              **mismatch, **out.metrics}
+    if keep is not None:
+        parts["completions/truncated"] = 1.0 - keep.to(mask.device, torch.float32)
     return out.losses, {k: v.detach() for k, v in parts.items()}
 
 

@@ -11,7 +11,7 @@ from preftune.core.losses import LOSSES, build_loss, register_loss
 
 PAIRED = sorted(n for n, s in LOSSES.items() if s.kind.data == "pairs")  # bt (reward model) too: same signature
 UNPAIRED = sorted(n for n, s in LOSSES.items() if s.kind.data == "unpaired")
-# rollout (grpo): test_grpo.py; policy gradient (ppo, rloo, reinforce_pp): test_ppo.py; supervised (nll): test_family.py
+# rollouts (grpo and its family): test_grpo.py, test_grpo_variants.py; policy gradient (ppo, rloo, reinforce_pp): test_ppo.py; supervised (nll): test_family.py
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(LossConfig) if f.default is not dataclasses.MISSING}
 
 
@@ -31,12 +31,14 @@ def _t(values, requires_grad=False):
 def test_registry_has_the_family():
     assert set(LOSSES) == {"sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "sft", "kto", "grpo",
                            "nll", "bt", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
-                           "apo_down", "discopop", "f_dpo", "dpop", "cpo", "slic_hf", "ppo", "rloo", "reinforce_pp"}
+                           "apo_down", "discopop", "f_dpo", "dpop", "cpo", "slic_hf", "ppo", "rloo", "reinforce_pp",
+                           "dapo", "bnpo", "dr_grpo", "gspo", "luspo", "cispo", "sapo"}
     assert [n for n in sorted(LOSSES) if not LOSSES[n].needs_reference] == ["bt", "cpo", "nll", "orpo", "sft", "simpo",
                                                                             "slic_hf"]
     assert {n: LOSSES[n].kind.name for n in sorted(LOSSES) if LOSSES[n].kind.name != "pairs"} == {
         "bt": "reward_model", "grpo": "rollouts", "kto": "unpaired", "nll": "demonstrations",
-        "ppo": "policy_gradient", "reinforce_pp": "policy_gradient", "rloo": "policy_gradient"}
+        "ppo": "policy_gradient", "reinforce_pp": "policy_gradient", "rloo": "policy_gradient",
+        **dict.fromkeys(("dapo", "bnpo", "dr_grpo", "gspo", "luspo", "cispo", "sapo"), "rollouts")}
 
 
 @pytest.mark.parametrize("name", PAIRED)

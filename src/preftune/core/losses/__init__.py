@@ -299,12 +299,35 @@ def _tis_cap():
                         "min(p_trainer / p_sampler, tis_cap) (0 = off; e.g. 2)", lo=0.0)
 
 
+def _kl_coef():
+    return setting(0.04, "weight of the per-token k3 KL(policy || reference) penalty; 0 = no reference forward",
+                   lo=0.0)
+
+
 @dataclass(frozen=True)
-class GRPOSettings:
+class GroupSamplingSettings:
+    """What the GRPO source (runs/online/grpo.py) does with the groups it samples, for every loss
+    of the GRPO family (source=True: the source reads them, the loss function does not). DAPO's
+    recipe turns on dynamic sampling; the overlong filter and punishment are off unless set."""
+    dynamic_sampling: bool = setting(False, "drop groups whose rewards are all equal (advantage 0, no signal) and "
+                                            "draw more prompts until online.prompts_per_step groups are kept "
+                                            "(DAPO's dynamic sampling)", source=True)
+    dynamic_sampling_max_draws: int = setting(8, "dynamic sampling: at most this many draws per batch of samples, "
+                                                 "then train on the groups kept so far", lo=1, hi=64, source=True)
+    overlong_filter: bool = setting(False, "completions cut off at online.max_new_tokens without an EOS take no "
+                                           "part in the loss (DAPO's overlong filtering)", source=True)
+    overlong_buffer: int = setting(0, "soft overlong punishment (DAPO): over the last this many tokens before "
+                                      "online.max_new_tokens, a penalty rising linearly to overlong_penalty is "
+                                      "subtracted from the reward; 0 = off", lo=0, source=True)
+    overlong_penalty: float = setting(1.0, "soft overlong punishment: the penalty at online.max_new_tokens tokens",
+                                      lo=0.0, source=True)
+
+
+@dataclass(frozen=True)
+class GRPOSettings(GroupSamplingSettings):
     clip_epsilon: float = _clip_epsilon()
     clip_epsilon_high: float = _clip_epsilon_high()
-    kl_coef: float = setting(0.04, "weight of the per-token k3 KL(policy || reference) penalty; 0 = no reference "
-                                   "forward", lo=0.0)
+    kl_coef: float = _kl_coef()
     grpo_token_level: bool = setting(False, "average over all completion tokens of a micro-batch (DAPO) instead of "
                                             "per completion, then over completions (the paper's)")
     tis_cap: float = _tis_cap()
@@ -312,6 +335,79 @@ class GRPOSettings:
 
 register_loss("grpo", "grpo:grpo_loss", kind=ROLLOUTS, needs_reference=True, settings=GRPOSettings, beta=False,
               summary="GRPO: clipped ratio x group advantage + k3 KL, online (Shao et al. 2024); preftune grpo")
+
+
+# ---- the rest of the GRPO family (grpo_variants.py); each trains with preftune grpo ----
+
+
+@dataclass(frozen=True)
+class ClippedRolloutSettings(GroupSamplingSettings):
+    clip_epsilon: float = _clip_epsilon()
+    clip_epsilon_high: float = _clip_epsilon_high()
+    kl_coef: float = _kl_coef()
+    tis_cap: float = _tis_cap()
+
+
+register_loss("dapo", "grpo_variants:dapo_loss", kind=ROLLOUTS, needs_reference=True,
+              settings=ClippedRolloutSettings, beta=False,
+              summary="DAPO: clip-higher (0.2 / 0.28), token-level mean, no KL, dynamic sampling (Yu et al. 2025); "
+                      "for long reasoning RL where GRPO's entropy collapses or batches go all-right/all-wrong")
+register_loss("bnpo", "grpo_variants:bnpo_loss", kind=ROLLOUTS, needs_reference=True,
+              settings=ClippedRolloutSettings, beta=False,
+              summary="TRL's bnpo: GRPO averaged over the micro-batch's tokens (not the BNPO paper's Beta "
+                      "normalisation); when porting a TRL run that used it")
+
+
+@dataclass(frozen=True)
+class DrGRPOSettings(ClippedRolloutSettings):
+    dr_grpo_tokens: int = setting(0, "Dr. GRPO's constant divisor of each completion's token sum (the generation "
+                                     "budget); 0 = online.max_new_tokens", lo=0)
+
+
+register_loss("dr_grpo", "grpo_variants:dr_grpo_loss", kind=ROLLOUTS, needs_reference=True, settings=DrGRPOSettings,
+              beta=False,
+              summary="Dr. GRPO: token sums over a constant, no length bias (Liu et al. 2025); with "
+                      "online.scale_rewards=false, when GRPO's completions grow long on wrong answers")
+register_loss("gspo", "grpo_variants:gspo_loss", kind=ROLLOUTS, needs_reference=True,
+              settings=ClippedRolloutSettings, beta=False,
+              summary="GSPO: one length-normalised ratio per completion, clipped whole (Zheng et al. 2025); for "
+                      "MoE models or long completions where token ratios are noisy")
+register_loss("luspo", "grpo_variants:luspo_loss", kind=ROLLOUTS, needs_reference=True,
+              settings=ClippedRolloutSettings, beta=False,
+              summary="LUSPO: GSPO with each completion's term scaled by its length (Liu et al. 2026); when GSPO "
+                      "shortens the completions")
+
+
+@dataclass(frozen=True)
+class CISPOSettings(GroupSamplingSettings):
+    cispo_weight_min: float = setting(0.0, "lower clip of the detached importance weight (0 = none, the paper's)",
+                                      lo=0.0)
+    cispo_weight_max: float = setting(5.0, "upper clip of the detached importance weight (MiniMax-M1's "
+                                           "1 + eps_high; TRL's epsilon_high for cispo)", lo=1.0)
+    kl_coef: float = _kl_coef()
+    tis_cap: float = _tis_cap()
+
+
+register_loss("cispo", "grpo_variants:cispo_loss", kind=ROLLOUTS, needs_reference=True, settings=CISPOSettings,
+              beta=False,
+              summary="CISPO: clipped, detached IS weight x A x log p, every token keeps its gradient (MiniMax "
+                      "2025); for several passes over each batch of samples (online.grpo_iterations > 1)")
+
+
+@dataclass(frozen=True)
+class SAPOSettings(GroupSamplingSettings):
+    sapo_temperature_pos: float = setting(1.0, "gate temperature for tokens with a positive advantage", lo=0.0,
+                                          lo_open=True)
+    sapo_temperature_neg: float = setting(1.05, "gate temperature for the others (the paper's: higher, faster "
+                                                "decay)", lo=0.0, lo_open=True)
+    kl_coef: float = _kl_coef()
+    tis_cap: float = _tis_cap()
+
+
+register_loss("sapo", "grpo_variants:sapo_loss", kind=ROLLOUTS, needs_reference=True, settings=SAPOSettings,
+              beta=False,
+              summary="SAPO: a smooth sigmoid gate on the token ratio instead of the hard clip (Gao et al. 2025); "
+                      "when a hard clip throws away too many tokens")
 
 
 @dataclass(frozen=True)

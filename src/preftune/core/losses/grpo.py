@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["group_advantages", "grpo_loss", "RolloutLossOutput"]
+__all__ = ["group_advantages", "grpo_loss", "rollout_output", "RolloutLossOutput", "REDUCTIONS",
+           "soft_overlong_penalty"]
 
 
 class RolloutLossOutput(NamedTuple):
@@ -35,6 +36,23 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     if scale:
         centred = centred / (g.std(dim=1, keepdim=True) + eps)
     return centred.reshape(-1)
+
+
+def soft_overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, *, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476), the amount subtracted
+    from each completion's reward for its length |y| in tokens (EOS included):
+
+        0                                          if |y| <= L_max - L_cache
+        penalty * (|y| - (L_max - L_cache)) / L_cache   inside the last L_cache tokens
+
+    with L_max = `max_new_tokens` (no completion is longer) and L_cache = `buffer` (0: none). The
+    paper's penalty is 1 (a wrong answer's reward is 0 or -1, the same scale). Example: L_max 32,
+    L_cache 8, penalty 1: lengths 24, 28, 32 lose 0, 0.5 and 1.
+    """
+    if not buffer:
+        return torch.zeros(lengths.shape, dtype=torch.float32)
+    start = max(max_new_tokens - buffer, 0)
+    return penalty * (lengths.float() - start).clamp(min=0) / buffer
 
 
 def grpo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, reference_logps: torch.Tensor | None,
@@ -68,12 +86,39 @@ def grpo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, reference_log
     training"). The KL term is not weighted. Example: old - sampler = log 3 at a token, cap 2:
     w = 2, so that token's policy term doubles.
     """
-    mask = mask.to(policy_logps.dtype)
     high = clip_epsilon_high or clip_epsilon
     ratio = torch.exp(policy_logps - old_logps.detach())
     adv = advantages.to(policy_logps.dtype).unsqueeze(1)
     unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip_epsilon, 1 + high) * adv
-    per_token = -torch.min(unclipped, clipped)
+    was_clipped = clipped < unclipped  # the clip is what the min took
+    return rollout_output(-torch.min(unclipped, clipped), policy_logps, old_logps, reference_logps, mask,
+                          kl_coef=kl_coef, reduction="token" if grpo_token_level else "sequence", ratio=ratio,
+                          was_clipped=was_clipped, tis_cap=tis_cap, sampler_logps=sampler_logps)
+
+
+REDUCTIONS = ("sequence", "token", "constant", "sum")
+
+
+def rollout_output(per_token: torch.Tensor, policy_logps: torch.Tensor, old_logps: torch.Tensor,
+                   reference_logps: torch.Tensor | None, mask: torch.Tensor, *, kl_coef: float, reduction: str,
+                   ratio: torch.Tensor, was_clipped: torch.Tensor, tis_cap: float = 0.0,
+                   sampler_logps: torch.Tensor | None = None, constant: float = 0.0) -> RolloutLossOutput:
+    """What every loss of the GRPO family shares after its policy term `per_token` ((N, K), or
+    (N, 1) for a sequence-level term, broadcast to the completion's tokens): the truncated-IS
+    weight on the policy term, the k3 KL term, the reduction and the metrics. Reductions, each
+    returned per completion so that the loop's mean over completions is the loss:
+
+    - `sequence`: each completion's token mean, then the mean over completions (GRPO's);
+    - `token`: the mean over every completion token of the micro-batch (DAPO's, TRL's bnpo);
+    - `constant`: the token sum over the micro-batch / (N * `constant`) (Dr. GRPO's, the
+      constant being the generation budget; 0 = the mask's width K);
+    - `sum`: each completion's token sum, then the mean over completions (LUSPO's).
+
+    `ratio` and `was_clipped` ((N, K) or (N, 1)) give the `ratio` and `clipped` metrics: per
+    completion means over its tokens.
+    """
+    mask = mask.to(policy_logps.dtype)
+    per_token = per_token.expand_as(mask) if per_token.size(1) == 1 else per_token
     weights = None
     if tis_cap and sampler_logps is not None:
         weights = torch.exp(old_logps.detach() - sampler_logps.detach()).clamp(max=tis_cap)
@@ -85,14 +130,22 @@ def grpo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, reference_log
     else:
         kl = torch.zeros_like(per_token)
     counts = mask.sum(dim=1)
-    if grpo_token_level:
-        losses = (per_token * mask).sum(dim=1) * mask.size(0) / counts.sum().clamp(min=1)
+    sums = (per_token * mask).sum(dim=1)
+    if reduction == "token":
+        losses = sums * mask.size(0) / counts.sum().clamp(min=1)
+    elif reduction == "constant":
+        losses = sums / (constant or mask.size(1))
+    elif reduction == "sum":
+        losses = sums
+    elif reduction == "sequence":
+        losses = sums / counts.clamp(min=1)
     else:
-        losses = (per_token * mask).sum(dim=1) / counts.clamp(min=1)
-    was_clipped = ((clipped < unclipped) & (mask > 0)).to(mask.dtype)  # the clip is what the min took
-    metrics = {"kl": ((kl * mask).sum(dim=1) / counts.clamp(min=1)).detach(),
-               "clipped": (was_clipped.sum(dim=1) / counts.clamp(min=1)).detach(),
-               "ratio": ((ratio * mask).sum(dim=1) / counts.clamp(min=1)).detach()}
+        raise ValueError(f"unknown reduction {reduction!r}; known: {', '.join(REDUCTIONS)}")
+
+    def token_mean(x):
+        return ((x.to(mask.dtype).expand_as(mask) * mask).sum(dim=1) / counts.clamp(min=1)).detach()
+
+    metrics = {"kl": token_mean(kl), "clipped": token_mean(was_clipped), "ratio": token_mean(ratio.detach())}
     if weights is not None:
-        metrics["tis/weight"] = ((weights * mask).sum(dim=1) / counts.clamp(min=1)).detach()
+        metrics["tis/weight"] = token_mean(weights)
     return RolloutLossOutput(losses, metrics)

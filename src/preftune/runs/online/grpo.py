@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ...core.logprobs import completion_token_logps
 from ...core.losses import LOSSES, LossSpec, build_loss, group_advantages
+from ...core.losses.grpo import soft_overlong_penalty
 from ...data import render
 from ...data.batches import exact_layout
 from ...data.collate import collate_packed, collate_sequences
@@ -77,7 +78,7 @@ class GRPOSource:
                             if k not in {"eval_prompts_path", "eval_samples", "rounds", "refresh_reference"}}}
         self.stats = {"source": "grpo", "prompts": len(prompts), "reward": reward.name,
                       "eval_prompts": len(eval_prompts) if eval_prompts else 0}
-        self.loss_adjustments: dict = {}
+        self.loss_adjustments: dict = self._budget(cfg, spec)
         self.eval_pairs, self.eval_collate = None, None
         self._counts: list[dict] = []
         self._held, self._rows = None, []  # (sample index, batch) reused across the mu passes
@@ -184,6 +185,8 @@ class GRPOSource:
         batch["rewards"] = rewards
         batch["advantages"] = group_advantages(rewards, g, scale=o.scale_rewards)
         batch["group_std"] = rewards.view(-1, g).std(dim=1).repeat_interleave(g)
+        if self.cfg.loss.overlong_filter:  # DAPO: truncated completions take no part in the loss
+            batch["completion_keep"] = 1.0 - self._truncated(rows)
         if old_logps is not None:
             batch["old_logps"] = old_logps
         if sampler_logps is not None:  # the sampler's log-probs of the completion tokens, row after row
@@ -200,7 +203,8 @@ class GRPOSource:
         with a failed score are dropped; a draw that keeps none draws other prompts."""
         o, seed, g = self.cfg.online, self.cfg.train.seed, self.cfg.online.samples_per_prompt
         draw = random.Random(f"{seed}/{index}/{self.rank}")
-        for attempt in range(MAX_ATTEMPTS):
+        pool, fallback, draws = [], [], self._max_draws()
+        for attempt in range(draws):
             picks = draw.sample(range(len(self.prompts)), min(o.prompts_per_step, len(self.prompts)))
             drawn = sample_completions(self.model, self.tokenizer, [self.prompt_ids[k] for k in picks], n=g,
                                        max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
@@ -210,15 +214,81 @@ class GRPOSource:
             texts = decode_completions(self.tokenizer, samples)
             plain = [render.plain_text(self.prompts[k]) for k in picks for _ in range(g)]
             rewards = torch.tensor(self.reward.score(plain, texts), dtype=torch.float32).view(-1, g)
+            rewards = rewards - self._overlong_penalties(samples).view(-1, g)
             ok = torch.isfinite(rewards).all(dim=1)  # a group with a failed score is dropped whole
             self._counts.append({"samples": len(texts), "groups_failed": int((~ok).sum()),
-                                 "reward_mean": rewards[ok].mean().item() if ok.any() else math.nan})
-            if ok.any():
-                kept = [k for k, keep in enumerate(ok.tolist()) if keep for k in range(k * g, (k + 1) * g)]
-                sampler = torch.tensor([lp for k in kept for lp in drawn[k].model_logps], dtype=torch.float32)
-                return [samples[k] for k in kept], rewards[ok].reshape(-1), sampler
-        raise ConfigError(self.reward.name, "online.reward", f"{MAX_ATTEMPTS} draws of {o.prompts_per_step} prompts "
+                                 "reward_mean": rewards[ok].mean().item() if ok.any() else math.nan,
+                                 **self._variance_counts(rewards, ok)})
+            if (kept := self._keep(pool, fallback, ok, rewards, samples, drawn)) is not None:
+                return kept
+        if pool or fallback:  # dynamic sampling ran out of draws: train on the groups it has
+            return self._kept(pool or fallback)
+        raise ConfigError(self.reward.name, "online.reward", f"{draws} draws of {o.prompts_per_step} prompts "
                           "gave no group with every score finite; check the reward source")
+
+    # ---- DAPO's dynamic sampling and overlong shaping (loss settings the source reads) ----
+
+    @staticmethod
+    def _budget(cfg, spec: LossSpec) -> dict:
+        """A loss that divides by the generation budget (Dr. GRPO's dr_grpo_tokens, 0 by default)
+        gets online.max_new_tokens."""
+        if "dr_grpo_tokens" in spec.params and not cfg.loss.dr_grpo_tokens:
+            return {"dr_grpo_tokens": cfg.online.max_new_tokens}
+        return {}
+
+    def _max_draws(self) -> int:
+        """Draws per batch of samples: retries after failed scores, or DAPO's dynamic sampling cap."""
+        return self.cfg.loss.dynamic_sampling_max_draws if self.cfg.loss.dynamic_sampling else MAX_ATTEMPTS
+
+    def _keep(self, pool: list, fallback: list, ok: torch.Tensor, rewards: torch.Tensor, samples: list,
+              drawn: list):
+        """The batch of samples once a draw completes it, else None. Without dynamic sampling the
+        first draw with a finite group is the batch (its finite groups). With it, the groups whose
+        rewards are not all equal join `pool` in draw order and the batch is the first
+        min(online.prompts_per_step, prompts) of them; a group of equal rewards (advantage 0) is
+        dropped. Should the draws run out first, `_draw` trains on the pool, or, when the pool is
+        empty (every group equal), on `fallback`, the last draw's finite groups, which carry no
+        policy-gradient signal, as in GRPO. Every draw is seeded by (batch index, attempt), so a
+        resumed run draws the same."""
+        g = self.cfg.online.samples_per_prompt
+
+        def groups(keep: torch.Tensor) -> list:  # (rows, rewards (G,), sampler log-probs per row) per group
+            rows = [range(k * g, (k + 1) * g) for k in keep.nonzero().flatten().tolist()]
+            return [([samples[i] for i in r], rewards[r.start // g], [drawn[i].model_logps for i in r]) for r in rows]
+
+        if not self.cfg.loss.dynamic_sampling:
+            return self._kept(groups(ok)) if ok.any() else None
+        pool.extend(groups(ok & (rewards.std(dim=1) > 0)))
+        want = min(self.cfg.online.prompts_per_step, len(self.prompts))
+        if len(pool) >= want:
+            return self._kept(pool[:want])
+        if ok.any():
+            fallback[:] = groups(ok)
+        return None
+
+    @staticmethod
+    def _kept(groups: list) -> tuple[list, torch.Tensor, torch.Tensor]:
+        """(rows, rewards (N,), the sampler's log-probs flat) of (rows, rewards, logps) groups."""
+        rows = [row for rows, _, _ in groups for row in rows]
+        sampler = torch.tensor([lp for _, _, logps in groups for row in logps for lp in row], dtype=torch.float32)
+        return rows, torch.cat([r for _, r, _ in groups]), sampler
+
+    def _variance_counts(self, rewards: torch.Tensor, ok: torch.Tensor) -> dict:
+        """With dynamic sampling: the draw's finite groups and those of them whose rewards are all equal."""
+        if not self.cfg.loss.dynamic_sampling:
+            return {}
+        return {"groups_finite": int(ok.sum()), "groups_equal": int((ok & (rewards.std(dim=1) == 0)).sum())}
+
+    def _overlong_penalties(self, samples: list) -> torch.Tensor:
+        """DAPO's soft overlong punishment of each completion (0 when loss.overlong_buffer is 0)."""
+        lengths = torch.tensor([len(c) for _, c in samples])
+        return soft_overlong_penalty(lengths, self.cfg.online.max_new_tokens, buffer=self.cfg.loss.overlong_buffer,
+                                     penalty=self.cfg.loss.overlong_penalty)
+
+    def _truncated(self, rows: list) -> torch.Tensor:
+        """1 for a completion cut off at online.max_new_tokens (no EOS at its end), per row."""
+        eos, n = self.tokenizer.eos_token_id, self.cfg.online.max_new_tokens
+        return torch.tensor([float(len(c) >= n and (not c or c[-1] != eos)) for _, c in rows])
 
     def probe_prompts(self, n: int) -> list[list[int]]:
         ids = self.eval_ids or self.prompt_ids
@@ -229,8 +299,12 @@ class GRPOSource:
         counts, self._counts = self._counts, []
         if not counts:
             return {}
-        return {"online/samples": sum(c["samples"] for c in counts),
-                "online/groups_failed": sum(c["groups_failed"] for c in counts), "online/draws": len(counts)}
+        row = {"online/samples": sum(c["samples"] for c in counts),
+               "online/groups_failed": sum(c["groups_failed"] for c in counts), "online/draws": len(counts)}
+        if "groups_finite" in counts[0]:  # dynamic sampling: the share of equal-reward groups before dropping them
+            finite = sum(c["groups_finite"] for c in counts)
+            row["online/zero_variance_drawn"] = sum(c["groups_equal"] for c in counts) / finite if finite else math.nan
+        return row
 
     def evaluate(self, model, reference) -> dict | None:
         """Held-out reward of the policy against the reference on the same prompts and seeds."""
