@@ -302,3 +302,85 @@ def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkey
         r["rewards/chosen"], r["rewards/rejected"] = -0.03 * i, -0.04 * i  # log-ratios down to -14.7 / -19.6
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert quality.replay_health(Path("run"), "sigmoid") == {"both_logps_falling": 23}  # -5.25 / -7.0 over steps 14-23
+
+
+def _per_pair(gained: int, lost: int, n: int = 200) -> list[dict]:
+    """One seed's per-pair rows (as `preftune eval --per-pair` writes them): the base model is right
+    on the first half (its log-prob outcome, read as the run's reference); the run gains the
+    first `gained` of the second half and loses the first `lost` of the first half."""
+    rows = []
+    for i in range(n):
+        before = 1.0 if i < n // 2 else 0.0
+        after = 0.0 if i < lost else 1.0 if n // 2 <= i < n // 2 + gained else before
+        rows.append({"line": i + 1, "pair": f"k{i}", "implicit_correct": after, "logp_correct": before,
+                     "reference_logp_correct": before})
+    return rows
+
+
+def test_several_seeds_make_one_row_with_mean_spread_and_a_seeds_by_pairs_interval(tmp_path):
+    """Three seeds on the same 200 dev pairs gaining 30-10, 34-6 and 26-14 pairs: gains +0.10,
+    +0.14, +0.06 (mean +0.10, std sqrt((0 + 0.04^2 + 0.04^2) / 2) = 0.04). Interval by hand:
+    pairs' share sqrt(0.19 / 200) = 0.031 (shared by every seed), seeds' share 0.04 / sqrt(3) = 0.023,
+    together ~0.038, i.e. about +0.025 to +0.175 (the bootstrap of 3 seeds reads their share a
+    little smaller). Every seed gains and the interval excludes 0: tuned. A fourth point whose
+    third seed loses is not, whatever its mean."""
+    from benchmarks.quality.seeds import combine_seeds, gain_cell, pair_outcomes
+
+    per_seed = [_per_pair(30, 10), _per_pair(34, 6), _per_pair(26, 14)]
+    rows = [_row("hh", "sigmoid", 0.5, 0.5 + g, kl, seed=s, flags=f)
+            for s, g, kl, f in ((0, 0.10, 3.0, []), (1, 0.14, 4.5, ["kl_drift (eval)"]), (2, 0.06, 2.0, []))]
+    row = combine_seeds(rows, [pair_outcomes(p) for p in per_seed])
+    assert row["gain"] == pytest.approx(0.10) and row["gain_spread"]["std"] == pytest.approx(0.04)
+    assert row["per_seed_gains"] == pytest.approx([0.10, 0.14, 0.06]) and row["seeds"] == 3
+    lo, hi = row["gain_ci95"]
+    assert 0.01 < lo < 0.045 and 0.155 < hi < 0.19, (lo, hi)
+    assert row["tuned"] is True and row["kl"] == pytest.approx(3.1666, abs=1e-3) and row["kl_max"] == 4.5
+    assert row["flags"] == ["kl_drift (eval) (seed 1)"]
+    assert gain_cell(row) == f"+0.100 ± 0.040 (+0.060 to +0.140, 3 seeds) [{lo:+.3f}, {hi:+.3f}]"
+    # before from the base eval's per-pair file instead of the reference: the same outcomes here
+    base = [{"line": r["line"], "pair": r["pair"], "logp_correct": r["logp_correct"]} for r in per_seed[0]]
+    assert pair_outcomes(per_seed[0], base) == pair_outcomes(per_seed[0])
+    with pytest.raises(ValueError, match="not in the base eval"):
+        pair_outcomes(per_seed[0], base[1:])
+    losing = combine_seeds([_row("hh", "ipo", 0.5, 0.5 + g, 1.0, seed=s) for s, g in ((0, 0.2), (1, 0.1), (2, -0.02))],
+                           [pair_outcomes(_per_pair(g, lo_)) for g, lo_ in ((45, 5), (30, 10), (10, 14))])
+    assert losing["tuned"] is False and losing["tuned_failed"][0] == "every seed gains"
+    bases = {"hh": {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100), "wall_s": 100.0}}
+    meta = {"mode": "full", "model": "m", "kl_prompts": 16, "kl_samples": 2, "max_new_tokens": 48, "elapsed_s": 10.0,
+            "estimate": {"total_s": 5000}}
+    quality.write_outputs(tmp_path, [row, losing], bases, meta)
+    md = (tmp_path / "results.md").read_text()
+    assert f"| +0.100 ± 0.040 (+0.060 to +0.140, 3 seeds) [{lo:+.3f}, {hi:+.3f}] |" in md
+    assert "| 0.600 (0.560 to 0.640) |" in md  # implicit accuracy: mean and the seeds' range
+    assert "hh sigmoid: 3 seeds, gains +0.100, +0.140, +0.060; the gain holds across seeds (tuned)." in md
+    assert "hh ipo: 3 seeds" in md and "not tuned: every seed gains" in md
+    acc = json.loads((tmp_path / "results.json").read_text())["acceptance"]
+    assert acc["holds_across_seeds"] == {"hh sigmoid": True, "hh ipo": False}
+    assert acc["dpo_recipe"]["hh"]["gain holds across seeds"] is True
+    assert acc["dpo_recipe"]["hh"]["pass"] is False  # a seed raised kl_drift (eval)
+
+
+def test_summarize_takes_the_paired_interval_when_the_eval_has_one(tmp_path):
+    """An eval of a run with a reference carries `paired`: the row's gain and interval are its,
+    with McNemar's p; without it, Newcombe's (the test above)."""
+    from preftune.apps.eval import paired_block
+    from preftune.config import save_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(None, ["loss.name=sigmoid"]), run_dir / "config.yaml")
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 20, "data": {"pairs": 80, "truncated": 0}}))
+    rows = [{**r, "logp_margin": 0.0, "implicit_margin": 0.0, "reference_logp_margin": 0.0} for r in _per_pair(30, 10)]
+    e = {"pairs": 200, "accuracy/implicit_reward": 0.6, "accuracy/implicit_reward_ci95": wilson(120, 200),
+         "accuracy/logp": 0.5, "accuracy/logp_ci95": wilson(100, 200), "rewards/margins": 0.8, "kl": 2.0,
+         "kl_stderr": 0.1, "kl_samples": 32, "sample_length/policy/mean": 30.0, "sample_length/reference/mean": 30.0,
+         "data_stats": {"truncated": 0}, "paired": paired_block(rows)}
+    (tmp_path / "eval.json").write_text(json.dumps(e))
+    point = {"train_s": 1.0, "eval_s": 1.0, "recipe": {"source": "built-in"}, "run": str(run_dir),
+             "eval_file": str(tmp_path / "eval.json")}
+    base = {"logp_acc": 0.5, "logp_acc_ci95": wilson(100, 200)}
+    r = quality.summarize({"name": "hh"}, "sigmoid", point, base)
+    assert r["gain"] == pytest.approx(0.1) and r["gain_ci95"] == e["paired"]["gain"]["gain_ci95"]
+    assert r["gain_interval"].startswith("paired bootstrap over pairs") and 0.001 < r["gain_mcnemar_p"] < 0.0027
+    newcombe = quality.newcombe(0.6, wilson(120, 200), 0.5, wilson(100, 200))[1]
+    assert r["gain_ci95"][1] - r["gain_ci95"][0] < 0.7 * (newcombe[1] - newcombe[0])  # pairing: ~0.12 against ~0.19

@@ -17,14 +17,17 @@ the run never saw:
   needs no reference, the same call also gives the base model's mean-log-prob accuracy: the
   starting value of simpo's and orpo's own implicit reward (eval flags it "undefined" because
   policy == reference, which is true only for the reference-based rewards).
-- gain = implicit-reward accuracy after - log-prob accuracy before, with Newcombe's hybrid score
-  interval for a difference of two proportions (1998, method 10) built from the two Wilson
-  intervals. It treats the two accuracies as independent samples: they are measured on the same
-  pairs, but `preftune eval` writes no per-pair results, so a paired bootstrap is not possible;
-  if the two outcomes are positively correlated over pairs this interval is too wide
-  (conservative), if negatively, too narrow. The same interval is given for the log-prob
-  accuracy change and, for simpo/orpo, for the gain over the base model's own mean-log-prob
-  accuracy.
+- gain = implicit-reward accuracy after - log-prob accuracy before. Its interval is paired where
+  the eval has per-pair outcomes: `preftune eval --run` of a method with a reference writes
+  `paired` (the reference, i.e. the base model, is the before, read in the same forward passes):
+  a percentile bootstrap over pairs that keeps each pair's before and after together, and
+  McNemar's exact p (`gain_mcnemar_p`). Otherwise (simpo/orpo: no reference) it is Newcombe's
+  hybrid score interval for two independent proportions (1998, method 10) from the two Wilson
+  intervals, too wide when the outcomes are positively correlated over pairs, too narrow when
+  negatively; each row's `gain_interval` says which. The same holds for the log-prob accuracy
+  change; simpo/orpo's gain over the base model's own mean-log-prob accuracy is Newcombe's.
+  Several seeds of a point combine in seeds.py (mean, spread, a seeds-x-pairs interval, tuned
+  only if the gain holds across seeds).
 
 How. Everything runs through the `preftune` CLI, one process per step, each point its own run
 directory under --out (a rerun keeps a finished point whose settings are unchanged, and redoes
@@ -401,6 +404,11 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
                                   e["accuracy/logp"], e["accuracy/logp_ci95"])
     gain, gain_ci = newcombe(imp, imp_ci, base["logp_acc"], base["logp_acc_ci95"])
     logp_gain, logp_gain_ci = newcombe(logp, logp_ci, base["logp_acc"], base["logp_acc_ci95"])
+    paired, interval = e.get("paired") or {}, "independent (Newcombe)"
+    if "gain" in paired and "logp_gain" in paired:  # the same pairs before and after: the paired interval
+        (gain, gain_ci), (logp_gain, logp_gain_ci) = ((paired[k]["gain"], paired[k]["gain_ci95"])
+                                                      for k in ("gain", "logp_gain"))
+        interval = f"paired bootstrap over pairs (before: {paired['before']})"
     pol, ref = e.get("sample_length/policy/mean"), e.get("sample_length/reference/mean")
     ratio = pol / ref if pol is not None and ref else None
     recorded = s.get("health") or {}
@@ -418,7 +426,9 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
                 "train_unit": "examples (each pair's two sides)" if method in UNPAIRED else "pairs",
                 "train_truncated": s["data"]["truncated"], "dev_pairs": e["pairs"], "dev_truncated": e["data_stats"]["truncated"],
                 "stopped_early": s.get("stopped_early"), "final_train_loss": (s.get("final") or {}).get("loss"),
-                "health_recorded_by_run": recorded})
+                "health_recorded_by_run": recorded, "gain_interval": interval})
+    if "gain" in paired:
+        row.update({"gain_mcnemar_p": paired["gain"]["mcnemar_p"], "logp_gain_mcnemar_p": paired["logp_gain"]["mcnemar_p"]})
     if method in REFERENCE_FREE:  # their reward's own starting point: the base model's mean-log-prob accuracy
         own, own_ci = newcombe(imp, imp_ci, base["mean_logp_acc"], base["mean_logp_acc_ci95"])
         row.update({"before_mean_logp_acc": base["mean_logp_acc"], "gain_over_own_start": own,

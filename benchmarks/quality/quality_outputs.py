@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .seeds import gain_cell
+
 
 def acceptance(rows: list[dict]) -> dict:
     """Issue 18's checks, from the numbers: the DPO recipe on each data set (gain >= 0.08 with its
@@ -17,9 +19,14 @@ def acceptance(rows: list[dict]) -> dict:
             continue
         where = f"{r['dataset']} {r['method']}"
         out["gain_excludes_0"][where] = r["gain_ci95"][0] > 0
+        if "tuned" in r:  # several seeds: issue 39's rule
+            out.setdefault("holds_across_seeds", {})[where] = r["tuned"]
         if r["method"] == "sigmoid":
+            kl = r.get("kl_max", r["kl"])  # with seeds: every seed's KL
             checks = {"gain >= 0.08": r["gain"] >= 0.08, "gain interval excludes 0": r["gain_ci95"][0] > 0,
-                      "no health flag": not r["flags"], "KL <= 10 nats": r["kl"] is not None and r["kl"] <= 10}
+                      "no health flag": not r["flags"], "KL <= 10 nats": kl is not None and kl <= 10}
+            if "tuned" in r:
+                checks["gain holds across seeds"] = r["tuned"]
             out["dpo_recipe"][r["dataset"]] = {**checks, "pass": all(checks.values())}
     return out
 
@@ -48,9 +55,14 @@ def table(rows: list[dict], bases: dict) -> list[str]:
             kl = "n/a" if r["kl"] is None else f"{r['kl']:.2f} ± {r['kl_stderr']:.2f}"
             length = "n/a" if r["length_ratio"] is None else \
                 f"{r['length_ratio']:.2f} ({r['sample_length_policy']:.1f}/{r['sample_length_reference']:.1f})"
+            if r.get("seeds", 1) > 1:  # means over seeds: the accuracies' range, not an interval
+                lo, hi = r["implicit_acc_range"]
+                after, logp_after = f"{r['implicit_acc']:.3f} ({lo:.3f} to {hi:.3f})", f"{r['logp_acc']:.3f}"
+            else:
+                after, logp_after = _acc(r["implicit_acc"], r["implicit_acc_ci95"]), _acc(r["logp_acc"], r["logp_acc_ci95"])
             lines.append(f"| {name} | {r['method']} | {r['recipe']} | {_acc(r['before_logp_acc'], r['before_logp_acc_ci95'])} "
-                         f"| {_acc(r['implicit_acc'], r['implicit_acc_ci95'])} | {_signed(r['gain'], r['gain_ci95'])} "
-                         f"| {_acc(r['logp_acc'], r['logp_acc_ci95'])} | {r['margin']:.3f} | {kl} | {length} "
+                         f"| {after} | {gain_cell(r)} "
+                         f"| {logp_after} | {r['margin']:.3f} | {kl} | {length} "
                          f"| {', '.join(r['flags']) or 'none'} | {r['wall_s']:.0f} |")
     return lines
 
@@ -60,8 +72,11 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
     ok = [r for r in rows if "error" not in r]
     lines = ["", "Accuracies: fraction of held-out pairs whose chosen side scores higher (a tie counts half), Wilson 95% "
              "intervals. Implicit reward: each method's own (beta * log-ratio; simpo/orpo: beta * mean log-prob; "
-             "kto and the rpo mix: DPO's). Gain = implicit acc after - log-prob acc before, Newcombe's hybrid score "
-             "interval (independent proportions; eval writes no per-pair results for a paired interval). KL: "
+             "kto and the rpo mix: DPO's). Gain = implicit acc after - log-prob acc before. Its interval: with several "
+             "seeds, mean ± std (range) and a bootstrap resampling seeds and pairs (the dev pairs shared by every "
+             "seed); with one seed, a paired bootstrap over the same pairs before and after (eval's per-pair "
+             "outcomes, McNemar's exact p in results.json) where the eval has it, else Newcombe's hybrid score "
+             "interval (independent proportions; rows say which in gain_interval). KL: "
              f"Monte-Carlo over {meta['kl_prompts']} held-out prompts x {meta['kl_samples']} policy samples of "
              f"{meta['max_new_tokens']} tokens; lengths in tokens, capped there. Flags: today's health checks replayed over the run's "
              "metrics with its thresholds (probes off; a run whose recorded flags differ is noted below), plus its "
@@ -84,6 +99,11 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
                      f"{r['train_examples']} training "
                      f"{r['train_unit']}, {r['dev_pairs']} dev pairs; trained with "
                      f"{json.dumps(r['trained_with']['loss'])}, lr {r['trained_with']['lr']:g}.")
+    for r in (r for r in ok if "tuned" in r):
+        lines.append(f"- {r['dataset']} {r['method']}: {r['seeds']} seeds, gains "
+                     f"{', '.join(f'{g:+.3f}' for g in r['per_seed_gains'])}; "
+                     + ("the gain holds across seeds (tuned)." if r["tuned"] else
+                        f"not tuned: {', '.join(r['tuned_failed'])}."))
     acc = acceptance(rows)
     lines += ["", "## Issue 18 acceptance, computed", ""]
     for name, checks in acc["dpo_recipe"].items():

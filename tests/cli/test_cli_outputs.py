@@ -39,6 +39,7 @@ def inputs(tmp_path_factory, tiny_model_dir):
 
 CASES = {
     ("eval", "--out"): lambda f, d: ["eval", "--data", f["pairs"], f["model"], "--out", d],
+    ("eval", "--per-pair"): lambda f, d: ["eval", "--data", f["pairs"], f["model"], "--per-pair", d],
     ("report", "--out"): lambda f, d: ["report", f["run"], "--out", d],
     ("data balance-length", "--out"): lambda f, d: ["data", "balance-length", f["pairs"], "--out", d],
     ("data build", "--out"): lambda f, d: ["data", "build", f["judgments"], "--pairs", f["items"], "--out", d],

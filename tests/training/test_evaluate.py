@@ -147,3 +147,38 @@ def test_kl_estimate_reports_a_95_percent_interval(monkeypatch):
     se = policy.std().item() / 2
     assert out["kl"] == pytest.approx(0.2) and out["kl_stderr"] == pytest.approx(se)
     assert out["kl_ci95"] == pytest.approx([0.2 - 1.96 * se, 0.2 + 1.96 * se])
+
+
+def test_per_pair_rows_are_the_aggregates_pair_by_pair(tmp_path, tokenizer):
+    """The per-pair file's outcomes average to the reported accuracies, its log-prob margins are
+    the direct computation's, each row carries the reference's own log-prob outcome (the run's
+    "before"), and a base model (policy == reference) has no implicit-reward outcome at all."""
+    from preftune.core.step import SameAsPolicy
+    from preftune.training.evaluate import pair_key
+
+    pairs = _pairs(tmp_path, tokenizer)
+    model, ref = build_model(len(tokenizer), seed=1).eval(), build_model(len(tokenizer), seed=2).eval()
+    rows = []
+    result = evaluate_pairs(model, FrozenCopyReference(ref), LOSSES["sigmoid"], pairs, loss_kwargs={"beta": 0.1},
+                            batch_size=3, pad_id=0, per_pair=rows)
+    assert [r["line"] for r in rows] == [p.line for p in pairs]
+    assert [r["pair"] for r in rows] == [pair_key(p) for p in pairs]
+    assert sum(r["implicit_correct"] for r in rows) / 7 == pytest.approx(result["accuracy/implicit_reward"])
+    assert sum(r["logp_correct"] for r in rows) / 7 == pytest.approx(result["accuracy/logp"])
+    assert sum(r["implicit_margin"] for r in rows) / 7 == pytest.approx(result["rewards/margins"], abs=1e-6)
+    with torch.no_grad():
+        def margins(m):
+            batch = collate_pairs(pairs, pad_id=0)
+            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(2, batch["input_ids"][:, 1:, None])[..., 0]
+            seq = (logp * batch["completion_mask"][:, 1:]).sum(1)
+            return (seq[:7] - seq[7:]).tolist()
+    for r, mp, mr in zip(rows, margins(model), margins(ref)):
+        assert r["logp_margin"] == pytest.approx(mp, abs=1e-4) and r["reference_logp_margin"] == pytest.approx(mr, abs=1e-4)
+        assert r["reference_logp_correct"] == (1.0 if mr > 0 else 0.0)
+        assert r["implicit_margin"] == pytest.approx(0.1 * (mp - mr), abs=1e-4)  # beta * (policy - reference)
+    base = []
+    evaluate_pairs(model, SameAsPolicy(), LOSSES["sigmoid"], pairs, loss_kwargs={"beta": 0.1}, batch_size=3, pad_id=0,
+                   per_pair=base)
+    assert all(r["implicit_correct"] is None and r["reference_logp_correct"] is None for r in base)
+    assert [r["logp_correct"] for r in base] == [r["logp_correct"] for r in rows]

@@ -3,13 +3,22 @@
 With a run, policy = the run's model and reference = what it trained against; with no run, the
 base model itself ("before": policy == reference, so implicit-reward accuracy is undefined and
 only raw log-prob accuracy is meaningful). The measurements are training/evaluate.py's.
+
+Before and after on the same pairs: each pair's outcomes can be written out (`per_pair`) and a
+result carries `paired`, the gain over a "before" with a bootstrap interval over pairs and
+McNemar's exact test (core/stats.paired_gain). The before is a per-pair file of another eval
+(`baseline`: a base-model eval, another run) or, by default for a run whose loss has a
+reference, that reference's log-prob outcomes from the same forward passes: the reference is the
+run's start, so one `eval --run` gives the paired gain with no second evaluation.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..core.losses import build_loss
+from ..core.stats import paired_gain
 from ..core.step import SameAsPolicy, loss_kwargs
 from ..data.batches import exact_layout
 from ..data.prepare import load_data, pair_collator, prepare_pairs
@@ -22,12 +31,15 @@ from ..training.evaluate import evaluate_pairs, is_main, kl_prompt_count, sample
 from ..utils.errors import ConfigError, DataError
 from ..utils.safeio import read_json
 
-__all__ = ["run_eval", "format_eval"]
+__all__ = ["run_eval", "format_eval", "paired_block", "read_per_pair"]
 
 
-def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: str | None = None) -> dict:
+def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: str | None = None,
+             per_pair: list | None = None, baseline: list[dict] | None = None, baseline_name: str = "") -> dict:
     """Evaluate the run's policy (or the base model when `run_dir` is None) on one held-out
-    file, or on several (then the result maps each path to its own result)."""
+    file, or on several (then the result maps each path to its own result). `per_pair`, when
+    given, receives each pair's outcomes and margins (with its file as "data"); `baseline`
+    (rows of `read_per_pair`, from `baseline_name`) is the "before" of each result's `paired`."""
     paths = [data_path] if isinstance(data_path, str) else list(data_path)
     m, spec = cfg.model, build_loss(cfg.loss.name, cfg.loss.mix)
     if spec.kind.model == "score_head":
@@ -77,10 +89,16 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
                 collate = pair_collator(chosen, tokenizer, values)
         elif cache is not None:
             own = {}  # the base model's log-probs are the reference's for any run trained from it
+        rows: list[dict] = []
         result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(), "layout": layout,
                   **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
                                    batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, collate=collate,
-                                   policy_logps=own, reference_logps=live_reference)}
+                                   policy_logps=own, reference_logps=live_reference, per_pair=rows)}
+        paired = paired_block(rows, baseline, baseline_name, seed=cfg.train.seed)
+        if paired is not None:
+            result["paired"] = paired
+        if per_pair is not None:
+            per_pair.extend({"data": path, **r} for r in rows)
         if own and is_main():
             store(cache, own)
             note = "stored in the cache"
@@ -101,6 +119,84 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
                                          max_new_tokens=e.max_new_tokens, seed=cfg.train.seed, reward=source))
         results[path] = result
     return results[paths[0]] if len(paths) == 1 else results
+
+
+def paired_block(rows: list[dict], baseline: list[dict] | None = None, baseline_name: str = "", *,
+                 seed: int = 0) -> dict | None:
+    """The gain of this evaluation over a "before" on the same pairs (None when there is none).
+
+    Before = the `baseline` rows matched by (line, pair key), or without them the reference's
+    log-prob outcomes in `rows` (a run with a reference; nothing for a base model or a
+    reference-free loss). `gain`: implicit-reward outcome after vs the before's implicit-reward
+    outcome, or its log-prob outcome where that is undefined (a base model, the reference) —
+    the quality benchmark's gain; `logp_gain`: raw log-prob outcome after vs before (did the
+    policy itself come to prefer the chosen replies). Each is `paired_gain`'s dict."""
+    if baseline is None:
+        if not rows or rows[0]["reference_logp_correct"] is None:
+            return None
+        matched = [(r, {"implicit_correct": None, "logp_correct": r["reference_logp_correct"]}) for r in rows]
+        out = {"before": "the run's reference (its start), same forward passes", "pairs": len(matched), "unmatched": 0}
+    else:
+        index = {(b["line"], b["pair"]): b for b in baseline}
+        matched = [(r, index[r["line"], r["pair"]]) for r in rows if (r["line"], r["pair"]) in index]
+        if not matched:
+            raise ConfigError("command line", "--baseline", f"{baseline_name}: none of its pairs is among the "
+                              f"{len(rows)} evaluated (another file, tokenizer or data settings?)")
+        out = {"before": baseline_name, "pairs": len(matched), "unmatched": len(rows) - len(matched)}
+    if matched[0][0]["implicit_correct"] is not None:
+        before = [b["logp_correct"] if b["implicit_correct"] is None else b["implicit_correct"] for _, b in matched]
+        was = "implicit-reward" if matched[0][1]["implicit_correct"] is not None else "log-prob"
+        out["gain"] = {"compares": f"implicit-reward accuracy after vs {was} accuracy before",
+                       **paired_gain(before, [r["implicit_correct"] for r, _ in matched], seed=seed)}
+    out["logp_gain"] = {"compares": "log-prob accuracy after vs log-prob accuracy before",
+                        **paired_gain([b["logp_correct"] for _, b in matched], [r["logp_correct"] for r, _ in matched],
+                                      seed=seed)}
+    return out
+
+
+_OUTCOMES = (0.0, 0.5, 1.0)
+
+
+def read_per_pair(path: str) -> list[dict]:
+    """The rows of a per-pair file written by `preftune eval --per-pair`, checked where they are read."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError("command line", "--baseline", f"cannot read {path}: {e.strerror or e}") from None
+    rows = []
+    for k, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(path, k, "json", f"not JSON ({e.msg}); expected a per-pair file of `preftune eval "
+                            "--per-pair`") from None
+        if not isinstance(row, dict):
+            raise DataError(path, k, "row", "expected a JSON object")
+        for field, ok in (("line", lambda v: isinstance(v, int)), ("pair", lambda v: isinstance(v, str)),
+                          ("logp_correct", lambda v: v in _OUTCOMES),
+                          ("implicit_correct", lambda v: v is None or v in _OUTCOMES)):
+            if field not in row or isinstance(row[field], bool) or not ok(row[field]):
+                raise DataError(path, k, field, f"missing or not valid ({row.get(field)!r}); expected a per-pair "
+                                "file of `preftune eval --per-pair`")
+        rows.append(row)
+    if not rows:
+        raise DataError(path, 1, "file", "no rows")
+    return rows
+
+
+def _paired_lines(p: dict) -> list[str]:
+    lines = []
+    for key, label in (("gain", "gain, paired"), ("logp_gain", "log-prob gain, paired")):
+        if key in p:
+            g = p[key]
+            lines.append(f"  {label:<25} {g['gain']:+.3f} [{g['gain_ci95'][0]:+.3f}, {g['gain_ci95'][1]:+.3f}]  "
+                         f"McNemar p={g['mcnemar_p']:.3g} ({g['gained']} gained, {g['lost']} lost; "
+                         f"{g['before']:.3f} -> {g['after']:.3f})")
+    unmatched = f", {p['unmatched']} evaluated pairs not in it" if p["unmatched"] else ""
+    lines.append(f"  (before: {p['before']}; {p['pairs']} pairs{unmatched}; 95% bootstrap over pairs)")
+    return lines
 
 
 def format_eval(result: dict) -> str:
@@ -124,6 +220,8 @@ def format_eval(result: dict) -> str:
         lo, hi = result.get("kl_ci95") or (result["kl"], result["kl"])
         lines.append(f"  KL(policy || reference)    {result['kl']:.3f} nats [{lo:.3f}, {hi:.3f}] (95%, "
                      f"{result['kl_samples']} samples)")
+    if "paired" in result:
+        lines += _paired_lines(result["paired"])
     if "win_rate" in result:
         lines.append(f"  win rate vs reference      {result['win_rate']:.3f} ({result['reward/source']})")
     return "\n".join(lines)

@@ -27,6 +27,11 @@ def _eval_args(p):
     p.add_argument("-c", "--config", help="YAML config (default: the run's config.yaml)")
     p.add_argument("--out", type=_output_file, help="also write the JSON result here")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    p.add_argument("--per-pair", type=_output_file, metavar="FILE",
+                   help="also write each pair's outcome and margins here (JSONL), the --baseline of a later eval")
+    p.add_argument("--baseline", metavar="PER_PAIR_FILE",
+                   help="the --per-pair file of the 'before' eval (e.g. the base model): the result's paired gain "
+                   "(bootstrap over pairs, McNemar) is over it; default for a run with a reference: that reference")
     _overrides(p)
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..apps.demo import DEMO_LR, run_demo
-from ..apps.eval import format_eval, run_eval
+from ..apps.eval import format_eval, read_per_pair, run_eval
 from ..apps.export import export_run
 from ..apps.report import plot_sweep
 from ..apps.sweep import results_table, run_sweep
@@ -89,8 +89,13 @@ def _eval(a) -> int:
     is_override = [_is_override(x) and not Path(x).exists() for x in a.data]
     a.overrides += [x for x, o in zip(a.data, is_override) if o]
     a.data = [x for x, o in zip(a.data, is_override) if not o]
+    baseline = read_per_pair(a.baseline) if a.baseline else None  # a bad file fails before any weights load
+    rows = [] if a.per_pair else None
     result = run_eval(load_config(config, a.overrides, saved_run=a.config is None and a.run is not None),
-                      run_dir=a.run, data_path=a.data, reward=a.reward)
+                      run_dir=a.run, data_path=a.data, reward=a.reward, per_pair=rows, baseline=baseline,
+                      baseline_name=a.baseline or "")
+    if rows is not None:
+        write_jsonl(a.per_pair, rows)
     if a.json:
         print(write_json(result, a.out))
     else:

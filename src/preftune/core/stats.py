@@ -1,6 +1,8 @@
-"""Statistics of evaluation results: bootstrap and Wilson intervals, calibration, best-of-n.
+"""Statistics of evaluation results: bootstrap and Wilson intervals, paired gains (bootstrap over
+pairs, McNemar's exact test), seed spread, honest selection folds, calibration, best-of-n.
 
-Pure functions of numbers (no torch), shared by evaluation, the reward model, best-of-N and reports.
+Pure functions of numbers (no torch), shared by evaluation, the reward model, best-of-N, reports and
+the benchmarks.
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import math
 import random
 
-__all__ = ["bootstrap_ci", "best_of_n_kl", "best_of_n_curve", "wilson", "reliability"]
+__all__ = ["bootstrap_ci", "best_of_n_kl", "best_of_n_curve", "wilson", "reliability", "mcnemar_exact",
+           "paired_gain", "spread", "seed_spread", "holds_across_seeds", "kfold"]
 
 
 def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -83,3 +86,137 @@ def reliability(margins: list[float], bins: int = 10) -> dict:
     table = [{"lo": edges[k], "hi": edges[k + 1], "confidence": s[0] / s[2], "accuracy": s[1] / s[2], "pairs": s[2]}
              for k, s in enumerate(sums) if s[2]]
     return {"bins": table, "ece": math.fsum(b["pairs"] * abs(b["confidence"] - b["accuracy"]) for b in table) / n}
+
+
+# ---- paired gains: the same pairs before and after ---------------------------------------------
+
+def mcnemar_exact(before: list[float], after: list[float]) -> dict:
+    """McNemar's exact test of "before and after are right equally often" on paired 0/1 outcomes.
+
+    Only the discordant pairs carry information: `gained` = wrong before, right after (b);
+    `lost` = right before, wrong after (c). Under the null each discordant pair is a fair coin, so
+    p = min(1, 2 * P(Binomial(b + c, 1/2) <= min(b, c))), two-sided, exact (big integers, no
+    normal approximation; McNemar 1947, exact form as in Agresti, Categorical Data Analysis 10.1).
+    A pair with a tie (0.5) on either side is neither right nor wrong: it is left out and counted
+    in `ties`. No discordant pair: p = 1."""
+    gained = lost = ties = 0
+    for b, a in zip(before, after, strict=True):
+        if b == 0.5 or a == 0.5:
+            ties += 1
+        elif a > b:
+            gained += 1
+        elif a < b:
+            lost += 1
+    n, k = gained + lost, min(gained, lost)
+    p = min(1.0, 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2 ** n) if n else 1.0
+    return {"gained": gained, "lost": lost, "ties": ties, "p": p}
+
+
+def paired_gain(before: list[float], after: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
+    """Accuracy after - accuracy before on the SAME pairs: outcome lists in pair order (1 right,
+    0 wrong, 0.5 a tie), with a percentile bootstrap interval that resamples pairs (each draw
+    keeps a pair's before and after together: the interval of the mean per-pair difference) and
+    McNemar's exact p-value. Pairing removes the between-pair variance that an interval for two
+    independent proportions (Newcombe's) carries: when most pairs are right (or wrong) both
+    times, as for a model and its own start, the paired interval is much narrower."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired outcomes need the same pairs before and after, got {len(before)} and {len(after)}")
+    diffs = [a - b for b, a in zip(before, after)]
+    lo, hi = bootstrap_ci(diffs, n=n, seed=seed, level=level)
+    test = mcnemar_exact(before, after)
+    return {"pairs": len(diffs), "before": math.fsum(before) / len(before), "after": math.fsum(after) / len(after),
+            "gain": math.fsum(diffs) / len(diffs), "gain_ci95": [lo, hi], "mcnemar_p": test["p"],
+            "gained": test["gained"], "lost": test["lost"], "ties": test["ties"]}
+
+
+# ---- seed spread: the same pairs under several training seeds ---------------------------------
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (n - 1; 0 for one value), min and max of per-seed figures."""
+    if not values:
+        raise ValueError("spread of no values")
+    mean = math.fsum(values) / len(values)
+    var = math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": math.sqrt(var), "min": min(values), "max": max(values), "count": len(values)}
+
+
+def seed_spread(outcomes: list[tuple[list[float], list[float]]], *, n: int = 4000, seed: int = 0,
+                level: float = 0.95) -> dict:
+    """The gain of a recipe trained with several seeds and evaluated on the SAME pairs.
+
+    `outcomes[s]` = (before, after) outcome lists of seed s in one pair order (`paired_gain`'s
+    inputs; before is usually the base model's for every seed). Returns each seed's paired gain,
+    their spread (mean, std, min, max) and an interval of the mean gain over seeds AND pairs.
+
+    The interval is a crossed two-way bootstrap (Owen 2007, "The pigeonhole bootstrap", Ann. Appl.
+    Stat. 1:386): each draw resamples the seeds (k of k) and, independently, the pairs (m of m),
+    and takes the mean over the drawn seeds of their mean over the drawn pairs. The pairs are
+    drawn once per draw for all seeds, not once per seed, because every seed is measured on the
+    same dev pairs: a hard pair is hard for all of them, and resampling pairs per seed would
+    average that shared pair noise away and give too narrow an interval. The seed level uses
+    the seeds there are: with 3 seeds it is coarse (10 distinct multisets; a bootstrap of k
+    values understates their variance by about (k - 1)/k), which is why the spread is reported
+    beside it and `holds_across_seeds` also asks every seed to gain."""
+    if not outcomes:
+        raise ValueError("seed spread of no seeds")
+    m = len(outcomes[0][0])
+    if any(len(b) != m or len(a) != m for b, a in outcomes):
+        raise ValueError("every seed must be measured on the same pairs (outcome lists of one length)")
+    per_seed = [paired_gain(b, a, n=n, seed=seed, level=level) for b, a in outcomes]
+    diffs = [[x - y for y, x in zip(b, a)] for b, a in outcomes]  # (k, m): after - before per pair
+    k, rng, means = len(diffs), random.Random(seed), []
+    for _ in range(n):
+        weights = [0] * k
+        for s in rng.choices(range(k), k=k):
+            weights[s] += 1
+        idx = rng.choices(range(m), k=m)
+        means.append(math.fsum(w * math.fsum(diffs[s][i] for i in idx) for s, w in enumerate(weights) if w) / (k * m))
+    means.sort()
+    return {"seeds": k, "pairs": m, "per_seed": per_seed, **spread([g["gain"] for g in per_seed]),
+            "ci95": [means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]],
+            "method": "crossed bootstrap: seeds and pairs resampled independently, the pairs shared by every seed"}
+
+
+def holds_across_seeds(summary: dict, *, min_seeds: int = 3, min_gain: float = 0.0) -> dict:
+    """Issue 39's rule: a recipe is "tuned" only if its gain holds across seeds. From
+    `seed_spread`'s summary: at least `min_seeds` seeds, every seed's gain > 0 (none loses on the
+    dev pairs), the seeds-and-pairs interval of the mean gain above 0, and the mean >= `min_gain`
+    (e.g. 0.08 for the acceptance bar). `failed` names the checks that did not pass."""
+    checks = {f"at least {min_seeds} seeds": summary["seeds"] >= min_seeds,
+              "every seed gains": all(g["gain"] > 0 for g in summary["per_seed"]),
+              "interval of the mean excludes 0": summary["ci95"][0] > 0,
+              f"mean gain >= {min_gain:g}": summary["mean"] >= min_gain}
+    return {"tuned": all(checks.values()), "checks": checks, "failed": [name for name, ok in checks.items() if not ok]}
+
+
+# ---- honest selection: validation folds from the training side ---------------------------------
+
+def kfold(keys: list[str], k: int, *, seed: int, exclude=()) -> list[tuple[list[int], list[int]]]:
+    """k (fit, validation) index splits of the TRAINING items, for choosing a recipe without the
+    dev pairs that report the result (issue 39 item 4). A single validation split is fold 0
+    (k = 5: a fifth held out).
+
+    `keys[i]` groups items that must stay on one side (the prompt: pairs sharing a prompt in
+    fit and validation would leak). Groups are shuffled by `seed` (random.Random: the same folds
+    on any machine and Python), then taken largest first, each to the fold with the fewest items
+    so far, so fold sizes differ by at most the largest group. `exclude` holds the dev pairs' keys: a training
+    item sharing one is an error, not a silent drop, because it means the split the benchmark
+    reports on is not held out."""
+    dev = set(exclude)
+    leaked = [key for key in keys if key in dev]
+    if leaked:
+        raise ValueError(f"{len(leaked)} training item(s) share a key with the dev pairs (e.g. {leaked[0]!r}): "
+                         "the dev pairs are not held out")
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    if not 2 <= k <= len(groups):
+        raise ValueError(f"k-fold needs 2 <= k <= the number of distinct keys ({len(groups)}), got k={k}")
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    order.sort(key=len, reverse=True)  # largest first (stable: shuffled among equal sizes), so sizes balance
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for members in order:
+        min(folds, key=len).extend(members)  # the first of the smallest: deterministic
+    every = range(len(keys))
+    return [(sorted(set(every) - set(f)), sorted(f)) for f in folds]

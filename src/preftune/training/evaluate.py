@@ -5,6 +5,8 @@ the intervals are core/stats.py.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import torch
@@ -18,7 +20,7 @@ from ..data.collate import collate_sequences
 from ..models.generate import decode_completions, sample_completions
 from ..utils.progress import progress
 
-__all__ = ["evaluate_pairs", "kl_estimate", "sample_metrics", "heldout_reward", "kl_prompt_count", "is_main"]
+__all__ = ["evaluate_pairs", "pair_key", "kl_estimate", "sample_metrics", "heldout_reward", "kl_prompt_count", "is_main"]
 
 
 def _shard(n: int) -> tuple[list[int], int]:
@@ -51,10 +53,39 @@ _EVAL_KEYS = ("accuracy/implicit_reward", "accuracy/logp", "rewards/margins", "r
 _REFERENCE = len(_EVAL_KEYS)  # a row's reference (chosen, rejected) log-probs follow the summed columns
 
 
+def pair_key(pair) -> str:
+    """A pair's identity for matching the same pair across two evaluations: sha256 of its token
+    ids (prompt, chosen, rejected), 16 hex digits. Another file, tokenizer or truncation gives
+    another key, so a "before" of other pairs is never compared with this "after"."""
+    ids = json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids], separators=(",", ":"))
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def _outcome(margin: float) -> float:
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0  # an exact tie counts half, as the accuracies do
+
+
+def _per_pair(rows: list, pairs, undefined: bool) -> list[dict]:
+    """Each pair's outcomes (1 right, 0 wrong, 0.5 tie) and margins, in the file's order: the
+    implicit reward's (None where policy == reference: undefined, not a tie), the policy's raw
+    log-probs', and the reference's raw log-probs' (its "before", where the loss has one)."""
+    chosen, rejected = _EVAL_KEYS.index("logps/chosen"), _EVAL_KEYS.index("logps/rejected")
+    out = []
+    for r in sorted(rows, key=lambda r: r[-2]):
+        ref = r[_REFERENCE] - r[_REFERENCE + 1]
+        has_ref = not (undefined or math.isnan(ref))
+        out.append({"line": r[-1], "pair": pair_key(pairs[r[-2]]),
+                    "implicit_correct": None if undefined else r[0], "implicit_margin": None if undefined else r[2],
+                    "logp_correct": r[1], "logp_margin": r[chosen] - r[rejected],
+                    "reference_logp_correct": _outcome(ref) if has_ref else None,
+                    "reference_logp_margin": ref if has_ref else None})
+    return out
+
+
 @torch.no_grad()
 def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_size: int, pad_id: int,
                    collate=None, desc: str = "eval", policy_logps: dict | None = None,
-                   reference_logps: dict | None = None) -> dict:
+                   reference_logps: dict | None = None, per_pair: list | None = None) -> dict:
     """Accuracy by implicit reward (margin > 0; an exact tie counts half) and by raw completion
     logp, each with a Wilson 95% interval, over held-out pairs. With `reference` a
     `step.SameAsPolicy` (a base model "before training") every margin is 0: implicit-reward
@@ -68,6 +99,8 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     with math.fsum, so the result is the same number for any process count (no pair twice).
     `policy_logps`, when given, receives each pair's summed (chosen, rejected) policy log-probs by line;
     `reference_logps` the reference's, where the loss has a reference (else it stays empty).
+    `per_pair`, when given, receives each pair's outcomes and margins (`_per_pair`): the input of
+    paired before/after statistics (apps/eval.py, core/stats.paired_gain).
     """
     collate = collate or (lambda chunk: collate_pairs(chunk, pad_id))
     scorer = LOSSES[spec.kind.pair_scorer] if spec.kind.pair_scorer else spec
@@ -90,7 +123,9 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
         nan = torch.full_like(parts["policy_chosen"], math.nan)
         columns += (parts.get("reference_chosen", nan), parts.get("reference_rejected", nan))
         chunk = mine[i: i + batch_size]
-        rows += [(*v, p.line) for v, p in zip(zip(*(c.float().tolist() for c in columns)), chunk)]
+        # then the pair's index in `pairs` (for its key) and its line
+        rows += [(*v, j, p.line) for v, j, p in zip(zip(*(c.float().tolist() for c in columns)), idx[i: i + batch_size],
+                                                    chunk)]
     model.train(was_training)
     rows = _gather(rows[:real])
     if policy_logps is not None:
@@ -98,6 +133,8 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
         policy_logps.update({r[-1]: (r[chosen], r[rejected]) for r in rows})
     if reference_logps is not None:
         reference_logps.update({r[-1]: (r[_REFERENCE], r[_REFERENCE + 1]) for r in rows if not math.isnan(r[_REFERENCE])})
+    if per_pair is not None:
+        per_pair.extend(_per_pair(rows, pairs, isinstance(reference, SameAsPolicy)))
     n = len(rows)
     sums = {key: math.fsum(r[k] for r in rows) for k, key in enumerate(_EVAL_KEYS)}
     result = {"pairs": n, **{k: v / n for k, v in sums.items() if k != "tokens/chosen"}}
