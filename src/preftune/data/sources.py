@@ -11,6 +11,7 @@ import csv
 import difflib
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -30,7 +31,7 @@ from ..utils.safeio import (
 )
 from .records import PreferenceRecord, UnpairedRecord
 
-__all__ = ["load_records", "mapped_rows", "no_records", "read_rows", "read_table", "read_jsonl_rows", "text_field", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT", "hub_dataset", "hub_offline"]
+__all__ = ["load_records", "iter_records", "mapped_rows", "no_records", "read_rows", "read_table", "read_jsonl_rows", "text_field", "split_path", "to_unpaired", "is_unpaired_file", "write_jsonl", "messages", "hh_as_messages", "FORMATS", "UNPAIRED_FORMATS", "HH_ASSISTANT", "hub_dataset", "hub_offline"]
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # a record larger than this is refused, never read whole
 HH_ASSISTANT = "\n\nAssistant:"
@@ -43,11 +44,12 @@ def _open_binary(path: Path):
     return gzip.GzipFile(fileobj=fh, mode="rb") if path.suffix == ".gz" else fh
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _lines(path: Path, capped: bool = True) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) with decompression and OS failures turned into one DataError. A
     compressed file is capped on what it expands to (PREFTUNE_MAX_FILE_BYTES), not on what it
-    weighs: a 205 KB .json.gz of 200 MB, or a .jsonl.gz of endless blank lines, used to run on."""
-    lineno, expanded, cap = 0, 0, max_file_bytes() if path.suffix == ".gz" else None
+    weighs: a 205 KB .json.gz of 200 MB, or a .jsonl.gz of endless blank lines, used to run on.
+    `capped=False` (data.streaming: memory is bounded by the buffer, not the file) lifts the cap."""
+    lineno, expanded, cap = 0, 0, max_file_bytes() if path.suffix == ".gz" and capped else None
     with _open_binary(path) as fh:
         while True:
             try:
@@ -69,8 +71,8 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
             yield lineno, raw
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    for lineno, raw in _lines(path):
+def _read_jsonl(path: Path, capped: bool = True) -> Iterator[tuple[int, dict]]:
+    for lineno, raw in _lines(path, capped):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -102,7 +104,17 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
         text = _read_whole(path, "utf-8-sig")
     except UnicodeDecodeError as err:
         raise DataError(path, 1, "encoding", f"not UTF-8 (byte {err.start})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    yield from _csv_rows(path, io.StringIO(text, newline=""))
+
+
+def _stream_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    """CSV rows decoded as they are read (data.streaming): no whole-file read, no size cap."""
+    with _open_binary(path) as fh:
+        yield from _csv_rows(path, io.TextIOWrapper(fh, encoding="utf-8-sig", newline=""))
+
+
+def _csv_rows(path: Path, text) -> Iterator[tuple[int, dict]]:
+    reader = csv.DictReader(text)
     while True:
         try:
             row = next(reader)
@@ -110,6 +122,11 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
             return
         except csv.Error as err:  # an oversized field, a NUL byte, a bad quote
             raise DataError(path, reader.line_num + 1, "csv", str(err)) from None  # the record being read
+        except UnicodeDecodeError:  # streamed: decoded as read
+            raise DataError(path, reader.line_num + 1, "encoding", "not UTF-8") from None
+        except (gzip.BadGzipFile, zlib.error, EOFError) as err:
+            problem = "truncated" if isinstance(err, EOFError) else f"corrupt ({err})"
+            raise DataError(path, reader.line_num + 1, "gzip", f"compressed stream is {problem}") from None
         if None in row:
             raise DataError(path, reader.line_num, "csv", f"{len(row[None])} more cells than the header has columns")
         yield reader.line_num, row
@@ -158,6 +175,29 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
             yield line, row
 
 
+def _stream_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    """Parquet rows 256 at a time (data.streaming): pyarrow decodes one row group's pages at a
+    time, so memory follows the row-group size, not the file's; no size cap."""
+    import pyarrow.parquet as pq  # optional: only Parquet input needs it
+
+    line = 0
+    with open_regular(path, field="parquet") as fh:  # a FIFO or device: one line, not a hang
+        try:
+            batches = pq.ParquetFile(fh).iter_batches(batch_size=256)
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                for row in batch.to_pylist():
+                    line += 1
+                    yield line, row
+        except DataError:
+            raise
+        except Exception as err:  # pyarrow raises several types for a corrupt file or page
+            raise DataError(path, line + 1, "parquet", f"unreadable: {str(err).splitlines()[0]}") from None
+
+
 def _read_hf_dir(path: Path, split: str | None = None) -> Iterator[tuple[int, dict]]:
     """A `save_to_disk` folder: a Dataset, or a DatasetDict read as DIR:SPLIT (or DIR alone when it
     holds one split)."""
@@ -183,6 +223,9 @@ _HUB_ID = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?::(?P<a>[\w.-]+))?
 # the file readers by suffix (a suffix may also end in .gz): the one list the reader, the hub-id
 # check, the error messages and the config's help text read
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+# data.streaming: the same suffixes read lazily (None: cannot be, said in one line)
+STREAM_READERS = {".jsonl": lambda p: _read_jsonl(p, capped=False), ".json": None, ".csv": _stream_csv,
+                  ".parquet": _stream_parquet}
 FILE_KINDS = ", ".join(f"{s}[.gz]" if s == ".jsonl" else s for s in READERS)
 _DATA_SUFFIXES = (*READERS, ".gz")
 
@@ -265,9 +308,13 @@ def read_table(path: str, *, required: tuple[str, ...] = (), empty_ok: bool = Fa
     return file, rows
 
 
-def read_rows(path: str | Path, *, field: str = "file", revision: str = "") -> Iterator[tuple[int, dict]]:
+def read_rows(path: str | Path, *, field: str = "file", revision: str = "",
+              streaming: bool = False) -> Iterator[tuple[int, dict]]:
     """(line, row) of a local data file or dataset dir, or of a hub dataset (`org/name[:split]`,
-    see hub_dataset); `field` is the setting a hub error names (e.g. data.train_path)."""
+    see hub_dataset); `field` is the setting a hub error names (e.g. data.train_path).
+    `streaming` (data.streaming): files are read as rows are asked for, never whole and with no
+    size cap (STREAM_READERS); a JSON list, which must be parsed whole, is refused. Dataset dirs and
+    hub datasets are memory-mapped Arrow, read row by row either way."""
     if (hub := hub_dataset(path)) is not None:
         return _read_hub(str(path), *hub, field, revision)
     path = Path(path)
@@ -280,8 +327,11 @@ def read_rows(path: str | Path, *, field: str = "file", revision: str = "") -> I
         return _read_hf_dir(path)
     open_regular(path).close()  # a FIFO, a device or an unreadable file: one line, before any reading
     name = path.name.removesuffix(".gz")
-    for suffix, reader in READERS.items():
+    for suffix, reader in (STREAM_READERS if streaming else READERS).items():
         if name.endswith(suffix):
+            if reader is None:
+                raise DataError(path, 0, "data.streaming", f"a {suffix} file is one JSON list, parsed whole; "
+                                "write it as .jsonl (one record per line) to stream it")
             return reader(path)
     raise DataError(path, 0, "file", f"unknown extension; use {FILE_KINDS} or a dataset dir")
 
@@ -504,8 +554,25 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
     pairs). A file (or slice) with no records is an error. `path` may also be a hub dataset,
     `org/name[:config][:split]` at `revision` (read_rows); `field` is the setting a hub error names.
     """
-    records, first_shape, adapter = [], None, None
-    for where, row in mapped_rows(path, column_map=column_map, field=field, revision=revision):
+    records = []
+    for record in iter_records(path, fmt=fmt, column_map=column_map, allow_degenerate=allow_degenerate,
+                               allow_empty_completions=allow_empty_completions, paired=paired, field=field,
+                               revision=revision):
+        records.append(record)
+        if max_records and len(records) >= max_records:
+            break
+    if not records:
+        no_records(path)
+    return records
+
+
+def iter_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None = None,
+                 allow_degenerate: bool = False, allow_empty_completions: bool = False, paired: bool = True,
+                 field: str = "file", revision: str = "", streaming: bool = False) -> Iterator:
+    """load_records' records one at a time, each validated as it is read (`streaming`: the file
+    too, see read_rows): what data.streaming trains from, a bad row failing when it is reached."""
+    first_shape, adapter = None, None
+    for where, row in mapped_rows(path, column_map=column_map, field=field, revision=revision, streaming=streaming):
         line = where[1]
         if adapter is None:
             name = _detect(row) if fmt == "auto" else fmt
@@ -523,29 +590,31 @@ def load_records(path: str | Path, *, fmt: str = "auto", column_map: dict | None
                                     f"({kind} there, {here[key]} here)")
         prompt, first, second = adapter(row, where, allow_empty_completions)
         if not paired:
-            records.append(UnpairedRecord(prompt, first, second, str(path), line))
+            yield UnpairedRecord(prompt, first, second, str(path), line)
         elif first == second and not allow_degenerate:
             raise DataError(*where, "rejected", "identical to chosen (a pair that teaches nothing; "
                             "data.allow_degenerate=true keeps it)")
         else:
-            records.append(PreferenceRecord(prompt, first, second, str(path), line))
-        if max_records and len(records) >= max_records:
-            break
-    if not records:
-        no_records(path)
-    return records
+            yield PreferenceRecord(prompt, first, second, str(path), line)
 
 
 def mapped_rows(path: str | Path, *, column_map: dict | None = None, field: str = "file",
-                revision: str = "") -> Iterator[tuple]:
+                revision: str = "", streaming: bool = False) -> Iterator[tuple]:
     """((file, line), row) for every record of `path` (a file, a `file[a:b]` slice or a hub id,
     see read_rows), each an object with its columns renamed by `column_map`; anything else is an
     error naming its line. What every record loader (preferences here, demonstrations in demos.py)
-    reads through."""
+    reads through. `streaming`: read lazily, a slice too (one counted from the end is refused)."""
     file, part = split_path(path)
     column_map = column_map or {}
-    rows = read_rows(file, field=field, revision=revision)
-    for line, row in (list(rows)[part] if part != slice(None) else rows):
+    rows = read_rows(file, field=field, revision=revision, streaming=streaming)
+    if part != slice(None) and streaming:
+        if any(x is not None and x < 0 for x in (part.start, part.stop)):
+            raise DataError(str(file), 0, "data.streaming", f"a slice counted from the end ({path}) needs the "
+                            "whole file first; use [start:stop] with counts from the start")
+        rows = itertools.islice(rows, part.start, part.stop)
+    elif part != slice(None):
+        rows = list(rows)[part]
+    for line, row in rows:
         where = (str(file), line)
         if not isinstance(row, dict):
             raise DataError(*where, "record", f"expected an object, got {type(row).__name__}")
