@@ -281,6 +281,7 @@ class StreamingSource:
         micro-batch k goes to process k mod N, and a pass's last incomplete round of N is left out
         (every process must take the same number of steps)."""
         index, trained, s = 0, skip * self.processes, self.stats["streaming"]
+        self.served = trained  # global micro-batches trained or skipped, for the error below
         try:
             for p in range(self.passes):
                 self.pass_index, pending = p, []
@@ -294,12 +295,12 @@ class StreamingSource:
                         continue
                     # every process tokenizes the whole round: a bad row stops them all at the same step
                     examples = [self._examples(g) for g in pending]
-                    pending, s["records_read"], s["micro_batches"] = [], self.read[0], index
+                    pending, s["records_read"], s["micro_batches"], self.served = [], self.read[0], index, index
                     self._count()
                     yield place(self.collate(examples[self.rank]), self.model)
         except DataError as err:
-            raise DataError(err.path, err.line, err.field, f"{err.problem} (reached in pass {self.pass_index + 1}, "
-                            f"micro-batch {index}: the run stopped there; fix the row, then `preftune resume RUN "
+            raise DataError(err.path, err.line, err.field, f"{err.problem} (reached in pass {self.pass_index + 1} after "
+                            f"{self.served} micro-batches: the run stopped there; fix the row, then `preftune resume RUN "
                             "--allow-config-change` continues from its newest checkpoint)") from None
         if self.main:
             print(f"data: the stream ended after {self.passes} pass(es) ({index} micro-batches), before "
