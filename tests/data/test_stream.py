@@ -66,6 +66,21 @@ def test_streamed_records_equal_loaded_records_for_jsonl_csv_parquet(tmp_path):
     assert [r.line for r in stream_records(f"{paths[0]}[5:8]", d)] == [6, 7, 8]  # a slice, read lazily
 
 
+def test_streamed_csv_and_gzip_errors_name_the_line_reached(tmp_path):
+    """Decoded as read, a bad byte or a truncated archive deep in a file is found where it is."""
+    import gzip
+
+    d = load_config(None, []).data
+    good = "".join(f"p{i},c{i},r{i}\n" for i in range(300)).encode()
+    (tmp_path / "d.csv").write_bytes(b"prompt,chosen,rejected\n" + good + b"p,\xff\xfe,r\n")
+    with pytest.raises(DataError, match=r"d\.csv:302: encoding: not UTF-8"):
+        list(stream_records(str(tmp_path / "d.csv"), d))
+    body = gzip.compress("".join(json.dumps(r) + "\n" for r in _pairs(3000)).encode())
+    (tmp_path / "d.jsonl.gz").write_bytes(body[: len(body) // 2])
+    with pytest.raises(DataError, match=r"d\.jsonl\.gz:\d+: gzip: compressed stream is truncated"):
+        list(stream_records(str(tmp_path / "d.jsonl.gz"), d))
+
+
 def test_stream_refuses_what_it_cannot_read_lazily(tmp_path):
     d = load_config(None, []).data
     (tmp_path / "d.json").write_text(json.dumps(PAIRS))

@@ -97,9 +97,17 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _stream_csv(path: Path) -> Iterator[tuple[int, dict]]:
-    """CSV rows decoded as they are read (data.streaming): no whole-file read, no size cap."""
-    with _open_binary(path) as fh:
-        yield from _csv_rows(path, io.TextIOWrapper(fh, encoding="utf-8-sig", newline=""))
+    """CSV rows decoded line by line as they are read (data.streaming): no whole-file read, no size
+    cap, and a bad byte or a broken archive is named at its own line."""
+    def text() -> Iterator[str]:
+        for lineno, raw in _lines(path, capped=False):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(path, lineno, "encoding", f"not UTF-8 (byte {err.start})") from None
+            yield line.removeprefix("\ufeff") if lineno == 1 else line
+
+    yield from _csv_rows(path, text())
 
 
 def _csv_rows(path: Path, text) -> Iterator[tuple[int, dict]]:
@@ -111,11 +119,6 @@ def _csv_rows(path: Path, text) -> Iterator[tuple[int, dict]]:
             return
         except csv.Error as err:  # an oversized field, a NUL byte, a bad quote
             raise DataError(path, reader.line_num + 1, "csv", str(err)) from None  # the record being read
-        except UnicodeDecodeError:  # streamed: decoded as read
-            raise DataError(path, reader.line_num + 1, "encoding", "not UTF-8") from None
-        except (gzip.BadGzipFile, zlib.error, EOFError) as err:
-            problem = "truncated" if isinstance(err, EOFError) else f"corrupt ({err})"
-            raise DataError(path, reader.line_num + 1, "gzip", f"compressed stream is {problem}") from None
         if None in row:
             raise DataError(path, reader.line_num, "csv", f"{len(row[None])} more cells than the header has columns")
         yield reader.line_num, row
