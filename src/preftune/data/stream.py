@@ -43,15 +43,17 @@ def prompt_key(prompt) -> str:
 
 
 def stream_records(path: str, d, *, paired: bool = True, field: str = "file",
-                   held_out: set | None = None, counter: list | None = None) -> Iterator:
+                   held_out: set | None = None, counter: list | None = None, lazy_files: bool = True) -> Iterator:
     """load_data's records one at a time, in file order: validated as read, HH transcripts as chat
     when asked (decided on the first record, as load_data does), pairs split for unpaired losses,
     the first `d.max_records`, rows whose prompt is held out dropped (`held_out`: prompt keys, see
-    `held_out_prompts`). `counter[0]` counts the records read (what a test asserts to be small)."""
+    `held_out_prompts`). `counter[0]` counts the records read (what a test asserts to be small).
+    `lazy_files=False`: the in-memory readers (a CSV or Parquet file read whole, a .json list taken),
+    the records still one at a time (validate-data)."""
     convert = not paired and d.paired_to_unpaired
     records = iter_records(path, fmt=d.format, column_map=d.column_map, allow_degenerate=d.allow_degenerate,
                            allow_empty_completions=d.allow_empty_completions, paired=paired or convert,
-                           field=field, revision=d.revision, streaming=True)
+                           field=field, revision=d.revision, streaming=lazy_files)
     if d.max_records:
         records = itertools.islice(records, d.max_records)
     as_chat = None
