@@ -103,6 +103,10 @@ class DataConfig:
     layout: str = _f("packed", "packed: every pair of a micro-batch in one row, no padding | padded: 2B padded rows", resume=False)
     prefix_sharing: bool = _f(True, "packed: the prompt is processed once; chosen and rejected attend to it", resume=False)
     hh_as_chat: bool = _f(False, "hh: render Human/Assistant turns as chat messages with the model's template", tokens=True)
+    streaming: bool = _f(False, "read, validate and tokenize train_path as training consumes it (memory: the shuffle "
+                                "buffer, not the file); needs train.max_steps (docs/guide/training.md, Streaming)")
+    shuffle_buffer: int = _f(10000, "streaming with train.shuffle: records in the seeded shuffle buffer (datasets' "
+                                    "buffer_size); a local shuffle, so a sorted file stays roughly sorted")
 
 
 def _loss_config():
@@ -308,6 +312,13 @@ def _range_problems(cfg: Config):
         ("data.max_prompt_length", 1 <= c.data.max_prompt_length < c.data.max_length,
          f"must be in [1, data.max_length={c.data.max_length}) so every completion keeps a token"),
         ("data.max_records", c.data.max_records >= 0, "must be >= 0"),
+        ("data.shuffle_buffer", c.data.shuffle_buffer >= 1, "must be >= 1"),
+        ("data.streaming", not c.data.streaming or c.train.max_steps > 0, "needs train.max_steps > 0: a stream's "
+         "length is unknown until it is read (the run ends at max_steps, or after train.epochs passes)"),
+        ("train.reference_cache", not (c.train.reference_cache and c.data.streaming), "cannot cache a streamed file "
+         "(data.streaming=true): it computes every pair's reference logps before step 1; set one of them to false"),
+        ("data.streaming", not c.data.streaming or _streams(c.loss.name, c.loss.mix), "streams preference files "
+         "(pairs, or unpaired for kto); this loss reads other data: set data.streaming=false"),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
         ("eval.kl_prompts", c.eval.kl_prompts >= -1, "must be >= 0, or -1 (sized by the held-out set)"),
         ("eval.kl_samples", c.eval.kl_samples >= 1, "must be >= 1"),
@@ -360,6 +371,15 @@ def _range_problems(cfg: Config):
     if c.loss.name not in LOSSES:
         yield "loss.name", (f"unknown loss {c.loss.name!r}{_did_you_mean(c.loss.name, LOSSES)}; "
                             f"known: {', '.join(sorted(LOSSES))}")
+
+
+def _streams(name: str, mix: list) -> bool:
+    """Whether data.streaming applies: a loss trained on pairs or unpaired examples (an unknown
+    loss or bad mix: its own check says so)."""
+    try:
+        return build_loss(name, mix).kind.data in ("pairs", "unpaired")
+    except (KeyError, ValueError, TypeError):
+        return True
 
 
 _INT_MAX = 2**31 - 1  # larger counts overflow torch/numpy sizes long before they mean anything

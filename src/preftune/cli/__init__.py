@@ -142,6 +142,8 @@ COMMANDS: tuple[Command, ...] = (
     )),
     Command("validate-data", "check a preference file without loading a model", _validate_args, "tools:_validate",
             sections=("data",)),
+    Command("completion", "print a bash or zsh completion script, generated from these commands and settings",
+            lambda p: p.add_argument("shell", choices=("bash", "zsh")), "completion:_completion"),
 )
 
 

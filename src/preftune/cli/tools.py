@@ -28,7 +28,8 @@ from ..data import render
 from ..data.balance import balance_length
 from ..data.inspect import format_inspection, inspect_records
 from ..data.prepare import load_data
-from ..data.sources import is_unpaired_file, write_jsonl
+from ..data.sources import is_unpaired_file, no_records, write_jsonl
+from ..data.stream import stream_records
 from ..models.loading import count_parameters, load_tokenizer, model_shape, resolve_model_dir
 from ..models.zoo import ZOO, fetch, gguf_path
 from ..runs.online.rollouts import judge_settings, load_prompts
@@ -179,8 +180,12 @@ def _score(a) -> int:
 
 
 def _validate(a) -> int:
-    records = load_data(a.path, load_config(None, a.overrides).data)
-    print(f"{a.path}: {len(records)} valid records")
+    """Every record checked as training reads it, counted one at a time and never held: a JSONL file
+    too big for memory validates in bounded memory (CSV, JSON and Parquet are read whole, as always)."""
+    count = sum(1 for _ in stream_records(a.path, load_config(None, a.overrides).data, lazy_files=False))
+    if not count:
+        no_records(a.path)
+    print(f"{a.path}: {count} valid records")
     return 0
 
 

@@ -3,10 +3,12 @@
 The loop in train.py asks a source for its data statistics, the loss's settings, held-out pairs
 and probe prompts, starts it once the model sits on its device, then draws micro-batches epoch by
 epoch (`batches(epoch, skip)`, where `skip` micro-batches of that epoch were trained before a
-resume). Two sources exist:
+resume). Three sources exist:
 
 - `OfflineSource` (here): a preference file, tokenized once, shuffled per epoch by (seed, epoch)
   alone, with cached reference log-probs when asked.
+- `StreamingSource` (here, data.streaming): the same file read and tokenized as training consumes
+  it, through a seeded shuffle buffer; micro-batch i depends only on (file, seed, i).
 - `online.source.OnlineSource`: each micro-batch is sampled from the current policy, scored by a
   reward source and paired (online DPO); micro-batch i depends only on (seed, i) and the weights.
 
@@ -16,6 +18,7 @@ a resumed run bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -23,14 +26,26 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..core.losses import Kind, LossSpec
-from ..utils.errors import ConfigError
+from ..utils.devices import place
+from ..utils.errors import ConfigError, DataError
 from .collate import kl_pairs
 from .layouts import Layout, choose_layout
 from .order import EpochSampler
-from .prepare import load_data, pair_collator, prepare_data, unpaired_collator
+from .prepare import (
+    kto_class_weights,
+    load_data,
+    pair_collator,
+    prepare_data,
+    prepare_pairs,
+    unpaired_collator,
+)
 from .refcache import reference_cache
+from .sources import no_records
+from .stream import UP_FRONT, chunks, held_out_prompts, ordered, stream_records
+from .tokenize import TokenizeStats, eos_id, tokenize_example, tokenize_pair
 
-__all__ = ["BatchSource", "OfflineSource", "EpochLoader", "exact_layout", "distinct_prompts"]
+__all__ = ["BatchSource", "OfflineSource", "StreamingSource", "EpochLoader", "exact_layout", "file_layout",
+           "distinct_prompts"]
 
 
 class BatchSource(Protocol):
@@ -96,6 +111,19 @@ def exact_layout(cfg, kind: Kind, model, examples, pad_id: int, model_dir: str):
     return Layout(layout, sharing), {"layout": layout, "prefix_sharing": sharing, "checked": deltas}
 
 
+def file_layout(cfg, spec: LossSpec, model, examples: list, tokenizer, model_dir: str):
+    """The exact layout of a preference file's run, checked on its first examples: (the Layout,
+    what was checked, the training collate function, the held-out one (None: padded rows))."""
+    examples = examples[: max(cfg.train.batch_size, 2)]
+    if spec.kind.data == "unpaired":  # KTO: checked like pairs, on (prompt i, completion i, completion i+1)
+        chosen, info = exact_layout(cfg, spec.kind, model, kl_pairs(examples), tokenizer.pad_token_id, model_dir)
+        return chosen, info, unpaired_collator(chosen, tokenizer), None
+    chosen, info = exact_layout(cfg, spec.kind, model, examples, tokenizer.pad_token_id, model_dir)
+    # training and held-out pairs in the layout just checked (start() may attach cached reference log-probs)
+    collate = pair_collator(chosen, tokenizer)
+    return chosen, info, collate, collate
+
+
 class EpochLoader:
     """Micro-batches of a fixed list of examples, shuffled per epoch by (seed, epoch) alone, that
     a resumed run re-enters at any position (`epoch(e, skip)`): what every file-backed source
@@ -129,7 +157,10 @@ class OfflineSource:
         self.identity: dict = {}  # the file's hash is in checkpoint.fingerprint already
 
     @classmethod
-    def load(cls, cfg, spec: LossSpec) -> OfflineSource:
+    def load(cls, cfg, spec: LossSpec) -> OfflineSource | StreamingSource:
+        """The file read and validated whole, or with data.streaming its first records only (StreamingSource)."""
+        if cfg.data.streaming:
+            return StreamingSource.load(cfg, spec)
         if not cfg.data.train_path:
             raise ConfigError("defaults", "data.train_path", "is required")
         records = load_data(cfg.data.train_path, cfg.data, paired=spec.kind.data == "pairs", field="data.train_path")
@@ -149,16 +180,8 @@ class OfflineSource:
                 f"dropped (lines {s.truncated_lines or '-'}), {s.dropped_eval_prompts} dropped as eval prompts")
 
     def layout(self, cfg, model, model_dir: str):
-        examples = self.data.examples[: max(cfg.train.batch_size, 2)]
-        if self.spec.kind.data == "unpaired":  # KTO: checked like pairs, on (prompt i, completion i, completion i+1)
-            self.chosen, info = exact_layout(cfg, self.spec.kind, model, kl_pairs(examples),
-                                             self.tokenizer.pad_token_id, model_dir)
-            self.collate, self.eval_collate = unpaired_collator(self.chosen, self.tokenizer), None
-            return self.chosen, info
-        self.chosen, info = exact_layout(cfg, self.spec.kind, model, examples, self.tokenizer.pad_token_id,
-                                         model_dir)
-        # training and held-out pairs in the layout just checked (start() may attach cached reference log-probs)
-        self.collate = self.eval_collate = pair_collator(self.chosen, self.tokenizer)
+        self.chosen, info, self.collate, self.eval_collate = file_layout(cfg, self.spec, model, self.data.examples,
+                                                                         self.tokenizer, model_dir)
         return self.chosen, info
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> int:
@@ -178,3 +201,147 @@ class OfflineSource:
 
     def step_metrics(self) -> dict:
         return {}
+
+
+class StreamingSource:
+    """A preference (or unpaired) file read, validated and tokenized as training consumes it
+    (data.streaming; the pipeline, order and resume are in stream.py). Its first UP_FRONT records
+    are validated and tokenized at `load`/`prepare`, before any weights load; a bad row further on
+    stops the run when it is reached, as one DataError naming file, line and field. Held-out data
+    (data.eval_path) is read whole, as in memory."""
+
+    feeds = ("pairs", "unpaired", "reward_model")
+
+    def __init__(self, cfg, spec: LossSpec, head: list, eval_records: list | None, held_out: set | None):
+        self.cfg, self.spec, self.head, self.eval_records, self.held_out = cfg, spec, head, eval_records, held_out
+        self.identity: dict = {}  # the file's hash is in checkpoint.fingerprint already (read in 16 MiB blocks)
+        self.paired = spec.kind.data == "pairs"
+        self.read = [0]  # records read by this run's passes (stream_records counts them)
+        self.tokenized = 0  # records tokenized, up front and by the passes
+        self.pass_index = 0
+
+    @classmethod
+    def load(cls, cfg, spec: LossSpec) -> StreamingSource:
+        d = cfg.data
+        if not d.train_path:
+            raise ConfigError("defaults", "data.train_path", "is required")
+        eval_records = load_data(d.eval_path, d, field="data.eval_path") if d.eval_path else None  # always pairs
+        held_out = held_out_prompts(eval_records) if d.drop_eval_prompts else None
+        head = list(itertools.islice(stream_records(d.train_path, d, paired=spec.kind.data == "pairs",
+                                                    field="data.train_path", held_out=held_out), UP_FRONT))
+        if not head:
+            no_records(d.train_path)
+        return cls(cfg, spec, head, eval_records, held_out)
+
+    def prepare(self, tokenizer) -> None:
+        d, self.tokenizer, self.eos = self.cfg.data, tokenizer, eos_id(tokenizer)
+        up_front = TokenizeStats()
+        self.examples = [x for x in (self._tokenize(r, up_front) for r in self.head) if x is not None]
+        if not self.examples:
+            raise DataError(d.train_path, 1, "file", f"no usable pairs in the first {len(self.head)} records "
+                            f"({up_front.dropped} dropped as overlong)")
+        up_front.pairs, validated, self.head = len(self.examples), len(self.head), None  # the records can go
+        self.eval_pairs = prepare_pairs(d.eval_path, self.cfg, tokenizer, self.eval_records)[0] \
+            if self.eval_records else None
+        self.collate = pair_collator(Layout.asked(d), tokenizer) if self.paired \
+            else unpaired_collator(Layout.asked(d), tokenizer)
+        self.eval_collate = None
+        self.loss_adjustments = {}
+        if self.cfg.loss.kto_auto_weights and not self.paired:  # the class balance of what was read up front
+            self.loss_adjustments["desirable_weight"], self.loss_adjustments["undesirable_weight"] = \
+                kto_class_weights(up_front.desirable, up_front.undesirable)
+        self.streamed = TokenizeStats()  # what the passes tokenized (summary.json's data.streaming)
+        order = f"shuffle buffer of {d.shuffle_buffer}" if self.cfg.train.shuffle else "file order"
+        self.stats = {**up_front.as_dict(), "streaming": {"validated_up_front": validated, "order": order,
+                                                          "passes": 0, "records_read": 0, "micro_batches": 0}}
+
+    def describe(self) -> str:
+        s, up = self.stats["streaming"], self.stats
+        return (f"streamed ({s['order']}); the first {s['validated_up_front']} records checked up front: "
+                f"{up['pairs']} {self.spec.kind.example}s, {up['truncated']} truncated, {up['dropped']} dropped "
+                f"(lines {up['truncated_lines'] or '-'}); the rest are checked as training reaches them")
+
+    def layout(self, cfg, model, model_dir: str):
+        self.chosen, info, self.collate, self.eval_collate = file_layout(cfg, self.spec, model, self.examples,
+                                                                         self.tokenizer, model_dir)
+        return self.chosen, info
+
+    def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> None:
+        t = cfg.train
+        self.model, self.rank, self.processes = model, accelerator.process_index, accelerator.num_processes
+        self.seed, self.batch_size, self.passes, self.max_steps = t.seed if t.shuffle else None, t.batch_size, \
+            t.epochs, t.max_steps
+        self.main = accelerator.is_main_process
+        return None  # unknown length: train.max_steps is the run's (config.py refuses streaming without it)
+
+    def batches(self, epoch: int, skip: int) -> Iterator[dict]:
+        """Micro-batches of passes 0..train.epochs-1 back to back (train() sees one endless epoch),
+        from this process's micro-batch `skip` on: the stream is re-read from the start and the
+        micro-batches already trained are skipped (stream.py, Position). With N processes, global
+        micro-batch k goes to process k mod N, and a pass's last incomplete round of N is left out
+        (every process must take the same number of steps)."""
+        index, trained, s = 0, skip * self.processes, self.stats["streaming"]
+        self.served = trained  # global micro-batches trained or skipped, for the error below
+        try:
+            for p in range(self.passes):
+                self.pass_index, pending = p, []
+                s["passes"] = p + 1
+                for group in self._groups(p):
+                    index += 1
+                    if index <= trained:
+                        continue
+                    pending.append(group)
+                    if len(pending) < self.processes:
+                        continue
+                    # every process tokenizes the whole round: a bad row stops them all at the same step
+                    examples = [self._examples(g) for g in pending]
+                    pending, s["records_read"], s["micro_batches"], self.served = [], self.read[0], index, index
+                    self._count()
+                    yield place(self.collate(examples[self.rank]), self.model)
+        except DataError as err:
+            raise DataError(err.path, err.line, err.field, f"{err.problem} (reached in pass {self.pass_index + 1} after "
+                            f"{self.served} micro-batches: the run stopped there; fix the row, then `preftune resume RUN "
+                            "--allow-config-change` continues from its newest checkpoint)") from None
+        if self.main:
+            print(f"data: the stream ended after {self.passes} pass(es) ({index} micro-batches), before "
+                  f"train.max_steps={self.max_steps}; the schedule was laid out for {self.max_steps} steps", flush=True)
+
+    def _groups(self, p: int) -> Iterator[list]:
+        """Pass p's micro-batches: lists of records when none can be dropped (one record, one
+        example: a skipped micro-batch is never tokenized), else of tokenized examples."""
+        d = self.cfg.data
+        records = ordered(stream_records(d.train_path, d, paired=self.paired, field="data.train_path",
+                                         held_out=self.held_out, counter=self.read),
+                          seed=self.seed, pass_index=p, buffer=d.shuffle_buffer)
+        if not self._droppable():
+            return chunks(records, self.batch_size)
+        return chunks((x for x in (self._tokenize(r, self.streamed) for r in records) if x is not None),
+                      self.batch_size)
+
+    def _droppable(self) -> bool:
+        return self.paired and self.cfg.data.drop_overlong
+
+    def _examples(self, group: list) -> list:
+        return group if self._droppable() else [self._tokenize(r, self.streamed) for r in group]
+
+    def _tokenize(self, record, stats: TokenizeStats):
+        d = self.cfg.data
+        self.tokenized += 1
+        if self.paired:
+            return tokenize_pair(record, self.tokenizer, stats, eos=self.eos, max_length=d.max_length,
+                                 max_prompt_length=d.max_prompt_length, drop_overlong=d.drop_overlong,
+                                 allow_degenerate=d.allow_degenerate)
+        return tokenize_example(record, self.tokenizer, stats, eos=self.eos, max_length=d.max_length,
+                                max_prompt_length=d.max_prompt_length)
+
+    def _count(self) -> None:
+        """The passes' tokenization counts into stats (summary.json's data.streaming)."""
+        t = self.streamed
+        self.stats["streaming"].update({"tokenized": self.tokenized, "truncated": t.truncated, "dropped": t.dropped,
+                                        "truncated_lines": t.truncated_lines, "dropped_lines": t.dropped_lines})
+
+    def probe_prompts(self, n: int) -> list[list[int]]:
+        return distinct_prompts(self.eval_pairs or self.examples, n)
+
+    def step_metrics(self) -> dict:
+        return {"epoch": self.pass_index}  # the pass (train() counts one endless epoch)

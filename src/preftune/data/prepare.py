@@ -3,7 +3,6 @@ settings and the collate function. Called by train.py, evaluation, online source
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import partial
 
@@ -13,6 +12,7 @@ from . import collate_pairs, collate_unpaired, load_records, to_unpaired, tokeni
 from .collate import attach_reference, collate_packed_pairs, collate_packed_unpaired
 from .layouts import Layout
 from .sources import HH_ASSISTANT, hh_as_messages
+from .stream import held_out_prompts, prompt_key
 
 __all__ = ["load_data", "prepare_pairs", "drop_eval_prompts", "kto_class_weights", "PreparedData",
            "prepare_data", "pair_collator", "unpaired_collator"]
@@ -43,14 +43,10 @@ def prepare_pairs(path: str, cfg: Config, tokenizer, records: list | None = None
                             drop_overlong=d.drop_overlong, allow_degenerate=d.allow_degenerate)
 
 
-def _prompt_key(prompt) -> str:
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-
-
 def drop_eval_prompts(records: list, eval_records: list) -> tuple[list, int]:
     """Training rows whose prompt is also an eval prompt are removed; returns (kept, dropped)."""
-    held = {_prompt_key(r.prompt) for r in eval_records}
-    kept = [r for r in records if _prompt_key(r.prompt) not in held]
+    held = held_out_prompts(eval_records)
+    kept = [r for r in records if prompt_key(r.prompt) not in held]
     return kept, len(records) - len(kept)
 
 

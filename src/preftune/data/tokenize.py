@@ -25,7 +25,7 @@ from .records import PreferenceRecord, Text, UnpairedRecord
 from .render import as_messages, completion_ids, conversation_ids, prompt_ids, prompt_text
 
 __all__ = ["TokenizedPair", "TokenizedExample", "TokenizeStats", "tokenize_records", "tokenize_unpaired", "truncate",
-           "render_prompt"]
+           "render_prompt", "tokenize_pair", "tokenize_example", "eos_id"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _is_empty(completion: Text) -> bool:
     return not any(m["content"].strip() for m in completion)
 
 
-def _eos_id(tokenizer) -> int:
+def eos_id(tokenizer) -> int:
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer", 0, "eos_token", "the tokenizer has no EOS token")
     return tokenizer.eos_token_id
@@ -118,48 +118,71 @@ def _eos_id(tokenizer) -> int:
 def tokenize_records(records: list[PreferenceRecord], tokenizer, *, max_length: int, max_prompt_length: int,
                      drop_overlong: bool = False, allow_degenerate: bool = False,
                      ) -> tuple[list[TokenizedPair], TokenizeStats]:
-    eos = _eos_id(tokenizer)
+    eos = eos_id(tokenizer)
     pairs, stats = [], TokenizeStats()
     for rec in records:
-        where = (rec.source, rec.line)
-        prompt, sides = _encode(tokenizer, rec.prompt, [rec.chosen, rec.rejected], where, ("chosen", "rejected"), eos)
-        stats.empty_completions += _is_empty(rec.chosen) + _is_empty(rec.rejected)
-        stats.boundary_mismatches += any(_split_differs(tokenizer, rec.prompt, c, p_ids=prompt, c_ids=ids, eos=eos)
-                                         for c, ids in zip((rec.chosen, rec.rejected), sides))
-        prompt, (chosen, rejected), truncated = truncate(prompt, sides, max_length, max_prompt_length)
-        if chosen == rejected:
-            problem = "chosen and rejected are identical" + (" after truncation" if truncated else " as tokens")
-            if drop_overlong and truncated:
-                stats.dropped += 1
-                stats.dropped_lines.append(rec.line)
-                continue
-            if not allow_degenerate:
-                hint = "raise data.max_length or set data.drop_overlong=true" if truncated \
-                    else "set data.allow_degenerate=true to keep it"
-                raise DataError(*where, "rejected", f"{problem} ({hint})")
-            stats.degenerate_kept += 1
-        if truncated:
-            stats.truncated += 1
-            stats.truncated_lines.append(rec.line)
-        pairs.append(TokenizedPair(prompt, chosen, rejected, rec.source, rec.line))
+        pair = tokenize_pair(rec, tokenizer, stats, eos=eos, max_length=max_length, max_prompt_length=max_prompt_length,
+                             drop_overlong=drop_overlong, allow_degenerate=allow_degenerate)
+        if pair is not None:
+            pairs.append(pair)
     return pairs, _finish(stats, pairs, records)
+
+
+def tokenize_pair(rec: PreferenceRecord, tokenizer, stats: TokenizeStats, *, eos: int, max_length: int,
+                  max_prompt_length: int, drop_overlong: bool = False, allow_degenerate: bool = False,
+                  ) -> TokenizedPair | None:
+    """One record's pair (None: dropped as overlong, counted in `stats`); what tokenize_records
+    does per record, and what data.streaming calls as each record is reached."""
+    where = (rec.source, rec.line)
+    prompt, sides = _encode(tokenizer, rec.prompt, [rec.chosen, rec.rejected], where, ("chosen", "rejected"), eos)
+    stats.empty_completions += _is_empty(rec.chosen) + _is_empty(rec.rejected)
+    stats.boundary_mismatches += any(_split_differs(tokenizer, rec.prompt, c, p_ids=prompt, c_ids=ids, eos=eos)
+                                     for c, ids in zip((rec.chosen, rec.rejected), sides))
+    prompt, (chosen, rejected), truncated = truncate(prompt, sides, max_length, max_prompt_length)
+    if chosen == rejected:
+        problem = "chosen and rejected are identical" + (" after truncation" if truncated else " as tokens")
+        if drop_overlong and truncated:
+            stats.dropped += 1
+            _note(stats.dropped_lines, rec.line)
+            return None
+        if not allow_degenerate:
+            hint = "raise data.max_length or set data.drop_overlong=true" if truncated \
+                else "set data.allow_degenerate=true to keep it"
+            raise DataError(*where, "rejected", f"{problem} ({hint})")
+        stats.degenerate_kept += 1
+    if truncated:
+        stats.truncated += 1
+        _note(stats.truncated_lines, rec.line)
+    return TokenizedPair(prompt, chosen, rejected, rec.source, rec.line)
 
 
 def tokenize_unpaired(records: list[UnpairedRecord], tokenizer, *, max_length: int, max_prompt_length: int,
                       ) -> tuple[list[TokenizedExample], TokenizeStats]:
-    eos = _eos_id(tokenizer)
-    examples, stats = [], TokenizeStats()
-    for rec in records:
-        prompt, sides = _encode(tokenizer, rec.prompt, [rec.completion], (rec.source, rec.line), ("completion",), eos)
-        stats.empty_completions += _is_empty(rec.completion)
-        prompt, (completion,), truncated = truncate(prompt, sides, max_length, max_prompt_length)
-        if truncated:
-            stats.truncated += 1
-            stats.truncated_lines.append(rec.line)
-        examples.append(TokenizedExample(prompt, completion, rec.label, rec.source, rec.line))
-    stats.desirable = sum(e.label for e in examples)
-    stats.undesirable = len(examples) - stats.desirable
+    eos = eos_id(tokenizer)
+    stats = TokenizeStats()
+    examples = [tokenize_example(rec, tokenizer, stats, eos=eos, max_length=max_length,
+                                 max_prompt_length=max_prompt_length) for rec in records]
     return examples, _finish(stats, examples, records)
+
+
+def tokenize_example(rec: UnpairedRecord, tokenizer, stats: TokenizeStats, *, eos: int, max_length: int,
+                     max_prompt_length: int) -> TokenizedExample:
+    """One unpaired (KTO) record, counted in `stats` (its label too)."""
+    prompt, sides = _encode(tokenizer, rec.prompt, [rec.completion], (rec.source, rec.line), ("completion",), eos)
+    stats.empty_completions += _is_empty(rec.completion)
+    prompt, (completion,), truncated = truncate(prompt, sides, max_length, max_prompt_length)
+    if truncated:
+        stats.truncated += 1
+        _note(stats.truncated_lines, rec.line)
+    stats.desirable += rec.label
+    stats.undesirable += not rec.label
+    return TokenizedExample(prompt, completion, rec.label, rec.source, rec.line)
+
+
+def _note(lines: list, line: int) -> None:
+    """The first few lines only (the report shows five): a stream of millions keeps no list of them."""
+    if len(lines) < 5:
+        lines.append(line)
 
 
 def _finish(stats: TokenizeStats, items: list, records: list) -> TokenizeStats:
