@@ -92,19 +92,37 @@ def reward_model(out: Path) -> dict:
 
 
 def _measure(policy, reference, tokenizer, out: Path) -> dict:
+    """Policy and start model each sample 8 completions per held-out prompt (seed 123), once; both
+    scorers read the same samples (as evaluate.heldout_reward does for one scorer)."""
+    import math
+
+    from preftune.core.stats import bootstrap_ci
     from preftune.data import render
+    from preftune.models.generate import decode_completions, sample_completions
     from preftune.models.rewards import build_reward
-    from preftune.training.evaluate import heldout_reward
+    from preftune.training.evaluate import kl_estimate
 
     prompts = [json.loads(x)["prompt"] for x in (out / "heldout.jsonl").read_text().splitlines()]
     ids = [render.prompt_ids(tokenizer, p) for p in prompts]
-    common = dict(n=HELDOUT_SAMPLES, max_new_tokens=TOKENS, seed=123)
-    rm = heldout_reward(policy, reference, tokenizer, prompts, ids, build_reward(f"rm:{out / 'rm'}"), **common)
-    truth = heldout_reward(policy, reference, tokenizer, prompts, ids, build_reward("sentiment"), **common)
-    keys = ("reward/policy", "reward/reference", "reward/gain", "reward/gain_ci95")
-    return {"rm": {k.split("/")[1]: rm[k] for k in keys}, "vader": {k.split("/")[1]: truth[k] for k in keys},
-            "kl": rm["kl"], "length": rm["sample_length/policy"], "length_start": rm["sample_length/reference"],
-            "prompts": rm["prompts"], "samples_per_prompt": HELDOUT_SAMPLES}
+    n = HELDOUT_SAMPLES
+    common = dict(n=n, max_new_tokens=TOKENS, seed=123)
+    samples = {"policy": sample_completions(policy, tokenizer, ids, **common)}
+    with reference.context():
+        samples["start"] = sample_completions(reference.forward_model(policy), tokenizer, ids, **common)
+    plain = [render.plain_text(p) for p in prompts for _ in range(n)]
+    result = {}
+    for name, spec in (("rm", f"rm:{out / 'rm'}"), ("vader", "sentiment")):
+        scorer, per = build_reward(spec), {}
+        for who, drawn in samples.items():
+            s = scorer.score(plain, decode_completions(tokenizer, drawn))
+            per[who] = [sum(s[k * n:(k + 1) * n]) / n for k in range(len(ids))]
+        gains = [a - b for a, b in zip(per["policy"], per["start"]) if math.isfinite(a - b)]
+        result[name] = {"policy": sum(per["policy"]) / len(ids), "reference": sum(per["start"]) / len(ids),
+                        "gain": sum(gains) / len(gains), "gain_ci95": list(bootstrap_ci(gains))}
+    mean_len = lambda xs: sum(len(c) for _, c in xs) / len(xs)  # noqa: E731
+    return {**result, **kl_estimate(policy, reference, samples["policy"], pad_id=tokenizer.pad_token_id),
+            "length": mean_len(samples["policy"]), "length_start": mean_len(samples["start"]), "prompts": len(ids),
+            "samples_per_prompt": n}
 
 
 def worker(method: str, out: Path) -> None:
@@ -209,6 +227,8 @@ def main() -> None:
     _prompts(out)
     dest = HERE / "results.json"
     results = json.loads(dest.read_text()) if dest.is_file() else {}
+    for done in sorted(out.glob("*.result.json")):  # methods finished by another invocation of this script
+        results.setdefault(done.name.split(".")[0], json.loads(done.read_text()))
     results["command"] = " ".join(["python -m benchmarks.experiments.rlhf_vs_dpo", *sys.argv[1:]])
     for method in a.only.split(","):
         with open("/proc/loadavg") as f:
@@ -221,6 +241,7 @@ def main() -> None:
         if line is None:
             sys.exit(f"{method} failed ({proc.returncode}): {proc.stderr[-3000:]}")
         results[method] = {**json.loads(line[len("RESULT "):]), "load_at_start": float(load)}
+        (out / f"{method}.result.json").write_text(json.dumps(results[method], indent=1) + "\n")
         print(json.dumps({k: results[method].get(k) for k in ("method", "wall_s", "peak_rss_mb", "rm", "vader", "kl")}),
               flush=True)
         dest.write_text(json.dumps(results, indent=1) + "\n")
