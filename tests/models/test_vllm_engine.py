@@ -190,13 +190,14 @@ def test_the_adapter_is_pushed_once_per_window_of_sync_every_steps(fake, tmp_pat
     assert pushed == [True, False, False, True, False, True]
     loads = [b for p, b in server.seen if p == "/v1/load_lora_adapter"]
     unloads = [b for p, b in server.seen if p == "/v1/unload_lora_adapter"]
-    assert [b["lora_name"] for b in loads] == ["policy-1-step0", "policy-2-step2", "policy-3-step4"]
-    assert [b["lora_name"] for b in unloads] == ["policy-1-step0", "policy-2-step2"]
+    tag = f"policy-{engine._tag}"
+    assert [b["lora_name"] for b in loads] == [f"{tag}-1-step0", f"{tag}-2-step2", f"{tag}-3-step4"]
+    assert [b["lora_name"] for b in unloads] == [f"{tag}-1-step0", f"{tag}-2-step2"]
     assert all(b["lora_path"].startswith(str(tmp_path / "vllm" / "adapters")) for b in loads)
     kept = list((tmp_path / "vllm" / "adapters").iterdir())
-    assert [p.name for p in kept] == ["policy-3-step4"] and (kept[0] / "adapter_config.json").is_file()
+    assert [p.name for p in kept] == [f"{tag}-3-step4"] and (kept[0] / "adapter_config.json").is_file()
     engine.sample([[1]], n=1, max_new_tokens=2, seed=0, eos_id=EOS)
-    assert server.seen[-1][1]["model"] == "policy-3-step4"  # samples come from the last push
+    assert server.seen[-1][1]["model"] == f"{tag}-3-step4"  # samples come from the last push
     resumed = VLLMEngine("/m", url=server.url, lora_rank=4, sync_every=2, timeout_s=5).start(tmp_path / "vllm")
     assert [resumed.sync(policy, s) for s in (3, 4)] == [True, True]  # once at once, then where the run did
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -118,6 +119,9 @@ class VLLMEngine:
         self._adapter: tuple[str, Path] | None = None  # (name, dir) of the adapter the server has
         self._synced_window: int | None = None  # step // sync_every of the last push
         self.pushes, self.push_seconds = 0, 0.0
+        # adapter names are unique per engine: a shared server (sampling.vllm_url) may still hold the
+        # adapters of another run, or of this run before it was resumed
+        self._tag = secrets.token_hex(3)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -282,7 +286,7 @@ class VLLMEngine:
         self.wait_ready()
         start = time.perf_counter()
         self.pushes += 1
-        name = f"policy-{self.pushes}-step{step}"
+        name = f"policy-{self._tag}-{self.pushes}-step{step}"
         target = (self.work_dir or Path(".")) / "adapters" / name
         if target.exists():
             shutil.rmtree(target)
