@@ -228,8 +228,10 @@ class RunConfig:
 class SamplingConfig:
     engine: str = _f("builtin", "what samples online DPO and GRPO rollouts: builtin (models/sampler.py) | vllm (a "
                                 "vLLM server on loopback, LoRA runs only; docs/guide/vllm.md)")
-    vllm_python: str = _f(".venv-vllm/bin/python", "vllm: the Python that runs the server (`make vllm` builds it)",
-                          resume=False)
+    vllm_python: str = _f(".venv-vllm/bin/python", "vllm: the Python that runs the server (`make vllm` builds "
+                                                   "it; a program to run, so never taken from a run directory's "
+                                                   "config.yaml: resume takes it from the command line)",
+                          resume=False, opt_in=True)
     vllm_url: str = _f("", "vllm: an already running server (http://HOST:PORT) instead of starting one", resume=False)
     sync_every: int = _f(1, "vllm: push the policy's adapter to the server every N optimizer steps")
     timeout_s: float = _f(300.0, "vllm: the longest wait for the server (start, each request), in seconds",

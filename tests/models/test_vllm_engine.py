@@ -202,7 +202,7 @@ def test_the_adapter_is_pushed_once_per_window_of_sync_every_steps(fake, tmp_pat
     assert [resumed.sync(policy, s) for s in (3, 4)] == [True, True]  # once at once, then where the run did
 
 
-def test_vllm_is_refused_where_it_would_sample_other_weights():
+def test_vllm_is_refused_where_it_would_sample_other_weights(tmp_path):
     with pytest.raises(ConfigError, match="sampling.engine: vllm needs model.lora=true"):
         load_config(None, ["sampling.engine=vllm", "model.lora=false"])
     with pytest.raises(ConfigError, match="sampling.engine: vllm serves full-precision"):
@@ -214,6 +214,13 @@ def test_vllm_is_refused_where_it_would_sample_other_weights():
     with pytest.raises(ConfigError, match="sampling.sync_every: must be >= 1"):
         load_config(None, ["sampling.sync_every=0"])
     assert engine_for(load_config(None, [])) is None
+    # the Python that starts the server is a program to run: a run directory's config.yaml (resume of
+    # a planted run) cannot choose it, only the user's own config or command line
+    saved = tmp_path / "config.yaml"
+    saved.write_text("sampling:\n  engine: vllm\n  vllm_python: /tmp/planted\n")
+    assert load_config(saved, saved_run=True).sampling.vllm_python == ".venv-vllm/bin/python"
+    assert load_config(saved, ["sampling.vllm_python=/mine"], saved_run=True).sampling.vllm_python == "/mine"
+    assert load_config(saved).sampling.vllm_python == "/tmp/planted"
 
 
 @pytest.mark.parametrize("verb", ["grpo", "online"])
