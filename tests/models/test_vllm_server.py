@@ -7,6 +7,8 @@ start on 2 cores); skipped when .venv-vllm or the default model is absent.
 """
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -129,3 +131,35 @@ def test_online_dpo_samples_through_an_existing_server(server, tmp_path):
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2] and all(r["online/samples"] >= 8 for r in rows)
     assert all(r["online/pairs"] >= 1 for r in rows)
+
+
+def test_a_server_killed_mid_run_stops_it_in_one_line_and_resume_finishes_it(tmp_path, monkeypatch, capsys):
+    """The server is SIGKILLed before the third draw (steps 1 and 2 trained and checkpointed): exit
+    2 with one line naming the server, then `preftune resume` starts a new server and finishes."""
+    from preftune.models.vllm_engine import VLLMEngine
+
+    sample, draws = VLLMEngine.sample, []
+
+    def killed_at_the_third_draw(self, *args, **kwargs):
+        draws.append(self)
+        if len(draws) == 3:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLLMEngine, "sample", killed_at_the_third_draw)
+    run = tmp_path / "killed"
+    rc = main(["grpo", *_run_args(tmp_path, "loss.name=grpo", f"run.output_dir={run}", "train.max_steps=4",
+                                  "train.checkpoint_every=1", f"sampling.vllm_python={VENV_PYTHON}",
+                                  "sampling.timeout_s=600")])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # above it: the default model's loading progress bars
+    assert rc == 2 and "Traceback" not in err and err.count("vllm server") == 1, err[-3000:]
+    assert last.startswith("vllm server http://127.0.0.1:") and \
+        "the server process exited with code -9 while sampling 4 completions of prompt" in last, last
+    print(f"\n{last}")
+    assert [r["step"] for r in _rows(run)] == [1, 2]
+    monkeypatch.setattr(VLLMEngine, "sample", sample)
+    assert main(["resume", str(run), f"sampling.vllm_python={VENV_PYTHON}"]) == 0
+    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
+    assert all(r["sampler/logp_diff_mean"] < 1e-3 for r in _rows(run))
