@@ -196,15 +196,15 @@ class VLLMEngine:
         self.close()
 
     def _log_tail(self) -> str:
-        """The log's last error line (else its last line), for one-line messages."""
+        """The log's last error line, for one-line messages; empty when it has none (a server
+        killed from outside logs nothing, and its last request line would only mislead)."""
         if self.log_path is None or not self.log_path.is_file():
             return ""
         with open(self.log_path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
             lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").splitlines() if ln.strip()]
         errors = [ln for ln in lines if "Error" in ln or "error:" in ln]
-        last = (errors or lines or [""])[-1]
-        return last[:300]
+        return errors[-1][:300] if errors else ""
 
     def _exited(self, what: str) -> EngineError | None:
         """An error if the server we started has exited (None while it runs, or for `url`)."""
