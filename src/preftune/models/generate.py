@@ -30,14 +30,20 @@ def decode_completions(tokenizer, samples) -> list[str]:
 @torch.no_grad()
 def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, max_new_tokens: int, seed: int,
                        temperature: float = 1.0, batch_size: int = 64, top_p: float = 1.0,
-                       top_k: int = 0, with_logps: bool = False) -> list:
+                       top_k: int = 0, with_logps: bool = False, engine=None) -> list:
     """`n` samples per prompt through the one sampler (sampler.py: each prompt prefilled once for
     its n samples, rows bucketed by length, each row leaving at its EOS, one random stream per
     (seed, prompt, sample)). Defaults are pure sampling (no top-k/top-p), as KL estimates need.
 
     Returns (prompt_ids, completion_ids) with completions cut after the first EOS (kept), prompt-major;
     `with_logps`: the sampler's `Sample`s instead, with the model's per-token log-probs.
+    `engine` (a vllm_engine.VLLMEngine): sample there instead, from the weights last pushed to it
+    (the caller's `engine.sync(model, step)`); `model` is not run.
     """
+    if engine is not None:
+        samples = engine.sample(prompts, n=n, max_new_tokens=max_new_tokens, seed=seed,
+                                eos_id=tokenizer.eos_token_id, temperature=temperature, top_p=top_p, top_k=top_k)
+        return samples if with_logps else [(s.prompt, s.completion) for s in samples]
     with unsharded_root(model):
         samples = sample(model, prompts, n=n, max_new_tokens=max_new_tokens, seed=seed,
                          eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, temperature=temperature,
@@ -48,12 +54,12 @@ def sample_completions(model, tokenizer, prompts: list[list[int]], *, n: int, ma
 
 
 def sample_texts(model, tokenizer, prompts: list, *, n: int, max_new_tokens: int, seed: int,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> tuple[list, list[str]]:
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, engine=None) -> tuple[list, list[str]]:
     """Render each prompt (text or chat messages), sample `n` completions of each, decode them:
     (samples as (prompt_ids, completion_ids), texts), both prompt-major (n per prompt)."""
     ids = [render.prompt_ids(tokenizer, p) for p in prompts]
     samples = sample_completions(model, tokenizer, ids, n=n, max_new_tokens=max_new_tokens, seed=seed,
-                                 temperature=temperature, top_p=top_p, top_k=top_k)
+                                 temperature=temperature, top_p=top_p, top_k=top_k, engine=engine)
     return samples, decode_completions(tokenizer, samples)
 
 

@@ -30,6 +30,7 @@ import json
 import math
 import random
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from ...data.layouts import Layout
 from ...data.records import PreferenceRecord
 from ...data.tokenize import tokenize_records
 from ...models.generate import decode_completions, sample_completions
+from ...models.vllm_engine import engine_for
 from ...training.evaluate import heldout_reward
 from ...training.train import RunResult, train
 from ...utils.devices import place
@@ -62,7 +64,7 @@ class GRPOSource:
 
     feeds = ("rollouts",)
 
-    def __init__(self, cfg, spec: LossSpec, prompts: list, reward, eval_prompts: list | None = None):
+    def __init__(self, cfg, spec: LossSpec, prompts: list, reward, eval_prompts: list | None = None, engine=None):
         if spec.kind.name not in self.feeds:
             command = LOSSES[next(n for n, s in LOSSES.items() if s.kind.name in self.feeds)].kind.command
             raise ConfigError("defaults", "loss.name", f"preftune {command} trains a {self.feeds[0].replace('_', '-')} "
@@ -72,6 +74,7 @@ class GRPOSource:
             raise ConfigError("defaults", "train.max_steps", f"{spec.kind.command} needs a number of steps (> 0)")
         self.cfg, self.spec, self.prompts, self.reward = cfg, spec, prompts, reward
         self.eval_prompts = eval_prompts
+        self.engine = engine  # models/vllm_engine.VLLMEngine, or None: the built-in sampler
         digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
         self.identity = {"online.prompts_sha256": digest, "online.reward_name": reward.name,
                          **{f"online.{k}": v for k, v in vars(cfg.online).items()
@@ -119,6 +122,8 @@ class GRPOSource:
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> None:
         self.model, self.reference, self.rank = model, reference, accelerator.process_index
+        if self.engine is not None:  # the server starts while the loop sets up; the first draw waits for it
+            self.engine.start(Path(cfg.run.output_dir) / "vllm")
         return None  # unbounded: train.max_steps is the length of the run
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
@@ -203,13 +208,15 @@ class GRPOSource:
         with a failed score are dropped; a draw that keeps none draws other prompts."""
         o, seed, g = self.cfg.online, self.cfg.train.seed, self.cfg.online.samples_per_prompt
         draw = random.Random(f"{seed}/{index}/{self.rank}")
+        if self.engine is not None:  # the policy after the optimizer steps done before this batch of samples
+            self.engine.sync(self.model, step=index * o.grpo_iterations // self.cfg.train.grad_accum)
         pool, fallback, draws = [], [], self._max_draws()
         for attempt in range(draws):
             picks = draw.sample(range(len(self.prompts)), min(o.prompts_per_step, len(self.prompts)))
             drawn = sample_completions(self.model, self.tokenizer, [self.prompt_ids[k] for k in picks], n=g,
                                        max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
                                        top_k=o.top_k, seed=seed + 100_003 * index + 1_009 * attempt + self.rank,
-                                       with_logps=True)
+                                       with_logps=True, engine=self.engine)
             samples = [(s.prompt, s.completion) for s in drawn]
             texts = decode_completions(self.tokenizer, samples)
             plain = [render.plain_text(self.prompts[k]) for k in picks for _ in range(g)]
@@ -322,5 +329,8 @@ def run_grpo(cfg, *, resume: bool = False, allow_config_change: bool = False) ->
         raise ConfigError("defaults", "online.prompts_path", "is required")
     spec = build_loss(cfg.loss.name)
     eval_prompts = load_prompts(cfg.online.eval_prompts_path) if cfg.online.eval_prompts_path else None
-    source = GRPOSource(cfg, spec, load_prompts(cfg.online.prompts_path), reward_from_config(cfg.online), eval_prompts)
-    return train(cfg, resume=resume, allow_config_change=allow_config_change, source=source)
+    engine = engine_for(cfg)  # sampling.engine=vllm: a server that lives as long as this run
+    source = GRPOSource(cfg, spec, load_prompts(cfg.online.prompts_path), reward_from_config(cfg.online), eval_prompts,
+                        engine)
+    with engine or nullcontext():
+        return train(cfg, resume=resume, allow_config_change=allow_config_change, source=source)

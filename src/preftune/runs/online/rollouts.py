@@ -49,22 +49,24 @@ def load_prompts(path: str) -> list:
     return prompts
 
 
-def sample_and_score(model, tokenizer, prompts: list, reward, o, *, n: int, seed: int) -> tuple[list[str], list[float]]:
-    """`n` completions per prompt (prompt-major, sampled with `o`'s settings) and their scores
-    (NaN where the source failed)."""
+def sample_and_score(model, tokenizer, prompts: list, reward, o, *, n: int, seed: int,
+                     engine=None) -> tuple[list[str], list[float]]:
+    """`n` completions per prompt (prompt-major, sampled with `o`'s settings, by `engine` when one is
+    given) and their scores (NaN where the source failed)."""
     _, texts = sample_texts(model, tokenizer, prompts, n=n, max_new_tokens=o.max_new_tokens, seed=seed,
-                            temperature=o.temperature, top_p=o.top_p, top_k=o.top_k)
+                            temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, engine=engine)
     return texts, reward.score([render.plain_text(p) for p in prompts for _ in range(n)], texts)
 
 
-def generate_and_pair(model, tokenizer, prompts: list[str], reward, o, *, seed: int) -> tuple[list[dict], dict]:
+def generate_and_pair(model, tokenizer, prompts: list[str], reward, o, *, seed: int,
+                      engine=None) -> tuple[list[dict], dict]:
     """Sample `o.samples_per_prompt` completions per prompt, score them, pair them (counts summed)."""
     n = o.samples_per_prompt
     if o.judge_mode == "pairwise":
         _, texts = sample_texts(model, tokenizer, prompts, n=n, max_new_tokens=o.max_new_tokens, seed=seed,
-                                temperature=o.temperature, top_p=o.top_p, top_k=o.top_k)
+                                temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, engine=engine)
         return judge_pairs(prompts, texts, n, reward, mode=o.pairing)
-    texts, scores = sample_and_score(model, tokenizer, prompts, reward, o, n=n, seed=seed)
+    texts, scores = sample_and_score(model, tokenizer, prompts, reward, o, n=n, seed=seed, engine=engine)
     pairs, totals = pair_scored(prompts, texts, scores, n, o, getattr(reward, "last_rationales", None) or None)
     finite = [s for s in scores if math.isfinite(s)]
     totals.update(samples=len(texts), reward_mean=sum(finite) / len(finite) if finite else math.nan)

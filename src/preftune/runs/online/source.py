@@ -15,6 +15,8 @@ import json
 import math
 import random
 from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
 
 from ...core.losses import LossSpec, build_loss
 from ...data import render
@@ -23,6 +25,7 @@ from ...data.layouts import Layout
 from ...data.prepare import load_data, pair_collator, prepare_pairs
 from ...data.records import PreferenceRecord
 from ...data.tokenize import tokenize_records
+from ...models.vllm_engine import engine_for
 from ...training.train import RunResult, train
 from ...utils.devices import place
 from ...utils.errors import ConfigError, DataError
@@ -39,12 +42,13 @@ class OnlineSource:
 
     feeds = ("pairs",)
 
-    def __init__(self, cfg, spec: LossSpec, prompts: list, reward):
+    def __init__(self, cfg, spec: LossSpec, prompts: list, reward, engine=None):
         if spec.kind.name not in self.feeds:
             raise ConfigError("defaults", "loss.name", f"online mode builds pairs; {spec.name!r} trains on {spec.kind.data}")
         if not cfg.train.max_steps:
             raise ConfigError("defaults", "train.max_steps", "online mode needs a number of steps (> 0)")
         self.cfg, self.spec, self.prompts, self.reward = cfg, spec, prompts, reward
+        self.engine = engine  # models/vllm_engine.VLLMEngine, or None: the built-in sampler
         self.eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None
         digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
         self.identity = {"online.prompts_sha256": digest, "online.reward_name": reward.name,
@@ -82,6 +86,8 @@ class OnlineSource:
 
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> None:
         self.model, self.rank = model, accelerator.process_index
+        if self.engine is not None:  # the server starts while the loop sets up; the first draw waits for it
+            self.engine.start(Path(cfg.run.output_dir) / "vllm")
         return None  # unbounded: train.max_steps is the length of the run
 
     def batches(self, epoch: int, skip: int) -> Iterator[dict]:
@@ -93,10 +99,13 @@ class OnlineSource:
     def _micro_batch(self, index: int) -> dict:
         o, seed = self.cfg.online, self.cfg.train.seed
         draw = random.Random(f"{seed}/{index}/{self.rank}")
+        if self.engine is not None:  # the policy after the optimizer steps done so far
+            self.engine.sync(self.model, step=index // self.cfg.train.grad_accum)
         for attempt in range(MAX_ATTEMPTS):
             prompts = draw.sample(self.prompts, min(o.prompts_per_step, len(self.prompts)))
             pairs, counts = generate_and_pair(self.model, self.tokenizer, prompts, self.reward, o,
-                                              seed=seed + 100_003 * index + 1_009 * attempt + self.rank)
+                                              seed=seed + 100_003 * index + 1_009 * attempt + self.rank,
+                                              engine=self.engine)
             self._counts.append(counts)
             records = [PreferenceRecord(p["prompt"], p["chosen"], p["rejected"], "online", i + 1)
                        for i, p in enumerate(pairs)]
@@ -141,5 +150,7 @@ def run_online(cfg, *, resume: bool = False, allow_config_change: bool = False) 
     if not cfg.online.prompts_path:
         raise ConfigError("defaults", "online.prompts_path", "is required")
     spec = build_loss(cfg.loss.name, cfg.loss.mix)
-    source = OnlineSource(cfg, spec, load_prompts(cfg.online.prompts_path), reward_from_config(cfg.online))
-    return train(cfg, resume=resume, allow_config_change=allow_config_change, source=source)
+    engine = engine_for(cfg)  # sampling.engine=vllm: a server that lives as long as this run
+    source = OnlineSource(cfg, spec, load_prompts(cfg.online.prompts_path), reward_from_config(cfg.online), engine)
+    with engine or nullcontext():
+        return train(cfg, resume=resume, allow_config_change=allow_config_change, source=source)
