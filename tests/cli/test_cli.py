@@ -167,7 +167,8 @@ def test_version_and_each_commands_settings_in_its_help(capsys):
     from preftune.utils.version import __version__
 
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"preftune {__version__}"
-    for argv, has, lacks in ((["train", "--help"], ("train.lr = ", "loss.beta = ", "run.name = "), ("online.",)),
+    # a setting is listed as "  section.key = default"; other sections may be named in help text
+    for argv, has, lacks in ((["train", "--help"], ("train.lr = ", "loss.beta = ", "run.name = "), ("  online.",)),
                              (["validate-data", "--help"], ("data.format = ",), ("train.lr", "model.")),
                              (["data", "inspect", "--help"], ("data.max_length = ", "model.name_or_path = "),
                               ("loss.",))):

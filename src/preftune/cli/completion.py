@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..config import Config
+from . import COMMANDS, _parser
+
 __all__ = ["completion_table", "completion_script", "SHELLS"]
 
 
@@ -28,8 +31,6 @@ def _walk(parser: argparse.ArgumentParser, path: tuple = ()):
 
 
 def _keys(sections: tuple[str, ...] | None) -> list[str]:
-    from ..config import Config
-
     return [f"{s.name}.{f.name}=" for s in dataclasses.fields(Config) if sections is None or s.name in sections
             for f in dataclasses.fields(s.default_factory())]
 
@@ -38,8 +39,6 @@ def completion_table() -> dict[str, dict[str, list[str]]]:
     """{"verb sub": {"sub": [...], "flags": [...], "choices": [...], "keys": [...], "files": ["1"] or []}}
     for every command path ("" is `preftune` itself): sub-verbs, flags, the choices of positional
     arguments, `section.key=` settings, and whether file names are arguments."""
-    from . import COMMANDS, _parser
-
     sections = {c.name: c.sections for c in COMMANDS} | {f"{c.name} {s.name}": s.sections for c in COMMANDS
                                                           for s in c.sub}
     table = {}
