@@ -23,7 +23,6 @@ Rows are right-padded (the critic reads every position of every row; no packed l
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -133,7 +132,8 @@ class PPOSource(GRPOSource):
                 batch[key] = full[key][flat_index]
         for key in ("rewards", "kl_seq", "non_score", "returns_mean", "advantages_mean", "kl_coef",
                     "explained_variance", "no_eos"):
-            batch[key] = full[key][rows]
+            if key in full:
+                batch[key] = full[key][rows]
         return place(batch, self.model)
 
     def _kl_coef(self, sample: int) -> float:
@@ -183,9 +183,8 @@ class PPOSource(GRPOSource):
                 "non_score": (-coef * kl_seq).cpu(), "returns_mean": ((returns * mask).sum(1) / counts).cpu(),
                 "advantages_mean": ((advantages * mask).sum(1) / counts).cpu(), "kl_coef": torch.full((n,), coef, dtype=torch.float64),
                 "no_eos": no_eos}
-        ev = explained_variance(values, returns, mask) if values is not None else math.nan
-        full["explained_variance"] = torch.full((n,), ev)
-        if values is not None:
+        if values is not None:  # a critic: how much of the returns' variance its values explain
+            full["explained_variance"] = torch.full((n,), explained_variance(values, returns, mask))
             full["old_values"] = values[m].cpu()
         self._kl = (sample, coef, float(kl_seq.mean()), n)
         if p.epochs * p.mini_batches > 1 or p.kl_target:
