@@ -54,7 +54,33 @@ from ...utils.errors import ConfigError
 from ...utils.safeio import atomic_path
 from .rollouts import load_prompts, reward_from_config
 
-__all__ = ["GRPOSource", "MAX_ATTEMPTS", "run_grpo"]
+__all__ = ["GRPOSource", "MAX_ATTEMPTS", "run_grpo", "write_samples", "read_samples"]
+
+
+def write_samples(path: Path, rows: list, tensors: dict) -> None:
+    """A batch of samples kept for the passes that follow it: its (prompt_ids, completion_ids)
+    rows and the tensors computed from them, one safetensors file written whole or not at all."""
+    flat = {"prompt_ids": torch.tensor([t for p, _ in rows for t in p], dtype=torch.int64),
+            "prompt_lengths": torch.tensor([len(p) for p, _ in rows], dtype=torch.int64),
+            "completion_ids": torch.tensor([t for _, c in rows for t in c], dtype=torch.int64),
+            "completion_lengths": torch.tensor([len(c) for _, c in rows], dtype=torch.int64),
+            **{k: v.cpu().contiguous() for k, v in tensors.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp))
+
+
+def read_samples(path: Path, hint: str = "") -> tuple[list, torch.Tensor, dict]:
+    """`write_samples`'s file: (rows, completion lengths, the other tensors); a missing file is one
+    line naming it (`hint` says what keeps them)."""
+    if not path.is_file():
+        raise ConfigError(str(path), "resume", "the samples this pass trains on are missing; resume from an "
+                          f"earlier checkpoint{hint}")
+    t = load_file(str(path))
+    prompts = torch.split(t.pop("prompt_ids"), t.pop("prompt_lengths").tolist())
+    lengths = t.pop("completion_lengths")
+    completions = torch.split(t.pop("completion_ids"), lengths.tolist())
+    return [(p.tolist(), c.tolist()) for p, c in zip(prompts, completions)], lengths, t
 
 MAX_ATTEMPTS = 8
 
@@ -158,28 +184,12 @@ class GRPOSource:
 
     def _write_rollout(self, sample: int, batch: dict) -> None:
         """What later passes over this batch of samples need, should the run be resumed between
-        them (safetensors, written whole or not at all): the rows' tokens, rewards, old log-probs."""
-        rows = self._rows
-        tensors = {"prompt_ids": torch.tensor([t for p, _ in rows for t in p], dtype=torch.int64),
-                   "prompt_lengths": torch.tensor([len(p) for p, _ in rows], dtype=torch.int64),
-                   "completion_ids": torch.tensor([t for _, c in rows for t in c], dtype=torch.int64),
-                   "completion_lengths": torch.tensor([len(c) for _, c in rows], dtype=torch.int64),
-                   "rewards": batch["rewards"].cpu(), "old_logps": batch["old_logps"].cpu().contiguous(),
-                   "sampler_logps": batch["sampler_logps"].cpu().contiguous()}
-        path = self._rollout_path(sample)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
+        them: the rows' tokens, rewards, old log-probs."""
+        write_samples(self._rollout_path(sample), self._rows, {k: batch[k] for k in
+                                                               ("rewards", "old_logps", "sampler_logps")})
 
     def _read_rollout(self, sample: int) -> dict:
-        path = self._rollout_path(sample)
-        if not path.is_file():
-            raise ConfigError(str(path), "resume", "the samples this pass trains on are missing; resume from an "
-                              "earlier checkpoint (online.grpo_iterations > 1 keeps them in rollouts/)")
-        t = load_file(str(path))
-        prompts = torch.split(t["prompt_ids"], t["prompt_lengths"].tolist())
-        completions = torch.split(t["completion_ids"], t["completion_lengths"].tolist())
-        rows = [(p.tolist(), c.tolist()) for p, c in zip(prompts, completions)]
+        rows, _, t = read_samples(self._rollout_path(sample), " (online.grpo_iterations > 1 keeps them in rollouts/)")
         return self._batch(rows, t["rewards"], old_logps=t["old_logps"], sampler_logps=t.get("sampler_logps"))
 
     def _batch(self, rows: list, rewards: torch.Tensor, old_logps: torch.Tensor | None = None,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ...core.logprobs import completion_token_logps
 from ...core.losses import build_loss
@@ -38,8 +38,7 @@ from ...models.critic import build_critic
 from ...training.train import RunResult, train
 from ...utils.devices import place
 from ...utils.errors import ConfigError
-from ...utils.safeio import atomic_path
-from .grpo import GRPOSource
+from .grpo import GRPOSource, read_samples, write_samples
 from .rollouts import load_prompts, reward_from_config
 
 __all__ = ["PPOSource", "run_ppo", "adaptive_kl_coef"]
@@ -195,28 +194,11 @@ class PPOSource(GRPOSource):
         return Path(self.cfg.run.output_dir) / "rollouts" / f"ppo-{sample:08d}-rank{self.rank}.safetensors"
 
     def _write(self, sample: int, full: dict) -> None:
-        """A batch of samples and everything computed from it (safetensors, whole or not at all)."""
-        rows = full["rows"]
-        tensors = {"prompt_ids": torch.tensor([t for pr, _ in rows for t in pr], dtype=torch.int64),
-                   "prompt_lengths": torch.tensor([len(pr) for pr, _ in rows], dtype=torch.int64),
-                   "completion_ids": torch.tensor([t for _, c in rows for t in c], dtype=torch.int64),
-                   "completion_lengths": torch.tensor([len(c) for _, c in rows], dtype=torch.int64),
-                   **{k: v.contiguous() for k, v in full.items() if isinstance(v, torch.Tensor)}}
-        path = self._path(sample)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp))
+        """A batch of samples and everything computed from it."""
+        write_samples(self._path(sample), full["rows"], {k: v for k, v in full.items() if isinstance(v, torch.Tensor)})
 
     def _read(self, sample: int) -> dict:
-        path = self._path(sample)
-        if not path.is_file():
-            raise ConfigError(str(path), "resume", "the samples this pass trains on are missing; resume from an "
-                              "earlier checkpoint")
-        t = load_file(str(path))
-        prompts = torch.split(t.pop("prompt_ids"), t.pop("prompt_lengths").tolist())
-        lengths = t.pop("completion_lengths")
-        completions = torch.split(t.pop("completion_ids"), lengths.tolist())
-        rows = [(pr.tolist(), c.tolist()) for pr, c in zip(prompts, completions)]
+        rows, lengths, t = read_samples(self._path(sample))
         return {"rows": rows, "offsets": [0, *torch.cumsum(lengths, 0).tolist()], **t}
 
 
