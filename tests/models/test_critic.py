@@ -3,6 +3,7 @@ policy's own trunk; which parameters it trains."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from conftest import build_model
@@ -55,10 +56,26 @@ def test_a_shared_critic_owns_only_its_head_and_full_fine_tuning_trains_the_whol
     policy = _policy()
     shared, _ = build_critic(policy, ModelConfig(), shared=True)
     assert sorted(n for n, _ in shared.named_parameters()) == ["head.bias", "head.weight"]
+    with torch.no_grad():
+        shared.head.weight.fill_(0.1)  # as after a first step: a zero head passes no gradient to the trunk
     (shared(IDS, MASK) * MASK).sum().backward()
-    assert any(p.grad is not None for n, p in policy.named_parameters() if "lora_" in n)  # values train the adapter
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in policy.named_parameters() if "lora_" in n)  # values train the adapter
     full, _ = build_critic(_policy(lora=False), ModelConfig(lora=False), shared=False)
     assert all(p.requires_grad for p in full.parameters())
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_new_value_head_starts_every_value_at_zero(shared):
+    """A random head on real hidden states starts values units away from [0, 1] rewards (explained
+    variance -13 measured on the arithmetic task); a zero head starts the first advantages at the
+    discounted returns."""
+    critic, _ = build_critic(_policy(), ModelConfig(lora_r=4), shared=shared, reward=None)
+    with torch.no_grad():
+        values = critic(IDS, MASK)
+    assert values.shape == IDS.shape and torch.equal(values, torch.zeros_like(values))
+    (critic(IDS, MASK) - 1.0).pow(2).mean().backward()
+    assert critic.head.weight.grad.abs().sum() > 0  # it learns from the first step
 
 
 def test_a_reward_model_of_another_vocabulary_is_not_used():
