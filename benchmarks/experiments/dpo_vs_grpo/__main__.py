@@ -14,6 +14,12 @@ completions from a policy, 8 per prompt, 16 new tokens, temperature 1:
 - GRPO: `preftune grpo`, 40 steps x 4 prompts x 8 samples (1,280 samples), lr 5e-4, k3 KL
   coefficient 0.04, clip 0.2, packed groups with the prompt shared.
 
+- DAPO (`loss.name=dapo`): 30 steps x 4 prompts x 8 samples kept, clip 0.2 / 0.28, token-level mean,
+  no KL, dynamic sampling (groups whose 8 rewards are all equal are dropped and more prompts drawn,
+  at most 8 draws per step), lr 5e-4 like GRPO's. It draws more than 32 samples per step, hence:
+- GRPO at DAPO's samples (`grpo_matched`): plain GRPO for as many steps as DAPO's drawn samples
+  fill (its total / 32), run after DAPO: the two are compared at an equal number of samples.
+
 - PPO and RLOO (`preftune ppo`): 40 batches of 4 prompts x 8 samples (1,280 samples), 2 epochs
   each (80 optimizer steps), KL 0.05 in the reward, clip 0.2; PPO's critic is a separate LoRA'd
   copy of the start model (GAE gamma 1, lambda 0.95), RLOO's baseline the other 7 samples.
@@ -47,8 +53,11 @@ GRPO = ["loss.name=grpo", "train.max_steps=40", "online.prompts_per_step=4", "lo
         "diagnostics.probe_every=10"]
 # PPO and RLOO on the same rollouts: 40 batches of 4 prompts x 8 samples, 2 epochs each (80 optimizer steps),
 # KL 0.05 in the reward; PPO's critic a separate LoRA'd copy of the start (the reward is a verifier: no RM)
+DAPO = ["loss.name=dapo", "train.max_steps=30", "online.prompts_per_step=4", "loss.clip_epsilon=0.2",
+        "loss.clip_epsilon_high=0.28", "loss.kl_coef=0.0", "loss.dynamic_sampling=true", "diagnostics.probe_every=10"]
 PG = ["train.max_steps=80", "online.prompts_per_step=4", "ppo.epochs=2", "ppo.kl_coef=0.05", "diagnostics.probe_every=20"]
-METHODS = ("offline_dpo", "iterative_dpo", "grpo", "ppo", "rloo")
+METHODS = ("offline_dpo", "iterative_dpo", "grpo", "ppo", "rloo", "dapo", "grpo_matched")
+GRPO_LIKE = ("grpo", "ppo", "rloo", "dapo", "grpo_matched")
 
 
 def _measure(policy, reference, tokenizer, heldout: list) -> dict:
@@ -62,7 +71,7 @@ def _measure(policy, reference, tokenizer, heldout: list) -> dict:
                           max_new_tokens=16, seed=123)
 
 
-def worker(method: str, out: Path) -> None:
+def worker(method: str, out: Path, steps: int = 0) -> None:
     import torch
 
     from preftune.config import load_config
@@ -81,11 +90,13 @@ def worker(method: str, out: Path) -> None:
     tok = load_tokenizer(start_dir)
     t0 = time.perf_counter()
     extra = {}
-    if method in ("grpo", "ppo", "rloo"):
+    if method in GRPO_LIKE:
         from preftune.runs.online.grpo import run_grpo
         from preftune.runs.online.ppo import run_ppo
 
-        args, run = (GRPO, run_grpo) if method == "grpo" else ([*PG, f"loss.name={method}"], run_ppo)
+        args, run = {"grpo": (GRPO, run_grpo), "dapo": (DAPO, run_grpo),
+                     "grpo_matched": ([*GRPO, f"train.max_steps={steps}"], run_grpo)}.get(
+            method, ([*PG, f"loss.name={method}"], run_ppo))
         cfg = load_config(None, [*COMMON, *args, f"online.prompts_path={out / 'train.jsonl'}",
                                  f"run.output_dir={out / method}", "run.overwrite=true"])
         result = run(cfg)
@@ -94,7 +105,14 @@ def worker(method: str, out: Path) -> None:
         reference = AdaptersOffReference(policy)
         rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
         extra = {"steps": result.steps, "train_reward_by_step": [round(r["reward/mean"], 4) for r in rows],
-                 "health": result.summary["health"], "probe_kl": [r["probe/kl"] for r in rows if "probe/kl" in r]}
+                 "health": result.summary["health"], "probe_kl": [r["probe/kl"] for r in rows if "probe/kl" in r],
+                 "samples_drawn": sum(r["online/samples"] for r in rows),
+                 # the share of groups whose rewards are all equal: as drawn (before dynamic sampling
+                 # drops them) and in the batch that trained
+                 "zero_variance_trained_by_step": [round(r["groups/zero_variance"], 4) for r in rows]}
+        if method == "dapo":
+            extra["zero_variance_drawn_by_step"] = [round(r["online/zero_variance_drawn"], 4) for r in rows]
+            extra["draws_by_step"] = [r["online/draws"] for r in rows]
         if method == "ppo":
             extra["explained_variance_by_step"] = [round(r["value/explained_variance"], 4) for r in rows]
     else:
@@ -149,10 +167,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/dpo_vs_grpo")
     ap.add_argument("--worker", choices=METHODS)
     ap.add_argument("--only", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)  # grpo_matched's, from DAPO's samples
     a = ap.parse_args()
     out = ROOT / a.out
     if a.worker:
-        return worker(a.worker, out)
+        return worker(a.worker, out, a.steps)
     from preftune.models.rewards.verifiable import arithmetic_problems
 
     out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +183,13 @@ def main() -> None:
     results = json.loads(dest.read_text()) if dest.is_file() else {}
     results["command"] = " ".join(["python -m benchmarks.experiments.dpo_vs_grpo", *sys.argv[1:]])
     for method in a.only.split(","):
-        proc = subprocess.run(module_command("benchmarks.experiments.dpo_vs_grpo", "--worker", method, "--out", a.out),
+        steps = []
+        if method == "grpo_matched":  # as many GRPO steps (32 samples each) as DAPO's drawn samples fill
+            if "dapo" not in results:
+                sys.exit("grpo_matched needs DAPO's result first: --only dapo,grpo_matched")
+            steps = ["--steps", str(round(results["dapo"]["samples_drawn"] / 32))]
+        proc = subprocess.run(module_command("benchmarks.experiments.dpo_vs_grpo", "--worker", method, "--out", a.out,
+                                             *steps),
                               capture_output=True, text=True,
                               env=importable({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                               "PATH": "/usr/bin:/bin"}))
