@@ -21,6 +21,8 @@ recipe is the instruct model itself. Ground truth: VADER sentiment (the `sentime
    - RLOO, REINFORCE++, PPO: 24 batches of 4 prompts x 4 samples, KL 0.05 in the reward, 2 epochs
      per batch (48 optimizer steps); PPO's critic starts from the reward model (InstructGPT's
      initialisation), GAE gamma 1, lambda 0.95.
+   - `ppo_2x` (outside the equal budget, for PPO's own check): PPO with twice the samples (48
+     batches, 96 optimizer steps) and its critic from the starting weights with a zero value head.
 3. Each final policy against the start model on the 24 held-out prompts x 8 samples (seed 123,
    the same for every method): mean RM score and mean VADER score with 95% bootstrap intervals
    of the gain over prompts, KL(policy || start) on the policy's samples, sample length; and the
@@ -52,7 +54,13 @@ COMMON = [f"online.samples_per_prompt={SAMPLES}", f"online.max_new_tokens={TOKEN
 DPO = ["train.epochs=2", "train.batch_size=8", "loss.name=sigmoid", "loss.beta=0.1"]
 ONLINE = ["online.prompts_per_step=4"]
 PG = [*ONLINE, "train.max_steps=48", "ppo.epochs=2", "ppo.kl_coef=0.05"]
-METHODS = ("offline_dpo", "iterative_dpo", "grpo", "rloo", "reinforce_pp", "ppo")
+METHODS = ("offline_dpo", "iterative_dpo", "grpo", "rloo", "reinforce_pp", "ppo", "ppo_2x")
+# PPO outside the equal budget, for issue 35's own acceptance (a gain that excludes 0 and a critic
+# that explains variance): twice the samples (48 batches, 96 optimizer steps) and the critic from
+# the starting weights with a zero value head instead of the 65%-accurate reward model, whose
+# scores on partial completions started the critic at explained variance -1.57
+PPO_2X = [*ONLINE, "loss.name=ppo", "train.max_steps=96", "ppo.epochs=2", "ppo.kl_coef=0.05",
+          "ppo.critic_from_reward_model=false"]
 
 
 def _prompts(out: Path) -> None:
@@ -165,7 +173,7 @@ def worker(method: str, out: Path) -> None:
             args = [*ONLINE, "loss.name=grpo", "train.max_steps=24", "loss.kl_coef=0.04"]
         else:
             from preftune.runs.online.ppo import run_ppo as run
-            args = [*PG, f"loss.name={method}"]
+            args = PPO_2X if method == "ppo_2x" else [*PG, f"loss.name={method}"]
         cfg = load_config(None, [*COMMON, *reward, *args, f"online.prompts_path={out / 'train.jsonl'}",
                                  f"run.output_dir={out / method}"])
         result = run(cfg)
@@ -200,7 +208,7 @@ def plot(results: dict, dest: Path) -> None:
                                                                  [r["vader"]["gain_ci95"][1] - r["vader"]["gain"]]],
                    fmt="o", capsize=4, label=m)
         if "curve" in r:
-            per_step = 384 / len(r["curve"])  # samples drawn by the end of each optimizer step
+            per_step = (768 if m == "ppo_2x" else 384) / len(r["curve"])  # samples drawn by each optimizer step
             c.plot([per_step * (i + 1) for i in range(len(r["curve"]))], [x["reward/mean"] for x in r["curve"]],
                    label=m, alpha=0.8)
     a.set(xlabel="KL(policy || start), nats", ylabel="held-out RM gain", title="proxy reward vs KL")
