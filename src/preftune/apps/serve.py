@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from ..config import load_config
 from ..data import render
 from ..models.generate import load_run_policy
 from ..models.loading import load_model, load_tokenizer, resolve_model_dir
+from ..models.sampler import sample
 from ..utils.devices import place
 from ..utils.httpguard import (
     QuietServer,
@@ -68,15 +70,13 @@ class ChatModel:
     def _generate(self, ids: list[int], *, max_tokens: int, temperature: float, top_p: float, seed: int | None,
                   stop_at: str | None = None) -> tuple[list[int], str]:
         tok = self.tokenizer
-        if seed is not None:
-            torch.manual_seed(seed)
-        sample = temperature > 0
-        inputs = place((torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)), self.model)
-        out = self.model.generate(input_ids=inputs[0], attention_mask=inputs[1],
-                                  do_sample=sample, temperature=temperature if sample else None,
-                                  top_p=top_p if sample else None, top_k=None, max_new_tokens=max_tokens,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        new = out[0, len(ids):].tolist()
+        # the one sampler (models/sampler.py) every other path samples through; a request without a
+        # seed gets a fresh one, so only a seeded request repeats
+        seed = secrets.randbits(62) if seed is None else seed
+        greedy = temperature <= 0
+        new = sample(self.model, [ids], n=1, max_new_tokens=max_tokens, seed=seed, eos_id=tok.eos_token_id,
+                     pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, greedy=greedy,
+                     temperature=1.0 if greedy else temperature, top_p=1.0 if greedy else top_p)[0].completion
         if tok.eos_token_id in new:
             new = new[: new.index(tok.eos_token_id)]
         text = tok.decode(new, skip_special_tokens=True)
