@@ -269,7 +269,11 @@ class SamplingConfig:
                                                    "config.yaml: resume takes it from the command line)",
                           resume=False, opt_in=True)
     vllm_url: str = _f("", "vllm: an already running server (http://HOST:PORT) instead of starting one", resume=False)
-    sync_every: int = _f(1, "vllm: push the policy's adapter to the server every N optimizer steps")
+    sync_every: int = _f(1, "vllm: push the policy's weights to the server every N optimizer steps")
+    vllm_weights: str = _f("auto", "vllm: how the policy reaches the server: lora (its adapter, served by vLLM's "
+                                   "LoRA kernels) | merged (the adapter merged into a full copy, reloaded in place: "
+                                   "no LoRA cost per token, one weights write per push) | auto (merged on CPU, "
+                                   "lora on a GPU)")
     timeout_s: float = _f(300.0, "vllm: the longest wait for the server (start, each request), in seconds",
                           resume=False)
 
@@ -298,6 +302,7 @@ _CHOICES = {
     "online.judge_mode": JUDGE_MODES,  # owned by data/pairs.py
     "train.scheduler": ("cosine", "linear", "constant"),
     "sampling.engine": ("builtin", "vllm"),
+    "sampling.vllm_weights": ("auto", "lora", "merged"),
 }
 
 

@@ -54,7 +54,8 @@ class FakeVLLM:
                     self._answer(404, {"detail": "Not Found"})
 
             def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = json.loads(raw) if raw else None
                 fake.seen.append((self.path, body))
                 if self.path == "/v1/completions":
                     choices = []
@@ -65,6 +66,10 @@ class FakeVLLM:
                     self._answer(200, {"choices": choices[::-1]})  # out of order: the engine sorts by index
                 elif self.path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
                     send_json(self, 200, b"Success: LoRA adapter added successfully.")  # vLLM's plain text
+                elif self.path == "/collective_rpc":  # VLLM_SERVER_DEV_MODE=1: one result per worker
+                    self._answer(200, {"results": [None]})
+                elif self.path == "/reset_prefix_cache":
+                    send_json(self, 200, b"")
                 else:
                     self._answer(404, {"detail": "Not Found"})
 
@@ -202,6 +207,48 @@ def test_the_adapter_is_pushed_once_per_window_of_sync_every_steps(fake, tmp_pat
     assert [resumed.sync(policy, s) for s in (3, 4)] == [True, True]  # once at once, then where the run did
 
 
+def test_merged_weights_are_written_reloaded_in_place_and_the_prompt_cache_dropped(fake, tmp_path, tiny_model_dir):
+    """sampling.vllm_weights=merged: each push writes W + scaling * B @ A for every adapted layer (the
+    policy's adapter changed between pushes) and asks the server to reload them, then to forget the
+    prompt blocks the old weights computed; the server runs without LoRA, in dev mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    server = fake()
+    engine = VLLMEngine("/m", url=server.url, lora_rank=4, timeout_s=5, weights="merged").start(tmp_path / "vllm")
+    assert "--enable-lora" not in engine.command(1234) and engine._env()["VLLM_SERVER_DEV_MODE"] == "1"
+    assert engine.sync(policy, 0)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained adapter: the merged weights now differ from the base
+    assert engine.sync(policy, 1)
+    assert server.paths()[-4:] == ["/collective_rpc", "/reset_prefix_cache"] * 2
+    rpc = [b for p, b in server.seen if p == "/collective_rpc"][-1]
+    assert rpc["method"] == "reload_weights" and rpc["kwargs"]["weights_path"] == str((tmp_path / "vllm" / "weights").resolve())
+    saved = load_file(tmp_path / "vllm" / "weights" / "model.safetensors")
+    layer = policy.base_model.model.model.layers[0].self_attn.q_proj
+    want = layer.base_layer.weight + layer.get_delta_weight("default")
+    assert torch.allclose(saved["model.layers.0.self_attn.q_proj.weight"], want, atol=1e-6)
+    assert not torch.allclose(want, layer.base_layer.weight)  # the delta is really in what was written
+    engine.sample([[1]], n=1, max_new_tokens=2, seed=0, eos_id=EOS)
+    assert server.seen[-1][1]["model"] == "served"  # no adapter name: the server's own (reloaded) weights
+    assert not any("lora" in n for n in saved)
+
+
+def test_vllm_weights_auto_merges_on_cpu():
+    cfg = load_config(None, ["sampling.engine=vllm", "sampling.vllm_python=/x"])
+    assert cfg.sampling.vllm_weights == "auto" and engine_for(cfg).weights == "merged"
+    assert engine_for(load_config(None, ["sampling.engine=vllm", "sampling.vllm_weights=lora",
+                                         "sampling.vllm_python=/x"])).weights == "lora"
+    with pytest.raises(ConfigError, match="sampling.vllm_weights: 'full' is not one of auto, lora, merged"):
+        load_config(None, ["sampling.vllm_weights=full"])
+
+
 def test_vllm_is_refused_where_it_would_sample_other_weights(tmp_path):
     with pytest.raises(ConfigError, match="sampling.engine: vllm needs model.lora=true"):
         load_config(None, ["sampling.engine=vllm", "model.lora=false"])
@@ -223,7 +270,7 @@ def test_vllm_is_refused_where_it_would_sample_other_weights(tmp_path):
     assert load_config(saved).sampling.vllm_python == "/tmp/planted"
 
 
-@pytest.mark.parametrize("verb", ["grpo", "online"])
+@pytest.mark.parametrize("verb", ["grpo", "online", "ppo"])
 def test_a_stalled_server_stops_the_run_with_exit_2_and_one_line(verb, fake, tmp_path, tiny_model_dir, capsys):
     server = fake(stall={"/v1/completions"})
     prompts = tmp_path / "prompts.txt"
@@ -238,4 +285,5 @@ def test_a_stalled_server_stops_the_run_with_exit_2_and_one_line(verb, fake, tmp
     assert rc == 2 and len(err) == 1, err
     assert err[0] == (f"vllm server {server.url}: no answer to POST /v1/completions within 1 s "
                       "(sampling.timeout_s) while sampling 4 completions of prompt 0 (POST /v1/completions)"), err
-    assert server.paths()[:2] == ["/v1/models", "/v1/load_lora_adapter"]  # the adapter went first
+    # the policy's weights went first (merged, the CPU default of sampling.vllm_weights=auto)
+    assert server.paths()[:3] == ["/v1/models", "/collective_rpc", "/reset_prefix_cache"]

@@ -219,7 +219,7 @@ class GRPOSource:
         o, seed, g = self.cfg.online, self.cfg.train.seed, self.cfg.online.samples_per_prompt
         draw = random.Random(f"{seed}/{index}/{self.rank}")
         if self.engine is not None:  # the policy after the optimizer steps done before this batch of samples
-            self.engine.sync(self.model, step=index * o.grpo_iterations // self.cfg.train.grad_accum)
+            self.engine.sync(self.model, step=self._steps_before(index))
         pool, fallback, draws = [], [], self._max_draws()
         for attempt in range(draws):
             picks = draw.sample(range(len(self.prompts)), min(o.prompts_per_step, len(self.prompts)))
@@ -252,6 +252,11 @@ class GRPOSource:
         if "dr_grpo_tokens" in spec.params and not cfg.loss.dr_grpo_tokens:
             return {"dr_grpo_tokens": cfg.online.max_new_tokens}
         return {}
+
+    def _steps_before(self, index: int) -> int:
+        """Optimizer steps done before batch of samples `index` is drawn (each batch is
+        online.grpo_iterations micro-batches)."""
+        return index * self.cfg.online.grpo_iterations // self.cfg.train.grad_accum
 
     def _max_draws(self) -> int:
         """Draws per batch of samples: retries after failed scores, or DAPO's dynamic sampling cap."""

@@ -23,6 +23,7 @@ Rows are right-padded (the critic reads every position of every row; no packed l
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from ...core.step import completion_values
 from ...data.collate import collate_sequences
 from ...data.layouts import Layout
 from ...models.critic import build_critic
+from ...models.vllm_engine import engine_for
 from ...training.train import RunResult, train
 from ...utils.devices import place
 from ...utils.errors import ConfigError
@@ -58,8 +60,8 @@ class PPOSource(GRPOSource):
 
     feeds = ("policy_gradient",)
 
-    def __init__(self, cfg, spec, prompts: list, reward, eval_prompts: list | None = None):
-        super().__init__(cfg, spec, prompts, reward, eval_prompts)
+    def __init__(self, cfg, spec, prompts: list, reward, eval_prompts: list | None = None, engine=None):
+        super().__init__(cfg, spec, prompts, reward, eval_prompts, engine)
         if spec.estimator not in ESTIMATORS:
             raise ConfigError("defaults", "loss.name", f"{spec.name!r} names no advantage estimator")
         if spec.estimator == "rloo" and cfg.online.samples_per_prompt < 2:
@@ -190,6 +192,10 @@ class PPOSource(GRPOSource):
             self._write(sample, full)
         return full
 
+    def _steps_before(self, index: int) -> int:
+        """Each batch of samples is ppo.epochs x ppo.mini_batches micro-batches."""
+        return index * self.cfg.ppo.epochs * self.cfg.ppo.mini_batches // self.cfg.train.grad_accum
+
     def _path(self, sample: int) -> Path:
         return Path(self.cfg.run.output_dir) / "rollouts" / f"ppo-{sample:08d}-rank{self.rank}.safetensors"
 
@@ -208,5 +214,8 @@ def run_ppo(cfg, *, resume: bool = False, allow_config_change: bool = False) -> 
         raise ConfigError("defaults", "online.prompts_path", "is required")
     spec = build_loss(cfg.loss.name)
     eval_prompts = load_prompts(cfg.online.eval_prompts_path) if cfg.online.eval_prompts_path else None
-    source = PPOSource(cfg, spec, load_prompts(cfg.online.prompts_path), reward_from_config(cfg.online), eval_prompts)
-    return train(cfg, resume=resume, allow_config_change=allow_config_change, source=source)
+    engine = engine_for(cfg)  # sampling.engine=vllm: a server that lives as long as this run
+    source = PPOSource(cfg, spec, load_prompts(cfg.online.prompts_path), reward_from_config(cfg.online), eval_prompts,
+                       engine)
+    with engine or nullcontext():
+        return train(cfg, resume=resume, allow_config_change=allow_config_change, source=source)
