@@ -77,7 +77,7 @@ def _measure(policy, reference, tokenizer, heldout: list) -> dict:
                           max_new_tokens=16, seed=123)
 
 
-def worker(method: str, out: Path, steps: int = 0) -> None:
+def worker(method: str, out: Path, steps: int = 0, reuse: bool = False) -> None:
     import torch
 
     from preftune.config import load_config
@@ -106,17 +106,26 @@ def worker(method: str, out: Path, steps: int = 0) -> None:
             method, ([*PG, f"loss.name={method}"], run_ppo))
         cfg = load_config(None, [*COMMON, *args, f"online.prompts_path={out / 'train.jsonl'}",
                                  f"run.output_dir={out / method}", "run.overwrite=true"])
-        result = run(cfg)
-        train_s = time.perf_counter() - t0
+        done = out / method / "summary.json"
+        if reuse and done.is_file():  # a finished run whose measurement failed: measure it, do not retrain
+            from preftune.training.train import RunResult
+
+            summary = json.loads(done.read_text())
+            result, train_s = RunResult(out / method, summary["steps"], summary), summary["elapsed_s"]
+            extra.update(reused_run=True, train_peak_rss_mb=summary["peak_rss_mb"])  # this process only measures
+        else:
+            result = run(cfg)
+            train_s = time.perf_counter() - t0
         policy = load_run_policy(result.run_dir, load_model(start_dir)).eval()
         reference = AdaptersOffReference(policy)
         rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-        extra = {"steps": result.steps, "train_reward_by_step": [round(r["reward/mean"], 4) for r in rows],
+        extra = {**extra, "steps": result.steps, "train_reward_by_step": [round(r["reward/mean"], 4) for r in rows],
                  "health": result.summary["health"], "probe_kl": [r["probe/kl"] for r in rows if "probe/kl" in r],
-                 "samples_drawn": sum(r["online/samples"] for r in rows),
+                 "samples_drawn": sum(r.get("online/samples", 0) for r in rows),
                  # the share of groups whose rewards are all equal: as drawn (before dynamic sampling
                  # drops them) and in the batch that trained
-                 "zero_variance_trained_by_step": [round(r["groups/zero_variance"], 4) for r in rows]}
+                 "zero_variance_trained_by_step": [round(r["groups/zero_variance"], 4) for r in rows
+                                                   if "groups/zero_variance" in r]}
         if method.startswith("grpo_vllm"):
             extra["sampler_logp_diff_mean_by_step"] = [r["sampler/logp_diff_mean"] for r in rows]
             extra["sampler_logp_diff_max_by_step"] = [r["sampler/logp_diff_max"] for r in rows]
@@ -178,10 +187,12 @@ def main() -> None:
     ap.add_argument("--worker", choices=METHODS)
     ap.add_argument("--only", default=",".join(METHODS))
     ap.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)  # grpo_matched's, from DAPO's samples
+    ap.add_argument("--reuse", action="store_true", help="measure a finished run of a method again instead of "
+                    "training it (its summary.json and model are in --out)")
     a = ap.parse_args()
     out = ROOT / a.out
     if a.worker:
-        return worker(a.worker, out, a.steps)
+        return worker(a.worker, out, a.steps, a.reuse)
     from preftune.models.rewards.verifiable import arithmetic_problems
 
     out.mkdir(parents=True, exist_ok=True)
@@ -199,14 +210,16 @@ def main() -> None:
                 sys.exit("grpo_matched needs DAPO's result first: --only dapo,grpo_matched")
             steps = ["--steps", str(round(results["dapo"]["samples_drawn"] / 32))]
         proc = subprocess.run(module_command("benchmarks.experiments.dpo_vs_grpo", "--worker", method, "--out", a.out,
-                                             *steps),
+                                             *steps, *(["--reuse"] if a.reuse else [])),
                               capture_output=True, text=True,
                               env=importable({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                               "PATH": "/usr/bin:/bin"}))
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{method} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-        results[method] = json.loads(line[len("RESULT "):])
+        # merged into the file as it is now: another invocation (--only, --reuse) may have written since
+        results = {**(json.loads(dest.read_text()) if dest.is_file() else {}), "command": results["command"],
+                   method: json.loads(line[len("RESULT "):])}
         print(json.dumps({k: results[method][k] for k in ("method", "wall_s", "peak_rss_mb", "reward/reference",
                                                           "reward/policy", "reward/gain", "reward/gain_ci95", "kl")}),
               flush=True)
