@@ -69,7 +69,7 @@ class FakeVLLM:
                 elif self.path == "/collective_rpc":  # VLLM_SERVER_DEV_MODE=1: one result per worker
                     self._answer(200, {"results": [None]})
                 elif self.path == "/reset_prefix_cache":
-                    send_json(self, 200, b"")
+                    self._answer(200, {"success": True})
                 else:
                     self._answer(404, {"detail": "Not Found"})
 

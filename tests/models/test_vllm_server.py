@@ -106,28 +106,38 @@ def _rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_grpo_samples_through_a_server_it_starts_itself(tmp_path):
+@pytest.mark.parametrize("weights", ["merged", "lora"])
+def test_grpo_samples_through_a_server_it_starts_itself(tmp_path, weights):
+    """Both push routes: after each optimizer step (lr 1e-3 moves the adapter) the server samples
+    what the trainer computes, so the pushed weights are the policy's and, merged, no prompt block
+    computed with old weights is reused (the prompts repeat across steps)."""
     run = tmp_path / "grpo"
     start = time.perf_counter()
     assert main(["grpo", *_run_args(tmp_path, "loss.name=grpo", f"run.output_dir={run}",
-                                    f"sampling.vllm_python={VENV_PYTHON}", "sampling.timeout_s=600")]) == 0
+                                    f"sampling.vllm_python={VENV_PYTHON}", "sampling.timeout_s=600",
+                                    f"sampling.vllm_weights={weights}")]) == 0
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["online/samples"] >= 8 for r in rows)
     diffs = [r["sampler/logp_diff_mean"] for r in rows]
     worst = [r["sampler/logp_diff_max"] for r in rows]
-    print(f"\ngrpo, 3 steps through vLLM in {time.perf_counter() - start:.0f} s; sampler/logp_diff_mean "
+    print(f"\ngrpo ({weights}), 3 steps through vLLM in {time.perf_counter() - start:.0f} s; sampler/logp_diff_mean "
           f"{', '.join(f'{d:.1e}' for d in diffs)}; max {', '.join(f'{d:.1e}' for d in worst)}")
     assert all(0 <= d < 1e-3 for d in diffs)  # vLLM's log-probs are the trainer's, up to float noise
     assert rows[-1]["grad_norm"] > 0
     log = (run / "vllm" / "server.log").read_text()
-    assert "load_lora_adapter" in log and "Application startup complete" in log
-    assert [p.name.rsplit("-", 1)[1] for p in (run / "vllm" / "adapters").iterdir()] == ["step2"]  # the last push
+    assert "Application startup complete" in log
+    if weights == "lora":  # the access log's request lines (the route list at start names every route)
+        assert "POST /v1/load_lora_adapter HTTP" in log
+        assert [p.name.rsplit("-", 1)[1] for p in (run / "vllm" / "adapters").iterdir()] == ["step2"]  # the last push
+    else:
+        assert log.count("POST /collective_rpc") == 3 and log.count("Resetting prefix cache") == 3
+        assert "POST /v1/load_lora_adapter HTTP" not in log and (run / "vllm" / "weights" / "model.safetensors").is_file()
 
 
 def test_online_dpo_samples_through_an_existing_server(server, tmp_path):
     run = tmp_path / "online"
     assert main(["online", *_run_args(tmp_path, f"run.output_dir={run}", f"sampling.vllm_url={server.url}",
-                                      "train.max_steps=2")]) == 0
+                                      "train.max_steps=2", "sampling.vllm_weights=lora")]) == 0
     rows = _rows(run)
     assert [r["step"] for r in rows] == [1, 2] and all(r["online/samples"] >= 8 for r in rows)
     assert all(r["online/pairs"] >= 1 for r in rows)

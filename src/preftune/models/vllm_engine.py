@@ -320,8 +320,12 @@ class VLLMEngine:
         self._call("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(target.resolve())}},
                    f"reloading the merged weights of step {step} from {target} (POST /collective_rpc reload_weights; "
                    "the server needs VLLM_SERVER_DEV_MODE=1)")
-        self._call("POST", "/reset_prefix_cache", None,
-                   f"dropping the prompt cache of the weights before step {step} (POST /reset_prefix_cache)")
+        what = f"dropping the prompt cache of the weights before step {step} (POST /reset_prefix_cache)"
+        for _ in range(20):  # vLLM answers success false while blocks are still held; nothing is running here
+            if self._call("POST", "/reset_prefix_cache", None, what).get("success", True):
+                return
+            time.sleep(0.25)
+        raise EngineError(self.url, f"POST /reset_prefix_cache answered success false 20 times while {what}")
 
     def _push_adapter(self, policy, step: int) -> None:
         """The adapter, loaded under a new name; the one before it unloaded."""
