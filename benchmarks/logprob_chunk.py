@@ -45,7 +45,7 @@ def one(chunk: int, tokens: int, repeats: int) -> dict:
     for _ in range(repeats):
         start = time.perf_counter()
         if chunk:
-            token, _ = chunked_token_logps(hidden[mask], weight, None, targets[mask], chunk=chunk)
+            token, _, _ = chunked_token_logps(hidden[mask], weight, None, targets[mask], chunk=chunk)
         else:  # the dense route as logprobs._kept_token_logps runs it
             logits = F.linear(hidden, weight)[mask].float()
             token = -F.cross_entropy(logits, targets[mask], reduction="none")

@@ -338,6 +338,9 @@ def _range_problems(cfg: Config):
          "length is unknown until it is read (the run ends at max_steps, or after train.epochs passes)"),
         ("train.reference_cache", not (c.train.reference_cache and c.data.streaming), "cannot cache a streamed file "
          "(data.streaming=true): it computes every pair's reference logps before step 1; set one of them to false"),
+        ("train.reference_cache", not (c.train.reference_cache and _reads_reference_tokens(c.loss.name, c.loss.mix)),
+         "holds one sum per completion, and this loss weights the reference's tokens beyond the shorter completion "
+         "of each pair (ld_dpo): set train.reference_cache=false"),
         ("data.streaming", not c.data.streaming or _streams(c.loss.name, c.loss.mix), "streams preference files "
          "(pairs, or unpaired for kto); this loss reads other data: set data.streaming=false"),
         ("eval.batch_size", c.eval.batch_size >= 1, "must be >= 1"),
@@ -387,12 +390,23 @@ def _range_problems(cfg: Config):
         elif not (kind := LOSSES[term[0]].kind).mixable:
             yield f"loss.mix[{i}]", (f"{term[0]!r} is a {kind.name.replace('_', ' ')} loss (preftune {kind.command}) "
                                      "and cannot be mixed")
+        elif LOSSES[term[0]].state:
+            yield f"loss.mix[{i}]", f"{term[0]!r} keeps loop state (a running baseline) and cannot be mixed"
     for i, name in enumerate(c.diagnostics.stop_on):
         if isinstance(name, str) and name not in CHECKS:
             yield f"diagnostics.stop_on[{i}]", f"unknown check {name!r}{_did_you_mean(str(name), CHECKS)}; known: {', '.join(CHECKS)}"
     if c.loss.name not in LOSSES:
         yield "loss.name", (f"unknown loss {c.loss.name!r}{_did_you_mean(c.loss.name, LOSSES)}; "
                             f"known: {', '.join(sorted(LOSSES))}")
+
+
+def _reads_reference_tokens(name: str, mix: list) -> bool:
+    """Whether the loss reads the reference's per-token log-probs (LD-DPO's tails), which cached
+    sums cannot give (an unknown loss or bad mix: its own check says so)."""
+    try:
+        return "tail_logps" in build_loss(name, mix).inputs
+    except (KeyError, ValueError, TypeError):
+        return False
 
 
 def _streams(name: str, mix: list) -> bool:

@@ -55,7 +55,7 @@ def test_function_equals_dense_head_in_value_entropy_and_gradients(post, chunk, 
     weight = (torch.randn(v, h) * 2).requires_grad_()  # logits of several units: the cap bites
     b = torch.randn(v, requires_grad=True) if bias else None
     targets, g = torch.randint(0, v, (m,)), torch.randn(m)
-    token, entropy = chunked_token_logps(hidden, weight, b, targets, chunk=chunk, post=post, entropy=True)
+    token, entropy, _ = chunked_token_logps(hidden, weight, b, targets, chunk=chunk, post=post, entropy=True)
     (token * g).sum().backward()
     ours = [t.grad.clone() for t in (hidden, weight, b) if t is not None]
     for t in (hidden, weight, b):
@@ -75,7 +75,7 @@ def test_function_equals_dense_head_in_value_entropy_and_gradients(post, chunk, 
 def test_function_skips_gradients_nobody_asked_for():
     """A frozen head (LoRA elsewhere): no (V, H) gradient is built, and the hidden states still get theirs."""
     hidden, weight = torch.randn(6, 4, requires_grad=True), torch.randn(11, 4)
-    token, _ = chunked_token_logps(hidden, weight, None, torch.arange(6), chunk=4)
+    token, _, _ = chunked_token_logps(hidden, weight, None, torch.arange(6), chunk=4)
     token.sum().backward()
     assert weight.grad is None and hidden.grad is not None and hidden.grad.abs().sum() > 0
 

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.oracle
 ORACLE = {"sigmoid": "loss", "hinge": "loss", "robust": "loss", "ipo": "ipo_length_normalize=true",
           "sft": "with sigmoid (RPO), equal lengths", "simpo": "loss", "orpo": "odds-ratio term",
           "exo_pair": "loss", "nca_pair": "loss", "sppo_hard": "loss", "aot": "loss", "aot_unpaired": "loss",
-          "apo_zero": "loss", "apo_down": "loss", "discopop": "loss", "f_dpo": "loss", "cpo": "preference term"}
+          "apo_zero": "loss", "apo_down": "loss", "discopop": "loss", "f_dpo": "loss", "cpo": "preference term",
+          "bco_pair": "at baseline 0, TRL 1.16 has no running baseline"}
 
 
 def trl_loss(loss_type, pc, pr, rc, rr, *, beta, lengths=None, label_smoothing=0.0, weights=None,
@@ -232,6 +233,21 @@ def test_f_dpo_alpha_is_the_papers_and_trl_1_16_code_uses_one_minus_it():
     other, _ = trl_loss("sigmoid", pc, pr, rc, rr, beta=0.1, f_divergence_type="alpha_divergence",
                         f_alpha_divergence_coef=0.3)
     assert abs(ours.losses.mean().item() - other.item()) > 1e-4
+
+
+@pytest.mark.parametrize("spread", [3.0, 30.0])
+def test_bco_pair_at_a_zero_baseline_matches_trl_1_16(spread):
+    """TRL 1.16's bco_pair is -log sigmoid(beta c) - log sigmoid(-beta r): the running reward
+    baseline of the BCO paper (and of TRL up to 0.2x) is gone, so TRL is ours with delta = 0. The
+    baseline's update is checked by hand (tests/core/losses/test_dpo_token_variants.py)."""
+    pc, pr, rc, rr = _near(11, spread=spread)
+    for beta in (0.1, 0.5):
+        theirs, metrics = trl_loss("bco_pair", pc, pr, rc, rr, beta=beta)
+        ours = LOSSES["bco_pair"].fn(pc, pr, rc, rr, beta=beta, reward_baseline=torch.tensor(0.0))
+        _close(ours, theirs)
+        assert metrics["rewards/chosen"][-1] == pytest.approx(ours.chosen_rewards.mean().item(), abs=1e-6)
+    shifted = LOSSES["bco_pair"].fn(pc, pr, rc, rr, beta=0.1, reward_baseline=torch.tensor(0.5))
+    assert abs(shifted.losses.mean().item() - trl_loss("bco_pair", pc, pr, rc, rr, beta=0.1)[0].item()) > 1e-3
 
 
 def test_cpo_preference_term_matches_trl_cpo_sigmoid():

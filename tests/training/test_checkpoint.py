@@ -59,6 +59,23 @@ def test_resume_is_bit_identical(tmp_path, tiny_model_dir, monkeypatch):
     assert losses(resumed.run_dir) == losses(full.run_dir)  # max abs diff 0.0
 
 
+def test_a_loss_with_loop_state_resumes_bit_identical(tmp_path, tiny_model_dir, monkeypatch):
+    """bco_pair's running reward baseline is loop state: each checkpoint's state.json holds it, and
+    a run cut mid-epoch and resumed moves it (and trains) exactly as the uninterrupted one."""
+    full = train(_cfg(tmp_path, tiny_model_dir, "full", "loss.name=bco_pair"))
+    _interrupt_after(monkeypatch, 4)
+    with pytest.raises(Killed):
+        train(_cfg(tmp_path, tiny_model_dir, "cut", "loss.name=bco_pair"))
+    monkeypatch.undo()
+    saved = find_checkpoint(tmp_path / "cut").state["loss_state"]
+    assert saved["count"] == 4 and saved["mean"] != 0.0
+    resumed = train(_cfg(tmp_path, tiny_model_dir, "cut", "loss.name=bco_pair"), resume=True)
+    assert resumed.summary["resumed_from"].endswith("step-00000004")
+    assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
+    assert losses(resumed.run_dir) == losses(full.run_dir)
+    assert resumed.summary["loss_state"] == full.summary["loss_state"]
+
+
 def test_rotation_keeps_the_newest(tmp_path, tiny_model_dir):
     run = train(_cfg(tmp_path, tiny_model_dir)).run_dir
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000007", "step-00000008"]

@@ -65,6 +65,12 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
                 raise DataError(Path(run_dir) / "reference.json", 1, "reference.json", "expected a JSON object")
             ref_sha = ref_info.get("weights_sha256")
     policy.eval()
+    kwargs = loss_kwargs(cfg, spec)
+    summary = Path(run_dir) / "summary.json" if run_dir is not None else None
+    if "loss_state" in kwargs and summary is not None and summary.is_file():  # bco_pair: the run's final baseline
+        saved = read_json(summary)
+        if isinstance(saved, dict) and isinstance(saved.get("loss_state"), dict):
+            kwargs["loss_state"].load_state_dict(saved["loss_state"])
     results = {}
     for path, records in zip(paths, all_records):
         pairs, stats = prepare_pairs(path, cfg, tokenizer, records)
@@ -91,7 +97,7 @@ def run_eval(cfg, *, run_dir: str | None, data_path: str | list[str], reward: st
             own = {}  # the base model's log-probs are the reference's for any run trained from it
         rows: list[dict] = []
         result = {"run": run_dir or "(base model)", "data": path, "data_stats": stats.as_dict(), "layout": layout,
-                  **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=loss_kwargs(cfg, spec),
+                  **evaluate_pairs(policy, reference, spec, pairs, loss_kwargs=kwargs,
                                    batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id, collate=collate,
                                    policy_logps=own, reference_logps=live_reference, per_pair=rows)}
         paired = paired_block(rows, baseline, baseline_name, seed=cfg.train.seed)

@@ -9,7 +9,8 @@ memory is two (chunk, V) float32 blocks, whatever M is.
 
 For a block of rows h (c, H), head weight W (V, H) and bias b (V,):
     z = h W^T + b,  logits = post(z),  lse = logsumexp(logits),  log p(t) = logits[t] - lse,
-    d log p(t) / d logits = onehot(t) - softmax(logits),  entropy = -sum(p log p), log p = logits - lse.
+    d log p(t) / d logits = onehot(t) - softmax(logits),  entropy = -sum(p log p), log p = logits - lse,
+    log sum_v p(v)^2 = logsumexp(2 logits) - 2 lse (WPO's weight alignment, core/losses/dpo_variants.py).
 """
 
 from __future__ import annotations
@@ -72,32 +73,37 @@ def _block_logits(h, weight, bias, post: HeadPost, dtype) -> torch.Tensor:
 
 
 class _ChunkedLogps(torch.autograd.Function):
-    """log p(targets) (M,) and, if asked, entropies (M,) (not differentiable: RL metrics) of the
-    rows `hidden` (M, H) through the head; gradients to hidden, weight and bias."""
+    """log p(targets) (M,) and, if asked, entropies (M,) and log sum_v p(v)^2 (M,) (neither
+    differentiable: an RL metric and WPO's detached weight) of the rows `hidden` (M, H) through the
+    head; gradients to hidden, weight and bias."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, post: HeadPost, dtype, want_entropy: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, post: HeadPost, dtype, want_entropy: bool,
+                want_sq: bool):
         w = weight.to(dtype)  # a no-op unless a low-precision weight runs in fp32 (_FP32Head)
         b = None if bias is None else bias.to(dtype)
         m = hidden.size(0)
         token = hidden.new_empty(m, dtype=torch.float32)
         lse = hidden.new_empty(m, dtype=torch.float32)
         entropy = hidden.new_empty(m if want_entropy else 0, dtype=torch.float32)
+        log_sum_sq = hidden.new_empty(m if want_sq else 0, dtype=torch.float32)
         for s in range(0, m, chunk):
             e = min(s + chunk, m)
             logits = _block_logits(hidden[s:e], w, b, post, dtype)                        # (c, V)
             lse[s:e] = torch.logsumexp(logits, dim=-1)
             token[s:e] = logits.gather(1, targets[s:e, None]).squeeze(1) - lse[s:e]
+            if want_sq:  # before the entropy below rewrites the block in place
+                log_sum_sq[s:e] = torch.logsumexp(2 * logits, dim=-1) - 2 * lse[s:e]
             if want_entropy:  # H = -sum p log p, as the dense route computes it (lse - sum p * logits
                 logp = logits.sub_(lse[s:e, None])  # would cancel two large numbers when H is small)
                 entropy[s:e] = -(logp.exp() * logp).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.post, ctx.dtype = chunk, post, dtype
-        ctx.mark_non_differentiable(entropy)
-        return token, entropy
+        ctx.mark_non_differentiable(entropy, log_sum_sq)
+        return token, entropy, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_token, _grad_entropy):
+    def backward(ctx, grad_token, _grad_entropy, _grad_sq):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk, post, dtype = ctx.chunk, ctx.post, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -140,19 +146,20 @@ class _ChunkedLogps(torch.autograd.Function):
             if need_b:
                 grad_b += grad.sum(0)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
 def chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         targets: torch.Tensor, *, chunk: int, post: HeadPost = _NO_POST,
-                        dtype: torch.dtype | None = None, entropy: bool = False):
+                        dtype: torch.dtype | None = None, entropy: bool = False, log_sum_sq: bool = False):
     """log p(targets) (M,) float32 of the rows `hidden` (M, H) under the head (weight (V, H), bias
-    (V,) or None, then `post`), `chunk` rows at a time, and their entropies (M,) if `entropy`
-    (else None). The head's matmul runs in `dtype` (default: the weight's). Autocast is off inside:
-    the precision is the caller's choice, as with logprobs._FP32Head."""
+    (V,) or None, then `post`), `chunk` rows at a time; their entropies (M,) if `entropy` and
+    log sum_v p(v)^2 (M,) if `log_sum_sq` (each else None), both without gradient. The head's
+    matmul runs in `dtype` (default: the weight's). Autocast is off inside: the precision is the
+    caller's choice, as with logprobs._FP32Head."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     with torch.autocast(hidden.device.type, enabled=False):
-        token, ent = _ChunkedLogps.apply(hidden, weight, bias, targets, int(chunk), post,
-                                         dtype or weight.dtype, entropy)
-    return token, (ent if entropy else None)
+        token, ent, sq = _ChunkedLogps.apply(hidden, weight, bias, targets, int(chunk), post,
+                                             dtype or weight.dtype, entropy, log_sum_sq)
+    return token, (ent if entropy else None), (sq if log_sum_sq else None)

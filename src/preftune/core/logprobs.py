@@ -16,8 +16,8 @@ from .attention import uses_block_attention
 from .lmhead import chunked_token_logps, head_post
 
 __all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
-           "completion_token_logps_and_entropy", "sequence_scores", "sequence_logps", "split_pairs", "fp32_lm_head",
-           "autocast", "chunk_lm_head", "DEFAULT_CHUNK_TOKENS"]
+           "completion_token_logps_and_entropy", "pair_logps", "sequence_scores", "sequence_logps", "split_pairs",
+           "fp32_lm_head", "autocast", "chunk_lm_head", "DEFAULT_CHUNK_TOKENS"]
 
 # Completion positions per block of the chunked LM head (lmhead.py); 0 = the dense head. What a
 # model that train() has not configured (chunk_lm_head) gets: eval, the apps. Equal to the default
@@ -86,10 +86,56 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if "seq_index" in batch:
         return _packed_logps(model, batch)
     inputs, targets, mask = _padded_inputs(batch)
-    token_logps, _ = _kept_token_logps(model, inputs, targets, mask)                  # (M,)
+    token_logps = _kept_token_logps(model, inputs, targets, mask)[0]                  # (M,)
     rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
     logps = torch.zeros(mask.size(0), dtype=torch.float32, device=mask.device).index_add(0, rows, token_logps)
     return logps, mask.sum(dim=1)
+
+
+def pair_logps(model, batch: dict, *, tails: bool = False, wpo_weights: bool = False):
+    """`completion_logps` of a paired batch [chosen..., rejected...] (padded or packed rows, the same
+    sums bit for bit) and, from the same forward's per-token log-probs, what LD-DPO and WPO read,
+    each computed only when asked. Returns logps (N,), counts (N,) and a dict of (N,) tensors:
+
+    - "tail_logps": the summed log-probs of a completion's tokens beyond the length of the
+      shorter completion of its pair (0 for the shorter one, and for equal lengths);
+    - "wpo_weights": exp of the mean over the completion's tokens of log p(y_t) - log sum_v p(v)^2,
+      detached (WPO's aligned weight: every token counts as if sampled, the length normalises).
+
+    Worked example: chosen tokens log p = [-1, -2, -3], rejected [-0.5, -0.5]: the shared length is
+    2, so the chosen tail is -3 and the rejected tail 0; the sums are -6 and -1.
+    """
+    batch = place(batch, model)
+    if "seq_index" in batch:
+        token_logps, _, log_sum_sq = _packed_token_logps(model, batch, log_sum_sq=wpo_weights)
+        rows, n = batch["seq_index"], int(batch["n_seqs"])
+    else:
+        inputs, targets, mask = _padded_inputs(batch)
+        token_logps, _, log_sum_sq = _kept_token_logps(model, inputs, targets, mask, log_sum_sq=wpo_weights)
+        rows, n = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask], mask.size(0)
+    sums = lambda values: torch.zeros(n, dtype=torch.float32, device=rows.device).index_add(0, rows, values)  # noqa: E731
+    counts = torch.bincount(rows, minlength=n)
+    extras = {}
+    if tails:
+        chosen_n, rejected_n = split_pairs(counts)
+        shared = torch.minimum(chosen_n, rejected_n).repeat(2)              # (N,) both sides of a pair
+        beyond = (_positions(rows, counts) >= shared[rows]).to(token_logps.dtype)
+        extras["tail_logps"] = sums(token_logps * beyond)
+    if wpo_weights:
+        aligned = token_logps.detach() - log_sum_sq
+        extras["wpo_weights"] = torch.exp(sums(aligned) / counts.clamp(min=1))
+    return sums(token_logps), counts, extras
+
+
+def _positions(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each flat token's index within its completion (M,): its tokens are in order in the row, but
+    packed rows need not hold the completions in index order (a pair's chosen and rejected sit
+    together), so tokens are grouped by completion with a stable sort first."""
+    order = torch.sort(rows, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(rows)
+    pos[order] = torch.arange(rows.numel(), device=rows.device) - starts[rows[order]]
+    return pos
 
 
 def _padded_inputs(batch: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -135,20 +181,22 @@ def _token_rows(model, batch: dict, *, entropy: bool):
     """(N, K) per-token log-probs, entropies (None unless asked) and mask of padded or packed rows."""
     batch = place(batch, model)
     if "seq_index" in batch:  # packed (GRPO: a group's prompt once, its completions after it)
-        token_logps, token_entropy = _packed_token_logps(model, batch, entropy=entropy)
+        token_logps, token_entropy, _ = _packed_token_logps(model, batch, entropy=entropy)
         seq, n = batch["seq_index"], int(batch["n_seqs"])
         out, mask = _unflatten(token_logps, seq, n)
         return out, (None if token_entropy is None else _unflatten(token_entropy, seq, n)[0]), mask
     inputs, targets, mask = _padded_inputs(batch)
-    token_logps, token_entropy = _kept_token_logps(model, inputs, targets, mask, entropy=entropy)
+    token_logps, token_entropy, _ = _kept_token_logps(model, inputs, targets, mask, entropy=entropy)
     rows = lambda flat: torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)  # noqa: E731
     return rows(token_logps), (None if token_entropy is None else rows(token_entropy)), mask
 
 
-def _kept_token_logps(model, inputs: dict, targets: torch.Tensor, mask: torch.Tensor, *, entropy: bool = False):
+def _kept_token_logps(model, inputs: dict, targets: torch.Tensor, mask: torch.Tensor, *, entropy: bool = False,
+                      log_sum_sq: bool = False):
     """One forward of `inputs` (which carry `logits_to_keep`: K positions per row): log p of
-    targets[mask] (M,) float32 in row-major order of `mask` (N, K), and their entropies (M,) if
-    asked (else None). The only place per-token log-probs are computed.
+    targets[mask] (M,) float32 in row-major order of `mask` (N, K), their entropies (M,) and
+    log sum_v p(v)^2 (M,) if asked (else None; both without gradient). The only place per-token
+    log-probs are computed.
 
     Through the chunked head (lmhead.py, `chunk_lm_head`) where the head is a plain linear layer
     and the architecture is one whose post-head ops we know; else (the setting at 0, a LoRA- or
@@ -157,17 +205,19 @@ def _kept_token_logps(model, inputs: dict, targets: torch.Tensor, mask: torch.Te
     if head is None:
         logits = model(**inputs).logits[mask].float()                                  # (M, V)
         token_logps = -F.cross_entropy(logits, targets[mask], reduction="none")
-        if not entropy:
-            return token_logps, None
+        if not (entropy or log_sum_sq):
+            return token_logps, None, None
         with torch.no_grad():
             logp = torch.log_softmax(logits, dim=-1)
-            return token_logps, -(logp.exp() * logp).sum(-1)
+            return (token_logps, -(logp.exp() * logp).sum(-1) if entropy else None,
+                    torch.logsumexp(2 * logp, dim=-1) if log_sum_sq else None)
     got = []
     fp32 = isinstance(head, _FP32Head) or head.weight.dtype == torch.float32
 
     def forward(x):  # replaces the head's forward for this one call: x (N, K, H), the kept positions
         got.append(chunked_token_logps(x[mask], head.weight, head.bias, targets[mask], chunk=chunk, post=post,
-                                       dtype=torch.float32 if fp32 else head.weight.dtype, entropy=entropy))
+                                       dtype=torch.float32 if fp32 else head.weight.dtype, entropy=entropy,
+                                       log_sum_sq=log_sum_sq))
         return x.new_zeros(x.shape[:-1] + (0,))  # empty logits: the model's post-head ops cost nothing
     with _forward_replaced(head, forward):
         model(**inputs)
@@ -278,15 +328,15 @@ def packed_attention_mask(model, batch: dict, dtype: torch.dtype):
 
 def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed row (data/collate.collate_packed): summed completion logps and counts per sequence."""
-    token_logps, _ = _packed_token_logps(model, batch)
+    token_logps = _packed_token_logps(model, batch)[0]
     n, seq = int(batch["n_seqs"]), batch["seq_index"]
     logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
     return logps, torch.bincount(seq, minlength=n)
 
 
-def _packed_token_logps(model, batch: dict, *, entropy: bool = False):
-    """log p of every completion token of a packed row, flat in row order (and entropies if asked,
-    else None): the LM head runs only at `keep`, the positions that predict completion tokens, so
+def _packed_token_logps(model, batch: dict, *, entropy: bool = False, log_sum_sq: bool = False):
+    """log p of every completion token of a packed row, flat in row order (and entropies and
+    log sum_v p(v)^2 if asked, else None): the LM head runs only at `keep`, the positions that predict completion tokens, so
     no prompt position reaches it."""
     if uses_block_attention(model):  # segments, no (T, T) mask (attention.py)
         # a 4D placeholder: transformers passes a prepared 4D mask through instead of building one
@@ -298,7 +348,8 @@ def _packed_token_logps(model, batch: dict, *, entropy: bool = False):
     inputs.update(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
                   use_cache=False)
     targets = batch["targets"][None]                                                   # (1, K)
-    return _kept_token_logps(model, inputs, targets, torch.ones_like(targets, dtype=torch.bool), entropy=entropy)
+    return _kept_token_logps(model, inputs, targets, torch.ones_like(targets, dtype=torch.bool), entropy=entropy,
+                             log_sum_sq=log_sum_sq)
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,15 @@ import contextlib
 
 import torch
 
-from .logprobs import autocast, completion_logps, completion_token_logps, sequence_scores, split_pairs
-from .losses import LossSpec
+from .logprobs import (
+    autocast,
+    completion_logps,
+    completion_token_logps,
+    pair_logps,
+    sequence_scores,
+    split_pairs,
+)
+from .losses import INPUTS, LossSpec
 
 __all__ = ["loss_forward", "loss_kwargs", "SameAsPolicy", "pairs_forward", "score_forward", "unpaired_forward",
            "demonstrations_forward", "rollout_forward", "policy_gradient_forward", "completion_values", "spread"]
@@ -27,8 +34,13 @@ class SameAsPolicy:
 
 
 def loss_kwargs(cfg, spec: LossSpec) -> dict:
-    """The loss's own settings (its params dataclass fields) out of a config's `loss` section."""
-    return {name: getattr(cfg.loss, name) for name in spec.params}
+    """The loss's own settings (its params dataclass fields) out of a config's `loss` section, and
+    a fresh loop state under "loss_state" for a loss that keeps one (bco_pair's baseline; the loop
+    saves and restores it, the pairs forward updates it on training steps)."""
+    kwargs = {name: getattr(cfg.loss, name) for name in spec.params}
+    if spec.state:
+        kwargs["loss_state"] = spec.new_state()
+    return kwargs
 
 
 def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *, bf16: bool = False):
@@ -43,22 +55,40 @@ def loss_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, *,
 
 
 def _halves(model, reference, spec: LossSpec, batch: dict, device: str, bf16: bool, score=None):
-    """The policy's scores of the two halves of a batch, their completion lengths, and the
-    reference's log-probs of the same rows (cached, the policy's own, a live forward, or zeros)."""
+    """The policy's scores of the two halves of a batch, their completion lengths, the
+    reference's log-probs of the same rows (cached, the policy's own, a live forward, or zeros),
+    and the loss's `inputs` by keyword (INPUTS), computed from per-token log-probs only when asked."""
+    tails, weights = "tail_logps" in spec.inputs, "wpo_weights" in spec.inputs
     with autocast(device, bf16):
-        logps, counts = (score or completion_logps)(model, batch)
+        if tails or weights:
+            logps, counts, extras = pair_logps(model, batch, tails=tails, wpo_weights=weights)
+        else:
+            (logps, counts), extras = (score or completion_logps)(model, batch), {}
     first, second = split_pairs(logps)
     first_n, second_n = split_pairs(counts)
-    if "reference_logps" in batch:  # cached once for the whole run (refcache.py)
+    ref_tails = None
+    # cached sums hold no tails (train.reference_cache is refused for such losses; eval's reused
+    # reference log-probs are then recomputed live)
+    if "reference_logps" in batch and not tails:  # cached once for the whole run (refcache.py)
         ref_first, ref_second = split_pairs(batch["reference_logps"])
     elif isinstance(reference, SameAsPolicy):
         ref_first, ref_second = first.detach(), second.detach()
+        ref_tails = extras["tail_logps"].detach() if tails else None
     elif spec.needs_reference:
         with torch.no_grad(), reference.context(), autocast(device, bf16):
-            ref_first, ref_second = split_pairs(completion_logps(reference.forward_model(model), batch)[0])
+            ref_model = reference.forward_model(model)
+            ref_logps, _, ref_extras = pair_logps(ref_model, batch, tails=True) if tails \
+                else (*completion_logps(ref_model, batch), {})
+        ref_first, ref_second = split_pairs(ref_logps)
+        ref_tails = ref_extras.get("tail_logps")
     else:  # reference-free losses never run (or load) a reference
         ref_first = ref_second = torch.zeros_like(first)
-    return first, second, first_n, second_n, ref_first, ref_second
+    inputs = {}
+    if tails:  # policy chosen, policy rejected, reference chosen, reference rejected
+        inputs.update(zip(INPUTS["tail_logps"], (*split_pairs(extras["tail_logps"]), *split_pairs(ref_tails))))
+    if weights:
+        inputs.update(zip(INPUTS["wpo_weights"], split_pairs(extras["wpo_weights"])))
+    return first, second, first_n, second_n, ref_first, ref_second, inputs
 
 
 def _finish(out, parts: dict):
@@ -69,11 +99,22 @@ def _finish(out, parts: dict):
 
 def pairs_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool,
                   score=None):
-    """(prompt, chosen, rejected): the loss on the two completions' log-probs and the reference's."""
-    first, second, first_n, second_n, ref_first, ref_second = _halves(model, reference, spec, batch, device, bf16,
-                                                                      score)
+    """(prompt, chosen, rejected): the loss on the two completions' log-probs and the reference's.
+    A loss that keeps loop state (`spec.state`, in kwargs["loss_state"]) has it updated with this
+    micro-batch on training steps (the model in train mode, gradients on), before its value is
+    read; evaluation and probes read it unchanged."""
+    first, second, first_n, second_n, ref_first, ref_second, inputs = _halves(model, reference, spec, batch, device,
+                                                                              bf16, score)
+    kwargs = {**kwargs, **inputs}
     if spec.needs_lengths:
-        kwargs = {**kwargs, "chosen_lengths": first_n, "rejected_lengths": second_n}
+        kwargs.update(chosen_lengths=first_n, rejected_lengths=second_n)
+    state = kwargs.pop("loss_state", None)
+    if spec.state:
+        if state is None:
+            raise ValueError(f"{spec.name!r} keeps loop state: pass the loss_state that step.loss_kwargs makes")
+        if model.training and torch.is_grad_enabled():
+            state.observe(first, second, ref_first, ref_second, beta=kwargs["beta"])
+        kwargs.update(state.inputs(first.device))
     out = spec.fn(first, second, ref_first, ref_second, **kwargs)
     parts = {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards,
              "policy_chosen": first, "policy_rejected": second, "chosen_lengths": first_n,
@@ -91,7 +132,7 @@ def score_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, d
 
 def unpaired_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict, device: str, bf16: bool):
     """(prompt, completion, label) rows followed by their KL rows (KTO)."""
-    first, second, first_n, _, ref_first, ref_second = _halves(model, reference, spec, batch, device, bf16)
+    first, second, first_n, _, ref_first, ref_second, _ = _halves(model, reference, spec, batch, device, bf16)
     out = spec.fn(first, ref_first, labels=batch["labels"], policy_kl_logps=second,
                   reference_kl_logps=ref_second, **kwargs)
     return _finish(out, {"rewards": out.rewards, "labels": batch["labels"], "policy": first, "lengths": first_n,

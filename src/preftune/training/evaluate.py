@@ -104,7 +104,8 @@ def evaluate_pairs(model, reference, spec, pairs, *, loss_kwargs: dict, batch_si
     """
     collate = collate or (lambda chunk: collate_pairs(chunk, pad_id))
     scorer = LOSSES[spec.kind.pair_scorer] if spec.kind.pair_scorer else spec
-    kwargs = {k: loss_kwargs[k] for k in scorer.params}
+    # a loop state (bco_pair's baseline) is read, not updated: the model is in eval mode here
+    kwargs = {k: loss_kwargs[k] for k in (*scorer.params, "loss_state") if k in loss_kwargs}
     idx, real = _shard(len(pairs))
     mine = [pairs[i] for i in idx]
     was_training = model.training

@@ -334,6 +334,8 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
                         scheduler=scheduler)
         run.step, run.epoch0, run.batch0 = ckpt.state["step"], ckpt.state["epoch"], ckpt.state["batches_in_epoch"]
         run.best = ckpt.state.get("best")
+        if "loss_state" in run.loss_kwargs:  # the loss's loop state (bco_pair's baseline) as it was at the checkpoint
+            run.loss_kwargs["loss_state"].load_state_dict(ckpt.state["loss_state"])
         run.history = [r for r in read_jsonl_tail_tolerant(run_dir / "metrics.jsonl") if r["step"] <= run.step]
         if accelerator.is_main_process:
             print(f"resume: from {ckpt.path} (step {run.step})")
@@ -472,13 +474,19 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                 if a.is_main_process:
                     save_checkpoint(run_dir, step=run.step, snap=snap, scheduler=run.scheduler, keep_last=t.keep_last,
                                     state={"epoch": epoch, "batches_in_epoch": done, "fingerprint": run.fp,
-                                           "probe_reference_length": baseline, "best": run.best})
+                                           "probe_reference_length": baseline, "best": run.best, **_loss_state(run)})
                 a.wait_for_everyone()
             if stop:
                 return {"check": stop, "step": run.step}
             if run.step >= run.total_steps:
                 return None
     return None
+
+
+def _loss_state(run: _Run) -> dict:
+    """{"loss_state": its numbers} for a loss that keeps loop state (checkpoints, summary.json), else {}."""
+    state = run.loss_kwargs.get("loss_state")
+    return {} if state is None else {"loss_state": state.state_dict()}
 
 
 def _keep_if_best(run: _Run, row: dict, unwrapped) -> None:
@@ -507,7 +515,9 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
     summary = {"preftune_version": __version__, "loss": run.spec.name, "steps": step, "elapsed_s": round(elapsed, 2),
                "pairs_per_s": round(run.pairs / max(elapsed, 1e-9), 3) if run.ckpt is None else None,
                "data": run.source.stats, "layout": run.layout_info, "reference": run.reference_info,
-               "loss_params": {k: v for k, v in run.loss_kwargs.items() if not isinstance(v, torch.nn.Module)},
+               "loss_params": {k: v for k, v in run.loss_kwargs.items()
+                               if not isinstance(v, torch.nn.Module) and k != "loss_state"},
+               **_loss_state(run),
                "peak_rss_mb": peak_rss_mb(),
                "distributed": {"type": str(a.distributed_type).split(".")[-1].lower(), "processes": a.num_processes},
                "gradient_checkpointing": bool(getattr(a.unwrap_model(run.model), "is_gradient_checkpointing", False)),

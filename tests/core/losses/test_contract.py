@@ -21,6 +21,10 @@ def call(spec, pc, pr, rc, rr, **overrides):
     if spec.needs_lengths:
         kwargs["chosen_lengths"] = overrides.get("chosen_lengths", torch.full_like(pc, 4.0))
         kwargs["rejected_lengths"] = overrides.get("rejected_lengths", torch.full_like(pc, 6.0))
+    for key in spec.input_keys:  # what the forward computes for the loss alone, at neutral values
+        kwargs[key] = overrides.get(key, torch.zeros_like(pc) if "tail" in key else torch.ones_like(pc))
+    if spec.state:  # a fresh loop state: what the loss sees at step 1
+        kwargs.update(spec.new_state().inputs(pc.device))
     return spec.fn(pc, pr, rc, rr, **kwargs)
 
 
@@ -32,7 +36,7 @@ def test_registry_has_the_family():
     assert set(LOSSES) == {"sigmoid", "cdpo", "robust", "hinge", "ipo", "simpo", "orpo", "sft", "kto", "grpo",
                            "nll", "bt", "exo_pair", "nca_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero",
                            "apo_down", "discopop", "f_dpo", "dpop", "cpo", "slic_hf", "ppo", "rloo", "reinforce_pp",
-                           "dapo", "bnpo", "dr_grpo", "gspo", "luspo", "cispo", "sapo"}
+                           "dapo", "bnpo", "dr_grpo", "gspo", "luspo", "cispo", "sapo", "ld_dpo", "wpo", "bco_pair"}
     assert [n for n in sorted(LOSSES) if not LOSSES[n].needs_reference] == ["bt", "cpo", "nll", "orpo", "sft", "simpo",
                                                                             "slic_hf"]
     assert {n: LOSSES[n].kind.name for n in sorted(LOSSES) if LOSSES[n].kind.name != "pairs"} == {

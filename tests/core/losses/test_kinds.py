@@ -21,7 +21,7 @@ def test_the_spec_holds_a_kind_not_flags():
     """The kind travels as one object: the five booleans it replaced are gone."""
     names = [f.name for f in dataclasses.fields(LossSpec)]
     assert names == ["name", "impl", "kind", "needs_reference", "params", "needs_lengths", "summary", "uses", "settings",
-                     "estimator"]
+                     "estimator", "inputs", "state"]
     assert all(isinstance(spec.kind, Kind) and KINDS[spec.kind.name] is spec.kind for spec in LOSSES.values())
     assert sorted(KINDS) == ["demonstrations", "pairs", "policy_gradient", "reward_model", "rollouts", "unpaired"]
     # an estimator names a function of core/losses/ppo.py, and only policy-gradient losses have one

@@ -3,8 +3,10 @@
 Each loss has a kind (kinds.py: pairs, unpaired, demonstrations, rollouts, reward model) that
 decides its data, its forward step, its metrics and the command that trains it; besides that, a
 spec says whether the loss reads a reference (`needs_reference`), which settings it takes
-(`params`) and whether it receives completion lengths. The training loop asks the spec and its
-kind and never tests a loss by name. Config validation, `--help`, error messages and the contract
+(`params`), whether it receives completion lengths, which per-pair tensors its forward computes
+for it alone (`inputs`: LD-DPO's tails, WPO's weights) and what loop state it keeps (`state`:
+bco_pair's running baseline). The training loop asks the spec and its kind and never tests a loss
+by name. Config validation, `--help`, error messages and the contract
 tests are all generated from `LOSSES`.
 """
 
@@ -27,8 +29,16 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LOSSES", "ALIASES", "LossSpec", "Kind", "KINDS", "setting", "range_problem", "LossOutput", "UnpairedLossOutput", "SupervisedLossOutput", "RolloutLossOutput", "register_loss",
-           "build_loss", "group_advantages"]
+__all__ = ["LOSSES", "ALIASES", "INPUTS", "LossSpec", "Kind", "KINDS", "setting", "range_problem", "LossOutput",
+           "UnpairedLossOutput", "SupervisedLossOutput", "RolloutLossOutput", "register_loss", "build_loss",
+           "group_advantages"]
+
+# What the pairs forward (core/step.py) computes only for the losses that name it in `inputs`, from
+# the same forward's per-token log-probs (core/logprobs.pair_logps), and the keywords the loss
+# function receives it under, chosen then rejected (policy, then reference, for the tails).
+INPUTS = {"tail_logps": ("policy_chosen_tail_logps", "policy_rejected_tail_logps", "reference_chosen_tail_logps",
+                         "reference_rejected_tail_logps"),
+          "wpo_weights": ("chosen_weights", "rejected_weights")}
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,20 @@ class LossSpec:
     uses: tuple = ()       # loss settings its batch source reads besides `params` (KTO's kto_auto_weights)
     settings: type | None = None  # its settings dataclass (config.LossConfig is generated from them)
     estimator: str = ""    # policy-gradient losses: how scored samples become advantages (ppo.ESTIMATORS)
+    inputs: tuple = ()     # names from INPUTS: per-pair tensors its forward computes for it alone
+    state: str = ""        # "module:Class" of the loop state it keeps (state.py); saved in every checkpoint
+
+    @property
+    def input_keys(self) -> tuple:
+        """The keywords its `inputs` arrive under."""
+        return tuple(k for name in self.inputs for k in INPUTS[name])
+
+    def new_state(self):
+        """A fresh loop state (None for a loss that keeps none)."""
+        if not self.state:
+            return None
+        module, _, cls = self.state.partition(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
 
     @property
     def fn(self) -> Callable:
@@ -90,41 +114,51 @@ ALIASES: dict[str, str] = {"dpo": "sigmoid", "aot_pair": "aot_unpaired"}
 
 def register_loss(name: str, fn: Callable | str, *, kind: Kind, needs_reference: bool, summary: str,
                   settings: type | None = None, beta: bool = True, needs_lengths: bool = False,
-                  estimator: str = "") -> LossSpec:
+                  estimator: str = "", inputs: tuple = (), state: str = "") -> LossSpec:
     """Add a loss of a registered kind; a second registration of the same name is an error. The
     loss function receives `beta` (unless beta=False) and its `settings` fields as keywords, except
     those marked source=True, which its batch source reads. `estimator`: a policy-gradient loss's
-    advantage estimator (core/losses/ppo.ESTIMATORS), which its batch source runs on each batch of samples."""
+    advantage estimator (core/losses/ppo.ESTIMATORS), which its batch source runs on each batch of samples.
+    `inputs`: names from INPUTS, computed by the pairs forward for this loss only; `state`: the
+    "module:Class" of the loop state it keeps (the pairs forward updates it on training steps)."""
     if name in LOSSES:
         raise ValueError(f"loss {name!r} is already registered")
     if KINDS.get(kind.name) is not kind:
         raise ValueError(f"loss {name!r}: {kind.name!r} is not a registered kind ({', '.join(KINDS)})")
+    if (inputs or state) and kind is not PAIRS:
+        raise ValueError(f"loss {name!r}: inputs and state are computed by the pairs forward only")
+    if unknown := [i for i in inputs if i not in INPUTS]:
+        raise ValueError(f"loss {name!r}: unknown inputs {unknown}; known: {', '.join(INPUTS)}")
     own = fields(settings) if settings is not None else ()
     params = (("beta",) if beta else ()) + tuple(f.name for f in own if not f.metadata["source"])
     uses = tuple(f.name for f in own if f.metadata["source"])
     LOSSES[name] = spec = LossSpec(name, fn, kind, needs_reference, params, needs_lengths, summary, uses, settings,
-                                   estimator)
+                                   estimator, tuple(inputs), state)
     return spec
 
 
 def build_loss(name: str, mix: list | None = None) -> LossSpec:
     """The spec for `name`, or for a weighted sum of paired losses: mix = [[name, weight], ...].
 
-    A mixture's rewards (for logging) are those of its first term; it needs a reference or
-    lengths if any term does. Mixing paired with unpaired losses is refused.
+    A mixture's rewards (for logging) are those of its first term; it needs a reference,
+    lengths or a forward input if any term does. Mixing paired with unpaired losses is refused,
+    and so is a term that keeps loop state (its state would be one per term, not per run).
     """
     if not mix:
         return LOSSES[ALIASES.get(name, name)]
     terms = [(LOSSES[n], float(w)) for n, w in mix]
     if not all(spec.kind.mixable for spec, _ in terms):
         raise ValueError(f"only losses of a mixable kind can be mixed ({', '.join(k for k, v in KINDS.items() if v.mixable)})")
+    if stateful := [spec.name for spec, _ in terms if spec.state]:
+        raise ValueError(f"{stateful[0]!r} keeps loop state and cannot be mixed")
     params = tuple(dict.fromkeys(p for spec, _ in terms for p in spec.params))
     needs_lengths = any(spec.needs_lengths for spec, _ in terms)
+    inputs = tuple(dict.fromkeys(i for spec, _ in terms for i in spec.inputs))
 
     def mixture(pc, pr, rc, rr, **kwargs) -> LossOutput:
         outs = []
         for spec, _ in terms:
-            keys = spec.params + (("chosen_lengths", "rejected_lengths") if spec.needs_lengths else ())
+            keys = spec.params + (("chosen_lengths", "rejected_lengths") if spec.needs_lengths else ()) + spec.input_keys
             outs.append(spec.fn(pc, pr, rc, rr, **{k: kwargs[k] for k in keys}))
         losses = sum(w * o.losses for (_, w), o in zip(terms, outs))
         metrics = {f"loss/{spec.name}": o.losses.detach() for (spec, _), o in zip(terms, outs)}
@@ -132,7 +166,7 @@ def build_loss(name: str, mix: list | None = None) -> LossSpec:
 
     label = "+".join(f"{w:g}*{spec.name}" for spec, w in terms)
     return LossSpec(label, mixture, PAIRS, any(s.needs_reference for s, _ in terms), params, needs_lengths,
-                    f"mixture {label}")
+                    f"mixture {label}", inputs=inputs)
 
 
 # ---- the losses, each with its settings next to it ----
@@ -244,6 +278,27 @@ class DPOPSettings:
 register_loss("dpop", "dpo_variants:dpop_loss", kind=PAIRS, needs_reference=True, settings=DPOPSettings,
               summary="DPO-Positive: DPO that may not lower the chosen likelihood below the reference (Pal et al. "
                       "2024); for pairs that differ in a few tokens (math, reasoning)")
+
+
+@dataclass(frozen=True)
+class LDSettings:
+    ld_alpha: float = setting(0.5, "weight of each completion's tokens past the length of the shorter one of its "
+                                   "pair, in [0, 1] (1 = DPO, 0 = only the shared length counts; the paper tunes "
+                                   "it per model)", lo=0.0, hi=1.0)
+
+
+register_loss("ld_dpo", "dpo_variants:ld_dpo_loss", kind=PAIRS, needs_reference=True, settings=LDSettings,
+              inputs=("tail_logps",),
+              summary="LD-DPO: DPO with the longer completion's tokens past the shorter one's length weighted "
+                      "by alpha (Liu et al. 2024); when DPO makes the answers longer and longer")
+register_loss("wpo", "dpo_variants:wpo_loss", kind=PAIRS, needs_reference=True, inputs=("wpo_weights",),
+              summary="WPO: DPO with each pair weighted by the policy's length-normalised probability of its two "
+                      "completions (Zhou et al. 2024); for off-policy pairs written by other models")
+register_loss("bco_pair", "dpo_variants:bco_pair_loss", kind=PAIRS, needs_reference=True,
+              state="state:RunningRewardMean",
+              summary="BCO on pairs: chosen and rejected each classified as good or bad around a running reward "
+                      "baseline (Jung et al. 2024); the paired form of a loss built for thumbs-up/down data, on par "
+                      "with DPO in the paper")
 
 
 # ---- more reference-free losses (reference_free.py) ----

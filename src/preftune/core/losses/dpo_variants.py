@@ -1,6 +1,9 @@
-"""More losses on DPO's log-ratios: EXO, NCA, SPPO (hard), AOT, APO, DiscoPOP, f-DPO and DPO-Positive.
+"""More losses on DPO's log-ratios: EXO, NCA, SPPO (hard), AOT, APO, DiscoPOP, f-DPO, DPO-Positive,
+LD-DPO, WPO and BCO (paired).
 
-Same inputs as dpo.py: four (B,) tensors of summed completion log-probs and keyword settings.
+Same inputs as dpo.py: four (B,) tensors of summed completion log-probs and keyword settings;
+LD-DPO, WPO and BCO also take what their forward computes for them alone (named tensors:
+tails, weights, the running baseline; core/losses/__init__.INPUTS and state.py).
 Below c = pi_c - ref_c and r = pi_r - ref_r are the chosen and rejected log-ratios and
 Delta = c - r. The logged rewards are always beta * c and beta * r, detached, whatever the loss
 does with them, so the standard metrics mean the same thing for every loss.
@@ -19,7 +22,8 @@ import torch.nn.functional as F
 from .types import LossOutput
 
 __all__ = ["exo_pair_loss", "nca_pair_loss", "sppo_hard_loss", "aot_loss", "aot_unpaired_loss", "apo_zero_loss",
-           "apo_down_loss", "discopop_loss", "f_dpo_loss", "dpop_loss", "F_DIVERGENCES"]
+           "apo_down_loss", "discopop_loss", "f_dpo_loss", "dpop_loss", "ld_dpo_loss", "wpo_loss", "bco_pair_loss",
+           "F_DIVERGENCES"]
 
 # exp() of a score is clamped to e^80 (~5.5e34): finite in float32, where the loop's log-probs
 # are; beyond it the score saturates (zero gradient) instead of overflowing to inf and NaN
@@ -226,3 +230,70 @@ def dpop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     penalty = torch.relu(reference_chosen_logps - policy_chosen_logps)  # max(0, log ref(y_w) / pi(y_w))
     losses = -F.logsigmoid(beta * (c - r - dpop_lambda * penalty))
     return _output(losses, c, r, beta, {"dpop/penalty": penalty.detach()})
+
+
+def ld_dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                *, beta: float, ld_alpha: float, policy_chosen_tail_logps, policy_rejected_tail_logps,
+                reference_chosen_tail_logps, reference_rejected_tail_logps) -> LossOutput:
+    """LD-DPO, Liu et al. 2024, "Length Desensitization in Direct Preference Optimization" (arXiv
+    2409.06411): DPO on length-desensitised log-probs. With l_p = min(|y_w|, |y_l|), the length
+    the pair's two completions share, a completion's tokens past l_p (the longer one's "verbose"
+    tail) count alpha times, for the policy and the reference alike:
+
+        log pi^(y) = sum_{t <= l_p} log pi(y_t) + alpha sum_{t > l_p} log pi(y_t) = log pi(y) - (1 - alpha) tail(y)
+        L = -log sigmoid(beta ((pi^_c - ref^_c) - (pi^_r - ref^_r)))
+
+    `*_tail_logps` are the tails (0 for the shorter completion and for equal lengths), which the
+    forward takes from per-token log-probs (logprobs.pair_logps). alpha = 1 is DPO; alpha = 0
+    compares the first l_p tokens of each side only. Rewards are beta (pi^ - ref^), what the loss
+    compares (as TRL logs them).
+    Example (the rejected side longer: policy tail -4, reference tail -3.5), alpha 0.5:
+    pi^_r = -15 + 2 = -13, ref^_r = -14 + 1.75 = -12.25, so c = 1, r = -0.75, Delta = 1.75;
+    -log sigmoid(0.175) = 0.609470.
+    """
+    keep = 1.0 - ld_alpha
+    pc, pr = policy_chosen_logps - keep * policy_chosen_tail_logps, policy_rejected_logps - keep * policy_rejected_tail_logps
+    rc = reference_chosen_logps - keep * reference_chosen_tail_logps
+    rr = reference_rejected_logps - keep * reference_rejected_tail_logps
+    c, r = _logratios(pc, pr, rc, rr)
+    return _output(-F.logsigmoid(beta * (c - r)), c, r, beta)
+
+
+def wpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             *, beta: float, chosen_weights, rejected_weights) -> LossOutput:
+    """WPO, Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization" (arXiv
+    2406.11827): DPO with each pair weighted by how likely the current policy is to write its two
+    completions, so off-policy pairs count less, with the paper's sampled weight alignment:
+
+        w(x, y) = exp( (1/|y|) sum_t [log pi(y_t | x, y_<t) - log sum_v pi(v | x, y_<t)^2] )   (detached)
+        L = -w(x, y_w) w(x, y_l) log sigmoid(beta Delta)
+
+    The sum over the vocabulary v makes a completion the policy would sample itself weigh 1 on
+    average. `chosen_weights`, `rejected_weights` are w, from the forward (logprobs.pair_logps);
+    they carry no gradient. Weights 1 give DPO. TRL's `use_weighting` on its sigmoid loss.
+    Example: w = 0.5 and 0.2: 0.1 * 0.598139 = 0.059814. `wpo/weight` (w_w w_l) is logged.
+    """
+    c, r = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    weight = (chosen_weights * rejected_weights).detach()
+    return _output(-weight * F.logsigmoid(beta * (c - r)), c, r, beta, {"wpo/weight": weight})
+
+
+def bco_pair_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                  *, beta: float, reward_baseline) -> LossOutput:
+    """BCO on pairs, Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
+    Alignment" (arXiv 2404.04656): each completion classified on its own, the chosen one as
+    desirable and the rejected one as not, by its implicit reward shifted by delta:
+
+        L = -log sigmoid(beta c - delta) - log sigmoid(-(beta r - delta))
+
+    delta (`reward_baseline`, a 0-dim tensor) is the paper's reward shift, kept as the running mean
+    of the implicit rewards over training (state.RunningRewardMean: loop state, saved in
+    checkpoints); it moves the decision boundary to where the rewards are, which tightens the
+    classifier loss as a bound on DPO's. TRL's bco_pair (TRL 1.16 keeps delta = 0).
+    Example, delta 0: 2 * -log sigmoid(0.1) = 1.288793; delta 0.05: -log sigmoid(0.05)
+    - log sigmoid(0.15) = 0.668460 + 0.620957 = 1.289417. `bco/baseline` is logged.
+    """
+    c, r = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+    delta = reward_baseline.detach()
+    losses = -F.logsigmoid(beta * c - delta) - F.logsigmoid(-(beta * r - delta))
+    return _output(losses, c, r, beta, {"bco/baseline": delta.expand_as(c)})
