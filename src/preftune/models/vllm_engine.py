@@ -52,9 +52,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from ..utils.errors import ConfigError, PreftuneError
 from .loading import resolve_model_dir
-from .sampler import Sample, row_seed
+from .sampler import Sample, SamplingCopy, row_seed
 
 __all__ = ["VLLMEngine", "EngineError", "LORA_RANKS", "engine_for"]
 
@@ -311,8 +313,6 @@ class VLLMEngine:
 
     def _push_merged(self, policy, step: int) -> None:
         """The merged weights, written and reloaded in place; the prompt cache they invalidate dropped."""
-        from .sampler import SamplingCopy
-
         self._copy = SamplingCopy(policy) if self._copy is None else self._copy.refresh(policy)
         target = (self.work_dir or Path(".")) / "weights"
         target.mkdir(parents=True, exist_ok=True)
@@ -396,8 +396,6 @@ def engine_for(cfg) -> VLLMEngine | None:
     model_dir = resolve_model_dir(m.name_or_path, allow_pickle_weights=m.allow_pickle_weights)
     weights = s.vllm_weights
     if weights == "auto":  # the LoRA kernels cost more than a push per step on CPU (module docstring)
-        import torch
-
         weights = "lora" if torch.cuda.is_available() else "merged"
     return VLLMEngine(model_dir, python=s.vllm_python, url=s.vllm_url, dtype=m.dtype,
                       lora_rank=m.lora_r if m.lora else 0, sync_every=s.sync_every, timeout_s=s.timeout_s,
