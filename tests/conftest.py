@@ -124,6 +124,27 @@ def one_step_run(root: Path, model_dir) -> tuple[Path, Path]:
     return run, pairs
 
 
+def metrics_rows(run_dir) -> list[dict]:
+    """The run's metrics.jsonl, one dict per logged step."""
+    import json
+
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_pairs_config(tmp_path: Path, model_dir, name: str = "run", *extra: str, batch_size: int = 4, epochs: int = 4):
+    """A DPO config on PAIRS (written once under tmp_path) with the tiny model, LoRA r4 and lr 1e-2;
+    `extra` dotlist entries come last, so they override these."""
+    from preftune.config import load_config
+
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        write_jsonl(data, PAIRS)
+    return load_config(None, [f"model.name_or_path={model_dir}", f"data.train_path={data}",
+                              f"run.output_dir={tmp_path / name}", "data.max_length=64", "data.max_prompt_length=32",
+                              "train.lr=1e-2", "model.lora_r=4", "model.lora_alpha=8", f"train.batch_size={batch_size}",
+                              f"train.epochs={epochs}", *extra])
+
+
 PAIRS = [
     {"prompt": "The movie was", "chosen": " great and wonderful.", "rejected": " slow and boring."},
     {"prompt": "I hated", "chosen": " nothing about it.", "rejected": " the ending."},

@@ -6,7 +6,6 @@ start on 2 cores); skipped when .venv-vllm or the default model is absent.
     HF_HUB_OFFLINE=1 python -m pytest -q -m vllm tests/models/test_vllm_server.py -s
 """
 
-import json
 import os
 import signal
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import metrics_rows
 from preftune.cli import main
 from preftune.utils.errors import ConfigError
 
@@ -102,10 +102,6 @@ def _run_args(tmp_path, *extra):
             "data.max_length=256", "data.max_prompt_length=128", "sampling.engine=vllm", *extra]
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("weights", ["merged", "lora"])
 def test_grpo_samples_through_a_server_it_starts_itself(tmp_path, weights):
     """Both push routes: after each optimizer step (lr 1e-3 moves the adapter) the server samples
@@ -116,7 +112,7 @@ def test_grpo_samples_through_a_server_it_starts_itself(tmp_path, weights):
     assert main(["grpo", *_run_args(tmp_path, "loss.name=grpo", f"run.output_dir={run}",
                                     f"sampling.vllm_python={VENV_PYTHON}", "sampling.timeout_s=600",
                                     f"sampling.vllm_weights={weights}")]) == 0
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["online/samples"] >= 8 for r in rows)
     diffs = [r["sampler/logp_diff_mean"] for r in rows]
     worst = [r["sampler/logp_diff_max"] for r in rows]
@@ -138,7 +134,7 @@ def test_online_dpo_samples_through_an_existing_server(server, tmp_path):
     run = tmp_path / "online"
     assert main(["online", *_run_args(tmp_path, f"run.output_dir={run}", f"sampling.vllm_url={server.url}",
                                       "train.max_steps=2", "sampling.vllm_weights=lora")]) == 0
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2] and all(r["online/samples"] >= 8 for r in rows)
     assert all(r["online/pairs"] >= 1 for r in rows)
 
@@ -168,8 +164,8 @@ def test_a_server_killed_mid_run_stops_it_in_one_line_and_resume_finishes_it(tmp
     assert last.startswith("vllm server http://127.0.0.1:") and \
         "the server process exited with code -9 while sampling 4 completions of prompt" in last, last
     print(f"\n{last}")
-    assert [r["step"] for r in _rows(run)] == [1, 2]
+    assert [r["step"] for r in metrics_rows(run)] == [1, 2]
     monkeypatch.setattr(VLLMEngine, "sample", sample)
     assert main(["resume", str(run), f"sampling.vllm_python={VENV_PYTHON}"]) == 0
-    assert [r["step"] for r in _rows(run)] == [1, 2, 3, 4]
-    assert all(r["sampler/logp_diff_mean"] < 1e-3 for r in _rows(run))
+    assert [r["step"] for r in metrics_rows(run)] == [1, 2, 3, 4]
+    assert all(r["sampler/logp_diff_mean"] < 1e-3 for r in metrics_rows(run))

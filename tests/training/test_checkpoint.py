@@ -6,21 +6,15 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import PAIRS, kill_and_resume_trials, weights_sha, write_jsonl
-from preftune.config import load_config
+from conftest import PAIRS, kill_and_resume_trials, tiny_pairs_config, weights_sha, write_jsonl
 from preftune.training.checkpoint import find_checkpoint
 from preftune.training.train import train
 from preftune.utils.errors import ConfigError, NumericalError
 
 
 def _cfg(tmp_path, model_dir, name="run", *extra):
-    data = tmp_path / "pairs.jsonl"
-    if not data.exists():
-        write_jsonl(data, PAIRS)
-    return load_config(None, [f"model.name_or_path={model_dir}", f"data.train_path={data}",
-                              f"run.output_dir={tmp_path / name}", "data.max_length=64", "data.max_prompt_length=32",
-                              "train.lr=1e-2", "model.lora_r=4", "model.lora_alpha=8", "train.batch_size=3",
-                              "train.epochs=3", "train.checkpoint_every=1", "train.keep_last=2", *extra])
+    return tiny_pairs_config(tmp_path, model_dir, name, "train.checkpoint_every=1", "train.keep_last=2", *extra,
+                             batch_size=3, epochs=3)
 
 
 def losses(run_dir):

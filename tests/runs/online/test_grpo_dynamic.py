@@ -2,11 +2,10 @@
 are dropped and more prompts drawn), its cap, exact resume with it, the soft overlong punishment
 and the overlong filter; and every loss of the GRPO family trains through the one loop."""
 
-import json
 
 import pytest
 
-from conftest import interrupt_after_checkpoint, weights_sha
+from conftest import interrupt_after_checkpoint, metrics_rows, weights_sha
 from preftune.config import load_config
 from preftune.runs.online.grpo import run_grpo
 
@@ -34,10 +33,6 @@ def _args(tmp_path, model_dir, *extra):
             "loss.name=grpo", *extra]
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _run(tmp_path, model_dir, name, *extra):
     return run_grpo(load_config(None, _args(tmp_path, model_dir, f"run.output_dir={tmp_path / name}", *extra)))
 
@@ -46,9 +41,9 @@ def test_dynamic_sampling_fills_every_batch_with_groups_that_carry_signal(tmp_pa
     """Plain GRPO trains on the equal-reward groups (advantage 0); with dynamic sampling they are
     dropped before the batch is formed, more prompts are drawn, every batch still has 2 groups x 4
     completions, and the share of equal groups among those drawn is logged with the draws used."""
-    plain = _rows(_run(tmp_path, tiny_model_dir, "plain").run_dir)
+    plain = metrics_rows(_run(tmp_path, tiny_model_dir, "plain").run_dir)
     assert any(r["groups/zero_variance"] > 0 for r in plain) and "online/zero_variance_drawn" not in plain[0]
-    rows = _rows(_run(tmp_path, tiny_model_dir, "dyn", "loss.dynamic_sampling=true").run_dir)
+    rows = metrics_rows(_run(tmp_path, tiny_model_dir, "dyn", "loss.dynamic_sampling=true").run_dir)
     assert all(r["completions"] == 8 and r["groups/zero_variance"] == 0.0 for r in rows)
     assert all(0.0 <= r["online/zero_variance_drawn"] <= 1.0 for r in rows)
     assert any(r["online/zero_variance_drawn"] > 0 for r in rows) and any(r["online/draws"] > 1 for r in rows)
@@ -58,7 +53,7 @@ def test_dynamic_sampling_fills_every_batch_with_groups_that_carry_signal(tmp_pa
 def test_the_cap_trains_on_the_groups_it_has(tmp_path, tiny_model_dir):
     """One draw per batch: a draw with one equal group trains on the other alone (4 completions); a
     draw whose groups are all equal trains on them (advantage 0), as plain GRPO would."""
-    rows = _rows(_run(tmp_path, tiny_model_dir, "cap", "loss.dynamic_sampling=true",
+    rows = metrics_rows(_run(tmp_path, tiny_model_dir, "cap", "loss.dynamic_sampling=true",
                       "loss.dynamic_sampling_max_draws=1").run_dir)
     assert all(r["online/draws"] == 1 for r in rows)
     for r in rows:
@@ -69,7 +64,7 @@ def test_the_cap_trains_on_the_groups_it_has(tmp_path, tiny_model_dir):
         else:
             assert r["completions"] == 8
     assert any(r["completions"] == 4 for r in rows), rows  # the seed draws at least one such batch
-    everything_equal = _rows(_run(tmp_path, tiny_model_dir, "eq", "loss.dynamic_sampling=true",
+    everything_equal = metrics_rows(_run(tmp_path, tiny_model_dir, "eq", "loss.dynamic_sampling=true",
                                   "loss.dynamic_sampling_max_draws=3", "online.reward=fn:conftest:constant_reward",
                                   "train.max_steps=2").run_dir)
     assert all(r["online/draws"] == 3 and r["completions"] == 8 and r["groups/zero_variance"] == 1.0
@@ -89,7 +84,7 @@ def test_dynamic_sampling_interrupted_then_resumed_is_bit_identical(tmp_path, ti
     resumed = run_grpo(cfg("cut"), resume=True)
     assert resumed.summary["resumed_from"].endswith("step-00000003")
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
-    assert _rows(resumed.run_dir) == _rows(full.run_dir)
+    assert metrics_rows(resumed.run_dir) == metrics_rows(full.run_dir)
 
 
 def test_soft_overlong_punishment_and_the_overlong_filter(tmp_path, tiny_model_dir):
@@ -97,11 +92,11 @@ def test_soft_overlong_punishment_and_the_overlong_filter(tmp_path, tiny_model_d
     (buffer = online.max_new_tokens = 6, penalty 1): each completion scores -|y| / 6, so the mean
     reward is minus the mean length over 6. The filter: completions cut off at 6 tokens without an
     EOS are counted and take no part in the loss; when every completion is cut off the loss is 0."""
-    rows = _rows(_run(tmp_path, tiny_model_dir, "pun", "online.reward=fn:test_grpo_dynamic:zero_reward",
+    rows = metrics_rows(_run(tmp_path, tiny_model_dir, "pun", "online.reward=fn:test_grpo_dynamic:zero_reward",
                       "loss.overlong_buffer=6", "loss.kl_coef=0", "train.max_steps=2").run_dir)
     assert all(r["reward/mean"] == pytest.approx(-r["lengths/completion"] / 6, abs=1e-6) for r in rows)
-    rows = _rows(_run(tmp_path, tiny_model_dir, "filt", "loss.overlong_filter=true", "train.max_steps=2").run_dir)
-    plain = _rows(_run(tmp_path, tiny_model_dir, "unfiltered", "train.max_steps=2").run_dir)
+    rows = metrics_rows(_run(tmp_path, tiny_model_dir, "filt", "loss.overlong_filter=true", "train.max_steps=2").run_dir)
+    plain = metrics_rows(_run(tmp_path, tiny_model_dir, "unfiltered", "train.max_steps=2").run_dir)
     # the random tiny model never samples its EOS in 6 tokens: every completion is cut off, none trains
     assert all(r["completions/truncated"] == 1.0 and r["loss"] == 0.0 and r["grad_norm"] == 0.0 for r in rows)
     assert plain[0]["reward/mean"] == rows[0]["reward/mean"] and plain[0]["grad_norm"] > 0  # same samples
@@ -145,5 +140,5 @@ def test_the_overlong_filter_marks_cut_off_completions_and_the_forward_drops_the
 
 @pytest.mark.parametrize("name", ["dapo", "bnpo", "dr_grpo", "gspo", "luspo", "cispo", "sapo"])
 def test_every_loss_of_the_family_trains_through_preftune_grpo(tmp_path, tiny_model_dir, name):
-    rows = _rows(_run(tmp_path, tiny_model_dir, name, f"loss.name={name}", "train.max_steps=2").run_dir)
+    rows = metrics_rows(_run(tmp_path, tiny_model_dir, name, f"loss.name={name}", "train.max_steps=2").run_dir)
     assert len(rows) == 2 and all(r["completions"] == 8 and r["grad_norm"] > 0 for r in rows), rows

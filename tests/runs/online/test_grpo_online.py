@@ -7,7 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import PAIRS, interrupt_after_checkpoint, kill_and_resume_trials, weights_sha, write_jsonl
+from conftest import (
+    PAIRS,
+    interrupt_after_checkpoint,
+    kill_and_resume_trials,
+    metrics_rows,
+    weights_sha,
+    write_jsonl,
+)
 from preftune.cli import main
 from preftune.config import load_config
 from preftune.core.losses import build_loss
@@ -30,15 +37,11 @@ def _args(tmp_path, model_dir, *extra):
             "data.max_prompt_length=32", "loss.name=grpo", *extra]
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_grpo_logs_group_metrics_probes_and_a_held_out_reward(tmp_path, tiny_model_dir, capsys):
     run = tmp_path / "g"
     assert main(["grpo", *_args(tmp_path, tiny_model_dir, f"run.output_dir={run}", "diagnostics.probe_every=3",
                                 "train.checkpoint_every=2")]) == 0
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "reward/mean", "reward/group_std", "groups/zero_variance", "kl", "clipped", "ratio",
                 "lengths/completion", "grad_norm", "online/samples"):
@@ -97,13 +100,13 @@ def test_the_loop_computes_the_grpo_loss_of_its_samples(tmp_path, tiny_model_dir
     assert torch.allclose(*seen["adv"], atol=1e-6)
     assert seen["loss"] == pytest.approx(seen["hand"], abs=1e-6)
     assert seen["scale"] > 1e-4 and seen["grad"] < 1e-6 * max(1.0, seen["scale"]), seen
-    assert _rows(result.run_dir)[0]["loss"] == pytest.approx(seen["loss"], abs=1e-6)
+    assert metrics_rows(result.run_dir)[0]["loss"] == pytest.approx(seen["loss"], abs=1e-6)
 
 
 def test_packed_groups_with_a_shared_prompt_equal_padded_rows(tmp_path, tiny_model_dir):
     """A group packed as [prompt, c_1, ..., c_G] (the prompt once) trains exactly as padded rows:
     same samples, per-step losses, KL and grad norms within float tolerance."""
-    runs = {layout: _rows(run_grpo(load_config(None, _args(
+    runs = {layout: metrics_rows(run_grpo(load_config(None, _args(
         tmp_path, tiny_model_dir, f"run.output_dir={tmp_path / layout}", f"data.layout={layout}",
         "loss.kl_coef=0.5", "train.max_steps=4"))).run_dir) for layout in ("packed", "padded")}
     for a, b in zip(runs["packed"], runs["padded"]):
@@ -122,7 +125,7 @@ def test_grpo_interrupted_then_resumed_is_bit_identical(tmp_path, tiny_model_dir
     resumed = run_grpo(cfg("cut"), resume=True)
     assert resumed.summary["resumed_from"].endswith("step-00000003")
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
-    assert _rows(resumed.run_dir) == _rows(full.run_dir)
+    assert metrics_rows(resumed.run_dir) == metrics_rows(full.run_dir)
 
 
 @pytest.mark.slow
@@ -156,7 +159,7 @@ def test_several_passes_per_batch_of_samples_clip_against_the_sampling_policy(tm
     result = run_grpo(load_config(None, _args(tmp_path, tiny_model_dir, f"run.output_dir={tmp_path / 'g'}",
                                               "online.grpo_iterations=2", "train.max_steps=4", "train.lr=5e-2",
                                               "loss.clip_epsilon=0.05")))
-    rows = _rows(result.run_dir)
+    rows = metrics_rows(result.run_dir)
     assert rows[0]["reward/mean"] == rows[1]["reward/mean"] and rows[2]["reward/mean"] == rows[3]["reward/mean"]
     assert rows[0]["online/draws"] >= 1 and "online/draws" not in rows[1]  # the second pass samples nothing
     assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-6)  # eval-mode old log-probs, no dropout: the same
@@ -175,7 +178,7 @@ def test_resumed_between_two_passes_trains_on_the_saved_samples(tmp_path, tiny_m
     interrupt_after_checkpoint(monkeypatch, 3, lambda: run_grpo(cfg("cut")))  # pass 1 of sample 1 is next
     resumed = run_grpo(cfg("cut"), resume=True)
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
-    assert _rows(resumed.run_dir) == _rows(full.run_dir)
+    assert metrics_rows(resumed.run_dir) == metrics_rows(full.run_dir)
 
 
 def test_the_sampler_and_the_trainer_agree_and_tis_trains(tmp_path, tiny_model_dir):
@@ -183,10 +186,10 @@ def test_the_sampler_and_the_trainer_agree_and_tis_trains(tmp_path, tiny_model_d
     mismatch is logged every step and is float noise; with loss.tis_cap the weights are ~1."""
     run = tmp_path / "m"
     assert main(["grpo", *_args(tmp_path, tiny_model_dir, f"run.output_dir={run}", "train.max_steps=3")]) == 0
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert all(0 <= r["sampler/logp_diff_mean"] <= r["sampler/logp_diff_max"] < 1e-4 for r in rows)
     assert not any("sampler_mismatch" in (r.get("health") or {}) for r in rows)
     tis = tmp_path / "t"
     assert main(["grpo", *_args(tmp_path, tiny_model_dir, f"run.output_dir={tis}", "train.max_steps=3",
                                 "loss.tis_cap=2")]) == 0
-    assert all(r["tis/weight"] == pytest.approx(1.0, abs=1e-4) for r in _rows(tis))
+    assert all(r["tis/weight"] == pytest.approx(1.0, abs=1e-4) for r in metrics_rows(tis))

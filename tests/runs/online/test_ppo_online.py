@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import metrics_rows
 from preftune.cli import main
 from preftune.config import load_config
 from preftune.runs.online.ppo import run_ppo
@@ -26,15 +27,11 @@ def _args(tmp_path, model_dir, *extra):
             "data.max_prompt_length=32", "ppo.epochs=2", "loss.name=ppo", *extra]
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("loss", ["ppo", "rloo", "reinforce_pp"])
 def test_each_policy_gradient_loss_trains_and_logs_its_metrics(tmp_path, tiny_model_dir, loss):
     run = tmp_path / loss
     result = run_ppo(load_config(None, _args(tmp_path, tiny_model_dir, f"run.output_dir={run}", f"loss.name={loss}")))
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert result.steps == 4 and len(rows) == 4
     for key in ("reward/mean", "kl", "reward/non_score", "policy/clipfrac", "policy/approx_kl", "entropy",
                 "returns/mean"):
@@ -143,9 +140,9 @@ def test_interrupted_then_resumed_is_bit_identical(tmp_path, tiny_model_dir, mon
     resumed = run_ppo(cfg("cut"), resume=True)
     assert resumed.summary["resumed_from"].endswith("step-00000003")
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
-    assert _rows(resumed.run_dir) == _rows(full.run_dir)
+    assert metrics_rows(resumed.run_dir) == metrics_rows(full.run_dir)
     if loss == "ppo":
-        coefs = [r["kl_coef"] for r in _rows(full.run_dir)]
+        coefs = [r["kl_coef"] for r in metrics_rows(full.run_dir)]
         assert coefs[0] == pytest.approx(0.05) and len(set(coefs)) > 1  # steered after each batch of samples
 
 
@@ -160,7 +157,7 @@ def test_the_critic_trains_and_is_checkpointed_beside_the_policy(tmp_path, tiny_
     assert "critic.head.weight" in saved and any("lora_A" in k for k in critic)
     assert all(not k.startswith("critic.") or "lora_" in k or k.startswith("critic.head") for k in saved)
     assert json.loads((run / "data_stats.json").read_text())["critic"] == "starting weights"
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert all(math.isfinite(r["value/loss"]) for r in rows)
 
 

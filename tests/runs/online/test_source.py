@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import PAIRS, kill_and_resume_trials, write_jsonl
+from conftest import PAIRS, kill_and_resume_trials, metrics_rows, write_jsonl
 from preftune.cli import main
 from preftune.config import load_config
 from preftune.core.losses import build_loss
@@ -25,17 +25,13 @@ def _args(tmp_path, model_dir, *extra):
             "data.max_prompt_length=32", *extra]
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_online_runs_log_probes_health_and_checkpoints_like_train(tmp_path, tiny_model_dir):
     held_out = write_jsonl(tmp_path / "dev.jsonl", PAIRS[:4])
     run = tmp_path / "on"
     assert main(["online", *_args(tmp_path, tiny_model_dir, f"run.output_dir={run}", "diagnostics.probe_every=3",
                                   f"data.eval_path={held_out}", "train.checkpoint_every=2",
                                   "train.grad_accum=2")]) == 0
-    rows = _rows(run)
+    rows = metrics_rows(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert all(r["online/draws"] >= 2 and r["online/samples"] == 6 * r["online/draws"] for r in rows)  # 2 micro-batches
     assert all("health" in r for r in rows) and rows[0]["lr"] > rows[3]["lr"] > rows[-1]["lr"]  # the cosine schedule runs
@@ -53,7 +49,7 @@ def test_online_stop_on_ends_the_run_at_the_check(tmp_path, tiny_model_dir, caps
     assert main(["online", *_args(tmp_path, tiny_model_dir, f"run.output_dir={run}", "diagnostics.probe_every=2",
                                   "diagnostics.kl_max=-1", "diagnostics.stop_on=[kl_drift]")]) == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["stopped_early"] == {"check": "kl_drift", "step": 2} and len(_rows(run)) == 2
+    assert summary["stopped_early"] == {"check": "kl_drift", "step": 2} and len(metrics_rows(run)) == 2
     assert "stopping early: kl_drift at step 2" in capsys.readouterr().out
 
 
@@ -81,7 +77,7 @@ def test_online_interrupted_then_resumed_is_bit_identical(tmp_path, tiny_model_d
     resumed = run_online(cfg("cut"), resume=True)
     assert resumed.summary["resumed_from"].endswith("step-00000003")
     assert weights_sha(resumed.run_dir) == weights_sha(full.run_dir)
-    assert _rows(resumed.run_dir) == _rows(full.run_dir)
+    assert metrics_rows(resumed.run_dir) == metrics_rows(full.run_dir)
 
 
 @pytest.mark.slow
