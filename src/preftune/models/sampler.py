@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils.devices import model_device, place
+from . import shared_prefix
 
 __all__ = ["Sample", "sample", "filtered_probs", "draw_tokens", "row_seed", "SamplingCopy"]
 
@@ -125,6 +126,47 @@ def _step(model, ids, mask, positions, cache) -> torch.Tensor:
     return out.logits[:, -1]
 
 
+class _CopiedCache:
+    """Decode steps on the prefill's DynamicCache with each prompt's K/V copied to its rows: the
+    route for models and settings that shared_prefix.py does not handle exactly."""
+
+    def __init__(self, model, cache, mask, row_slot):
+        cache.batch_select_indices(row_slot)                              # copy each prompt's cache to its rows
+        self.model, self.cache, self.mask = model, cache, mask[row_slot]
+        self.context = nullcontext()
+
+    def keep(self, rows) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+
+    def step(self, token, positions) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.size(0), 1)], dim=1)
+        return _step(self.model, token[:, None], self.mask, positions[:, None], self.cache)
+
+
+class _SharedPrefix:
+    """Decode steps on SharedPrefixKV: each prompt's K/V once, rows' new tokens written in place."""
+
+    def __init__(self, model, cache, mask, row_slot, max_new_tokens):
+        self.model, self.kv = model, shared_prefix.SharedPrefixKV(cache, mask, row_slot, max_new_tokens)
+        self.context = shared_prefix.decoding(model)
+
+    def keep(self, rows) -> None:
+        self.kv.keep(rows)
+
+    def step(self, token, positions) -> torch.Tensor:
+        out = self.model(input_ids=token[:, None], position_ids=positions[:, None], use_cache=False,
+                         logits_to_keep=1, shared_prefix=self.kv)
+        self.kv.advance()
+        return out.logits[:, -1]
+
+
+def _decoder(model, cache, mask, row_slot, max_new_tokens):
+    if shared_prefix.unsupported(model, cache, mask.size(1) + max_new_tokens) is None:
+        return _SharedPrefix(model, cache, mask, row_slot, max_new_tokens)
+    return _CopiedCache(model, cache, mask, row_slot)
+
+
 def _run_batch(model, prompts, chunks, *, seed, max_new_tokens, eos_id, pad_id, greedy, filters) -> list:
     """Sample the rows of one planned batch; returns ((prompt index, sample index), Sample) pairs."""
     from transformers import DynamicCache  # deferred: ~1 s to import
@@ -140,37 +182,43 @@ def _run_batch(model, prompts, chunks, *, seed, max_new_tokens, eos_id, pad_id, 
     u = None if greedy else place(_uniforms(seed, chunks, max_new_tokens), model)  # (R, steps)
 
     cache = DynamicCache(config=model.config)
-    logits = _step(model, ids, mask, positions, cache)[row_slot]          # (R, V): prefill once, then
-    cache.batch_select_indices(row_slot)                                  # copy each prompt's cache to its rows
-    mask, next_pos = mask[row_slot], positions[row_slot, -1] + 1
+    logits = _step(model, ids, mask, positions, cache)[row_slot]          # (R, V): each prompt prefilled once
+    decoder = _decoder(model, cache, mask, row_slot, max_new_tokens)
+    next_pos = positions[row_slot, -1] + 1
     live = torch.arange(len(keys), device=mask.device)                    # original row of each live row
     tokens, logps, model_logps = ([[] for _ in keys] for _ in range(3))
-    for step in range(max_new_tokens):
-        raw = logits.float().log_softmax(dim=-1)                          # (R, V)
-        if greedy:
-            token = raw.argmax(dim=-1)
-            logp = torch.zeros_like(token, dtype=torch.float32)
-        else:
-            probs = filtered_probs(logits, **filters)
-            token = draw_tokens(probs, u[live, step])
-            logp = probs.gather(1, token[:, None]).squeeze(1).log()
-        model_logp = raw.gather(1, token[:, None]).squeeze(1)
-        done = (token == eos_id) | (step == max_new_tokens - 1)
-        # one device->host copy per step: the tokens and log-probs of the live rows
-        for r, t, lp, mlp in zip(live.tolist(), token.tolist(), logp.tolist(), model_logp.tolist()):
-            tokens[r].append(t)
-            logps[r].append(lp)
-            model_logps[r].append(mlp)
-        keep = (~done).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            break
-        if keep.numel() < live.numel():  # finished rows leave the batch and the cache
-            cache.batch_select_indices(keep)
-            live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
-        logits = _step(model, token[:, None], mask, next_pos[:, None], cache)
-        next_pos = next_pos + 1
+    with decoder.context:
+        for step in range(max_new_tokens):
+            token, logp, model_logp = _draw(logits, None if greedy else u[live, step], filters)
+            done = (token == eos_id) | (step == max_new_tokens - 1)
+            # one device->host copy per step: the tokens and log-probs of the live rows
+            for r, t, lp, mlp in zip(live.tolist(), token.tolist(), logp.tolist(), model_logp.tolist()):
+                tokens[r].append(t)
+                logps[r].append(lp)
+                model_logps[r].append(mlp)
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            if keep.numel() < live.numel():  # finished rows leave the batch and the cache
+                decoder.keep(keep)
+                live, token, next_pos = live[keep], token[keep], next_pos[keep]
+            logits = decoder.step(token, next_pos)
+            next_pos = next_pos + 1
     return [(key, Sample(prompts[key[0]], tokens[r], logps[r], model_logps[r])) for r, key in enumerate(keys)]
+
+
+def _draw(logits, u, filters):
+    """This step's tokens (R,), their log-probs under the sampling distribution and under the raw
+    model; `u` (R,) the rows' uniforms, None for greedy."""
+    raw = logits.float().log_softmax(dim=-1)                              # (R, V)
+    if u is None:
+        token = raw.argmax(dim=-1)
+        logp = torch.zeros_like(token, dtype=torch.float32)
+    else:
+        probs = filtered_probs(logits, **filters)
+        token = draw_tokens(probs, u)
+        logp = probs.gather(1, token[:, None]).squeeze(1).log()
+    return token, logp, raw.gather(1, token[:, None]).squeeze(1)
 
 
 def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, greedy, max_rows) -> None:
