@@ -83,12 +83,16 @@ def draw_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     probs (R, V), u (R,) in [0, 1). The CDF is summed in float64 so that a 50k-token tail keeps
     its mass; a zero-probability token is never chosen (its CDF step is empty).
     """
-    cdf = probs.double().cumsum(dim=-1)                                   # (R, V)
-    x = (u.double() * cdf[:, -1]).unsqueeze(1)                            # (R, 1)
-    tokens = torch.searchsorted(cdf, x, right=True).squeeze(1)
-    # u * total can round up to total; fall back to the last token that has mass
-    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)                       # (R, V)
+    total = cdf[:, -1:].contiguous()                                      # (R, 1)
+    tokens = torch.searchsorted(cdf, u.double().unsqueeze(1) * total, right=True).squeeze(1)
+    # u * total can round up to total: fall back to the token where the CDF reaches its total (the
+    # last one with mass); a search, not a pass over the vocabulary
+    last = torch.searchsorted(cdf, total, right=False).squeeze(1)
     return torch.minimum(tokens, last)
+
+
+_PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0)
 
 
 def _plan(lengths: list[int], n: int, max_rows: int) -> list[list[tuple[int, int, int]]]:
@@ -213,12 +217,12 @@ def _draw(logits, u, filters):
     raw = logits.float().log_softmax(dim=-1)                              # (R, V)
     if u is None:
         token = raw.argmax(dim=-1)
-        logp = torch.zeros_like(token, dtype=torch.float32)
-    else:
-        probs = filtered_probs(logits, **filters)
-        token = draw_tokens(probs, u)
-        logp = probs.gather(1, token[:, None]).squeeze(1).log()
-    return token, logp, raw.gather(1, token[:, None]).squeeze(1)
+        return token, torch.zeros_like(token, dtype=torch.float32), raw.gather(1, token[:, None]).squeeze(1)
+    plain = filters == _PLAIN  # the model's own distribution: exp of the log-softmax already made
+    probs = raw.exp() if plain else filtered_probs(logits, **filters)
+    token = draw_tokens(probs, u)
+    model_logp = raw.gather(1, token[:, None]).squeeze(1)
+    return token, model_logp if plain else probs.gather(1, token[:, None]).squeeze(1).log(), model_logp
 
 
 def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, greedy, max_rows) -> None:
