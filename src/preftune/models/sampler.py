@@ -4,8 +4,16 @@
 each of its n samples, every row is left-padded to the widest prompt of its batch and a finished
 row keeps computing pad tokens until the last one ends. Here instead:
 
-* each prompt is prefilled once and its KV cache is copied to its n rows (`batch_select_indices`
-  with a repeated index), so a prompt costs one forward over its tokens, not n;
+* each prompt is prefilled once, so a prompt costs one forward over its tokens, not n. Its K/V
+  then stay stored once: decode steps attend to them through `shared_prefix.SharedPrefixKV`, one
+  batched matmul for all rows of a prompt and each row's new tokens written in place into its own
+  buffer (exact attention, one softmax over both). Where that route is not known to be exact
+  (`shared_prefix.unsupported`: model types it was not checked on, a sliding window shorter than
+  the context), the prompt's DynamicCache is copied to its n rows (`batch_select_indices` with a
+  repeated index) and grows by concatenation, as before. Memory of the shared route: the
+  prompts' K/V once, plus rows x (tokens generated so far, capacity doubling) x K/V per token,
+  kept in fp32 for a bf16 model; the copied cache holds rows x (width + tokens) in the model's
+  dtype;
 * prompts are sorted by length and packed into batches of at most `max_rows` rows, so padding is
   bounded by the length spread inside a batch (left padding, with the attention mask and explicit
   position ids, so a padded row computes what it would compute alone);
@@ -188,6 +196,7 @@ def _run_batch(model, prompts, chunks, *, seed, max_new_tokens, eos_id, pad_id, 
     cache = DynamicCache(config=model.config)
     logits = _step(model, ids, mask, positions, cache)[row_slot]          # (R, V): each prompt prefilled once
     decoder = _decoder(model, cache, mask, row_slot, max_new_tokens)
+    del cache  # the decoder holds what it needs (the shared route: its own copy of the K/V)
     next_pos = positions[row_slot, -1] + 1
     live = torch.arange(len(keys), device=mask.device)                    # original row of each live row
     tokens, logps, model_logps = ([[] for _ in keys] for _ in range(3))

@@ -189,7 +189,9 @@ class SharedPrefixKV:
 
     def attend(self, layer: int, query, key, value, *, scaling, softcap=None, window=None) -> torch.Tensor:
         """query (rows, q heads, 1, D), key/value (rows, kv heads, 1, D) of this step, after rotary.
-        Returns (rows, 1, q heads, D) in the query's dtype, what the attention layer projects."""
+        Returns (rows, 1, q heads, D) in the query's dtype, what the attention layer projects.
+        `softcap` (Gemma 2) caps scores as softcap * tanh(score / softcap) before the pads' -inf;
+        `window` is only checked: a window shorter than the context is refused, not applied."""
         if torch.is_autocast_enabled(query.device.type):  # the fp32 scores stay fp32 under autocast
             with torch.autocast(query.device.type, enabled=False):
                 return self._attend(layer, query, key, value, scaling=scaling, softcap=softcap, window=window)
@@ -218,4 +220,4 @@ class SharedPrefixKV:
         weights = scores.softmax(dim=-1)
         out = self._from_grid(self._to_grid(weights[..., :width]) @ self.prefix_v[layer], g)
         out = out + weights[..., width:] @ sv[:, :, :n]       # (kv heads, rows, g, D)
-        return out.permute(1, 0, 2, 3).reshape(rows, 1, q_heads, dim).to(query.dtype)
+        return out.permute(1, 0, 2, 3).reshape(rows, 1, q_heads, out.size(-1)).to(query.dtype)
