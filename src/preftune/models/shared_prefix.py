@@ -4,7 +4,8 @@ After the prefill, `DynamicCache` would hold every prompt's K/V copied to each o
 grow by `torch.cat` at every step: at n=8 and 512-token prompts that re-reads and re-writes the
 whole cache (~1.8 GB for SmolLM2-135M) per generated token. `SharedPrefixKV` keeps instead
 
-* the prompts' K/V from the prefill, one copy per prompt: (kv heads, prompts, width, head dim);
+* the prompts' K/V from the prefill, one copy per prompt: (kv heads, prompts, width, head dim),
+  keys stored transposed;
 * one suffix buffer per row for the tokens it generates, written in place (capacity doubles when
   full, so rows that stop early do not reserve `max_new_tokens` slots).
 
