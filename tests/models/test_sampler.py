@@ -111,6 +111,26 @@ def test_draw_tokens_is_inverse_cdf_in_vocabulary_order():
     assert draw_tokens(tail, torch.tensor([0.29, 0.3, 1.0])).tolist() == [0, 1, 1]
 
 
+def test_draw_tokens_by_blocks_equals_a_flat_float64_cdf():
+    """Vocabularies of 1000 (three blocks of 256 and a shorter one) and 49152 (192 blocks): the
+    two-level search picks the token a flat float64 cumsum picks, for every row, on skewed rows,
+    rows with empty blocks and unnormalized rows; u -> 1 falls back to the last token with mass
+    even when the blocks after it are empty."""
+    gen = torch.Generator().manual_seed(0)
+    for vocab in (1000, 49152):
+        probs = (torch.randn(64, vocab, generator=gen) * 4).softmax(dim=-1)
+        probs[:8, 100:900] = 0.0                                   # empty blocks between two with mass
+        probs[8:16] *= 7.0                                         # not normalized
+        u = torch.rand(64, generator=gen, dtype=torch.float64)
+        cdf = probs.double().cumsum(dim=-1)
+        flat = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        assert draw_tokens(probs, u).tolist() == flat.tolist()
+    two = torch.zeros(2, 1000)
+    two[:, [10, 900]] = 0.5
+    two[1, 900:] = 0.0                                             # mass at 10 only: u -> 1 gives 10
+    assert draw_tokens(two, torch.tensor([0.5, 1.0], dtype=torch.float64)).tolist() == [900, 10]
+
+
 def test_row_seed_separates_keys():
     seeds = {row_seed(s, i, j) for s in range(3) for i in range(5) for j in range(5)}
     assert len(seeds) == 75 and all(0 <= x < 2**63 for x in seeds)
@@ -230,11 +250,14 @@ def test_greedy_equals_hf_generate_per_prompt(model, tokenizer, prompts, arch):
     assert len(out[0].completion) == 3 and all(lp == 0.0 for s in out for lp in s.logps)
 
 
-def test_logps_match_a_teacher_forced_forward(model, tokenizer, prompts):
+@pytest.mark.parametrize("filters", [dict(temperature=0.7, top_k=50), dict(), dict(greedy=True)],
+                         ids=["filtered", "plain", "greedy"])
+def test_logps_match_a_teacher_forced_forward(model, tokenizer, prompts, filters):
     """model_logps equal the trainer's per-token log-probs (logprobs.completion_token_logps) of
     the same tokens; logps equal the log of the filtered distribution (temperature 0.7, top-k 50)
-    of the teacher-forced logits at the sampled token."""
-    out = sample(model, prompts, n=2, max_new_tokens=6, temperature=0.7, top_k=50, **_kw(tokenizer))
+    of the teacher-forced logits at the sampled token, the model log-probs themselves without
+    filters, and 0 for greedy (a point mass)."""
+    out = sample(model, prompts, n=2, max_new_tokens=6, **filters, **_kw(tokenizer))
     for s in out:
         ids = torch.tensor([s.prompt + s.completion])
         completion = torch.tensor([[0] * len(s.prompt) + [1] * len(s.completion)])
@@ -243,10 +266,14 @@ def test_logps_match_a_teacher_forced_forward(model, tokenizer, prompts):
                                                                "completion_mask": completion})
             logits = model(input_ids=ids).logits[0, len(s.prompt) - 1: -1]
         torch.testing.assert_close(torch.tensor(s.model_logps), token_logps[mask], atol=1e-4, rtol=0)
-        filtered = filtered_probs(logits, temperature=0.7, top_k=50)
+        if "greedy" in filters:
+            assert s.logps == [0.0] * len(s.completion)
+            continue
+        filtered = filtered_probs(logits, **filters)
         expected = filtered[torch.arange(len(s.completion)), torch.tensor(s.completion)].log()
         torch.testing.assert_close(torch.tensor(s.logps), expected, atol=1e-4, rtol=0)
-        assert not math.isclose(s.logps[0], s.model_logps[0], abs_tol=1e-3)  # the two really differ
+        if filters:
+            assert not math.isclose(s.logps[0], s.model_logps[0], abs_tol=1e-3)  # the two really differ
 
 
 # ---- mode, grad, dtype and arguments -------------------------------------------------------------

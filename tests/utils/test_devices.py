@@ -46,7 +46,7 @@ class DeviceChecker:
         def pre_hook(module, args, kwargs):
             checker.forwards += 1
             cache = kwargs.get("past_key_values")
-            if cache is not None and cache.get_seq_length() > 0:
+            if kwargs.get("shared_prefix") is not None or cache is not None and cache.get_seq_length() > 0:
                 return None  # a decode step: its tokens were drawn on the model's device from its own logits
             checker._check("forward", module, {**dict(zip(("input_ids",), args)), **kwargs})
             return None

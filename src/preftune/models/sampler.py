@@ -4,8 +4,16 @@
 each of its n samples, every row is left-padded to the widest prompt of its batch and a finished
 row keeps computing pad tokens until the last one ends. Here instead:
 
-* each prompt is prefilled once and its KV cache is copied to its n rows (`batch_select_indices`
-  with a repeated index), so a prompt costs one forward over its tokens, not n;
+* each prompt is prefilled once, so a prompt costs one forward over its tokens, not n. Its K/V
+  then stay stored once: decode steps attend to them through `shared_prefix.SharedPrefixKV`, one
+  batched matmul for all rows of a prompt and each row's new tokens written in place into its own
+  buffer (exact attention, one softmax over both). Where that route is not known to be exact
+  (`shared_prefix.unsupported`: model types it was not checked on, a sliding window shorter than
+  the context), the prompt's DynamicCache is copied to its n rows (`batch_select_indices` with a
+  repeated index) and grows by concatenation, as before. Memory of the shared route: the
+  prompts' K/V once, plus rows x (tokens generated so far, capacity doubling) x K/V per token,
+  kept in fp32 for a bf16 model; the copied cache holds rows x (width + tokens) in the model's
+  dtype;
 * prompts are sorted by length and packed into batches of at most `max_rows` rows, so padding is
   bounded by the length spread inside a batch (left padding, with the attention mask and explicit
   position ids, so a padded row computes what it would compute alone);
@@ -31,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from ..utils.devices import model_device, place
+from . import shared_prefix
 
 __all__ = ["Sample", "sample", "filtered_probs", "draw_tokens", "row_seed", "SamplingCopy"]
 
@@ -79,15 +88,42 @@ def filtered_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int
 def draw_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse CDF: for each row, the first token whose cumulative probability exceeds u * total.
 
-    probs (R, V), u (R,) in [0, 1). The CDF is summed in float64 so that a 50k-token tail keeps
-    its mass; a zero-probability token is never chosen (its CDF step is empty).
+    probs (R, V) >= 0, normalized or not (the total is the row's sum); u (R,) in [0, 1). The CDF is
+    summed in float64 so that a 50k-token tail keeps its mass; a zero-probability token is never
+    chosen (its CDF step is empty).
     """
-    cdf = probs.double().cumsum(dim=-1)                                   # (R, V)
-    x = (u.double() * cdf[:, -1]).unsqueeze(1)                            # (R, 1)
-    tokens = torch.searchsorted(cdf, x, right=True).squeeze(1)
-    # u * total can round up to total; fall back to the last token that has mass
-    last = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
-    return torch.minimum(tokens, last)
+    return _inverse_cdf(probs, u)[0]
+
+
+_BLOCK = 256  # tokens per block of the two-level CDF
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """draw_tokens and each row's total mass (R, 1) float64. Two levels, both in float64: the block
+    of 256 tokens whose cumulative mass first exceeds u * total, then the token inside it, so only
+    one block per row is scanned (a float64 cumsum over (R, V) is a sequential pass that cost ~30 ms a
+    step at 64 x 49152 on one core, plus its 25 MB buffer). Sums differ from a flat cumsum's by
+    float64 rounding only."""
+    rows, vocab = probs.shape
+    full = vocab // _BLOCK * _BLOCK
+    sums = probs[:, :full].reshape(rows, full // _BLOCK, _BLOCK).sum(dim=-1, dtype=torch.float64)
+    if full < vocab:                                                      # the last, shorter block
+        sums = torch.cat([sums, probs[:, full:].sum(dim=-1, dtype=torch.float64, keepdim=True)], dim=1)
+    before = sums.cumsum(dim=-1)                                          # (R, blocks): mass up to each block's end
+    total = before[:, -1:].contiguous()                                   # (R, 1)
+    x = u.double().unsqueeze(1) * total
+    # u * total can round up to total: fall back to where the CDF reaches its total, the last
+    # block (and inside it the last token) with mass; a search, not a pass over the vocabulary
+    block = torch.minimum(torch.searchsorted(before, x, right=True), torch.searchsorted(before, total))
+    index = block * _BLOCK + torch.arange(_BLOCK, device=probs.device)    # (R, _BLOCK)
+    inside = probs.gather(1, index.clamp(max=vocab - 1)).double().masked_fill(index >= vocab, 0.0)
+    start = torch.where(block > 0, before.gather(1, (block - 1).clamp(min=0)), 0.0)
+    cdf = inside.cumsum(dim=-1) + start                                   # (R, _BLOCK)
+    offset = torch.minimum(torch.searchsorted(cdf, x, right=True), torch.searchsorted(cdf, cdf[:, -1:].contiguous()))
+    return (block * _BLOCK + offset).squeeze(1), total
+
+
+_PLAIN = dict(temperature=1.0, top_k=0, top_p=1.0)
 
 
 def _plan(lengths: list[int], n: int, max_rows: int) -> list[list[tuple[int, int, int]]]:
@@ -125,6 +161,47 @@ def _step(model, ids, mask, positions, cache) -> torch.Tensor:
     return out.logits[:, -1]
 
 
+class _CopiedCache:
+    """Decode steps on the prefill's DynamicCache with each prompt's K/V copied to its rows: the
+    route for models and settings that shared_prefix.py does not handle exactly."""
+
+    def __init__(self, model, cache, mask, row_slot):
+        cache.batch_select_indices(row_slot)                              # copy each prompt's cache to its rows
+        self.model, self.cache, self.mask = model, cache, mask[row_slot]
+        self.context = nullcontext()
+
+    def keep(self, rows) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+
+    def step(self, token, positions) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.size(0), 1)], dim=1)
+        return _step(self.model, token[:, None], self.mask, positions[:, None], self.cache)
+
+
+class _SharedPrefix:
+    """Decode steps on SharedPrefixKV: each prompt's K/V once, rows' new tokens written in place."""
+
+    def __init__(self, model, cache, mask, row_slot, max_new_tokens):
+        self.model, self.kv = model, shared_prefix.SharedPrefixKV(cache, mask, row_slot, max_new_tokens)
+        self.context = shared_prefix.decoding(model)
+
+    def keep(self, rows) -> None:
+        self.kv.keep(rows)
+
+    def step(self, token, positions) -> torch.Tensor:
+        out = self.model(input_ids=token[:, None], position_ids=positions[:, None], use_cache=False,
+                         logits_to_keep=1, shared_prefix=self.kv)
+        self.kv.advance()
+        return out.logits[:, -1]
+
+
+def _decoder(model, cache, mask, row_slot, max_new_tokens):
+    if shared_prefix.unsupported(model, cache, mask.size(1) + max_new_tokens) is None:
+        return _SharedPrefix(model, cache, mask, row_slot, max_new_tokens)
+    return _CopiedCache(model, cache, mask, row_slot)
+
+
 def _run_batch(model, prompts, chunks, *, seed, max_new_tokens, eos_id, pad_id, greedy, filters) -> list:
     """Sample the rows of one planned batch; returns ((prompt index, sample index), Sample) pairs."""
     from transformers import DynamicCache  # deferred: ~1 s to import
@@ -140,37 +217,58 @@ def _run_batch(model, prompts, chunks, *, seed, max_new_tokens, eos_id, pad_id, 
     u = None if greedy else place(_uniforms(seed, chunks, max_new_tokens), model)  # (R, steps)
 
     cache = DynamicCache(config=model.config)
-    logits = _step(model, ids, mask, positions, cache)[row_slot]          # (R, V): prefill once, then
-    cache.batch_select_indices(row_slot)                                  # copy each prompt's cache to its rows
-    mask, next_pos = mask[row_slot], positions[row_slot, -1] + 1
+    logits = _step(model, ids, mask, positions, cache)[row_slot]          # (R, V): each prompt prefilled once
+    decoder = _decoder(model, cache, mask, row_slot, max_new_tokens)
+    del cache  # the decoder holds what it needs (the shared route: its own copy of the K/V)
+    next_pos = positions[row_slot, -1] + 1
     live = torch.arange(len(keys), device=mask.device)                    # original row of each live row
     tokens, logps, model_logps = ([[] for _ in keys] for _ in range(3))
-    for step in range(max_new_tokens):
-        raw = logits.float().log_softmax(dim=-1)                          # (R, V)
-        if greedy:
-            token = raw.argmax(dim=-1)
-            logp = torch.zeros_like(token, dtype=torch.float32)
-        else:
-            probs = filtered_probs(logits, **filters)
-            token = draw_tokens(probs, u[live, step])
-            logp = probs.gather(1, token[:, None]).squeeze(1).log()
-        model_logp = raw.gather(1, token[:, None]).squeeze(1)
-        done = (token == eos_id) | (step == max_new_tokens - 1)
-        # one device->host copy per step: the tokens and log-probs of the live rows
-        for r, t, lp, mlp in zip(live.tolist(), token.tolist(), logp.tolist(), model_logp.tolist()):
-            tokens[r].append(t)
-            logps[r].append(lp)
-            model_logps[r].append(mlp)
-        keep = (~done).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            break
-        if keep.numel() < live.numel():  # finished rows leave the batch and the cache
-            cache.batch_select_indices(keep)
-            live, token, mask, next_pos = live[keep], token[keep], mask[keep], next_pos[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.size(0), 1)], dim=1)
-        logits = _step(model, token[:, None], mask, next_pos[:, None], cache)
-        next_pos = next_pos + 1
+    with decoder.context:
+        for step in range(max_new_tokens):
+            token, logp, model_logp = _draw(logits, None if greedy else u[live, step], filters)
+            done = (token == eos_id) | (step == max_new_tokens - 1)
+            # one device->host copy per step: the tokens and log-probs of the live rows
+            for r, t, lp, mlp in zip(live.tolist(), token.tolist(), logp.tolist(), model_logp.tolist()):
+                tokens[r].append(t)
+                logps[r].append(lp)
+                model_logps[r].append(mlp)
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            if keep.numel() < live.numel():  # finished rows leave the batch and the cache
+                decoder.keep(keep)
+                live, token, next_pos = live[keep], token[keep], next_pos[keep]
+            logits = decoder.step(token, next_pos)
+            next_pos = next_pos + 1
     return [(key, Sample(prompts[key[0]], tokens[r], logps[r], model_logps[r])) for r, key in enumerate(keys)]
+
+
+def _draw(logits, u, filters):
+    """This step's tokens (R,), their log-probs under the sampling distribution and under the raw
+    model; `u` (R,) the rows' uniforms, None for greedy. `logits` (R, V) is this step's scratch:
+    fp32 logits are overwritten in place (exp(logit - max)), so that a step allocates no (R, V)
+    buffer beyond the model's own output (fresh buffers that large are page-faulted in at every
+    step on CPU)."""
+    logits = logits.float()
+    plain = u is not None and filters == _PLAIN  # the model's own distribution
+    if u is None:
+        token = logits.argmax(dim=-1)
+        logp = torch.zeros_like(token, dtype=torch.float32)
+    elif not plain:
+        probs = filtered_probs(logits, **filters)
+        token = draw_tokens(probs, u)
+        logp = probs.gather(1, token[:, None]).squeeze(1).log()
+    top = logits.amax(dim=-1, keepdim=True)                               # (R, 1)
+    if not plain:
+        picked = logits.gather(1, token[:, None]) - top
+    mass = logits.sub_(top).exp_()                                        # (R, V) unnormalized probabilities
+    if plain:
+        token, total = _inverse_cdf(mass, u)
+        picked = mass.gather(1, token[:, None]).log()                     # > 0: a token drawn has mass
+    else:
+        total = mass.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    model_logp = (picked.double() - total.log()).float().squeeze(1)      # log-softmax at the token
+    return token, model_logp if plain else logp, model_logp
 
 
 def _check(prompts, n, max_new_tokens, temperature, top_p, top_k, greedy, max_rows) -> None:
