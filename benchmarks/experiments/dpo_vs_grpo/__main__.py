@@ -52,7 +52,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 COMMON = ["online.reward=arithmetic", "online.samples_per_prompt=8", "online.max_new_tokens=16",
           "online.temperature=1.0", "online.eval_samples=4", "train.lr=5e-4", "train.seed=0",
-          "data.max_length=128", "data.max_prompt_length=96", "diagnostics.probe_every=0"]
+          "data.max_length=128", "data.max_prompt_length=96", "diagnostics.probe_every=0",
+          # the reference (an instruct model) explains its sum in ~31 tokens of a 48-token probe before the
+          # number the verifier reads; answering with the number alone is the task, so a policy at 0.35-0.5
+          # of that length is the intended behaviour, not answers cut short. 0.3 still flags a policy that
+          # stops after two or three tokens of the reference's ten
+          "diagnostics.length_shrink=0.3"]
 DPO = ["train.epochs=2", "train.batch_size=8", "loss.name=sigmoid", "loss.beta=0.1", "run.overwrite=true"]
 GRPO = ["loss.name=grpo", "train.max_steps=40", "online.prompts_per_step=4", "loss.kl_coef=0.04",
         "diagnostics.probe_every=10"]
@@ -119,8 +124,20 @@ def worker(method: str, out: Path, steps: int = 0, reuse: bool = False) -> None:
         policy = load_run_policy(result.run_dir, load_model(start_dir)).eval()
         reference = AdaptersOffReference(policy)
         rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        health = result.summary["health"]
+        if extra.get("reused_run"):  # this config's thresholds over the run's own history, step by step
+            import dataclasses
+
+            from preftune.core.diagnostics import health_checks
+
+            extra["health_as_run"], health = health, {}
+            for i in range(len(rows)):
+                for flag in health_checks(rows[: i + 1], beta=cfg.loss.beta, paired=False,
+                                          **dataclasses.asdict(cfg.diagnostics)):
+                    health.setdefault(flag, rows[i]["step"])
         extra = {**extra, "steps": result.steps, "train_reward_by_step": [round(r["reward/mean"], 4) for r in rows],
-                 "health": result.summary["health"], "probe_kl": [r["probe/kl"] for r in rows if "probe/kl" in r],
+                 "health": health, "probe_length_ratio": [round(r["probe/sample_length"] / r["probe/reference_length"], 3)
+                                                          for r in rows if r.get("probe/reference_length")], "probe_kl": [r["probe/kl"] for r in rows if "probe/kl" in r],
                  "samples_drawn": sum(r.get("online/samples", 0) for r in rows),
                  # the share of groups whose rewards are all equal: as drawn (before dynamic sampling
                  # drops them) and in the batch that trained
