@@ -314,7 +314,8 @@ def test_several_steps_per_batch_of_samples_make_the_prefetch_that_many_steps_st
 def test_grpo_with_overlap_through_the_real_server(tmp_path, capsys):
     """Three GRPO steps with overlap through a vLLM-CPU server the run starts (default model,
     merged pushes). Batches 1 and 2 come from the weights one step old: staleness 1, a mismatch
-    above the float noise of an on-policy step, and finite TIS weights."""
+    above the float noise of an on-policy step, and finite TIS weights. timeout_s 1800: on a loaded
+    2-core machine (load 7-9) the server took 10 minutes to start, and 600 s stopped the run."""
     from preftune.models.loading import resolve_model_dir
 
     try:
@@ -331,7 +332,7 @@ def test_grpo_with_overlap_through_the_real_server(tmp_path, capsys):
                  "online.reward=fn:conftest:vowel_reward", "online.max_new_tokens=12", "online.samples_per_prompt=4",
                  "online.prompts_per_step=2", "train.max_steps=3", "train.lr=1e-3", "diagnostics.probe_every=0",
                  "data.max_length=256", "data.max_prompt_length=128", "loss.name=grpo", f"run.output_dir={run}",
-                 "sampling.engine=vllm", f"sampling.vllm_python={VENV_PYTHON}", "sampling.timeout_s=600",
+                 "sampling.engine=vllm", f"sampling.vllm_python={VENV_PYTHON}", "sampling.timeout_s=1800",
                  "sampling.overlap=true"]) == 0
     wall = time.perf_counter() - start
     rows = metrics_rows(run)
