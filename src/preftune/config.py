@@ -276,6 +276,9 @@ class SamplingConfig:
                                    "lora on a GPU)")
     timeout_s: float = _f(300.0, "vllm: the longest wait for the server (start, each request), in seconds",
                           resume=False)
+    overlap: bool = _f(False, "vllm, grpo and ppo: draw the next batch of samples while this one trains, one batch "
+                              "of samples behind the policy (sampler/staleness_mean), corrected by loss.tis_cap "
+                              "(2 when left at 0); docs/guide/vllm.md")
 
 
 @dataclass
@@ -524,6 +527,9 @@ def _sampling_problems(c: Config):
         yield "sampling.sync_every", "must be >= 1"
     if not s.timeout_s > 0:
         yield "sampling.timeout_s", "must be > 0"
+    if s.overlap and s.engine != "vllm":
+        yield "sampling.overlap", ("needs sampling.engine=vllm: the built-in sampler runs on the trainer's own "
+                                   "weights and cores, so there is nothing to overlap")
     if s.engine != "vllm":
         return
     if not m.lora:

@@ -304,3 +304,27 @@ def test_chunked_prefill_is_off_with_the_model_context_as_budget_when_asked(tmp_
     (model / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="max_position_embeddings: needs a positive integer"):
         VLLMEngine(str(model), python="p", chunked_prefill=False).command(8000)
+
+
+def test_with_overlap_the_next_batch_is_requested_before_the_push_it_does_not_need(fake, tmp_path, tiny_model_dir):
+    """sampling.overlap through this engine and HTTP (runs/online/prefetch.py has the schedule).
+    Batch 0: push v0 (merged: reload + cache reset) and 2 prompts. Batch 1 is requested from the
+    thread while step 1 trains, before v1 is pushed. v1 is pushed before batch 2 is requested. There
+    is no v2 push: no batch 3 in a 3-step run. Without overlap every batch follows its own push."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The movie was\nI hated\nMy review:\n")
+    paths = {}
+    for overlap in ("true", "false"):
+        server = fake()
+        run = tmp_path / f"overlap-{overlap}"
+        assert main(["grpo", f"model.name_or_path={tiny_model_dir}", f"online.prompts_path={prompts}",
+                     "online.reward=fn:conftest:vowel_reward", "online.max_new_tokens=4", "online.prompts_per_step=2",
+                     "model.lora_r=4", "train.max_steps=3", "diagnostics.probe_every=0", "data.max_length=64",
+                     "data.max_prompt_length=32", f"run.output_dir={run}", "loss.name=grpo", "sampling.engine=vllm",
+                     f"sampling.vllm_url={server.url}", f"sampling.overlap={overlap}"]) == 0
+        paths[overlap] = [p.removeprefix("/v1/").removeprefix("/") for p in server.paths()]
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["sampler/staleness_mean"] for r in rows] == ([0.0, 1.0, 1.0] if overlap == "true" else [0.0] * 3)
+    push, batch = ["collective_rpc", "reset_prefix_cache"], ["completions"] * 2
+    assert paths["true"] == ["models", *push, *batch, *batch, *push, *batch]
+    assert paths["false"] == ["models", *push, *batch, *push, *batch, *push, *batch]

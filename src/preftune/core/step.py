@@ -175,6 +175,8 @@ def rollout_forward(model, reference, spec: LossSpec, batch: dict, kwargs: dict,
              **mismatch, **out.metrics}
     if keep is not None:
         parts["completions/truncated"] = 1.0 - keep.to(mask.device, torch.float32)
+    if "staleness" in batch:  # an engine (runs/online/prefetch.py): steps between sampling and these weights
+        parts["sampler/staleness_mean"] = batch["staleness"].to(mask.device, torch.float32)
     return out.losses, {k: v.detach() for k, v in parts.items()}
 
 
@@ -223,4 +225,6 @@ def policy_gradient_forward(model, reference, spec: LossSpec, batch: dict, kwarg
     if "sampler_logps" in flat:
         diff = (flat["old_logps"] - flat["sampler_logps"]).abs() * mask
         parts.update(sampler_diff_sum=diff.sum(dim=1), sampler_diff_max=diff.max(dim=1).values)
+    if "staleness" in batch:  # as in rollout_forward
+        parts["sampler/staleness_mean"] = batch["staleness"].to(mask.device, torch.float32)
     return out.losses, {k: v.detach() for k, v in parts.items()}

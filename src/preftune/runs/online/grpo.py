@@ -11,10 +11,11 @@ per-token log-probs. One optimisation pass per batch of
 samples: the sampling policy is the current one, so the policy ratio is 1 at the gradient.
 
 Like the online DPO source, micro-batch i depends only on its position and the weights, so a
-resumed run is bit-identical to an uninterrupted one. A group with a reward that failed (NaN:
-a judge that did not answer, a prompt the verifier does not know) is dropped and counted; when a
-draw keeps no group, the next attempt draws other prompts, and after MAX_ATTEMPTS the run stops
-with one line. Groups whose completions all scored the same keep advantage 0 (no policy-gradient
+resumed run is bit-identical to an uninterrupted one. That does not hold with `sampling.overlap`,
+which draws batch s + 1 in a thread while batch s trains (prefetch.py gives the schedule and says
+why). A group with a reward that failed (NaN: a judge that did not answer, a prompt the verifier
+does not know) is dropped and counted; when a draw keeps no group, the next attempt draws other
+prompts, and after MAX_ATTEMPTS the run stops with one line. Groups whose completions all scored the same keep advantage 0 (no policy-gradient
 signal; `groups/zero_variance` is their share).
 
 `evaluate` (the run's held-out measure, summary["eval"]): on `online.eval_prompts_path`, policy
@@ -52,6 +53,7 @@ from ...training.train import RunResult, train
 from ...utils.devices import place
 from ...utils.errors import ConfigError
 from ...utils.safeio import atomic_path
+from .prefetch import OVERLAP_TIS_CAP, Overlap
 from .rollouts import load_prompts, reward_from_config
 
 __all__ = ["GRPOSource", "MAX_ATTEMPTS", "run_grpo", "write_samples", "read_samples"]
@@ -111,6 +113,21 @@ class GRPOSource:
         self.eval_pairs, self.eval_collate = None, None
         self._counts: list[dict] = []
         self._held, self._rows = None, []  # (sample index, batch) reused across the mu passes
+        self.overlap = Overlap(engine, enabled=cfg.sampling.overlap)  # the engine's weights; the prefetch
+        if cfg.sampling.overlap:
+            self._overlap_settings(cfg, spec)
+
+    def _overlap_settings(self, cfg, spec: LossSpec) -> None:
+        """sampling.overlap: stale samples are corrected by the truncated-IS weight, capped at
+        loss.tis_cap, or OVERLAP_TIS_CAP when it is left at 0 (prefetch.py says why)."""
+        if self.engine is None:
+            raise ConfigError("defaults", "sampling.overlap", "needs sampling.engine=vllm")
+        if "tis_cap" not in spec.params:
+            raise ConfigError("defaults", "sampling.overlap", f"{spec.name!r} has no loss.tis_cap to correct "
+                              "samples from older weights")
+        cap = cfg.loss.tis_cap or OVERLAP_TIS_CAP
+        self.loss_adjustments["tis_cap"] = cap
+        self.stats["overlap"] = {"tis_cap": cap}
 
     def prepare(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -121,7 +138,12 @@ class GRPOSource:
     def describe(self) -> str:
         o = self.cfg.online
         return (f"grpo, {len(self.prompts)} prompts, {o.prompts_per_step} per micro-batch x "
-                f"{o.samples_per_prompt} samples, reward {self.reward.name}")
+                f"{o.samples_per_prompt} samples, reward {self.reward.name}{self._overlap_note()}")
+
+    def _overlap_note(self) -> str:
+        if "overlap" not in self.stats:
+            return ""
+        return f", overlap (one batch of samples ahead, tis_cap {self.stats['overlap']['tis_cap']:g})"
 
     def layout(self, cfg, model, model_dir: str):
         """Packed with prefix sharing where that is exact on this model (checked like every
@@ -186,14 +208,16 @@ class GRPOSource:
         """What later passes over this batch of samples need, should the run be resumed between
         them: the rows' tokens, rewards, old log-probs."""
         write_samples(self._rollout_path(sample), self._rows, {k: batch[k] for k in
-                                                               ("rewards", "old_logps", "sampler_logps")})
+                                                               ("rewards", "old_logps", "sampler_logps", "staleness")
+                                                               if k in batch})
 
     def _read_rollout(self, sample: int) -> dict:
         rows, _, t = read_samples(self._rollout_path(sample), " (online.grpo_iterations > 1 keeps them in rollouts/)")
-        return self._batch(rows, t["rewards"], old_logps=t["old_logps"], sampler_logps=t.get("sampler_logps"))
+        return self._batch(rows, t["rewards"], old_logps=t["old_logps"], sampler_logps=t.get("sampler_logps"),
+                           staleness=t.get("staleness"))
 
     def _batch(self, rows: list, rewards: torch.Tensor, old_logps: torch.Tensor | None = None,
-               sampler_logps: torch.Tensor | None = None) -> dict:
+               sampler_logps: torch.Tensor | None = None, staleness: torch.Tensor | None = None) -> dict:
         g, o = self.cfg.online.samples_per_prompt, self.cfg.online
         self._rows = rows
         batch = self._collate(rows, g)
@@ -206,27 +230,33 @@ class GRPOSource:
             batch["old_logps"] = old_logps
         if sampler_logps is not None:  # the sampler's log-probs of the completion tokens, row after row
             batch["sampler_logps"] = sampler_logps
+        if staleness is not None:  # an engine: optimizer steps between the sampling weights and these, per row
+            batch["staleness"] = staleness
         return batch
 
     def _sample(self, index: int) -> dict:
-        rows, rewards, sampler = self._draw(index)
-        return place(self._batch(rows, rewards, sampler_logps=sampler), self.model)
+        rows, rewards, sampler, staleness = self._draw(index)
+        return place(self._batch(rows, rewards, sampler_logps=sampler, staleness=staleness), self.model)
 
-    def _draw(self, index: int) -> tuple[list, torch.Tensor, torch.Tensor]:
+    def _draw(self, index: int) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Batch of samples `index`: (prompt_ids, completion_ids) rows, G per prompt, group-major;
-        their scores (N,); the sampler's log-probs of their tokens, flat, row after row. Groups
-        with a failed score are dropped; a draw that keeps none draws other prompts."""
-        o, seed, g = self.cfg.online, self.cfg.train.seed, self.cfg.online.samples_per_prompt
-        draw = random.Random(f"{seed}/{index}/{self.rank}")
-        if self.engine is not None:  # the policy after the optimizer steps done before this batch of samples
-            self.engine.sync(self.model, step=self._steps_before(index))
-        pool, fallback, draws = [], [], self._max_draws()
+        their scores (N,); the sampler's log-probs of their tokens, flat, row after row; with an
+        engine, each row's staleness (N,), else None. Groups with a failed score are dropped; a
+        draw that keeps none draws other prompts. With sampling.overlap the first draw may be the
+        one prefetched while the previous batch trained, and this one's is launched at the end."""
+        o, g = self.cfg.online, self.cfg.online.samples_per_prompt
+        draw = random.Random(f"{self.cfg.train.seed}/{index}/{self.rank}")
+        ahead, staleness = self.overlap.collect(index), None
+        if ahead is not None:  # how long the trainer waited for it, in all (~0: sampling was hidden)
+            self.stats["overlap"]["waited_s"] = round(self.overlap.waited_s, 3)
+        if self.engine is not None:
+            if ahead is None:  # drawn here, from the policy after the optimizer steps done before this batch
+                self.overlap.push(self.model, self._steps_before(index))
+            staleness = self._steps_before(index) - (ahead.version if ahead is not None else self.overlap.pushed)
+        pool, fallback, draws, kept = [], [], self._max_draws(), None
         for attempt in range(draws):
-            picks = draw.sample(range(len(self.prompts)), min(o.prompts_per_step, len(self.prompts)))
-            drawn = sample_completions(self.model, self.tokenizer, [self.prompt_ids[k] for k in picks], n=g,
-                                       max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
-                                       top_k=o.top_k, seed=seed + 100_003 * index + 1_009 * attempt + self.rank,
-                                       with_logps=True, engine=self.engine)
+            picks = self._picks(draw)
+            drawn = ahead.result() if attempt == 0 and ahead is not None else self._request(index, attempt, picks)
             samples = [(s.prompt, s.completion) for s in drawn]
             texts = decode_completions(self.tokenizer, samples)
             plain = [render.plain_text(self.prompts[k]) for k in picks for _ in range(g)]
@@ -237,11 +267,38 @@ class GRPOSource:
                                  "reward_mean": rewards[ok].mean().item() if ok.any() else math.nan,
                                  **self._variance_counts(rewards, ok)})
             if (kept := self._keep(pool, fallback, ok, rewards, samples, drawn)) is not None:
-                return kept
-        if pool or fallback:  # dynamic sampling ran out of draws: train on the groups it has
-            return self._kept(pool or fallback)
-        raise ConfigError(self.reward.name, "online.reward", f"{draws} draws of {o.prompts_per_step} prompts "
-                          "gave no group with every score finite; check the reward source")
+                break
+        if kept is None and (pool or fallback):  # dynamic sampling ran out of draws: train on the groups it has
+            kept = self._kept(pool or fallback)
+        if kept is None:
+            raise ConfigError(self.reward.name, "online.reward", f"{draws} draws of {o.prompts_per_step} prompts "
+                              "gave no group with every score finite; check the reward source")
+        self._launch(index + 1)
+        rows = kept[0]
+        return (*kept, None if staleness is None else torch.full((len(rows),), float(staleness)))
+
+    def _picks(self, draw: random.Random) -> list[int]:
+        """The prompts of one draw, from the batch's generator (the prefetch thread replays its first)."""
+        return draw.sample(range(len(self.prompts)), min(self.cfg.online.prompts_per_step, len(self.prompts)))
+
+    def _request(self, index: int, attempt: int, picks: list[int]) -> list:
+        """Draw `attempt` of batch `index`: G samples of each picked prompt, seeded by (train.seed,
+        index, attempt, process). The model is not run when an engine samples (the prefetch thread)."""
+        o = self.cfg.online
+        return sample_completions(self.model, self.tokenizer, [self.prompt_ids[k] for k in picks],
+                                  n=o.samples_per_prompt, max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+                                  top_p=o.top_p, top_k=o.top_k,
+                                  seed=self.cfg.train.seed + 100_003 * index + 1_009 * attempt + self.rank,
+                                  with_logps=True, engine=self.engine)
+
+    def _launch(self, index: int) -> None:
+        """sampling.overlap: push the weights batch `index - 1` trains on, then draw batch `index`'s
+        first draw in a thread (schedule: prefetch.py). Nothing past the run's last batch."""
+        if not self.overlap.enabled or self._steps_before(index) >= self.cfg.train.max_steps:
+            return
+        self.overlap.push(self.model, self._steps_before(index - 1))
+        picks = self._picks(random.Random(f"{self.cfg.train.seed}/{index}/{self.rank}"))
+        self.overlap.launch(index, lambda: self._request(index, 0, picks), len(picks))
 
     # ---- DAPO's dynamic sampling and overlong shaping (loss settings the source reads) ----
 
@@ -254,7 +311,7 @@ class GRPOSource:
         return {}
 
     def _steps_before(self, index: int) -> int:
-        """Optimizer steps done before batch of samples `index` is drawn (each batch is
+        """Optimizer steps done before batch of samples `index` trains (each batch is
         online.grpo_iterations micro-batches)."""
         return index * self.cfg.online.grpo_iterations // self.cfg.train.grad_accum
 

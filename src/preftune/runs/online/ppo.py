@@ -76,7 +76,7 @@ class PPOSource(GRPOSource):
         critic = f", critic {self.stats.get('critic', 'none')}" if self.spec.estimator == "gae" else ""
         return (f"{self.spec.name}, {len(self.prompts)} prompts, {o.prompts_per_step} per batch x "
                 f"{o.samples_per_prompt} samples, {p.epochs} epochs x {p.mini_batches} mini-batches, "
-                f"reward {self.reward.name}{critic}")
+                f"reward {self.reward.name}{critic}{self._overlap_note()}")
 
     def layout(self, cfg, model, model_dir: str):
         self.chosen = Layout("padded", False)
@@ -96,7 +96,7 @@ class PPOSource(GRPOSource):
     def start(self, cfg, model, accelerator, reference, reference_info: dict, fp: dict) -> None:
         super().start(cfg, model, accelerator, reference, reference_info, fp)
         if "critic" in self._modules:
-            self.loss_adjustments = {"critic": self._modules["critic"]}
+            self.loss_adjustments = {**self.loss_adjustments, "critic": self._modules["critic"]}  # keeps overlap's tis_cap
         return None
 
     # ---- micro-batch i: one pass, one mini-batch of one batch of samples ----
@@ -132,7 +132,7 @@ class PPOSource(GRPOSource):
             if key in full:
                 batch[key] = full[key][flat_index]
         for key in ("rewards", "kl_seq", "non_score", "returns_mean", "advantages_mean", "kl_coef",
-                    "explained_variance", "no_eos"):
+                    "explained_variance", "no_eos", "staleness"):
             if key in full:
                 batch[key] = full[key][rows]
         return place(batch, self.model)
@@ -150,7 +150,7 @@ class PPOSource(GRPOSource):
     def _rollout(self, sample: int) -> dict:
         """Draw, score and evaluate batch of samples `sample`: everything its passes need."""
         p, g = self.cfg.ppo, self.cfg.online.samples_per_prompt
-        rows, scores, sampler = self._draw(sample)
+        rows, scores, sampler, staleness = self._draw(sample)
         batch = place(collate_sequences([pr for pr, _ in rows], [c for _, c in rows], self.tokenizer.pad_token_id),
                       self.model)
         critic = self._modules.get("critic")
@@ -184,6 +184,8 @@ class PPOSource(GRPOSource):
                 "non_score": (-coef * kl_seq).cpu(), "returns_mean": ((returns * mask).sum(1) / counts).cpu(),
                 "advantages_mean": ((advantages * mask).sum(1) / counts).cpu(), "kl_coef": torch.full((n,), coef, dtype=torch.float64),
                 "no_eos": no_eos}
+        if staleness is not None:  # an engine: optimizer steps between the sampling weights and these, per row
+            full["staleness"] = staleness
         if values is not None:  # a critic: how much of the returns' variance its values explain
             full["explained_variance"] = torch.full((n,), explained_variance(values, returns, mask))
             full["old_values"] = values[m].cpu()

@@ -49,6 +49,9 @@ class OnlineSource:
             raise ConfigError("defaults", "train.max_steps", "online mode needs a number of steps (> 0)")
         self.cfg, self.spec, self.prompts, self.reward = cfg, spec, prompts, reward
         self.engine = engine  # models/vllm_engine.VLLMEngine, or None: the built-in sampler
+        if cfg.sampling.overlap:  # stale pairs would need a correction the pair losses do not have
+            raise ConfigError("defaults", "sampling.overlap", "is for preftune grpo and ppo, whose losses correct "
+                              "samples from older weights (loss.tis_cap); online DPO pairs have no such correction")
         self.eval_records = load_data(cfg.data.eval_path, cfg.data) if cfg.data.eval_path else None
         digest = hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()
         self.identity = {"online.prompts_sha256": digest, "online.reward_name": reward.name,
