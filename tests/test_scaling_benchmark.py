@@ -5,25 +5,86 @@ tokens) and the TRL ratio, without training."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from benchmarks.scaling import __main__ as scaling
 from conftest import needs_shared
+from preftune.models.zoo import ZOO
+from preftune.utils.envvars import cache_root
+
+USER_CACHE = cache_root()  # the user's, where `preftune models fetch` converted the models
+
+
+def _sentencepiece_tokenizer():
+    """A tiny Gemma-style vocabulary trained on the HH text the pairs come from: spaces become '▁'
+    before BPE, nothing pre-splits the text (so merges may cross words, as in Gemma's), BOS in front."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Replace("\u2581", " ")
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<pad>", "<eos>", "<bos>"], show_progress=False)
+    tok.train_from_iterator(scaling._texts()[:400], trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def _installed_tokenizer(name: str):
+    """The tokenizer of a packaged model already converted in the user's cache (read at import,
+    before the autouse fixture points PREFTUNE_CACHE at a temporary directory): the test never
+    converts a model; absent, it skips."""
+    from preftune.models.loading import load_tokenizer
+
+    found = sorted((USER_CACHE / "models").glob(f"{Path(ZOO[name].gguf).stem}-*/tokenizer.json"))
+    if not found:
+        pytest.skip(f"{name} is not converted in {USER_CACHE}: `preftune models fetch {name}`")
+    return load_tokenizer(str(found[0].parent))
+
+
+def assert_exact_clean_pairs(path, tok, length: int, n: int) -> None:
+    """Every pair is `length` tokens as preftune reads it (the tokenizer's BOS, the prompt, two
+    completions with their EOS), and tokenizing prompt + completion together (what TRL does)
+    gives the prompt's tokens then the completion's: nothing merges across the boundary."""
+    from preftune.data.render import completion_ids, prompt_ids
+
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == n
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    eos = tok.eos_token_id
+    for r in rows:
+        sizes = [len(prompt_ids(tok, r["prompt"])), *(len(completion_ids(tok, r["prompt"], r[k], eos=eos))
+                                                      for k in ("chosen", "rejected"))]
+        assert sizes == [length // 2, length // 4, length // 4] and sum(sizes) == length
+        for completion in (r["chosen"], r["rejected"]):
+            assert ids(r["prompt"] + completion) == ids(r["prompt"]) + ids(completion), (r["prompt"][-20:], completion[:20])
 
 
 @needs_shared
-def test_synthetic_pairs_have_exact_lengths_and_clean_boundaries(tmp_path, tokenizer):
+@pytest.mark.parametrize("vocab", ["byte-level", "sentencepiece"])
+def test_synthetic_pairs_have_exact_lengths_and_clean_boundaries(tmp_path, tokenizer, vocab):
+    """GPT-2 byte-level BPE marks a space 'Ġ' (SmolLM2), SentencePiece-style vocabularies '▁' and
+    add a BOS (Gemma): make_pairs reads the mark from the tokenizer and counts the BOS."""
+    tok = tokenizer if vocab == "byte-level" else _sentencepiece_tokenizer()
+    assert (tok.bos_token is None) == (vocab == "byte-level")
     path = tmp_path / "pairs.jsonl"
-    scaling.make_pairs(path, 64, 6, tok=tokenizer)
-    rows = [json.loads(x) for x in path.read_text().splitlines()]
-    assert len(rows) == 6
+    scaling.make_pairs(path, 64, 6, tok=tok)
+    assert_exact_clean_pairs(path, tok, 64, 6)
 
-    def ids(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    for r in rows:
-        assert len(ids(r["prompt"])) == 32 and len(ids(r["chosen"])) == 15 and len(ids(r["rejected"])) == 15
-        for completion in (r["chosen"], r["rejected"]):  # what TRL does: tokenize the two together
-            assert ids(r["prompt"] + completion) == ids(r["prompt"]) + ids(completion), (r["prompt"][-20:], completion[:20])
+@needs_shared
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
+def test_synthetic_pairs_on_the_benchmarked_models_tokenizers(tmp_path, name):
+    """The two models the benchmark runs (Gemma only when `preftune models fetch gemma3-270m` ran)."""
+    tok = _installed_tokenizer(name)
+    path = tmp_path / "pairs.jsonl"
+    scaling.make_pairs(path, 128, 8, tok=tok)
+    assert_exact_clean_pairs(path, tok, 128, 8)
 
 
 def test_trl_ratio_takes_the_block_point_of_the_same_invocation():

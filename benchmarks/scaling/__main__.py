@@ -44,6 +44,7 @@ from benchmarks import importable, module_command
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 HH_TRAIN = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base" / "train.jsonl.gz"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 MODES = ("block", "dense", "block+gc", "qlora", "qlora+gc", "trl", "trl+gc")
 
 
@@ -58,29 +59,44 @@ def _texts() -> list[str]:
     return [r["chosen"] + r["rejected"] for r in rows]
 
 
+def word_marks(tok, ids: list[int]) -> tuple[list[bool], list[bool]]:
+    """For each token of `ids`: does it start a word (the tokenizer's space mark, then letters only),
+    and is it whitespace only. The space mark is read from the tokenizer: 'Ġ' for GPT-2 byte-level
+    BPE (SmolLM2), '▁' for SentencePiece-style vocabularies (Gemma)."""
+    mark = tok.convert_ids_to_tokens(tok(" a", add_special_tokens=False)["input_ids"])[0][0]
+    pieces = tok.convert_ids_to_tokens(ids)
+    blank_ids = {i for i in set(ids) if tok.decode([i]).strip() == ""}  # space, newline, tab runs
+    word = [len(p) > 1 and p[0] == mark and p[1:].isalpha() for p in pieces]
+    return word, [i in blank_ids for i in ids]
+
+
 def make_pairs(path: Path, length: int, n: int, tok=None) -> None:
-    """n pairs of `length` tokens (prompt length/2, chosen and rejected length/4 with their EOS), cut
-    from HH text. Every piece starts at a word (a token that is a space and letters) and ends before
-    one, and no piece ends in whitespace: then the decoded text re-tokenizes to the same tokens and
-    nothing merges across the prompt/completion boundary, so every tool sees the same tokens (TRL
-    tokenizes prompt + completion together and moves a boundary where tokens merge)."""
+    """n pairs of `length` tokens as preftune and TRL read them: the prompt length/2 with the BOS
+    the tokenizer adds (Gemma; SmolLM2 adds none), chosen and rejected length/4 with their EOS, cut
+    from HH text. Every piece starts at a word (a token that is the space mark and letters) and ends
+    before one, and no piece ends in whitespace: then the decoded text re-tokenizes to the same
+    tokens and nothing merges across the prompt/completion boundary, so every tool sees the same
+    tokens (TRL tokenizes prompt + completion together and moves a boundary where tokens merge).
+    tests/test_scaling_benchmark.py holds this for a byte-level BPE and a SentencePiece vocabulary."""
+    from preftune.data.render import special_prefix
     from preftune.models.loading import load_tokenizer, resolve_model_dir
 
-    tok = tok or load_tokenizer(resolve_model_dir("smollm2-135m-instruct"))
+    tok = tok or load_tokenizer(resolve_model_dir(DEFAULT_MODEL))
     stream = [t for text in _texts()[: 400] for t in tok(text, add_special_tokens=False)["input_ids"]]
-    pieces = tok.convert_ids_to_tokens(stream)
-    word = [len(p) > 1 and p[0] == "Ġ" and p[1:].isalpha() for p in pieces]  # GPT-2 byte-level: Ġ = space
-    blank = [p.strip("ĠĊĉ") == "" for p in pieces]  # space, newline, tab only
+    word, blank = word_marks(tok, stream)
 
     def clean(i: int, size: int) -> int:
-        while not (word[i] and word[i + size] and not blank[i + size - 1]):
+        for _ in range(len(stream)):
+            if word[i] and word[i + size] and not blank[i + size - 1]:
+                return i
             i = (i + 1) % (len(stream) - length)
-        return i
+        raise ValueError(f"no {size}-token span of the HH text starts and ends at a word for this tokenizer")
 
     rows, at = [], 0
+    bos = len(special_prefix(tok))
     for _ in range(n):
         parts = []
-        for size in (length // 2, length // 4 - 1, length // 4 - 1):  # -1: the EOS each completion gets
+        for size in (length // 2 - bos, length // 4 - 1, length // 4 - 1):  # -1: the EOS each completion gets
             at = clean(at, size)
             parts.append(tok.decode(stream[at: at + size]))
             at = (at + size) % (len(stream) - length)
