@@ -39,12 +39,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _model():
+def _model(name: str = "smollm2-135m-instruct"):
     from accelerate.utils import set_seed
 
     from preftune.models.loading import apply_lora, load_model, load_tokenizer, resolve_model_dir
 
-    model_dir = resolve_model_dir("smollm2-135m-instruct")
+    model_dir = resolve_model_dir(name)
     set_seed(SEED)
     model = apply_lora(load_model(model_dir), **LORA)
     return model, load_tokenizer(model_dir), model_dir
@@ -52,9 +52,10 @@ def _model():
 
 # ---- workers (each in its own process) ------------------------------------------------------
 
-def worker_trl(data: Path, steps: int, batch: int, max_length: int, gradient_checkpointing: bool = True) -> dict:
+def worker_trl(data: Path, steps: int, batch: int, max_length: int, gradient_checkpointing: bool = True,
+               model_name: str = "smollm2-135m-instruct") -> dict:
     """TRL's DPOTrainer at its defaults (gradient checkpointing on) except fp32; benchmarks/scaling
-    also runs it with checkpointing off."""
+    also runs it with checkpointing off and on another packaged model (`model_name`)."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
     from trl import DPOConfig, DPOTrainer
@@ -64,7 +65,7 @@ def worker_trl(data: Path, steps: int, batch: int, max_length: int, gradient_che
             return SequentialSampler(self.train_dataset)
 
     rows = [json.loads(x) for x in data.read_text().splitlines()]
-    model, tokenizer, _ = _model()
+    model, tokenizer, _ = _model(model_name)
     args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, learning_rate=LR, beta=BETA,
                      max_steps=steps, lr_scheduler_type="linear", warmup_steps=0, max_length=max_length,
                      bf16=False, logging_steps=1, save_strategy="no", report_to=[], seed=SEED, use_cpu=True,
