@@ -245,7 +245,7 @@ class GRPOSource:
         draw that keeps none draws other prompts. With sampling.overlap the first draw may be the
         one prefetched while the previous batch trained, and this one's is launched at the end."""
         o, g = self.cfg.online, self.cfg.online.samples_per_prompt
-        draw = random.Random(f"{self.cfg.train.seed}/{index}/{self.rank}")
+        draw = self._generator(index)
         ahead, staleness = self.overlap.collect(index), None
         if ahead is not None:  # how long the trainer waited for it, in all (~0: sampling was hidden)
             self.stats["overlap"]["waited_s"] = round(self.overlap.waited_s, 3)
@@ -277,6 +277,11 @@ class GRPOSource:
         rows = kept[0]
         return (*kept, None if staleness is None else torch.full((len(rows),), float(staleness)))
 
+    def _generator(self, index: int) -> random.Random:
+        """The prompt generator of batch `index`: one seed for the draw and for its prefetch, which
+        replays the draw's first picks."""
+        return random.Random(f"{self.cfg.train.seed}/{index}/{self.rank}")
+
     def _picks(self, draw: random.Random) -> list[int]:
         """The prompts of one draw, from the batch's generator (the prefetch thread replays its first)."""
         return draw.sample(range(len(self.prompts)), min(self.cfg.online.prompts_per_step, len(self.prompts)))
@@ -297,7 +302,7 @@ class GRPOSource:
         if not self.overlap.enabled or self._steps_before(index) >= self.cfg.train.max_steps:
             return
         self.overlap.push(self.model, self._steps_before(index - 1))
-        picks = self._picks(random.Random(f"{self.cfg.train.seed}/{index}/{self.rank}"))
+        picks = self._picks(self._generator(index))
         self.overlap.launch(index, lambda: self._request(index, 0, picks), len(picks))
 
     # ---- DAPO's dynamic sampling and overlong shaping (loss settings the source reads) ----
