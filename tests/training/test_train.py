@@ -447,6 +447,25 @@ def test_keep_best_ends_at_the_best_probe(tmp_path, tiny_model_dir, monkeypatch)
         or best.summary["eval"]["rewards/margins"] != plain.summary["eval"]["rewards/margins"]
 
 
+def test_keep_best_never_keeps_the_probe_a_stop_on_check_fired_at(tmp_path, tiny_model_dir, monkeypatch):
+    """Step 3's probe has the best accuracy but kl_drift fires there and stop_on stops the run: the
+    run ends at step 2's weights, the best probe before the refused state, not at step 3's."""
+    import sys
+
+    train_module = sys.modules["preftune.training.train"]
+    real = train_module.health_checks
+    monkeypatch.setattr(train_module, "health_checks",
+                        lambda history, **kw: real(history, **kw) + (["kl_drift"] if history[-1]["step"] == 3 else []))
+    _scripted_probe_accuracy(monkeypatch, {1: 0.5, 2: 0.6, 3: 0.9, 4: 0.9})
+    got = train(_cfg(tmp_path, tiny_model_dir, "train.keep_best=true", "diagnostics.stop_on=[kl_drift]",
+                     "train.epochs=3", "train.batch_size=4", "diagnostics.probe_every=1", "model.lora_dropout=0.0",
+                     f"data.eval_path={tmp_path / 'pairs.jsonl'}", "diagnostics.probe_prompts=2",
+                     "eval.max_new_tokens=4", name="stopped"))
+    assert got.summary["stopped_early"] == {"check": "kl_drift", "step": 3}
+    assert got.summary["best"] == {"step": 2, "accuracy": 0.6, "restored": True}
+    assert [p.name for p in (got.run_dir / "best").iterdir()] == ["step-00000002.safetensors"]
+
+
 def test_keep_best_survives_a_resume_and_is_refused_without_probes(tmp_path, tiny_model_dir, monkeypatch):
     from conftest import interrupt_after_checkpoint
     from preftune.utils.errors import ConfigError

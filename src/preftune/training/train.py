@@ -467,8 +467,9 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                 row.update(run_probe(unwrapped, run.reference, run.tokenizer, run.source, spec, run.loss_kwargs, cfg,
                                      run.step,
                                      baseline, run.total_steps))
-                _keep_if_best(run, row, unwrapped)
             stop = log.record(row)
+            if "probe/eval_accuracy" in row and not stop:  # a probe that stops the run is not a state to end at
+                _keep_if_best(run, row, unwrapped)
             if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < run.total_steps:
                 snap = snapshot(_trainable(unwrapped, run.modules), run.optimizer)  # every rank: gathers sharded tensors
                 if a.is_main_process:
@@ -491,7 +492,9 @@ def _loss_state(run: _Run) -> dict:
 
 def _keep_if_best(run: _Run, row: dict, unwrapped) -> None:
     """train.keep_best: a probe with a strictly higher held-out accuracy than every earlier one
-    keeps its weights (RUN/best/) and becomes the point the run ends at."""
+    keeps its weights (RUN/best/) and becomes the point the run ends at. Not called for a probe at
+    which a diagnostics.stop_on check fires: its accuracy may be the highest while its KL or
+    log-probs are the reason to stop, and ending there would hand back the state that was refused."""
     accuracy = row.get("probe/eval_accuracy")
     if not run.cfg.train.keep_best or accuracy is None or (run.best is not None and accuracy <= run.best["accuracy"]):
         return
