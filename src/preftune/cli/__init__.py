@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from ..config import HF_ALIASES, config_help
 from ..core.losses import ALIASES, LOSSES
 from ..models.qlora import hide_bitsandbytes
+from ..utils.allocator import release_freed_memory
 from ..utils.envvars import check_environment
 from ..utils.errors import PreftuneError
 from ..utils.safeio import os_problem
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()  # after parsing: --help and usage errors never import transformers
     try:
         check_environment()  # every PREFTUNE_* variable that is set, before any work (envvars.py)
+        release_freed_memory()  # glibc: freed activations go back to the system (utils/allocator.py)
         return _run(args)
     except PreftuneError as err:
         print(_one_line(str(err)), file=sys.stderr)

@@ -42,6 +42,7 @@ from ..models.loading import (
     resolve_model_dir,
     weights_sha256,
 )
+from ..utils.allocator import release_freed_memory
 from ..utils.errors import ConfigError, NumericalError
 from ..utils.rundir import RunLock, finished, read_jsonl_tail_tolerant
 from ..utils.safeio import atomic_path, atomic_write, os_problem
@@ -195,6 +196,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     """Train from `cfg` on `source` (default: the offline file `data.train_path`). With `resume`,
     continue `cfg.run.output_dir` from its newest valid checkpoint (or start fresh there when it
     has none). One writer per run directory (RunLock)."""
+    release_freed_memory()  # what the CLI does first, for train() called as a library (utils/allocator.py)
     spec, run_dir = build_loss(cfg.loss.name, cfg.loss.mix), Path(cfg.run.output_dir)
     # the main process alone decides about (and locks) the run dir: global rank 0, as launchers set
     # it (Accelerate's own state is not built yet, and building it early would fix its settings)
@@ -521,7 +523,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
                "loss_params": {k: v for k, v in run.loss_kwargs.items()
                                if not isinstance(v, torch.nn.Module) and k != "loss_state"},
                **_loss_state(run),
-               "peak_rss_mb": peak_rss_mb(),
+               "peak_rss_mb": peak_rss_mb(), "allocator": release_freed_memory(),
                "distributed": {"type": str(a.distributed_type).split(".")[-1].lower(), "processes": a.num_processes},
                "gradient_checkpointing": bool(getattr(a.unwrap_model(run.model), "is_gradient_checkpointing", False)),
                "quantization": f"4bit-{cfg.model.bnb_4bit_quant_type}" if cfg.model.load_in_4bit else None,

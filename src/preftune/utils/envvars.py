@@ -21,10 +21,11 @@ __all__ = ["EnvVar", "ENV", "env", "check_environment", "has_control_characters"
 @dataclass(frozen=True)
 class EnvVar:
     name: str
-    kind: str  # "bytes" (a positive integer) | "dir" | "names" (comma-separated) | "text" | "secret"
+    kind: str  # "bytes" (a positive integer) | "dir" | "names" (comma-separated) | "choice" | "text" | "secret"
     help: str
     default: object = None
     high: int = 1 << 50
+    choices: tuple = ()
 
 
 ENV = {v.name: v for v in (
@@ -35,6 +36,8 @@ ENV = {v.name: v for v in (
     EnvVar("PREFTUNE_JUDGE_MODEL", "text", "the model name sent to a judge:URL without #model", "judge"),
     EnvVar("PREFTUNE_JUDGE_API_KEY", "secret", "the judge's API key (Authorization: Bearer)", None),
     EnvVar("PREFTUNE_SERVE_API_KEY", "secret", "the key `preftune serve` requires (default of --api-key)", None),
+    EnvVar("PREFTUNE_MALLOC", "choice", "release: glibc hands freed blocks of 64 KiB and up back to the system "
+           "(utils/allocator.py); system: glibc's own thresholds", "release", choices=("release", "system")),
 )}
 
 
@@ -63,6 +66,10 @@ def _parse(var: EnvVar, raw: str):
         if bad:
             raise ConfigError(where, "environment", f"expected comma-separated module names, got {bad[0][:40]!r}")
         return names
+    if var.kind == "choice":
+        if raw.strip() not in var.choices:
+            raise ConfigError(where, "environment", f"expected one of {', '.join(var.choices)}, got {raw[:40]!r}")
+        return raw.strip()
     if has_control_characters(raw.strip()):
         shown = "(the value is not printed)" if var.kind == "secret" else repr(raw[:40])
         raise ConfigError(where, "environment", f"holds a control character (a line break?) {shown}")
