@@ -112,7 +112,9 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
     no = [k for k, v in acc["gain_excludes_0"].items() if not v]
     lines.append("- Gain interval excludes 0: " + (f"every point ({len(acc['gain_excludes_0'])})." if not no else
                  f"not for {', '.join(no)} (figures in the table)."))
-    lines += ["", f"Settings: {meta['mode']} mode, model `{meta['model']}`, seed 0, LoRA; "
+    seeds = (meta.get("protocol") or {}).get("seeds", [0])
+    lines += ["", f"Settings: {meta['mode']} mode, model `{meta['model']}`, seed{'s' * (len(seeds) > 1)} "
+              f"{', '.join(map(str, seeds))}, LoRA; "
               f"{meta['elapsed_s']:.0f} s for this invocation (finished points kept from earlier ones count 0); "
               f"estimated {meta['estimate']['total_s']} s for the whole configuration."]
     if meta["mode"] == "quick":
@@ -154,16 +156,30 @@ def plot(rows: list[dict], dest: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict) -> None:
-    """results.json (a row per base evaluation and per point, then settings and acceptance), results.md, gain_vs_kl.png."""
+def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict, suffix: str = "") -> None:
+    """results.json (a row per base evaluation and per point, then settings and acceptance), results.md, gain_vs_kl.png;
+    `suffix` names another protocol's files beside them (results-second.md: the second split)."""
     # the points before the base rows: `preftune report --experiment` takes its columns from the first rows' fields
     results = {"command": " ".join(["python -m benchmarks.quality", *sys.argv[1:]]),
                **{f"{r['dataset']} {r['method']}": r for r in rows},
                **{f"{name} base model": b for name, b in bases.items()}, "settings": meta, "acceptance": acceptance(rows)}
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (dest / f"results{suffix}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     md = ["# Held-out quality per method (issue 18, item 1)", "",
-          f"Written by `python -m benchmarks.quality` ({meta['mode']} mode) from results.json.", "",
-          *table(rows, bases), *notes(rows, bases, meta)]
-    (dest / "results.md").write_text("\n".join(md) + "\n")
-    plot(rows, dest / "gain_vs_kl.png", f"held-out accuracy gain vs KL ({meta['mode']}, {Path(meta['model']).name})")
+          f"Written by `python -m benchmarks.quality` ({meta['mode']} mode) from results{suffix}.json.", "",
+          *_protocol_lines(meta.get("protocol")), *table(rows, bases), *notes(rows, bases, meta)]
+    (dest / f"results{suffix}.md").write_text("\n".join(md) + "\n")
+    plot(rows, dest / f"gain_vs_kl{suffix}.png",
+         f"held-out accuracy gain vs KL ({meta['mode']}{suffix}, {Path(meta['model']).name})")
+
+
+def _protocol_lines(protocol: dict | None) -> list[str]:
+    """What a non-default invocation changed (issue 39's flags), above its table."""
+    if not protocol:
+        return []
+    said = [f"training seeds {', '.join(map(str, protocol['seeds']))}"]
+    if protocol["split"] == "second":
+        said.append("the second split (dev = a slice of the training file, after every record training reads)")
+    if protocol["full_train"]:
+        said.append("the whole training side under each recipe's stated budget (recipe.budget)")
+    return [f"Protocol: {'; '.join(said)}.", ""]
