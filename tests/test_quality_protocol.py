@@ -230,3 +230,79 @@ def test_full_train_applies_the_recipes_stated_budget(tmp_path, fake, monkeypatc
     results = json.loads((tmp_path / "q" / "results-full-train.json").read_text())
     assert results["truthfulqa sigmoid"]["budget"]["val_pairs"] == 64 and results["truthfulqa ipo"]["budget"] is None
     assert results["truthfulqa sigmoid"]["train_pairs"] == 380
+
+
+# ---- honest selection (search.py): validation from the training side, dev once at the end ------
+
+def _tqa_rows(path: Path, questions: list[str]) -> str:
+    path.write_text("".join(json.dumps({"Type": "t", "Category": "c", "Question": q, "Best Answer": f"right {k}",
+                                        "Correct Answers": f"right {k}", "Incorrect Answers": f"wrong {k}",
+                                        "Source": "s"}) + "\n" for k, q in enumerate(questions)))
+    return str(path)
+
+
+def test_validation_slice_stops_where_the_second_splits_dev_begins():
+    from benchmarks.quality import search
+
+    data = {"name": "truthfulqa", "train": "/d/train.jsonl[:160]", "dev": "/d/dev.jsonl[:168]", "train_pairs": 160}
+    assert search.validation_inputs(data, 120, stop=276)["dev"] == "/d/train.jsonl[160:276]"  # 444 - 168 = 276
+    assert search.validation_inputs(data, 120, stop=276)["dev_pairs"] == 116
+    assert search.validation_inputs(data, 120)["dev"] == "/d/train.jsonl[160:280]"
+    with pytest.raises(ValueError, match="no validation pairs"):
+        search.validation_inputs(data, 120, stop=160)
+
+
+def test_folds_split_the_training_pairs_by_prompt_and_refuse_a_dev_prompt(tmp_path):
+    """12 training rows, 'Q3?' three times: 3 folds, every row validated exactly once, no question
+    on both sides of a fold; a dev question among the training ones is an error."""
+    from benchmarks.quality import search
+
+    questions = [f"Q{k}?" for k in range(9)] + ["Q3?", "Q3?", "Q10?"]
+    side = _tqa_rows(tmp_path / "train.jsonl", questions + ["Q99?"])  # a 13th row past the training pairs
+    dev = _tqa_rows(tmp_path / "dev.jsonl", ["D1?", "D2?"])
+    data = {"name": "truthfulqa", "tag": "truthfulqa", "side": side, "train": f"{side}[:12]", "dev": dev,
+            "train_pairs": 12, "settings": []}
+    folds = search.fold_inputs(data, 3, tmp_path / "folds")
+    seen = []
+    for f in folds:
+        fit = [json.loads(x)["Question"] for x in Path(f["train"]).read_text().splitlines()]
+        val = [json.loads(x)["Question"] for x in Path(f["dev"]).read_text().splitlines()]
+        assert not set(fit) & set(val) and len(fit) + len(val) == 12 and f["dev_pairs"] == len(val) == 4
+        assert f["tag"].startswith("truthfulqa-k3-fold")
+        seen += val
+    assert sorted(seen) == sorted(questions) and "Q99?" not in seen
+    with pytest.raises(ValueError, match="dev pairs are not held out"):
+        search.fold_inputs({**data, "dev": _tqa_rows(tmp_path / "dev2.jsonl", ["Q4?"])}, 3, tmp_path / "f2")
+
+
+def test_pool_folds_pools_accuracy_over_every_validation_pair():
+    """Folds of 40, 40 and 20 pairs at 0.75, 0.50, 0.60: (30 + 20 + 12) / 100 = 0.62."""
+    from benchmarks.quality import search
+
+    rows = [{"implicit_acc": a, "dev_pairs": m, "kl": kl, "length_ratio": 1.0, "flags": f}
+            for a, m, kl, f in ((0.75, 40, 1.0, []), (0.5, 40, 2.0, ["kl_drift (eval)"]), (0.6, 20, 3.0, []))]
+    r = search.pool_folds(rows)
+    assert r["implicit_acc"] == pytest.approx(0.62) and r["val_pairs"] == 100 and r["kl"] == pytest.approx(2.0)
+    assert r["implicit_acc_ci95"] == pytest.approx(wilson(62, 100)) and r["flags"] == ["kl_drift (eval) (fold 1)"]
+    assert search.pool_folds([*rows, {"error": "train exited 1"}]) == {"error": "train exited 1"}
+
+
+@needs_shared_tqa
+def test_search_chooses_on_folds_and_reads_dev_once_after_the_choice(tmp_path, fake, monkeypatch):
+    from benchmarks.quality import search
+
+    monkeypatch.setattr(search, "HERE", tmp_path / "here")
+    argv = ["--method", "sigmoid", "--dataset", "truthfulqa", "--pairs", "12", "--folds", "3", "--lrs", "5e-4",
+            "--betas", "0.1,0.3", "--model", "m", "--out", str(tmp_path / "s")]
+    assert search.main(argv) == 0
+    dev = str(tmp_path / "s" / "data" / "truthfulqa" / "dev.jsonl")
+    reads_dev = [i for i, c in enumerate(fake.calls) if (_arg(c, "--data") or "").startswith(dev)]
+    trains = [c for c in fake.calls if c[0] == "train"]
+    assert len(trains) == 2 * 3 + 1  # 2 grid points x 3 folds, then the chosen point once
+    assert len(reads_dev) == 2 and reads_dev[0] == len(fake.calls) - 3  # dev: its base eval and one eval, at the end
+    assert all(f"{tmp_path / 's' / 'folds'}" in _arg(c, "--data") for c in fake.calls[:reads_dev[0]] if c[0] == "eval")
+    result = json.loads((tmp_path / "here" / "search" / "truthfulqa-sigmoid-k3.json").read_text())
+    assert result["folds"] == 3 and result["val_pairs"] == 12 and result["chosen"]["beta"] == 0.1
+    assert result["dev"]["dev_pairs"] == 8 and result["dev"]["gain"] == pytest.approx(3 / 8)
+    md = (tmp_path / "here" / "search" / "truthfulqa-sigmoid-k3.md").read_text()
+    assert "Chosen on validation: lr 0.0005, beta 0.1" in md and "Dev (measured once, after the choice" in md
