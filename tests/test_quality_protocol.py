@@ -59,6 +59,18 @@ def test_budget_plan_turns_a_recipe_budget_into_overrides_on_the_whole_side():
             protocol.budget_plan(bad, 444, "/t.jsonl")
 
 
+@pytest.mark.parametrize("method", quality.METHODS)
+def test_every_recipe_states_a_budget_the_runner_can_apply(method):
+    """Each benchmarked recipe states one (provisional until measured): valid on both training sides,
+    first and second split (HH 1,800 / 1,700 records, TruthfulQA 444 / 276), every override a setting."""
+    budget = quality.recipe_budget(method)
+    assert budget, f"{method}.yaml states no recipe.budget"
+    for side in (1800, 1700, 444, 276):
+        n, args = protocol.budget_plan(budget, side, "/d/train.jsonl")
+        assert 0 < n < side or "val_pairs" not in budget
+        load_config(None, [a for a in args if not a.startswith("data.")])
+
+
 # ---- the runner with a fake preftune -----------------------------------------------------------
 
 def _per_pair_rows(n: int, gained: int | None, reference: bool) -> list[dict]:
