@@ -82,6 +82,32 @@ several sessions (finished points are kept). --quick (8 train and 8 dev pairs, 2
 sample x 4 tokens) exists for smoke tests with a tiny random model (`--model DIR`); its numbers
 mean nothing.
 
+Issue 39's protocol (flags; with none of them the invocation, its directories and its finished
+points are exactly as before):
+- --seeds 0,1,2: each point trains once per seed (train.seed; directories <point>/seed<N>/) and
+  each eval writes --per-pair outcomes; the row is seeds.combine_seeds of the seeds' rows: mean
+  gain ± std (range) and the crossed seeds x pairs bootstrap interval, "tuned" only if the gain
+  holds across seeds. The "before" of each pair is the run's reference (the base model, read in
+  the same eval), for simpo/orpo (no reference) the base eval's own per-pair file.
+- --train-pairs 100,400,1800 --epochs 1,2,3: the learning curve, a point per (pairs, epochs) per
+  method and data set (directories n<N>-e<E>/; sizes capped at the training side, TruthfulQA's
+  444), train.epochs=E and train.reference_cache=true (reference log-probs computed once, read on
+  later epochs and by every seed). Writes learning_curve.json/.png (curves.py) instead of the
+  table; with --collect it gathers the finished points and trains nothing.
+- --split second: dev = the last dev-sized slice of the training side (HH train.jsonl.gz records
+  [1800 - hh_dev, 1800), no prompt shared with the records before it for hh_dev 100 or 200;
+  TruthfulQA train-side questions [444 - 168, 444)); training reads only records before it, so a
+  recipe chosen on the first split is re-measured on pairs nothing was trained or chosen on
+  (search.py's validation slice stops there too). Points under <data>-second/, writes
+  results-second.*.
+- --full-train: each recipe on the whole training side under its stated budget (recipe.budget in
+  src/preftune/core/recipes/<method>.yaml; the form is protocol.py's docstring: a step or KL
+  budget, health checks to stop on, the best validation checkpoint kept with val_pairs carved from
+  the end of the training side). A recipe that states none trains on the whole side as it is.
+  Points under <method>/full/, writes results-full-train.*. Combines with --split second and --seeds.
+The README table is results.md: run --seeds (with the --hh-pairs/--hh-dev the table used) and then
+--collect with the same flags.
+
 Writes results.json (a row per base evaluation and per point; settings; the acceptance checks of
 issue 18 computed from the numbers), results.md (the table and notes) and gain_vs_kl.png beside
 this file; with --quick into --out instead. A filtered invocation writes only its own rows, so
