@@ -103,7 +103,8 @@ class FakePreftune:
         run = Path(cfg.run.output_dir)
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
-        (run / "summary.json").write_text(json.dumps({"steps": 2, "data": {"pairs": 8, "truncated": 0}}))
+        best = {"step": 2, "accuracy": 0.6, "restored": True} if cfg.train.keep_best else None
+        (run / "summary.json").write_text(json.dumps({"steps": 2, "data": {"pairs": 8, "truncated": 0}, "best": best}))
         return 0
 
     def _eval(self, args):
@@ -172,6 +173,11 @@ def test_seeds_run_each_point_per_seed_and_the_row_is_their_mean_spread_and_inte
         assert r["gain"] == pytest.approx(0.375) and r["gain_spread"]["std"] == pytest.approx(0.125)
         assert r["gain_ci95"][0] < r["gain"] < r["gain_ci95"][1] and r["gain_interval"] == "seeds x pairs bootstrap"
         assert r["kl"] == pytest.approx(2.0) and r["kl_max"] == 3.0  # seeds' KL 1, 2, 3
+    bar = results["acceptance"]["issue39"]
+    assert set(bar) == {"truthfulqa sigmoid"}  # DPO and IPO only
+    assert bar["truthfulqa sigmoid"]["mean of >= 3 seeds"] and bar["truthfulqa sigmoid"]["gain >= 0.08"]
+    assert bar["truthfulqa sigmoid"]["KL <= 10 nats (every seed)"] and bar["truthfulqa sigmoid"]["no health flag"]
+    assert bar["truthfulqa sigmoid"]["interval excludes 0"] == (results["truthfulqa sigmoid"]["gain_ci95"][0] > 0)
     md = (tmp_path / "q" / "results.md").read_text()
     assert "| +0.375 ± 0.125 (+0.250 to +0.500, 3 seeds) [" in md and "seeds 0, 1, 2, LoRA" in md
     assert "Protocol: training seeds 0, 1, 2." in md
@@ -196,6 +202,22 @@ def test_second_split_takes_dev_from_the_end_of_the_training_side(tmp_path, fake
     assert r["split"] == "second" and "split" not in first["truthfulqa sigmoid"]
     assert (tmp_path / "q" / "results-second.md").read_text().count("the second split") == 1
     assert (tmp_path / "q" / "gain_vs_kl-second.png").is_file()
+    agree = json.loads((tmp_path / "q" / "results-second.json").read_text())["settings"]["second_split_agreement"]
+    assert agree["truthfulqa sigmoid"]["agrees"] is True and agree["truthfulqa sigmoid"]["second_gain"] == pytest.approx(3 / 8)
+    assert "truthfulqa sigmoid: second split +0.375" in (tmp_path / "q" / "results-second.md").read_text()
+
+
+def test_split_agreement_is_the_second_gain_inside_the_first_interval():
+    from benchmarks.quality.quality_outputs import split_agreement
+
+    first = {"hh ipo": {"gain": 0.12, "gain_ci95": [0.05, 0.19], "seeds": 3}, "settings": {}}
+    second = [{"dataset": "hh", "method": "ipo", "gain": 0.04, "gain_ci95": [-0.02, 0.10], "seeds": 3},
+              {"dataset": "hh", "method": "sigmoid", "gain": 0.1, "gain_ci95": [0.0, 0.2]}]
+    assert split_agreement(first, second) == {"hh ipo": {
+        "first_gain": 0.12, "first_ci95": [0.05, 0.19], "first_seeds": 3, "second_gain": 0.04,
+        "second_ci95": [-0.02, 0.10], "second_seeds": 3, "agrees": False}}  # 0.04 below 0.05; sigmoid not in first
+    second[0]["gain"] = 0.05
+    assert split_agreement(first, second)["hh ipo"]["agrees"] is True
 
 
 @needs_shared_tqa
@@ -242,6 +264,7 @@ def test_full_train_applies_the_recipes_stated_budget(tmp_path, fake, monkeypatc
     results = json.loads((tmp_path / "q" / "results-full-train.json").read_text())
     assert results["truthfulqa sigmoid"]["budget"]["val_pairs"] == 64 and results["truthfulqa ipo"]["budget"] is None
     assert results["truthfulqa sigmoid"]["train_pairs"] == 380
+    assert results["truthfulqa sigmoid"]["best_checkpoint"]["restored"] and "best_checkpoint" not in results["truthfulqa ipo"]
 
 
 # ---- honest selection (search.py): validation from the training side, dev once at the end ------

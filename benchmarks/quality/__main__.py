@@ -135,7 +135,7 @@ from benchmarks.experiments.hh_cli import HH, HH_SETTINGS, preftune_logged, pyth
 
 from .curves import write_curve
 from .protocol import budget_plan, curve_grid, parse_ints, point_name, second_split
-from .quality_outputs import acceptance, write_outputs  # noqa: F401 (acceptance: for tests and readers)
+from .quality_outputs import acceptance, split_agreement, write_outputs  # noqa: F401 (acceptance: for tests)
 from .seeds import combine_seeds, pair_outcomes
 
 HERE = Path(__file__).resolve().parent
@@ -171,6 +171,7 @@ SETTINGS = {
 RATES = {"start_s": 30.0, "hh_pair_s": 3.75, "hh_eval_pairs_per_s": 1.0, "hh_base_pairs_per_s": 1.0,
          "tqa_pair_s": 0.75, "tqa_eval_pairs_per_s": 5.0, "tqa_base_pairs_per_s": 10.0, "samples_per_s": 2.0}
 TQA_DEV_PAIRS = 168  # what the split gives (checked by the test); for the estimate only
+TQA_TRAIN_PAIRS, HH_TRAIN_PAIRS = 444, 1800  # the training sides' sizes, likewise for the estimate only
 
 
 # ---- pure parts: split, intervals, estimate --------------------------------------------------
@@ -500,6 +501,8 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
                 "train_truncated": s["data"]["truncated"], "dev_pairs": e["pairs"], "dev_truncated": e["data_stats"]["truncated"],
                 "stopped_early": s.get("stopped_early"), "final_train_loss": (s.get("final") or {}).get("loss"),
                 "health_recorded_by_run": recorded, "gain_interval": interval})
+    if s.get("best"):  # train.keep_best (a --full-train budget): the probe the run ended at
+        row["best_checkpoint"] = s["best"]
     if "gain" in paired:
         row.update({"gain_mcnemar_p": paired["gain"]["mcnemar_p"], "logp_gain_mcnemar_p": paired["logp_gain"]["mcnemar_p"]})
     if method in REFERENCE_FREE:  # their reward's own starting point: the base model's mean-log-prob accuracy
@@ -579,19 +582,24 @@ def _suffix(protocol: dict) -> str:
 
 
 def _estimate(s: dict, methods: list[str], datasets: list[str], protocol: dict) -> dict:
-    """estimate_seconds for the flags: training scales with pairs x epochs, every point runs once per seed."""
-    if not protocol["train_pairs"]:
-        full = {"hh": 1800, "truthfulqa": 444} if protocol["full_train"] else {}
-        sized = {**s, "hh_pairs": full.get("hh", s["hh_pairs"]), "tqa_pairs": full.get("truthfulqa", s["tqa_pairs"])}
+    """estimate_seconds for the flags: a point's training scales with its pairs x epochs (the
+    whole training side under --full-train), and every point runs once per seed."""
+    if protocol["train_pairs"]:
+        sizes = [(n, e) for n in protocol["train_pairs"] for e in protocol["epochs"]]
+    elif not protocol["full_train"] and len(protocol["seeds"]) == 1:
+        return estimate_seconds(s, methods, datasets)  # the default invocation's estimate, as before
+    elif protocol["full_train"]:
+        sizes = [(HH_TRAIN_PAIRS, 1)]  # each data set's whole side: capped below for TruthfulQA
+    else:
+        sizes = [(None, 1)]
+    points, base = 0.0, {}
+    for n, epochs in sizes:
+        sized = s if n is None else {**s, "hh_pairs": n * epochs, "tqa_pairs": min(n, TQA_TRAIN_PAIRS) * epochs}
         e = estimate_seconds(sized, methods, datasets)
-        per_point = sum(e["per_point_s"].values()) * len(methods)
-        return {**e, "total_s": round(e["total_s"] + (len(protocol["seeds"]) - 1) * per_point), "seeds": len(protocol["seeds"])}
-    total = 0.0
-    for n in protocol["train_pairs"]:
-        for ep in protocol["epochs"]:
-            e = estimate_seconds({**s, "hh_pairs": n * ep, "tqa_pairs": min(n, 444) * ep}, methods, datasets)
-            total += sum(e["per_point_s"].values()) * len(methods) * len(protocol["seeds"])
-    return {"total_s": round(total + sum(e["base_eval_s"].values())), "rates": RATES, "seeds": len(protocol["seeds"])}
+        points += sum(e["per_point_s"].values()) * len(methods) * len(protocol["seeds"])
+        base = e["base_eval_s"]
+    return {"total_s": round(points + sum(base.values())), "points": len(sizes) * len(methods) * len(datasets),
+            "seeds": len(protocol["seeds"]), "rates": RATES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -640,11 +648,14 @@ def main(argv: list[str] | None = None) -> int:
     if protocol != _protocol(ap.parse_args([]), s, datasets):  # only a non-default invocation records the flags
         meta["protocol"] = {k: v for k, v in protocol.items() if k != "several_seeds"}
     dest = out if a.quick else HERE
+    suffix = _suffix(protocol)
+    first = dest / f"results{suffix.replace('-second', '')}.json"
+    if protocol["split"] == "second" and first.is_file():  # the same points' first-split figures, if written
+        meta["second_split_agreement"] = split_agreement(json.loads(first.read_text()), rows)
     if protocol["train_pairs"]:
-        write_curve(dest, rows, meta)
-        print(f"wrote {_rel(dest / 'learning_curve.json')}, learning_curve.png", flush=True)
+        write_curve(dest, rows, meta, suffix=suffix)
+        print(f"wrote {_rel(dest / f'learning_curve{suffix}.json')}, learning_curve{suffix}.png", flush=True)
     else:
-        suffix = _suffix(protocol)
         write_outputs(dest, rows, bases, meta, suffix=suffix)
         print((dest / f"results{suffix}.md").read_text())
         print(f"wrote {_rel(dest / f'results{suffix}.json')}, results{suffix}.md, gain_vs_kl{suffix}.png", flush=True)
@@ -668,7 +679,7 @@ def _run_all(datasets: list[str], methods: list[str], out: Path, s: dict, model:
             if several and set(methods) & set(REFERENCE_FREE) else None
         for method in methods:
             for vdata, extra, vname, fields in variants(data, method, out, s, protocol):
-                seeds = protocol["seeds"] if several else (None,) if protocol["seeds"] == (0,) else protocol["seeds"]
+                seeds = (None,) if protocol["seeds"] == (0,) else protocol["seeds"]  # None: as before, no seed dir
                 points = [run_point(vdata, method, out, s, model, extra, vname, collect, seed) for seed in seeds]
                 label = " ".join(x for x in (name, method, vname) if x)
                 if any(p is None for p in points):
@@ -677,8 +688,9 @@ def _run_all(datasets: list[str], methods: list[str], out: Path, s: dict, model:
                 print(f"{label} ...", flush=True)
                 row = seed_row(vdata, method, points, base, base_pairs) if several else \
                     summarize(vdata, method, points[0], base)
-                rows.append({**row, **fields, "split": protocol["split"]} if fields or protocol["split"] != "first"
-                            else row)
+                if fields or protocol["split"] != "first":  # a default row keeps exactly its old fields
+                    row = {**row, **fields, "split": protocol["split"]}
+                rows.append(row)
     return rows, bases, data_info
 
 

@@ -85,12 +85,14 @@ def plot_curve(curve: dict, dest: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_curve(dest: Path, rows: list[dict], meta: dict) -> dict:
-    """learning_curve.json (lines, errors, settings) and learning_curve.png in `dest`."""
+def write_curve(dest: Path, rows: list[dict], meta: dict, suffix: str = "") -> dict:
+    """learning_curve.json (lines, errors, settings) and learning_curve.png in `dest` (`suffix`:
+    another protocol's, e.g. learning_curve-second.json for the second split)."""
     curve = {"command": " ".join(["python -m benchmarks.quality", *sys.argv[1:]]), **curve_lines(rows),
              "saturation": "the fewest training pairs whose gain reaches the lower end of the largest size's interval",
              "settings": meta}
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "learning_curve.json").write_text(json.dumps(curve, indent=1, default=str) + "\n")
-    plot_curve(curve, dest / "learning_curve.png", f"gain vs training pairs ({meta['mode']}, {Path(meta['model']).name})")
+    (dest / f"learning_curve{suffix}.json").write_text(json.dumps(curve, indent=1, default=str) + "\n")
+    plot_curve(curve, dest / f"learning_curve{suffix}.png",
+               f"gain vs training pairs ({meta['mode']}{suffix}, {Path(meta['model']).name})")
     return curve

@@ -28,6 +28,35 @@ def acceptance(rows: list[dict]) -> dict:
             if "tuned" in r:
                 checks["gain holds across seeds"] = r["tuned"]
             out["dpo_recipe"][r["dataset"]] = {**checks, "pass": all(checks.values())}
+        if r["method"] in ISSUE39_METHODS and "tuned" in r:
+            checks = issue39_checks(r)
+            out.setdefault("issue39", {})[where] = {**checks, "pass": all(checks.values())}
+    return out
+
+
+ISSUE39_METHODS = ("sigmoid", "ipo")  # the chosen DPO and IPO recipes
+
+
+def issue39_checks(r: dict) -> dict:
+    """Issue 39's bar for a row of several seeds (the second split's agreement is checked apart)."""
+    kl = r.get("kl_max", r["kl"])
+    return {"mean of >= 3 seeds": r.get("seeds", 1) >= 3, "gain >= 0.08": r["gain"] >= 0.08,
+            "interval excludes 0": r["gain_ci95"][0] > 0, "no health flag": not r["flags"],
+            "KL <= 10 nats (every seed)": kl is not None and kl <= 10}
+
+
+def split_agreement(first: dict, rows: list[dict]) -> dict:
+    """The second split against the first (`first`: results.json's rows by "<data> <method>"): for
+    each point in both, whether the second split's gain lies within the first split's interval."""
+    out = {}
+    for r in (r for r in rows if "error" not in r):
+        f = first.get(f"{r['dataset']} {r['method']}")
+        if not isinstance(f, dict) or "gain_ci95" not in f:
+            continue
+        out[f"{r['dataset']} {r['method']}"] = {
+            "first_gain": f["gain"], "first_ci95": f["gain_ci95"], "first_seeds": f.get("seeds", 1),
+            "second_gain": r["gain"], "second_ci95": r["gain_ci95"], "second_seeds": r.get("seeds", 1),
+            "agrees": f["gain_ci95"][0] <= r["gain"] <= f["gain_ci95"][1]}
     return out
 
 
@@ -104,7 +133,14 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
                      f"{', '.join(f'{g:+.3f}' for g in r['per_seed_gains'])}; "
                      + ("the gain holds across seeds (tuned)." if r["tuned"] else
                         f"not tuned: {', '.join(r['tuned_failed'])}."))
+    for where, a in (meta.get("second_split_agreement") or {}).items():
+        lines.append(f"- {where}: second split {a['second_gain']:+.3f} [{a['second_ci95'][0]:+.3f}, {a['second_ci95'][1]:+.3f}] "
+                     f"against the first split's {a['first_gain']:+.3f} [{a['first_ci95'][0]:+.3f}, {a['first_ci95'][1]:+.3f}]: "
+                     + ("within it." if a["agrees"] else "OUTSIDE it."))
     acc = acceptance(rows)
+    for where, checks in (acc.get("issue39") or {}).items():
+        failed = [k for k, v in checks.items() if k != "pass" and not v]
+        lines.append(f"- Issue 39 bar, {where}: {'pass' if checks['pass'] else 'FAIL (' + ', '.join(failed) + ')'}.")
     lines += ["", "## Issue 18 acceptance, computed", ""]
     for name, checks in acc["dpo_recipe"].items():
         failed = [k for k, v in checks.items() if k != "pass" and not v]
