@@ -341,3 +341,27 @@ def test_search_chooses_on_folds_and_reads_dev_once_after_the_choice(tmp_path, f
     assert result["dev"]["dev_pairs"] == 8 and result["dev"]["gain"] == pytest.approx(3 / 8)
     md = (tmp_path / "here" / "search" / "truthfulqa-sigmoid-k3.md").read_text()
     assert "Chosen on validation: lr 0.0005, beta 0.1" in md and "Dev (measured once, after the choice" in md
+
+
+def test_curve_lines_group_by_method_and_epochs_and_say_where_the_gain_saturates():
+    """Gains +0.05, +0.08, +0.12 [+0.08, +0.16] at 100, 400, 1,800 pairs: 400 is the fewest pairs
+    reaching +0.08, the lower end of the largest size's interval (reaching: equal counts)."""
+    from benchmarks.quality.curves import curve_lines, saturates_at
+
+    def row(n, gain, lo, hi, epochs=1, **extra):
+        return {"dataset": "hh", "method": "ipo", "train_pairs": n, "epochs": epochs, "gain": gain, "gain_ci95": [lo, hi],
+                "implicit_acc": 0.5 + gain, "before_logp_acc": 0.5, "kl": 1.0, "flags": [], "wall_s": 300.0,
+                "steps": n // 4, **extra}
+    rows = [row(1800, 0.12, 0.08, 0.16), row(100, 0.05, -0.02, 0.12), row(400, 0.08, 0.01, 0.15),
+            row(400, 0.2, 0.1, 0.3, epochs=2, seeds=3), {"dataset": "hh", "method": "ipo", "train_pairs": 100,
+                                                          "epochs": 2, "error": "train exited 1", "log": "l"}]
+    curve = curve_lines(rows)
+    one, two = curve["lines"]
+    assert [p["train_pairs"] for p in one["points"]] == [100, 400, 1800] and one["saturates_at"] == 400
+    assert two["epochs"] == 2 and two["saturates_at"] is None and two["points"][0]["wall_s_per_seed"] == 100.0
+    assert curve["errors"] == [{"dataset": "hh", "method": "ipo", "train_pairs": 100, "epochs": 2,
+                                "error": "train exited 1", "log": "l"}]
+    # measured against the MOST pairs, not the best gain: 1,800's interval reaches 0, so 100 pairs already match it
+    assert saturates_at([{"train_pairs": 100, "gain": 0.03, "gain_ci95": [-0.05, 0.11]},
+                         {"train_pairs": 400, "gain": 0.2, "gain_ci95": [0.15, 0.25]},
+                         {"train_pairs": 1800, "gain": 0.1, "gain_ci95": [0.0, 0.2]}]) == 100
