@@ -669,7 +669,8 @@ def _run_all(datasets: list[str], methods: list[str], out: Path, s: dict, model:
     several = protocol["several_seeds"]
     for name in datasets:
         data = dataset_inputs(name, out, s, protocol["split"])
-        data_info[name] = {k: (_rel(v) if k in ("train", "dev", "side") else v) for k, v in data.items() if k != "name"}
+        data_info[name] = {k: (_rel(v) if k in ("train", "dev") else v) for k, v in data.items()
+                           if k not in ("name", "tag", "side", "side_pairs")}  # as before: the split says the rest
         base = base_eval(data, out, s, model, finished_only=collect)
         if base is None:
             print(f"{name}: no finished base evaluation with these settings; skipped (--collect)")
