@@ -328,13 +328,14 @@ def test_search_chooses_on_folds_and_reads_dev_once_after_the_choice(tmp_path, f
 
     monkeypatch.setattr(search, "HERE", tmp_path / "here")
     argv = ["--method", "sigmoid", "--dataset", "truthfulqa", "--pairs", "12", "--folds", "3", "--lrs", "5e-4",
-            "--betas", "0.1,0.3", "--model", "m", "--out", str(tmp_path / "s")]
+            "--betas", "0.1,0.3", "--model", "m", "--out", str(tmp_path / "s"), "--dev", "100"]
     assert search.main(argv) == 0
     dev = str(tmp_path / "s" / "data" / "truthfulqa" / "dev.jsonl")
     reads_dev = [i for i, c in enumerate(fake.calls) if (_arg(c, "--data") or "").startswith(dev)]
     trains = [c for c in fake.calls if c[0] == "train"]
     assert len(trains) == 2 * 3 + 1  # 2 grid points x 3 folds, then the chosen point once
     assert len(reads_dev) == 2 and reads_dev[0] == len(fake.calls) - 3  # dev: its base eval and one eval, at the end
+    assert {_arg(fake.calls[i], "--data") for i in reads_dev} == {f"{dev}[:100]"}  # --dev 100 of the 168
     assert all(f"{tmp_path / 's' / 'folds'}" in _arg(c, "--data") for c in fake.calls[:reads_dev[0]] if c[0] == "eval")
     result = json.loads((tmp_path / "here" / "search" / "truthfulqa-sigmoid-k3.json").read_text())
     assert result["folds"] == 3 and result["val_pairs"] == 12 and result["chosen"]["beta"] == 0.1

@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ones (ending before the second split's dev slice)")
     ap.add_argument("--folds", type=int, default=0, help="K >= 2: choose by K-fold validation over the training pairs "
                     "themselves (grouped by prompt; K trainings per grid point) instead of the slice after them")
+    ap.add_argument("--dev", type=int, help="dev pairs for the one measurement at the end (HH: the first N of 200, "
+                    "default 100; TruthfulQA: default all 168), as the quality table's --hh-dev/--tqa-dev")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--out", default="runs/quality-search")
     ap.add_argument("--write-recipe", action="store_true", help="write the choice into the method's recipe file")
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     lrs, betas = [float(x) for x in a.lrs.split(",")], [float(x) for x in a.betas.split(",")]
     key = "hh_pairs" if a.dataset == "hh" else "tqa_pairs"
     s = {**quality.SETTINGS["full"], key: a.pairs}
+    if a.dev is not None:
+        s["hh_dev" if a.dataset == "hh" else "tqa_dev"] = a.dev
     out = (ROOT / a.out).resolve()
     data = quality.dataset_inputs(a.dataset, out, s)
     # the second split's dev pairs (quality --split second) are the end of the training side: never used here
