@@ -82,6 +82,32 @@ several sessions (finished points are kept). --quick (8 train and 8 dev pairs, 2
 sample x 4 tokens) exists for smoke tests with a tiny random model (`--model DIR`); its numbers
 mean nothing.
 
+Issue 39's protocol (flags; with none of them the invocation, its directories and its finished
+points are exactly as before):
+- --seeds 0,1,2: each point trains once per seed (train.seed; directories <point>/seed<N>/) and
+  each eval writes --per-pair outcomes; the row is seeds.combine_seeds of the seeds' rows: mean
+  gain ± std (range) and the crossed seeds x pairs bootstrap interval, "tuned" only if the gain
+  holds across seeds. The "before" of each pair is the run's reference (the base model, read in
+  the same eval), for simpo/orpo (no reference) the base eval's own per-pair file.
+- --train-pairs 100,400,1800 --epochs 1,2,3: the learning curve, a point per (pairs, epochs) per
+  method and data set (directories n<N>-e<E>/; sizes capped at the training side, TruthfulQA's
+  444), train.epochs=E and train.reference_cache=true (reference log-probs computed once, read on
+  later epochs and by every seed). Writes learning_curve.json/.png (curves.py) instead of the
+  table; with --collect it gathers the finished points and trains nothing.
+- --split second: dev = the last dev-sized slice of the training side (HH train.jsonl.gz records
+  [1800 - hh_dev, 1800), no prompt shared with the records before it for hh_dev 100 or 200;
+  TruthfulQA train-side questions [444 - 168, 444)); training reads only records before it, so a
+  recipe chosen on the first split is re-measured on pairs nothing was trained or chosen on
+  (search.py's validation slice stops there too). Points under <data>-second/, writes
+  results-second.*.
+- --full-train: each recipe on the whole training side under its stated budget (recipe.budget in
+  src/preftune/core/recipes/<method>.yaml; the form is protocol.py's docstring: a step or KL
+  budget, health checks to stop on, the best validation checkpoint kept with val_pairs carved from
+  the end of the training side). A recipe that states none trains on the whole side as it is.
+  Points under <method>/full/, writes results-full-train.*. Combines with --split second and --seeds.
+The README table is results.md: run --seeds (with the --hh-pairs/--hh-dev the table used) and then
+--collect with the same flags.
+
 Writes results.json (a row per base evaluation and per point; settings; the acceptance checks of
 issue 18 computed from the numbers), results.md (the table and notes) and gain_vs_kl.png beside
 this file; with --quick into --out instead. A filtered invocation writes only its own rows, so
@@ -96,6 +122,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import gzip
 import hashlib
 import json
 import math
@@ -105,7 +133,10 @@ from pathlib import Path
 
 from benchmarks.experiments.hh_cli import HH, HH_SETTINGS, preftune_logged, python_logged  # noqa: F401 (for peer_trl)
 
-from .quality_outputs import acceptance, write_outputs  # noqa: F401 (acceptance: for tests and readers)
+from .curves import write_curve
+from .protocol import budget_plan, curve_grid, parse_ints, point_name, second_split
+from .quality_outputs import acceptance, split_agreement, write_outputs  # noqa: F401 (acceptance: for tests)
+from .seeds import combine_seeds, pair_outcomes
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -140,6 +171,7 @@ SETTINGS = {
 RATES = {"start_s": 30.0, "hh_pair_s": 3.75, "hh_eval_pairs_per_s": 1.0, "hh_base_pairs_per_s": 1.0,
          "tqa_pair_s": 0.75, "tqa_eval_pairs_per_s": 5.0, "tqa_base_pairs_per_s": 10.0, "samples_per_s": 2.0}
 TQA_DEV_PAIRS = 168  # what the split gives (checked by the test); for the estimate only
+TQA_TRAIN_PAIRS, HH_TRAIN_PAIRS = 444, 1800  # the training sides' sizes, likewise for the estimate only
 
 
 # ---- pure parts: split, intervals, estimate --------------------------------------------------
@@ -227,18 +259,45 @@ def recipe_for(method: str, dest: Path) -> tuple[list[str], dict]:
     return args, {"source": "built-in", "settings": settings}
 
 
-def dataset_inputs(name: str, out: Path, s: dict) -> dict:
-    """Train/dev paths (record slices), the data settings and sizes of one data set."""
+def recipe_budget(method: str) -> dict | None:
+    """The `budget:` a method's recipe file states in its metadata (protocol.py's form), or None."""
+    import yaml
+
+    path = RECIPES / f"{method}.yaml"
+    meta = (yaml.safe_load(path.read_text()) or {}).get("recipe") if path.is_file() else None
+    return (meta or {}).get("budget")
+
+
+def dataset_inputs(name: str, out: Path, s: dict, split: str = "first", pairs: int | None = None) -> dict:
+    """Train/dev paths (record slices), the data settings and sizes of one data set. `split`
+    "second" takes the dev pairs from the end of the training side instead (protocol.second_split:
+    as many as the first split's dev, after every record training reads); `pairs` overrides the
+    mode's training subsample (a learning-curve point). Sizes are capped at the training side.
+    `side`/`side_pairs`: the training-side file and the records training may read from it."""
     if name == "hh":
-        n, dev_n, split = s["hh_pairs"], s["hh_dev"], None
-        train, dev, settings = f"{HH / 'train.jsonl.gz'}[:{n}]", f"{HH / 'dev.jsonl.gz'}[:{dev_n}]", list(HH_SETTINGS)
+        side, n, dev_n, split_info, settings = HH / "train.jsonl.gz", s["hh_pairs"], s["hh_dev"], None, list(HH_SETTINGS)
+        side_n, dev = _records(side), f"{HH / 'dev.jsonl.gz'}[:{dev_n}]"
     else:
-        split = split_truthfulqa(TQA, out / "data" / "truthfulqa")
-        n, dev_n = min(s["tqa_pairs"], split["train"]), min(s["tqa_dev"] or split["dev"], split["dev"])
-        train = f"{out / 'data' / 'truthfulqa' / 'train.jsonl'}[:{n}]"
-        dev, settings = f"{out / 'data' / 'truthfulqa' / 'dev.jsonl'}[:{dev_n}]", []
-    return {"name": name, "train": train, "dev": dev, "settings": settings, "train_pairs": n, "dev_pairs": dev_n,
-            "split": split}
+        split_info = split_truthfulqa(TQA, out / "data" / "truthfulqa")
+        side, n, side_n, settings = out / "data" / "truthfulqa" / "train.jsonl", s["tqa_pairs"], split_info["train"], []
+        dev_n = min(s["tqa_dev"] or split_info["dev"], split_info["dev"])
+        dev = f"{out / 'data' / 'truthfulqa' / 'dev.jsonl'}[:{dev_n}]"
+    tag = name
+    if split == "second":
+        start, stop = second_split(side_n, dev_n)
+        dev, side_n, tag = f"{side}[{start}:{stop}]", start, f"{name}-second"
+        split_info = {**(split_info or {}), "second": f"dev = training-side records [{start}:{stop}]; training reads "
+                      f"records before {start}"}
+    n = min(pairs or n, side_n)
+    return {"name": name, "train": f"{side}[:{n}]", "dev": dev, "settings": settings, "train_pairs": n,
+            "dev_pairs": dev_n, "split": split_info, "tag": tag, "side": str(side), "side_pairs": side_n}
+
+
+@functools.cache
+def _records(path: Path) -> int:
+    """Records (non-empty lines) in a JSONL file, gzipped or not."""
+    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _cached(path: Path, key: dict, make, finished_only: bool = False) -> dict | None:
@@ -264,32 +323,39 @@ def _failed(step: str, code: int, log: Path) -> dict:
     return {"error": f"{step} exited {code}", "log": _rel(log)}
 
 
-def base_eval(data: dict, out: Path, s: dict, model: str, finished_only: bool = False) -> dict | None:
+def base_eval(data: dict, out: Path, s: dict, model: str, finished_only: bool = False, per_pair: bool = False) -> dict | None:
     """The base model on the dev pairs: log-prob accuracy (every method's baseline) and, under the
-    reference-free simpo scorer, its mean-log-prob accuracy (simpo's and orpo's starting value)."""
-    dest, log = out / "base" / f"{data['name']}.json", out / "logs" / f"{data['name']}-base.log"
+    reference-free simpo scorer, its mean-log-prob accuracy (simpo's and orpo's starting value).
+    `per_pair`: also each pair's outcomes (`per_pair_file`), the "before" of simpo's and orpo's seeds."""
+    tag = data["tag"] + ("-pairs" if per_pair else "")
+    dest, log = out / "base" / f"{tag}.json", out / "logs" / f"{tag}-base.log"
     key = {"model": model, "dev": _rel(data["dev"]), "settings": data["settings"], "split": data["split"]}
+    pairs_file = dest.with_suffix(".pairs.jsonl")
+    extra = ["--per-pair", str(pairs_file)] if per_pair else []
+    if per_pair:
+        key["per_pair"] = True
 
     def make():
         code, wall = _preftune(["eval", "--data", data["dev"], "--out", str(dest), f"model.name_or_path={model}",
-                                *data["settings"], "loss.name=simpo", "eval.kl_prompts=0"], log)
+                                *data["settings"], "loss.name=simpo", "eval.kl_prompts=0", *extra], log)
         if code:
-            return _failed(f"{data['name']} base eval", code, log)
+            return _failed(f"{data['tag']} base eval", code, log)
         e = json.loads(dest.read_text())
         return {"dataset": data["name"], "method": "base model", "logp_acc": e["accuracy/logp"],
                 "logp_acc_ci95": e["accuracy/logp_ci95"], "mean_logp_acc": e["accuracy/implicit_reward"],
                 "mean_logp_acc_ci95": e["accuracy/implicit_reward_ci95"], "dev_pairs": e["pairs"],
-                "perplexity_chosen": e["perplexity/chosen"], "wall_s": wall, "eval_file": _rel(dest)}
-    return _cached(out / "points" / f"{data['name']}-base.json", key, make, finished_only)
+                "perplexity_chosen": e["perplexity/chosen"], "wall_s": wall, "eval_file": _rel(dest),
+                **({"per_pair_file": _rel(pairs_file)} if per_pair else {})}
+    return _cached(out / "points" / f"{tag}-base.json", key, make, finished_only)
 
 
-def train_args(data: dict, method: str, run: Path, model: str, extra: tuple = ()) -> tuple[list[str], dict]:
+def train_args(data: dict, method: str, run: Path, model: str, extra: tuple = (), seed: int = 0) -> tuple[list[str], dict]:
     """`preftune train` arguments: the recipe, then what the benchmark fixes over any recipe (the data,
     the seed, no held-out data in training; the schedule stays the recipe's), then `extra` overrides
-    (search.py's grid point: lr, beta)."""
+    (search.py's grid point: lr, beta; a learning-curve point's epochs; a recipe's budget)."""
     recipe_args, recipe = recipe_for(method, run.parent / "recipe.yaml")
     fixed = [f"model.name_or_path={model}", *data["settings"], f"data.train_path={data['train']}", "data.eval_path=",
-             "train.seed=0", "train.keep_best=false", "diagnostics.probe_every=0", f"run.output_dir={run}",
+             f"train.seed={seed}", "train.keep_best=false", "diagnostics.probe_every=0", f"run.output_dir={run}",
              "run.overwrite=true"]
     if method in UNPAIRED:
         fixed.append("data.paired_to_unpaired=true")
@@ -298,33 +364,41 @@ def train_args(data: dict, method: str, run: Path, model: str, extra: tuple = ()
     return ["train", *recipe_args, *fixed], {**recipe, "fixed_by_benchmark": fixed}
 
 
-def eval_args(run: Path, data: dict, dest: Path, s: dict) -> list[str]:
+def eval_args(run: Path, data: dict, dest: Path, s: dict, per_pair: Path | None = None) -> list[str]:
+    """`preftune eval --run` on the dev pairs; `per_pair`: each pair's outcomes written there too."""
     return ["eval", "--run", str(run), "--data", data["dev"], "--out", str(dest), f"eval.kl_prompts={s['kl_prompts']}",
-            f"eval.kl_samples={s['kl_samples']}", f"eval.max_new_tokens={s['max_new_tokens']}"]
+            f"eval.kl_samples={s['kl_samples']}", f"eval.max_new_tokens={s['max_new_tokens']}",
+            *(["--per-pair", str(per_pair)] if per_pair else [])]
 
 
 def run_point(data: dict, method: str, out: Path, s: dict, model: str, extra: tuple = (), name: str = "",
-              finished_only: bool = False) -> dict | None:
+              finished_only: bool = False, seed: int | None = None) -> dict | None:
     """Train one (data set, method) point and evaluate it on the dev pairs (cached by its settings).
-    `extra`/`name`: a grid point's overrides and its directory name under the method (search.py)."""
-    root = out / data["name"] / method / name if name else out / data["name"] / method
+    `extra`/`name`: a grid point's overrides and its directory name under the method (search.py, a
+    learning-curve point, a full-train run). `seed`: one of several training seeds (--seeds): its
+    own directory `seed<N>` and a --per-pair file; None is the default single seed 0, as before."""
+    root = out / data["tag"] / method / name if name else out / data["tag"] / method
+    root = root if seed is None else root / f"seed{seed}"
     run, dest = root / "run", root / "eval.json"
-    args, recipe = train_args(data, method, run, model, extra)
+    pairs_file = None if seed is None else root / "per_pair.jsonl"
+    args, recipe = train_args(data, method, run, model, extra, seed=seed or 0)
     key = {"model": model, "train": _rel(data["train"]), "dev": _rel(data["dev"]), "split": data["split"],
            "recipe": {k: v for k, v in recipe.items() if k != "recipe_meta"},
-           "eval": eval_args(Path("RUN"), {**data, "dev": _rel(data["dev"])}, Path("OUT"), s)}
+           "eval": eval_args(Path("RUN"), {**data, "dev": _rel(data["dev"])}, Path("OUT"), s,
+                             None if pairs_file is None else Path("PAIRS"))}
 
     def make():
-        tag = f"{data['name']}-{method}" + (f"-{name}" if name else "")
+        tag = "-".join(str(x) for x in (data["tag"], method, name, "" if seed is None else f"seed{seed}") if x != "")
         log = out / "logs" / f"{tag}-train.log"
         code, train_s = _preftune(args, log)
         if code:
-            return _failed(f"{data['name']} {method} train", code, log)
+            return _failed(f"{data['tag']} {method} train", code, log)
         log = out / "logs" / f"{tag}-eval.log"
-        code, eval_s = _preftune(eval_args(run, data, dest, s), log)
+        code, eval_s = _preftune(eval_args(run, data, dest, s, pairs_file), log)
         if code:
-            return _failed(f"{data['name']} {method} eval", code, log)
-        return {"train_s": train_s, "eval_s": eval_s, "recipe": recipe, "run": _rel(run), "eval_file": _rel(dest)}
+            return _failed(f"{data['tag']} {method} eval", code, log)
+        return {"train_s": train_s, "eval_s": eval_s, "recipe": recipe, "run": _rel(run), "eval_file": _rel(dest),
+                **({} if pairs_file is None else {"seed": seed, "per_pair_file": _rel(pairs_file)})}
     return _cached(root / "point.json", key, make, finished_only)
 
 
@@ -427,6 +501,8 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
                 "train_truncated": s["data"]["truncated"], "dev_pairs": e["pairs"], "dev_truncated": e["data_stats"]["truncated"],
                 "stopped_early": s.get("stopped_early"), "final_train_loss": (s.get("final") or {}).get("loss"),
                 "health_recorded_by_run": recorded, "gain_interval": interval})
+    if s.get("best"):  # train.keep_best (a --full-train budget): the probe the run ended at
+        row["best_checkpoint"] = s["best"]
     if "gain" in paired:
         row.update({"gain_mcnemar_p": paired["gain"]["mcnemar_p"], "logp_gain_mcnemar_p": paired["logp_gain"]["mcnemar_p"]})
     if method in REFERENCE_FREE:  # their reward's own starting point: the base model's mean-log-prob accuracy
@@ -438,12 +514,92 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
     return row
 
 
+def seed_row(data: dict, method: str, points: list[dict], base: dict, base_pairs: dict | None) -> dict:
+    """One table row from a point trained with several seeds: each seed's `summarize` row combined
+    over its per-pair outcomes (seeds.combine_seeds: mean, spread, the seeds x pairs interval). The
+    "before" of each pair is the run's reference (the base model), or for simpo/orpo, which have
+    none, the base eval's per-pair file (`base_pairs`)."""
+    from preftune.apps.eval import read_per_pair
+
+    rows = [{**summarize(data, method, p, base), "seed": p.get("seed")} for p in points]
+    failed = next((r for r in rows if "error" in r), None)
+    if failed is not None:
+        return failed
+    if method in REFERENCE_FREE and (base_pairs is None or "error" in base_pairs):
+        return {"dataset": data["name"], "method": method, "error": "no per-pair base eval for a reference-free method",
+                "log": (base_pairs or {}).get("log")}
+    before = read_per_pair(str(ROOT / base_pairs["per_pair_file"])) if method in REFERENCE_FREE else None
+    outcomes = [pair_outcomes(read_per_pair(str(ROOT / p["per_pair_file"])), before) for p in points]
+    return combine_seeds(rows, outcomes)
+
+
+def variants(data: dict, method: str, out: Path, s: dict, protocol: dict) -> list[tuple[dict, tuple, str, dict]]:
+    """The points one (data set, method) runs under the flags: (data, extra overrides, directory
+    name, fields for the row). Default: the mode's subsample as it is. --train-pairs/--epochs: the
+    learning-curve grid, reference cache on. --full-train: the whole training side under the
+    recipe's stated budget (protocol.budget_plan), or the recipe as it is if it states none."""
+    if protocol["train_pairs"]:
+        grid = curve_grid(protocol["train_pairs"], protocol["epochs"], data["side_pairs"])
+        return [(dataset_inputs(data["name"], out, s, protocol["split"], pairs=n),
+                 (f"train.epochs={e}", "train.reference_cache=true"), point_name(n, e), {"train_pairs": n, "epochs": e})
+                for n, e in grid]
+    if protocol["full_train"]:
+        budget = recipe_budget(method)
+        n, extra = budget_plan(budget, data["side_pairs"], data["side"]) if budget else (data["side_pairs"], [])
+        full = {**data, "train": f"{data['side']}[:{n}]", "train_pairs": n}
+        return [(full, tuple(extra), "full", {"train_pairs": n, "budget": budget, "budget_args": extra})]
+    return [(data, (), "", {})]
+
+
 def _names(text: str, known: tuple, what: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         sys.exit(f"--{what}: unknown {unknown or 'empty'}; known: {', '.join(known)}")
     return names
+
+
+def _protocol(a: argparse.Namespace, s: dict, datasets: list[str]) -> dict:
+    """Issue 39's flags as one dict (the default invocation: one seed, the first split, the mode's
+    subsample); a bad combination exits with one line."""
+    try:
+        seeds = parse_ints(a.seeds, "seeds") if a.seeds else (0,)
+        pairs = parse_ints(a.train_pairs, "train-pairs", minimum=1) if a.train_pairs else ()
+        epochs = parse_ints(a.epochs, "epochs", minimum=1) if a.epochs else ()
+    except ValueError as e:
+        sys.exit(str(e))
+    if (pairs or epochs) and a.full_train:
+        sys.exit("--full-train trains on the whole training side: it takes no --train-pairs/--epochs grid")
+    if epochs and not pairs:  # epochs alone: the mode's subsample of each data set, several epochs
+        pairs = tuple(sorted({s["hh_pairs"] if d == "hh" else s["tqa_pairs"] for d in datasets}))
+    return {"seeds": seeds, "several_seeds": len(seeds) > 1, "split": a.split, "full_train": a.full_train,
+            "train_pairs": pairs, "epochs": epochs or ((1,) if pairs else ())}
+
+
+def _suffix(protocol: dict) -> str:
+    """The outputs' name suffix: the default table stays results.md; other protocols write beside it."""
+    return ("-second" if protocol["split"] == "second" else "") + ("-full-train" if protocol["full_train"] else "")
+
+
+def _estimate(s: dict, methods: list[str], datasets: list[str], protocol: dict) -> dict:
+    """estimate_seconds for the flags: a point's training scales with its pairs x epochs (the
+    whole training side under --full-train), and every point runs once per seed."""
+    if protocol["train_pairs"]:
+        sizes = [(n, e) for n in protocol["train_pairs"] for e in protocol["epochs"]]
+    elif not protocol["full_train"] and len(protocol["seeds"]) == 1:
+        return estimate_seconds(s, methods, datasets)  # the default invocation's estimate, as before
+    elif protocol["full_train"]:
+        sizes = [(HH_TRAIN_PAIRS, 1)]  # each data set's whole side: capped below for TruthfulQA
+    else:
+        sizes = [(None, 1)]
+    points, base = 0.0, {}
+    for n, epochs in sizes:
+        sized = s if n is None else {**s, "hh_pairs": n * epochs, "tqa_pairs": min(n, TQA_TRAIN_PAIRS) * epochs}
+        e = estimate_seconds(sized, methods, datasets)
+        points += sum(e["per_point_s"].values()) * len(methods) * len(protocol["seeds"])
+        base = e["base_eval_s"]
+    return {"total_s": round(points + sum(base.values())), "points": len(sizes) * len(methods) * len(datasets),
+            "seeds": len(protocol["seeds"]), "rates": RATES}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,6 +616,15 @@ def main(argv: list[str] | None = None) -> int:
                             ("--tqa-pairs", "tqa_pairs", "TruthfulQA training pairs (the first N of the train side)"),
                             ("--tqa-dev", "tqa_dev", "TruthfulQA dev pairs (0 = the whole dev side)")):
         ap.add_argument(flag, type=int, dest=key, help=f"{what}; default from the mode")
+    ap.add_argument("--seeds", help="training seeds, e.g. 0,1,2: each point once per seed (train.seed), evaluated "
+                    "per pair; a row is their mean, spread and seeds x pairs interval (default: seed 0 as before)")
+    ap.add_argument("--train-pairs", help="learning curve: training-pair counts, e.g. 100,400,1800 (capped at the "
+                    "training side); writes learning_curve.json/.png instead of the table")
+    ap.add_argument("--epochs", help="learning curve: epochs, e.g. 1,2,3 (a grid with --train-pairs; reference cache on)")
+    ap.add_argument("--split", choices=("first", "second"), default="first", help="second: dev = the last dev-sized "
+                    "slice of the training file, training reads only records before it (writes results-second.*)")
+    ap.add_argument("--full-train", action="store_true", help="train on the whole training side under each recipe's "
+                    "stated budget (recipe.budget; writes results-full-train.*)")
     a = ap.parse_args(argv)
     methods, datasets = _names(a.methods, METHODS, "methods"), _names(a.datasets, DATASETS, "datasets")
     needed = {"hh": HH / "train.jsonl.gz", "truthfulqa": TQA}
@@ -470,34 +635,64 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if a.quick else "full"
     s = {**SETTINGS[mode], **{k: getattr(a, k) for k in ("hh_pairs", "hh_dev", "tqa_pairs", "tqa_dev")
                               if getattr(a, k) is not None}}
+    protocol = _protocol(a, s, datasets)
     out = (ROOT / (a.out or ("runs/quality-quick" if a.quick else "runs/quality"))).resolve()
-    estimate = estimate_seconds(s, methods, datasets)
+    estimate = _estimate(s, methods, datasets, protocol)
     print(f"quality ({mode}): {len(methods)} method(s) x {len(datasets)} data set(s) in {out}; estimated "
           f"{estimate['total_s'] / 60:.0f} min with the default model on this CPU", flush=True)
-    t0, rows, bases, data_info = time.perf_counter(), [], {}, {}
+    t0 = time.perf_counter()
+    rows, bases, data_info = _run_all(datasets, methods, out, s, a.model, protocol, a.collect)
+    meta = {"mode": mode, "model": a.model, "methods": methods, "datasets": datasets, **s, "data": data_info,
+            "estimate": estimate, "elapsed_s": round(time.perf_counter() - t0, 1),
+            "out": _rel(out)}
+    if protocol != _protocol(ap.parse_args([]), s, datasets):  # only a non-default invocation records the flags
+        meta["protocol"] = {k: v for k, v in protocol.items() if k != "several_seeds"}
+    dest = out if a.quick else HERE
+    suffix = _suffix(protocol)
+    first = dest / f"results{suffix.replace('-second', '')}.json"
+    if protocol["split"] == "second" and first.is_file():  # the same points' first-split figures, if written
+        meta["second_split_agreement"] = split_agreement(json.loads(first.read_text()), rows)
+    if protocol["train_pairs"]:
+        write_curve(dest, rows, meta, suffix=suffix)
+        print(f"wrote {_rel(dest / f'learning_curve{suffix}.json')}, learning_curve{suffix}.png", flush=True)
+    else:
+        write_outputs(dest, rows, bases, meta, suffix=suffix)
+        print((dest / f"results{suffix}.md").read_text())
+        print(f"wrote {_rel(dest / f'results{suffix}.json')}, results{suffix}.md, gain_vs_kl{suffix}.png", flush=True)
+    return 1 if any("error" in r for r in [*rows, *bases.values()]) else 0
+
+
+def _run_all(datasets: list[str], methods: list[str], out: Path, s: dict, model: str, protocol: dict,
+             collect: bool) -> tuple[list[dict], dict, dict]:
+    """Every point of the invocation (or with `collect` the finished ones): rows, base rows, data settings."""
+    rows, bases, data_info = [], {}, {}
+    several = protocol["several_seeds"]
     for name in datasets:
-        data = dataset_inputs(name, out, s)
-        data_info[name] = {k: (_rel(v) if k in ("train", "dev") else v) for k, v in data.items() if k != "name"}
-        base = base_eval(data, out, s, a.model, finished_only=a.collect)
+        data = dataset_inputs(name, out, s, protocol["split"])
+        data_info[name] = {k: (_rel(v) if k in ("train", "dev") else v) for k, v in data.items()
+                           if k not in ("name", "tag", "side", "side_pairs")}  # as before: the split says the rest
+        base = base_eval(data, out, s, model, finished_only=collect)
         if base is None:
             print(f"{name}: no finished base evaluation with these settings; skipped (--collect)")
             continue
         bases[name] = base
+        base_pairs = base_eval(data, out, s, model, finished_only=collect, per_pair=True) \
+            if several and set(methods) & set(REFERENCE_FREE) else None
         for method in methods:
-            point = run_point(data, method, out, s, a.model, finished_only=a.collect)
-            if point is None:
-                print(f"{name} {method}: not run with these settings; left out (--collect)")
-                continue
-            print(f"{name} {method} ...", flush=True)
-            rows.append(summarize(data, method, point, bases[name]))
-    meta = {"mode": mode, "model": a.model, "methods": methods, "datasets": datasets, **s, "data": data_info,
-            "estimate": estimate, "elapsed_s": round(time.perf_counter() - t0, 1),
-            "out": _rel(out)}
-    dest = out if a.quick else HERE
-    write_outputs(dest, rows, bases, meta)
-    print((dest / "results.md").read_text())
-    print(f"wrote {_rel(dest / 'results.json')}, results.md, gain_vs_kl.png", flush=True)
-    return 1 if any("error" in r for r in [*rows, *bases.values()]) else 0
+            for vdata, extra, vname, fields in variants(data, method, out, s, protocol):
+                seeds = (None,) if protocol["seeds"] == (0,) else protocol["seeds"]  # None: as before, no seed dir
+                points = [run_point(vdata, method, out, s, model, extra, vname, collect, seed) for seed in seeds]
+                label = " ".join(x for x in (name, method, vname) if x)
+                if any(p is None for p in points):
+                    print(f"{label}: not run with these settings; left out (--collect)")
+                    continue
+                print(f"{label} ...", flush=True)
+                row = seed_row(vdata, method, points, base, base_pairs) if several else \
+                    summarize(vdata, method, points[0], base)
+                if fields or protocol["split"] != "first":  # a default row keeps exactly its old fields
+                    row = {**row, **fields, "split": protocol["split"]}
+                rows.append(row)
+    return rows, bases, data_info
 
 
 if __name__ == "__main__":

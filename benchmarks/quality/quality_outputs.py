@@ -28,6 +28,35 @@ def acceptance(rows: list[dict]) -> dict:
             if "tuned" in r:
                 checks["gain holds across seeds"] = r["tuned"]
             out["dpo_recipe"][r["dataset"]] = {**checks, "pass": all(checks.values())}
+        if r["method"] in ISSUE39_METHODS and "tuned" in r:
+            checks = issue39_checks(r)
+            out.setdefault("issue39", {})[where] = {**checks, "pass": all(checks.values())}
+    return out
+
+
+ISSUE39_METHODS = ("sigmoid", "ipo")  # the chosen DPO and IPO recipes
+
+
+def issue39_checks(r: dict) -> dict:
+    """Issue 39's bar for a row of several seeds (the second split's agreement is checked apart)."""
+    kl = r.get("kl_max", r["kl"])
+    return {"mean of >= 3 seeds": r.get("seeds", 1) >= 3, "gain >= 0.08": r["gain"] >= 0.08,
+            "interval excludes 0": r["gain_ci95"][0] > 0, "no health flag": not r["flags"],
+            "KL <= 10 nats (every seed)": kl is not None and kl <= 10}
+
+
+def split_agreement(first: dict, rows: list[dict]) -> dict:
+    """The second split against the first (`first`: results.json's rows by "<data> <method>"): for
+    each point in both, whether the second split's gain lies within the first split's interval."""
+    out = {}
+    for r in (r for r in rows if "error" not in r):
+        f = first.get(f"{r['dataset']} {r['method']}")
+        if not isinstance(f, dict) or "gain_ci95" not in f:
+            continue
+        out[f"{r['dataset']} {r['method']}"] = {
+            "first_gain": f["gain"], "first_ci95": f["gain_ci95"], "first_seeds": f.get("seeds", 1),
+            "second_gain": r["gain"], "second_ci95": r["gain_ci95"], "second_seeds": r.get("seeds", 1),
+            "agrees": f["gain_ci95"][0] <= r["gain"] <= f["gain_ci95"][1]}
     return out
 
 
@@ -104,7 +133,14 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
                      f"{', '.join(f'{g:+.3f}' for g in r['per_seed_gains'])}; "
                      + ("the gain holds across seeds (tuned)." if r["tuned"] else
                         f"not tuned: {', '.join(r['tuned_failed'])}."))
+    for where, a in (meta.get("second_split_agreement") or {}).items():
+        lines.append(f"- {where}: second split {a['second_gain']:+.3f} [{a['second_ci95'][0]:+.3f}, {a['second_ci95'][1]:+.3f}] "
+                     f"against the first split's {a['first_gain']:+.3f} [{a['first_ci95'][0]:+.3f}, {a['first_ci95'][1]:+.3f}]: "
+                     + ("within it." if a["agrees"] else "OUTSIDE it."))
     acc = acceptance(rows)
+    for where, checks in (acc.get("issue39") or {}).items():
+        failed = [k for k, v in checks.items() if k != "pass" and not v]
+        lines.append(f"- Issue 39 bar, {where}: {'pass' if checks['pass'] else 'FAIL (' + ', '.join(failed) + ')'}.")
     lines += ["", "## Issue 18 acceptance, computed", ""]
     for name, checks in acc["dpo_recipe"].items():
         failed = [k for k, v in checks.items() if k != "pass" and not v]
@@ -112,7 +148,9 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
     no = [k for k, v in acc["gain_excludes_0"].items() if not v]
     lines.append("- Gain interval excludes 0: " + (f"every point ({len(acc['gain_excludes_0'])})." if not no else
                  f"not for {', '.join(no)} (figures in the table)."))
-    lines += ["", f"Settings: {meta['mode']} mode, model `{meta['model']}`, seed 0, LoRA; "
+    seeds = (meta.get("protocol") or {}).get("seeds", [0])
+    lines += ["", f"Settings: {meta['mode']} mode, model `{meta['model']}`, seed{'s' * (len(seeds) > 1)} "
+              f"{', '.join(map(str, seeds))}, LoRA; "
               f"{meta['elapsed_s']:.0f} s for this invocation (finished points kept from earlier ones count 0); "
               f"estimated {meta['estimate']['total_s']} s for the whole configuration."]
     if meta["mode"] == "quick":
@@ -154,16 +192,30 @@ def plot(rows: list[dict], dest: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict) -> None:
-    """results.json (a row per base evaluation and per point, then settings and acceptance), results.md, gain_vs_kl.png."""
+def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict, suffix: str = "") -> None:
+    """results.json (a row per base evaluation and per point, then settings and acceptance), results.md, gain_vs_kl.png;
+    `suffix` names another protocol's files beside them (results-second.md: the second split)."""
     # the points before the base rows: `preftune report --experiment` takes its columns from the first rows' fields
     results = {"command": " ".join(["python -m benchmarks.quality", *sys.argv[1:]]),
                **{f"{r['dataset']} {r['method']}": r for r in rows},
                **{f"{name} base model": b for name, b in bases.items()}, "settings": meta, "acceptance": acceptance(rows)}
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (dest / f"results{suffix}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     md = ["# Held-out quality per method (issue 18, item 1)", "",
-          f"Written by `python -m benchmarks.quality` ({meta['mode']} mode) from results.json.", "",
-          *table(rows, bases), *notes(rows, bases, meta)]
-    (dest / "results.md").write_text("\n".join(md) + "\n")
-    plot(rows, dest / "gain_vs_kl.png", f"held-out accuracy gain vs KL ({meta['mode']}, {Path(meta['model']).name})")
+          f"Written by `python -m benchmarks.quality` ({meta['mode']} mode) from results{suffix}.json.", "",
+          *_protocol_lines(meta.get("protocol")), *table(rows, bases), *notes(rows, bases, meta)]
+    (dest / f"results{suffix}.md").write_text("\n".join(md) + "\n")
+    plot(rows, dest / f"gain_vs_kl{suffix}.png",
+         f"held-out accuracy gain vs KL ({meta['mode']}{suffix}, {Path(meta['model']).name})")
+
+
+def _protocol_lines(protocol: dict | None) -> list[str]:
+    """What a non-default invocation changed (issue 39's flags), above its table."""
+    if not protocol:
+        return []
+    said = [f"training seeds {', '.join(map(str, protocol['seeds']))}"]
+    if protocol["split"] == "second":
+        said.append("the second split (dev = a slice of the training file, after every record training reads)")
+    if protocol["full_train"]:
+        said.append("the whole training side under each recipe's stated budget (recipe.budget)")
+    return [f"Protocol: {'; '.join(said)}.", ""]
