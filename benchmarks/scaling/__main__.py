@@ -15,7 +15,9 @@ per pair` = prompt + chosen + rejected = length. Every point is `preftune.traini
 fresh process (`--model`, default SmolLM2-135M-Instruct; gemma3-270m once `preftune models fetch
 gemma3-270m` ran; fp32, LoRA r16 q/v, batch 4, packed rows with prefix sharing, live reference,
 lr 5e-4, file order); peak RSS is that process's ru_maxrss (it includes the model and libraries:
-2.1 GB for SmolLM2, 3.0 GB for Gemma at 128 tokens). The dense route is today's route for models without SDPA
+2.1 GB for SmolLM2, 3.0 GB for Gemma at 128 tokens). preftune's workers run on the allocator the
+`preftune` command picks (jemalloc when installed, see preftune.utils.allocator; each point
+records it), TRL's on glibc's defaults, as each tool runs for its users. The dense route is today's route for models without SDPA
 attention (the block attention switched off). TRL gets the same model, identical initial LoRA
 weights (seed 42), lr 5e-4 without warmup, file order, fp32 and `max_length` = length + 8
 (nothing truncated). Every point that should reproduce the block point's losses (TRL, +gc,
@@ -90,6 +92,7 @@ from pathlib import Path
 
 from benchmarks import importable, module_command
 from preftune.models.zoo import ZOO
+from preftune.utils.allocator import preload_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -204,7 +207,7 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int, 
                                   "peak_rss_mb": s["peak_rss_mb"], "losses": [r["loss"] for r in rows],
                                   "attention": s["layout"].get("checked", {}).get("attention"),
                                   "layout": s["layout"].get("layout"), "prefix_sharing": s["layout"].get("prefix_sharing"),
-                                  "logprob_chunk_tokens": cfg.train.logprob_chunk_tokens,
+                                  "logprob_chunk_tokens": cfg.train.logprob_chunk_tokens, "allocator": s.get("allocator"),
                                   "tokens_per_pair": round(tokens, 1),
                                   "gradient_checkpointing": s["gradient_checkpointing"]}))
 
@@ -390,6 +393,8 @@ def run_point(data: Path, mode: str, steps: int, batch: int, length: int, *, mod
     of the invocation (a Gemma point at 4096 tokens can take hours on 2 busy cores)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = importable({**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        if not mode.startswith("trl"):  # the allocator the `preftune` command runs on (jemalloc when installed)
+            env = preload_env(env) or env
         cmd = module_command("benchmarks.scaling", "--worker", mode, "--data", str(data), "--out", f"{tmp}/run",
                              "--steps", str(steps), "--batch", str(batch), "--lengths", str(length),
                              "--model", model, *(["--chunk-tokens", str(chunk)] if chunk is not None else []),

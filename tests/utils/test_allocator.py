@@ -8,16 +8,18 @@ import pytest
 
 from preftune.utils import allocator
 
+LINUX_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+JEMALLOC = allocator.jemalloc_path()
+
 # In a fresh interpreter: 2,000 blocks of 200 KiB (~400 MB) allocated after one 4 MiB block was
 # freed (which raises glibc's dynamic mmap threshold past 200 KiB), then 9 in 10 freed. With glibc's
-# defaults the survivors pin the arena pages between them; with the threshold fixed, each block
-# was its own mapping and the freed ones leave the process.
+# defaults the survivors pin the arena pages between them; with the threshold fixed (release),
+# each block was its own mapping and the freed ones leave the process.
 _PROBE = r"""
 import ctypes, json, os, sys
 sys.path[:0] = {path!r}
-if {fix!r}:
-    from preftune.utils.allocator import release_freed_memory
-    assert release_freed_memory() == "mmap threshold 65536"
+from preftune.utils.allocator import release_freed_memory
+said = release_freed_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -33,36 +35,64 @@ full = rss()
 for i, p in enumerate(blocks):
     if i % 10:
         libc.free(p)
-print(json.dumps({{"held_mb": (full - rss()) / 2**20}}))
+print(json.dumps({{"released_mb": (full - rss()) / 2**20, "said": said}}))
 """
 
 
-def _released_mb(fix: bool) -> float:
-    code = _PROBE.format(path=sys.path, fix=fix)
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "PREFTUNE_MALLOC")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout)["held_mb"]
+def _probe(**extra) -> dict:
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "PREFTUNE_MALLOC", allocator._GUARD)}
+    out = subprocess.run([sys.executable, "-c", _PROBE.format(path=sys.path)], capture_output=True, text=True,
+                         env={**environ, **extra}, check=True)
+    return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
-def test_freed_blocks_leave_the_process_with_the_threshold_fixed():
-    default, fixed = _released_mb(False), _released_mb(True)
-    assert fixed > 300       # ~350 MB of the ~390 MB freed went back to the system
-    assert default < 50      # glibc's defaults keep them in the arena
+@pytest.mark.skipif(not LINUX_GLIBC, reason="glibc's malloc only")
+def test_release_hands_freed_blocks_back_and_system_keeps_them():
+    kept, released = _probe(PREFTUNE_MALLOC="system"), _probe(PREFTUNE_MALLOC="release")
+    assert kept["said"] == "glibc defaults" and released["said"] == "glibc, mmap threshold 65536"
+    assert released["released_mb"] > 300  # ~350 MB of the ~390 MB freed went back to the system
+    assert kept["released_mb"] < 50       # glibc's defaults keep them in the arena
 
 
-def test_a_users_choice_is_kept(monkeypatch):
-    calls = []
-    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: calls.append(name))
-    monkeypatch.setenv("PREFTUNE_MALLOC", "system")
-    assert allocator._apply() == "kept: PREFTUNE_MALLOC=system"
+@pytest.mark.skipif(not (LINUX_GLIBC and JEMALLOC), reason="needs libjemalloc2 (apt install libjemalloc2)")
+def test_summary_names_jemalloc_when_it_is_loaded():
+    assert _probe(LD_PRELOAD=JEMALLOC)["said"] == "jemalloc"  # it returns freed pages later (decay), not at free
+
+
+def test_preload_env_puts_jemalloc_first_once(monkeypatch, tmp_path):
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(allocator, "JEMALLOC_PATHS", (str(tmp_path / "absent.so"), str(lib)))
+    monkeypatch.setattr(allocator.platform, "system", lambda: "Linux")
+    monkeypatch.delenv("PREFTUNE_MALLOC", raising=False)
+    new = allocator.preload_env({"PATH": "/bin", "LD_PRELOAD": "/opt/libfoo.so"})
+    assert new == {"PATH": "/bin", "LD_PRELOAD": f"{lib}:/opt/libfoo.so", allocator._GUARD: "1"}
+    assert allocator.preload_env(new) is None                                   # the relaunched process
+    assert allocator.preload_env({"LD_PRELOAD": "/x/libtcmalloc.so.4"}) is None  # the user's allocator
+    assert allocator.preload_env({"MALLOC_MMAP_THRESHOLD_": "131072"}) is None
+    for choice in ("release", "system"):
+        monkeypatch.setenv("PREFTUNE_MALLOC", choice)
+        assert allocator.preload_env({}) is None
     monkeypatch.delenv("PREFTUNE_MALLOC")
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    assert allocator._apply() == "kept: MALLOC_MMAP_THRESHOLD_ is set"
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert allocator._apply().startswith("kept: LD_PRELOAD=")
-    monkeypatch.delenv("LD_PRELOAD")
-    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
-    assert allocator._apply() == "kept: not glibc"
-    assert calls == []  # mallopt was never looked up
+    monkeypatch.setattr(allocator, "JEMALLOC_PATHS", (str(tmp_path / "absent.so"),))
+    assert allocator.preload_env({}) is None                                    # not installed: nothing changes
+
+
+@pytest.mark.skipif(not (LINUX_GLIBC and JEMALLOC), reason="needs libjemalloc2 (apt install libjemalloc2)")
+def test_the_command_relaunches_itself_under_jemalloc(tmp_path):
+    """`preftune validate-data` on a bad file: the relaunched process answers (its one-line error
+    and exit 2 come through exec unchanged), and it ran with jemalloc mapped."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p"}\n')
+    probe = tmp_path / "sitecustomize.py"  # runs in every interpreter started with this PYTHONPATH
+    probe.write_text("import os, pathlib\n"
+                     "if 'jemalloc' in pathlib.Path('/proc/self/maps').read_text():\n"
+                     f"    pathlib.Path({str(tmp_path / 'seen')!r}).write_text(os.environ.get('LD_PRELOAD', ''))\n")
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "PREFTUNE_MALLOC", allocator._GUARD)}
+    environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
+    out = subprocess.run([sys.executable, "-m", "preftune", "validate-data", str(bad)], capture_output=True,
+                         text=True, env=environ)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert (tmp_path / "seen").read_text().startswith(JEMALLOC)

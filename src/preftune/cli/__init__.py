@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..config import HF_ALIASES, config_help
 from ..core.losses import ALIASES, LOSSES
 from ..models.qlora import hide_bitsandbytes
-from ..utils.allocator import release_freed_memory
+from ..utils.allocator import relaunch_with_jemalloc, release_freed_memory
 from ..utils.envvars import check_environment
 from ..utils.errors import PreftuneError
 from ..utils.safeio import os_problem
@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()  # after parsing: --help and usage errors never import transformers
     try:
         check_environment()  # every PREFTUNE_* variable that is set, before any work (envvars.py)
-        release_freed_memory()  # glibc: freed activations go back to the system (utils/allocator.py)
+        if argv is None:  # the command line, not a caller's argv: may relaunch under jemalloc (utils/allocator.py)
+            relaunch_with_jemalloc(sys.argv[1:])
+        release_freed_memory()
         return _run(args)
     except PreftuneError as err:
         print(_one_line(str(err)), file=sys.stderr)

@@ -196,7 +196,7 @@ def train(cfg: Config, *, resume: bool = False, allow_config_change: bool = Fals
     """Train from `cfg` on `source` (default: the offline file `data.train_path`). With `resume`,
     continue `cfg.run.output_dir` from its newest valid checkpoint (or start fresh there when it
     has none). One writer per run directory (RunLock)."""
-    release_freed_memory()  # what the CLI does first, for train() called as a library (utils/allocator.py)
+    release_freed_memory()  # PREFTUNE_MALLOC=release for train() called as a library (utils/allocator.py)
     spec, run_dir = build_loss(cfg.loss.name, cfg.loss.mix), Path(cfg.run.output_dir)
     # the main process alone decides about (and locks) the run dir: global rank 0, as launchers set
     # it (Accelerate's own state is not built yet, and building it early would fix its settings)

@@ -1,22 +1,31 @@
-"""Freed activation memory goes back to the system: glibc's mmap threshold, set from inside the process.
+"""Which C allocator holds the activations: jemalloc when it is installed, chosen by PREFTUNE_MALLOC.
 
 glibc serves a request above its mmap threshold with its own mapping, returned to the system on
 free, and anything below it from heap arenas, which give memory back only from their top. The
 threshold starts at 128 KiB but rises to the size of each mapped block that is freed, up to 32 MiB
-(glibc's dynamic threshold): after the first training step nearly every activation tensor is
-carved out of the arenas, and a step's freed tensors leave holes that later steps cannot always
-reuse. The process keeps them: peak RSS then grows faster than the tensors it holds.
+(glibc's dynamic threshold): after the first step nearly every activation tensor is carved out of
+the arenas, and a step's freed tensors leave holes that later allocations do not always fit. The
+process keeps them, and peak RSS grows faster than the tensors it holds.
 
-Measured (benchmarks/scaling's worker, SmolLM2-135M, LoRA, batch 4, 2048-token pairs, block
-attention, no checkpointing, 2 steps, 2-core EPYC): peak RSS 16.9 GB with glibc's defaults,
-10.7 GB with the threshold fixed at 64 KiB, 10.8 GB under jemalloc (LD_PRELOAD) and the same
-step time within 4% (182 s, 184 s, 191 s). Fixing the threshold needs no package and no
-relaunch, so `release_freed_memory()` does that at the start of a command and of `train()`.
+Measured (benchmarks/scaling's worker, SmolLM2-135M, LoRA, batch 4, block attention, no
+checkpointing, 2 steps, 2-core EPYC, peak RSS and training seconds):
 
-A user's own choice wins: with PREFTUNE_MALLOC=system (glibc's defaults), with MALLOC_MMAP_THRESHOLD_ in the environment (glibc read it at
-start-up; any value, e.g. 131072 for glibc's starting point) or another allocator preloaded
-(LD_PRELOAD naming jemalloc or tcmalloc) nothing is changed. Elsewhere than glibc (macOS, musl)
-it does nothing.
+    tokens/pair   glibc defaults     jemalloc           glibc, mmap threshold 64 KiB
+    256           3.26 GB  15.0 s    2.38 GB  13.7 s    2.31 GB  21.4 s
+    1024          9.61 GB  59.1 s    6.00 GB  (busy)    5.96 GB  81.6 s
+    2048          16.9 GB   184 s    10.8 GB   191 s    10.7 GB   182 s
+
+jemalloc keeps glibc's speed and the small peak; a fixed mmap threshold gets the same peak but
+faults fresh pages in at every large allocation (1.4x the time at 256-1024 tokens). So:
+
+* `jemalloc` (default): the `preftune` command re-launches itself once with jemalloc in
+  LD_PRELOAD when the library is installed (Debian/Ubuntu: `apt install libjemalloc2`), before it
+  loads anything; without the library nothing changes. Library users of `train()` get it by
+  starting Python with LD_PRELOAD themselves.
+* `release`: glibc with its mmap threshold fixed at 64 KiB (mallopt, no relaunch, no package).
+* `system`: glibc's defaults.
+
+A user's own LD_PRELOAD of an allocator, or MALLOC_MMAP_THRESHOLD_, is kept as it is.
 """
 
 from __future__ import annotations
@@ -24,40 +33,93 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
+from pathlib import Path
 
 from .envvars import env
 
-__all__ = ["MMAP_THRESHOLD", "release_freed_memory"]
+__all__ = ["MMAP_THRESHOLD", "JEMALLOC_PATHS", "jemalloc_path", "preload_env", "relaunch_with_jemalloc",
+           "release_freed_memory"]
 
-MMAP_THRESHOLD = 64 * 1024  # bytes: blocks from here up are mapped and unmapped one by one
+MMAP_THRESHOLD = 64 * 1024  # bytes: `release` maps and unmaps blocks from this size up one by one
 _M_MMAP_THRESHOLD = -3      # mallopt's parameter number in glibc's malloc.h
+# where Debian, Ubuntu, Fedora and source builds put it
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+_GUARD = "PREFTUNE_MALLOC_RELAUNCHED"  # set in the relaunched process: never relaunch twice
 _done: str | None = None
 
 
+def jemalloc_path() -> str | None:
+    return next((p for p in JEMALLOC_PATHS if Path(p).is_file()), None)
+
+
+def _kept(environ) -> str | None:
+    """Why the allocator is left as the user set it up, or None."""
+    preload = environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in _ALLOCATORS):
+        return f"LD_PRELOAD={preload}"
+    if "MALLOC_MMAP_THRESHOLD_" in environ:
+        return "MALLOC_MMAP_THRESHOLD_ is set"
+    return None
+
+
+def preload_env(environ) -> dict | None:
+    """`environ` with jemalloc first in LD_PRELOAD, for a process started from it; None when
+    PREFTUNE_MALLOC is not `jemalloc`, the library is absent, this is not Linux, the user chose an
+    allocator, or this process is the relaunched one."""
+    if env("PREFTUNE_MALLOC") != "jemalloc" or platform.system() != "Linux" or environ.get(_GUARD) \
+            or _kept(environ):
+        return None
+    lib = jemalloc_path()
+    if lib is None:
+        return None
+    preload = environ.get("LD_PRELOAD", "")
+    return {**environ, "LD_PRELOAD": f"{lib}:{preload}" if preload else lib, _GUARD: "1"}
+
+
+def relaunch_with_jemalloc(argv: list[str]) -> None:
+    """Replace this process by `python -m preftune ARGV` under jemalloc (same PID, stdin, exit
+    code); returns when there is nothing to do (preload_env is None)."""
+    new = preload_env(os.environ)
+    if new is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "preftune", *argv], new)
+
+
 def release_freed_memory() -> str:
-    """Fix glibc's mmap threshold at MMAP_THRESHOLD (once per process); says what it did, for
-    summary.json: "mmap threshold 65536", or why it left the allocator alone."""
+    """Apply PREFTUNE_MALLOC=release (once per process) and say which allocator this process
+    runs on, for summary.json."""
     global _done
     if _done is None:
         _done = _apply()
     return _done
 
 
+def _loaded_allocator() -> str | None:
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    return next((name for name in _ALLOCATORS if f"lib{name}" in maps), None)
+
+
 def _apply() -> str:
-    if env("PREFTUNE_MALLOC") == "system":
-        return "kept: PREFTUNE_MALLOC=system"
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return "kept: MALLOC_MMAP_THRESHOLD_ is set"
-    preload = os.environ.get("LD_PRELOAD", "")
-    if any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc")):
-        return f"kept: LD_PRELOAD={preload}"
+    loaded = _loaded_allocator()
+    if loaded:
+        return loaded
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return "kept: not glibc"
+        return "the C library's own"
+    choice, kept = env("PREFTUNE_MALLOC"), _kept(os.environ)
+    if kept or choice != "release":
+        return f"glibc ({kept})" if kept else "glibc defaults"
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return "kept: mallopt not found"
+        return "glibc defaults (mallopt not found)"
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
-        return "kept: mallopt refused"
-    return f"mmap threshold {MMAP_THRESHOLD}"
+        return "glibc defaults (mallopt refused)"
+    return f"glibc, mmap threshold {MMAP_THRESHOLD}"
