@@ -113,10 +113,11 @@ def test_model_shape_reads_config_json(tmp_path):
 
     from preftune.models.loading import model_shape
 
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "hidden_size": 576}))
-    assert model_shape(str(tmp_path)) == SMOL
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 30, "hidden_size": 576,
+                                                      "vocab_size": 49152}))
+    assert model_shape(str(tmp_path)) == {**SMOL, "vocab": 49152}
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"num_hidden_layers": 18, "hidden_size": 640}}))
-    assert model_shape(str(tmp_path)) == {"layers": 18, "hidden": 640}
+    assert model_shape(str(tmp_path)) == {"layers": 18, "hidden": 640, "vocab": 0}  # no vocab_size: no head term
     (tmp_path / "config.json").write_text("{not json")
     assert model_shape(str(tmp_path)) is None
     assert model_shape(str(tmp_path / "absent")) is None
@@ -151,3 +152,23 @@ def test_the_rl_loops_four_models_by_hand():
     none = rl_memory_gb(10**8, lora=False, critic="none", reward_params=0, layers=10, hidden=100, tokens=1000)
     assert none["critic_gb"] == 0 and none["policy_and_reference_gb"] == 20 * 10**8 / gb  # 16 + a frozen copy's 4
     assert none["activations_gb"] == m["activations_gb"] / 2
+
+
+def test_the_head_term_is_one_block_of_the_vocabulary_by_hand():
+    """The chunked head holds HEAD_BUFFERS float32 (positions x vocabulary) arrays for one block:
+    min(completion tokens, chunk); the dense head (chunk 0) for all completion tokens."""
+    from preftune.apps.advise import HEAD_BUFFERS, head_memory_gb, peak_memory_gb, rl_memory_gb
+
+    gb = 2**30
+    assert head_memory_gb(1000, 3000, 1024) == 1024 * 1000 * 4 * HEAD_BUFFERS / gb
+    assert head_memory_gb(1000, 3000, 0) == 3000 * 1000 * 4 * HEAD_BUFFERS / gb
+    assert head_memory_gb(1000, 500, 1024) == 500 * 1000 * 4 * HEAD_BUFFERS / gb
+    assert head_memory_gb(0, 3000, 1024) == 0.0  # a config without vocab_size: no term
+    m = peak_memory_gb(10**8, lora=True, reference=True, layers=10, hidden=100, tokens=4000, vocab=1000,
+                       completion_tokens=3000, chunk_tokens=1024)
+    assert m["head_gb"] == head_memory_gb(1000, 3000, 1024)
+    assert m["peak_gb"] == m["fixed_gb"] + m["activations_gb"] + m["head_gb"]
+    rl = rl_memory_gb(10**8, lora=True, critic="none", reward_params=0, layers=10, hidden=100, tokens=4000,
+                      vocab=1000, completion_tokens=3000, chunk_tokens=0)
+    assert rl["head_gb"] == head_memory_gb(1000, 3000, 0) and rl["peak_gb"] == sum(
+        v for k, v in rl.items() if k != "peak_gb")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..config import TrainConfig
 from ..core.losses import LOSSES
 from ..core.recipes import load_recipe
 
@@ -39,6 +40,7 @@ MIN_STEPS, MAX_EPOCHS = 50, 3
 # measured: treat the figure as +-30%.
 ACT_BYTES = {False: 107.0, True: 41.0}
 RUNTIME_GB = {False: 0.9, True: 0.5}
+HEAD_BUFFERS = 3.0
 
 
 @dataclass
@@ -114,20 +116,39 @@ def pair_tokens(stats: dict, *, max_length: int, max_prompt_length: int) -> int:
     """Tokens one training item occupies in a packed micro-batch (90th percentiles, after the cut):
     a pair shares its prompt (prompt + chosen + rejected); an unpaired (KTO) example shares its
     prompt with its mismatched KL row (prompt + two completions)."""
+    return sum(_item_parts(stats, max_length=max_length, max_prompt_length=max_prompt_length))
+
+
+def _item_parts(stats: dict, *, max_length: int, max_prompt_length: int) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) of one training item, as pair_tokens counts them."""
     prompt = min(stats.get("prompt_tokens", {}).get("p90", 0), max_prompt_length)
     room = max(0, max_length - prompt)
     if stats.get("kind") == "unpaired":
-        return prompt + 2 * min(stats.get("completion_tokens", {}).get("p90", 0), room)
-    return prompt + sum(min(stats.get(k, {}).get("p90", 0), room) for k in ("chosen_tokens", "rejected_tokens"))
+        return prompt, 2 * min(stats.get("completion_tokens", {}).get("p90", 0), room)
+    return prompt, sum(min(stats.get(k, {}).get("p90", 0), room) for k in ("chosen_tokens", "rejected_tokens"))
+
+
+DEFAULT_CHUNK_TOKENS = TrainConfig().logprob_chunk_tokens  # config, not core.logprobs: advise loads no torch
+
+
+def head_memory_gb(vocab: int, completion_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> float:
+    """The LM head's working memory: HEAD_BUFFERS float32 arrays of (positions x vocabulary) for
+    the completion positions of one block of the chunked head (`chunk_tokens`,
+    train.logprob_chunk_tokens), or of all of them with the dense head (0)."""
+    positions = completion_tokens if chunk_tokens == 0 else min(completion_tokens, chunk_tokens)
+    return positions * vocab * 4 * HEAD_BUFFERS / 2**30
 
 
 def peak_memory_gb(params: int, *, lora: bool, reference: bool, layers: int, hidden: int, tokens: int,
-                   checkpointing: bool = False) -> dict:
+                   checkpointing: bool = False, vocab: int = 0, completion_tokens: int = 0,
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
     """Expected peak training memory: weights/gradients/optimizer (memory_estimate_gb), the
-    activations of `tokens` tokens in a micro-batch, and the process's fixed cost."""
+    activations of `tokens` tokens in a micro-batch, the LM head's block over `vocab` for its
+    `completion_tokens` (head_memory_gb), and the process's fixed cost."""
     fixed = memory_estimate_gb(params, lora=lora, reference=reference) + RUNTIME_GB[checkpointing]
     acts = tokens * layers * hidden * ACT_BYTES[checkpointing] / 2**30
-    return {"fixed_gb": fixed, "activations_gb": acts, "peak_gb": fixed + acts}
+    head = head_memory_gb(vocab, completion_tokens, chunk_tokens)
+    return {"fixed_gb": fixed, "activations_gb": acts, "head_gb": head, "peak_gb": fixed + acts + head}
 
 
 def memory_estimate_gb(params: int, *, lora: bool, reference: bool) -> float:
@@ -141,27 +162,31 @@ def memory_estimate_gb(params: int, *, lora: bool, reference: bool) -> float:
 
 
 def rl_memory_gb(params: int, *, lora: bool, critic: str, reward_params: int, layers: int, hidden: int,
-                 tokens: int, checkpointing: bool = False) -> dict:
+                 tokens: int, checkpointing: bool = False, vocab: int = 0, completion_tokens: int = 0,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
     """Expected peak memory of the RLHF loop's four models (preftune ppo, grpo): the policy
     (memory_estimate_gb: with LoRA its reference is the same weights, adapters off; in full a
     frozen copy), the critic (`critic`: "separate" is another copy of the trunk, trained like the
     policy; "shared" a head on the policy's trunk; "none" for RLOO, REINFORCE++, GRPO), the reward
     model's fp32 weights (`reward_params`, 0 for a function or a judge), and the activations of
     one micro-batch of `tokens` padded tokens, twice with a critic (its own forward and backward,
-    or its second pass over the shared trunk), plus the process's fixed cost."""
+    or its second pass over the shared trunk), the LM head's block for its `completion_tokens`
+    (head_memory_gb), plus the process's fixed cost."""
     parts = {"policy_and_reference_gb": memory_estimate_gb(params, lora=lora, reference=True),
              "critic_gb": memory_estimate_gb(params, lora=lora, reference=False) if critic == "separate" else 0.0,
              "reward_model_gb": reward_params * 4 / 2**30, "runtime_gb": RUNTIME_GB[checkpointing]}
     passes = 1 if critic == "none" else 2
     parts["activations_gb"] = passes * tokens * layers * hidden * ACT_BYTES[checkpointing] / 2**30
+    parts["head_gb"] = head_memory_gb(vocab, completion_tokens, chunk_tokens)  # the policy's per-token log-probs
     return {**parts, "peak_gb": sum(parts.values())}
 
 
 def advise(stats: dict, *, params: int, memory_gb: float | None, lora: bool, shape: dict | None = None,
-           max_length: int | None = None, max_prompt_length: int | None = None) -> Advice:
+           max_length: int | None = None, max_prompt_length: int | None = None,
+           chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Advice:
     """`stats` from data.inspect.inspect_records; `params` the model's parameter count; `shape`
-    the model's {"layers", "hidden"} (no memory figure without it), which needs the run's
-    data.max_length and data.max_prompt_length."""
+    the model's {"layers", "hidden"[, "vocab"]} (no memory figure without it), which needs the
+    run's data.max_length and data.max_prompt_length; `chunk_tokens` its train.logprob_chunk_tokens."""
     reasons, warnings, overrides = [], [], []
     n = stats["records"]
     with_ref = memory_estimate_gb(params, lora=lora, reference=True)
@@ -202,11 +227,12 @@ def advise(stats: dict, *, params: int, memory_gb: float | None, lora: bool, sha
     if cut and cut > 0.05 * n:
         warnings.append(f"{cut} of {n} records are truncated at the configured lengths: raise data.max_length")
     return _with_numbers(Advice(loss, reasons, overrides, warnings), stats, params=params, memory_gb=memory_gb,
-                         lora=lora, shape=shape, max_length=max_length, max_prompt_length=max_prompt_length)
+                         lora=lora, shape=shape, max_length=max_length, max_prompt_length=max_prompt_length,
+                         chunk_tokens=chunk_tokens)
 
 
 def _with_numbers(a: Advice, stats: dict, *, params: int, memory_gb: float | None, lora: bool, shape: dict | None,
-                  max_length: int | None, max_prompt_length: int | None) -> Advice:
+                  max_length: int | None, max_prompt_length: int | None, chunk_tokens: int) -> Advice:
     """The recipe's settings for the chosen method, epochs for the data size, the expected memory."""
     recipe = load_recipe(a.loss)
     a.recipe = recipe.name
@@ -230,9 +256,12 @@ def _with_numbers(a: Advice, stats: dict, *, params: int, memory_gb: float | Non
         if max_length is None or max_prompt_length is None:
             raise ValueError("a memory figure (shape) needs max_length and max_prompt_length")
         needs_reference = LOSSES[a.loss].needs_reference
-        tokens = pair_tokens(stats, max_length=max_length, max_prompt_length=max_prompt_length) * batch
-        plain = peak_memory_gb(params, lora=lora, reference=needs_reference, tokens=tokens, **shape)
-        ckpt = peak_memory_gb(params, lora=lora, reference=needs_reference, tokens=tokens, checkpointing=True, **shape)
+        prompt, completions = _item_parts(stats, max_length=max_length, max_prompt_length=max_prompt_length)
+        tokens, head = (prompt + completions) * batch, dict(completion_tokens=completions * batch,
+                                                            chunk_tokens=chunk_tokens)
+        plain = peak_memory_gb(params, lora=lora, reference=needs_reference, tokens=tokens, **head, **shape)
+        ckpt = peak_memory_gb(params, lora=lora, reference=needs_reference, tokens=tokens, checkpointing=True,
+                              **head, **shape)
         a.memory = {**plain, "peak_gb_checkpointing": ckpt["peak_gb"], "batch_size": batch,
                     "tokens_per_item": tokens // batch}
         if memory_gb is not None and plain["peak_gb"] > memory_gb:

@@ -103,7 +103,7 @@ def _advise(a) -> int:
     cfg, stats, model_dir = _inspected(a)
     advice = advise(stats, params=count_parameters(model_dir), memory_gb=a.memory_gb, lora=cfg.model.lora,
                     shape=model_shape(model_dir), max_length=cfg.data.max_length,
-                    max_prompt_length=cfg.data.max_prompt_length)
+                    max_prompt_length=cfg.data.max_prompt_length, chunk_tokens=cfg.train.logprob_chunk_tokens)
     print(json.dumps(advice.as_dict(), indent=2) if a.json else advice.text())
     return 0
 
@@ -126,7 +126,8 @@ def _advise_online(a) -> int:
     critic = ("shared" if p.shared_critic else "separate") if a.method == "ppo" else "none"
     shape = model_shape(model_dir)
     m = rl_memory_gb(count_parameters(model_dir), lora=cfg.model.lora, critic=critic, reward_params=reward_params,
-                     tokens=rows * (p90 + o.max_new_tokens), checkpointing=cfg.model.gradient_checkpointing, **shape)
+                     tokens=rows * (p90 + o.max_new_tokens), checkpointing=cfg.model.gradient_checkpointing,
+                     completion_tokens=rows * o.max_new_tokens, chunk_tokens=cfg.train.logprob_chunk_tokens, **shape)
     m.update(method=a.method, rows_per_micro_batch=rows, prompt_tokens_p90=p90, critic=critic)
     if a.json:
         print(json.dumps(m, indent=2))

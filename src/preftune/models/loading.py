@@ -365,15 +365,19 @@ def weights_sha256(model, *, skip_substring: str = "lora_") -> str | None:
 
 
 def model_shape(model_dir: str) -> dict | None:
-    """{"layers", "hidden"} of a model directory's config.json (a multimodal config's text part);
-    None when the file does not say."""
+    """{"layers", "hidden", "vocab"} of a model directory's config.json (a multimodal config's
+    text part; vocab 0 when it does not say); None without layers and hidden."""
     try:
         path = Path(model_dir) / "config.json"
         cfg = loads_json(read_capped(path, field="config.json", cap=1 << 20), path, field="config.json")
     except (OSError, DataError):
         return None
     dims = _layers_hidden(_text_part(cfg)) if isinstance(cfg, dict) else None
-    return {"layers": dims[0], "hidden": dims[1]} if dims else None
+    if not dims:
+        return None
+    vocab = _text_part(cfg).get("vocab_size")
+    vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else 0
+    return {"layers": dims[0], "hidden": dims[1], "vocab": vocab}
 
 
 def count_parameters(model_dir: str) -> int:
