@@ -160,6 +160,27 @@ def test_run_point_hands_the_model_and_chunk_to_its_worker(monkeypatch, tmp_path
     assert seen[1][seen[1].index("--model") + 1] == "smollm2-135m-instruct" and "--chunk-tokens" not in seen[1]
 
 
+def test_workers_run_on_the_allocator_each_tool_runs_on_for_its_users(monkeypatch, tmp_path):
+    """preftune's worker gets what the `preftune` command would pick (preload_env: jemalloc when
+    installed), TRL's keeps glibc; --allocators' variant replaces both, the user's LD_PRELOAD too."""
+    envs = []
+
+    def fake_run(cmd, env=None, **kw):
+        envs.append(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout='RESULT {"pairs_per_s": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(scaling.subprocess, "run", fake_run)
+    monkeypatch.setattr(scaling, "preload_env", lambda env: {**env, "LD_PRELOAD": "/lib/libjemalloc.so.2"})
+    monkeypatch.setenv("LD_PRELOAD", "/opt/mine.so")
+    scaling.run_point(tmp_path / "p.jsonl", "block", 2, 4, 128)
+    scaling.run_point(tmp_path / "p.jsonl", "trl+gc", 2, 4, 128)
+    scaling.run_point(tmp_path / "p.jsonl", "block", 2, 4, 128, allocator="glibc")
+    scaling.run_point(tmp_path / "p.jsonl", "block", 2, 4, 128, allocator="tcmalloc")
+    assert envs[0]["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and envs[1]["LD_PRELOAD"] == "/opt/mine.so"
+    assert "LD_PRELOAD" not in envs[2] and envs[2]["PREFTUNE_MALLOC"] == "system"
+    assert envs[3]["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
+
+
 def test_a_worker_past_its_timeout_is_an_error_point_not_the_end_of_the_grid(monkeypatch, tmp_path):
     def slow(cmd, timeout, **kw):
         raise subprocess.TimeoutExpired(cmd, timeout)

@@ -387,13 +387,16 @@ def with_point(results: list[dict], point: dict) -> list[dict]:
 
 
 def run_point(data: Path, mode: str, steps: int, batch: int, length: int, *, model: str = DEFAULT_MODEL,
-              chunk: int | None = None, flops: bool = False, timeout: int = 3600) -> dict:
+              chunk: int | None = None, flops: bool = False, timeout: int = 3600, allocator: str | None = None) -> dict:
     """One worker in a fresh process: its RESULT line, and with `flops` its FLOPS line merged in. A
     worker still running after `timeout` seconds is killed and its point is an error, not the end
     of the invocation (a Gemma point at 4096 tokens can take hours on 2 busy cores)."""
     with tempfile.TemporaryDirectory() as tmp:
         env = importable({**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-        if not mode.startswith("trl"):  # the allocator the `preftune` command runs on (jemalloc when installed)
+        if allocator is not None:  # --allocators: this variant's environment, whatever the default is
+            env = {**{k: v for k, v in env.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_")},
+                   **ALLOCATORS[allocator]}
+        elif not mode.startswith("trl"):  # the allocator the `preftune` command runs on (jemalloc when installed)
             env = preload_env(env) or env
         cmd = module_command("benchmarks.scaling", "--worker", mode, "--data", str(data), "--out", f"{tmp}/run",
                              "--steps", str(steps), "--batch", str(batch), "--lengths", str(length),
@@ -468,6 +471,30 @@ def plot(results: list[dict], dest: Path, model: str = DEFAULT_MODEL) -> None:
     fig.savefig(dest, dpi=120)
 
 
+# --allocators: the environment of each variant (utils/allocator.py says which one preftune picks)
+ALLOCATORS = {"glibc": {"PREFTUNE_MALLOC": "system"}, "release": {"PREFTUNE_MALLOC": "release"},
+              "jemalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+              "tcmalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
+              "mmap4m": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
+
+
+def allocators(a) -> None:
+    """--allocators glibc,jemalloc,...: the block worker (or --modes' first) at each length under each
+    C allocator: peak RSS and training time (allocators.json, or allocators-MODEL.json)."""
+    rows, mode = [], (a.modes or "block").split(",")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        for length in [int(x) for x in a.lengths.split(",")]:
+            data = Path(tmp) / f"pairs-{length}.jsonl"
+            make_pairs(data, length, 2 * a.batch, tok=_tokenizer(a.model))
+            for name in a.allocators.split(","):
+                got = run_point(data, mode, a.steps, a.batch, length, model=a.model, timeout=a.timeout, allocator=name)
+                row = {"length": length, "mode": mode, "allocator": name, **ALLOCATORS[name], **got}
+                print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+                rows.append(row)
+    output("allocators.json", a.model).write_text(json.dumps({"command": _command(), "model": a.model,
+                                                              "results": rows}, indent=1) + "\n")
+
+
 def chunk_sweep(a) -> None:
     """--chunk-sweep: preftune at one length (the first of --lengths), once per value of
     train.logprob_chunk_tokens (0: the dense head) and mode (--modes, default block): pairs/s, peak
@@ -527,6 +554,8 @@ def main() -> None:
                     help="with --eval-speed: train with train.reference_cache=true; eval also from the cache "
                          "(writes eval_cached.json)")
     ap.add_argument("--flops", action="store_true", help="count one step's FLOPs per tool (flops.json)")
+    ap.add_argument("--allocators", metavar="NAME,...", help=f"peak RSS and time under each C allocator, of "
+                    f"{','.join(ALLOCATORS)} (allocators.json)")
     ap.add_argument("--chunk-sweep", metavar="N,N,...",
                     help="preftune at the first of --lengths once per train.logprob_chunk_tokens value (0: dense head)")
     ap.add_argument("--timeout", type=int, default=3 * 3600, help="seconds before a point's worker is killed "
@@ -541,6 +570,8 @@ def main() -> None:
         sys.exit(f"{HH_TRAIN}: the shared HH data is absent; nothing to measure")
     if a.chunk_sweep:
         return chunk_sweep(a)
+    if a.allocators:
+        return allocators(a)
     a.modes = a.modes or ",".join(MODES)
     if a.flops:
         return flops(a)
