@@ -471,11 +471,33 @@ def plot(results: list[dict], dest: Path, model: str = DEFAULT_MODEL) -> None:
     fig.savefig(dest, dpi=120)
 
 
+def plot_beside(results: list[dict], earlier: list[dict], dest: Path, label: str, model: str = DEFAULT_MODEL) -> None:
+    """Peak RSS against tokens per pair, this file's points that record their allocator (this
+    round's: solid) beside an earlier round's (dashed, `label`), for each mode with such points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in results if r.get("allocator")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, mode in enumerate(m for m in MODES if any(r["mode"] == m and "peak_rss_mb" in r for r in results)):
+        for rows, style, when in ((results, "o-", "now"), (earlier, "s--", label)):
+            pts = sorted((r["length"], r["peak_rss_mb"] / 1024) for r in rows if r["mode"] == mode and "peak_rss_mb" in r)
+            if pts:
+                ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{mode} ({when})")
+    ax.set(xlabel="tokens per pair", ylabel="peak RSS (GB)", xscale="log", yscale="log",
+           title=f"one training step, batch 4, LoRA: {model}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=120)
+
+
 # --allocators: the environment of each variant (utils/allocator.py says which one preftune picks)
-ALLOCATORS = {"glibc": {"PREFTUNE_MALLOC": "system"}, "release": {"PREFTUNE_MALLOC": "release"},
+ALLOCATORS = {"glibc": {"PREFTUNE_MALLOC": "system"}, "release": {"PREFTUNE_MALLOC": "release"},  # 4 MiB
+              "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"},
               "jemalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
-              "tcmalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"},
-              "mmap4m": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
+              "tcmalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}}
 
 
 def allocators(a) -> None:
@@ -554,6 +576,8 @@ def main() -> None:
                     help="with --eval-speed: train with train.reference_cache=true; eval also from the cache "
                          "(writes eval_cached.json)")
     ap.add_argument("--flops", action="store_true", help="count one step's FLOPs per tool (flops.json)")
+    ap.add_argument("--plot-beside", metavar="EARLIER.json", help="plot results.json's peak RSS beside an earlier "
+                    "round's file (cost-vs-NAME.png) and stop")
     ap.add_argument("--allocators", metavar="NAME,...", help=f"peak RSS and time under each C allocator, of "
                     f"{','.join(ALLOCATORS)} (allocators.json)")
     ap.add_argument("--chunk-sweep", metavar="N,N,...",
@@ -572,6 +596,11 @@ def main() -> None:
         return chunk_sweep(a)
     if a.allocators:
         return allocators(a)
+    if a.plot_beside:
+        earlier = Path(a.plot_beside)
+        results = json.loads(output("results.json", a.model).read_text())["results"]
+        return plot_beside(results, json.loads(earlier.read_text())["results"],
+                           output(f"cost-vs-{earlier.stem.removeprefix('results-')}.png", a.model), earlier.stem, a.model)
     a.modes = a.modes or ",".join(MODES)
     if a.flops:
         return flops(a)

@@ -66,7 +66,7 @@ BAD_ENV = {
     "PREFTUNE_JUDGE_MODEL": ["judge\r\nX: 1"],
     "PREFTUNE_JUDGE_API_KEY": ["sk-123\r\nX-Injected: 1"],  # a trailing line break is stripped, not refused
     "PREFTUNE_SERVE_API_KEY": ["sk-456\nX: 1"],
-    "PREFTUNE_MALLOC": ["tcmalloc", "", "Release"],
+    "PREFTUNE_MALLOC": ["jemalloc", "", "Release"],
 }
 
 

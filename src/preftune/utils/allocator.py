@@ -1,4 +1,5 @@
-"""Which C allocator holds the activations: jemalloc when it is installed, chosen by PREFTUNE_MALLOC.
+"""Which C allocator holds the activations: jemalloc when it is installed, else glibc with a fixed
+mmap threshold; PREFTUNE_MALLOC chooses.
 
 glibc serves a request above its mmap threshold with its own mapping, returned to the system on
 free, and anything below it from heap arenas, which give memory back only from their top. The
@@ -7,22 +8,24 @@ threshold starts at 128 KiB but rises to the size of each mapped block that is f
 the arenas, and a step's freed tensors leave holes that later allocations do not always fit. The
 process keeps them, and peak RSS grows faster than the tensors it holds.
 
-Measured (benchmarks/scaling's worker, SmolLM2-135M, LoRA, batch 4, block attention, no
-checkpointing, 2 steps, 2-core EPYC, peak RSS and training seconds):
+Measured (python -m benchmarks.scaling --allocators: the block worker, SmolLM2-135M, LoRA, batch 4,
+no checkpointing, 2 steps, 2-core EPYC; peak RSS, training seconds; allocators.json):
 
-    tokens/pair   glibc defaults     jemalloc           glibc, mmap threshold 64 KiB
-    256           3.26 GB  15.0 s    2.38 GB  13.7 s    2.31 GB  21.4 s
-    1024          9.61 GB  59.1 s    6.00 GB  (busy)    5.96 GB  81.6 s
-    2048          16.9 GB   184 s    10.8 GB   191 s    10.7 GB   182 s
+    tokens/pair   glibc defaults     jemalloc           threshold 4 MiB    threshold 64 KiB
+    256           3.26 GB  15.0 s    2.38 GB  13.7 s    3.12 GB  14.6 s    2.31 GB  21.4 s
+    1024          9.61 GB  59.1 s    6.00 GB  (busy)    -                  5.96 GB  81.6 s
+    2048          16.9 GB   184 s    10.8 GB   191 s    11.1 GB   192 s    10.7 GB   182 s
 
-jemalloc keeps glibc's speed and the small peak; a fixed mmap threshold gets the same peak but
-faults fresh pages in at every large allocation (1.4x the time at 256-1024 tokens). So:
+jemalloc keeps glibc's speed and takes the small peak. A threshold fixed at 64 KiB gets the same
+peak but faults fresh pages in at every allocation above it (1.4x the time at 256-1024 tokens);
+fixed at 4 MiB, only the large activation tensors are mapped one by one: most of the saving at
+2048 tokens, no measurable cost at 256. So:
 
-* `jemalloc` (default): the `preftune` command re-launches itself once with jemalloc in
-  LD_PRELOAD when the library is installed (Debian/Ubuntu: `apt install libjemalloc2`), before it
-  loads anything; without the library nothing changes. Library users of `train()` get it by
-  starting Python with LD_PRELOAD themselves.
-* `release`: glibc with its mmap threshold fixed at 64 KiB (mallopt, no relaunch, no package).
+* `auto` (default): the `preftune` command relaunches itself once with jemalloc in LD_PRELOAD when
+  the library is installed (Debian/Ubuntu: `apt install libjemalloc2`), before it loads anything;
+  without it, `release`. Library users of `train()` get jemalloc by starting Python with
+  LD_PRELOAD themselves, and `release` otherwise.
+* `release`: glibc with its mmap threshold fixed at 4 MiB (mallopt: no relaunch, no package).
 * `system`: glibc's defaults.
 
 A user's own LD_PRELOAD of an allocator, or MALLOC_MMAP_THRESHOLD_, is kept as it is.
@@ -41,7 +44,7 @@ from .envvars import env
 __all__ = ["MMAP_THRESHOLD", "JEMALLOC_PATHS", "jemalloc_path", "preload_env", "relaunch_with_jemalloc",
            "release_freed_memory"]
 
-MMAP_THRESHOLD = 64 * 1024  # bytes: `release` maps and unmaps blocks from this size up one by one
+MMAP_THRESHOLD = 4 << 20  # bytes: `release` maps and unmaps blocks from this size up one by one
 _M_MMAP_THRESHOLD = -3      # mallopt's parameter number in glibc's malloc.h
 # where Debian, Ubuntu, Fedora and source builds put it
 JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -67,9 +70,9 @@ def _kept(environ) -> str | None:
 
 def preload_env(environ) -> dict | None:
     """`environ` with jemalloc first in LD_PRELOAD, for a process started from it; None when
-    PREFTUNE_MALLOC is not `jemalloc`, the library is absent, this is not Linux, the user chose an
+    PREFTUNE_MALLOC is not `auto`, the library is absent, this is not Linux, the user chose an
     allocator, or this process is the relaunched one."""
-    if env("PREFTUNE_MALLOC") != "jemalloc" or platform.system() != "Linux" or environ.get(_GUARD) \
+    if env("PREFTUNE_MALLOC") != "auto" or platform.system() != "Linux" or environ.get(_GUARD) \
             or _kept(environ):
         return None
     lib = jemalloc_path()
@@ -90,8 +93,8 @@ def relaunch_with_jemalloc(argv: list[str]) -> None:
 
 
 def release_freed_memory() -> str:
-    """Apply PREFTUNE_MALLOC=release (once per process) and say which allocator this process
-    runs on, for summary.json."""
+    """Fix glibc's mmap threshold unless jemalloc (or the user's allocator) runs this process or
+    PREFTUNE_MALLOC=system (once per process); says which allocator it runs on, for summary.json."""
     global _done
     if _done is None:
         _done = _apply()
@@ -113,7 +116,7 @@ def _apply() -> str:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "the C library's own"
     choice, kept = env("PREFTUNE_MALLOC"), _kept(os.environ)
-    if kept or choice != "release":
+    if kept or choice == "system":
         return f"glibc ({kept})" if kept else "glibc defaults"
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -36,9 +36,9 @@ ENV = {v.name: v for v in (
     EnvVar("PREFTUNE_JUDGE_MODEL", "text", "the model name sent to a judge:URL without #model", "judge"),
     EnvVar("PREFTUNE_JUDGE_API_KEY", "secret", "the judge's API key (Authorization: Bearer)", None),
     EnvVar("PREFTUNE_SERVE_API_KEY", "secret", "the key `preftune serve` requires (default of --api-key)", None),
-    EnvVar("PREFTUNE_MALLOC", "choice", "jemalloc: the preftune command relaunches itself under jemalloc when "
-           "it is installed; release: glibc returns freed blocks from 64 KiB up; system: glibc's defaults "
-           "(utils/allocator.py)", "jemalloc", choices=("jemalloc", "release", "system")),
+    EnvVar("PREFTUNE_MALLOC", "choice", "auto: the preftune command relaunches itself under jemalloc when it is "
+           "installed, else release; release: glibc returns freed blocks from 4 MiB up; system: glibc's defaults "
+           "(utils/allocator.py)", "auto", choices=("auto", "release", "system")),
 )}
 
 
