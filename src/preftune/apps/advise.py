@@ -31,16 +31,20 @@ LENGTH_BIAS = 0.6  # chosen longer in more than this fraction of pairs
 # gained from 40-100 steps), never more than MAX_EPOCHS (the drift checks fired within one epoch
 # of 612 TruthfulQA pairs at lr 5e-4: repeating small data overfits first).
 MIN_STEPS, MAX_EPOCHS = 50, 3
-# Peak memory. Activations per token of a micro-batch, per decoder layer and hidden unit, and the
-# process's fixed cost beyond the weights: fitted to benchmarks/scaling/results.json (SmolLM2-135M,
-# 30 layers x 576, LoRA q/v, batch 4, CPU peak RSS, packed rows with block attention): 3.31 GB at
-# 256 tokens per pair and 9.00 GB at 1024 give 107 bytes (no gradient checkpointing); with
-# checkpointing 1.77 GB and 3.93 GB give 41 bytes. What is left beyond the weights (python, torch,
-# tokenizer, buffers the allocator keeps) is about 0.9 GB, 0.5 GB with checkpointing. One model was
-# measured: treat the figure as +-30%.
-ACT_BYTES = {False: 107.0, True: 41.0}
-RUNTIME_GB = {False: 0.9, True: 0.5}
-HEAD_BUFFERS = 3.0
+# Peak memory: weights (memory_estimate_gb), activations per token of a micro-batch per decoder
+# layer per unit of layer_width (residual + MLP width), the LM head's block (HEAD_BUFFERS float32
+# copies of positions x vocabulary) and the process's fixed cost. Fitted, minimising the largest
+# relative error, to seven benchmarks/scaling points of this round on jemalloc (the command's
+# allocator when installed; glibc's defaults peak up to 1.6x higher, see utils/allocator.py),
+# LoRA q/v, batch 4, packed rows with block attention, chunked head (1024 positions):
+# SmolLM2-135M (30 x 576, MLP 1536, 49k vocabulary) without checkpointing at 256, 1024 and 2048
+# tokens per pair (2.32, 5.86, 10.57 GiB), with it at 1024 and 8192 (1.68, 5.00), Gemma 3 270M
+# (18 x 640, MLP 2048, 262k vocabulary) at 2048 without and with (13.09, 4.20): every point within
+# 10%. The constants are a fit, not a census of tensors (the fixed costs come out small because
+# the fit trades them against the head); two models were measured: treat the figure as +-30%.
+ACT_BYTES = {False: 21.0, True: 2.0}
+RUNTIME_GB = {False: 0.3, True: 0.1}
+HEAD_BUFFERS = 2.75
 
 
 @dataclass
@@ -128,6 +132,12 @@ def _item_parts(stats: dict, *, max_length: int, max_prompt_length: int) -> tupl
     return prompt, sum(min(stats.get(k, {}).get("p90", 0), room) for k in ("chosen_tokens", "rejected_tokens"))
 
 
+def layer_width(hidden: int, intermediate: int) -> int:
+    """What a decoder layer's activations per token scale with: the residual width plus the MLP's
+    (3 x hidden when the config does not say: SmolLM2 has 2.7x, Gemma 3 270M 3.2x)."""
+    return hidden + (intermediate or 3 * hidden)
+
+
 DEFAULT_CHUNK_TOKENS = TrainConfig().logprob_chunk_tokens  # config, not core.logprobs: advise loads no torch
 
 
@@ -141,12 +151,13 @@ def head_memory_gb(vocab: int, completion_tokens: int, chunk_tokens: int = DEFAU
 
 def peak_memory_gb(params: int, *, lora: bool, reference: bool, layers: int, hidden: int, tokens: int,
                    checkpointing: bool = False, vocab: int = 0, completion_tokens: int = 0,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, intermediate: int = 0) -> dict:
     """Expected peak training memory: weights/gradients/optimizer (memory_estimate_gb), the
-    activations of `tokens` tokens in a micro-batch, the LM head's block over `vocab` for its
-    `completion_tokens` (head_memory_gb), and the process's fixed cost."""
+    activations of `tokens` tokens in a micro-batch (layer_width(hidden, intermediate) per layer),
+    the LM head's block over `vocab` for its `completion_tokens` (head_memory_gb), and the
+    process's fixed cost."""
     fixed = memory_estimate_gb(params, lora=lora, reference=reference) + RUNTIME_GB[checkpointing]
-    acts = tokens * layers * hidden * ACT_BYTES[checkpointing] / 2**30
+    acts = tokens * layers * layer_width(hidden, intermediate) * ACT_BYTES[checkpointing] / 2**30
     head = head_memory_gb(vocab, completion_tokens, chunk_tokens)
     return {"fixed_gb": fixed, "activations_gb": acts, "head_gb": head, "peak_gb": fixed + acts + head}
 
@@ -163,7 +174,7 @@ def memory_estimate_gb(params: int, *, lora: bool, reference: bool) -> float:
 
 def rl_memory_gb(params: int, *, lora: bool, critic: str, reward_params: int, layers: int, hidden: int,
                  tokens: int, checkpointing: bool = False, vocab: int = 0, completion_tokens: int = 0,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> dict:
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, intermediate: int = 0) -> dict:
     """Expected peak memory of the RLHF loop's four models (preftune ppo, grpo): the policy
     (memory_estimate_gb: with LoRA its reference is the same weights, adapters off; in full a
     frozen copy), the critic (`critic`: "separate" is another copy of the trunk, trained like the
@@ -176,7 +187,8 @@ def rl_memory_gb(params: int, *, lora: bool, critic: str, reward_params: int, la
              "critic_gb": memory_estimate_gb(params, lora=lora, reference=False) if critic == "separate" else 0.0,
              "reward_model_gb": reward_params * 4 / 2**30, "runtime_gb": RUNTIME_GB[checkpointing]}
     passes = 1 if critic == "none" else 2
-    parts["activations_gb"] = passes * tokens * layers * hidden * ACT_BYTES[checkpointing] / 2**30
+    parts["activations_gb"] = passes * tokens * layers * layer_width(hidden, intermediate) * ACT_BYTES[checkpointing] \
+        / 2**30
     parts["head_gb"] = head_memory_gb(vocab, completion_tokens, chunk_tokens)  # the policy's per-token log-probs
     return {**parts, "peak_gb": sum(parts.values())}
 

@@ -365,8 +365,9 @@ def weights_sha256(model, *, skip_substring: str = "lora_") -> str | None:
 
 
 def model_shape(model_dir: str) -> dict | None:
-    """{"layers", "hidden", "vocab"} of a model directory's config.json (a multimodal config's
-    text part; vocab 0 when it does not say); None without layers and hidden."""
+    """{"layers", "hidden", "vocab", "intermediate"} of a model directory's config.json (a
+    multimodal config's text part; vocab and intermediate 0 when it does not say); None without
+    layers and hidden."""
     try:
         path = Path(model_dir) / "config.json"
         cfg = loads_json(read_capped(path, field="config.json", cap=1 << 20), path, field="config.json")
@@ -375,9 +376,11 @@ def model_shape(model_dir: str) -> dict | None:
     dims = _layers_hidden(_text_part(cfg)) if isinstance(cfg, dict) else None
     if not dims:
         return None
-    vocab = _text_part(cfg).get("vocab_size")
-    vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else 0
-    return {"layers": dims[0], "hidden": dims[1], "vocab": vocab}
+    def positive(key):
+        value = _text_part(cfg).get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return {"layers": dims[0], "hidden": dims[1], "vocab": positive("vocab_size"),
+            "intermediate": positive("intermediate_size")}
 
 
 def count_parameters(model_dir: str) -> int:
