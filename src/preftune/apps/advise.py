@@ -73,7 +73,8 @@ class Advice:
         if self.memory:
             m = self.memory
             lines.append(f"  expected peak memory: ~{m['peak_gb']:.1f} GB (weights, optimizer and runtime {m['fixed_gb']:.1f}, "
-                         f"activations {m['activations_gb']:.1f} for {m['batch_size']} x ~{m['tokens_per_item']} tokens); "
+                         f"activations {m['activations_gb']:.1f} for {m['batch_size']} x ~{m['tokens_per_item']} tokens, "
+                         f"LM head {m.get('head_gb', 0.0):.1f}); "
                          f"with model.gradient_checkpointing=true ~{m['peak_gb_checkpointing']:.1f} GB (+-30%)")
         if self.recipe or self.overrides:
             head = [f"preftune train -c recipe:{self.recipe}"] if self.recipe else []
