@@ -16,7 +16,8 @@ no checkpointing, 2 steps, 2-core EPYC; peak RSS, training seconds; allocators.j
     1024          9.61 GB  59.1 s    6.00 GB  (busy)    -                  5.96 GB  81.6 s
     2048          16.9 GB   184 s    10.8 GB   191 s    11.1 GB   192 s    10.7 GB   182 s
 
-jemalloc keeps glibc's speed and takes the small peak. A threshold fixed at 64 KiB gets the same
+jemalloc takes the small peak and kept glibc's speed at 256 and 2048 tokens (at 1024 a quiet
+rerun took 82 s against glibc's 59 s, one run each: not understood yet). A threshold fixed at 64 KiB gets the same
 peak but faults fresh pages in at every allocation above it (1.4x the time at 256-1024 tokens);
 fixed at 4 MiB, only the large activation tensors are mapped one by one: most of the saving at
 2048 tokens, no measurable cost at 256. So:
