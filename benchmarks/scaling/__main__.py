@@ -92,7 +92,7 @@ from pathlib import Path
 
 from benchmarks import importable, module_command
 from preftune.models.zoo import ZOO
-from preftune.utils.allocator import preload_env
+from preftune.utils.allocator import JEMALLOC_PATHS, jemalloc_path, preload_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -496,7 +496,7 @@ def plot_beside(results: list[dict], earlier: list[dict], dest: Path, label: str
 # --allocators: the environment of each variant (utils/allocator.py says which one preftune picks)
 ALLOCATORS = {"glibc": {"PREFTUNE_MALLOC": "system"}, "release": {"PREFTUNE_MALLOC": "release"},  # 4 MiB
               "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"},
-              "jemalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+              "jemalloc": {"LD_PRELOAD": jemalloc_path() or JEMALLOC_PATHS[0]},
               "tcmalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}}
 
 

@@ -157,8 +157,9 @@ class TrainConfig:
                                          "block by block in backward, never kept for all tokens (same numbers); "
                                          "0 = the dense head", resume=False)
     shuffle: bool = _f(True, "reshuffle the training data every epoch (false: file order)")
-    keep_best: bool = _f(False, "end at the probe with the best held-out accuracy (never one where a stop_on check fired): its weights are kept (RUN/best/) "
-                                "and restored before the final save (needs diagnostics.probe_every and data.eval_path)")
+    keep_best: bool = _f(False, "end at the probe with the best held-out accuracy (never one where a stop_on check "
+                                "fired): its weights are kept (RUN/best/) and restored before the final save "
+                                "(needs diagnostics.probe_every and data.eval_path)")
     reference_cache: bool = _f(False, "compute reference logps once, cache them on disk, never run the reference "
                                       "during training (reused across epochs and runs)", resume=False)
     report_to: list = _f([], "trackers through Accelerate: tensorboard, wandb, mlflow, ... (logs go under the run)", resume=False)

@@ -139,6 +139,12 @@ def layer_width(hidden: int, intermediate: int) -> int:
     return hidden + (intermediate or 3 * hidden)
 
 
+def activations_gb(tokens: int, layers: int, hidden: int, intermediate: int, checkpointing: bool) -> float:
+    """The activations of `tokens` tokens of one micro-batch, ACT_BYTES per token, layer and unit
+    of layer_width."""
+    return tokens * layers * layer_width(hidden, intermediate) * ACT_BYTES[checkpointing] / 2**30
+
+
 DEFAULT_CHUNK_TOKENS = TrainConfig().logprob_chunk_tokens  # config, not core.logprobs: advise loads no torch
 
 
@@ -158,7 +164,7 @@ def peak_memory_gb(params: int, *, lora: bool, reference: bool, layers: int, hid
     the LM head's block over `vocab` for its `completion_tokens` (head_memory_gb), and the
     process's fixed cost."""
     fixed = memory_estimate_gb(params, lora=lora, reference=reference) + RUNTIME_GB[checkpointing]
-    acts = tokens * layers * layer_width(hidden, intermediate) * ACT_BYTES[checkpointing] / 2**30
+    acts = activations_gb(tokens, layers, hidden, intermediate, checkpointing)
     head = head_memory_gb(vocab, completion_tokens, chunk_tokens)
     return {"fixed_gb": fixed, "activations_gb": acts, "head_gb": head, "peak_gb": fixed + acts + head}
 
@@ -188,8 +194,7 @@ def rl_memory_gb(params: int, *, lora: bool, critic: str, reward_params: int, la
              "critic_gb": memory_estimate_gb(params, lora=lora, reference=False) if critic == "separate" else 0.0,
              "reward_model_gb": reward_params * 4 / 2**30, "runtime_gb": RUNTIME_GB[checkpointing]}
     passes = 1 if critic == "none" else 2
-    parts["activations_gb"] = passes * tokens * layers * layer_width(hidden, intermediate) * ACT_BYTES[checkpointing] \
-        / 2**30
+    parts["activations_gb"] = passes * activations_gb(tokens, layers, hidden, intermediate, checkpointing)
     parts["head_gb"] = head_memory_gb(vocab, completion_tokens, chunk_tokens)  # the policy's per-token log-probs
     return {**parts, "peak_gb": sum(parts.values())}
 

@@ -175,10 +175,16 @@ def _text_part(cfg: dict) -> dict:
     return cfg["text_config"] if isinstance(cfg.get("text_config"), dict) else cfg
 
 
+def _positive_int(c: dict, key: str) -> int:
+    """c[key] when it is a positive integer (not a bool), else 0."""
+    value = c.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _layers_hidden(c: dict) -> tuple[int, int] | None:
     """(num_hidden_layers, hidden_size) when both are positive integers."""
-    dims = (c.get("num_hidden_layers"), c.get("hidden_size"))
-    return dims if all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in dims) else None
+    dims = (_positive_int(c, "num_hidden_layers"), _positive_int(c, "hidden_size"))
+    return dims if all(dims) else None
 
 
 def _refuse_oversized(model_dir: str, dtype: str) -> None:
@@ -368,19 +374,23 @@ def model_shape(model_dir: str) -> dict | None:
     """{"layers", "hidden", "vocab", "intermediate"} of a model directory's config.json (a
     multimodal config's text part; vocab and intermediate 0 when it does not say); None without
     layers and hidden."""
+    text = text_config(model_dir)
+    dims = _layers_hidden(text) if text is not None else None
+    if not dims:
+        return None
+    return {"layers": dims[0], "hidden": dims[1], "vocab": _positive_int(text, "vocab_size"),
+            "intermediate": _positive_int(text, "intermediate_size")}
+
+
+def text_config(model_dir: str) -> dict | None:
+    """The language-model part of a model directory's config.json (read capped at 1 MiB); None
+    when it is missing, unreadable or not a JSON object."""
     try:
         path = Path(model_dir) / "config.json"
         cfg = loads_json(read_capped(path, field="config.json", cap=1 << 20), path, field="config.json")
     except (OSError, DataError):
         return None
-    dims = _layers_hidden(_text_part(cfg)) if isinstance(cfg, dict) else None
-    if not dims:
-        return None
-    def positive(key):
-        value = _text_part(cfg).get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-    return {"layers": dims[0], "hidden": dims[1], "vocab": positive("vocab_size"),
-            "intermediate": positive("intermediate_size")}
+    return _text_part(cfg) if isinstance(cfg, dict) else None
 
 
 def count_parameters(model_dir: str) -> int:

@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 
 from ..utils.errors import ConfigError, PreftuneError
-from .loading import resolve_model_dir
+from .loading import resolve_model_dir, text_config
 from .sampler import Sample, SamplingCopy, row_seed
 
 __all__ = ["VLLMEngine", "EngineError", "LORA_RANKS", "engine_for"]
@@ -102,11 +102,10 @@ def _message(raw: bytes) -> str:
 
 def _context(model_dir: str) -> int:
     """The model's context length (vLLM's default max_model_len), from its config.json."""
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(str(Path(model_dir) / "config.json"), "max_position_embeddings", f"unreadable: {err}") from None
-    config = config.get("text_config", config)  # multimodal configs keep the decoder's apart
+    config = text_config(model_dir)  # multimodal configs keep the decoder's apart
+    if config is None:
+        raise ConfigError(str(Path(model_dir) / "config.json"), "max_position_embeddings",
+                          "unreadable (missing, too large or not a JSON object)")
     length = config.get("max_position_embeddings")
     if not isinstance(length, int) or length < 1:
         raise ConfigError(str(Path(model_dir) / "config.json"), "max_position_embeddings",

@@ -470,7 +470,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
                                      run.step,
                                      baseline, run.total_steps))
             stop = log.record(row)
-            if "probe/eval_accuracy" in row and not stop:  # a probe that stops the run is not a state to end at
+            if not stop:  # a probe that stops the run is not a state to end at
                 _keep_if_best(run, row, unwrapped)
             if t.checkpoint_every and run.step % t.checkpoint_every == 0 and run.step < run.total_steps:
                 snap = snapshot(_trainable(unwrapped, run.modules), run.optimizer)  # every rank: gathers sharded tensors
