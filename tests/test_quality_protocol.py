@@ -366,3 +366,34 @@ def test_curve_lines_group_by_method_and_epochs_and_say_where_the_gain_saturates
     assert saturates_at([{"train_pairs": 100, "gain": 0.03, "gain_ci95": [-0.05, 0.11]},
                          {"train_pairs": 400, "gain": 0.2, "gain_ci95": [0.15, 0.25]},
                          {"train_pairs": 1800, "gain": 0.1, "gain_ci95": [0.0, 0.2]}]) == 100
+
+
+@needs_shared_tqa
+def test_precision_runs_each_point_in_fp32_and_bf16_side_by_side(tmp_path, fake):
+    """--precision fp32,bf16: the fp32 point stays in its own directory (a finished default point is
+    reused), the bf16 point trains with train.autocast_bf16=true beside it, and the outputs
+    (results-precision.*) keep both rows apart and compare them."""
+    assert _run(tmp_path, "--methods", "sigmoid", "--seeds", "0,1,2", "--precision", "fp32,bf16") == 0
+    trains = _trains(fake)
+    assert len(trains) == 6 and sum("train.autocast_bf16=true" in t for t in trains) == 3
+    dirs = {a for t in trains for a in t if a.startswith("run.output_dir=")}
+    assert f"run.output_dir={tmp_path / 'q/truthfulqa/sigmoid/seed1/run'}" in dirs
+    assert f"run.output_dir={tmp_path / 'q/truthfulqa/sigmoid/bf16/seed1/run'}" in dirs
+    assert not (tmp_path / "q" / "results.json").exists()  # the default table is not overwritten
+    results = json.loads((tmp_path / "q" / "results-precision.json").read_text())
+    fp, bf = results["truthfulqa sigmoid (fp32)"], results["truthfulqa sigmoid (bf16)"]
+    assert (fp["precision"], bf["precision"]) == ("fp32", "bf16") and fp["seeds"] == bf["seeds"] == 3
+    assert set(results["acceptance"]["dpo_recipe"]) == {"truthfulqa fp32", "truthfulqa bf16"}
+    md = (tmp_path / "q" / "results-precision.md").read_text()
+    assert "| truthfulqa | sigmoid (bf16) |" in md and "training precision fp32 and bf16" in md
+    assert "- truthfulqa sigmoid, bf16 against fp32: gain +0.375 against +0.375 (+0.000);" in md
+    before = len(fake.calls)
+    assert _run(tmp_path, "--methods", "sigmoid", "--seeds", "0,1,2") == 0
+    assert len(fake.calls) == before  # the fp32 seeds were already finished: nothing trains again
+
+
+def test_precision_flag_refuses_an_unknown_precision(capsys):
+    with pytest.raises(SystemExit) as e:
+        quality._protocol(quality.argparse.Namespace(seeds=None, train_pairs=None, epochs=None, full_train=False,
+                                                     split="first", precision="fp16"), {}, ["hh"])
+    assert "--precision" in str(e.value)

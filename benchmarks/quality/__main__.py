@@ -105,6 +105,12 @@ points are exactly as before):
   budget, health checks to stop on, the best validation checkpoint kept with val_pairs carved from
   the end of the training side). A recipe that states none trains on the whole side as it is.
   Points under <method>/full/, writes results-full-train.*. Combines with --split second and --seeds.
+- --precision fp32,bf16 (issue 37 item 3): every point trained in fp32 and again with
+  train.autocast_bf16=true (the transformer body in bf16, the LM head and log-softmax in fp32),
+  both evaluated in fp32; the bf16 points live under <point>/bf16/, the fp32 ones where the
+  default puts them (finished ones are reused). Writes results-precision.* (rows "method (fp32)",
+  "method (bf16)", a note per pair of rows: gain, KL, flags and training time side by side);
+  --precision bf16 alone writes results-bf16.*.
 The README table is results.md: run --seeds (with the --hh-pairs/--hh-dev the table used) and then
 --collect with the same flags.
 
@@ -125,6 +131,7 @@ import csv
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import sys
@@ -146,6 +153,7 @@ METHODS = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
 DATASETS = ("hh", "truthfulqa")
 DEV_PERCENT = 30  # TruthfulQA questions held out (see the docstring for why not 20)
 REFERENCE_FREE = ("simpo", "orpo")  # their implicit reward is beta * mean log-prob of the policy alone
+PRECISIONS = ("fp32", "bf16")  # --precision: bf16 is train.autocast_bf16 (the LM head stays fp32); eval is fp32
 UNPAIRED = ("kto",)  # trains on examples: each pair split in two, twice the examples per step
 # Built-in per-method settings, used where src/preftune/core/recipes/<method>.yaml does not exist: common
 # choices, not tuned on this data (LoRA lr 5e-4 as the demo and hh_cli; beta 0.1 except SimPO's 2 with
@@ -568,17 +576,21 @@ def _protocol(a: argparse.Namespace, s: dict, datasets: list[str]) -> dict:
         epochs = parse_ints(a.epochs, "epochs", minimum=1) if a.epochs else ()
     except ValueError as e:
         sys.exit(str(e))
+    precisions = tuple(dict.fromkeys(p.strip() for p in a.precision.split(",") if p.strip()))
+    if not precisions or set(precisions) - set(PRECISIONS):
+        sys.exit(f"--precision: {a.precision!r}; give fp32, bf16 or fp32,bf16")
     if (pairs or epochs) and a.full_train:
         sys.exit("--full-train trains on the whole training side: it takes no --train-pairs/--epochs grid")
     if epochs and not pairs:  # epochs alone: the mode's subsample of each data set, several epochs
         pairs = tuple(sorted({s["hh_pairs"] if d == "hh" else s["tqa_pairs"] for d in datasets}))
     return {"seeds": seeds, "several_seeds": len(seeds) > 1, "split": a.split, "full_train": a.full_train,
-            "train_pairs": pairs, "epochs": epochs or ((1,) if pairs else ())}
+            "train_pairs": pairs, "epochs": epochs or ((1,) if pairs else ()), "precisions": precisions}
 
 
 def _suffix(protocol: dict) -> str:
     """The outputs' name suffix: the default table stays results.md; other protocols write beside it."""
-    return ("-second" if protocol["split"] == "second" else "") + ("-full-train" if protocol["full_train"] else "")
+    precision = {("fp32",): "", ("bf16",): "-bf16"}.get(protocol["precisions"], "-precision")
+    return ("-second" if protocol["split"] == "second" else "") + ("-full-train" if protocol["full_train"] else "") + precision
 
 
 def _estimate(s: dict, methods: list[str], datasets: list[str], protocol: dict) -> dict:
@@ -586,7 +598,7 @@ def _estimate(s: dict, methods: list[str], datasets: list[str], protocol: dict) 
     whole training side under --full-train), and every point runs once per seed."""
     if protocol["train_pairs"]:
         sizes = [(n, e) for n in protocol["train_pairs"] for e in protocol["epochs"]]
-    elif not protocol["full_train"] and len(protocol["seeds"]) == 1:
+    elif not protocol["full_train"] and len(protocol["seeds"]) == 1 and len(protocol["precisions"]) == 1:
         return estimate_seconds(s, methods, datasets)  # the default invocation's estimate, as before
     elif protocol["full_train"]:
         sizes = [(HH_TRAIN_PAIRS, 1)]  # each data set's whole side: capped below for TruthfulQA
@@ -596,7 +608,7 @@ def _estimate(s: dict, methods: list[str], datasets: list[str], protocol: dict) 
     for n, epochs in sizes:
         sized = s if n is None else {**s, "hh_pairs": n * epochs, "tqa_pairs": min(n, TQA_TRAIN_PAIRS) * epochs}
         e = estimate_seconds(sized, methods, datasets)
-        points += sum(e["per_point_s"].values()) * len(methods) * len(protocol["seeds"])
+        points += sum(e["per_point_s"].values()) * len(methods) * len(protocol["seeds"]) * len(protocol["precisions"])
         base = e["base_eval_s"]
     return {"total_s": round(points + sum(base.values())), "points": len(sizes) * len(methods) * len(datasets),
             "seeds": len(protocol["seeds"]), "rates": RATES}
@@ -625,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
                     "slice of the training file, training reads only records before it (writes results-second.*)")
     ap.add_argument("--full-train", action="store_true", help="train on the whole training side under each recipe's "
                     "stated budget (recipe.budget; writes results-full-train.*)")
+    ap.add_argument("--precision", default="fp32", help="fp32 (default), bf16 (train.autocast_bf16=true; writes "
+                    "results-bf16.*) or fp32,bf16: every point in both, side by side in results-precision.*")
     a = ap.parse_args(argv)
     methods, datasets = _names(a.methods, METHODS, "methods"), _names(a.datasets, DATASETS, "datasets")
     needed = {"hh": HH / "train.jsonl.gz", "truthfulqa": TQA}
@@ -679,7 +693,12 @@ def _run_all(datasets: list[str], methods: list[str], out: Path, s: dict, model:
         base_pairs = base_eval(data, out, s, model, finished_only=collect, per_pair=True) \
             if several and set(methods) & set(REFERENCE_FREE) else None
         for method in methods:
-            for vdata, extra, vname, fields in variants(data, method, out, s, protocol):
+            for (vdata, extra, vname, fields), precision in itertools.product(
+                    variants(data, method, out, s, protocol), protocol["precisions"]):
+                if precision == "bf16":  # its own directory beside the fp32 point, which stays where it was
+                    extra, vname = (*extra, "train.autocast_bf16=true"), "-".join(x for x in (vname, "bf16") if x)
+                if protocol["precisions"] != ("fp32",):
+                    fields = {**fields, "precision": precision}
                 seeds = (None,) if protocol["seeds"] == (0,) else protocol["seeds"]  # None: as before, no seed dir
                 points = [run_point(vdata, method, out, s, model, extra, vname, collect, seed) for seed in seeds]
                 label = " ".join(x for x in (name, method, vname) if x)

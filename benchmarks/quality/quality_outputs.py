@@ -17,7 +17,7 @@ def acceptance(rows: list[dict]) -> dict:
     for r in rows:
         if "error" in r:
             continue
-        where = f"{r['dataset']} {r['method']}"
+        where = f"{r['dataset']} {_label(r)}"
         out["gain_excludes_0"][where] = r["gain_ci95"][0] > 0
         if "tuned" in r:  # several seeds: issue 39's rule
             out.setdefault("holds_across_seeds", {})[where] = r["tuned"]
@@ -27,7 +27,7 @@ def acceptance(rows: list[dict]) -> dict:
                       "no health flag": not r["flags"], "KL <= 10 nats": kl is not None and kl <= 10}
             if "tuned" in r:
                 checks["gain holds across seeds"] = r["tuned"]
-            out["dpo_recipe"][r["dataset"]] = {**checks, "pass": all(checks.values())}
+            out["dpo_recipe"][" ".join(filter(None, (r["dataset"], r.get("precision"))))] = {**checks, "pass": all(checks.values())}
         if r["method"] in ISSUE39_METHODS and "tuned" in r:
             checks = issue39_checks(r)
             out.setdefault("issue39", {})[where] = {**checks, "pass": all(checks.values())}
@@ -68,6 +68,29 @@ def _signed(x: float, ci: list) -> str:
     return f"{x:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
+def _label(r: dict) -> str:
+    """The row's method, with its precision where the invocation compared or chose one (--precision)."""
+    return f"{r['method']} ({r['precision']})" if r.get("precision") else r["method"]
+
+
+def precision_lines(rows: list[dict]) -> list[str]:
+    """bf16 against fp32 for each (data set, method) run in both (--precision fp32,bf16): the
+    difference in gain, KL and log-prob accuracy change, each side's flags and training time."""
+    ok = {(r["dataset"], r["method"], r.get("precision")): r for r in rows if "error" not in r}
+    lines = []
+    for (name, method, precision), bf in ok.items():
+        fp = ok.get((name, method, "fp32"))
+        if precision != "bf16" or fp is None:
+            continue
+        kl = "n/a" if bf["kl"] is None or fp["kl"] is None else f"{bf['kl']:.2f} against {fp['kl']:.2f} nats"
+        lines.append(f"- {name} {method}, bf16 against fp32: gain {bf['gain']:+.3f} against {fp['gain']:+.3f} "
+                     f"({bf['gain'] - fp['gain']:+.3f}); log-prob accuracy change {bf['logp_gain']:+.3f} against "
+                     f"{fp['logp_gain']:+.3f}; KL {kl}; flags {', '.join(bf['flags']) or 'none'} against "
+                     f"{', '.join(fp['flags']) or 'none'}; training {bf['train_s']:.0f} s against {fp['train_s']:.0f} s "
+                     f"({fp['train_s'] / bf['train_s']:.2f}x).")
+    return lines
+
+
 def table(rows: list[dict], bases: dict) -> list[str]:
     """The Markdown table: a row per point, its data set's base model first."""
     lines = ["| data | method | recipe | log-prob acc before | implicit acc after | gain [95% CI] | log-prob acc after "
@@ -79,7 +102,7 @@ def table(rows: list[dict], bases: dict) -> list[str]:
                      f"| 0 | 0 | 1 | | {b['wall_s']:.0f} |")
         for r in (r for r in rows if r["dataset"] == name):
             if "error" in r:
-                lines.append(f"| {name} | {r['method']} | | failed: {r['error']} ({r['log']}) | | | | | | | | |")
+                lines.append(f"| {name} | {_label(r)} | | failed: {r['error']} ({r['log']}) | | | | | | | | |")
                 continue
             kl = "n/a" if r["kl"] is None else f"{r['kl']:.2f} ± {r['kl_stderr']:.2f}"
             length = "n/a" if r["length_ratio"] is None else \
@@ -89,7 +112,7 @@ def table(rows: list[dict], bases: dict) -> list[str]:
                 after, logp_after = f"{r['implicit_acc']:.3f} ({lo:.3f} to {hi:.3f})", f"{r['logp_acc']:.3f}"
             else:
                 after, logp_after = _acc(r["implicit_acc"], r["implicit_acc_ci95"]), _acc(r["logp_acc"], r["logp_acc_ci95"])
-            lines.append(f"| {name} | {r['method']} | {r['recipe']} | {_acc(r['before_logp_acc'], r['before_logp_acc_ci95'])} "
+            lines.append(f"| {name} | {_label(r)} | {r['recipe']} | {_acc(r['before_logp_acc'], r['before_logp_acc_ci95'])} "
                          f"| {after} | {gain_cell(r)} "
                          f"| {logp_after} | {r['margin']:.3f} | {kl} | {length} "
                          f"| {', '.join(r['flags']) or 'none'} | {r['wall_s']:.0f} |")
@@ -133,6 +156,7 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
                      f"{', '.join(f'{g:+.3f}' for g in r['per_seed_gains'])}; "
                      + ("the gain holds across seeds (tuned)." if r["tuned"] else
                         f"not tuned: {', '.join(r['tuned_failed'])}."))
+    lines += precision_lines(rows)
     for where, a in (meta.get("second_split_agreement") or {}).items():
         lines.append(f"- {where}: second split {a['second_gain']:+.3f} [{a['second_ci95'][0]:+.3f}, {a['second_ci95'][1]:+.3f}] "
                      f"against the first split's {a['first_gain']:+.3f} [{a['first_ci95'][0]:+.3f}, {a['first_ci95'][1]:+.3f}]: "
@@ -197,7 +221,7 @@ def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict, suffix:
     `suffix` names another protocol's files beside them (results-second.md: the second split)."""
     # the points before the base rows: `preftune report --experiment` takes its columns from the first rows' fields
     results = {"command": " ".join(["python -m benchmarks.quality", *sys.argv[1:]]),
-               **{f"{r['dataset']} {r['method']}": r for r in rows},
+               **{f"{r['dataset']} {_label(r)}": r for r in rows},
                **{f"{name} base model": b for name, b in bases.items()}, "settings": meta, "acceptance": acceptance(rows)}
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"results{suffix}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -218,4 +242,7 @@ def _protocol_lines(protocol: dict | None) -> list[str]:
         said.append("the second split (dev = a slice of the training file, after every record training reads)")
     if protocol["full_train"]:
         said.append("the whole training side under each recipe's stated budget (recipe.budget)")
+    if tuple(protocol.get("precisions") or ("fp32",)) != ("fp32",):
+        said.append("training precision " + " and ".join(protocol["precisions"]) + " (bf16: train.autocast_bf16, the LM "
+                    "head and log-softmax in fp32; every evaluation in fp32)")
     return [f"Protocol: {'; '.join(said)}.", ""]
