@@ -103,6 +103,8 @@ class FakePreftune:
         run = Path(cfg.run.output_dir)
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.yaml")
+        (run / "model").mkdir(exist_ok=True)
+        (run / "model" / "adapter_model.safetensors").write_bytes(b"")  # the saved weights a reuse looks for
         best = {"step": 2, "accuracy": 0.6, "restored": True} if cfg.train.keep_best else None
         (run / "summary.json").write_text(json.dumps({"steps": 2, "data": {"pairs": 8, "truncated": 0}, "best": best}))
         return 0
@@ -265,6 +267,46 @@ def test_full_train_applies_the_recipes_stated_budget(tmp_path, fake, monkeypatc
     assert results["truthfulqa sigmoid"]["budget"]["val_pairs"] == 64 and results["truthfulqa ipo"]["budget"] is None
     assert results["truthfulqa sigmoid"]["train_pairs"] == 380
     assert results["truthfulqa sigmoid"]["best_checkpoint"]["restored"] and "best_checkpoint" not in results["truthfulqa ipo"]
+
+
+def test_a_changed_eval_setting_evaluates_again_without_training_and_a_changed_recipe_trains(tmp_path, fake,
+                                                                                             monkeypatch):
+    """run_point keys the training apart from the eval: eval.kl_prompts changing re-runs the eval
+    only; the recipe's lr changing trains again; a point.json of the whole key (as written before
+    train.json existed) is finished as it is, and a run without its saved weights trains again."""
+    import shutil
+
+    import yaml
+
+    from preftune.core.recipes import RECIPE_DIR
+
+    monkeypatch.setattr(quality, "RECIPES", tmp_path / "recipes")
+    (tmp_path / "recipes").mkdir()
+    shutil.copy(RECIPE_DIR / "sigmoid.yaml", tmp_path / "recipes" / "sigmoid.yaml")
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    data = {"name": "d", "tag": "d", "train": f"{tmp_path / 'pairs.jsonl'}[:1]", "dev": f"{tmp_path / 'pairs.jsonl'}[:1]",
+            "split": None, "settings": []}
+    s = {"kl_prompts": 2, "kl_samples": 1, "max_new_tokens": 4}
+    out, root = tmp_path / "q", tmp_path / "q" / "d" / "sigmoid"
+
+    def kinds(**changed):
+        before = len(fake.calls)
+        point = quality.run_point(data, "sigmoid", out, {**s, **changed}, "m")
+        assert "error" not in point and point["train_s"] == 2.0
+        return [c[0] for c in fake.calls[before:]]
+
+    assert kinds() == ["train", "eval"]
+    (root / "train.json").unlink(missing_ok=True)  # a point finished before train.json: its whole key still matches
+    assert kinds() == []
+    assert kinds(kl_prompts=4) == ["eval"]  # the training's key is point.json's, less the eval
+    assert "eval.kl_prompts=4" in json.loads((root / "point.json").read_text())["key"]["eval"]
+    assert kinds(kl_prompts=4) == []
+    recipe = yaml.safe_load((tmp_path / "recipes" / "sigmoid.yaml").read_text())
+    recipe["train"]["lr"] = 1e-4
+    (tmp_path / "recipes" / "sigmoid.yaml").write_text(yaml.safe_dump(recipe))
+    assert kinds(kl_prompts=4) == ["train", "eval"]
+    shutil.rmtree(root / "run" / "model")  # the weights are gone: an eval-only change cannot reuse the run
+    assert kinds(kl_prompts=2) == ["train", "eval"]
 
 
 # ---- honest selection (search.py): validation from the training side, dev once at the end ------

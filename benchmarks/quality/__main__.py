@@ -379,12 +379,16 @@ def eval_args(run: Path, data: dict, dest: Path, s: dict, per_pair: Path | None 
             *(["--per-pair", str(per_pair)] if per_pair else [])]
 
 
+TRAIN_KEY = ("model", "train", "split", "recipe")  # the part of a point's key that its training reads
+
+
 def run_point(data: dict, method: str, out: Path, s: dict, model: str, extra: tuple = (), name: str = "",
               finished_only: bool = False, seed: int | None = None) -> dict | None:
-    """Train one (data set, method) point and evaluate it on the dev pairs (cached by its settings).
-    `extra`/`name`: a grid point's overrides and its directory name under the method (search.py, a
-    learning-curve point, a full-train run). `seed`: one of several training seeds (--seeds): its
-    own directory `seed<N>` and a --per-pair file; None is the default single seed 0, as before."""
+    """Train one (data set, method) point and evaluate it on the dev pairs (cached by its settings:
+    when only the dev pairs or the eval's arguments changed, the finished training is reused, see
+    _trained). `extra`/`name`: a grid point's overrides and its directory name under the method
+    (search.py, a learning-curve point, a full-train run). `seed`: one of several training seeds
+    (--seeds): its own directory `seed<N>` and a --per-pair file; None is the default single seed 0."""
     root = out / data["tag"] / method / name if name else out / data["tag"] / method
     root = root if seed is None else root / f"seed{seed}"
     run, dest = root / "run", root / "eval.json"
@@ -397,17 +401,41 @@ def run_point(data: dict, method: str, out: Path, s: dict, model: str, extra: tu
 
     def make():
         tag = "-".join(str(x) for x in (data["tag"], method, name, "" if seed is None else f"seed{seed}") if x != "")
-        log = out / "logs" / f"{tag}-train.log"
-        code, train_s = _preftune(args, log)
-        if code:
-            return _failed(f"{data['tag']} {method} train", code, log)
+        train_key = json.loads(json.dumps({k: key[k] for k in TRAIN_KEY}, default=str))
+        trained = _trained(root, train_key, run)
+        (root / "point.json").unlink(missing_ok=True)  # its eval (and perhaps its run) is about to be replaced
+        if trained is None:
+            (root / "train.json").unlink(missing_ok=True)
+            log = out / "logs" / f"{tag}-train.log"
+            code, train_s = _preftune(args, log)
+            if code:
+                return _failed(f"{data['tag']} {method} train", code, log)
+            trained = {"train_s": train_s}
+        else:
+            print(f"  {tag}: training unchanged, reused; evaluating again", flush=True)
+        # the training's own record: a failed eval below leaves it, and the next invocation evaluates only
+        (root / "train.json").write_text(json.dumps({"key": train_key, "train_s": trained["train_s"]}) + "\n")
         log = out / "logs" / f"{tag}-eval.log"
         code, eval_s = _preftune(eval_args(run, data, dest, s, pairs_file), log)
         if code:
             return _failed(f"{data['tag']} {method} eval", code, log)
-        return {"train_s": train_s, "eval_s": eval_s, "recipe": recipe, "run": _rel(run), "eval_file": _rel(dest),
-                **({} if pairs_file is None else {"seed": seed, "per_pair_file": _rel(pairs_file)})}
+        return {"train_s": trained["train_s"], "eval_s": eval_s, "recipe": recipe, "run": _rel(run),
+                "eval_file": _rel(dest), **({} if pairs_file is None else {"seed": seed, "per_pair_file": _rel(pairs_file)})}
     return _cached(root / "point.json", key, make, finished_only)
+
+
+def _trained(root: Path, train_key: dict, run: Path) -> dict | None:
+    """The record of a finished training whose key (TRAIN_KEY's part of a point's key) is `train_key`:
+    train.json, or a point.json written before train.json existed; None unless the run directory
+    still holds its summary.json and saved weights (a deleted or half-overwritten run trains again)."""
+    if not (run / "summary.json").is_file() or not any((run / "model").glob("*.safetensors")):
+        return None
+    for path in (root / "train.json", root / "point.json"):
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if {k: record.get("key", {}).get(k) for k in TRAIN_KEY} == train_key and "train_s" in record:
+                return record
+    return None
 
 
 def _resolved(run: Path) -> dict:

@@ -151,6 +151,44 @@ def test_evidence_lines_say_what_was_measured():
         "D, no point of 3 chosen (each raised a health flag or did not gain)"
 
 
+def test_recipe_lines_print_its_evidence_and_stated_budget_or_say_there_is_none():
+    from preftune.apps.advise import Advice
+
+    def recipe_lines(evidence, budget):
+        a = Advice("sigmoid", ["r"], [], recipe="sigmoid", confidence="low", evidence=evidence, budget=budget)
+        return a.text().splitlines()[4:]  # after: recommended, because, start from, confidence
+
+    measured = [{"data": "D", "kl": 1.5, "health": []}]
+    assert recipe_lines(measured, {"stop_on": ["kl_drift", "both_logps_falling"], "keep_best": True,
+                                   "val_pairs": 64}) == [
+        "    measured: D, KL 1.5 nats, no health flag",
+        "  stated budget (benchmarks.quality --full-train applies it, preftune train does not): "
+        "stop_on: kl_drift, both_logps_falling; keep_best: true; val_pairs: 64"]
+    assert recipe_lines([], {}) == ["  evidence: the recipe states none", "  budget: the recipe states none"]
+    assert "budget" not in Advice("robust", ["r"], []).text()  # no recipe, nothing to say about one
+
+
+def test_advice_carries_the_chosen_recipes_evidence_and_budget():
+    from preftune.core.recipes import load_recipe
+
+    a = advise(PAIRED, params=P135M, memory_gb=None, lora=True)
+    meta = load_recipe("sigmoid").meta
+    assert a.budget == meta["budget"] and a.as_dict()["budget"] == meta["budget"]
+    text = a.text()
+    assert text.count("    measured: ") == len(meta["evidence"]) and "  stated budget " in text
+    assert "keep_best: true" in text and "evidence: the recipe states none" not in text
+
+
+def test_evidence_lines_name_figures_they_have_no_phrase_for():
+    """orpo's entries state base_mean_logp_accuracy and gain_over_own_start: printed under their own
+    names instead of dropped; an accuracy without its base is not given a '?' base."""
+    from preftune.apps.advise import _evidence_line
+
+    assert _evidence_line({"data": "D", "command": "c", "implicit_accuracy": 0.54, "base_mean_logp_accuracy": 0.535,
+                           "gain_over_own_start": "+0.005", "kl": 7.1}) == \
+        "D, trained implicit-reward accuracy 0.54, base mean logp accuracy 0.535, gain over own start +0.005, KL 7.1 nats"
+
+
 def test_the_rl_loops_four_models_by_hand():
     """1e8 parameters, LoRA: policy + adapters-off reference 4e8 B; a separate critic another 4e8 B;
     a 1e8-parameter reward model 4e8 B; activations of 1,000 tokens x 10 layers x (100 wide + an MLP

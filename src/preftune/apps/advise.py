@@ -9,8 +9,9 @@ Rules, in order (each recommendation says which fired and why):
 plus warnings for length bias, duplicates and truncation.
 
 Then numbers, from the method's recipe (preftune.core.recipes: lr, beta, batch, LoRA rank and targets,
-and how confident the recipe is, with the figures it reached), epochs from the data size
-(`epochs_for`), and the expected peak memory (`peak_memory_gb`) for the data's token lengths.
+how confident the recipe is, the figures it reached and the budget it states, or a line saying it
+states none), epochs from the data size (`epochs_for`), and the expected peak memory
+(`peak_memory_gb`) for the data's token lengths.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Advice:
     memory: dict = field(default_factory=dict)  # expected peak memory (GB) and its parts
     confidence: str = ""
     evidence: list = field(default_factory=list)
+    budget: dict = field(default_factory=dict)  # the recipe's `recipe.budget` (benchmarks/quality/protocol.py)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -81,21 +83,48 @@ class Advice:
             lines.append("  start from: " + " ".join([*head, *self.overrides]))
         if self.confidence:
             lines.append(f"  confidence: {self.confidence}")
-        for e in self.evidence:
-            lines.append(f"    measured: {_evidence_line(e)}")
+        if self.recipe:
+            lines += _recipe_lines(self.evidence, self.budget)
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
+def _recipe_lines(evidence: list, budget: dict) -> list[str]:
+    """What the recipe's metadata states, and no more: one line per measured run (or one saying
+    there is none), then its budget in protocol.py's keys (or one line saying it states none)."""
+    lines = [f"    measured: {_evidence_line(e)}" for e in evidence] or ["  evidence: the recipe states none"]
+    if not budget:
+        return [*lines, "  budget: the recipe states none"]
+    # `preftune train -c recipe:NAME` does not apply it (metadata); the quality benchmark's --full-train does
+    stated = "; ".join(f"{k}: {_plain(v)}" for k, v in budget.items())
+    return [*lines, f"  stated budget (benchmarks.quality --full-train applies it, preftune train does not): {stated}"]
+
+
+def _plain(value) -> str:
+    """A metadata value as YAML writes it: lists joined by commas, true/false in lower case."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_plain, value))
+    return str(value)
+
+
 def _evidence_line(e: dict) -> str:
-    parts = [str(e.get("data", "?"))]
-    for base, after, words in (("base_logp_accuracy", "implicit_accuracy", "base model's log-prob accuracy {} -> "
-                                "trained implicit-reward accuracy {}"),
-                               ("base_avg_logp_accuracy", "avg_logp_accuracy", "average-log-prob accuracy {} -> {}")):
+    """One measured run: its data, the figures phrased where their names are known, then any other
+    figure the entry states under its own name (the command and grid points are left to the file)."""
+    parts, shown = [str(e.get("data", "?"))], {"data", "command", "note"}
+    for base, after, words in (("base_logp_accuracy", "implicit_accuracy",
+                                ("base model's log-prob accuracy {} -> ", "trained implicit-reward accuracy {}")),
+                               ("base_avg_logp_accuracy", "avg_logp_accuracy",
+                                ("average-log-prob accuracy {} -> ", "{}"))):
         if after in e:
-            parts.append(words.format(e.get(base, "?"), e[after]))
+            parts.append((words[0].format(e[base]) if base in e else "") + words[1].format(e[after]))
+            shown |= {base, after}
     if "gain" in e:
         parts.append(f"gain {e['gain']}")
+    # figures without a phrase above (orpo's base_mean_logp_accuracy, gain_over_own_start, ...)
+    shown |= {"gain", "chosen", "grid", "kl", "health"}
+    parts += [f"{k.replace('_', ' ')} {v}" for k, v in e.items() if k not in shown and not isinstance(v, (dict, list))]
     if isinstance(e.get("chosen"), dict):
         parts.append("chose " + ", ".join(f"{k} {v}" for k, v in e["chosen"].items()))
     elif "grid" in e:
@@ -258,6 +287,7 @@ def _with_numbers(a: Advice, stats: dict, *, params: int, memory_gb: float | Non
     if not recipe.meta.get("tuned"):
         a.confidence = a.confidence or "low: the recipe was not tuned"
     a.evidence = list(recipe.meta.get("evidence") or [])
+    a.budget = dict(recipe.meta.get("budget") or {})
     batch = int(recipe.get("train.batch_size", 4))
     epochs = epochs_for(stats["records"], batch)
     lr = float(recipe.get("train.lr"))

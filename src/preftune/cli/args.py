@@ -153,7 +153,7 @@ def _balance_args(p):
 def _advise_args(p):
     p.add_argument("path")
     p.add_argument("--memory-gb", type=_number(float, 0, 1e6, lo_open=True), help="memory available for training (default: no limit)")
-    p.add_argument("--json", action="store_true", help="print the advice (settings, memory, evidence) as JSON")
+    p.add_argument("--json", action="store_true", help="print the advice (settings, memory, evidence, budget) as JSON")
     p.add_argument("--method", choices=("ppo", "rloo", "reinforce_pp", "grpo"),
                    help="PATH is a prompts file for this online method: the expected peak memory of its policy, "
                         "reference, reward model and critic (online.*, ppo.* and model.* settings apply)")

@@ -9,6 +9,8 @@ config.load_config). Its top-level `recipe:` block is metadata that load_config 
   confidence  high | medium | low, and why (what `preftune advise` repeats to the user)
   evidence    the measured runs behind the settings: command, data, figures (accuracies with
               their base, KL, health flags); an untuned recipe lists what was measured so far
+  budget      how much optimisation the recipe wants on a file of any size (the form:
+              benchmarks/quality/protocol.py); `preftune advise` prints it, train does not apply it
 
 Until benchmarks/quality/ has searched them, the recipes are the settings the project's
 measured runs used (tuned: false), and say so.
