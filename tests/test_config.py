@@ -30,6 +30,8 @@ def test_defaults_file_and_overrides_in_order(tmp_path):
     ("loss:\n  name: f_dpo\n  f_divergence_type: kl\n", "loss.f_divergence_type",
      "must be one of reverse_kl, forward_kl, js_divergence, alpha_divergence"),
     ("loss:\n  name: exo_pair\n  exo_epsilon: 0\n", "loss.exo_epsilon", "must be in (0, 0.5)"),
+    ("train:\n  autocast_bf16: sometimes\n", "train.autocast_bf16", "must be true, false or auto"),
+    ("train:\n  autocast_bf16: 1\n", "train.autocast_bf16", "must be true, false or auto"),
 ])
 def test_bad_files_name_file_and_key(tmp_path, text, key, problem):
     path = tmp_path / "c.yaml"

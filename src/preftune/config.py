@@ -151,8 +151,9 @@ class TrainConfig:
     log_every: int = _f(1, "write metrics every N optimizer steps", resume=False)
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N optimizer steps (0 = never)", resume=False)
     keep_last: int = _f(2, "checkpoints kept on disk (the newest is never deleted)", resume=False)
-    autocast_bf16: bool = _f(False, "bf16 autocast for the transformer body, LM head and log-softmax in fp32 "
-                                    "(off by default on CPU: see README, Speed)")
+    autocast_bf16: bool | str = _f("auto", "bf16 autocast for the transformer body, LM head and log-softmax in "
+                                           "fp32: true | false | auto (on for a CUDA device with bf16, off on CPU: "
+                                           "see docs/guide/speed-and-memory.md, bf16)")
     logprob_chunk_tokens: int = _f(1024, "completion tokens per block of the chunked LM head: logits are recomputed "
                                          "block by block in backward, never kept for all tokens (same numbers); "
                                          "0 = the dense head", resume=False)
@@ -327,6 +328,8 @@ def _range_problems(cfg: Config):
         ("train.log_every", c.train.log_every >= 1, "must be >= 1"),
         ("train.checkpoint_every", c.train.checkpoint_every >= 0, "must be >= 0"),
         ("train.keep_last", c.train.keep_last >= 1, "must be >= 1"),
+        ("train.autocast_bf16", isinstance(c.train.autocast_bf16, bool) or c.train.autocast_bf16 == "auto",
+         "must be true, false or auto"),
         ("train.logprob_chunk_tokens", c.train.logprob_chunk_tokens >= 0, "must be >= 0 (0 = the dense head)"),
         ("train.keep_best", not c.train.keep_best or c.diagnostics.probe_every > 0,
          "needs diagnostics.probe_every > 0 (the probes measure held-out accuracy)"),

@@ -224,3 +224,11 @@ def test_a_default_model_export_names_a_base_other_tools_can_load(lora_run, tmp_
     mask = os.umask(0)
     os.umask(mask)
     assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~mask for f in out.iterdir()}
+
+
+def test_card_precision_says_bf16_from_what_the_run_recorded():
+    from preftune.apps.export import _bf16
+
+    assert _bf16("auto", {"autocast_bf16": True}) is True  # auto on a GPU: the run recorded bf16
+    assert _bf16("auto", {"autocast_bf16": False}) is False
+    assert (_bf16(True, {}), _bf16(False, {}), _bf16("auto", {})) == (True, False, False)  # older runs: the setting

@@ -116,3 +116,14 @@ def test_bf16_autocast_keeps_the_head_in_fp32_and_bounds_the_logp_error():
     per_token = ((approx - exact).abs() / counts).max().item()
     assert 0 < per_token < 0.02  # bf16 changes the numbers, by less than 0.02 nats per token here
     assert "weight" in dict(model.get_output_embeddings().named_parameters())  # same parameters, same keys
+
+
+def test_bf16_auto_is_on_for_a_cuda_device_with_bf16_and_off_on_cpu(monkeypatch):
+    from preftune.core.logprobs import bf16_enabled
+
+    assert [bf16_enabled(s, "cpu") for s in (True, False, "auto")] == [True, False, False]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert [bf16_enabled(s, "cuda") for s in (True, False, "auto")] == [True, False, True]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or a T4
+    assert bf16_enabled("auto", "cuda") is False and bf16_enabled(True, "cuda") is True

@@ -42,6 +42,7 @@ def test_run_directory_contents_and_loss_falls(tmp_path, tiny_model_dir):
     assert ref["strategy"] == "adapters_off" and len(ref["weights_sha256"]) == 64
     summary = json.loads((run / "summary.json").read_text())
     assert summary["eval"]["accuracy/implicit_reward"] >= 0.75
+    assert saved["train"]["autocast_bf16"] == "auto" and summary["autocast_bf16"] is False  # auto on CPU: fp32
     assert (run / "model" / "adapter_model.safetensors").is_file()
     assert not [p for p in run.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
 

@@ -323,6 +323,12 @@ def _data_lines(run: Run) -> list[str]:
     return lines
 
 
+def _bf16(setting, summary: dict) -> bool:
+    """Whether the run trained under bf16 autocast: what it recorded (summary.json), else its setting
+    (a run from before "auto" existed recorded nothing and set true or false)."""
+    return bool(summary["autocast_bf16"]) if "autocast_bf16" in summary else setting is True
+
+
 def _training_lines(run: Run) -> list[str]:
     c, s = run.cfg, run.summary
     params = ", ".join(f"{k} {_num(v)}" for k, v in (s.get("loss_params") or {}).items()
@@ -336,7 +342,7 @@ def _training_lines(run: Run) -> list[str]:
              f"{_num(t.warmup_ratio)}, weight decay {_num(t.weight_decay)}, grad-norm clip {_num(t.max_grad_norm)}",
              f"- Steps: {steps}; batch {t.batch_size} pairs x {t.grad_accum} accumulation x {procs} "
              f"process{'es' if procs != 1 else ''}; seed {t.seed}",
-             f"- Precision: {_code(c.model.dtype)}" + (", bf16 autocast" if t.autocast_bf16 else "")]
+             f"- Precision: {_code(c.model.dtype)}" + (", bf16 autocast" if _bf16(t.autocast_bf16, s) else "")]
     m = c.model
     lines.append(f"- LoRA: r {m.lora_r}, alpha {m.lora_alpha}, dropout {_num(m.lora_dropout)}, target modules "
                  f"{_code(_names(m.lora_target_modules))}" if m.lora else "- Full fine-tuning (no LoRA)")

@@ -17,7 +17,7 @@ from .lmhead import chunked_token_logps, head_post
 
 __all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
            "completion_token_logps_and_entropy", "pair_logps", "sequence_scores", "sequence_logps", "split_pairs",
-           "fp32_lm_head", "autocast", "chunk_lm_head", "DEFAULT_CHUNK_TOKENS"]
+           "fp32_lm_head", "autocast", "bf16_enabled", "chunk_lm_head", "DEFAULT_CHUNK_TOKENS"]
 
 # Completion positions per block of the chunked LM head (lmhead.py); 0 = the dense head. What a
 # model that train() has not configured (chunk_lm_head) gets: eval, the apps. Equal to the default
@@ -52,6 +52,15 @@ def chunk_lm_head(model, tokens: int) -> None:
     head = _output_head(model)
     if head is not None:
         head.logprob_chunk_tokens = int(tokens)
+
+
+def bf16_enabled(setting: bool | str, device_type: str) -> bool:
+    """train.autocast_bf16 resolved on a device: true/false as given; "auto" is on for a CUDA device
+    with bf16 arithmetic (what a GPU user expects, and TRL's default) and off everywhere else (on
+    CPU it is faster only with AVX512-BF16 or AMX, and the exactness checks against TRL are fp32)."""
+    if setting == "auto":
+        return device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(setting)
 
 
 def autocast(device_type: str, enabled: bool):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config, run_name, save_config
 from ..core.diagnostics import health_checks, step_metrics
-from ..core.logprobs import chunk_lm_head, fp32_lm_head
+from ..core.logprobs import bf16_enabled, chunk_lm_head, fp32_lm_head
 from ..core.losses import LossSpec, build_loss
 from ..core.step import loss_forward, loss_kwargs
 from ..data.batches import BatchSource, OfflineSource
@@ -259,6 +259,7 @@ class _Run:
     loss_kwargs: dict = field(default_factory=dict)  # the loss's settings, computed once (_setup)
     best: dict | None = None  # train.keep_best: {"step", "accuracy"} of the best probe so far
     modules: dict = field(default_factory=dict)  # what the source trains beside the policy (PPO's critic)
+    bf16: bool = False  # train.autocast_bf16 resolved on this run's device (logprobs.bf16_enabled)
 
 
 def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resume: bool,
@@ -296,7 +297,8 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
     model, reference, reference_info = _build_policy(cfg, spec, model_dir, empty=loads_on_rank0_only(accelerator),
                                                      device=accelerator.device.type, pad_id=tokenizer.pad_token_id)
     reference_info["weights_sha256"] = gather_objects(reference_info["weights_sha256"])[0]  # rank 0 has them all
-    if t.autocast_bf16:
+    bf16 = bf16_enabled(t.autocast_bf16, accelerator.device.type)
+    if bf16:
         fp32_lm_head(model)
         if isinstance(reference, FrozenCopyReference):
             fp32_lm_head(reference.model)
@@ -328,7 +330,7 @@ def _setup(cfg: Config, spec: LossSpec, model_dir: str, tokenizer, source, resum
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
     run = _Run(cfg, spec, tokenizer, source, accelerator, model, reference, reference_info, layout_info, optimizer,
-               scheduler, params, fp, total_steps, epochs, ckpt, modules=modules)
+               scheduler, params, fp, total_steps, epochs, ckpt, modules=modules, bf16=bf16)
     # the loss's settings from the config, once; a source only adjusts them from its data (KTO's class weights)
     run.loss_kwargs = {**loss_kwargs(cfg, spec), **source.loss_adjustments}
     if ckpt is not None:
@@ -440,7 +442,7 @@ def _loop(run: _Run, log: RunLog) -> dict | None:
         done = run.batch0 if epoch == run.epoch0 else 0  # micro-batches of this epoch already trained
         for batch in run.source.batches(epoch, skip=done):
             with a.accumulate(model):
-                losses, parts = loss_forward(model, run.reference, spec, batch, run.loss_kwargs, bf16=t.autocast_bf16)
+                losses, parts = loss_forward(model, run.reference, spec, batch, run.loss_kwargs, bf16=run.bf16)
                 loss = losses.mean()
                 a.backward(loss)
                 grad_norm = None
@@ -523,7 +525,7 @@ def _finish(run: _Run, log: RunLog, stopped: dict | None) -> RunResult:
                "loss_params": {k: v for k, v in run.loss_kwargs.items()
                                if not isinstance(v, torch.nn.Module) and k != "loss_state"},
                **_loss_state(run),
-               "peak_rss_mb": peak_rss_mb(), "allocator": release_freed_memory(),
+               "peak_rss_mb": peak_rss_mb(), "allocator": release_freed_memory(), "autocast_bf16": run.bf16,
                "distributed": {"type": str(a.distributed_type).split(".")[-1].lower(), "processes": a.num_processes},
                "gradient_checkpointing": bool(getattr(a.unwrap_model(run.model), "is_gradient_checkpointing", False)),
                "quantization": f"4bit-{cfg.model.bnb_4bit_quant_type}" if cfg.model.load_in_4bit else None,
