@@ -71,9 +71,10 @@ def combine_seeds(rows: list[dict], outcomes: list[dict]) -> dict:
                 "sample_length_policy": _mean([r["sample_length_policy"] for r in rows]),
                 "sample_length_reference": _mean([r["sample_length_reference"] for r in rows]),
                 "flags": [f"{f} (seed {', '.join(map(str, s))})" for f, s in flags.items()],
-                "wall_s": math.fsum(r["wall_s"] for r in rows), "train_s": math.fsum(r["train_s"] for r in rows),
-                "seeds": len(rows),
+                "wall_s": math.fsum(r["wall_s"] for r in rows), "seeds": len(rows),
                 "seed_values": [r.get("seed") for r in rows], "tuned": verdict["tuned"], "tuned_failed": verdict["failed"]})
+    if all("train_s" in r for r in rows):  # the seeds' training time together (bf16 against fp32)
+        row["train_s"] = math.fsum(r["train_s"] for r in rows)
     return row
 
 

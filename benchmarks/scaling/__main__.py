@@ -488,6 +488,9 @@ def plot_beside(results: list[dict], earlier: list[dict], dest: Path, label: str
                 ax.plot(*zip(*pts), style, color=f"C{i}", label=f"{mode} ({when})")
     ax.set(xlabel="tokens per pair", ylabel="peak RSS (GB)", xscale="log", yscale="log",
            title=f"one training step, batch 4, LoRA: {model}")
+    lengths = sorted({r["length"] for r in (*results, *earlier) if "peak_rss_mb" in r})
+    ax.set_xticks(lengths, [str(n) for n in lengths])  # the measured lengths, not log-scale minor labels
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(dest, dpi=120)
