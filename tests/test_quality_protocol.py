@@ -429,6 +429,7 @@ def test_precision_runs_each_point_in_fp32_and_bf16_side_by_side(tmp_path, fake)
     md = (tmp_path / "q" / "results-precision.md").read_text()
     assert "| truthfulqa | sigmoid (bf16) |" in md and "training precision fp32 and bf16" in md
     assert "- truthfulqa sigmoid, bf16 against fp32: gain +0.375 against +0.375 (+0.000);" in md
+    assert "- truthfulqa sigmoid (bf16): 3 seeds, gains" in md
     before = len(fake.calls)
     assert _run(tmp_path, "--methods", "sigmoid", "--seeds", "0,1,2") == 0
     assert len(fake.calls) == before  # the fp32 seeds were already finished: nothing trains again

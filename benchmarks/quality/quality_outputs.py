@@ -134,25 +134,25 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
              "metrics with its thresholds (probes off; a run whose recorded flags differ is noted below), plus its "
              "kl_drift/length_drift/length_collapse thresholds applied to the evaluation's samples (\"(eval)\")."]
     for r in (r for r in ok if "gain_over_own_start" in r):
-        lines.append(f"- {r['dataset']} {r['method']}: its reward is the policy's mean log-prob; the base model's "
+        lines.append(f"- {r['dataset']} {_label(r)}: its reward is the policy's mean log-prob; the base model's "
                      f"mean-log-prob accuracy is {r['before_mean_logp_acc']:.3f}, so its gain over its own start is "
                      f"{_signed(r['gain_over_own_start'], r['gain_over_own_start_ci95'])}.")
     for r in ok:
         recorded = r.get("health_recorded_by_run") or {}
         replayed = {f.split(" (step ")[0] for f in r["flags"] if "(eval)" not in f}
         if set(recorded) != replayed:
-            lines.append(f"- {r['dataset']} {r['method']}: the run itself recorded "
+            lines.append(f"- {r['dataset']} {_label(r)}: the run itself recorded "
                          f"{', '.join(f'{k} (step {v})' for k, v in recorded.items()) or 'no flag'}; today's checks "
                          f"on the same metrics: {', '.join(sorted(replayed)) or 'none'} (both_logps_falling now reads "
                          "the policy - reference log-ratios of each step's pairs, not raw logps of different batches).")
     for r in ok:
-        lines.append(f"- {r['dataset']} {r['method']}: log-prob accuracy change {_signed(r['logp_gain'], r['logp_gain_ci95'])}; "
+        lines.append(f"- {r['dataset']} {_label(r)}: log-prob accuracy change {_signed(r['logp_gain'], r['logp_gain_ci95'])}; "
                      f"{r['steps']} step{'s' * (r['steps'] != 1)} of {r['trained_with']['batch_size']} on "
                      f"{r['train_examples']} training "
                      f"{r['train_unit']}, {r['dev_pairs']} dev pairs; trained with "
                      f"{json.dumps(r['trained_with']['loss'])}, lr {r['trained_with']['lr']:g}.")
     for r in (r for r in ok if "tuned" in r):
-        lines.append(f"- {r['dataset']} {r['method']}: {r['seeds']} seeds, gains "
+        lines.append(f"- {r['dataset']} {_label(r)}: {r['seeds']} seeds, gains "
                      f"{', '.join(f'{g:+.3f}' for g in r['per_seed_gains'])}; "
                      + ("the gain holds across seeds (tuned)." if r["tuned"] else
                         f"not tuned: {', '.join(r['tuned_failed'])}."))
