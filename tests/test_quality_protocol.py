@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.quality import __main__ as quality
-from benchmarks.quality import protocol
+from benchmarks.quality import protocol, settings
 from conftest import SHARED
 from preftune.config import load_config, save_config
 from preftune.core.stats import wilson
@@ -59,7 +59,7 @@ def test_budget_plan_turns_a_recipe_budget_into_overrides_on_the_whole_side():
             protocol.budget_plan(bad, 444, "/t.jsonl")
 
 
-@pytest.mark.parametrize("method", quality.METHODS)
+@pytest.mark.parametrize("method", settings.METHODS)
 def test_every_recipe_states_a_budget_the_runner_can_apply(method):
     """Each benchmarked recipe states one (provisional until measured): valid on both training sides,
     first and second split (HH 1,800 / 1,700 records, TruthfulQA 444 / 276), every override a setting."""
@@ -113,7 +113,7 @@ class FakePreftune:
         n, run = 8, _arg(args, "--run")
         cfg = load_config(str(Path(run) / "config.yaml")) if run else None
         gained = None if cfg is None else GAINED[cfg.train.seed]
-        rows = _per_pair_rows(n, gained, reference=cfg is not None and cfg.loss.name not in quality.REFERENCE_FREE)
+        rows = _per_pair_rows(n, gained, reference=cfg is not None and cfg.loss.name not in settings.REFERENCE_FREE)
         right = sum(r["implicit_correct"] or 0 for r in rows) if gained is not None else n / 2
         e = {"pairs": n, "accuracy/implicit_reward": right / n, "accuracy/implicit_reward_ci95": wilson(right, n),
              "accuracy/logp": 0.5, "accuracy/logp_ci95": wilson(4, n), "perplexity/chosen": 2.0, "rewards/margins": 0.1,
