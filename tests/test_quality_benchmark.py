@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.quality import __main__ as quality
-from benchmarks.quality import peer_trl, search, settings
+from benchmarks.quality import peer_trl, points, search, settings
 from conftest import SHARED
 from preftune.apps.report import write_report
 from preftune.config import load_config
@@ -81,29 +81,29 @@ def test_every_method_has_its_recipe_file_where_the_benchmark_looks():
 
 
 def test_recipes_from_files_without_their_metadata_and_built_in_otherwise(tmp_path, monkeypatch):
-    monkeypatch.setattr(quality, "RECIPES", tmp_path / "recipes")
+    monkeypatch.setattr(points, "RECIPES", tmp_path / "recipes")
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
-    args, source = quality.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
+    args, source = points.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
     assert args == ["--config", str(tmp_path / "point" / "recipe.yaml")] and source["source"].endswith("sigmoid.yaml")
     assert source["recipe_meta"] == {"tuned": False}
     # new evidence in the metadata keeps the key (finished points stay); a changed setting does not
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\n  evidence: [x]\nloss:\n  beta: 0.2\n"
                                                       "train:\n  lr: 1.0e-4\n")
-    assert quality.recipe_for("sigmoid", tmp_path / "p2.yaml")[1]["settings_sha256"] == source["settings_sha256"]
+    assert points.recipe_for("sigmoid", tmp_path / "p2.yaml")[1]["settings_sha256"] == source["settings_sha256"]
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.3\n"
                                                       "train:\n  lr: 1.0e-4\n")
-    assert quality.recipe_for("sigmoid", tmp_path / "p3.yaml")[1]["settings_sha256"] != source["settings_sha256"]
+    assert points.recipe_for("sigmoid", tmp_path / "p3.yaml")[1]["settings_sha256"] != source["settings_sha256"]
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
     cfg = load_config(args[1], ["model.name_or_path=x"])  # loads: the recipe: block is gone
     assert (cfg.loss.beta, cfg.train.lr) == (0.2, 1e-4)
     for method in settings.METHODS:  # every built-in recipe is a valid preftune configuration
-        args, source = quality.recipe_for(method, tmp_path / method / "recipe.yaml")
+        args, source = points.recipe_for(method, tmp_path / method / "recipe.yaml")
         if method != "sigmoid":
             train = load_config(None, args).train
             assert source["source"] == "built-in" and (train.lr, train.epochs, train.batch_size) == \
                 (5e-4, 1, 8 if method == "kto" else 4)
-    assert load_config(None, quality.recipe_for("rpo", tmp_path / "r.yaml")[0]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
+    assert load_config(None, points.recipe_for("rpo", tmp_path / "r.yaml")[0]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
 
 
 def test_summarize_reads_the_run_and_its_eval(tmp_path):
@@ -198,7 +198,7 @@ def test_quick_run_on_a_tiny_model(tmp_path, tiny_model_dir):
     for method, examples in (("simpo", 8), ("kto", 16)):  # kto: the same 8 pairs as 16 labelled examples
         r = results[f"truthfulqa {method}"]
         recipe = Path(settings.RECIPES) / f"{method}.yaml"  # the method's recipe file once it exists, else built-in
-        assert r["recipe"] == (quality._rel(recipe) if recipe.is_file() else "built-in")
+        assert r["recipe"] == (points._rel(recipe) if recipe.is_file() else "built-in")
         e = json.loads((Path(settings.ROOT) / r["eval_file"]).read_text())
         assert (r["implicit_acc"], r["logp_acc"], r["margin"], r["kl"]) == \
             (e["accuracy/implicit_reward"], e["accuracy/logp"], e["rewards/margins"], e["kl"])
@@ -258,7 +258,7 @@ def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_po
             {"lr": 2e-4, "beta": 0.3, "error": "train exited 1"}]
     assert (search.choose(rows)["lr"], search.choose(rows)["beta"]) == (5e-4, 0.3)
     assert search.choose(rows[:1]) is None and search.choose([]) is None
-    monkeypatch.setattr(search.quality, "RECIPES", tmp_path)
+    monkeypatch.setattr(search, "RECIPES", tmp_path)
     shutil.copy(RECIPE_DIR / "sigmoid.yaml", tmp_path / "sigmoid.yaml")
     result = {"lrs": [2e-4, 5e-4, 1e-3], "betas": [0.1, 0.3], "train_pairs": 160, "val_pairs": 120, "model": "m",
               "command": "search.py --method sigmoid", "rows": rows}
@@ -277,10 +277,10 @@ def test_collect_mode_gathers_finished_points_and_trains_nothing(tmp_path):
     def make():
         calls.append(1)
         return {"value": 1}
-    assert quality._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) is None and not calls
-    assert quality._cached(tmp_path / "p.json", {"k": 1}, make) == {"key": {"k": 1}, "value": 1} and calls == [1]
-    assert quality._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) == {"key": {"k": 1}, "value": 1}
-    assert quality._cached(tmp_path / "p.json", {"k": 2}, make, finished_only=True) is None and calls == [1]  # other settings
+    assert points._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) is None and not calls
+    assert points._cached(tmp_path / "p.json", {"k": 1}, make) == {"key": {"k": 1}, "value": 1} and calls == [1]
+    assert points._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) == {"key": {"k": 1}, "value": 1}
+    assert points._cached(tmp_path / "p.json", {"k": 2}, make, finished_only=True) is None and calls == [1]  # other settings
 
 
 def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkeypatch):
