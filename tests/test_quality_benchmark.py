@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.quality import __main__ as quality
-from benchmarks.quality import peer_trl, points, search, settings
+from benchmarks.quality import peer_trl, points, search, settings, table_rows
 from conftest import SHARED
 from preftune.apps.report import write_report
 from preftune.config import load_config
@@ -126,7 +126,7 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
              "eval_file": str(tmp_path / "eval.json")}
     base = {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100), "mean_logp_acc": 0.55,
             "mean_logp_acc_ci95": wilson(55, 100)}
-    r = quality.summarize({"name": "hh"}, "cdpo", point, base)
+    r = table_rows.summarize({"name": "hh"}, "cdpo", point, base)
     assert r["gain"] == pytest.approx(0.2) and r["gain_ci95"] == pytest.approx([0.0642, 0.3258], abs=1e-4)
     assert r["logp_gain"] == pytest.approx(0.1) and r["implicit_acc"] == 0.7 and r["before_logp_acc"] == 0.5
     assert r["flags"] == ["margin_explosion (step 7)", "kl_drift (eval)", "length_drift (eval)"]  # 12.5 > 10, 2x > 1.5x
@@ -134,13 +134,13 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
     assert r["trained_with"]["loss"] == {"name": "cdpo", "beta": 0.1, "label_smoothing": 0.1}
     assert "gain_over_own_start" not in r
     assert list(r)[:14] == list(_row("hh", "cdpo", 0.5, 0.7, 1.0))[:14]  # the outputs test's rows are shaped like these
-    simpo = quality.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
+    simpo = table_rows.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
     assert simpo["gain_over_own_start"] == pytest.approx(0.15) and simpo["before_mean_logp_acc"] == 0.55
     e.update({"kl": 3.0, "sample_length/policy/mean": 11.5, "sample_length/reference/mean": 44.3})  # ORPO on TQA
     (tmp_path / "eval.json").write_text(json.dumps(e))
-    assert quality.summarize({"name": "hh"}, "orpo", point, base)["flags"] == ["margin_explosion (step 7)",
+    assert table_rows.summarize({"name": "hh"}, "orpo", point, base)["flags"] == ["margin_explosion (step 7)",
                                                                           "length_collapse (eval)"]  # 0.26 < 0.5
-    failed = quality.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
+    failed = table_rows.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
     assert failed == {"dataset": "hh", "method": "kto", "error": "hh kto train exited 3", "log": "l"}
 
 
@@ -288,7 +288,7 @@ def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkey
     log-ratios (rewards / beta for a run that predates them) it has no flag, and the note says so."""
     from preftune.config import save_config
 
-    monkeypatch.setattr(quality, "ROOT", tmp_path)
+    monkeypatch.setattr(table_rows, "ROOT", tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(load_config(None, ["loss.beta=0.1"]), run_dir / "config.yaml")
@@ -296,12 +296,12 @@ def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkey
              "logps/chosen": -94.0 - 30 * (i >= 40), "logps/rejected": -127.0 - 6 * (i >= 40),
              "rewards/chosen": -0.006 * min(i, 45), "rewards/rejected": -0.008 * min(i, 45)} for i in range(50)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert quality.replay_health(Path("run"), "sigmoid") == {}  # log-ratios -2.7 / -3.6 nats: not both below -5
-    assert quality.replay_health(Path("run"), "simpo") == {"both_logps_falling": 49}  # reference-free: raw logps (9 longer batches in the window)
+    assert table_rows.replay_health(Path("run"), "sigmoid") == {}  # log-ratios -2.7 / -3.6 nats: not both below -5
+    assert table_rows.replay_health(Path("run"), "simpo") == {"both_logps_falling": 49}  # reference-free: raw logps (9 longer batches in the window)
     for i, r in enumerate(rows):
         r["rewards/chosen"], r["rewards/rejected"] = -0.03 * i, -0.04 * i  # log-ratios down to -14.7 / -19.6
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert quality.replay_health(Path("run"), "sigmoid") == {"both_logps_falling": 23}  # -5.25 / -7.0 over steps 14-23
+    assert table_rows.replay_health(Path("run"), "sigmoid") == {"both_logps_falling": 23}  # -5.25 / -7.0 over steps 14-23
 
 
 def _per_pair(gained: int, lost: int, n: int = 200) -> list[dict]:
@@ -379,7 +379,7 @@ def test_summarize_takes_the_paired_interval_when_the_eval_has_one(tmp_path):
     point = {"train_s": 1.0, "eval_s": 1.0, "recipe": {"source": "built-in"}, "run": str(run_dir),
              "eval_file": str(tmp_path / "eval.json")}
     base = {"logp_acc": 0.5, "logp_acc_ci95": wilson(100, 200)}
-    r = quality.summarize({"name": "hh"}, "sigmoid", point, base)
+    r = table_rows.summarize({"name": "hh"}, "sigmoid", point, base)
     assert r["gain"] == pytest.approx(0.1) and r["gain_ci95"] == e["paired"]["gain"]["gain_ci95"]
     assert r["gain_interval"].startswith("paired bootstrap over pairs") and 0.001 < r["gain_mcnemar_p"] < 0.0027
     newcombe = settings.newcombe(0.6, wilson(120, 200), 0.5, wilson(100, 200))[1]

@@ -44,10 +44,11 @@ from pathlib import Path
 
 from benchmarks.experiments.hh_cli import HH
 
-from . import __main__ as quality  # the benchmark whose points the grid's points are
+# the quality benchmark's points: the grid's points are run and read as they are
 from .points import _rel, base_eval, dataset_inputs, run_point
 from .protocol import second_split
 from .settings import DATASETS, METHODS, RECIPES, REFERENCE_FREE, SETTINGS, TQA
+from .table_rows import summarize
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -181,11 +182,10 @@ def grid_row(data: dict, method: str, out: Path, s: dict, model: str, lr: float,
     if folds is None:
         base = base_eval(data, out / "validation", s, model)
         p = run_point(data, method, out, s, model, extra=extra, name=name)
-        row = quality.summarize(data, method, p, base)
+        row = summarize(data, method, p, base)
     else:
-        row = pool_folds([quality.summarize(f, method, run_point(f, method, out, s, model, extra=extra,
-                                                                   name=f"{name}/fold{i}"),
-                                            base_eval(f, out / "validation", s, model))
+        row = pool_folds([summarize(f, method, run_point(f, method, out, s, model, extra=extra, name=f"{name}/fold{i}"),
+                                    base_eval(f, out / "validation", s, model))
                           for i, f in enumerate(folds)])
     return {**row, "lr": lr, "beta": beta, "point": name}
 
@@ -196,7 +196,7 @@ def measure_dev(data: dict, method: str, out: Path, s: dict, model: str, chosen:
     extra = (f"train.lr={chosen['lr']}", f"loss.beta={chosen['beta']}")
     base = base_eval(data, out, s, model)
     p = run_point(data, method, out, s, model, extra=extra, name=f"dev-{point_name(chosen['lr'], chosen['beta'])}")
-    r = quality.summarize(data, method, p, base)
+    r = summarize(data, method, p, base)
     if "error" in r:
         return {"error": r["error"], "log": r.get("log")}
     return {k: r[k] for k in ("dev_pairs", "before_logp_acc", "implicit_acc", "implicit_acc_ci95", "gain", "gain_ci95",
