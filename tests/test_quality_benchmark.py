@@ -1,7 +1,8 @@
-"""`python -m benchmarks.quality` (benchmarks/quality/__main__.py): its pure parts (the TruthfulQA
-split, the gain interval, the budget estimate, recipes, the table and outputs) without training,
-and one --quick run on a tiny model through the `preftune` CLI whose written numbers are checked
-against the files they came from; and the pure parts of its TRL peer and recipe search."""
+"""`python -m benchmarks.quality` (benchmarks/quality/__main__.py and the settings, points and
+table_rows modules beside it): its pure parts (the TruthfulQA split, the gain interval, the
+budget estimate, recipes, the table and outputs) without training, and one --quick run on a tiny
+model through the `preftune` CLI whose written numbers are checked against the files they came
+from; and the pure parts of its TRL peer and recipe search."""
 
 from __future__ import annotations
 

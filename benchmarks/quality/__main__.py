@@ -122,6 +122,11 @@ the committed files come from `--collect` over every method and data set (with t
 leaving out the ones not run. TRL at equal steps and equal time (issue 18 item 5) is
 `python -m benchmarks.quality.peer_trl` (peer_trl.py beside this file); the per-method search
 (item 2) is `python -m benchmarks.quality.search`.
+
+This file is the CLI; the rest sits beside it: settings.py (paths, METHODS, BUILTIN, SETTINGS,
+RATES; the TruthfulQA split, newcombe, estimate_seconds), points.py (one `preftune` process per
+step, each cached by its settings: run_point, base_eval) and table_rows.py (a finished point's
+files into a table row: summarize, seed_row).
 """
 
 from __future__ import annotations
