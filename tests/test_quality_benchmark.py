@@ -1,7 +1,8 @@
-"""`python -m benchmarks.quality` (benchmarks/quality/__main__.py): its pure parts (the TruthfulQA
-split, the gain interval, the budget estimate, recipes, the table and outputs) without training,
-and one --quick run on a tiny model through the `preftune` CLI whose written numbers are checked
-against the files they came from; and the pure parts of its TRL peer and recipe search."""
+"""`python -m benchmarks.quality` (benchmarks/quality/__main__.py and the settings, points and
+table_rows modules beside it): its pure parts (the TruthfulQA split, the gain interval, the
+budget estimate, recipes, the table and outputs) without training, and one --quick run on a tiny
+model through the `preftune` CLI whose written numbers are checked against the files they came
+from; and the pure parts of its TRL peer and recipe search."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.quality import __main__ as quality
-from benchmarks.quality import peer_trl, search
+from benchmarks.quality import peer_trl, points, search, settings, table_rows
 from conftest import SHARED
 from preftune.apps.report import write_report
 from preftune.config import load_config
@@ -39,15 +40,15 @@ def _csv(path: Path, questions: list[str]) -> Path:
 def test_truthfulqa_split_is_by_question_fixed_and_loads_as_pairs(tmp_path):
     questions = [f"Question number {k}?" for k in range(200)]
     questions += ["  question NUMBER 7? ", "Question number 150?"]  # the same questions again, written otherwise
-    counts = quality.split_truthfulqa(_csv(tmp_path / "q.csv", questions), tmp_path / "a")
+    counts = settings.split_truthfulqa(_csv(tmp_path / "q.csv", questions), tmp_path / "a")
     assert counts["train"] + counts["dev"] == 202 and 40 <= counts["dev"] <= 80  # ~30% of 200 distinct questions
     sides = {s: [json.loads(x)["Question"] for x in (tmp_path / "a" / f"{s}.jsonl").read_text().splitlines()]
              for s in ("train", "dev")}
-    keys = {s: {quality.question_key(q) for q in qs} for s, qs in sides.items()}
+    keys = {s: {settings.question_key(q) for q in qs} for s, qs in sides.items()}
     assert not keys["train"] & keys["dev"]
-    seven = {s: sum(quality.question_key(q) == "question number 7?" for q in qs) for s, qs in sides.items()}
+    seven = {s: sum(settings.question_key(q) == "question number 7?" for q in qs) for s, qs in sides.items()}
     assert sorted(seven.values()) == [0, 2]  # both spellings of one question on the same side
-    quality.split_truthfulqa(_csv(tmp_path / "r.csv", questions[::-1]), tmp_path / "b")  # order does not matter
+    settings.split_truthfulqa(_csv(tmp_path / "r.csv", questions[::-1]), tmp_path / "b")  # order does not matter
     assert {json.loads(x)["Question"] for x in (tmp_path / "b" / "dev.jsonl").read_text().splitlines()} == set(sides["dev"])
     (rec, *_) = load_records(tmp_path / "a" / "dev.jsonl")  # preftune's own TruthfulQA adapter reads the rows
     assert rec.prompt == f"Q: {sides['dev'][0].strip()}\nA:" and rec.rejected.startswith(" wrong")
@@ -55,21 +56,21 @@ def test_truthfulqa_split_is_by_question_fixed_and_loads_as_pairs(tmp_path):
 
 @needs_shared_tqa
 def test_split_of_the_shared_truthfulqa(tmp_path):
-    counts = quality.split_truthfulqa(quality.TQA, tmp_path)
-    assert (counts["questions"], counts["train"], counts["dev"]) == (612, 612 - quality.TQA_DEV_PAIRS, quality.TQA_DEV_PAIRS)
+    counts = settings.split_truthfulqa(settings.TQA, tmp_path)
+    assert (counts["questions"], counts["train"], counts["dev"]) == (612, 612 - settings.TQA_DEV_PAIRS, settings.TQA_DEV_PAIRS)
 
 
 def test_newcombe_interval_reproduces_the_published_example():
     """Newcombe 1998 (Stat. Med. 17:873), Table II, example (a): 56/70 vs 48/80, difference 0.2000,
     method 10 interval 0.0524 to 0.3339."""
-    d, (lo, hi) = quality.newcombe(56 / 70, wilson(56, 70), 48 / 80, wilson(48, 80))
+    d, (lo, hi) = settings.newcombe(56 / 70, wilson(56, 70), 48 / 80, wilson(48, 80))
     assert d == pytest.approx(0.2) and lo == pytest.approx(0.0524, abs=5e-5) and hi == pytest.approx(0.3339, abs=5e-5)
-    d, (lo, hi) = quality.newcombe(0.5, wilson(50, 100), 0.5, wilson(50, 100))
+    d, (lo, hi) = settings.newcombe(0.5, wilson(50, 100), 0.5, wilson(50, 100))
     assert d == 0 and lo == pytest.approx(-hi) and 0.13 < hi < 0.14  # +-0.135 at 100 pairs, as the docstring says
 
 
 def test_default_budget_fits_90_minutes_by_the_documented_rates():
-    est = quality.estimate_seconds(quality.SETTINGS["full"], list(quality.METHODS), list(quality.DATASETS))
+    est = settings.estimate_seconds(settings.SETTINGS["full"], list(settings.METHODS), list(settings.DATASETS))
     assert est["total_s"] <= 90 * 60
     assert f"~ {est['total_s'] / 60:.0f} min" in quality.__doc__ and f"= {est['per_point_s']['hh']} s" in quality.__doc__
 
@@ -77,33 +78,33 @@ def test_default_budget_fits_90_minutes_by_the_documented_rates():
 def test_every_method_has_its_recipe_file_where_the_benchmark_looks():
     """The recipes moved to src/preftune/core/recipes/ with the layout change; a benchmark looking in
     the old place would silently fall back to BUILTIN for every method."""
-    assert [m for m in quality.METHODS if not (quality.RECIPES / f"{m}.yaml").is_file()] == []
+    assert [m for m in settings.METHODS if not (settings.RECIPES / f"{m}.yaml").is_file()] == []
 
 
 def test_recipes_from_files_without_their_metadata_and_built_in_otherwise(tmp_path, monkeypatch):
-    monkeypatch.setattr(quality, "RECIPES", tmp_path / "recipes")
+    monkeypatch.setattr(points, "RECIPES", tmp_path / "recipes")
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
-    args, source = quality.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
+    args, source = points.recipe_for("sigmoid", tmp_path / "point" / "recipe.yaml")
     assert args == ["--config", str(tmp_path / "point" / "recipe.yaml")] and source["source"].endswith("sigmoid.yaml")
     assert source["recipe_meta"] == {"tuned": False}
     # new evidence in the metadata keeps the key (finished points stay); a changed setting does not
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\n  evidence: [x]\nloss:\n  beta: 0.2\n"
                                                       "train:\n  lr: 1.0e-4\n")
-    assert quality.recipe_for("sigmoid", tmp_path / "p2.yaml")[1]["settings_sha256"] == source["settings_sha256"]
+    assert points.recipe_for("sigmoid", tmp_path / "p2.yaml")[1]["settings_sha256"] == source["settings_sha256"]
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.3\n"
                                                       "train:\n  lr: 1.0e-4\n")
-    assert quality.recipe_for("sigmoid", tmp_path / "p3.yaml")[1]["settings_sha256"] != source["settings_sha256"]
+    assert points.recipe_for("sigmoid", tmp_path / "p3.yaml")[1]["settings_sha256"] != source["settings_sha256"]
     (tmp_path / "recipes" / "sigmoid.yaml").write_text("recipe:\n  tuned: false\nloss:\n  beta: 0.2\ntrain:\n  lr: 1.0e-4\n")
     cfg = load_config(args[1], ["model.name_or_path=x"])  # loads: the recipe: block is gone
     assert (cfg.loss.beta, cfg.train.lr) == (0.2, 1e-4)
-    for method in quality.METHODS:  # every built-in recipe is a valid preftune configuration
-        args, source = quality.recipe_for(method, tmp_path / method / "recipe.yaml")
+    for method in settings.METHODS:  # every built-in recipe is a valid preftune configuration
+        args, source = points.recipe_for(method, tmp_path / method / "recipe.yaml")
         if method != "sigmoid":
             train = load_config(None, args).train
             assert source["source"] == "built-in" and (train.lr, train.epochs, train.batch_size) == \
                 (5e-4, 1, 8 if method == "kto" else 4)
-    assert load_config(None, quality.recipe_for("rpo", tmp_path / "r.yaml")[0]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
+    assert load_config(None, points.recipe_for("rpo", tmp_path / "r.yaml")[0]).loss.mix == [["sigmoid", 1.0], ["sft", 0.2]]
 
 
 def test_summarize_reads_the_run_and_its_eval(tmp_path):
@@ -126,7 +127,7 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
              "eval_file": str(tmp_path / "eval.json")}
     base = {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100), "mean_logp_acc": 0.55,
             "mean_logp_acc_ci95": wilson(55, 100)}
-    r = quality.summarize({"name": "hh"}, "cdpo", point, base)
+    r = table_rows.summarize({"name": "hh"}, "cdpo", point, base)
     assert r["gain"] == pytest.approx(0.2) and r["gain_ci95"] == pytest.approx([0.0642, 0.3258], abs=1e-4)
     assert r["logp_gain"] == pytest.approx(0.1) and r["implicit_acc"] == 0.7 and r["before_logp_acc"] == 0.5
     assert r["flags"] == ["margin_explosion (step 7)", "kl_drift (eval)", "length_drift (eval)"]  # 12.5 > 10, 2x > 1.5x
@@ -134,19 +135,19 @@ def test_summarize_reads_the_run_and_its_eval(tmp_path):
     assert r["trained_with"]["loss"] == {"name": "cdpo", "beta": 0.1, "label_smoothing": 0.1}
     assert "gain_over_own_start" not in r
     assert list(r)[:14] == list(_row("hh", "cdpo", 0.5, 0.7, 1.0))[:14]  # the outputs test's rows are shaped like these
-    simpo = quality.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
+    simpo = table_rows.summarize({"name": "hh"}, "simpo", point, base)  # reference-free: also its gain over its own start
     assert simpo["gain_over_own_start"] == pytest.approx(0.15) and simpo["before_mean_logp_acc"] == 0.55
     e.update({"kl": 3.0, "sample_length/policy/mean": 11.5, "sample_length/reference/mean": 44.3})  # ORPO on TQA
     (tmp_path / "eval.json").write_text(json.dumps(e))
-    assert quality.summarize({"name": "hh"}, "orpo", point, base)["flags"] == ["margin_explosion (step 7)",
+    assert table_rows.summarize({"name": "hh"}, "orpo", point, base)["flags"] == ["margin_explosion (step 7)",
                                                                           "length_collapse (eval)"]  # 0.26 < 0.5
-    failed = quality.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
+    failed = table_rows.summarize({"name": "hh"}, "kto", {"error": "hh kto train exited 3", "log": "l"}, base)
     assert failed == {"dataset": "hh", "method": "kto", "error": "hh kto train exited 3", "log": "l"}
 
 
 def _row(dataset, method, before, after, kl, flags=(), n=100, **extra):
     ci_b, ci_a = wilson(before * n, n), wilson(after * n, n)
-    gain, gain_ci = quality.newcombe(after, ci_a, before, ci_b)
+    gain, gain_ci = settings.newcombe(after, ci_a, before, ci_b)
     return {"dataset": dataset, "method": method, "recipe": "built-in", "before_logp_acc": before,  # summarize's order
             "implicit_acc": after, "implicit_acc_ci95": ci_a, "gain": gain, "gain_ci95": gain_ci, "kl": kl,
             "length_ratio": 40 / 38, "flags": list(flags), "wall_s": 500.0, "logp_acc": before, "logp_acc_ci95": ci_b,
@@ -197,9 +198,9 @@ def test_quick_run_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert base["dev_pairs"] == 8 and 0 <= base["logp_acc"] <= 1
     for method, examples in (("simpo", 8), ("kto", 16)):  # kto: the same 8 pairs as 16 labelled examples
         r = results[f"truthfulqa {method}"]
-        recipe = Path(quality.RECIPES) / f"{method}.yaml"  # the method's recipe file once it exists, else built-in
-        assert r["recipe"] == (quality._rel(recipe) if recipe.is_file() else "built-in")
-        e = json.loads((Path(quality.ROOT) / r["eval_file"]).read_text())
+        recipe = Path(settings.RECIPES) / f"{method}.yaml"  # the method's recipe file once it exists, else built-in
+        assert r["recipe"] == (points._rel(recipe) if recipe.is_file() else "built-in")
+        e = json.loads((Path(settings.ROOT) / r["eval_file"]).read_text())
         assert (r["implicit_acc"], r["logp_acc"], r["margin"], r["kl"]) == \
             (e["accuracy/implicit_reward"], e["accuracy/logp"], e["rewards/margins"], e["kl"])
         assert r["before_logp_acc"] == base["logp_acc"]
@@ -216,7 +217,7 @@ def test_quick_run_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert results["settings"]["data"]["truthfulqa"]["split"]["questions_on_both_sides"] == 0
     train_q = {json.loads(x)["Question"] for x in (out / "data" / "truthfulqa" / "train.jsonl").read_text().splitlines()}
     dev_q = {json.loads(x)["Question"] for x in (out / "data" / "truthfulqa" / "dev.jsonl").read_text().splitlines()}
-    assert len(dev_q) == quality.TQA_DEV_PAIRS and not train_q & dev_q
+    assert len(dev_q) == settings.TQA_DEV_PAIRS and not train_q & dev_q
     assert len([line for line in (out / "results.md").read_text().splitlines() if line.startswith("| truthfulqa |")]) == 3
     assert (out / "gain_vs_kl.png").is_file()
     stamp = (out / "truthfulqa" / "kto" / "point.json").stat().st_mtime_ns
@@ -258,7 +259,7 @@ def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_po
             {"lr": 2e-4, "beta": 0.3, "error": "train exited 1"}]
     assert (search.choose(rows)["lr"], search.choose(rows)["beta"]) == (5e-4, 0.3)
     assert search.choose(rows[:1]) is None and search.choose([]) is None
-    monkeypatch.setattr(search.quality, "RECIPES", tmp_path)
+    monkeypatch.setattr(search, "RECIPES", tmp_path)
     shutil.copy(RECIPE_DIR / "sigmoid.yaml", tmp_path / "sigmoid.yaml")
     result = {"lrs": [2e-4, 5e-4, 1e-3], "betas": [0.1, 0.3], "train_pairs": 160, "val_pairs": 120, "model": "m",
               "command": "search.py --method sigmoid", "rows": rows}
@@ -277,10 +278,10 @@ def test_collect_mode_gathers_finished_points_and_trains_nothing(tmp_path):
     def make():
         calls.append(1)
         return {"value": 1}
-    assert quality._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) is None and not calls
-    assert quality._cached(tmp_path / "p.json", {"k": 1}, make) == {"key": {"k": 1}, "value": 1} and calls == [1]
-    assert quality._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) == {"key": {"k": 1}, "value": 1}
-    assert quality._cached(tmp_path / "p.json", {"k": 2}, make, finished_only=True) is None and calls == [1]  # other settings
+    assert points._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) is None and not calls
+    assert points._cached(tmp_path / "p.json", {"k": 1}, make) == {"key": {"k": 1}, "value": 1} and calls == [1]
+    assert points._cached(tmp_path / "p.json", {"k": 1}, make, finished_only=True) == {"key": {"k": 1}, "value": 1}
+    assert points._cached(tmp_path / "p.json", {"k": 2}, make, finished_only=True) is None and calls == [1]  # other settings
 
 
 def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkeypatch):
@@ -288,7 +289,7 @@ def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkey
     log-ratios (rewards / beta for a run that predates them) it has no flag, and the note says so."""
     from preftune.config import save_config
 
-    monkeypatch.setattr(quality, "ROOT", tmp_path)
+    monkeypatch.setattr(table_rows, "ROOT", tmp_path)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_config(load_config(None, ["loss.beta=0.1"]), run_dir / "config.yaml")
@@ -296,12 +297,12 @@ def test_flags_are_todays_checks_replayed_over_the_runs_metrics(tmp_path, monkey
              "logps/chosen": -94.0 - 30 * (i >= 40), "logps/rejected": -127.0 - 6 * (i >= 40),
              "rewards/chosen": -0.006 * min(i, 45), "rewards/rejected": -0.008 * min(i, 45)} for i in range(50)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert quality.replay_health(Path("run"), "sigmoid") == {}  # log-ratios -2.7 / -3.6 nats: not both below -5
-    assert quality.replay_health(Path("run"), "simpo") == {"both_logps_falling": 49}  # reference-free: raw logps (9 longer batches in the window)
+    assert table_rows.replay_health(Path("run"), "sigmoid") == {}  # log-ratios -2.7 / -3.6 nats: not both below -5
+    assert table_rows.replay_health(Path("run"), "simpo") == {"both_logps_falling": 49}  # reference-free: raw logps (9 longer batches in the window)
     for i, r in enumerate(rows):
         r["rewards/chosen"], r["rewards/rejected"] = -0.03 * i, -0.04 * i  # log-ratios down to -14.7 / -19.6
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert quality.replay_health(Path("run"), "sigmoid") == {"both_logps_falling": 23}  # -5.25 / -7.0 over steps 14-23
+    assert table_rows.replay_health(Path("run"), "sigmoid") == {"both_logps_falling": 23}  # -5.25 / -7.0 over steps 14-23
 
 
 def _per_pair(gained: int, lost: int, n: int = 200) -> list[dict]:
@@ -379,8 +380,8 @@ def test_summarize_takes_the_paired_interval_when_the_eval_has_one(tmp_path):
     point = {"train_s": 1.0, "eval_s": 1.0, "recipe": {"source": "built-in"}, "run": str(run_dir),
              "eval_file": str(tmp_path / "eval.json")}
     base = {"logp_acc": 0.5, "logp_acc_ci95": wilson(100, 200)}
-    r = quality.summarize({"name": "hh"}, "sigmoid", point, base)
+    r = table_rows.summarize({"name": "hh"}, "sigmoid", point, base)
     assert r["gain"] == pytest.approx(0.1) and r["gain_ci95"] == e["paired"]["gain"]["gain_ci95"]
     assert r["gain_interval"].startswith("paired bootstrap over pairs") and 0.001 < r["gain_mcnemar_p"] < 0.0027
-    newcombe = quality.newcombe(0.6, wilson(120, 200), 0.5, wilson(100, 200))[1]
+    newcombe = settings.newcombe(0.6, wilson(120, 200), 0.5, wilson(100, 200))[1]
     assert r["gain_ci95"][1] - r["gain_ci95"][0] < 0.7 * (newcombe[1] - newcombe[0])  # pairing: ~0.12 against ~0.19

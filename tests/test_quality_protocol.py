@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.quality import __main__ as quality
-from benchmarks.quality import protocol
+from benchmarks.quality import points, protocol, settings
 from conftest import SHARED
 from preftune.config import load_config, save_config
 from preftune.core.stats import wilson
@@ -59,11 +59,11 @@ def test_budget_plan_turns_a_recipe_budget_into_overrides_on_the_whole_side():
             protocol.budget_plan(bad, 444, "/t.jsonl")
 
 
-@pytest.mark.parametrize("method", quality.METHODS)
+@pytest.mark.parametrize("method", settings.METHODS)
 def test_every_recipe_states_a_budget_the_runner_can_apply(method):
     """Each benchmarked recipe states one (provisional until measured): valid on both training sides,
     first and second split (HH 1,800 / 1,700 records, TruthfulQA 444 / 276), every override a setting."""
-    budget = quality.recipe_budget(method)
+    budget = points.recipe_budget(method)
     assert budget, f"{method}.yaml states no recipe.budget"
     for side in (1800, 1700, 444, 276):
         n, args = protocol.budget_plan(budget, side, "/d/train.jsonl")
@@ -89,7 +89,7 @@ def _arg(args: list[str], flag: str) -> str | None:
 
 
 class FakePreftune:
-    """Stands in for quality._preftune: records each call and writes what the real step would."""
+    """Stands in for points._preftune: records each call and writes what the real step would."""
 
     def __init__(self):
         self.calls: list[list[str]] = []
@@ -113,7 +113,7 @@ class FakePreftune:
         n, run = 8, _arg(args, "--run")
         cfg = load_config(str(Path(run) / "config.yaml")) if run else None
         gained = None if cfg is None else GAINED[cfg.train.seed]
-        rows = _per_pair_rows(n, gained, reference=cfg is not None and cfg.loss.name not in quality.REFERENCE_FREE)
+        rows = _per_pair_rows(n, gained, reference=cfg is not None and cfg.loss.name not in settings.REFERENCE_FREE)
         right = sum(r["implicit_correct"] or 0 for r in rows) if gained is not None else n / 2
         e = {"pairs": n, "accuracy/implicit_reward": right / n, "accuracy/implicit_reward_ci95": wilson(right, n),
              "accuracy/logp": 0.5, "accuracy/logp_ci95": wilson(4, n), "perplexity/chosen": 2.0, "rewards/margins": 0.1,
@@ -129,7 +129,7 @@ class FakePreftune:
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     f = FakePreftune()
-    monkeypatch.setattr(quality, "_preftune", f)
+    monkeypatch.setattr(points, "_preftune", f)
     monkeypatch.setattr(quality, "HERE", tmp_path / "here")  # a non-quick invocation writes beside the script
     return f
 
@@ -247,7 +247,7 @@ def test_full_train_applies_the_recipes_stated_budget(tmp_path, fake, monkeypatc
 
     from preftune.core.recipes import RECIPE_DIR
 
-    monkeypatch.setattr(quality, "RECIPES", tmp_path / "recipes")
+    monkeypatch.setattr(points, "RECIPES", tmp_path / "recipes")
     (tmp_path / "recipes").mkdir()
     data = yaml.safe_load((RECIPE_DIR / "sigmoid.yaml").read_text())
     data["recipe"]["budget"] = {"stop_on": ["kl_drift"], "probe_every": 10, "keep_best": True, "val_pairs": 64}
@@ -280,7 +280,7 @@ def test_a_changed_eval_setting_evaluates_again_without_training_and_a_changed_r
 
     from preftune.core.recipes import RECIPE_DIR
 
-    monkeypatch.setattr(quality, "RECIPES", tmp_path / "recipes")
+    monkeypatch.setattr(points, "RECIPES", tmp_path / "recipes")
     (tmp_path / "recipes").mkdir()
     shutil.copy(RECIPE_DIR / "sigmoid.yaml", tmp_path / "recipes" / "sigmoid.yaml")
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
@@ -291,7 +291,7 @@ def test_a_changed_eval_setting_evaluates_again_without_training_and_a_changed_r
 
     def kinds(**changed):
         before = len(fake.calls)
-        point = quality.run_point(data, "sigmoid", out, {**s, **changed}, "m")
+        point = points.run_point(data, "sigmoid", out, {**s, **changed}, "m")
         assert "error" not in point and point["train_s"] == 2.0
         return [c[0] for c in fake.calls[before:]]
 

@@ -33,7 +33,7 @@ How. Everything runs through the `preftune` CLI, one process per step, each poin
 directory under --out (a rerun keeps a finished point whose settings are unchanged, and redoes
 one whose settings, recipe or model changed). Recipes: `src/preftune/core/recipes/<method>.yaml` when
 it exists (passed as `--config`, its top-level `recipe:` metadata block stripped), else the
-built-in settings in BUILTIN below; results.json records which, and the resolved loss, lr,
+built-in settings in settings.BUILTIN; results.json records which, and the resolved loss, lr,
 batch and steps from the run's config.yaml and summary.json. The schedule (lr, batch, epochs)
 is the recipe's; the benchmark fixes over any recipe only the data (a subsample: the budget's
 lever), seed 0, and no held-out data in training (data.eval_path empty, probes off, keep_best
@@ -65,14 +65,14 @@ Data (../shared/data; absent: one line, exit 0; never copied into the repository
   method sees the same information; the 16,811 truth-label answers are not used.
 
 Budget (default mode, 7 methods x 2 data sets = 14 points + 2 base evaluations) on this 2-core
-CPU, from the rates in RATES (a step of 4 HH pairs ~15 s, i.e. 3.75 s per pair, as measured here
+CPU, from the rates in settings.RATES (a step of 4 HH pairs ~15 s, i.e. 3.75 s per pair, as measured here
 while other jobs shared the cores: 12-33 s per step in benchmarks/experiments; eval ~1 HH pair/s;
 TruthfulQA pairs are ~45 tokens against ~300, assumed ~5x cheaper; process start and model load
 ~30 s; ~2 samples/s of 48 tokens), one epoch per point:
   hh point         2 x 30 s start + 80 pairs x 3.75 s + 100 dev pairs / 1 + 64 samples / 2 = 492 s
   truthfulqa point 2 x 30 s start + 160 pairs x 0.75 s + 168 dev pairs / 5 + 64 samples / 2 = 246 s
   base evals       (30 + 100 / 1) + (30 + 168 / 10) = 177 s
-  total            7 x 492 + 7 x 246 + 177 = 5340 s ~ 89 min   (`estimate_seconds`, printed at start)
+  total            7 x 492 + 7 x 246 + 177 = 5340 s ~ 89 min   (settings.estimate_seconds, printed at start)
 So HH is subsampled hard: its first 80 train pairs (20 steps at batch 4, 10 at batch 8) and 100
 dev pairs (a gain needs ~+0.14 for its interval to exclude 0 at n = 100); TruthfulQA: 160
 train-side pairs, all 168 dev pairs. On two idle cores (README's measured ~1 s per HH pair,
@@ -122,451 +122,43 @@ the committed files come from `--collect` over every method and data set (with t
 leaving out the ones not run. TRL at equal steps and equal time (issue 18 item 5) is
 `python -m benchmarks.quality.peer_trl` (peer_trl.py beside this file); the per-method search
 (item 2) is `python -m benchmarks.quality.search`.
+
+This file is the CLI; the rest sits beside it: settings.py (paths, METHODS, BUILTIN, SETTINGS,
+RATES; the TruthfulQA split, newcombe, estimate_seconds), points.py (one `preftune` process per
+step, each cached by its settings: run_point, base_eval) and table_rows.py (a finished point's
+files into a table row: summarize, seed_row).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
-import gzip
-import hashlib
 import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.experiments.hh_cli import HH, HH_SETTINGS, preftune_logged, python_logged  # noqa: F401 (for peer_trl)
+from benchmarks.experiments.hh_cli import HH
 
 from .curves import write_curve
-from .protocol import budget_plan, curve_grid, parse_ints, point_name, second_split
+from .points import _rel, base_eval, dataset_inputs, recipe_budget, run_point
+from .protocol import budget_plan, curve_grid, parse_ints, point_name
 from .quality_outputs import acceptance, split_agreement, write_outputs  # noqa: F401 (acceptance: for tests)
-from .seeds import combine_seeds, pair_outcomes
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-TQA = ROOT.parent / "shared" / "data" / "truthfulqa" / "TruthfulQA.visible.csv"
-RECIPES = ROOT / "src" / "preftune" / "core" / "recipes"
-METHODS = ("sigmoid", "ipo", "cdpo", "simpo", "orpo", "kto", "rpo")
-DATASETS = ("hh", "truthfulqa")
-DEV_PERCENT = 30  # TruthfulQA questions held out (see the docstring for why not 20)
-REFERENCE_FREE = ("simpo", "orpo")  # their implicit reward is beta * mean log-prob of the policy alone
-PRECISIONS = ("fp32", "bf16")  # --precision: bf16 is train.autocast_bf16 (the LM head stays fp32); eval is fp32
-UNPAIRED = ("kto",)  # trains on examples: each pair split in two, twice the examples per step
-# Built-in per-method settings, used where src/preftune/core/recipes/<method>.yaml does not exist: common
-# choices, not tuned on this data (LoRA lr 5e-4 as the demo and hh_cli; beta 0.1 except SimPO's 2 with
-# gamma 1, the paper's gamma/beta = 0.5; cDPO eps 0.1; RPO's SFT weight as in README), one epoch of
-# 4 pairs per step (KTO: 8 examples, the two sides of 4 pairs).
-_EPOCH = {"train.batch_size": 4, "train.epochs": 1, "train.lr": 5e-4}
-BUILTIN = {
-    "sigmoid": {"loss.name": "sigmoid", "loss.beta": 0.1, **_EPOCH},
-    "ipo": {"loss.name": "ipo", "loss.beta": 0.1, **_EPOCH},
-    "cdpo": {"loss.name": "cdpo", "loss.beta": 0.1, "loss.label_smoothing": 0.1, **_EPOCH},
-    "simpo": {"loss.name": "simpo", "loss.beta": 2.0, "loss.simpo_gamma": 1.0, **_EPOCH},
-    "orpo": {"loss.name": "orpo", "loss.beta": 0.1, **_EPOCH},
-    "kto": {"loss.name": "kto", "loss.beta": 0.1, "loss.kto_auto_weights": True, **_EPOCH, "train.batch_size": 8},
-    "rpo": {"loss.mix": [["sigmoid", 1.0], ["sft", 0.2]], "loss.beta": 0.1, **_EPOCH},
-}
-SETTINGS = {
-    "full": {"hh_pairs": 80, "hh_dev": 100, "tqa_pairs": 160, "tqa_dev": 0, "kl_prompts": 16, "kl_samples": 2,
-             "max_new_tokens": 48},
-    "quick": {"hh_pairs": 8, "hh_dev": 8, "tqa_pairs": 8, "tqa_dev": 8, "kl_prompts": 2, "kl_samples": 1,
-              "max_new_tokens": 4},
-}
-# seconds per unit on this CPU (see the docstring); only for the printed estimate
-RATES = {"start_s": 30.0, "hh_pair_s": 3.75, "hh_eval_pairs_per_s": 1.0, "hh_base_pairs_per_s": 1.0,
-         "tqa_pair_s": 0.75, "tqa_eval_pairs_per_s": 5.0, "tqa_base_pairs_per_s": 10.0, "samples_per_s": 2.0}
-TQA_DEV_PAIRS = 168  # what the split gives (checked by the test); for the estimate only
-TQA_TRAIN_PAIRS, HH_TRAIN_PAIRS = 444, 1800  # the training sides' sizes, likewise for the estimate only
-
-
-# ---- pure parts: split, intervals, estimate --------------------------------------------------
-
-def question_key(question: str) -> str:
-    return " ".join(question.lower().split())
-
-
-def is_dev_question(question: str, dev_percent: int = DEV_PERCENT) -> bool:
-    """A fixed, order-free split: the question's normalised text hashed (sha256), mod 100."""
-    return int(hashlib.sha256(question_key(question).encode()).hexdigest()[:12], 16) % 100 < dev_percent
-
-
-def split_truthfulqa(csv_path: Path, dest: Path, dev_percent: int = DEV_PERCENT) -> dict:
-    """Write the CSV's rows to dest/train.jsonl and dest/dev.jsonl by question; no question on both sides."""
-    with open(csv_path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.DictReader(f))
-    sides = {"train": [], "dev": []}
-    for row in rows:
-        sides["dev" if is_dev_question(row["Question"], dev_percent) else "train"].append(row)
-    shared = {question_key(r["Question"]) for r in sides["train"]} & {question_key(r["Question"]) for r in sides["dev"]}
-    if shared:  # cannot happen with a hash of the same key; checked because the benchmark's claim rests on it
-        sys.exit(f"TruthfulQA split: {len(shared)} question(s) on both sides, e.g. {sorted(shared)[0]!r}")
-    dest.mkdir(parents=True, exist_ok=True)
-    texts = {side: "".join(json.dumps(r) + "\n" for r in part) for side, part in sides.items()}
-    for side, text in texts.items():
-        (dest / f"{side}.jsonl").write_text(text)
-    return {"questions": len(rows), "train": len(sides["train"]), "dev": len(sides["dev"]),
-            "questions_on_both_sides": 0, "rule": f"sha256(normalised question) mod 100 < {dev_percent} -> dev",
-            # what a finished point was measured on: a changed split or CSV redoes the points
-            "sha256": {side: hashlib.sha256(text.encode()).hexdigest() for side, text in texts.items()}}
-
-
-def newcombe(p1: float, ci1: list, p2: float, ci2: list) -> tuple[float, list[float]]:
-    """p1 - p2 and Newcombe's hybrid score 95% interval (independent proportions) from their Wilson intervals."""
-    (l1, u1), (l2, u2) = ci1, ci2
-    d = p1 - p2
-    return d, [d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)]
-
-
-def estimate_seconds(s: dict, methods: list[str], datasets: list[str], rates: dict = RATES) -> dict:
-    """Wall-clock estimate of a configuration from per-unit rates (the docstring's arithmetic),
-    assuming one epoch over each training subsample, as every recipe runs today."""
-    r, samples = rates, 2 * s["kl_prompts"] * s["kl_samples"]  # policy and reference samples per eval
-    tqa_dev = s["tqa_dev"] or TQA_DEV_PAIRS
-    point = {"hh": 2 * r["start_s"] + s["hh_pairs"] * r["hh_pair_s"] + s["hh_dev"] / r["hh_eval_pairs_per_s"]
-             + samples / r["samples_per_s"],
-             "truthfulqa": 2 * r["start_s"] + s["tqa_pairs"] * r["tqa_pair_s"] + tqa_dev / r["tqa_eval_pairs_per_s"]
-             + samples / r["samples_per_s"]}
-    base = {"hh": r["start_s"] + s["hh_dev"] / r["hh_base_pairs_per_s"],
-            "truthfulqa": r["start_s"] + tqa_dev / r["tqa_base_pairs_per_s"]}
-    total = sum(len(methods) * point[d] + base[d] for d in datasets)
-    return {"per_point_s": {d: round(point[d]) for d in datasets}, "base_eval_s": {d: round(base[d]) for d in datasets},
-            "total_s": round(total), "rates": rates}
-
-
-# ---- running preftune ----------------------------------------------------------------------
-
-_preftune = preftune_logged  # (exit code, wall seconds); hh_cli.preftune keeps no log
-
-
-def _rel(path: Path | str) -> str:
-    path = Path(path)
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def recipe_for(method: str, dest: Path) -> tuple[list[str], dict]:
-    """Command-line arguments giving `method`'s recipe, and where it came from. A recipe file is
-    copied to `dest` without its `recipe:` metadata block and passed as --config."""
-    import yaml
-
-    path = RECIPES / f"{method}.yaml"
-    if path.is_file():
-        text = path.read_text()
-        data = yaml.safe_load(text) or {}
-        meta = data.pop("recipe", None)  # metadata: load_config skips it now, but older ones refuse it
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(yaml.safe_dump(data, sort_keys=False))
-        # the key hashes the settings only: new evidence in the metadata does not redo finished points
-        digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-        return ["--config", str(dest)], {"source": _rel(path), "settings_sha256": digest,
-                                         "recipe_meta": meta, "file_settings": data}
-    settings = BUILTIN[method]
-    args = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
-    return args, {"source": "built-in", "settings": settings}
-
-
-def recipe_budget(method: str) -> dict | None:
-    """The `budget:` a method's recipe file states in its metadata (protocol.py's form), or None."""
-    import yaml
-
-    path = RECIPES / f"{method}.yaml"
-    meta = (yaml.safe_load(path.read_text()) or {}).get("recipe") if path.is_file() else None
-    return (meta or {}).get("budget")
-
-
-def dataset_inputs(name: str, out: Path, s: dict, split: str = "first", pairs: int | None = None) -> dict:
-    """Train/dev paths (record slices), the data settings and sizes of one data set. `split`
-    "second" takes the dev pairs from the end of the training side instead (protocol.second_split:
-    as many as the first split's dev, after every record training reads); `pairs` overrides the
-    mode's training subsample (a learning-curve point). Sizes are capped at the training side.
-    `side`/`side_pairs`: the training-side file and the records training may read from it."""
-    if name == "hh":
-        side, n, dev_n, split_info, settings = HH / "train.jsonl.gz", s["hh_pairs"], s["hh_dev"], None, list(HH_SETTINGS)
-        side_n, dev = _records(side), f"{HH / 'dev.jsonl.gz'}[:{dev_n}]"
-    else:
-        split_info = split_truthfulqa(TQA, out / "data" / "truthfulqa")
-        side, n, side_n, settings = out / "data" / "truthfulqa" / "train.jsonl", s["tqa_pairs"], split_info["train"], []
-        dev_n = min(s["tqa_dev"] or split_info["dev"], split_info["dev"])
-        dev = f"{out / 'data' / 'truthfulqa' / 'dev.jsonl'}[:{dev_n}]"
-    tag = name
-    if split == "second":
-        start, stop = second_split(side_n, dev_n)
-        dev, side_n, tag = f"{side}[{start}:{stop}]", start, f"{name}-second"
-        split_info = {**(split_info or {}), "second": f"dev = training-side records [{start}:{stop}]; training reads "
-                      f"records before {start}"}
-    n = min(pairs or n, side_n)
-    return {"name": name, "train": f"{side}[:{n}]", "dev": dev, "settings": settings, "train_pairs": n,
-            "dev_pairs": dev_n, "split": split_info, "tag": tag, "side": str(side), "side_pairs": side_n}
-
-
-@functools.cache
-def _records(path: Path) -> int:
-    """Records (non-empty lines) in a JSONL file, gzipped or not."""
-    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
-        return sum(1 for line in f if line.strip())
-
-
-def _cached(path: Path, key: dict, make, finished_only: bool = False) -> dict | None:
-    """A finished step's record when its key (settings) is unchanged, else make it (None with
-    `finished_only`); failures are not kept."""
-    key = json.loads(json.dumps(key, default=str))  # as stored (a recipe's YAML may hold dates)
-    if path.is_file():
-        record = json.loads(path.read_text())
-        if record.get("key") == key:
-            return record
-    if finished_only:
-        return None
-    record = {"key": key, **make()}
-    if "error" not in record:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1, default=str) + "\n")
-    return record
-
-
-def _failed(step: str, code: int, log: Path) -> dict:
-    tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
-    print(f"  {step} failed (exit {code}): {tail[0] if tail else ''} ({_rel(log)})", flush=True)
-    return {"error": f"{step} exited {code}", "log": _rel(log)}
-
-
-def base_eval(data: dict, out: Path, s: dict, model: str, finished_only: bool = False, per_pair: bool = False) -> dict | None:
-    """The base model on the dev pairs: log-prob accuracy (every method's baseline) and, under the
-    reference-free simpo scorer, its mean-log-prob accuracy (simpo's and orpo's starting value).
-    `per_pair`: also each pair's outcomes (`per_pair_file`), the "before" of simpo's and orpo's seeds."""
-    tag = data["tag"] + ("-pairs" if per_pair else "")
-    dest, log = out / "base" / f"{tag}.json", out / "logs" / f"{tag}-base.log"
-    key = {"model": model, "dev": _rel(data["dev"]), "settings": data["settings"], "split": data["split"]}
-    pairs_file = dest.with_suffix(".pairs.jsonl")
-    extra = ["--per-pair", str(pairs_file)] if per_pair else []
-    if per_pair:
-        key["per_pair"] = True
-
-    def make():
-        code, wall = _preftune(["eval", "--data", data["dev"], "--out", str(dest), f"model.name_or_path={model}",
-                                *data["settings"], "loss.name=simpo", "eval.kl_prompts=0", *extra], log)
-        if code:
-            return _failed(f"{data['tag']} base eval", code, log)
-        e = json.loads(dest.read_text())
-        return {"dataset": data["name"], "method": "base model", "logp_acc": e["accuracy/logp"],
-                "logp_acc_ci95": e["accuracy/logp_ci95"], "mean_logp_acc": e["accuracy/implicit_reward"],
-                "mean_logp_acc_ci95": e["accuracy/implicit_reward_ci95"], "dev_pairs": e["pairs"],
-                "perplexity_chosen": e["perplexity/chosen"], "wall_s": wall, "eval_file": _rel(dest),
-                **({"per_pair_file": _rel(pairs_file)} if per_pair else {})}
-    return _cached(out / "points" / f"{tag}-base.json", key, make, finished_only)
-
-
-def train_args(data: dict, method: str, run: Path, model: str, extra: tuple = (), seed: int = 0) -> tuple[list[str], dict]:
-    """`preftune train` arguments: the recipe, then what the benchmark fixes over any recipe (the data,
-    the seed, no held-out data in training; the schedule stays the recipe's), then `extra` overrides
-    (search.py's grid point: lr, beta; a learning-curve point's epochs; a recipe's budget)."""
-    recipe_args, recipe = recipe_for(method, run.parent / "recipe.yaml")
-    fixed = [f"model.name_or_path={model}", *data["settings"], f"data.train_path={data['train']}", "data.eval_path=",
-             f"train.seed={seed}", "train.keep_best=false", "diagnostics.probe_every=0", f"run.output_dir={run}",
-             "run.overwrite=true"]
-    if method in UNPAIRED:
-        fixed.append("data.paired_to_unpaired=true")
-    if extra:
-        return ["train", *recipe_args, *fixed, *extra], {**recipe, "fixed_by_benchmark": fixed, "grid_point": list(extra)}
-    return ["train", *recipe_args, *fixed], {**recipe, "fixed_by_benchmark": fixed}
-
-
-def eval_args(run: Path, data: dict, dest: Path, s: dict, per_pair: Path | None = None) -> list[str]:
-    """`preftune eval --run` on the dev pairs; `per_pair`: each pair's outcomes written there too."""
-    return ["eval", "--run", str(run), "--data", data["dev"], "--out", str(dest), f"eval.kl_prompts={s['kl_prompts']}",
-            f"eval.kl_samples={s['kl_samples']}", f"eval.max_new_tokens={s['max_new_tokens']}",
-            *(["--per-pair", str(per_pair)] if per_pair else [])]
-
-
-TRAIN_KEY = ("model", "train", "split", "recipe")  # the part of a point's key that its training reads
-
-
-def run_point(data: dict, method: str, out: Path, s: dict, model: str, extra: tuple = (), name: str = "",
-              finished_only: bool = False, seed: int | None = None) -> dict | None:
-    """Train one (data set, method) point and evaluate it on the dev pairs (cached by its settings:
-    when only the dev pairs or the eval's arguments changed, the finished training is reused, see
-    _trained). `extra`/`name`: a grid point's overrides and its directory name under the method
-    (search.py, a learning-curve point, a full-train run). `seed`: one of several training seeds
-    (--seeds): its own directory `seed<N>` and a --per-pair file; None is the default single seed 0."""
-    root = out / data["tag"] / method / name if name else out / data["tag"] / method
-    root = root if seed is None else root / f"seed{seed}"
-    run, dest = root / "run", root / "eval.json"
-    pairs_file = None if seed is None else root / "per_pair.jsonl"
-    args, recipe = train_args(data, method, run, model, extra, seed=seed or 0)
-    key = {"model": model, "train": _rel(data["train"]), "dev": _rel(data["dev"]), "split": data["split"],
-           "recipe": {k: v for k, v in recipe.items() if k != "recipe_meta"},
-           "eval": eval_args(Path("RUN"), {**data, "dev": _rel(data["dev"])}, Path("OUT"), s,
-                             None if pairs_file is None else Path("PAIRS"))}
-
-    def make():
-        tag = "-".join(str(x) for x in (data["tag"], method, name, "" if seed is None else f"seed{seed}") if x != "")
-        train_key = json.loads(json.dumps({k: key[k] for k in TRAIN_KEY}, default=str))
-        trained = _trained(root, train_key, run)
-        (root / "point.json").unlink(missing_ok=True)  # its eval (and perhaps its run) is about to be replaced
-        if trained is None:
-            (root / "train.json").unlink(missing_ok=True)
-            log = out / "logs" / f"{tag}-train.log"
-            code, train_s = _preftune(args, log)
-            if code:
-                return _failed(f"{data['tag']} {method} train", code, log)
-            trained = {"train_s": train_s}
-        else:
-            print(f"  {tag}: training unchanged, reused; evaluating again", flush=True)
-        # the training's own record: a failed eval below leaves it, and the next invocation evaluates only
-        (root / "train.json").write_text(json.dumps({"key": train_key, "train_s": trained["train_s"]}) + "\n")
-        log = out / "logs" / f"{tag}-eval.log"
-        code, eval_s = _preftune(eval_args(run, data, dest, s, pairs_file), log)
-        if code:
-            return _failed(f"{data['tag']} {method} eval", code, log)
-        return {"train_s": trained["train_s"], "eval_s": eval_s, "recipe": recipe, "run": _rel(run),
-                "eval_file": _rel(dest), **({} if pairs_file is None else {"seed": seed, "per_pair_file": _rel(pairs_file)})}
-    return _cached(root / "point.json", key, make, finished_only)
-
-
-def _trained(root: Path, train_key: dict, run: Path) -> dict | None:
-    """The record of a finished training whose key (TRAIN_KEY's part of a point's key) is `train_key`:
-    train.json, or a point.json written before train.json existed; None unless the run directory
-    still holds its summary.json and saved weights (a deleted or half-overwritten run trains again)."""
-    if not (run / "summary.json").is_file() or not any((run / "model").glob("*.safetensors")):
-        return None
-    for path in (root / "train.json", root / "point.json"):
-        if path.is_file():
-            record = json.loads(path.read_text())
-            if {k: record.get("key", {}).get(k) for k in TRAIN_KEY} == train_key and "train_s" in record:
-                return record
-    return None
-
-
-def _resolved(run: Path) -> dict:
-    """What the run actually trained with, from its config.yaml."""
-    import yaml
-
-    from preftune.core.losses import build_loss
-
-    c = yaml.safe_load((ROOT / run / "config.yaml").read_text())
-    spec = build_loss(c["loss"]["name"], c["loss"]["mix"])  # the settings this loss reads, not every loss's
-    loss = {"mix" if c["loss"]["mix"] else "name": c["loss"]["mix"] or c["loss"]["name"],
-            **{k: c["loss"][k] for k in spec.params},
-            **{k: v for k, v in c["loss"].items() if k.startswith("kto_") and spec.kind.data == "unpaired"}}
-    return {"loss": loss, "lr": c["train"]["lr"], "batch_size": c["train"]["batch_size"],
-            "grad_accum": c["train"]["grad_accum"], "epochs": c["train"]["epochs"], "max_steps": c["train"]["max_steps"],
-            "warmup_ratio": c["train"]["warmup_ratio"], "lora_r": c["model"]["lora_r"],
-            "lora_target_modules": c["model"]["lora_target_modules"],
-            "thresholds": {k: v for k, v in _thresholds(c).items() if k in SAMPLE_CHECK_THRESHOLDS}}
-
-
-# the probe checks that read sampled KL and lengths: applied to the evaluation's samples as "(eval)"
-SAMPLE_CHECKS = ("kl_drift", "length_drift", "length_collapse")
-SAMPLE_CHECK_THRESHOLDS = ("kl_max", "length_growth", "length_shrink")
-
-
-def _thresholds(c: dict) -> dict:
-    """The run's health thresholds from its config.yaml; a run trained before a threshold existed
-    gets its default."""
-    from preftune.core.diagnostics import HEALTH_DEFAULTS
-
-    return {k: c["diagnostics"].get(k, v) for k, v in HEALTH_DEFAULTS.items()}
-
-
-def eval_flags(e: dict, thresholds: dict) -> list[str]:
-    """The registered sample checks (kl_drift, length_drift, length_collapse) on the evaluation's
-    KL and sample lengths, as one probe row with the run's thresholds."""
-    from preftune.core.diagnostics import health_checks
-
-    probe = {"probe/kl": e.get("kl"), "probe/sample_length": e.get("sample_length/policy/mean"),
-             "probe/reference_length": e.get("sample_length/reference/mean")}
-    return [f"{name} (eval)" for name in health_checks([probe], beta=1.0, **thresholds) if name in SAMPLE_CHECKS]
-
-
-def replay_health(run: Path, method: str) -> dict[str, int]:
-    """{check: first step} of today's health checks replayed over the run's metrics.jsonl with its
-    own beta and thresholds, so that every row is flagged by the same checks whatever code trained
-    it. Runs from before `logratios/*` were logged get them back as rewards / beta, which is the
-    policy - reference log-ratio for every loss with a reference here (DPO family, KTO)."""
-    import yaml
-
-    from preftune.core.diagnostics import health_checks
-
-    c = yaml.safe_load((ROOT / run / "config.yaml").read_text())
-    beta, thresholds = c["loss"]["beta"], _thresholds(c)
-    rows = [json.loads(x) for x in (ROOT / run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    if method not in REFERENCE_FREE:
-        for r in rows:
-            if "logratios/chosen" not in r and "rewards/chosen" in r:
-                r["logratios/chosen"], r["logratios/rejected"] = r["rewards/chosen"] / beta, r["rewards/rejected"] / beta
-    first: dict[str, int] = {}
-    for i in range(1, len(rows) + 1):
-        for name in health_checks(rows[:i], beta=beta, paired=method not in UNPAIRED, **thresholds):
-            first.setdefault(name, rows[i - 1].get("step", i))
-    return first
-
-
-def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
-    """One row of the table: before, after, gains with intervals, KL, lengths, flags, wall time."""
-    row = {"dataset": data["name"], "method": method}
-    if "error" in p or "error" in base:
-        return {**row, "error": p.get("error") or base["error"], "log": p.get("log") or base.get("log")}
-    e = json.loads((ROOT / p["eval_file"]).read_text())
-    s = json.loads((ROOT / p["run"] / "summary.json").read_text())
-    cfg = _resolved(Path(p["run"]))
-    imp, imp_ci, logp, logp_ci = (e["accuracy/implicit_reward"], e["accuracy/implicit_reward_ci95"],
-                                  e["accuracy/logp"], e["accuracy/logp_ci95"])
-    gain, gain_ci = newcombe(imp, imp_ci, base["logp_acc"], base["logp_acc_ci95"])
-    logp_gain, logp_gain_ci = newcombe(logp, logp_ci, base["logp_acc"], base["logp_acc_ci95"])
-    paired, interval = e.get("paired") or {}, "independent (Newcombe)"
-    if "gain" in paired and "logp_gain" in paired:  # the same pairs before and after: the paired interval
-        (gain, gain_ci), (logp_gain, logp_gain_ci) = ((paired[k]["gain"], paired[k]["gain_ci95"])
-                                                      for k in ("gain", "logp_gain"))
-        interval = f"paired bootstrap over pairs (before: {paired['before']})"
-    pol, ref = e.get("sample_length/policy/mean"), e.get("sample_length/reference/mean")
-    ratio = pol / ref if pol is not None and ref else None
-    recorded = s.get("health") or {}
-    replayed = replay_health(Path(p["run"]), method) if (ROOT / p["run"] / "metrics.jsonl").is_file() else recorded
-    flags = [f"{name} (step {step})" for name, step in replayed.items()] + eval_flags(e, cfg["thresholds"])
-    # the headline fields first: `preftune report --experiment` shows a row's first 14 scalar fields
-    row.update({"recipe": p["recipe"]["source"], "before_logp_acc": base["logp_acc"], "implicit_acc": imp,
-                "implicit_acc_ci95": imp_ci, "gain": gain, "gain_ci95": gain_ci, "kl": e.get("kl"),
-                "length_ratio": ratio, "flags": flags, "wall_s": round(p["train_s"] + p["eval_s"], 1),
-                "logp_acc": logp, "logp_acc_ci95": logp_ci, "before_logp_acc_ci95": base["logp_acc_ci95"],
-                "logp_gain": logp_gain, "logp_gain_ci95": logp_gain_ci, "margin": e["rewards/margins"],
-                "kl_stderr": e.get("kl_stderr"), "kl_samples": e.get("kl_samples"),
-                "sample_length_policy": pol, "sample_length_reference": ref, "train_s": p["train_s"],
-                "eval_s": p["eval_s"], "steps": s["steps"], "train_examples": s["data"]["pairs"],
-                "train_unit": "examples (each pair's two sides)" if method in UNPAIRED else "pairs",
-                "train_truncated": s["data"]["truncated"], "dev_pairs": e["pairs"], "dev_truncated": e["data_stats"]["truncated"],
-                "stopped_early": s.get("stopped_early"), "final_train_loss": (s.get("final") or {}).get("loss"),
-                "health_recorded_by_run": recorded, "gain_interval": interval})
-    if s.get("best"):  # train.keep_best (a --full-train budget): the probe the run ended at
-        row["best_checkpoint"] = s["best"]
-    if "gain" in paired:
-        row.update({"gain_mcnemar_p": paired["gain"]["mcnemar_p"], "logp_gain_mcnemar_p": paired["logp_gain"]["mcnemar_p"]})
-    if method in REFERENCE_FREE:  # their reward's own starting point: the base model's mean-log-prob accuracy
-        own, own_ci = newcombe(imp, imp_ci, base["mean_logp_acc"], base["mean_logp_acc_ci95"])
-        row.update({"before_mean_logp_acc": base["mean_logp_acc"], "gain_over_own_start": own,
-                    "gain_over_own_start_ci95": own_ci})
-    row.update({"trained_with": {k: v for k, v in cfg.items() if k != "thresholds"}, "health_thresholds": cfg["thresholds"],
-                "recipe_detail": p["recipe"], "run": p["run"], "eval_file": p["eval_file"]})
-    return row
-
-
-def seed_row(data: dict, method: str, points: list[dict], base: dict, base_pairs: dict | None) -> dict:
-    """One table row from a point trained with several seeds: each seed's `summarize` row combined
-    over its per-pair outcomes (seeds.combine_seeds: mean, spread, the seeds x pairs interval). The
-    "before" of each pair is the run's reference (the base model), or for simpo/orpo, which have
-    none, the base eval's per-pair file (`base_pairs`)."""
-    from preftune.apps.eval import read_per_pair
-
-    rows = [{**summarize(data, method, p, base), "seed": p.get("seed")} for p in points]
-    failed = next((r for r in rows if "error" in r), None)
-    if failed is not None:
-        return failed
-    if method in REFERENCE_FREE and (base_pairs is None or "error" in base_pairs):
-        return {"dataset": data["name"], "method": method, "error": "no per-pair base eval for a reference-free method",
-                "log": (base_pairs or {}).get("log")}
-    before = read_per_pair(str(ROOT / base_pairs["per_pair_file"])) if method in REFERENCE_FREE else None
-    outcomes = [pair_outcomes(read_per_pair(str(ROOT / p["per_pair_file"])), before) for p in points]
-    return combine_seeds(rows, outcomes)
+from .settings import (
+    DATASETS,
+    HERE,
+    HH_TRAIN_PAIRS,
+    METHODS,
+    PRECISIONS,
+    RATES,
+    REFERENCE_FREE,
+    ROOT,
+    SETTINGS,
+    TQA,
+    TQA_TRAIN_PAIRS,
+    estimate_seconds,
+)
+from .table_rows import seed_row, summarize
 
 
 def variants(data: dict, method: str, out: Path, s: dict, protocol: dict) -> list[tuple[dict, tuple, str, dict]]:

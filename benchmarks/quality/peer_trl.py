@@ -40,7 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import __main__ as quality  # the benchmark this one extends (paths, eval arguments, intervals)
+from benchmarks.experiments.hh_cli import HH, preftune_logged, python_logged
+
+from .points import base_eval, dataset_inputs, eval_args, run_point  # the benchmark this one extends
+from .settings import SETTINGS, newcombe
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -117,16 +120,15 @@ def worker(run: Path, steps: int, dest: Path) -> dict:
 def _trl(run: Path, steps: int, dest: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     log = dest / "train.log"
-    code, _ = quality.python_logged(["-m", "benchmarks.quality.peer_trl", "--worker", str(run), str(steps), str(dest)],
-                                    log)
+    code, _ = python_logged(["-m", "benchmarks.quality.peer_trl", "--worker", str(run), str(steps), str(dest)],
+                            log)
     if code:
         sys.exit(f"TRL worker failed ({code}): see {log}")
     return json.loads((dest / "worker.json").read_text())
 
 
 def _eval(dest: Path, data: dict, s: dict) -> dict:
-    code, wall = quality.preftune_logged(quality.eval_args(dest / "run", data, dest / "eval.json", s),
-                                         dest / "eval.log")
+    code, wall = preftune_logged(eval_args(dest / "run", data, dest / "eval.json", s), dest / "eval.log")
     if code:
         sys.exit(f"preftune eval of {dest / 'run'} failed ({code}): see {dest / 'eval.log'}")
     return json.loads((dest / "eval.json").read_text())
@@ -134,7 +136,7 @@ def _eval(dest: Path, data: dict, s: dict) -> dict:
 
 def _row(name: str, e: dict, base: dict, steps: int, train_s: float, pairs: int) -> dict:
     imp, ci = e["accuracy/implicit_reward"], e["accuracy/implicit_reward_ci95"]
-    gain, gain_ci = quality.newcombe(imp, ci, base["logp_acc"], base["logp_acc_ci95"])
+    gain, gain_ci = newcombe(imp, ci, base["logp_acc"], base["logp_acc_ci95"])
     return {"trainer": name, "steps": steps, "pairs": pairs, "train_s": train_s, "implicit_acc": imp,
             "implicit_acc_ci95": ci, "gain": round(gain, 4), "gain_ci95": [round(x, 4) for x in gain_ci],
             "logp_acc": e["accuracy/logp"], "margin": e["rewards/margins"], "kl": e.get("kl"),
@@ -155,16 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         run, steps, dest = Path(a.worker[0]), int(a.worker[1]), Path(a.worker[2])
         (dest / "worker.json").write_text(json.dumps(worker(run, steps, dest), indent=1) + "\n")
         return 0
-    if not (quality.HH / "train.jsonl.gz").is_file():
-        print(f"peer_trl skipped: the shared HH data is absent ({quality.HH})")
+    if not (HH / "train.jsonl.gz").is_file():
+        print(f"peer_trl skipped: the shared HH data is absent ({HH})")
         return 0
     out, base_out = (ROOT / a.out).resolve(), (ROOT / a.base_out).resolve()
-    s = {**quality.SETTINGS["full"], "hh_pairs": a.pairs, "hh_dev": a.dev}
-    data = quality.dataset_inputs("hh", out, s)
+    s = {**SETTINGS["full"], "hh_pairs": a.pairs, "hh_dev": a.dev}
+    data = dataset_inputs("hh", out, s)
     t0 = time.perf_counter()
-    base = quality.base_eval(data, base_out, s, a.model)  # kept from the quality benchmark when it has this dev slice
+    base = base_eval(data, base_out, s, a.model)  # kept from the quality benchmark when it has this dev slice
     print(f"preftune, the sigmoid recipe on {a.pairs} HH pairs ...", flush=True)
-    point = quality.run_point(data, "sigmoid", out, s, a.model)
+    point = run_point(data, "sigmoid", out, s, a.model)
     if "error" in point or "error" in base:
         sys.exit(f"peer_trl: {point.get('error') or base.get('error')}")
     run = ROOT / point["run"]

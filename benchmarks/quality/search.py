@@ -42,7 +42,13 @@ import sys
 import time
 from pathlib import Path
 
-from . import __main__ as quality  # the benchmark whose points the grid's points are
+from benchmarks.experiments.hh_cli import HH
+
+# the quality benchmark's points: the grid's points are run and read as they are
+from .points import _rel, base_eval, dataset_inputs, run_point
+from .protocol import second_split
+from .settings import DATASETS, METHODS, RECIPES, REFERENCE_FREE, SETTINGS, TQA
+from .table_rows import summarize
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -142,7 +148,7 @@ def write_recipe(method: str, dataset: str, chosen: dict, result: dict) -> Path:
     """Put the chosen lr and beta into the method's recipe, marked tuned, with the grid as evidence."""
     import yaml
 
-    path = quality.RECIPES / f"{method}.yaml"
+    path = RECIPES / f"{method}.yaml"
     text = path.read_text()
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
     data = yaml.safe_load(text)
@@ -174,13 +180,12 @@ def grid_row(data: dict, method: str, out: Path, s: dict, model: str, lr: float,
     pooled over the k folds of the training pairs (each fold's own base evaluation)."""
     name, extra = point_name(lr, beta), (f"train.lr={lr}", f"loss.beta={beta}")
     if folds is None:
-        base = quality.base_eval(data, out / "validation", s, model)
-        p = quality.run_point(data, method, out, s, model, extra=extra, name=name)
-        row = quality.summarize(data, method, p, base)
+        base = base_eval(data, out / "validation", s, model)
+        p = run_point(data, method, out, s, model, extra=extra, name=name)
+        row = summarize(data, method, p, base)
     else:
-        row = pool_folds([quality.summarize(f, method, quality.run_point(f, method, out, s, model, extra=extra,
-                                                                           name=f"{name}/fold{i}"),
-                                            quality.base_eval(f, out / "validation", s, model))
+        row = pool_folds([summarize(f, method, run_point(f, method, out, s, model, extra=extra, name=f"{name}/fold{i}"),
+                                    base_eval(f, out / "validation", s, model))
                           for i, f in enumerate(folds)])
     return {**row, "lr": lr, "beta": beta, "point": name}
 
@@ -189,19 +194,19 @@ def measure_dev(data: dict, method: str, out: Path, s: dict, model: str, chosen:
     """The chosen point, trained on the training pairs, measured once on the dev pairs (after the
     choice, which never reads it): the benchmark's figures for the recipe the search picked."""
     extra = (f"train.lr={chosen['lr']}", f"loss.beta={chosen['beta']}")
-    base = quality.base_eval(data, out, s, model)
-    p = quality.run_point(data, method, out, s, model, extra=extra, name=f"dev-{point_name(chosen['lr'], chosen['beta'])}")
-    r = quality.summarize(data, method, p, base)
+    base = base_eval(data, out, s, model)
+    p = run_point(data, method, out, s, model, extra=extra, name=f"dev-{point_name(chosen['lr'], chosen['beta'])}")
+    r = summarize(data, method, p, base)
     if "error" in r:
         return {"error": r["error"], "log": r.get("log")}
     return {k: r[k] for k in ("dev_pairs", "before_logp_acc", "implicit_acc", "implicit_acc_ci95", "gain", "gain_ci95",
-                              "gain_interval", "kl", "flags", "wall_s")} | {"data": quality._rel(data["dev"])}
+                              "gain_interval", "kl", "flags", "wall_s")} | {"data": _rel(data["dev"])}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality.search", description=__doc__.split("\n")[0])
-    ap.add_argument("--method", required=True, choices=quality.METHODS)
-    ap.add_argument("--dataset", required=True, choices=quality.DATASETS)
+    ap.add_argument("--method", required=True, choices=METHODS)
+    ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--lrs", default="2e-4,5e-4,1e-3")
     ap.add_argument("--betas", default="0.1,0.3")
     ap.add_argument("--pairs", type=int, default=160, help="training pairs (the quality benchmark's default subsample)")
@@ -215,19 +220,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/quality-search")
     ap.add_argument("--write-recipe", action="store_true", help="write the choice into the method's recipe file")
     a = ap.parse_args(argv)
-    needed = {"hh": quality.HH / "train.jsonl.gz", "truthfulqa": quality.TQA}[a.dataset]
+    needed = {"hh": HH / "train.jsonl.gz", "truthfulqa": TQA}[a.dataset]
     if not needed.is_file():
         print(f"search skipped: the shared data is absent ({needed})")
         return 0
     lrs, betas = [float(x) for x in a.lrs.split(",")], [float(x) for x in a.betas.split(",")]
     key = "hh_pairs" if a.dataset == "hh" else "tqa_pairs"
-    s = {**quality.SETTINGS["full"], key: a.pairs}
+    s = {**SETTINGS["full"], key: a.pairs}
     if a.dev is not None:
         s["hh_dev" if a.dataset == "hh" else "tqa_dev"] = a.dev
     out = (ROOT / a.out).resolve()
-    data = quality.dataset_inputs(a.dataset, out, s)
+    data = dataset_inputs(a.dataset, out, s)
     # the second split's dev pairs (quality --split second) are the end of the training side: never used here
-    second_start = quality.second_split(data["side_pairs"], data["dev_pairs"])[0]
+    second_start = second_split(data["side_pairs"], data["dev_pairs"])[0]
     if a.pairs > second_start:
         sys.exit(f"--pairs {a.pairs} reach into the second split's dev pairs (training-side records from {second_start})")
     if a.folds:
@@ -235,26 +240,26 @@ def main(argv: list[str] | None = None) -> int:
         validation = f"{a.folds}-fold over the {a.pairs} training pairs, grouped by prompt"
     else:
         folds, val = None, validation_inputs(data, a.val, stop=second_start)
-        validation = quality._rel(val["dev"])
+        validation = _rel(val["dev"])
     t0, rows = time.perf_counter(), []
     for lr in lrs:
         for beta in betas:
             print(f"{a.dataset} {a.method} {point_name(lr, beta)} ...", flush=True)
             rows.append(grid_row(val or data, a.method, out, s, a.model, lr, beta, folds))
     chosen = choose(rows)  # validation only: the dev pairs are not read before this line
-    base_val = None if folds else quality.base_eval(val, out / "validation", s, a.model)
+    base_val = None if folds else base_eval(val, out / "validation", s, a.model)
     result = {"command": " ".join(["python -m benchmarks.quality.search", *(argv if argv is not None else sys.argv[1:])]),
               "method": a.method, "dataset": a.dataset, "model": a.model, "lrs": lrs, "betas": betas,
               "train_pairs": a.pairs, "val_pairs": sum(f["dev_pairs"] for f in folds) if folds else val["dev_pairs"],
               "folds": a.folds or None, "validation": validation,
               "base_val_logp_acc": None if base_val is None else base_val.get("logp_acc"), "rows": rows,
               # simpo/orpo's reward is the policy's mean log-prob: its start is the base's mean-log-prob accuracy
-              "base_val_mean_logp_acc": base_val.get("mean_logp_acc") if base_val and a.method in quality.REFERENCE_FREE
+              "base_val_mean_logp_acc": base_val.get("mean_logp_acc") if base_val and a.method in REFERENCE_FREE
               else None,
               "chosen": None if chosen is None else {"lr": chosen["lr"], "beta": chosen["beta"],
                                                      "val_accuracy": chosen["implicit_acc"], "kl": chosen["kl"]}}
     if chosen is not None and a.write_recipe:
-        print(f"wrote {quality._rel(write_recipe(a.method, a.dataset, chosen, result))}")
+        print(f"wrote {_rel(write_recipe(a.method, a.dataset, chosen, result))}")
     result["dev"] = None if chosen is None else measure_dev(data, a.method, out, s, a.model, chosen)
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     dest = HERE / "search"
