@@ -191,8 +191,9 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int, 
            chunk: int | None = None) -> None:
     import preftune.models.loading
     from preftune.config import load_config
+    from preftune.core.chunking import block_tokens
     from preftune.data.prepare import prepare_pairs
-    from preftune.models.loading import load_tokenizer, resolve_model_dir
+    from preftune.models.loading import load_tokenizer, model_shape, resolve_model_dir
     from preftune.training.train import train
 
     if mode == "dense":
@@ -207,7 +208,10 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int, 
                                   "peak_rss_mb": s["peak_rss_mb"], "losses": [r["loss"] for r in rows],
                                   "attention": s["layout"].get("checked", {}).get("attention"),
                                   "layout": s["layout"].get("layout"), "prefix_sharing": s["layout"].get("prefix_sharing"),
-                                  "logprob_chunk_tokens": cfg.train.logprob_chunk_tokens, "allocator": s.get("allocator"),
+                                  "logprob_chunk_tokens": cfg.train.logprob_chunk_tokens,
+                                  "logprob_block_tokens": block_tokens(cfg.train.logprob_chunk_tokens, model_shape(
+                                      resolve_model_dir(cfg.model.name_or_path)).get("vocab", 0)),
+                                  "allocator": s.get("allocator"),
                                   "tokens_per_pair": round(tokens, 1),
                                   "gradient_checkpointing": s["gradient_checkpointing"]}))
 

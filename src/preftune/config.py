@@ -154,9 +154,10 @@ class TrainConfig:
     autocast_bf16: bool | str = _f("auto", "bf16 autocast for the transformer body, LM head and log-softmax in "
                                            "fp32: true | false | auto (on for a CUDA device with bf16, off on CPU: "
                                            "see docs/guide/speed-and-memory.md, bf16)")
-    logprob_chunk_tokens: int = _f(1024, "completion tokens per block of the chunked LM head: logits are recomputed "
-                                         "block by block in backward, never kept for all tokens (same numbers); "
-                                         "0 = the dense head", resume=False)
+    logprob_chunk_tokens: int = _f(1024, "completion tokens per block of the chunked LM head, at most 2**26 logits "
+                                         "per block (256 for a 262k vocabulary): logits are recomputed block by "
+                                         "block in backward, never kept for all tokens (same numbers); 0 = the "
+                                         "dense head", resume=False)
     shuffle: bool = _f(True, "reshuffle the training data every epoch (false: file order)")
     keep_best: bool = _f(False, "end at the probe with the best held-out accuracy (never one where a stop_on check "
                                 "fired): its weights are kept (RUN/best/) and restored before the final save "

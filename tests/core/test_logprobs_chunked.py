@@ -305,3 +305,20 @@ def test_train_chunked_equals_dense_and_the_key_is_checked(tmp_path, tiny_model_
         load_config(None, ["train.logprob_chunk_tokens=-1"])
     # models train() never configured (eval, the apps) get the config's default too
     assert load_config(None, []).train.logprob_chunk_tokens == lp.DEFAULT_CHUNK_TOKENS
+
+
+def test_a_wide_vocabulary_caps_the_block_at_the_logits_budget(monkeypatch):
+    """The block holds at most LOGITS_PER_BLOCK logits: with the budget at 3 rows of this model's
+    vocabulary, a setting of 1024 runs 3-position blocks (the same numbers as the dense head)."""
+    from preftune.core import chunking
+
+    assert (chunking.block_tokens(1024, 49152), chunking.block_tokens(1024, 262144)) == (1024, 256)
+    assert (chunking.block_tokens(0, 262144), chunking.block_tokens(1024, 0), chunking.block_tokens(8, 2**30)) == \
+        (0, 1024, 1)
+    model = _model("llama", tied=False)
+    calls = []
+    real = lp.chunked_token_logps
+    monkeypatch.setattr(lp, "chunked_token_logps", lambda *a, **k: calls.append(k["chunk"]) or real(*a, **k))
+    monkeypatch.setattr(chunking, "LOGITS_PER_BLOCK", 3 * VOCAB + 1)
+    _assert_same(model, collate_pairs(PAIRS, pad_id=0), per_token=False, chunks=(1024, 2))
+    assert calls == [3, 2]

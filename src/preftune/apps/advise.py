@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..config import TrainConfig
+from ..core.chunking import block_tokens
 from ..core.losses import LOSSES
 from ..core.recipes import load_recipe
 
@@ -33,19 +34,20 @@ LENGTH_BIAS = 0.6  # chosen longer in more than this fraction of pairs
 # of 612 TruthfulQA pairs at lr 5e-4: repeating small data overfits first).
 MIN_STEPS, MAX_EPOCHS = 50, 3
 # Peak memory: weights (memory_estimate_gb), activations per token of a micro-batch per decoder
-# layer per unit of layer_width (residual + MLP width), the LM head's block (HEAD_BUFFERS float32
-# copies of positions x vocabulary) and the process's fixed cost. Fitted, minimising the largest
-# relative error, to seven benchmarks/scaling points of this round on jemalloc (the command's
-# allocator when installed; glibc's defaults peak up to 1.6x higher, see utils/allocator.py),
-# LoRA q/v, batch 4, packed rows with block attention, chunked head (1024 positions):
-# SmolLM2-135M (30 x 576, MLP 1536, 49k vocabulary) without checkpointing at 256, 1024 and 2048
-# tokens per pair (2.32, 5.86, 10.57 GiB), with it at 1024 and 8192 (1.68, 5.00), Gemma 3 270M
-# (18 x 640, MLP 2048, 262k vocabulary) at 2048 without and with (13.09, 4.20): every point within
-# 10%. The constants are a fit, not a census of tensors (the fixed costs come out small because
-# the fit trades them against the head); two models were measured: treat the figure as +-30%.
-ACT_BYTES = {False: 21.0, True: 2.0}
-RUNTIME_GB = {False: 0.3, True: 0.1}
-HEAD_BUFFERS = 2.75
+# layer per unit of layer_width (residual + MLP + attention q/k/v widths), the LM head's block
+# (HEAD_BUFFERS float32 copies of positions x vocabulary, the block capped at 2**26 logits) and the
+# process's fixed cost. Fitted, minimising the largest relative error, to nine benchmarks/scaling
+# points on jemalloc (the command's allocator when installed; glibc's defaults peak up to 1.6x
+# higher, see utils/allocator.py), LoRA q/v, batch 4, packed rows with block attention, chunked
+# head: SmolLM2-135M (30 x 576, MLP 1536, q/k/v 960, 49k vocabulary) without checkpointing at 256,
+# 1024 and 2048 tokens per pair (2.32, 5.86, 10.57 GiB), with it at 1024, 2048, 4096 and 8192 (1.68,
+# 1.99, 2.94, 5.01), Gemma 3 270M (18 x 640, MLP 2048, q/k/v 1536, 262k vocabulary, blocks of 256)
+# at 2048 without and with (11.59, 2.75): every point within 10% (worst -9.9%, Gemma without
+# checkpointing). The constants are a fit, not a census of tensors (the fixed costs come out small
+# because the fit trades them against the head); two models were measured: treat it as +-30%.
+ACT_BYTES = {False: 14.5, True: 1.25}
+RUNTIME_GB = {False: 0.1, True: 0.0}
+HEAD_BUFFERS = 3.75
 
 
 @dataclass
@@ -162,16 +164,19 @@ def _item_parts(stats: dict, *, max_length: int, max_prompt_length: int) -> tupl
     return prompt, sum(min(stats.get(k, {}).get("p90", 0), room) for k in ("chosen_tokens", "rejected_tokens"))
 
 
-def layer_width(hidden: int, intermediate: int) -> int:
-    """What a decoder layer's activations per token scale with: the residual width plus the MLP's
-    (3 x hidden when the config does not say: SmolLM2 has 2.7x, Gemma 3 270M 3.2x)."""
-    return hidden + (intermediate or 3 * hidden)
+def layer_width(hidden: int, intermediate: int, attention: int = 0) -> int:
+    """What a decoder layer's activations per token scale with: the residual width, the MLP's
+    (3 x hidden when the config does not say: SmolLM2 has 2.7x, Gemma 3 270M 3.2x) and the
+    attention's query, key and value widths (model_shape's `attention`; 2 x hidden when unknown:
+    SmolLM2 has 1.7x, Gemma 3 270M 2.4x)."""
+    return hidden + (intermediate or 3 * hidden) + (attention or 2 * hidden)
 
 
-def activations_gb(tokens: int, layers: int, hidden: int, intermediate: int, checkpointing: bool) -> float:
+def activations_gb(tokens: int, layers: int, hidden: int, intermediate: int, checkpointing: bool,
+                   attention: int = 0) -> float:
     """The activations of `tokens` tokens of one micro-batch, ACT_BYTES per token, layer and unit
     of layer_width."""
-    return tokens * layers * layer_width(hidden, intermediate) * ACT_BYTES[checkpointing] / 2**30
+    return tokens * layers * layer_width(hidden, intermediate, attention) * ACT_BYTES[checkpointing] / 2**30
 
 
 DEFAULT_CHUNK_TOKENS = TrainConfig().logprob_chunk_tokens  # config, not core.logprobs: advise loads no torch
@@ -180,20 +185,21 @@ DEFAULT_CHUNK_TOKENS = TrainConfig().logprob_chunk_tokens  # config, not core.lo
 def head_memory_gb(vocab: int, completion_tokens: int, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> float:
     """The LM head's working memory: HEAD_BUFFERS float32 arrays of (positions x vocabulary) for
     the completion positions of one block of the chunked head (`chunk_tokens`,
-    train.logprob_chunk_tokens), or of all of them with the dense head (0)."""
-    positions = completion_tokens if chunk_tokens == 0 else min(completion_tokens, chunk_tokens)
+    train.logprob_chunk_tokens, capped by core.chunking.block_tokens for wide vocabularies), or of
+    all of them with the dense head (0)."""
+    positions = completion_tokens if chunk_tokens == 0 else min(completion_tokens, block_tokens(chunk_tokens, vocab))
     return positions * vocab * 4 * HEAD_BUFFERS / 2**30
 
 
 def peak_memory_gb(params: int, *, lora: bool, reference: bool, layers: int, hidden: int, tokens: int,
                    checkpointing: bool = False, vocab: int = 0, completion_tokens: int = 0,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, intermediate: int = 0) -> dict:
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS, intermediate: int = 0, attention: int = 0) -> dict:
     """Expected peak training memory: weights/gradients/optimizer (memory_estimate_gb), the
-    activations of `tokens` tokens in a micro-batch (layer_width(hidden, intermediate) per layer),
+    activations of `tokens` tokens in a micro-batch (layer_width(hidden, intermediate, attention) per layer),
     the LM head's block over `vocab` for its `completion_tokens` (head_memory_gb), and the
     process's fixed cost."""
     fixed = memory_estimate_gb(params, lora=lora, reference=reference) + RUNTIME_GB[checkpointing]
-    acts = activations_gb(tokens, layers, hidden, intermediate, checkpointing)
+    acts = activations_gb(tokens, layers, hidden, intermediate, checkpointing, attention)
     head = head_memory_gb(vocab, completion_tokens, chunk_tokens)
     return {"fixed_gb": fixed, "activations_gb": acts, "head_gb": head, "peak_gb": fixed + acts + head}
 
@@ -210,7 +216,7 @@ def memory_estimate_gb(params: int, *, lora: bool, reference: bool) -> float:
 
 def rl_memory_gb(params: int, *, lora: bool, critic: str, reward_params: int, layers: int, hidden: int,
                  tokens: int, checkpointing: bool = False, vocab: int = 0, completion_tokens: int = 0,
-                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, intermediate: int = 0) -> dict:
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS, intermediate: int = 0, attention: int = 0) -> dict:
     """Expected peak memory of the RLHF loop's four models (preftune ppo, grpo): the policy
     (memory_estimate_gb: with LoRA its reference is the same weights, adapters off; in full a
     frozen copy), the critic (`critic`: "separate" is another copy of the trunk, trained like the
@@ -223,7 +229,7 @@ def rl_memory_gb(params: int, *, lora: bool, critic: str, reward_params: int, la
              "critic_gb": memory_estimate_gb(params, lora=lora, reference=False) if critic == "separate" else 0.0,
              "reward_model_gb": reward_params * 4 / 2**30, "runtime_gb": RUNTIME_GB[checkpointing]}
     passes = 1 if critic == "none" else 2
-    parts["activations_gb"] = passes * activations_gb(tokens, layers, hidden, intermediate, checkpointing)
+    parts["activations_gb"] = passes * activations_gb(tokens, layers, hidden, intermediate, checkpointing, attention)
     parts["head_gb"] = head_memory_gb(vocab, completion_tokens, chunk_tokens)  # the policy's per-token log-probs
     return {**parts, "peak_gb": sum(parts.values())}
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..utils.devices import place
 from .attention import uses_block_attention
+from .chunking import block_tokens
 from .lmhead import chunked_token_logps, head_post
 
 __all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
@@ -257,7 +258,7 @@ def _chunk_plan(model):
     # the graph: its backward would read a freed weight. Such heads (and LoRA/4-bit ones) stay dense.
     if type(head) not in (torch.nn.Linear, _FP32Head):
         return None, None, 0
-    chunk = getattr(head, "logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS)
+    chunk = block_tokens(getattr(head, "logprob_chunk_tokens", DEFAULT_CHUNK_TOKENS), head.weight.shape[0])
     post = head_post(getattr(_unwrapped(model), "config", None))
     return (None, None, 0) if chunk <= 0 or post is None else (head, post, chunk)
 

@@ -371,15 +371,19 @@ def weights_sha256(model, *, skip_substring: str = "lora_") -> str | None:
 
 
 def model_shape(model_dir: str) -> dict | None:
-    """{"layers", "hidden", "vocab", "intermediate"} of a model directory's config.json (a
-    multimodal config's text part; vocab and intermediate 0 when it does not say); None without
-    layers and hidden."""
+    """{"layers", "hidden", "vocab", "intermediate", "attention"} of a model directory's config.json
+    (a multimodal config's text part; vocab, intermediate and attention 0 when it does not say);
+    None without layers and hidden. `attention`: the query, key and value widths together,
+    head_dim x (heads + 2 x key-value heads) (Gemma 3 270M: 256 x (4 + 2) = 1536, above its hidden 640)."""
     text = text_config(model_dir)
     dims = _layers_hidden(text) if text is not None else None
     if not dims:
         return None
+    heads = _positive_int(text, "num_attention_heads")
+    head_dim = _positive_int(text, "head_dim") or (dims[1] // heads if heads else 0)
+    kv_heads = _positive_int(text, "num_key_value_heads") or heads
     return {"layers": dims[0], "hidden": dims[1], "vocab": _positive_int(text, "vocab_size"),
-            "intermediate": _positive_int(text, "intermediate_size")}
+            "intermediate": _positive_int(text, "intermediate_size"), "attention": head_dim * (heads + 2 * kv_heads)}
 
 
 def text_config(model_dir: str) -> dict | None:
