@@ -202,15 +202,16 @@ def worker(data: str, out: str, mode: str, steps: int, batch: int, length: int, 
     result = train(cfg)
     rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     s = result.summary
-    pairs, _ = prepare_pairs(data, cfg, load_tokenizer(resolve_model_dir(cfg.model.name_or_path)))
+    model_dir = resolve_model_dir(cfg.model.name_or_path)
+    pairs, _ = prepare_pairs(data, cfg, load_tokenizer(model_dir))
     tokens = sum(len(x.prompt_ids) + len(x.chosen_ids) + len(x.rejected_ids) for x in pairs) / len(pairs)
     print("RESULT " + json.dumps({"pairs_per_s": s["pairs_per_s"], "elapsed_s": s["elapsed_s"],
                                   "peak_rss_mb": s["peak_rss_mb"], "losses": [r["loss"] for r in rows],
                                   "attention": s["layout"].get("checked", {}).get("attention"),
                                   "layout": s["layout"].get("layout"), "prefix_sharing": s["layout"].get("prefix_sharing"),
                                   "logprob_chunk_tokens": cfg.train.logprob_chunk_tokens,
-                                  "logprob_block_tokens": block_tokens(cfg.train.logprob_chunk_tokens, model_shape(
-                                      resolve_model_dir(cfg.model.name_or_path)).get("vocab", 0)),
+                                  "logprob_block_tokens": block_tokens(cfg.train.logprob_chunk_tokens,
+                                                                       (model_shape(model_dir) or {}).get("vocab", 0)),
                                   "allocator": s.get("allocator"),
                                   "tokens_per_pair": round(tokens, 1),
                                   "gradient_checkpointing": s["gradient_checkpointing"]}))

@@ -20,7 +20,9 @@ jemalloc takes the small peak and kept glibc's speed at 256 and 2048 tokens (at 
 rerun took 82 s against glibc's 59 s, one run each: not understood yet). A threshold fixed at 64 KiB gets the same
 peak but faults fresh pages in at every allocation above it (1.4x the time at 256-1024 tokens);
 fixed at 4 MiB, only the large activation tensors are mapped one by one: most of the saving at
-2048 tokens, no measurable cost at 256. So:
+2048 tokens, no measurable cost at 256. With gradient checkpointing jemalloc costs time: 110 s
+against glibc's 76 s at 1024 tokens (1.72 against 4.10 GB; allocators-gc1024.json), not understood
+yet; PREFTUNE_MALLOC=system keeps glibc. So:
 
 * `auto` (default): the `preftune` command relaunches itself once with jemalloc in LD_PRELOAD when
   the library is installed (Debian/Ubuntu: `apt install libjemalloc2`), before it loads anything;
