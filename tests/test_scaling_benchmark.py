@@ -176,9 +176,14 @@ def test_workers_run_on_the_allocator_each_tool_runs_on_for_its_users(monkeypatc
     scaling.run_point(tmp_path / "p.jsonl", "trl+gc", 2, 4, 128)
     scaling.run_point(tmp_path / "p.jsonl", "block", 2, 4, 128, allocator="glibc")
     scaling.run_point(tmp_path / "p.jsonl", "block", 2, 4, 128, allocator="tcmalloc")
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")
+    scaling.run_point(tmp_path / "p.jsonl", "block", 2, 4, 128, allocator="glibc")
+    scaling.run_point(tmp_path / "p.jsonl", "block", 2, 4, 128, allocator="jemalloc-fast")
     assert envs[0]["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and envs[1]["LD_PRELOAD"] == "/opt/mine.so"
     assert "LD_PRELOAD" not in envs[2] and envs[2]["PREFTUNE_MALLOC"] == "system"
     assert envs[3]["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
+    assert "MALLOC_CONF" not in envs[4]  # a variant runs on its own settings, not the shell's
+    assert envs[5]["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1" and "libjemalloc" in envs[5]["LD_PRELOAD"]
 
 
 def test_a_worker_past_its_timeout_is_an_error_point_not_the_end_of_the_grid(monkeypatch, tmp_path):

@@ -92,7 +92,7 @@ from pathlib import Path
 
 from benchmarks import importable, module_command
 from preftune.models.zoo import ZOO
-from preftune.utils.allocator import JEMALLOC_PATHS, jemalloc_path, preload_env
+from preftune.utils.allocator import JEMALLOC_PATHS, NO_PURGE, jemalloc_path, preload_env
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -399,7 +399,7 @@ def run_point(data: Path, mode: str, steps: int, batch: int, length: int, *, mod
     with tempfile.TemporaryDirectory() as tmp:
         env = importable({**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
         if allocator is not None:  # --allocators: this variant's environment, whatever the default is
-            env = {**{k: v for k, v in env.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_")},
+            env = {**{k: v for k, v in env.items() if k not in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_CONF")},
                    **ALLOCATORS[allocator]}
         elif not mode.startswith("trl"):  # the allocator the `preftune` command runs on (jemalloc when installed)
             env = preload_env(env) or env
@@ -505,6 +505,7 @@ def plot_beside(results: list[dict], earlier: list[dict], dest: Path, label: str
 ALLOCATORS = {"glibc": {"PREFTUNE_MALLOC": "system"}, "release": {"PREFTUNE_MALLOC": "release"},  # 4 MiB
               "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"},
               "jemalloc": {"LD_PRELOAD": jemalloc_path() or JEMALLOC_PATHS[0]},
+              "jemalloc-fast": {"LD_PRELOAD": jemalloc_path() or JEMALLOC_PATHS[0], "MALLOC_CONF": NO_PURGE},
               "tcmalloc": {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"}}
 
 

@@ -41,7 +41,7 @@ print(json.dumps({{"released_mb": (full - rss()) / 2**20, "said": said}}))
 
 def _probe(**extra) -> dict:
     environ = {k: v for k, v in os.environ.items()
-               if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "PREFTUNE_MALLOC", allocator._GUARD)}
+               if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "PREFTUNE_MALLOC", "MALLOC_CONF", allocator._GUARD)}
     out = subprocess.run([sys.executable, "-c", _PROBE.format(path=sys.path)], capture_output=True, text=True,
                          env={**environ, **extra}, check=True)
     return json.loads(out.stdout)
@@ -51,6 +51,7 @@ def _probe(**extra) -> dict:
 def test_release_hands_freed_blocks_back_and_system_keeps_them():
     kept, released = _probe(PREFTUNE_MALLOC="system"), _probe(PREFTUNE_MALLOC="release")
     assert kept["said"] == "glibc defaults" and released["said"] == "glibc, mmap threshold 4194304"
+    assert _probe(PREFTUNE_MALLOC="fast")["said"] == "glibc defaults"  # fast without jemalloc: glibc keeps pages
     assert released["released_mb"] > 300  # the 360 MiB freed went back to the system
     assert kept["released_mb"] < 100      # glibc's defaults keep them in the arena (45 MiB left: its top)
 
@@ -58,6 +59,42 @@ def test_release_hands_freed_blocks_back_and_system_keeps_them():
 @pytest.mark.skipif(not (LINUX_GLIBC and JEMALLOC), reason="needs libjemalloc2 (apt install libjemalloc2)")
 def test_summary_names_jemalloc_when_it_is_loaded():
     assert _probe(LD_PRELOAD=JEMALLOC)["said"] == "jemalloc"  # it returns freed pages later (decay), not at free
+    kept = _probe(LD_PRELOAD=JEMALLOC, MALLOC_CONF=allocator.NO_PURGE)
+    assert kept["said"] == f"jemalloc, MALLOC_CONF={allocator.NO_PURGE}"
+
+
+# 40 blocks of 16 MiB written, freed, then allocated and written again: the page faults of the second
+# round say whether the freed pages were handed back to the system (and zeroed on the next touch).
+_REFAULT = r"""
+import ctypes, json, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rounds():
+    blocks = [libc.malloc(16 << 20) for _ in range(40)]
+    for p in blocks:
+        ctypes.memset(p, 1, 16 << 20)
+    for p in blocks:
+        libc.free(p)
+rounds()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+rounds()
+print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+@pytest.mark.skipif(not (LINUX_GLIBC and JEMALLOC), reason="needs libjemalloc2 (apt install libjemalloc2)")
+def test_no_purge_reuses_freed_pages_where_jemalloc_s_default_faults_them_in_again():
+    environ = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+
+    def faults(**extra):
+        out = subprocess.run([sys.executable, "-c", _REFAULT], capture_output=True, text=True, check=True,
+                             env={**environ, "LD_PRELOAD": JEMALLOC, **extra})
+        return json.loads(out.stdout)["faults"]
+
+    pages = 40 * (16 << 20) // os.sysconf("SC_PAGE_SIZE")  # 163,840 pages of 4 KiB
+    assert faults() > pages // 2                              # default: purged at free, faulted in again
+    assert faults(MALLOC_CONF=allocator.NO_PURGE) < pages // 20  # kept: written again in place
 
 
 def test_preload_env_puts_jemalloc_first_once(monkeypatch, tmp_path):
@@ -74,6 +111,10 @@ def test_preload_env_puts_jemalloc_first_once(monkeypatch, tmp_path):
     for choice in ("release", "system"):  # auto is the default
         monkeypatch.setenv("PREFTUNE_MALLOC", choice)
         assert allocator.preload_env({}) is None
+    monkeypatch.setenv("PREFTUNE_MALLOC", "fast")  # jemalloc keeping freed pages; the user's MALLOC_CONF wins
+    assert allocator.preload_env({}) == {"LD_PRELOAD": str(lib), "MALLOC_CONF": allocator.NO_PURGE, allocator._GUARD: "1"}
+    assert allocator.NO_PURGE == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+    assert allocator.preload_env({"MALLOC_CONF": "narenas:2"})["MALLOC_CONF"] == "narenas:2"
     monkeypatch.delenv("PREFTUNE_MALLOC")
     monkeypatch.setattr(allocator, "JEMALLOC_PATHS", (str(tmp_path / "absent.so"),))
     assert allocator.preload_env({}) is None                                    # not installed: nothing changes
@@ -90,7 +131,7 @@ def test_the_command_relaunches_itself_under_jemalloc(tmp_path):
                      "if 'jemalloc' in pathlib.Path('/proc/self/maps').read_text():\n"
                      f"    pathlib.Path({str(tmp_path / 'seen')!r}).write_text(os.environ.get('LD_PRELOAD', ''))\n")
     environ = {k: v for k, v in os.environ.items()
-               if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "PREFTUNE_MALLOC", allocator._GUARD)}
+               if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "PREFTUNE_MALLOC", "MALLOC_CONF", allocator._GUARD)}
     environ["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
     out = subprocess.run([sys.executable, "-m", "preftune", "validate-data", str(bad)], capture_output=True,
                          text=True, env=environ)

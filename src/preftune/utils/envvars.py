@@ -37,8 +37,9 @@ ENV = {v.name: v for v in (
     EnvVar("PREFTUNE_JUDGE_API_KEY", "secret", "the judge's API key (Authorization: Bearer)", None),
     EnvVar("PREFTUNE_SERVE_API_KEY", "secret", "the key `preftune serve` requires (default of --api-key)", None),
     EnvVar("PREFTUNE_MALLOC", "choice", "auto: the preftune command relaunches itself under jemalloc when it is "
-           "installed, else release; release: glibc returns freed blocks from 4 MiB up; system: glibc's defaults "
-           "(utils/allocator.py)", "auto", choices=("auto", "release", "system")),
+           "installed, else release; release: glibc returns freed blocks from 4 MiB up; system: glibc's defaults; "
+           "fast: jemalloc keeping freed pages (MALLOC_CONF dirty/muzzy decay -1), else glibc's defaults "
+           "(utils/allocator.py)", "auto", choices=("auto", "release", "system", "fast")),
 )}
 
 
