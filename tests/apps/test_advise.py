@@ -91,7 +91,9 @@ def test_peak_memory_reproduces_the_scaling_points_it_was_fitted_to():
              if r.get("allocator") == "jemalloc"]
     rows = [{"model": "smollm2-135m-instruct", **r} for r in rows]
     assert sorted((r["model"][:5], r["length"], r["mode"]) for r in rows) == [
-        ("gemma", 2048, "block"), ("gemma", 2048, "block+gc"), ("smoll", 256, "block"), ("smoll", 1024, "block"),
+        ("gemma", 512, "block"), ("gemma", 512, "block+gc"), ("gemma", 1024, "block"), ("gemma", 1024, "block+gc"),
+        ("gemma", 2048, "block"), ("gemma", 2048, "block+gc"), ("gemma", 4096, "block+gc"),
+        ("smoll", 256, "block"), ("smoll", 1024, "block"),
         ("smoll", 1024, "block+gc"), ("smoll", 2048, "block"), ("smoll", 2048, "block+gc"), ("smoll", 4096, "block+gc"),
         ("smoll", 8192, "block+gc")]
     for row in rows:

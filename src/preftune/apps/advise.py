@@ -36,18 +36,19 @@ MIN_STEPS, MAX_EPOCHS = 50, 3
 # Peak memory: weights (memory_estimate_gb), activations per token of a micro-batch per decoder
 # layer per unit of layer_width (residual + MLP + attention q/k/v widths), the LM head's block
 # (HEAD_BUFFERS float32 copies of positions x vocabulary, the block capped at 2**26 logits) and the
-# process's fixed cost. Fitted, minimising the largest relative error, to nine benchmarks/scaling
+# process's fixed cost. Fitted, minimising the largest relative error, to fourteen benchmarks/scaling
 # points on jemalloc (the command's allocator when installed; glibc's defaults peak up to 1.6x
-# higher, see utils/allocator.py), LoRA q/v, batch 4, packed rows with block attention, chunked
-# head: SmolLM2-135M (30 x 576, MLP 1536, q/k/v 960, 49k vocabulary) without checkpointing at 256,
-# 1024 and 2048 tokens per pair (2.32, 5.86, 10.57 GiB), with it at 1024, 2048, 4096 and 8192 (1.68,
-# 1.99, 2.94, 5.01), Gemma 3 270M (18 x 640, MLP 2048, q/k/v 1536, 262k vocabulary, blocks of 256)
-# at 2048 without and with (11.59, 2.75): every point within 10% (worst -9.9%, Gemma without
-# checkpointing). The constants are a fit, not a census of tensors (the fixed costs come out small
-# because the fit trades them against the head); two models were measured: treat it as +-30%.
+# higher, PREFTUNE_MALLOC=fast up to 1.3x, see utils/allocator.py), LoRA q/v, batch 4, packed rows
+# with block attention, chunked head: SmolLM2-135M (30 x 576, MLP 1536, q/k/v 960, 49k vocabulary)
+# without checkpointing at 256, 1024 and 2048 tokens per pair (2.32, 5.86, 10.57 GiB), with it at
+# 1024, 2048, 4096 and 8192 (1.68, 1.99, 2.94, 5.01), Gemma 3 270M (18 x 640, MLP 2048, q/k/v 1536,
+# 262k vocabulary, blocks of 256) without at 512, 1024, 2048 (4.41, 6.71, 11.59) and with at 512,
+# 1024, 2048, 4096 (2.32, 2.42, 2.75, 3.89): every point within 10% (worst -9.8%, Gemma at 4096
+# with checkpointing). The constants are a fit, not a census of tensors (the fixed costs come out
+# as zero because the fit trades them against the head); two models were measured: treat it as +-30%.
 ACT_BYTES = {False: 14.5, True: 1.25}
-RUNTIME_GB = {False: 0.1, True: 0.0}
-HEAD_BUFFERS = 3.75
+RUNTIME_GB = {False: 0.0, True: 0.0}
+HEAD_BUFFERS = 4.25
 
 
 @dataclass
