@@ -106,7 +106,8 @@ class FakePreftune:
         (run / "model").mkdir(exist_ok=True)
         (run / "model" / "adapter_model.safetensors").write_bytes(b"")  # the saved weights a reuse looks for
         best = {"step": 2, "accuracy": 0.6, "restored": True} if cfg.train.keep_best else None
-        (run / "summary.json").write_text(json.dumps({"steps": 2, "data": {"pairs": 8, "truncated": 0}, "best": best}))
+        (run / "summary.json").write_text(json.dumps({"steps": 2, "data": {"pairs": 8, "truncated": 0}, "best": best,
+                                                      "autocast_bf16": cfg.train.autocast_bf16 is True}))
         return 0
 
     def _eval(self, args):
@@ -307,6 +308,13 @@ def test_a_changed_eval_setting_evaluates_again_without_training_and_a_changed_r
     assert kinds(kl_prompts=4) == ["train", "eval"]
     shutil.rmtree(root / "run" / "model")  # the weights are gone: an eval-only change cannot reuse the run
     assert kinds(kl_prompts=2) == ["train", "eval"]
+    assert "train.autocast_bf16=false" in _trains(fake)[-1]  # fp32 pinned: auto would be bf16 on a CUDA GPU
+    summary = json.loads((root / "run" / "summary.json").read_text())
+    (root / "run" / "summary.json").write_text(json.dumps({**summary, "autocast_bf16": True}))
+    assert kinds(kl_prompts=4) == ["train", "eval"]  # a run that trained in bf16 is no fp32 point
+    summary.pop("autocast_bf16")
+    (root / "run" / "summary.json").write_text(json.dumps(summary))
+    assert kinds(kl_prompts=2) == ["eval"]  # a summary older than the field: fp32 (auto was fp32 on CPU)
 
 
 # ---- honest selection (search.py): validation from the training side, dev once at the end ------

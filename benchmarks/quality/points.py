@@ -150,9 +150,14 @@ def train_args(data: dict, method: str, run: Path, model: str, extra: tuple = ()
              "run.overwrite=true"]
     if method in UNPAIRED:
         fixed.append("data.paired_to_unpaired=true")
+    # fp32 unless `extra` asks for bf16: under train.autocast_bf16=auto a CUDA machine would train an
+    # "fp32" point in bf16. Kept out of the record (the cache key), so points trained before the pin (on
+    # CPU, where auto is fp32) stay finished; _trained checks the precision each run recorded instead.
+    pin = [] if any(x.startswith("train.autocast_bf16=") for x in extra) else ["train.autocast_bf16=false"]
     if extra:
-        return ["train", *recipe_args, *fixed, *extra], {**recipe, "fixed_by_benchmark": fixed, "grid_point": list(extra)}
-    return ["train", *recipe_args, *fixed], {**recipe, "fixed_by_benchmark": fixed}
+        return ["train", *recipe_args, *fixed, *pin, *extra], {**recipe, "fixed_by_benchmark": fixed,
+                                                               "grid_point": list(extra)}
+    return ["train", *recipe_args, *fixed, *pin], {**recipe, "fixed_by_benchmark": fixed}
 
 
 def eval_args(run: Path, data: dict, dest: Path, s: dict, per_pair: Path | None = None) -> list[str]:
@@ -185,7 +190,7 @@ def run_point(data: dict, method: str, out: Path, s: dict, model: str, extra: tu
     def make():
         tag = "-".join(str(x) for x in (data["tag"], method, name, "" if seed is None else f"seed{seed}") if x != "")
         train_key = json.loads(json.dumps({k: key[k] for k in TRAIN_KEY}, default=str))
-        trained = _trained(root, train_key, run)
+        trained = _trained(root, train_key, run, bf16="train.autocast_bf16=true" in args)
         (root / "point.json").unlink(missing_ok=True)  # its eval (and perhaps its run) is about to be replaced
         if trained is None:
             (root / "train.json").unlink(missing_ok=True)
@@ -207,11 +212,14 @@ def run_point(data: dict, method: str, out: Path, s: dict, model: str, extra: tu
     return _cached(root / "point.json", key, make, finished_only)
 
 
-def _trained(root: Path, train_key: dict, run: Path) -> dict | None:
+def _trained(root: Path, train_key: dict, run: Path, bf16: bool = False) -> dict | None:
     """The record of a finished training whose key (TRAIN_KEY's part of a point's key) is `train_key`:
     train.json, or a point.json written before train.json existed; None unless the run directory
-    still holds its summary.json and saved weights (a deleted or half-overwritten run trains again)."""
+    still holds its summary.json and saved weights (a deleted or half-overwritten run trains again)
+    and the summary's precision is `bf16`'s (a summary older than the field trained in fp32)."""
     if not (run / "summary.json").is_file() or not any((run / "model").glob("*.safetensors")):
+        return None
+    if bool(json.loads((run / "summary.json").read_text()).get("autocast_bf16", False)) != bf16:
         return None
     for path in (root / "train.json", root / "point.json"):
         if path.is_file():
