@@ -240,11 +240,13 @@ def test_merged_weights_are_written_reloaded_in_place_and_the_prompt_cache_dropp
     assert not any("lora" in n for n in saved)
 
 
-def test_vllm_weights_auto_merges_on_cpu():
-    cfg = load_config(None, ["sampling.engine=vllm", "sampling.vllm_python=/x"])
+def test_vllm_weights_auto_merges_on_cpu(tiny_model_dir):
+    # a model directory: the default zoo name would convert SmolLM2's GGUF (25 s of the suite) to say "merged"
+    model = f"model.name_or_path={tiny_model_dir}"
+    cfg = load_config(None, ["sampling.engine=vllm", "sampling.vllm_python=/x", model])
     assert cfg.sampling.vllm_weights == "auto" and engine_for(cfg).weights == "merged"
     assert engine_for(load_config(None, ["sampling.engine=vllm", "sampling.vllm_weights=lora",
-                                         "sampling.vllm_python=/x"])).weights == "lora"
+                                         "sampling.vllm_python=/x", model])).weights == "lora"
     with pytest.raises(ConfigError, match="sampling.vllm_weights: 'full' is not one of auto, lora, merged"):
         load_config(None, ["sampling.vllm_weights=full"])
 
