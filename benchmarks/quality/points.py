@@ -154,10 +154,8 @@ def train_args(data: dict, method: str, run: Path, model: str, extra: tuple = ()
     # "fp32" point in bf16. Kept out of the record (the cache key), so points trained before the pin (on
     # CPU, where auto is fp32) stay finished; _trained checks the precision each run recorded instead.
     pin = [] if any(x.startswith("train.autocast_bf16=") for x in extra) else ["train.autocast_bf16=false"]
-    if extra:
-        return ["train", *recipe_args, *fixed, *pin, *extra], {**recipe, "fixed_by_benchmark": fixed,
-                                                               "grid_point": list(extra)}
-    return ["train", *recipe_args, *fixed, *pin], {**recipe, "fixed_by_benchmark": fixed}
+    record = {**recipe, "fixed_by_benchmark": fixed, **({"grid_point": list(extra)} if extra else {})}
+    return ["train", *recipe_args, *fixed, *pin, *extra], record
 
 
 def eval_args(run: Path, data: dict, dest: Path, s: dict, per_pair: Path | None = None) -> list[str]:

@@ -39,12 +39,17 @@ print(json.dumps({{"released_mb": (full - rss()) / 2**20, "said": said}}))
 """
 
 
-def _probe(**extra) -> dict:
+def _python(code: str, **extra) -> dict:
+    """`code`'s JSON line from a fresh interpreter whose allocator settings are only `extra`."""
     environ = {k: v for k, v in os.environ.items()
                if k not in ("MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "PREFTUNE_MALLOC", "MALLOC_CONF", allocator._GUARD)}
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(path=sys.path)], capture_output=True, text=True,
-                         env={**environ, **extra}, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**environ, **extra},
+                         check=True)
     return json.loads(out.stdout)
+
+
+def _probe(**extra) -> dict:
+    return _python(_PROBE.format(path=sys.path), **extra)
 
 
 @pytest.mark.skipif(not LINUX_GLIBC, reason="glibc's malloc only")
@@ -85,16 +90,10 @@ print(json.dumps({"faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 
 @pytest.mark.skipif(not (LINUX_GLIBC and JEMALLOC), reason="needs libjemalloc2 (apt install libjemalloc2)")
 def test_no_purge_reuses_freed_pages_where_jemalloc_s_default_faults_them_in_again():
-    environ = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
-
-    def faults(**extra):
-        out = subprocess.run([sys.executable, "-c", _REFAULT], capture_output=True, text=True, check=True,
-                             env={**environ, "LD_PRELOAD": JEMALLOC, **extra})
-        return json.loads(out.stdout)["faults"]
-
     pages = 40 * (16 << 20) // os.sysconf("SC_PAGE_SIZE")  # 163,840 pages of 4 KiB
-    assert faults() > pages // 2                              # default: purged at free, faulted in again
-    assert faults(MALLOC_CONF=allocator.NO_PURGE) < pages // 20  # kept: written again in place
+    assert _python(_REFAULT, LD_PRELOAD=JEMALLOC)["faults"] > pages // 2  # default: purged at free, faulted in again
+    kept = _python(_REFAULT, LD_PRELOAD=JEMALLOC, MALLOC_CONF=allocator.NO_PURGE)
+    assert kept["faults"] < pages // 20                                     # kept: written again in place
 
 
 def test_preload_env_puts_jemalloc_first_once(monkeypatch, tmp_path):
