@@ -216,11 +216,37 @@ def test_split_agreement_is_the_second_gain_inside_the_first_interval():
     first = {"hh ipo": {"gain": 0.12, "gain_ci95": [0.05, 0.19], "seeds": 3}, "settings": {}}
     second = [{"dataset": "hh", "method": "ipo", "gain": 0.04, "gain_ci95": [-0.02, 0.10], "seeds": 3},
               {"dataset": "hh", "method": "sigmoid", "gain": 0.1, "gain_ci95": [0.0, 0.2]}]
-    assert split_agreement(first, second) == {"hh ipo": {
+    got = split_agreement(first, second)
+    assert list(got) == ["hh ipo"]  # sigmoid is not in first
+    assert {k: got["hh ipo"][k] for k in ("first_gain", "first_ci95", "first_seeds", "second_gain", "second_ci95",
+                                          "second_seeds", "agrees")} == {
         "first_gain": 0.12, "first_ci95": [0.05, 0.19], "first_seeds": 3, "second_gain": 0.04,
-        "second_ci95": [-0.02, 0.10], "second_seeds": 3, "agrees": False}}  # 0.04 below 0.05; sigmoid not in first
+        "second_ci95": [-0.02, 0.10], "second_seeds": 3, "agrees": False}  # 0.04 below 0.05
+    # the difference -0.08 with half-width sqrt(0.14^2 + 0.12^2) / 2 = 0.0922: it does not exclude 0
+    assert got["hh ipo"]["gain_difference"] == pytest.approx(-0.08)
+    assert got["hh ipo"]["gain_difference_ci95"] == pytest.approx([-0.08 - 0.092195, -0.08 + 0.092195], abs=1e-6)
+    assert got["hh ipo"]["difference_excludes_0"] is False
     second[0]["gain"] = 0.05
     assert split_agreement(first, second)["hh ipo"]["agrees"] is True
+
+
+def test_split_agreement_reports_the_bases_and_the_trained_accuracy():
+    """TruthfulQA's second split measured +0.226 from a base of 0.50 against +0.377 from 0.33: the
+    gains part, the trained accuracies (0.726 against 0.710 [0.611, 0.750]) do not."""
+    from benchmarks.quality.quality_outputs import _agreement_line, split_agreement
+
+    first = {"truthfulqa sigmoid": {"gain": 0.377, "gain_ci95": [0.272, 0.484], "before_logp_acc": 0.333,
+                                    "implicit_acc": 0.710, "implicit_acc_ci95": [0.611, 0.750]}}
+    second = [{"dataset": "truthfulqa", "method": "sigmoid", "gain": 0.226, "gain_ci95": [0.129, 0.323],
+               "before_logp_acc": 0.500, "implicit_acc": 0.726}]
+    a = split_agreement(first, second)["truthfulqa sigmoid"]
+    assert (a["agrees"], a["accuracy_agrees"], a["difference_excludes_0"]) == (False, True, True)
+    assert (a["first_base"], a["second_base"]) == (0.333, 0.5)
+    line = _agreement_line("truthfulqa sigmoid", a)
+    assert "OUTSIDE it. Difference -0.151 [-0.295, -0.007]." in line
+    assert "trained implicit-reward accuracy 0.726 against 0.710 [0.611, 0.750]: within it." in line
+    second[0]["implicit_acc"] = 0.76
+    assert split_agreement(first, second)["truthfulqa sigmoid"]["accuracy_agrees"] is False
 
 
 @needs_shared_tqa

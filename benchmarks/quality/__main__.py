@@ -99,7 +99,9 @@ points are exactly as before):
   TruthfulQA train-side questions [444 - 168, 444)); training reads only records before it, so a
   recipe chosen on the first split is re-measured on pairs nothing was trained or chosen on
   (search.py's validation slice stops there too). Points under <data>-second/, writes
-  results-second.*.
+  results-second.*, compared point by point with the first split's results (--first FILE, default
+  results.json beside this script): the gain inside the first interval, the difference of the two
+  gains with its interval, and the trained accuracy, since the two dev slices' bases differ.
 - --full-train: each recipe on the whole training side under its stated budget (recipe.budget in
   src/preftune/core/recipes/<method>.yaml; the form is protocol.py's docstring: a step or KL
   budget, health checks to stop on, the best validation checkpoint kept with val_pairs carved from
@@ -255,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", help="learning curve: epochs, e.g. 1,2,3 (a grid with --train-pairs; reference cache on)")
     ap.add_argument("--split", choices=("first", "second"), default="first", help="second: dev = the last dev-sized "
                     "slice of the training file, training reads only records before it (writes results-second.*)")
+    ap.add_argument("--first", metavar="FILE", help="with --split second: the first split's results to compare with "
+                    "(default: results[-full-train].json beside this script, which a --seeds run may have replaced)")
     ap.add_argument("--full-train", action="store_true", help="train on the whole training side under each recipe's "
                     "stated budget (recipe.budget; writes results-full-train.*)")
     ap.add_argument("--precision", default="fp32", help="fp32 (default), bf16 (train.autocast_bf16=true; writes "
@@ -283,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         meta["protocol"] = {k: v for k, v in protocol.items() if k != "several_seeds"}
     dest = out if a.quick else HERE
     suffix = _suffix(protocol)
-    first = dest / f"results{suffix.replace('-second', '')}.json"
+    first = Path(a.first) if a.first else dest / f"results{suffix.replace('-second', '')}.json"
+    if a.first and not first.is_file():
+        ap.error(f"--first {a.first}: no such file")
     if protocol["split"] == "second" and first.is_file():  # the same points' first-split figures, if written
         meta["second_split_agreement"] = split_agreement(json.loads(first.read_text()), rows)
     if protocol["train_pairs"]:

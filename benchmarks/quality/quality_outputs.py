@@ -47,17 +47,48 @@ def issue39_checks(r: dict) -> dict:
 
 def split_agreement(first: dict, rows: list[dict]) -> dict:
     """The second split against the first (`first`: results.json's rows by "<data> <method>"): for
-    each point in both, whether the second split's gain lies within the first split's interval."""
+    each point in both, whether the second split's gain lies within the first split's interval
+    (issue 39's test, "agrees"). Beside it, what that test mixes: each split's base accuracy (a gain
+    is measured from it, and the two dev slices' bases differ), whether the trained implicit-reward
+    accuracy of the second split lies within the first's interval, and the difference of the two
+    gains with an interval from the two half-widths (independent dev slices, normal approximation)."""
     out = {}
     for r in (r for r in rows if "error" not in r):
         f = first.get(f"{r['dataset']} {r['method']}")
         if not isinstance(f, dict) or "gain_ci95" not in f:
             continue
-        out[f"{r['dataset']} {r['method']}"] = {
-            "first_gain": f["gain"], "first_ci95": f["gain_ci95"], "first_seeds": f.get("seeds", 1),
-            "second_gain": r["gain"], "second_ci95": r["gain_ci95"], "second_seeds": r.get("seeds", 1),
-            "agrees": f["gain_ci95"][0] <= r["gain"] <= f["gain_ci95"][1]}
+        a = {"first_gain": f["gain"], "first_ci95": f["gain_ci95"], "first_seeds": f.get("seeds", 1),
+             "second_gain": r["gain"], "second_ci95": r["gain_ci95"], "second_seeds": r.get("seeds", 1),
+             "agrees": f["gain_ci95"][0] <= r["gain"] <= f["gain_ci95"][1]}
+        if "before_logp_acc" in f and "before_logp_acc" in r:
+            a.update(first_base=f["before_logp_acc"], second_base=r["before_logp_acc"])
+        if "implicit_acc_ci95" in f and "implicit_acc" in r:
+            lo, hi = f["implicit_acc_ci95"]
+            a.update(first_accuracy=f["implicit_acc"], first_accuracy_ci95=[lo, hi], second_accuracy=r["implicit_acc"],
+                     accuracy_agrees=lo <= r["implicit_acc"] <= hi)
+        half = ((f["gain_ci95"][1] - f["gain_ci95"][0]) ** 2 + (r["gain_ci95"][1] - r["gain_ci95"][0]) ** 2) ** 0.5 / 2
+        d = r["gain"] - f["gain"]
+        a.update(gain_difference=d, gain_difference_ci95=[d - half, d + half], difference_excludes_0=abs(d) > half)
+        out[f"{r['dataset']} {r['method']}"] = a
     return out
+
+
+def _agreement_line(where: str, a: dict) -> str:
+    line = (f"- {where}: second split {a['second_gain']:+.3f} [{a['second_ci95'][0]:+.3f}, {a['second_ci95'][1]:+.3f}] "
+            f"against the first split's {a['first_gain']:+.3f} [{a['first_ci95'][0]:+.3f}, {a['first_ci95'][1]:+.3f}]: "
+            + ("within it." if a["agrees"] else "OUTSIDE it."))
+    if "gain_difference" in a:
+        lo, hi = a["gain_difference_ci95"]
+        line += f" Difference {a['gain_difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]."
+    if "first_base" in a:
+        line += f" Base log-prob accuracy {a['second_base']:.3f} against {a['first_base']:.3f}"
+        if "second_accuracy" in a:
+            lo, hi = a["first_accuracy_ci95"]
+            line += (f"; trained implicit-reward accuracy {a['second_accuracy']:.3f} against {a['first_accuracy']:.3f} "
+                     f"[{lo:.3f}, {hi:.3f}]: " + ("within it." if a["accuracy_agrees"] else "outside it."))
+        else:
+            line += "."
+    return line
 
 
 def _acc(x: float, ci: list) -> str:
@@ -158,9 +189,7 @@ def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
                         f"not tuned: {', '.join(r['tuned_failed'])}."))
     lines += precision_lines(rows)
     for where, a in (meta.get("second_split_agreement") or {}).items():
-        lines.append(f"- {where}: second split {a['second_gain']:+.3f} [{a['second_ci95'][0]:+.3f}, {a['second_ci95'][1]:+.3f}] "
-                     f"against the first split's {a['first_gain']:+.3f} [{a['first_ci95'][0]:+.3f}, {a['first_ci95'][1]:+.3f}]: "
-                     + ("within it." if a["agrees"] else "OUTSIDE it."))
+        lines.append(_agreement_line(where, a))
     acc = acceptance(rows)
     for where, checks in (acc.get("issue39") or {}).items():
         failed = [k for k, v in checks.items() if k != "pass" and not v]
