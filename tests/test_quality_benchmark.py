@@ -270,6 +270,13 @@ def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_po
     assert len(written["recipe"]["evidence"][0]["grid"]) == 4 and path.read_text().startswith("#")
     cfg = load_config(path)  # still a config that loads, metadata skipped
     assert (cfg.train.lr, cfg.loss.beta) == (5e-4, 0.3)
+    dev = {"dev_pairs": 168, "data": "dev.jsonl[:168]", "implicit_acc": 0.77, "gain": 0.44, "gain_ci95": [0.34, 0.54],
+           "before_logp_acc": 0.333, "kl": 2.11, "flags": []}
+    search.add_dev("sigmoid", dev)  # after the choice: the one dev figure joins the search's evidence
+    again = yaml.safe_load(path.read_text())
+    assert again["recipe"]["evidence"][0]["dev_measured_once"].startswith("Dev (measured once, after the choice")
+    assert "gain +0.440 [+0.340, +0.540]" in again["recipe"]["evidence"][0]["dev_measured_once"]
+    assert {k: v for k, v in again.items() if k != "recipe"} == {k: v for k, v in written.items() if k != "recipe"}
 
 
 def test_collect_mode_gathers_finished_points_and_trains_nothing(tmp_path):

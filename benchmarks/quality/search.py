@@ -174,6 +174,20 @@ def write_recipe(method: str, dataset: str, chosen: dict, result: dict) -> Path:
     return path
 
 
+def add_dev(method: str, dev: dict) -> Path:
+    """Add the dev measurement (taken after the choice) to the search's evidence in the recipe, as
+    the line the search's .md prints; the choice is not touched."""
+    import yaml
+
+    path = RECIPES / f"{method}.yaml"
+    text = path.read_text()
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    data = yaml.safe_load(text)
+    data["recipe"]["evidence"][0]["dev_measured_once"] = dev_line(dev)
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=110))
+    return path
+
+
 def grid_row(data: dict, method: str, out: Path, s: dict, model: str, lr: float, beta: float,
              folds: list[dict] | None) -> dict:
     """One grid point scored on validation pairs only: the slice after the training pairs, or
@@ -261,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if chosen is not None and a.write_recipe:
         print(f"wrote {_rel(write_recipe(a.method, a.dataset, chosen, result))}")
     result["dev"] = None if chosen is None else measure_dev(data, a.method, out, s, a.model, chosen)
+    if chosen is not None and a.write_recipe:  # the recipe was written before dev was read; now its one figure
+        add_dev(a.method, result["dev"])
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     dest = HERE / "search"
     dest.mkdir(parents=True, exist_ok=True)

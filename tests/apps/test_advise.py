@@ -53,7 +53,7 @@ def test_the_numbers_come_from_the_methods_recipe():
         r = load_recipe(loss)
         assert a.recipe == loss and a.settings["lr"] == r.get("train.lr")
         assert a.settings["beta"] == r.get("loss.beta") and a.settings["batch_size"] == r.get("train.batch_size")
-        assert a.settings["lora_r"] == r.get("model.lora_r") and a.confidence.startswith("low")
+        assert a.settings["lora_r"] == r.get("model.lora_r") and a.confidence == r.meta["confidence"].strip()
         assert f"-c recipe:{loss}" in a.text()
     full = advise(PAIRED, params=P135M, memory_gb=None, lora=False)
     assert full.settings["lr"] == load_recipe("sigmoid").get("train.lr") / 10 and "model.lora=false" in full.overrides
