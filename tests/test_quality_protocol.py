@@ -191,15 +191,26 @@ def test_seeds_run_each_point_per_seed_and_the_row_is_their_mean_spread_and_inte
 
 
 @needs_shared_tqa
-def test_second_split_takes_dev_from_the_end_of_the_training_side(tmp_path, fake):
-    """TruthfulQA's 444 train-side questions, 8 dev pairs in quick mode: dev = records [436:444]."""
+def test_second_split_draws_truthfulqa_dev_by_hash_outside_the_validation_slice(tmp_path, fake):
+    """TruthfulQA's 444 train-side questions, 8 training and 8 dev pairs in quick mode: a search
+    validates on records [8:436), so the second dev set is 8 questions drawn by hash from the 16
+    outside it, and training reads the other records in file order, none of them a dev question."""
     assert _run(tmp_path, "--methods", "sigmoid") == 0
     assert _run(tmp_path, "--methods", "sigmoid", "--split", "second") == 0
     side = tmp_path / "q" / "data" / "truthfulqa" / "train.jsonl"
+    data2 = tmp_path / "q" / "data" / "truthfulqa-second"
     second = [c for c in fake.calls[3:] if c[0] == "eval"]  # after the first split's base eval, train, eval
-    assert {_arg(c, "--data") for c in second} == {f"{side}[436:444]"}
+    assert {_arg(c, "--data") for c in second} == {f"{data2 / 'dev.jsonl'}[:8]"}
     (train,) = _trains(fake)[1:]
-    assert f"data.train_path={side}[:8]" in train and f"run.output_dir={tmp_path / 'q/truthfulqa-second/sigmoid/run'}" in train
+    assert f"data.train_path={data2 / 'train.jsonl'}[:8]" in train
+    assert f"run.output_dir={tmp_path / 'q/truthfulqa-second/sigmoid/run'}" in train
+    questions = [json.loads(x)["Question"] for x in side.read_text().splitlines()]
+    dev = [json.loads(x)["Question"] for x in (data2 / "dev.jsonl").read_text().splitlines()]
+    rest = [json.loads(x)["Question"] for x in (data2 / "train.jsonl").read_text().splitlines()]
+    assert len(dev) == 8 and set(dev) <= set(questions[:8] + questions[436:]) and not set(dev) & set(rest)
+    assert sorted(dev + rest) == sorted(questions)  # the side, split in two; the rest in file order:
+    assert rest == [q for q in questions if q not in dev]
+    assert dev != questions[436:]  # a draw, not the side's last slice
     first = json.loads((tmp_path / "q" / "results.json").read_text())
     r = json.loads((tmp_path / "q" / "results-second.json").read_text())["truthfulqa sigmoid"]
     assert r["split"] == "second" and "split" not in first["truthfulqa sigmoid"]

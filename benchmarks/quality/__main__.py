@@ -94,11 +94,14 @@ points are exactly as before):
   444), train.epochs=E and train.reference_cache=true (reference log-probs computed once, read on
   later epochs and by every seed). Writes learning_curve.json/.png (curves.py) instead of the
   table; with --collect it gathers the finished points and trains nothing.
-- --split second: dev = the last dev-sized slice of the training side (HH train.jsonl.gz records
-  [1800 - hh_dev, 1800), no prompt shared with the records before it for hh_dev 100 or 200;
-  TruthfulQA train-side questions [444 - 168, 444)); training reads only records before it, so a
+- --split second: dev = as many pairs as the first split's dev, from the training side. HH: its last
+  records (train.jsonl.gz [1800 - hh_dev, 1800), no prompt shared with the records before it for
+  hh_dev 100 or 200), training reads only records before them. TruthfulQA: 168 questions drawn by a
+  second hash from outside the search's validation slice [160, 276) (the side's last slice would be
+  all but one Non-Adversarial: the CSV lists its Adversarial questions first), written to
+  <out>/data/truthfulqa-second/, training reads the other records in file order. Either way a
   recipe chosen on the first split is re-measured on pairs nothing was trained or chosen on
-  (search.py's validation slice stops there too). Points under <data>-second/, writes
+  (search.py's validation slice stops at 276). Points under <data>-second/, writes
   results-second.*, compared point by point with the first split's results (--first FILE, default
   results.json beside this script): the gain inside the first interval, the difference of the two
   gains with its interval, and the trained accuracy, since the two dev slices' bases differ.
@@ -255,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-pairs", help="learning curve: training-pair counts, e.g. 100,400,1800 (capped at the "
                     "training side); writes learning_curve.json/.png instead of the table")
     ap.add_argument("--epochs", help="learning curve: epochs, e.g. 1,2,3 (a grid with --train-pairs; reference cache on)")
-    ap.add_argument("--split", choices=("first", "second"), default="first", help="second: dev = the last dev-sized "
-                    "slice of the training file, training reads only records before it (writes results-second.*)")
+    ap.add_argument("--split", choices=("first", "second"), default="first", help="second: dev = a dev-sized set from the "
+                    "training side (HH: its last records; TruthfulQA: a hash draw), training reads the rest "
+                    "(writes results-second.*)")
     ap.add_argument("--first", metavar="FILE", help="with --split second: the first split's results to compare with "
                     "(default: results[-full-train].json beside this script, which a --seeds run may have replaced)")
     ap.add_argument("--full-train", action="store_true", help="train on the whole training side under each recipe's "

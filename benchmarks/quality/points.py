@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks.experiments.hh_cli import HH, HH_SETTINGS, preftune_logged
 
 from .protocol import second_split
-from .settings import BUILTIN, RECIPES, ROOT, TQA, UNPAIRED, split_truthfulqa
+from .settings import BUILTIN, RECIPES, ROOT, TQA, UNPAIRED, second_split_truthfulqa, split_truthfulqa
 
 __all__ = ["recipe_for", "recipe_budget", "dataset_inputs", "base_eval", "train_args", "eval_args", "TRAIN_KEY",
            "run_point"]
@@ -61,8 +61,10 @@ def recipe_budget(method: str) -> dict | None:
 
 def dataset_inputs(name: str, out: Path, s: dict, split: str = "first", pairs: int | None = None) -> dict:
     """Train/dev paths (record slices), the data settings and sizes of one data set. `split`
-    "second" takes the dev pairs from the end of the training side instead (protocol.second_split:
-    as many as the first split's dev, after every record training reads); `pairs` overrides the
+    "second" takes the dev pairs from the training side instead, as many as the first split's dev:
+    HH's last records (protocol.second_split; training reads the records before them), TruthfulQA's
+    by a second hash outside the search's validation slice (settings.second_split_truthfulqa;
+    training reads the rest in file order); `pairs` overrides the
     mode's training subsample (a learning-curve point). Sizes are capped at the training side.
     `side`/`side_pairs`: the training-side file and the records training may read from it."""
     if name == "hh":
@@ -74,7 +76,13 @@ def dataset_inputs(name: str, out: Path, s: dict, split: str = "first", pairs: i
         dev_n = min(s["tqa_dev"] or split_info["dev"], split_info["dev"])
         dev = f"{out / 'data' / 'truthfulqa' / 'dev.jsonl'}[:{dev_n}]"
     tag = name
-    if split == "second":
+    if split == "second" and name == "truthfulqa":  # a hash draw, not the side's last slice: settings.py says why
+        start = second_split(side_n, dev_n)[0]  # where a search's validation slice stops
+        second = second_split_truthfulqa(side, out / "data" / "truthfulqa-second", dev_n, (s["tqa_pairs"], start))
+        side, side_n, tag = out / "data" / "truthfulqa-second" / "train.jsonl", second["train"], f"{name}-second"
+        dev = f"{out / 'data' / 'truthfulqa-second' / 'dev.jsonl'}[:{dev_n}]"
+        split_info = {**split_info, "second": second}
+    elif split == "second":
         start, stop = second_split(side_n, dev_n)
         dev, side_n, tag = f"{side}[{start}:{stop}]", start, f"{name}-second"
         split_info = {**(split_info or {}), "second": f"dev = training-side records [{start}:{stop}]; training reads "

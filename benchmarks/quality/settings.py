@@ -85,6 +85,32 @@ def split_truthfulqa(csv_path: Path, dest: Path, dev_percent: int = DEV_PERCENT)
             "sha256": {side: hashlib.sha256(text.encode()).hexdigest() for side, text in texts.items()}}
 
 
+def second_split_truthfulqa(side: Path, dest: Path, dev_pairs: int, keep_out: tuple[int, int]) -> dict:
+    """TruthfulQA's second split, written to dest/train.jsonl and dest/dev.jsonl: dev = `dev_pairs`
+    training-side questions drawn by a second hash of the question (unrelated to the first split's
+    draw), outside the records [keep_out) that a recipe search validates on; training reads the
+    rest of the side in file order. Not a slice from the end of the side: the CSV lists its
+    Adversarial questions first, so the last 168 of the side are all but one Non-Adversarial (the
+    base model is right on 0.50 of them against 0.33 of the first dev set, a mix like this one)."""
+    rows = [json.loads(line) for line in side.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lo, hi = keep_out
+    outside = [i for i in range(len(rows)) if not lo <= i < hi]
+    if not 0 < dev_pairs < len(outside):
+        raise ValueError(f"the second split needs 0 < dev pairs ({dev_pairs}) < records outside [{lo}, {hi}) "
+                         f"({len(outside)})")
+    draw = sorted(outside, key=lambda i: hashlib.sha256(f"second:{question_key(rows[i]['Question'])}".encode()).hexdigest())
+    dev = set(draw[:dev_pairs])
+    texts = {"train": "".join(json.dumps(r) + "\n" for i, r in enumerate(rows) if i not in dev),
+             "dev": "".join(json.dumps(rows[i]) + "\n" for i in sorted(dev))}
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (dest / f"{name}.jsonl").write_text(text)
+    return {"train": len(rows) - dev_pairs, "dev": dev_pairs,
+            "rule": f"dev = the {dev_pairs} training-side questions outside records [{lo}, {hi}) with the lowest "
+                    "sha256('second:' + normalised question); training reads the others in file order",
+            "sha256": {name: hashlib.sha256(text.encode()).hexdigest() for name, text in texts.items()}}
+
+
 def newcombe(p1: float, ci1: list, p2: float, ci2: list) -> tuple[float, list[float]]:
     """p1 - p2 and Newcombe's hybrid score 95% interval (independent proportions) from their Wilson intervals."""
     (l1, u1), (l2, u2) = ci1, ci2
