@@ -19,6 +19,12 @@ processes:
 Then, offline, the two gradient sets: relative norm of the difference, elements whose sign differs,
 and how many elements the first Adam update moves differently. Writes agreement-<model>.json beside
 this file (the gradients stay in --keep, default a temporary directory).
+
+    PYTHONPATH=src python -m benchmarks.scaling.agreement --exact --keep DIR
+
+then computes the step-2 loss at TRL's step-1 weights in float64 (and in float32 through the same
+code), from the pairs and TRL gradients a run left in DIR, and adds how far each tool's float32
+loss is from it: which of the two is nearer the exact value, and how near float32 can be.
 """
 
 from __future__ import annotations
@@ -92,6 +98,65 @@ def compare(ours: dict, theirs: dict) -> dict:
             "adam_update_rel_diff_norm": float((ua - ub).norm() / ub.norm())}
 
 
+def exact_loss(data: Path, grads: Path, model_name: str, length: int, batch: int) -> dict:
+    """The step-2 DPO loss at TRL's step-1 weights computed in float64: the initial adapter (the
+    workers' seed), one AdamW step (fp32, as both tools take it) with TRL's saved gradients, then
+    the second batch's policy and reference (adapters off) sequence log-probs in float64, the LM
+    head applied in blocks of completion positions. Also the same in float32 through the same code,
+    so the script's own arithmetic can be told from the tools'."""
+    import torch
+    from safetensors.torch import load_file
+
+    import preftune.models.loading as loading
+    from benchmarks.speed_vs_trl.__main__ import BETA, _model
+    from preftune.config import load_config
+    from preftune.data.prepare import prepare_pairs
+
+    model, tok, _ = _model(model_name)  # set_seed + apply_lora: the adapter both workers start from
+    theirs = load_file(str(grads))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in params.items():
+        p.grad = theirs[n].to(p.dtype)
+    opt = torch.optim.AdamW(list(params.values()), lr=LR, weight_decay=0.0, eps=EPS)
+    opt.step()
+    cfg = load_config(None, [f"model.name_or_path={model_name}", f"data.train_path={data}",
+                             f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}"])
+    pairs, _ = prepare_pairs(str(data), cfg, loading.load_tokenizer(loading.resolve_model_dir(model_name)))
+    second = pairs[batch: 2 * batch]  # train.shuffle=false and TRL's sequential sampler: file order
+    causal = model.get_base_model()
+    head = causal.get_output_embeddings()
+
+    def logp(prompt: list[int], completion: list[int], dtype) -> float:
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            hidden = causal.model(input_ids=ids).last_hidden_state[0].to(dtype)
+            start = len(prompt) - 1  # the position whose logits predict the first completion token
+            total = torch.zeros((), dtype=torch.float64)
+            for at in range(start, start + len(completion), 256):
+                stop = min(at + 256, start + len(completion))
+                logits = torch.nn.functional.linear(hidden[at:stop], head.weight.to(dtype))
+                target = ids[0, at + 1: stop + 1]
+                total += (logits.log_softmax(-1).gather(-1, target[:, None]).sum()).double()
+        return float(total)
+
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        model.to(dtype)
+        margins = []
+        for x in second:
+            sums = {}
+            for name, completion in (("chosen", x.chosen_ids), ("rejected", x.rejected_ids)):
+                sums[f"policy_{name}"] = logp(list(x.prompt_ids), list(completion), dtype)
+                with model.disable_adapter():
+                    sums[f"reference_{name}"] = logp(list(x.prompt_ids), list(completion), dtype)
+            margins.append((sums["policy_chosen"] - sums["reference_chosen"])
+                           - (sums["policy_rejected"] - sums["reference_rejected"]))
+        m = torch.tensor(margins, dtype=torch.float64)
+        out[str(dtype).removeprefix("torch.")] = {
+            "loss": float(-torch.nn.functional.logsigmoid(BETA * m).mean()), "log_ratio_margins": margins}
+    return out
+
+
 def _run(args: list[str]) -> dict:
     env = importable({**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     proc = subprocess.run(module_command("benchmarks.scaling.agreement", *args), env=env, capture_output=True, text=True)
@@ -110,6 +175,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--trl-steps", type=int, default=1, help="2 also measures TRL's own step-2 loss here")
     ap.add_argument("--keep", help="directory for the pairs and both gradient files (default: temporary)")
+    ap.add_argument("--exact", action="store_true", help="only the float64 step-2 loss at TRL's step-1 weights, from "
+                    "the pairs and TRL gradients already in --keep (a run before); added to the results file")
     ap.add_argument("--worker", choices=["trl", "preftune"], help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--dump", help=argparse.SUPPRESS)
@@ -123,6 +190,23 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             return worker(a.data, f"{tmp}/run", "block+gc", a.steps, a.batch, a.length, a.model)
 
+    if a.exact:
+        if not a.keep:
+            ap.error("--exact reads the pairs and TRL's gradients from --keep")
+        keep = Path(a.keep)
+        got = exact_loss(keep / f"pairs-{a.length}.jsonl", keep / "grads-trl.safetensors", a.model, a.length, a.batch)
+        dest = HERE / f"agreement-{a.model}.json"
+        result = json.loads(dest.read_text()) if dest.is_file() else {}
+        trl_step2 = (result.get("grid_losses") or {}).get("trl+gc", [None, None])[1]
+        ours = (result.get("preftune_losses_with_trl_step1_gradients") or [None, None])[1]
+        exact = got["float64"]["loss"]
+        result["exact_at_trl_weights"] = {
+            "command": " ".join(["python -m benchmarks.scaling.agreement", *sys.argv[1:]]), **got,
+            "trl_rel_diff": None if trl_step2 is None else abs(trl_step2 - exact) / exact,
+            "preftune_rel_diff": None if ours is None else abs(ours - exact) / exact}
+        dest.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["exact_at_trl_weights"], indent=1))
+        return None
     keep = Path(a.keep or tempfile.mkdtemp(prefix="agreement-"))
     keep.mkdir(parents=True, exist_ok=True)
     data = keep / f"pairs-{a.length}.jsonl"
