@@ -142,6 +142,9 @@ def test_a_point_trains_the_model_it_is_given_with_the_head_it_is_given(tmp_path
     assert gc.model.name_or_path == "smollm2-135m-instruct" and gc.model.gradient_checkpointing
     assert gc.train.logprob_chunk_tokens == DEFAULT_CHUNK_TOKENS
     assert cfg("block", chunk=256).train.logprob_chunk_tokens == 256
+    # the TRL worker's lr and beta, whatever the DPO recipe says (its search moved beta to 0.3)
+    from benchmarks.speed_vs_trl.__main__ import BETA, LR
+    assert (gc.train.lr, gc.loss.beta) == (LR, BETA)
 
 
 def test_run_point_hands_the_model_and_chunk_to_its_worker(monkeypatch, tmp_path):

@@ -175,10 +175,11 @@ def make_pairs(path: Path, length: int, n: int, tok=None) -> None:
 def overrides(data: str, out: str, mode: str, steps: int, batch: int, length: int, model: str = DEFAULT_MODEL,
               chunk: int | None = None) -> list[str]:
     """The config of a preftune point. `chunk`: train.logprob_chunk_tokens (None: its default,
-    1024); the dense-head mode is block attention with the dense LM head (0)."""
+    1024); the dense-head mode is block attention with the dense LM head (0). lr and beta are
+    TRL's worker's (speed_vs_trl's LR, BETA), not the DPO recipe's, which a search may change."""
     chunk = 0 if mode == "dense-head" else chunk
     return [f"model.name_or_path={model}", f"data.train_path={data}", f"run.output_dir={out}", f"train.max_steps={steps}",
-            f"train.batch_size={batch}", "train.lr=5e-4", "train.shuffle=false",
+            f"train.batch_size={batch}", "train.lr=5e-4", "loss.beta=0.1", "train.shuffle=false",
             f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}",
             "diagnostics.probe_every=0", "train.warmup_ratio=0", "train.seed=42",
             f"model.gradient_checkpointing={str(mode.endswith('+gc')).lower()}",
