@@ -127,3 +127,23 @@ def test_bf16_auto_is_on_for_a_cuda_device_with_bf16_and_off_on_cpu(monkeypatch)
     assert [bf16_enabled(s, "cuda") for s in (True, False, "auto")] == [True, False, True]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or a T4
     assert bf16_enabled("auto", "cuda") is False and bf16_enabled(True, "cuda") is True
+
+
+def test_segment_sums_round_once_where_float32_index_add_rounds_every_token():
+    """A completion of 4000 tokens near -2 nats each: its sum (about -8000) is float32's nearest value
+    to the exact sum, where a float32 running sum drifts by many ulps (what put the 4096-token Gemma
+    margins up to 3.5e-3 nats from float64)."""
+    from preftune.core.logprobs import segment_sums
+
+    g = torch.Generator().manual_seed(0)
+    values = -(1.5 + torch.rand(4000, generator=g))                 # float32 per-token log-probs
+    index = torch.tensor([0] * 4000)
+    exact = values.double().sum()
+    got = segment_sums(values, index, 1)
+    assert got.dtype == torch.float32 and got.shape == (1,)
+    assert got[0] == exact.float()                                    # one rounding: the nearest float32
+    naive = torch.zeros(1).index_add(0, index, values)[0].double()
+    spacing = float(torch.finfo(torch.float32).eps) * 4096            # between float32 values near 8000
+    assert abs(naive - exact) > 2 * spacing                            # the running float32 sum: 1.4e-3 off
+    two = segment_sums(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1, 0, 1]), 3)
+    assert two.tolist() == [2.0, 5.0, 0.0]

@@ -16,7 +16,7 @@ from .attention import uses_block_attention
 from .chunking import block_tokens
 from .lmhead import chunked_token_logps, head_post
 
-__all__ = ["sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
+__all__ = ["segment_sums", "sliding_window", "dense_mask", "packed_attention_mask", "completion_logps", "completion_token_logps",
            "completion_token_logps_and_entropy", "pair_logps", "sequence_scores", "sequence_logps", "split_pairs",
            "fp32_lm_head", "autocast", "bf16_enabled", "chunk_lm_head", "DEFAULT_CHUNK_TOKENS"]
 
@@ -36,6 +36,16 @@ class _FP32Head(torch.nn.Linear):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias)
 
+
+def segment_sums(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-sequence sums (n,) float32 of per-token `values` (M,) whose sequence is `index` (M,),
+    accumulated in float64. index_add adds in token order on the CPU, so in float32 a completion's
+    running sum of a few thousand log-probs (some thousands of nats) rounds at every token: on
+    Gemma 3 at 4096 tokens per pair that put DPO's log-ratio margins 0.5e-3 to 3.5e-3 nats from
+    float64 and the loss 1.2e-4 from it (benchmarks/scaling/agreement.py). Accumulated in float64
+    and rounded once, a sum is as exact as float32 holds it. MPS has no float64: float32 there."""
+    wide = torch.float32 if values.device.type == "mps" else torch.float64
+    return torch.zeros(n, dtype=wide, device=values.device).index_add(0, index, values.to(wide)).float()
 
 def fp32_lm_head(model) -> None:
     """Make `model`'s output projection compute in float32 (class swap: same parameters and
@@ -80,7 +90,7 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     selected = logits[mask].float()                                     # (M, V)
     token_logps = -F.cross_entropy(selected, targets[mask], reduction="none")  # (M,)
     rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-    logps = torch.zeros(mask.size(0), dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
+    logps = segment_sums(token_logps, rows, mask.size(0))
     return logps, mask.sum(dim=1)
 
 
@@ -98,7 +108,7 @@ def completion_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     inputs, targets, mask = _padded_inputs(batch)
     token_logps = _kept_token_logps(model, inputs, targets, mask)[0]                  # (M,)
     rows = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-    logps = torch.zeros(mask.size(0), dtype=torch.float32, device=mask.device).index_add(0, rows, token_logps)
+    logps = segment_sums(token_logps, rows, mask.size(0))
     return logps, mask.sum(dim=1)
 
 
@@ -123,7 +133,7 @@ def pair_logps(model, batch: dict, *, tails: bool = False, wpo_weights: bool = F
         inputs, targets, mask = _padded_inputs(batch)
         token_logps, _, log_sum_sq = _kept_token_logps(model, inputs, targets, mask, log_sum_sq=wpo_weights)
         rows, n = torch.arange(mask.size(0), device=mask.device).unsqueeze(1).expand_as(mask)[mask], mask.size(0)
-    sums = lambda values: torch.zeros(n, dtype=torch.float32, device=rows.device).index_add(0, rows, values)  # noqa: E731
+    sums = lambda values: segment_sums(values, rows, n)  # noqa: E731
     counts = torch.bincount(rows, minlength=n)
     extras = {}
     if tails:
@@ -340,7 +350,7 @@ def _packed_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """A packed row (data/collate.collate_packed): summed completion logps and counts per sequence."""
     token_logps = _packed_token_logps(model, batch)[0]
     n, seq = int(batch["n_seqs"]), batch["seq_index"]
-    logps = torch.zeros(n, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
+    logps = segment_sums(token_logps, seq, n)
     return logps, torch.bincount(seq, minlength=n)
 
 
