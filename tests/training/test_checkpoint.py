@@ -110,7 +110,7 @@ def test_resume_refuses_changed_settings_or_data(tmp_path, tiny_model_dir, monke
         train(_cfg(tmp_path, tiny_model_dir))
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="loss.beta: changed since the checkpoint"):
-        train(_cfg(tmp_path, tiny_model_dir, "run", "loss.beta=0.3"), resume=True)
+        train(_cfg(tmp_path, tiny_model_dir, "run", "loss.beta=0.5"), resume=True)  # the DPO recipe's is 0.3
     write_jsonl(tmp_path / "pairs.jsonl", PAIRS[::-1])
     with pytest.raises(ConfigError, match="data.train_sha256"):
         train(_cfg(tmp_path, tiny_model_dir), resume=True)

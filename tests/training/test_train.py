@@ -73,7 +73,7 @@ def test_per_step_loss_matches_a_hand_written_loop(tmp_path, tiny_model_dir, tok
     from preftune.models.loading import apply_lora, load_model
 
     steps, beta, lr = 4, 0.1, 1e-2
-    result = train(_cfg(tmp_path, tiny_model_dir, f"train.max_steps={steps}", "train.batch_size=8",
+    result = train(_cfg(tmp_path, tiny_model_dir, f"train.max_steps={steps}", "train.batch_size=8", f"loss.beta={beta}",
                         "train.scheduler=constant", "train.warmup_ratio=0", "train.epochs=10"))
     ours = [r["loss"] for r in _metrics(result.run_dir)]
 
