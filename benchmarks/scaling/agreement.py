@@ -38,10 +38,11 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import importable, module_command
+from benchmarks.speed_vs_trl.__main__ import BETA, LR, _model
 
-from .__main__ import HERE, _tokenizer, make_pairs, output, trl_worker, worker
+from .__main__ import HERE, _tokenizer, make_pairs, output, overrides, trl_worker, worker
 
-LR, EPS = 5e-4, 1e-8  # the scaling benchmark's AdamW (both tools): lr 5e-4, torch's default eps
+EPS = 1e-8  # torch's AdamW default, which both tools' optimizers keep (lr: the TRL worker's LR)
 
 
 def _record_gradients(dump: Path, swap: Path | None) -> None:
@@ -107,8 +108,6 @@ def exact_loss(data: Path, grads: Path, model_name: str, length: int, batch: int
     import torch
     from safetensors.torch import load_file
 
-    import preftune.models.loading as loading
-    from benchmarks.speed_vs_trl.__main__ import BETA, _model
     from preftune.config import load_config
     from preftune.data.prepare import prepare_pairs
 
@@ -119,9 +118,9 @@ def exact_loss(data: Path, grads: Path, model_name: str, length: int, batch: int
         p.grad = theirs[n].to(p.dtype)
     opt = torch.optim.AdamW(list(params.values()), lr=LR, weight_decay=0.0, eps=EPS)
     opt.step()
-    cfg = load_config(None, [f"model.name_or_path={model_name}", f"data.train_path={data}",
-                             f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}"])
-    pairs, _ = prepare_pairs(str(data), cfg, loading.load_tokenizer(loading.resolve_model_dir(model_name)))
+    # the scaling worker's config (its max lengths), so the pairs are tokenized as both tools trained on them
+    cfg = load_config(None, overrides(str(data), str(data.parent / "run"), "block+gc", 2, batch, length, model_name))
+    pairs, _ = prepare_pairs(str(data), cfg, tok)
     second = pairs[batch: 2 * batch]  # train.shuffle=false and TRL's sequential sampler: file order
     causal = model.get_base_model()
     head = causal.get_output_embeddings()
@@ -190,12 +189,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             return worker(a.data, f"{tmp}/run", "block+gc", a.steps, a.batch, a.length, a.model)
 
+    dest = HERE / f"agreement-{a.model}.json"
     if a.exact:
         if not a.keep:
             ap.error("--exact reads the pairs and TRL's gradients from --keep")
         keep = Path(a.keep)
         got = exact_loss(keep / f"pairs-{a.length}.jsonl", keep / "grads-trl.safetensors", a.model, a.length, a.batch)
-        dest = HERE / f"agreement-{a.model}.json"
         result = json.loads(dest.read_text()) if dest.is_file() else {}
         trl_step2 = (result.get("grid_losses") or {}).get("trl+gc", [None, None])[1]
         ours = (result.get("preftune_losses_with_trl_step1_gradients") or [None, None])[1]
@@ -233,7 +232,6 @@ def main() -> None:
         "gradients": compare(load_file(str(keep / "grads-preftune.safetensors")),
                              load_file(str(keep / "grads-trl.safetensors"))),
     }
-    dest = HERE / f"agreement-{a.model}.json"
     dest.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
