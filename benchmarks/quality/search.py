@@ -144,14 +144,26 @@ def choose(rows: list[dict]) -> dict | None:
     return min(near, key=lambda r: (r["kl"] if r["kl"] is not None else float("inf")))
 
 
-def write_recipe(method: str, dataset: str, chosen: dict, result: dict) -> Path:
-    """Put the chosen lr and beta into the method's recipe, marked tuned, with the grid as evidence."""
+def _edit_recipe(method: str, edit) -> Path:
+    """Rewrite the method's recipe file as `edit(data)` leaves its parsed YAML, keeping the file's
+    leading comment lines (YAML drops comments inside the body)."""
     import yaml
 
     path = RECIPES / f"{method}.yaml"
     text = path.read_text()
     header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
     data = yaml.safe_load(text)
+    edit(data)
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=110))
+    return path
+
+
+def write_recipe(method: str, dataset: str, chosen: dict, result: dict) -> Path:
+    """Put the chosen lr and beta into the method's recipe, marked tuned, with the grid as evidence."""
+    return _edit_recipe(method, lambda data: _chosen_into(data, dataset, chosen, result))
+
+
+def _chosen_into(data: dict, dataset: str, chosen: dict, result: dict) -> None:
     meta = data.pop("recipe", {}) or {}
     data.setdefault("train", {})["lr"] = chosen["lr"]
     data.setdefault("loss", {})["beta"] = chosen["beta"]
@@ -169,23 +181,15 @@ def write_recipe(method: str, dataset: str, chosen: dict, result: dict) -> Path:
     meta["evidence"] = [{"data": f"{dataset} search (python -m benchmarks.quality.search)", "command": result["command"],
                          "chosen": {"lr": chosen["lr"], "beta": chosen["beta"]}, "grid": grid},
                         *[e for e in meta.get("evidence", []) if "search" not in str(e.get("data", ""))]]
-    body = yaml.safe_dump({"recipe": meta, **data}, sort_keys=False, width=110)
-    path.write_text(header + body)
-    return path
+    rest = dict(data)
+    data.clear()
+    data.update({"recipe": meta, **rest})  # the recipe's metadata first, as the files are written
 
 
 def add_dev(method: str, dev: dict) -> Path:
     """Add the dev measurement (taken after the choice) to the search's evidence in the recipe, as
     the line the search's .md prints; the choice is not touched."""
-    import yaml
-
-    path = RECIPES / f"{method}.yaml"
-    text = path.read_text()
-    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
-    data = yaml.safe_load(text)
-    data["recipe"]["evidence"][0]["dev_measured_once"] = dev_line(dev)
-    path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=110))
-    return path
+    return _edit_recipe(method, lambda data: data["recipe"]["evidence"][0].update(dev_measured_once=dev_line(dev)))
 
 
 def grid_row(data: dict, method: str, out: Path, s: dict, model: str, lr: float, beta: float,
