@@ -47,6 +47,7 @@ def segment_sums(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Ten
     wide = torch.float32 if values.device.type == "mps" else torch.float64
     return torch.zeros(n, dtype=wide, device=values.device).index_add(0, index, values.to(wide)).float()
 
+
 def fp32_lm_head(model) -> None:
     """Make `model`'s output projection compute in float32 (class swap: same parameters and
     state-dict keys, so saving and loading are unchanged)."""
