@@ -106,6 +106,18 @@ def test_trl_ratio_and_loss_agreement_take_the_block_point_of_the_same_invocatio
     assert scaling.versus_block({"length": 256, "mode": "trl", "error": "killed", "command": "now"}, [block]) == {}
 
 
+def test_where_block_did_not_run_the_checkpointed_point_is_the_reference():
+    """Gemma at 4096 tokens: block does not fit, so TRL is compared with block+gc (named)."""
+    gc = {"length": 4096, "mode": "block+gc", "pairs_per_s": 0.009, "losses": [0.6931, 0.50396], "command": "now"}
+    trl = {"length": 4096, "mode": "trl+gc", "pairs_per_s": 0.0045, "losses": [0.6931, 0.503955], "command": "now"}
+    got = scaling.versus_block(trl, [gc])
+    assert got["losses_vs"] == "block+gc" and got["preftune_gc_over_trl"] == 2.0 and "preftune_over_trl" not in got
+    assert got["losses_agree"] is True
+    assert scaling.versus_block({**trl, "losses": [0.6931, 0.50390]}, [gc])["losses_agree"] is False
+    assert scaling.versus_block(gc, [gc]) == {}  # block+gc is not compared with itself
+    assert scaling.versus_block(trl, [{**gc, "command": "before"}]) == {}
+
+
 def test_every_route_to_the_same_losses_is_checked_against_block_but_qlora_and_block_itself():
     block = {"length": 256, "mode": "block", "pairs_per_s": 0.9, "losses": [0.6931, 0.6900], "command": "now"}
     for mode in ("block+gc", "dense-head", "dense"):

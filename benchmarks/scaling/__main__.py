@@ -369,19 +369,26 @@ def loss_agreement(losses: list[float], reference: list[float]) -> dict:
 def versus_block(point: dict, results: list[dict]) -> dict:
     """For a point that computes the block point's losses by another route (TRL, checkpointing, the
     dense head, the dense mask; not QLoRA, whose base differs): its loss agreement with the block
-    point of the same length in the same invocation. A TRL point also records preftune's pairs/s
+    point of the same length in the same invocation, or with the block+gc point where block did not
+    run (Gemma at 4096 tokens fits only with checkpointing; block+gc's losses are block's bit for
+    bit wherever both ran): `losses_vs` names which. A TRL point also records preftune's pairs/s
     over its own: block's (`preftune_over_trl`) and block+gc's (`preftune_gc_over_trl`)."""
     def ours(mode):
         return next((r for r in results if r["length"] == point["length"] and r["mode"] == mode
                      and r.get("command") == point.get("command") and "pairs_per_s" in r), None)
 
-    block = ours("block")
-    if block is None or "losses" not in point or point["mode"] == "block" or point["mode"].startswith("qlora"):
+    if "losses" not in point or point["mode"] in ("block", "block+gc") and ours("block") is None \
+            or point["mode"] == "block" or point["mode"].startswith("qlora"):
         return {}
-    got = loss_agreement(point["losses"], block["losses"])
+    block, gc = ours("block"), ours("block+gc")
+    ref = block if block is not None else gc
+    if ref is None:
+        return {}
+    got = {**loss_agreement(point["losses"], ref["losses"]), "losses_vs": ref["mode"]}
     if point["mode"].startswith("trl"):
-        got["preftune_over_trl"] = round(block["pairs_per_s"] / point["pairs_per_s"], 2)
-        if (gc := ours("block+gc")) is not None:
+        if block is not None:
+            got["preftune_over_trl"] = round(block["pairs_per_s"] / point["pairs_per_s"], 2)
+        if gc is not None:
             got["preftune_gc_over_trl"] = round(gc["pairs_per_s"] / point["pairs_per_s"], 2)
     return got
 
