@@ -81,6 +81,17 @@ def test_the_table_shows_the_paired_gain():
     assert lines[6] == "  (before: the run's reference (its start), same forward passes; 5 pairs; 95% bootstrap over pairs)"
 
 
+def test_the_table_shows_the_win_rate_with_its_interval_over_prompts():
+    result = {"data": "d.jsonl", "run": "r", "pairs": 5, "accuracy/implicit_reward": 0.8,
+              "accuracy/implicit_reward_ci95": [0.4, 0.96], "accuracy/logp": 0.6, "accuracy/logp_ci95": [0.2, 0.9],
+              "rewards/margins": 0.1, "perplexity/chosen": 9.0, "win_rate": 0.625, "win_rate/ci95": [0.5, 0.75],
+              "reward/source": "rm:runs/rm"}
+    assert format_eval(result).splitlines()[-1] == \
+        "  win rate vs reference      0.625 [0.500, 0.750] over prompts (rm:runs/rm)"
+    nan = float("nan")  # an eval JSON from before the interval, or one where every score failed: no interval
+    assert format_eval({**result, "win_rate/ci95": [nan, nan]}).splitlines()[-1].endswith("0.625 (rm:runs/rm)")
+
+
 def test_before_and_after_through_the_cli_agree_in_one_call_and_in_two(tmp_path, capsys, tiny_model_dir, monkeypatch):
     """`eval --per-pair` of the base model, then of a run: the run's default "before" (its
     reference, read in the same forward passes) and the base eval's per-pair file give the same

@@ -5,7 +5,16 @@ import math
 
 import pytest
 
-from preftune.core.stats import holds_across_seeds, kfold, mcnemar_exact, paired_gain, seed_spread, spread
+from preftune.core.stats import (
+    bootstrap_ci,
+    holds_across_seeds,
+    kfold,
+    mcnemar_exact,
+    paired_gain,
+    seed_spread,
+    spread,
+    win_rate,
+)
 
 
 def _table(gained: int, lost: int, right_both: int, wrong_both: int) -> tuple[list[float], list[float]]:
@@ -138,3 +147,21 @@ def test_kfold_partitions_by_key_deterministically_and_refuses_dev_keys():
         kfold(keys, 3, seed=0, exclude={"p3"})
     with pytest.raises(ValueError, match="2 <= k"):
         kfold(keys, 8, seed=0)  # 7 distinct prompts
+
+
+def test_win_rate_counts_ties_half_skips_failures_and_bootstraps_over_prompts():
+    """3 prompts x 2 samples: prompt 0 wins both, prompt 1 ties one and loses one (a NaN pair left
+    out), prompt 2 has only a failed score and a loss. By hand: outcomes 1, 1, 0.5, 0, 0 over 5
+    comparisons = 0.5; per-prompt means 1.0, 0.25, 0.0 are what the interval resamples."""
+    nan = float("nan")
+    got = win_rate([3, 2, 1, 0, nan, 1], [1, 1, 1, 2, 0, 5], per_prompt=2)
+    assert got["win_rate"] == 0.5 and got["comparisons"] == 5 and got["failed"] == 1 and got["prompts"] == 3
+    assert got["ci95"] == list(bootstrap_ci([1.0, 0.25, 0.0]))
+    # the same outcomes pooled per comparison would give a narrower interval: clustering is what widens it
+    flat = bootstrap_ci([1.0, 1.0, 0.5, 0.0, 0.0])
+    assert got["ci95"][1] - got["ci95"][0] > flat[1] - flat[0]
+    assert math.isnan(win_rate([nan], [1.0], per_prompt=1)["win_rate"])
+    with pytest.raises(ValueError, match="whole groups of 2"):
+        win_rate([1, 2, 3], [1, 2, 3], per_prompt=2)
+    with pytest.raises(ValueError, match="3 policy scores against 2"):
+        win_rate([1, 2, 3], [1, 2], per_prompt=1)

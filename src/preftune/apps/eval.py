@@ -15,6 +15,7 @@ run's start, so one `eval --run` gives the paired gain with no second evaluation
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..core.losses import build_loss
@@ -229,5 +230,7 @@ def format_eval(result: dict) -> str:
     if "paired" in result:
         lines += _paired_lines(result["paired"])
     if "win_rate" in result:
-        lines.append(f"  win rate vs reference      {result['win_rate']:.3f} ({result['reward/source']})")
+        ci = result.get("win_rate/ci95")
+        within = f" [{ci[0]:.3f}, {ci[1]:.3f}] over prompts" if ci and all(map(math.isfinite, ci)) else ""
+        lines.append(f"  win rate vs reference      {result['win_rate']:.3f}{within} ({result['reward/source']})")
     return "\n".join(lines)

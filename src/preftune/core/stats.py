@@ -11,7 +11,7 @@ import math
 import random
 
 __all__ = ["bootstrap_ci", "best_of_n_kl", "best_of_n_curve", "wilson", "reliability", "mcnemar_exact",
-           "paired_gain", "spread", "seed_spread", "holds_across_seeds", "kfold"]
+           "paired_gain", "win_rate", "rate_by_prompt", "spread", "seed_spread", "holds_across_seeds", "kfold"]
 
 
 def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -130,6 +130,38 @@ def paired_gain(before: list[float], after: list[float], *, n: int = 4000, seed:
 
 
 # ---- seed spread: the same pairs under several training seeds ---------------------------------
+
+def win_rate(policy: list[float], reference: list[float], per_prompt: int, *, n: int = 4000, seed: int = 0,
+             level: float = 0.95) -> dict:
+    """The policy's win rate over the reference from scores of their samples, sample k of a prompt
+    against the reference's sample k (`per_prompt` of each, prompt by prompt in one order); a tie
+    counts half; a pair with a non-finite score is left out and counted (`failed`). The interval:
+    `rate_by_prompt`'s."""
+    if len(policy) != len(reference):
+        raise ValueError(f"win rate: {len(policy)} policy scores against {len(reference)} reference scores")
+    outcomes = [math.nan if not (math.isfinite(a) and math.isfinite(b)) else 1.0 if a > b else 0.5 if a == b else 0.0
+                for a, b in zip(policy, reference)]
+    got = rate_by_prompt(outcomes, per_prompt, n=n, seed=seed, level=level)
+    return {"win_rate": got["rate"], **{k: v for k, v in got.items() if k != "rate"}}
+
+
+def rate_by_prompt(outcomes: list[float], per_prompt: int, *, n: int = 4000, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """The mean of per-comparison outcomes in [0, 1] (NaN: failed, left out and counted), grouped
+    `per_prompt` to a prompt in order, with a percentile bootstrap interval over PROMPTS of each
+    prompt's mean outcome, not over comparisons: a prompt's samples share its difficulty, so
+    resampling them one by one would treat correlated outcomes as independent and give too narrow
+    an interval (with one sample per prompt the two are the same). A prompt with no finite outcome
+    is left out of the interval."""
+    if per_prompt < 1 or len(outcomes) % per_prompt:
+        raise ValueError(f"{len(outcomes)} outcomes are not whole groups of {per_prompt} per prompt")
+    groups = [[o for o in outcomes[i:i + per_prompt] if math.isfinite(o)] for i in range(0, len(outcomes), per_prompt)]
+    means = [math.fsum(g) / len(g) for g in groups if g]
+    done = [o for g in groups for o in g]
+    lo, hi = bootstrap_ci(means, n=n, seed=seed, level=level) if means else (math.nan, math.nan)
+    return {"rate": math.fsum(done) / len(done) if done else math.nan, "ci95": [lo, hi],
+            "comparisons": len(done), "prompts": len(means), "failed": len(outcomes) - len(done)}
+
 
 def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (n - 1; 0 for one value), min and max of per-seed figures."""

@@ -13,7 +13,7 @@ import torch
 
 from ..core.logprobs import completion_logps
 from ..core.losses import LOSSES
-from ..core.stats import bootstrap_ci, reliability, wilson
+from ..core.stats import bootstrap_ci, rate_by_prompt, reliability, wilson, win_rate
 from ..core.step import SameAsPolicy, loss_forward
 from ..data import collate_pairs, render
 from ..data.collate import collate_sequences
@@ -229,7 +229,7 @@ def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n:
     """Fresh samples from policy and reference on the same prompts (same seed): KL on the
     policy's samples, length statistics of both, and with a reward source their mean scores, the
     policy's win rate (policy sample k vs reference sample k of each prompt; ties count half)
-    and per-prompt means."""
+    with a bootstrap interval over prompts (core/stats.win_rate), and per-prompt means."""
     pad = tokenizer.pad_token_id
     pol = sample_completions(policy, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, seed=seed)
     if isinstance(reference, SameAsPolicy):
@@ -246,16 +246,17 @@ def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n:
     _, ref_text = _texts(tokenizer, ref)
     ps, rs = reward.score(p_text, pol_text), reward.score(p_text, ref_text)
     pairs = [(a, b) for a, b in zip(ps, rs) if math.isfinite(a) and math.isfinite(b)]
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs)
+    won = win_rate(ps, rs, n)  # interval over prompts: a prompt's n samples are not independent
     if hasattr(reward, "compare"):  # a pairwise judge: ask it directly, in both orders
         verdicts = [reward.compare(p, a, b) for p, a, b in zip(p_text, pol_text, ref_text)]
-        done = [v for v in verdicts if math.isfinite(v)]
-        out.update({"win_rate/judge": sum(done) / max(len(done), 1), "win_rate/judge_comparisons": len(done),
-                    "win_rate/judge_failed": len(verdicts) - len(done)})
+        judged = rate_by_prompt([v if math.isfinite(v) else math.nan for v in verdicts], n)
+        out.update({"win_rate/judge": 0.0 if not judged["comparisons"] else judged["rate"],
+                    "win_rate/judge_ci95": judged["ci95"], "win_rate/judge_comparisons": judged["comparisons"],
+                    "win_rate/judge_failed": judged["failed"]})
     out.update({"reward/source": reward.name, "reward/policy": sum(a for a, _ in pairs) / max(len(pairs), 1),
                 "reward/reference": sum(b for _, b in pairs) / max(len(pairs), 1),
-                "win_rate": wins / max(len(pairs), 1), "win_rate/comparisons": len(pairs),
-                "reward/failed": len(ps) - len(pairs),
+                "win_rate": won["win_rate"] if pairs else 0.0, "win_rate/ci95": won["ci95"],
+                "win_rate/comparisons": len(pairs), "reward/failed": len(ps) - len(pairs),
                 "per_prompt": [{"prompt": p_text[i * n],
                                 "policy": sum(ps[i * n:(i + 1) * n]) / n, "reference": sum(rs[i * n:(i + 1) * n]) / n}
                                for i in range(len(prompts))]})
