@@ -392,3 +392,53 @@ def test_summarize_takes_the_paired_interval_when_the_eval_has_one(tmp_path):
     assert r["gain_interval"].startswith("paired bootstrap over pairs") and 0.001 < r["gain_mcnemar_p"] < 0.0027
     newcombe = settings.newcombe(0.6, wilson(120, 200), 0.5, wilson(100, 200))[1]
     assert r["gain_ci95"][1] - r["gain_ci95"][0] < 0.7 * (newcombe[1] - newcombe[0])  # pairing: ~0.12 against ~0.19
+
+
+def test_a_judge_scores_every_point_and_seeds_share_its_prompts(tmp_path):
+    """--judge: the eval gets the reward source; a point's row carries the win rate and its
+    per-prompt fractions; seeds combine into their mean with a seeds x prompts interval; the
+    table gets a win-rate section (none without a judge, so earlier tables are unchanged)."""
+    from benchmarks.quality.seeds import combine_seeds, combine_win_rates, pair_outcomes
+    from preftune.config import save_config
+
+    s = {"kl_prompts": 4, "kl_samples": 2, "max_new_tokens": 8}
+    plain = points.eval_args(Path("RUN"), {"dev": "d.jsonl"}, Path("OUT"), s)
+    assert "--reward" not in plain  # the key of every point measured without a judge is what it was
+    assert points.eval_args(Path("RUN"), {"dev": "d.jsonl"}, Path("OUT"), {**s, "judge": "rm:runs/rm"})[-2:] == \
+        ["--reward", "rm:runs/rm"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_config(load_config(None, ["loss.name=sigmoid"]), run_dir / "config.yaml")
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 20, "data": {"pairs": 80, "truncated": 0}}))
+    e = {"pairs": 100, "accuracy/implicit_reward": 0.7, "accuracy/implicit_reward_ci95": wilson(70, 100),
+         "accuracy/logp": 0.6, "accuracy/logp_ci95": wilson(60, 100), "rewards/margins": 0.8, "kl": 2.0,
+         "kl_stderr": 0.1, "kl_samples": 8, "sample_length/policy/mean": 30.0, "sample_length/reference/mean": 30.0,
+         "data_stats": {"truncated": 0}, "win_rate": 0.625, "win_rate/ci95": [0.5, 0.75], "win_rate/comparisons": 8,
+         "reward/source": "rm:runs/rm", "reward/policy": 1.5, "reward/reference": 1.0,
+         "per_prompt": [{"win": w} for w in (1.0, 0.5, 0.5, 0.5)]}
+    (tmp_path / "eval.json").write_text(json.dumps(e))
+    point = {"train_s": 1.0, "eval_s": 1.0, "recipe": {"source": "built-in"}, "run": str(run_dir),
+             "eval_file": str(tmp_path / "eval.json")}
+    r = table_rows.summarize({"name": "hh"}, "sigmoid", point, {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100)})
+    assert (r["win_rate"], r["win_rate_ci95"], r["judge"], r["win_by_prompt"]) == \
+        (0.625, [0.5, 0.75], "rm:runs/rm", [1.0, 0.5, 0.5, 0.5])
+    seeds = [{**r, "win_rate": w, "win_by_prompt": b} for w, b in
+             ((0.625, [1.0, 0.5, 0.5, 0.5]), (0.75, [1.0, 1.0, 0.5, 0.5]), (0.5, [0.5, 0.5, None, 0.5]))]
+    got = combine_win_rates(seeds)
+    assert got["win_rate"] == pytest.approx(0.625) and got["per_seed_win_rates"] == [0.625, 0.75, 0.5]
+    assert got["win_prompts"] == 3  # prompt 2 failed in seed 2: out of the interval
+    lo, hi = got["win_rate_ci95"]
+    assert 0.5 <= lo < 0.65 < hi <= 1.0
+    with pytest.raises(ValueError, match="same prompts"):
+        combine_win_rates([seeds[0], {**seeds[1], "win_by_prompt": [1.0]}])
+    bases = {"hh": {"logp_acc": 0.5, "logp_acc_ci95": wilson(50, 100), "wall_s": 100.0}}
+    meta = {"mode": "full", "model": "m", "kl_prompts": 4, "kl_samples": 2, "max_new_tokens": 8, "elapsed_s": 1.0,
+            "estimate": {"total_s": 5000}}
+    row = combine_seeds(seeds, [pair_outcomes(_per_pair(30, 10))] * 3)  # a seeds row takes the judge's figures too
+    assert {k: row[k] for k in got} == got
+    quality.write_outputs(tmp_path, [row], bases, meta)
+    md = (tmp_path / "results.md").read_text()
+    assert f"| hh | sigmoid | 0.625 [{lo:.3f}, {hi:.3f}] (0.625, 0.750, 0.500 by seed) | 1.500 / 1.000 | 8 |" in md
+    assert "scored by rm:runs/rm, which no training here used" in md
+    quality.write_outputs(tmp_path, [_row("hh", "sigmoid", 0.5, 0.7, 3.0)], bases, meta)
+    assert "Sampled win rate" not in (tmp_path / "results.md").read_text()

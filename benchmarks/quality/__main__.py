@@ -116,6 +116,16 @@ points are exactly as before):
   default puts them (finished ones are reused). Writes results-precision.* (rows "method (fp32)",
   "method (bf16)", a note per pair of rows: gain, KL, flags and training time side by side);
   --precision bf16 alone writes results-bf16.*.
+- --judge SOURCE (item 7): each point's eval also samples the policy and the reference on the
+  held-out prompts (eval.kl_prompts x eval.kl_samples, the samples the KL already draws) and scores
+  both with SOURCE (`preftune eval --reward`): the win rate (policy sample k against reference
+  sample k, ties half) with a bootstrap interval over prompts, seeds x prompts for --seeds
+  (seeds.combine_win_rates), in a section under the table. SOURCE must be a scorer the points did
+  not train against, e.g. a reward model trained on the training side only
+  (`preftune train-rm data.train_path=../shared/data/hh-rlhf-harmless-base/train.jsonl.gz
+  run.output_dir=runs/judge-hh`, then `--judge rm:runs/judge-hh`) or an ensemble of several. The
+  judge is part of each point's eval arguments: finished trainings are reused and only evaluated
+  again.
 The README table is results.md: run --seeds (with the --hh-pairs/--hh-dev the table used) and then
 --collect with the same flags.
 
@@ -265,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: results[-full-train].json beside this script, which a --seeds run may have replaced)")
     ap.add_argument("--full-train", action="store_true", help="train on the whole training side under each recipe's "
                     "stated budget (recipe.budget; writes results-full-train.*)")
+    ap.add_argument("--judge", metavar="SOURCE", help="score the policy's and the reference's held-out samples with this "
+                    "reward source (e.g. rm:DIR, a reward model trained on the training side; never one the points "
+                    "trained against): each point's sampled win rate with its interval over prompts")
     ap.add_argument("--precision", default="fp32", help="fp32 (default), bf16 (train.autocast_bf16=true; writes "
                     "results-bf16.*) or fp32,bf16: every point in both, side by side in results-precision.*")
     a = ap.parse_args(argv)
@@ -275,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quality benchmark skipped: the shared data is absent ({missing[0]})")
         return 0
     mode = "quick" if a.quick else "full"
-    s = {**SETTINGS[mode], **{k: getattr(a, k) for k in ("hh_pairs", "hh_dev", "tqa_pairs", "tqa_dev")
+    s = {**SETTINGS[mode], **{k: getattr(a, k) for k in ("hh_pairs", "hh_dev", "tqa_pairs", "tqa_dev", "judge")
                               if getattr(a, k) is not None}}
     protocol = _protocol(a, s, datasets)
     out = (ROOT / (a.out or ("runs/quality-quick" if a.quick else "runs/quality"))).resolve()

@@ -167,10 +167,11 @@ def train_args(data: dict, method: str, run: Path, model: str, extra: tuple = ()
 
 
 def eval_args(run: Path, data: dict, dest: Path, s: dict, per_pair: Path | None = None) -> list[str]:
-    """`preftune eval --run` on the dev pairs; `per_pair`: each pair's outcomes written there too."""
+    """`preftune eval --run` on the dev pairs; `per_pair`: each pair's outcomes written there too;
+    `s["judge"]` (--judge): its reward source scores the policy's and the reference's samples (win rate)."""
     return ["eval", "--run", str(run), "--data", data["dev"], "--out", str(dest), f"eval.kl_prompts={s['kl_prompts']}",
             f"eval.kl_samples={s['kl_samples']}", f"eval.max_new_tokens={s['max_new_tokens']}",
-            *(["--per-pair", str(per_pair)] if per_pair else [])]
+            *(["--per-pair", str(per_pair)] if per_pair else []), *(["--reward", s["judge"]] if s.get("judge") else [])]
 
 
 TRAIN_KEY = ("model", "train", "split", "recipe")  # the part of a point's key that its training reads

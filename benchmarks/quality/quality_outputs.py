@@ -150,6 +150,25 @@ def table(rows: list[dict], bases: dict) -> list[str]:
     return lines
 
 
+def win_rate_lines(rows: list[dict]) -> list[str]:
+    """Issue 39 item 7 (--judge): each point's sampled win rate over the reference with its
+    interval over prompts (seeds x prompts for several seeds); nothing without a judge."""
+    judged = [r for r in rows if "error" not in r and r.get("win_rate") is not None]
+    if not judged:
+        return []
+    lines = ["", "Sampled win rate over the reference (policy sample k against reference sample k of each held-out "
+             f"prompt, scored by {judged[0]['judge']}, which no training here used; ties count half):", "",
+             "| data | method | win rate [95% CI] | mean score policy / reference | comparisons |", "|---|---|---|---|---|"]
+    for r in judged:
+        ci = r.get("win_rate_ci95")
+        cell = f"{r['win_rate']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        if r.get("per_seed_win_rates"):
+            cell += f" ({', '.join(f'{w:.3f}' for w in r['per_seed_win_rates'])} by seed)"
+        lines.append(f"| {r['dataset']} | {_label(r)} | {cell} | {r['reward_policy']:.3f} / {r['reward_reference']:.3f} "
+                     f"| {r['win_comparisons']} |")
+    return lines
+
+
 def notes(rows: list[dict], bases: dict, meta: dict) -> list[str]:
     """The notes under the table: what the columns are, the reference-free starts, the acceptance checks."""
     ok = [r for r in rows if "error" not in r]
@@ -256,7 +275,7 @@ def write_outputs(dest: Path, rows: list[dict], bases: dict, meta: dict, suffix:
     (dest / f"results{suffix}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     md = ["# Held-out quality per method (issue 18, item 1)", "",
           f"Written by `python -m benchmarks.quality` ({meta['mode']} mode) from results{suffix}.json.", "",
-          *_protocol_lines(meta.get("protocol")), *table(rows, bases), *notes(rows, bases, meta)]
+          *_protocol_lines(meta.get("protocol")), *table(rows, bases), *win_rate_lines(rows), *notes(rows, bases, meta)]
     (dest / f"results{suffix}.md").write_text("\n".join(md) + "\n")
     plot(rows, dest / f"gain_vs_kl{suffix}.png",
          f"held-out accuracy gain vs KL ({meta['mode']}{suffix}, {Path(meta['model']).name})")

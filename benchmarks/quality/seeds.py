@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import math
 
-from preftune.core.stats import holds_across_seeds, seed_spread
+from preftune.core.stats import crossed_bootstrap, holds_across_seeds, seed_spread
 
-__all__ = ["pair_outcomes", "combine_seeds", "gain_cell"]
+__all__ = ["pair_outcomes", "combine_seeds", "combine_win_rates", "gain_cell"]
 
 
 def pair_outcomes(rows: list[dict], base: list[dict] | None = None) -> dict[str, tuple[list, list]]:
@@ -75,7 +75,25 @@ def combine_seeds(rows: list[dict], outcomes: list[dict]) -> dict:
                 "seed_values": [r.get("seed") for r in rows], "tuned": verdict["tuned"], "tuned_failed": verdict["failed"]})
     if all("train_s" in r for r in rows):  # the seeds' training time together (bf16 against fp32)
         row["train_s"] = math.fsum(r["train_s"] for r in rows)
+    if rows and all(r.get("win_by_prompt") for r in rows):
+        row.update(combine_win_rates(rows))
     return row
+
+
+def combine_win_rates(rows: list[dict]) -> dict:
+    """The sampled win rate of several seeds judged on the same prompts (--judge): the mean over
+    seeds of each seed's win rate, and an interval of the mean over seeds and prompts
+    (`crossed_bootstrap` of the per-prompt win fractions, the prompts shared by every seed, as
+    the pairs are for the gain); a prompt without a finite judgement in some seed is left out of
+    the interval (`win_prompts` says how many count)."""
+    by_prompt = [r["win_by_prompt"] for r in rows]
+    if len({len(b) for b in by_prompt}) != 1:
+        raise ValueError("every seed's win rate must be judged on the same prompts")
+    kept = [i for i in range(len(by_prompt[0])) if all(b[i] is not None and math.isfinite(b[i]) for b in by_prompt)]
+    rates = [r["win_rate"] for r in rows]
+    return {"win_rate": math.fsum(rates) / len(rates), "per_seed_win_rates": rates, "win_prompts": len(kept),
+            "win_rate_ci95": crossed_bootstrap([[b[i] for i in kept] for b in by_prompt]) if kept else None,
+            "win_rate_interval": "seeds x prompts bootstrap"}
 
 
 def gain_cell(r: dict) -> str:

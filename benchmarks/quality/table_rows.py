@@ -113,6 +113,10 @@ def summarize(data: dict, method: str, p: dict, base: dict) -> dict:
                 "train_truncated": s["data"]["truncated"], "dev_pairs": e["pairs"], "dev_truncated": e["data_stats"]["truncated"],
                 "stopped_early": s.get("stopped_early"), "final_train_loss": (s.get("final") or {}).get("loss"),
                 "health_recorded_by_run": recorded, "gain_interval": interval})
+    if "win_rate" in e:  # --judge: the policy's samples against the reference's, scored by a source training did not use
+        row.update({"win_rate": e["win_rate"], "win_rate_ci95": e.get("win_rate/ci95"), "judge": e["reward/source"],
+                    "win_comparisons": e["win_rate/comparisons"], "win_by_prompt": [q.get("win") for q in e["per_prompt"]],
+                    "reward_policy": e["reward/policy"], "reward_reference": e["reward/reference"]})
     if s.get("best"):  # train.keep_best (a --full-train budget): the probe the run ended at
         row["best_checkpoint"] = s["best"]
     if "gain" in paired:

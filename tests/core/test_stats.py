@@ -156,7 +156,7 @@ def test_win_rate_counts_ties_half_skips_failures_and_bootstraps_over_prompts():
     nan = float("nan")
     got = win_rate([3, 2, 1, 0, nan, 1], [1, 1, 1, 2, 0, 5], per_prompt=2)
     assert got["win_rate"] == 0.5 and got["comparisons"] == 5 and got["failed"] == 1 and got["prompts"] == 3
-    assert got["ci95"] == list(bootstrap_ci([1.0, 0.25, 0.0]))
+    assert got["ci95"] == list(bootstrap_ci([1.0, 0.25, 0.0])) and got["by_prompt"] == [1.0, 0.25, 0.0]
     # the same outcomes pooled per comparison would give a narrower interval: clustering is what widens it
     flat = bootstrap_ci([1.0, 1.0, 0.5, 0.0, 0.0])
     assert got["ci95"][1] - got["ci95"][0] > flat[1] - flat[0]

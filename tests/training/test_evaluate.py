@@ -55,6 +55,7 @@ def test_win_rate_asks_a_pairwise_judge_when_there_is_one(tokenizer):
     assert len(judge.asked) == 4 and out["win_rate/judge_comparisons"] == 4
     assert out["win_rate/judge"] == 1.0 and out["win_rate"] == 0.5  # same weights, same seed: equal samples
     assert out["win_rate/ci95"] == [0.5, 0.5] and out["win_rate/judge_ci95"] == [1.0, 1.0]  # over the 2 prompts
+    assert [p["win"] for p in out["per_prompt"]] == [0.5, 0.5]
 
 
 def test_evaluation_builds_no_autograd_graph(tmp_path, tokenizer):

@@ -11,7 +11,7 @@ import math
 import random
 
 __all__ = ["bootstrap_ci", "best_of_n_kl", "best_of_n_curve", "wilson", "reliability", "mcnemar_exact",
-           "paired_gain", "win_rate", "rate_by_prompt", "spread", "seed_spread", "holds_across_seeds", "kfold"]
+           "paired_gain", "win_rate", "rate_by_prompt", "spread", "seed_spread", "crossed_bootstrap", "holds_across_seeds", "kfold"]
 
 
 def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -152,7 +152,7 @@ def rate_by_prompt(outcomes: list[float], per_prompt: int, *, n: int = 4000, see
     prompt's mean outcome, not over comparisons: a prompt's samples share its difficulty, so
     resampling them one by one would treat correlated outcomes as independent and give too narrow
     an interval (with one sample per prompt the two are the same). A prompt with no finite outcome
-    is left out of the interval."""
+    is left out of the interval (its `by_prompt` mean is NaN)."""
     if per_prompt < 1 or len(outcomes) % per_prompt:
         raise ValueError(f"{len(outcomes)} outcomes are not whole groups of {per_prompt} per prompt")
     groups = [[o for o in outcomes[i:i + per_prompt] if math.isfinite(o)] for i in range(0, len(outcomes), per_prompt)]
@@ -160,7 +160,8 @@ def rate_by_prompt(outcomes: list[float], per_prompt: int, *, n: int = 4000, see
     done = [o for g in groups for o in g]
     lo, hi = bootstrap_ci(means, n=n, seed=seed, level=level) if means else (math.nan, math.nan)
     return {"rate": math.fsum(done) / len(done) if done else math.nan, "ci95": [lo, hi],
-            "comparisons": len(done), "prompts": len(means), "failed": len(outcomes) - len(done)}
+            "comparisons": len(done), "prompts": len(means), "failed": len(outcomes) - len(done),
+            "by_prompt": [math.fsum(g) / len(g) if g else math.nan for g in groups]}
 
 
 def spread(values: list[float]) -> dict:
@@ -196,17 +197,25 @@ def seed_spread(outcomes: list[tuple[list[float], list[float]]], *, n: int = 400
         raise ValueError("every seed must be measured on the same pairs (outcome lists of one length)")
     per_seed = [paired_gain(b, a, n=n, seed=seed, level=level) for b, a in outcomes]
     diffs = [[x - y for y, x in zip(b, a)] for b, a in outcomes]  # (k, m): after - before per pair
-    k, rng, means = len(diffs), random.Random(seed), []
+    return {"seeds": len(diffs), "pairs": m, "per_seed": per_seed, **spread([g["gain"] for g in per_seed]),
+            "ci95": crossed_bootstrap(diffs, n=n, seed=seed, level=level),
+            "method": "crossed bootstrap: seeds and pairs resampled independently, the pairs shared by every seed"}
+
+
+def crossed_bootstrap(values: list[list[float]], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile interval of the grand mean of `values[s][i]` (seed s, item i; every seed measured
+    on the same items), with seeds and items resampled independently and each draw's items shared
+    by every seed (see `seed_spread` for why)."""
+    k, m = len(values), len(values[0])
+    rng, means = random.Random(seed), []
     for _ in range(n):
         weights = [0] * k
         for s in rng.choices(range(k), k=k):
             weights[s] += 1
         idx = rng.choices(range(m), k=m)
-        means.append(math.fsum(w * math.fsum(diffs[s][i] for i in idx) for s, w in enumerate(weights) if w) / (k * m))
+        means.append(math.fsum(w * math.fsum(values[s][i] for i in idx) for s, w in enumerate(weights) if w) / (k * m))
     means.sort()
-    return {"seeds": k, "pairs": m, "per_seed": per_seed, **spread([g["gain"] for g in per_seed]),
-            "ci95": [means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]],
-            "method": "crossed bootstrap: seeds and pairs resampled independently, the pairs shared by every seed"}
+    return [means[int((1 - level) / 2 * n)], means[int((1 + level) / 2 * n) - 1]]
 
 
 def holds_across_seeds(summary: dict, *, min_seeds: int = 3, min_gain: float = 0.0) -> dict:
