@@ -11,7 +11,8 @@ import math
 import random
 
 __all__ = ["bootstrap_ci", "best_of_n_kl", "best_of_n_curve", "wilson", "reliability", "mcnemar_exact",
-           "paired_gain", "win_rate", "rate_by_prompt", "spread", "seed_spread", "crossed_bootstrap", "holds_across_seeds", "kfold"]
+           "paired_gain", "win_rate", "rate_by_prompt", "spread", "seed_spread", "crossed_bootstrap",
+           "holds_across_seeds", "kfold"]
 
 
 def bootstrap_ci(values: list[float], *, n: int = 4000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
@@ -129,8 +130,6 @@ def paired_gain(before: list[float], after: list[float], *, n: int = 4000, seed:
             "gained": test["gained"], "lost": test["lost"], "ties": test["ties"]}
 
 
-# ---- seed spread: the same pairs under several training seeds ---------------------------------
-
 def win_rate(policy: list[float], reference: list[float], per_prompt: int, *, n: int = 4000, seed: int = 0,
              level: float = 0.95) -> dict:
     """The policy's win rate over the reference from scores of their samples, sample k of a prompt
@@ -163,6 +162,8 @@ def rate_by_prompt(outcomes: list[float], per_prompt: int, *, n: int = 4000, see
             "comparisons": len(done), "prompts": len(means), "failed": len(outcomes) - len(done),
             "by_prompt": [math.fsum(g) / len(g) if g else math.nan for g in groups]}
 
+
+# ---- seed spread: the same pairs under several training seeds ---------------------------------
 
 def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (n - 1; 0 for one value), min and max of per-seed figures."""

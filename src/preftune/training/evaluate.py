@@ -249,7 +249,7 @@ def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n:
     won = win_rate(ps, rs, n)  # interval over prompts: a prompt's n samples are not independent
     if hasattr(reward, "compare"):  # a pairwise judge: ask it directly, in both orders
         verdicts = [reward.compare(p, a, b) for p, a, b in zip(p_text, pol_text, ref_text)]
-        judged = rate_by_prompt([v if math.isfinite(v) else math.nan for v in verdicts], n)
+        judged = rate_by_prompt(verdicts, n)  # a failed verdict (NaN) is left out and counted
         out.update({"win_rate/judge": 0.0 if not judged["comparisons"] else judged["rate"],
                     "win_rate/judge_ci95": judged["ci95"], "win_rate/judge_comparisons": judged["comparisons"],
                     "win_rate/judge_failed": judged["failed"]})
