@@ -277,6 +277,15 @@ def test_search_validates_on_the_training_side_and_chooses_the_best_unflagged_po
     assert again["recipe"]["evidence"][0]["dev_measured_once"].startswith("Dev (measured once, after the choice")
     assert "gain +0.440 [+0.340, +0.540]" in again["recipe"]["evidence"][0]["dev_measured_once"]
     assert {k: v for k, v in again.items() if k != "recipe"} == {k: v for k, v in written.items() if k != "recipe"}
+    hh = {**result, "rows": [{**r, "lr": r["lr"] * 2} for r in rows if "error" not in r]}
+    search.write_recipe("sigmoid", "hh", search.choose(hh["rows"]), hh, settings=False)  # --record-evidence
+    both = yaml.safe_load(path.read_text())
+    assert (both["train"]["lr"], both["loss"]["beta"]) == (5e-4, 0.3)  # the settings are the truthfulqa search's
+    assert both["recipe"]["tuned_on"] == again["recipe"]["tuned_on"]
+    assert [e["data"].split()[0] for e in both["recipe"]["evidence"][:2]] == ["hh", "truthfulqa"]  # both searches kept
+    assert both["recipe"]["evidence"][0]["chosen"] == {"lr": 1e-3, "beta": 0.3}
+    assert both["recipe"]["evidence"][0]["settings"].startswith("evidence only")
+    assert "dev_measured_once" in both["recipe"]["evidence"][1]
 
 
 def test_collect_mode_gathers_finished_points_and_trains_nothing(tmp_path):

@@ -158,29 +158,37 @@ def _edit_recipe(method: str, edit) -> Path:
     return path
 
 
-def write_recipe(method: str, dataset: str, chosen: dict, result: dict) -> Path:
-    """Put the chosen lr and beta into the method's recipe, marked tuned, with the grid as evidence."""
-    return _edit_recipe(method, lambda data: _chosen_into(data, dataset, chosen, result))
+def write_recipe(method: str, dataset: str, chosen: dict, result: dict, settings: bool = True) -> Path:
+    """Put the chosen lr and beta into the method's recipe, marked tuned, with the grid as evidence;
+    `settings=False` (--record-evidence): the grid and its choice join the evidence, and the
+    recipe's settings, `tuned_on` and `confidence` stay as they are (another data set's search set
+    them; a recipe has one lr and beta for every data set)."""
+    return _edit_recipe(method, lambda data: _chosen_into(data, dataset, chosen, result, settings))
 
 
-def _chosen_into(data: dict, dataset: str, chosen: dict, result: dict) -> None:
+def _chosen_into(data: dict, dataset: str, chosen: dict, result: dict, settings: bool = True) -> None:
     meta = data.pop("recipe", {}) or {}
-    data.setdefault("train", {})["lr"] = chosen["lr"]
-    data.setdefault("loss", {})["beta"] = chosen["beta"]
-    meta["tuned"] = True
-    how = (f"{result['folds']}-fold validation over them (grouped by prompt)" if result.get("folds") else
-           f"accuracy on {result['val_pairs']} validation pairs from the training side")
-    meta["tuned_on"] = (f"{dataset}: grid lr {result['lrs']} x beta {result['betas']}, one epoch of the recipe on "
-                        f"{result['train_pairs']} training pairs, chosen by {how} (no health flag; dev never read); "
-                        f"{result['model']}, LoRA, 2-core CPU")
-    meta["confidence"] = (f"medium: searched on one data set ({dataset}) with one model and seed; "
-                          "other data and models may want another lr")
+    if settings:
+        data.setdefault("train", {})["lr"] = chosen["lr"]
+        data.setdefault("loss", {})["beta"] = chosen["beta"]
+        meta["tuned"] = True
+        how = (f"{result['folds']}-fold validation over them (grouped by prompt)" if result.get("folds") else
+               f"accuracy on {result['val_pairs']} validation pairs from the training side")
+        meta["tuned_on"] = (f"{dataset}: grid lr {result['lrs']} x beta {result['betas']}, one epoch of the recipe on "
+                            f"{result['train_pairs']} training pairs, chosen by {how} (no health flag; dev never "
+                            f"read); {result['model']}, LoRA, 2-core CPU")
+        meta["confidence"] = (f"medium: searched on one data set ({dataset}) with one model and seed; "
+                              "other data and models may want another lr")
     grid = [{"lr": r["lr"], "beta": r["beta"], "val_accuracy": round(r["implicit_acc"], 3),
              "kl": None if r.get("kl") is None else round(r["kl"], 2), "flags": flags_of(r)}
             for r in result["rows"] if "error" not in r]
-    meta["evidence"] = [{"data": f"{dataset} search (python -m benchmarks.quality.search)", "command": result["command"],
-                         "chosen": {"lr": chosen["lr"], "beta": chosen["beta"]}, "grid": grid},
-                        *[e for e in meta.get("evidence", []) if "search" not in str(e.get("data", ""))]]
+    label = f"{dataset} search (python -m benchmarks.quality.search)"
+    entry = {"data": label, "command": result["command"], "chosen": {"lr": chosen["lr"], "beta": chosen["beta"]},
+             "grid": grid}
+    if not settings:
+        entry["settings"] = "evidence only: the recipe's lr and beta were not changed by this search"
+    # this data set's earlier search is replaced; another data set's search stays
+    meta["evidence"] = [entry, *[e for e in meta.get("evidence", []) if e.get("data") != label]]
     rest = dict(data)
     data.clear()
     data.update({"recipe": meta, **rest})  # the recipe's metadata first, as the files are written
@@ -237,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--out", default="runs/quality-search")
     ap.add_argument("--write-recipe", action="store_true", help="write the choice into the method's recipe file")
+    ap.add_argument("--record-evidence", action="store_true", help="add the grid, its choice and the dev figure to the "
+                    "recipe's evidence without changing its settings (they were chosen on another data set)")
     a = ap.parse_args(argv)
     needed = {"hh": HH / "train.jsonl.gz", "truthfulqa": TQA}[a.dataset]
     if not needed.is_file():
@@ -276,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
               else None,
               "chosen": None if chosen is None else {"lr": chosen["lr"], "beta": chosen["beta"],
                                                      "val_accuracy": chosen["implicit_acc"], "kl": chosen["kl"]}}
-    if chosen is not None and a.write_recipe:
-        print(f"wrote {_rel(write_recipe(a.method, a.dataset, chosen, result))}")
+    if chosen is not None and (a.write_recipe or a.record_evidence):
+        print(f"wrote {_rel(write_recipe(a.method, a.dataset, chosen, result, settings=a.write_recipe))}")
     result["dev"] = None if chosen is None else measure_dev(data, a.method, out, s, a.model, chosen)
-    if chosen is not None and a.write_recipe:  # the recipe was written before dev was read; now its one figure
+    if chosen is not None and (a.write_recipe or a.record_evidence):  # written before dev was read; now its one figure
         add_dev(a.method, result["dev"])
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     dest = HERE / "search"
