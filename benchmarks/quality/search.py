@@ -24,7 +24,9 @@ into src/preftune/core/recipes/<method>.yaml (train.lr, loss.beta) with `tuned: 
 on and the grid's figures as evidence. Only then is dev read: the chosen point is trained on the N
 training pairs and evaluated once on the dev pairs; the output reports it apart from the
 validation figures ("Dev (measured once, after the choice ...)"), and nothing is chosen on it. The
-quality benchmark with --seeds then measures the recipe as the table reports it.
+quality benchmark with --seeds then measures the recipe as the table reports it. A recipe holds one
+lr and beta for every data set: --record-evidence writes a second data set's search (grid, choice,
+dev figure) into the evidence beside the first's, and leaves the settings as they are.
 
 Writes benchmarks/quality/search/<dataset>-<method>[-k<K>].json and .md. Budget: a TruthfulQA point is
 ~3-5 min here (160 pairs), an HH point ~10 min at 160 pairs; the default 6-point grid ~25 min on
