@@ -91,6 +91,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import importable, module_command
+from benchmarks.speed_vs_trl.__main__ import BETA, LR
 from preftune.models.zoo import ZOO
 from preftune.utils.allocator import JEMALLOC_PATHS, NO_PURGE, jemalloc_path, preload_env
 
@@ -179,7 +180,7 @@ def overrides(data: str, out: str, mode: str, steps: int, batch: int, length: in
     TRL's worker's (speed_vs_trl's LR, BETA), not the DPO recipe's, which a search may change."""
     chunk = 0 if mode == "dense-head" else chunk
     return [f"model.name_or_path={model}", f"data.train_path={data}", f"run.output_dir={out}", f"train.max_steps={steps}",
-            f"train.batch_size={batch}", "train.lr=5e-4", "loss.beta=0.1", "train.shuffle=false",
+            f"train.batch_size={batch}", f"train.lr={LR}", f"loss.beta={BETA}", "train.shuffle=false",
             f"data.max_length={length + 8}", f"data.max_prompt_length={length // 2 + 4}",
             "diagnostics.probe_every=0", "train.warmup_ratio=0", "train.seed=42",
             f"model.gradient_checkpointing={str(mode.endswith('+gc')).lower()}",
@@ -377,11 +378,10 @@ def versus_block(point: dict, results: list[dict]) -> dict:
         return next((r for r in results if r["length"] == point["length"] and r["mode"] == mode
                      and r.get("command") == point.get("command") and "pairs_per_s" in r), None)
 
-    if "losses" not in point or point["mode"] in ("block", "block+gc") and ours("block") is None \
-            or point["mode"] == "block" or point["mode"].startswith("qlora"):
+    if "losses" not in point or point["mode"] == "block" or point["mode"].startswith("qlora"):
         return {}
     block, gc = ours("block"), ours("block+gc")
-    ref = block if block is not None else gc
+    ref = block if block is not None or point["mode"] == "block+gc" else gc  # block+gc only against block
     if ref is None:
         return {}
     got = {**loss_agreement(point["losses"], ref["losses"]), "losses_vs": ref["mode"]}
