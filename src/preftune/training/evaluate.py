@@ -255,8 +255,8 @@ def sample_metrics(policy, reference, tokenizer, prompts: list[list[int]], *, n:
                     "win_rate/judge_failed": judged["failed"]})
     out.update({"reward/source": reward.name, "reward/policy": sum(a for a, _ in pairs) / max(len(pairs), 1),
                 "reward/reference": sum(b for _, b in pairs) / max(len(pairs), 1),
-                "win_rate": won["win_rate"] if pairs else 0.0, "win_rate/ci95": won["ci95"],
-                "win_rate/comparisons": len(pairs), "reward/failed": len(ps) - len(pairs),
+                "win_rate": won["win_rate"] if won["comparisons"] else 0.0, "win_rate/ci95": won["ci95"],
+                "win_rate/comparisons": won["comparisons"], "reward/failed": won["failed"],
                 "per_prompt": [{"prompt": p_text[i * n], "policy": sum(ps[i * n:(i + 1) * n]) / n,
                                 "reference": sum(rs[i * n:(i + 1) * n]) / n,
                                 "win": won["by_prompt"][i] if math.isfinite(won["by_prompt"][i]) else None}
